@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: `bash tools/test.sh` runs `bazel test //...` under the
+# test venv (created on first use under ~/.cache/pagedjax/), installing Bazel
+# from Debian's bazel-bootstrap when it is missing. Extra arguments go to Bazel.
+# Ends with a line "N passed, N failed, N skipped" counted from the results.
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
+pagedjax_venv test
+
+if ! command -v bazel >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "pagedjax: installing Bazel (Debian's bazel-bootstrap)" >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap >/dev/null
+  else
+    echo "error: bazel is missing; install it (Debian: apt-get install bazel-bootstrap)" >&2
+    exit 1
+  fi
+fi
+
+cd "$PAGEDJAX_ROOT"
+# Bazel reads the interpreter from here (so a plain `bazel test //...` works afterwards too).
+for cmd in build query sync fetch; do
+  echo "$cmd --repo_env=PYTHON_BIN_PATH=$PY"
+done > user.bazelrc
+rc=0
+bazel test //... "$@" || rc=$?
+"$PY" tools/test_summary.py || rc=$((rc ? rc : 1))
+exit $rc

@@ -1,0 +1,51 @@
+// The pagedjax._kernels extension: hands Python the XLA FFI handlers as
+// capsules, by target name and platform. pagedjax/_ffi.py registers them.
+#include <pybind11/pybind11.h>
+
+#include "xla/ffi/api/c_api.h"
+
+namespace py = pybind11;
+
+extern "C" {
+XLA_FFI_Error* PagedjaxKvWriteCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* PagedjaxPagedAttentionCpu(XLA_FFI_CallFrame* call_frame);
+#ifdef PAGEDJAX_WITH_CUDA
+XLA_FFI_Error* PagedjaxKvWriteCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* PagedjaxPagedAttentionCuda(XLA_FFI_CallFrame* call_frame);
+#endif
+}
+
+namespace {
+
+py::capsule Capsule(XLA_FFI_Error* (*fn)(XLA_FFI_CallFrame*)) {
+  return py::capsule(reinterpret_cast<void*>(fn));
+}
+
+// {platform: {target name: handler capsule}}
+py::dict Registrations() {
+  py::dict cpu;
+  cpu["pagedjax_kv_write"] = Capsule(PagedjaxKvWriteCpu);
+  cpu["pagedjax_paged_attention"] = Capsule(PagedjaxPagedAttentionCpu);
+  py::dict out;
+  out["cpu"] = cpu;
+#ifdef PAGEDJAX_WITH_CUDA
+  py::dict cuda;
+  cuda["pagedjax_kv_write"] = Capsule(PagedjaxKvWriteCuda);
+  cuda["pagedjax_paged_attention"] = Capsule(PagedjaxPagedAttentionCuda);
+  out["CUDA"] = cuda;
+#endif
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_kernels, m) {
+  m.doc() = "pagedjax XLA FFI handlers (CPU always; CUDA when built with a CUDA toolkit)";
+  m.def("registrations", &Registrations,
+        "{platform: {target name: capsule}} for jax.ffi.register_ffi_target");
+#ifdef PAGEDJAX_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
