@@ -1,0 +1,156 @@
+"""The Python API: `generate(params, prompts)` for one-off batches, `LLM` to keep an engine alive."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from pagedjax.engine import EngineConfig, LLMEngine
+from pagedjax.params import Params
+from pagedjax.request import RequestOutput
+from pagedjax.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (a string or a list of token ids) or many -> a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]  # a single prompt given as token ids
+    return prompts
+
+
+def _per_prompt(sampling_params, n: int) -> list[SamplingParams | BeamSearchParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, (SamplingParams, BeamSearchParams)):
+        return [sampling_params] * n
+    sampling_params = list(sampling_params)
+    if len(sampling_params) != n:
+        raise ValueError(f"{len(sampling_params)} sampling params for {n} prompts")
+    return sampling_params
+
+
+class LLM:
+    """An engine kept alive across calls: `generate`, `stream`, `chat` (vLLM's `LLM`).
+
+    `model` is a Params (from `load_params`), a checkpoint folder or .gguf file, or None for the
+    bundled SmolLM2-135M-Instruct. Engine options: see `EngineConfig`.
+    """
+
+    def __init__(self, model: Params | str | os.PathLike | None = None, *, dtype: Any = None,
+                 tokenizer: str | None = None, **engine_options: Any):
+        if isinstance(model, Params):
+            params = model
+        else:
+            from pagedjax.weights import load_params
+
+            params = load_params(model, dtype=jnp.dtype(dtype) if dtype else jnp.bfloat16,
+                                 **({"shardings": engine_options["shardings"]}
+                                    if "shardings" in engine_options else {}))
+        engine_options.pop("shardings", None)
+        self.engine = LLMEngine(params, EngineConfig(**engine_options), tokenizer=tokenizer)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def _add(self, prompts, sampling_params, kind: RequestOutputKind | None = None) -> list[str]:
+        prompts = _as_list(prompts)
+        params = _per_prompt(sampling_params, len(prompts))
+        ids = []
+        try:
+            for prompt, sp in zip(prompts, params):
+                if kind is not None and isinstance(sp, SamplingParams):
+                    sp = dataclasses.replace(sp, output_kind=kind)
+                rid = f"req-{next(self._ids)}"
+                self.engine.add_request(rid, prompt, sp)
+                ids.append(rid)
+        except Exception:
+            self.engine.abort_request(ids)  # nothing half-added stays behind
+            raise
+        return ids
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params=None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs the prompts to completion; returns their RequestOutputs in input order."""
+        ids = self._add(prompts, sampling_params, RequestOutputKind.FINAL_ONLY)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(ids) > 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            wanted = set(ids)
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            self.engine.abort_request([i for i in ids if i not in done])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[i] for i in ids]
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], sampling_params=None
+               ) -> Iterator[RequestOutput]:
+        """Yields incremental RequestOutputs (new text and tokens only) as tokens come."""
+        ids = self._add(prompts, sampling_params, RequestOutputKind.DELTA)
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            if pending:  # the caller stopped early: give the pages back
+                self.engine.abort_request(list(pending))
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], sampling_params=None,
+             *, use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to one conversation (or many) and generates."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.engine.chat_prompt(c, add_generation_prompt=add_generation_prompt)
+                   for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+_last: tuple[int, tuple, LLM] | None = None
+
+
+def generate(params: Params, prompts: Prompt | Sequence[Prompt], sampling_params=None, *,
+             use_tqdm: bool = True, **engine_options: Any) -> list[RequestOutput]:
+    """Generates for `prompts` with the model in `params`; RequestOutputs in input order.
+
+    Engine options (max_num_seqs, max_num_batched_tokens, num_pages, ...) are `EngineConfig`'s.
+    The engine of the last call is reused when params and options are the same.
+    """
+    global _last
+    key = (id(params), tuple(sorted(engine_options.items())))
+    if _last is not None and _last[0] == key[0] and _last[1] == key[1] \
+            and _last[2].engine.params is params:
+        llm = _last[2]
+    else:
+        _last = None  # drop the old engine (and its pool) before building a new one
+        llm = LLM(params, **engine_options)
+        _last = (key[0], key[1], llm)
+    return llm.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -1,0 +1,280 @@
+"""The model runner: owns the device state and runs one jitted step per engine step.
+
+Host lists come in (`StepRequest`s), go down to the device once as padded arrays (`prepare`),
+and the step -- page copies, the model with the pool donated, on-device sampling -- sends back
+only the sampled token ids (and logprobs when asked).
+
+Dims: T tokens (padded to a bucket), R requests (padded: R = min(T, max_num_seqs)),
+M max pages per request, P pages, C page copies (padded to R), V vocab.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pagedjax import sampler
+from pagedjax.attention import AttentionMetadata
+from pagedjax.kv_cache import page_pool
+from pagedjax.models import get_model
+from pagedjax.params import Params
+
+logger = logging.getLogger("pagedjax")
+
+
+@dataclass
+class StepRequest:
+    """One request's share of a step, as the engine hands it to the runner (host only)."""
+
+    token_ids: list[int]  # the tokens computed this step
+    num_computed_tokens: int  # position of token_ids[0]: tokens already in the pages
+    block_table: list[int]  # page ids, covering every position up to the last new token
+    sample: bool  # the chunk reaches the request's end: sample a token from its last position
+    sampling_params: Any = None
+    output_token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None  # overrides sampling_params.seed (the i-th of n samples)
+
+
+@dataclass
+class StepOutput:
+    """What comes back to the host: one row per StepRequest (rows with sample=False are junk)."""
+
+    token_ids: np.ndarray  # [R] int32
+    logprobs: np.ndarray | None = None  # [R] f32, raw logprob of the sampled token
+    top_logprobs: np.ndarray | None = None  # [R, k]
+    top_token_ids: np.ndarray | None = None  # [R, k]
+    ranks: np.ndarray | None = None  # [R]
+
+
+def _pow2_buckets(lo: int, hi: int) -> list[int]:
+    """Powers of two from lo up to hi, and hi itself."""
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return out + [hi]
+
+
+def compile_cache_dir() -> str | None:
+    """Where compiled steps persist across processes (PAGEDJAX_COMPILE_CACHE; empty = off)."""
+    d = os.environ.get("PAGEDJAX_COMPILE_CACHE")
+    if d is None:
+        d = os.path.join(os.path.expanduser("~"), ".cache", "pagedjax", "jax-compile")
+    return d or None
+
+
+def enable_compile_cache() -> None:
+    """Turns on JAX's persistent compilation cache (once; keeps a directory set elsewhere)."""
+    d = compile_cache_dir()
+    if d and not jax.config.jax_compilation_cache_dir:
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError:
+            return
+        jax.config.update("jax_compilation_cache_dir", d)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _step_fn(config, attn_impl, variables, pages, tokens, meta, smeta, copy_src, copy_dst, *,
+             num_logprobs):
+    """One engine step on device: page copies, the model (pool in, pool out), sampling."""
+    with jax.named_scope("copy_pages"):  # copy-on-write: shared pages that are about to diverge
+        pages = [(k.at[copy_dst].set(k[copy_src], mode="drop"),
+                  v.at[copy_dst].set(v[copy_src], mode="drop")) for k, v in pages]
+    model = get_model(config, attn_impl=attn_impl)
+    logits, pages = model.apply(variables, tokens, pages, meta)  # [R, V]
+    with jax.named_scope("sample"):
+        out = sampler.sample(logits, smeta, num_logprobs=num_logprobs)
+    return out, pages
+
+
+# One jit for every runner: engines of the same model share compiled steps. The pool is donated,
+# so XLA updates it in place (DESIGN 3.3).
+_step = jax.jit(_step_fn, static_argnums=(0, 1), donate_argnums=(3,),
+                static_argnames=("num_logprobs",))
+
+
+class ModelRunner:
+    """Owns params, the page pool and the compiled steps; `execute(batch)` runs one step."""
+
+    def __init__(
+        self,
+        params: Params,
+        *,
+        max_model_len: int,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        cpu_kv_cache_bytes: int = 2 << 30,
+        kv_cache_dtype: Any = None,
+        attn_impl: str = "auto",
+        precompile: bool = True,
+        seed: int = 0,
+    ):
+        enable_compile_cache()
+        self.params = params
+        self.config = cfg = params.config
+        self.page_size = page_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_pages_per_req = math.ceil(max_model_len / page_size)  # M
+        self.token_buckets = _pow2_buckets(min(16, max_num_batched_tokens), max_num_batched_tokens)
+        leaves = jax.tree.leaves(params.variables)
+        self.kv_dtype = jnp.dtype(kv_cache_dtype or leaves[0].dtype)
+        self._rng = np.random.default_rng(seed)
+        self.attn_impl = attn_impl
+
+        if num_pages is None:
+            num_pages = self._auto_num_pages(gpu_memory_utilization, cpu_kv_cache_bytes)
+        if num_pages < 2:
+            raise ValueError(f"the KV cache needs at least 2 pages, got {num_pages}: lower "
+                             "max_model_len or max_num_batched_tokens, or give it more memory")
+        self.num_pages = num_pages
+        self.pages = page_pool.init_pages(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads,
+                                          cfg.head_dim, self.kv_dtype)
+        logger.info("KV cache: %d pages of %d tokens = %d tokens, %.1f MiB (%s)", num_pages - 1,
+                    page_size, (num_pages - 1) * page_size,
+                    page_pool.pages_bytes(self.pages) / 2**20, self.kv_dtype.name)
+        if precompile:
+            self.precompile()
+
+    # -- sizing ------------------------------------------------------------------------------
+
+    def page_bytes(self) -> int:
+        """Bytes of one page across all layers, K and V."""
+        c = self.config
+        return 2 * c.num_layers * self.page_size * c.num_kv_heads * c.head_dim * self.kv_dtype.itemsize
+
+    def _auto_num_pages(self, utilization: float, cpu_bytes: int) -> int:
+        """Pages that fit: device memory x utilization, less weights and the largest step."""
+        need = self.max_num_seqs * self.max_pages_per_req + 1  # enough for every sequence at full length
+        device = jax.devices()[0]
+        stats = device.memory_stats() if device.platform == "gpu" else None
+        if not stats or "bytes_limit" not in stats:
+            return int(min(need, max(2, cpu_bytes // self.page_bytes())))
+        budget = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
+        budget -= self._activation_bytes()
+        return int(min(need, max(0, budget) // self.page_bytes()))
+
+    def _activation_bytes(self) -> int:
+        """Temporary memory of the largest step, from XLA's own analysis of a tiny-pool compile."""
+        cfg = self.config
+        tiny = [(jax.ShapeDtypeStruct((2, self.page_size, cfg.num_kv_heads, cfg.head_dim), self.kv_dtype),) * 2
+                for _ in range(cfg.num_layers)]
+        args = self._dummy_inputs(self.token_buckets[-1], num_pages=2)
+        try:
+            compiled = _step.lower(cfg, self.attn_impl, self.params.variables, tiny, *args, num_logprobs=0).compile()
+            return int(compiled.memory_analysis().temp_size_in_bytes)
+        except Exception:  # an estimate only: fall back to a generous guess
+            return self.token_buckets[-1] * cfg.vocab_size * 8 + (1 << 30)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def bucket(self, num_tokens: int) -> tuple[int, int]:
+        """(T, R) padded sizes for a step of num_tokens tokens."""
+        for t in self.token_buckets:
+            if t >= num_tokens:
+                return t, min(t, self.max_num_seqs)
+        raise ValueError(f"{num_tokens} tokens exceed max_num_batched_tokens="
+                         f"{self.max_num_batched_tokens}")
+
+    def _dummy_inputs(self, T: int, num_pages: int | None = None):
+        """An all-padding batch of bucket T (writes nothing, samples junk)."""
+        R = min(T, self.max_num_seqs)
+        P = num_pages or self.num_pages
+        meta = AttentionMetadata(
+            positions=np.zeros(T, np.int32),
+            slot_mapping=page_pool.padding_slots(T, P, self.page_size),
+            block_tables=np.zeros((R, self.max_pages_per_req), np.int32),
+            seq_lens=np.zeros(R, np.int32),
+            query_start_loc=np.zeros(R + 1, np.int32),
+            logits_indices=np.zeros(R, np.int32),
+        )
+        smeta = sampler.make_sampling_metadata([], [], num_rows=R)
+        copy_src = np.zeros(R, np.int32)
+        copy_dst = np.full(R, P, np.int32)  # out of range: dropped
+        return np.zeros(T, np.int32), meta, smeta, copy_src, copy_dst
+
+    def precompile(self) -> float:
+        """Compiles (and runs once, on padding) every token bucket; returns the seconds spent."""
+        t0 = time.perf_counter()
+        for T in self.token_buckets:
+            out, self.pages = _step(self.config, self.attn_impl, self.params.variables, self.pages,
+                                    *self._dummy_inputs(T), num_logprobs=0)
+        jax.block_until_ready(self.pages)
+        dt = time.perf_counter() - t0
+        logger.info("compiled %d step buckets %s in %.1f s", len(self.token_buckets),
+                    self.token_buckets, dt)
+        return dt
+
+    def prepare(self, batch: list[StepRequest], copies: list[tuple[int, int]] = ()):
+        """Host lists -> padded numpy inputs of one step (the single crossing down)."""
+        num_tokens = sum(len(r.token_ids) for r in batch)
+        T, R = self.bucket(num_tokens)
+        if len(batch) > R:
+            raise ValueError(f"{len(batch)} requests exceed max_num_seqs={self.max_num_seqs}")
+        if len(copies) > R:
+            raise ValueError(f"{len(copies)} page copies in one step exceed the bucket's {R}")
+        P, B, M = self.num_pages, self.page_size, self.max_pages_per_req
+        tokens = np.zeros(T, np.int32)
+        positions = np.zeros(T, np.int32)
+        slots = page_pool.padding_slots(T, P, B)
+        tables = np.zeros((R, M), np.int32)  # page 0 is the null page
+        seq_lens = np.zeros(R, np.int32)
+        starts = np.full(R + 1, num_tokens, np.int32)
+        logits_indices = np.zeros(R, np.int32)
+        t = 0
+        for r, req in enumerate(batch):
+            n, c = len(req.token_ids), req.num_computed_tokens
+            if len(req.block_table) > M or len(req.block_table) * B < c + n:
+                raise ValueError(f"request {r}: {len(req.block_table)} pages for {c + n} tokens")
+            tokens[t:t + n] = req.token_ids
+            pos = np.arange(c, c + n, dtype=np.int32)
+            positions[t:t + n] = pos
+            table = np.asarray(req.block_table, np.int32)
+            tables[r, :len(table)] = table
+            slots[t:t + n] = table[pos // B] * B + pos % B
+            seq_lens[r] = c + n
+            starts[r] = t
+            logits_indices[r] = t + n - 1
+            t += n
+        meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=tables,
+                                 seq_lens=seq_lens, query_start_loc=starts,
+                                 logits_indices=logits_indices)
+        smeta = sampler.make_sampling_metadata(
+            [r.sampling_params for r in batch], [r.output_token_ids for r in batch], num_rows=R,
+            prompt_token_ids=[r.prompt_token_ids for r in batch],
+            seeds=[r.seed if r.seed is not None else getattr(r.sampling_params, "seed", None)
+                   for r in batch],
+            eos_token_id=(self.config.eos_token_ids or (None,))[0], rng=self._rng)
+        copy_src = np.zeros(R, np.int32)
+        copy_dst = np.full(R, P, np.int32)
+        for i, (src, dst) in enumerate(copies):
+            copy_src[i], copy_dst[i] = src, dst
+        return tokens, meta, smeta, copy_src, copy_dst
+
+    def execute(self, batch: list[StepRequest], copies: list[tuple[int, int]] = (),
+                num_logprobs: int = 0) -> StepOutput:
+        """Runs one step: page copies, then the model over `batch`, then sampling."""
+        inputs = jax.device_put(self.prepare(batch, copies))
+        out, self.pages = _step(self.config, self.attn_impl, self.params.variables, self.pages,
+                                *inputs, num_logprobs=num_logprobs)
+        n = len(batch)
+        if num_logprobs:
+            host = jax.device_get((out.token_ids, out.logprobs, out.top_logprobs,
+                                   out.top_token_ids, out.ranks))
+            return StepOutput(*(x[:n] for x in host))
+        token_ids, logprobs = jax.device_get((out.token_ids, out.logprobs))
+        return StepOutput(token_ids=token_ids[:n], logprobs=logprobs[:n])
