@@ -129,8 +129,8 @@ class LLM:
              *, use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Applies the tokenizer's chat template to one conversation (or many) and generates."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.chat_prompt(c, add_generation_prompt=add_generation_prompt)
-                   for c in convs]
+        prompts = [self.engine.chat_prompt(c, add_generation_prompt=add_generation_prompt,
+                                           tokenize=True) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 

@@ -59,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.no_chat and tok is not None and tok.has_chat_template:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
-        prompt = llm.engine.chat_prompt(messages)
+        prompt = llm.engine.chat_prompt(messages, tokenize=True)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     print(f"[pagedjax] ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -86,6 +86,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pagedjax.server.app import run_server
 
     return run_server(args, engine_options=_engine_options(args), dtype=_dtype(args.dtype))
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    """Runs a script from the checkout's benchmarks/ folder (throughput, serving, kernels)."""
+    import os
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = {"throughput": "throughput.py", "serving": "serving.py",
+              "kernels": os.path.join("kernels", "paged_attention.py")}[args.which]
+    path = os.path.join(root, "benchmarks", script)
+    if not os.path.exists(path):
+        print(f"pagedjax bench: {path} not found (benchmarks live in the source checkout)",
+              file=sys.stderr)
+        return 2
+    sys.argv = [path, *rest]
+    runpy.run_path(path, run_name="__main__")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(s)
     s.set_defaults(func=cmd_serve)
 
-    args = parser.parse_args(argv)
+    b = sub.add_parser("bench", help="benchmarks (arguments after the name go to the script)")
+    b.add_argument("which", choices=["throughput", "serving", "kernels"])
+    b.set_defaults(func=None)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

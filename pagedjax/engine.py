@@ -125,14 +125,19 @@ class LLMEngine:
         eos = self.params.config.eos_token_ids
         return eos[0] if eos else None
 
-    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to messages (text, special tokens included)."""
+    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    tokenize: bool = False) -> str | list[int]:
+        """The chat template applied to messages: text, or token ids with tokenize=True.
+
+        Use the ids as the prompt: encoding the text again would add a second BOS on models
+        whose tokenizer adds one.
+        """
         if self.tokenizer is None or not self.tokenizer.has_chat_template:
             raise ValueError("this model's tokenizer has no chat template")
         if not messages:
             raise ValueError("messages must not be empty")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
+                                                  tokenize=tokenize)
 
     # -- requests in -------------------------------------------------------------------------
 

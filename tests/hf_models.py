@@ -1,0 +1,61 @@
+"""Tiny random HuggingFace models (saved with a tokenizer) and HF `generate` as the oracle.
+
+Weights are large (initializer_range 0.3, perturbed norms and biases) so that a wrong layout
+changes the greedy tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+from pagedjax.tokenizer import make_test_tokenizer
+
+VOCAB = 512  # >= 259: make_test_tokenizer needs the 256 bytes + 3 special tokens
+EOS = 2  # <|im_end|> in make_test_tokenizer's vocabulary
+INIT = 0.3
+
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=EOS, pad_token_id=EOS)
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        **_COMMON, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, initializer_range=INIT),
+    "gpt2": lambda: transformers.GPT2Config(
+        **_COMMON, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=INIT),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        **_COMMON, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=256, rotary_pct=0.5, initializer_range=INIT),
+    "opt": lambda: transformers.OPTConfig(
+        **_COMMON, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+        max_position_embeddings=256, word_embed_proj_dim=32, init_std=INIT),
+}
+
+
+def build(arch: str, folder, seed: int = 0):
+    """Builds, perturbs and saves a tiny HF model of `arch` (with a test tokenizer) in folder."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    make_test_tokenizer(folder, VOCAB)
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """HF `generate` greedy continuation (float32); stops at `eos` (included) when given."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+            pad_token_id=EOS if eos is None else eos)
+    return out[0, len(prompt):].tolist()
+
+
+def random_prompts(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[list[int]]:
+    """n prompts of random lengths in [lo, hi] over the non-special ids."""
+    return [rng.integers(3, VOCAB, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]

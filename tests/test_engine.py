@@ -1,0 +1,241 @@
+"""The engine against HF `generate` (float32, greedy), token for token.
+
+Covers one request, 30+ requests arriving in waves while others run, a pool so small that
+requests are preempted and resumed, chunked prefill under a small token budget, prefix-cache
+hits, and the invariants after every test: every page free, every request finished with a
+reason, waste under one page per running request, the pool updated in place.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+import pagedjax as pj
+from pagedjax.engine import EngineConfig, LLMEngine
+
+from tests import hf_models
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gpt_neox", "opt"])
+def model(request, tmp_path_factory):
+    """(arch, HF torch model, our float32 Params) for one architecture."""
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = hf_models.build(request.param, folder, seed=len(request.param))
+    return request.param, hf, pj.load_params(folder, dtype=np.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    hf = hf_models.build("llama", folder, seed=7)
+    return hf, pj.load_params(folder, dtype=np.float32, progress=False)
+
+
+def make_engine(params, **opts) -> LLMEngine:
+    opts = {"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 128, **opts}
+    return LLMEngine(params, EngineConfig(**opts))
+
+
+def run_all(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int], pj.SamplingParams]]]):
+    """Steps the engine to completion, adding arrivals[k] before step k; returns final outputs."""
+    done: dict[str, pj.RequestOutput] = {}
+    step = 0
+    pool = engine.runner.pages[0][0].unsafe_buffer_pointer()
+    while engine.has_unfinished_requests() or any(k >= step for k in arrivals):
+        for rid, prompt, sp in arrivals.get(step, []):
+            engine.add_request(rid, prompt, sp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "donated buffers were not usable" = a pool copy
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        # The step donates the pool and XLA updates it in place: same buffer every step.
+        assert engine.runner.pages[0][0].unsafe_buffer_pointer() == pool
+        step += 1
+        assert step < 2000, "the engine does not make progress"
+    return done
+
+
+def assert_clean(engine: LLMEngine, outputs: dict[str, pj.RequestOutput]):
+    """Every page back in the pool, every request finished with a reason, waste < 1 page."""
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_usable_pages
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.peak_waste_pages_per_request < 1.0
+    for out in outputs.values():
+        assert out.finished
+        assert all(c.finish_reason in ("stop", "length") for c in out.outputs)
+
+
+def test_single_request_matches_hf(model):
+    arch, hf, params = model
+    rng = np.random.default_rng(1)
+    prompt = hf_models.random_prompts(rng, 1, 5, 30)[0]
+    engine = make_engine(params)
+    sp = pj.SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+    outs = run_all(engine, {0: [("a", prompt, sp)]})
+    assert outs["a"].outputs[0].token_ids == hf_models.hf_greedy(hf, prompt, MAX_NEW)
+    assert outs["a"].outputs[0].finish_reason == "length"
+    assert_clean(engine, outs)
+
+
+def test_waves_of_requests_match_hf(model):
+    """32 requests of random lengths arrive in 4 waves while earlier ones are running."""
+    arch, hf, params = model
+    rng = np.random.default_rng(2)
+    prompts = hf_models.random_prompts(rng, 32, 1, 40)
+    max_tokens = [int(m) for m in rng.integers(1, MAX_NEW + 1, size=32)]
+    arrivals = {}
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        sp = pj.SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+        arrivals.setdefault(3 * (i // 8), []).append((f"r{i}", p, sp))
+    engine = make_engine(params)
+    outs = run_all(engine, arrivals)
+    assert len(outs) == 32
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, m), f"request r{i}"
+    assert_clean(engine, outs)
+
+
+def test_preemption_resumes_identically(llama):
+    """A pool too small for the batch: requests are preempted, recomputed, and still match HF."""
+    hf, params = llama
+    rng = np.random.default_rng(3)
+    prompts = hf_models.random_prompts(rng, 10, 10, 30)
+    sp = pj.SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine = make_engine(params, page_size=4, num_pages=26)  # 25 usable pages of 4 tokens
+    outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
+    assert engine.stats().num_preemptions > 0
+    for i, p in enumerate(prompts):
+        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 20), f"request r{i}"
+    assert_clean(engine, outs)
+
+
+def test_chunked_prefill_under_small_budget(llama):
+    """Prompts longer than the token budget are prefilled in chunks, mixed with decodes."""
+    hf, params = llama
+    rng = np.random.default_rng(4)
+    prompts = hf_models.random_prompts(rng, 6, 40, 90)
+    sp = pj.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine = make_engine(params, max_num_batched_tokens=16)
+    outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
+    for i, p in enumerate(prompts):
+        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 8), f"request r{i}"
+    assert_clean(engine, outs)
+
+
+def test_prefix_cache_hits(llama):
+    """Many prompts share a long prefix: its pages are reused (counted) and outputs still match."""
+    hf, params = llama
+    rng = np.random.default_rng(5)
+    prefix = hf_models.random_prompts(rng, 1, 64, 64)[0]
+    prompts = [prefix + s for s in hf_models.random_prompts(rng, 12, 1, 10)]
+    sp = pj.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine = make_engine(params)
+    # The first request runs alone and fills the cache; the rest arrive afterwards.
+    outs = run_all(engine, {0: [("r0", prompts[0], sp)],
+                            12: [(f"r{i}", p, sp) for i, p in enumerate(prompts) if i]})
+    stats = engine.stats()
+    assert stats.prefix_cache_hits >= 11 * 64  # 4 full pages of 16 tokens per later request
+    for i, p in enumerate(prompts):
+        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 6), f"request r{i}"
+        if i:
+            assert outs[f"r{i}"].num_cached_tokens >= 64
+    assert_clean(engine, outs)
+
+
+def test_stop_token_matches_hf_eos(llama):
+    """Stopping at a token: the same place as HF with that token as EOS, included in token_ids."""
+    hf, params = llama
+    rng = np.random.default_rng(6)
+    prompt = hf_models.random_prompts(rng, 1, 8, 8)[0]
+    free_run = hf_models.hf_greedy(hf, prompt, 16)
+    stop = free_run[5]
+    engine = make_engine(params)
+    sp = pj.SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=[stop])
+    outs = run_all(engine, {0: [("a", prompt, sp)]})
+    c = outs["a"].outputs[0]
+    assert c.token_ids == hf_models.hf_greedy(hf, prompt, 16, eos=stop)
+    assert c.token_ids[-1] == stop and c.finish_reason == "stop" and c.stop_reason == stop
+    assert_clean(engine, outs)
+
+
+def test_generate_api_and_stream(llama):
+    """pj.generate keeps input order; LLM.stream's deltas add up to generate's text and tokens."""
+    hf, params = llama
+    rng = np.random.default_rng(7)
+    prompts = hf_models.random_prompts(rng, 5, 3, 20)
+    sp = pj.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    opts = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128)
+    outs = pj.generate(params, prompts, sp, use_tqdm=False, **opts)
+    assert [o.prompt_token_ids for o in outs] == prompts
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_models.hf_greedy(hf, p, 10)
+        assert o.outputs[0].text  # detokenized (its exactness is tested with real text below)
+    llm = pj.LLM(params, **opts)
+    texts, ids = {}, {}
+    for delta in llm.stream(prompts, sp):
+        texts[delta.request_id] = texts.get(delta.request_id, "") + delta.outputs[0].text
+        ids[delta.request_id] = ids.get(delta.request_id, []) + delta.outputs[0].token_ids
+    assert sorted(texts) == sorted(ids) and len(texts) == len(prompts)
+    for rid, o in zip(sorted(texts, key=lambda r: int(r.split("-")[1])), outs):
+        assert ids[rid] == o.outputs[0].token_ids
+        assert texts[rid] == o.outputs[0].text
+    assert llm.engine.stats().num_free_pages == llm.engine.stats().num_usable_pages
+
+
+def test_bad_requests_are_rejected_and_lose_nothing(llama):
+    _, params = llama
+    engine = make_engine(params)
+    free = engine.stats().num_free_pages
+    sp = pj.SamplingParams(max_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("e", [], sp)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("long", list(range(3, 130)), sp)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("oov", [5, hf_models.VOCAB + 3], sp)
+    engine.add_request("ok", [5, 6, 7], sp)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("ok", [5, 6, 7], sp)
+    outs = run_all(engine, {})
+    assert list(outs) == ["ok"] and len(outs["ok"].outputs[0].token_ids) == 4
+    assert engine.stats().num_free_pages == free
+
+
+def test_abort_frees_pages_and_reports(llama):
+    _, params = llama
+    engine = make_engine(params)
+    sp = pj.SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(f"r{i}", [3 + i] * 20, sp)
+    engine.step()
+    engine.step()
+    engine.abort_request(["r1", "r3"])
+    outs = run_all(engine, {})
+    assert outs["r1"].outputs[0].finish_reason == "abort"
+    assert outs["r3"].outputs[0].finish_reason == "abort"
+    assert outs["r0"].outputs[0].finish_reason == "length"
+    assert len(outs["r0"].outputs[0].token_ids) == 50
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_usable_pages
+
+
+def test_pool_sized_and_reported(llama):
+    """The pool is sized from a memory budget when no page count is given."""
+    _, params = llama
+    budget = 20 * engine_page_bytes(params)
+    engine = make_engine(params, cpu_kv_cache_bytes=budget, precompile=False)
+    assert engine.runner.num_pages == 20
+    assert jax.tree.leaves(engine.runner.pages)[0].shape[0] == engine.runner.num_pages
+
+
+def engine_page_bytes(params) -> int:
+    c = params.config  # K and V, every layer, 16 tokens, float32
+    return 2 * c.num_layers * 16 * c.num_kv_heads * c.head_dim * 4
