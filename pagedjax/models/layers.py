@@ -1,0 +1,236 @@
+"""Shared model math: projections, norms, rotary embeddings, MLPs and the paged attention block.
+
+Dims: T tokens in the flat batch, S positions whose logits are needed, D hidden, E embedding
+width (OPT may project it), F MLP width, N query heads, K kv heads, H head dim, V vocab.
+
+Every parameter carries logical axis names ("embed", "vocab", "heads", "kv_heads", "head_dim",
+"mlp", "norm"); pagedjax.parallel maps them to mesh axes. Activations keep the parameters'
+dtype; norms, softmax and logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pagedjax.attention import AttentionMetadata, paged_attention, resolve_impl
+from pagedjax.kv_cache.page_pool import write_kv
+from pagedjax.models.config import ModelConfig
+
+INIT_STD = 0.02
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str | None, ...]):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+# --- projections and embeddings -------------------------------------------------------------
+
+
+class Einsum(nn.Module):
+    """`x @ kernel` as an einsum (kernel laid out as `shape`), plus a bias over the output dims."""
+
+    eqn: str  # e.g. "td,dnh->tnh"
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _param(self, "kernel", nn.initializers.normal(INIT_STD), self.shape, self.axes)
+        y = jnp.einsum(self.eqn, x, kernel.astype(x.dtype))
+        if self.use_bias:
+            k_dims, out_dims = self.eqn.split(",")[1].split("->")
+            keep = [i for i, c in enumerate(k_dims) if c in out_dims]  # the kernel's output dims
+            bias = _param(self, "bias", nn.initializers.zeros, tuple(self.shape[i] for i in keep),
+                          tuple(self.axes[i] for i in keep))
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """A lookup table [num, features] that can also be attended (tied output head)."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple[str | None, str | None] = ("vocab", "embed")
+
+    def setup(self):
+        self.embedding = _param(self, "embedding", nn.initializers.normal(INIT_STD),
+                                (self.num_embeddings, self.features), self.axes)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0)  # [T, features]
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("se,ve->sv", x, self.embedding.astype(x.dtype))  # [S, num]
+
+
+def lm_head(cfg: ModelConfig, embed: Embed, x: jax.Array) -> jax.Array:
+    """Logits [S, V] in float32, through the tied embedding or an `lm_head` projection."""
+    if cfg.tie_word_embeddings:
+        logits = embed.attend(x)
+    else:
+        logits = Einsum("se,ev->sv", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), name="lm_head")(x)
+    return logits.astype(jnp.float32)
+
+
+# --- norms ----------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm: normalize in float32, cast back, then scale (HF's order)."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm in float32, with optional scale and bias (OPT can turn both off)."""
+
+    eps: float
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
+            y = y + _param(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("norm",))
+        return y.astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """The architecture's norm: RMSNorm for llama, LayerNorm for the others."""
+    if cfg.architecture == "llama":
+        return RMSNorm(cfg.norm_eps, name=name)
+    return LayerNorm(cfg.norm_eps, cfg.norm_affine, name=name)
+
+
+# --- rotary embeddings ----------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [rotary_dim / 2] (host constant), with HF's rope_scaling applied."""
+    dim, s = cfg.rotary_dim, cfg.rope_scaling
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if s.type == "linear":
+        inv = inv / s.factor
+    elif s.type == "llama3":
+        wavelen = 2 * np.pi / inv
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        medium = (1 - smooth) * inv / s.factor + smooth * inv
+        inv = np.where(wavelen > low_wavelen, inv / s.factor, np.where(wavelen < high_wavelen, inv, medium))
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates the first 2 * len(inv_freq) dims of x [T, n, H] in HF's half-split layout."""
+    rot = 2 * inv_freq.shape[0]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, rot/2]
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # [T, 1, rot/2]
+    xf = x[..., :rot].astype(jnp.float32)
+    x1, x2 = xf[..., : rot // 2], xf[..., rot // 2 :]  # [T, n, rot/2] each
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return jnp.concatenate([rotated, x[..., rot:]], axis=-1)  # [T, n, H]
+
+
+# --- MLPs -----------------------------------------------------------------------------------
+
+
+class GatedMLP(nn.Module):
+    """LLaMA's MLP: down(act(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        with jax.named_scope("mlp"):
+            gate = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, name="gate_proj")(x)  # [T, F]
+            up = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, name="up_proj")(x)  # [T, F]
+            h = ACTIVATIONS[cfg.activation](gate) * up
+            return Einsum("tf,fd->td", (F, D), ("mlp", "embed"), b, name="down_proj")(h)  # [T, D]
+
+
+class MLP(nn.Module):
+    """GPT-2 / NeoX / OPT MLP: fc_out(act(fc_in(x)))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        with jax.named_scope("mlp"):
+            h = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, name="fc_in")(x)  # [T, F]
+            h = ACTIVATIONS[cfg.activation](h)
+            return Einsum("tf,fd->td", (F, D), ("mlp", "embed"), b, name="fc_out")(h)  # [T, D]
+
+
+# --- attention ------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """qkv -> rotary -> write K/V into the pool -> paged attention -> output projection."""
+
+    config: ModelConfig
+    layer_idx: int
+    attn_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], meta: AttentionMetadata):
+        """x [T, D], kv the layer's (k_pages, v_pages) [P, B, K, H]; returns ([T, D], new kv)."""
+        cfg = self.config
+        D, N, K, H, b = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias
+        impl = resolve_impl(self.attn_impl)
+        with jax.named_scope("attention"):
+            q = Einsum("td,dnh->tnh", (D, N, H), ("embed", "heads", "head_dim"), b, name="q_proj")(x)
+            k = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="k_proj")(x)
+            v = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="v_proj")(x)
+            if cfg.rotary_dim:
+                inv_freq = rope_inv_freq(cfg)
+                q = apply_rope(q, meta.positions, inv_freq)  # [T, N, H]
+                k = apply_rope(k, meta.positions, inv_freq)  # [T, K, H]
+            k_pages, v_pages = write_kv(*kv, k, v, meta.slot_mapping, impl="ffi" if impl == "ffi" else "xla")
+            scale = H**-0.5 if cfg.scale_attn_weights else 1.0
+            if cfg.scale_attn_by_inverse_layer_idx:
+                scale /= self.layer_idx + 1
+            o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl)  # [T, N, H]
+            out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), b, name="o_proj")(o)
+        return out, (k_pages, v_pages)
+
+
+def check_pages(cfg: ModelConfig, pages) -> None:
+    """Raises unless `pages` has one (k, v) pair per layer."""
+    if len(pages) != cfg.num_layers:
+        raise ValueError(f"{cfg.name or cfg.architecture}: got {len(pages)} page-pool layers, "
+                         f"the model has {cfg.num_layers}")

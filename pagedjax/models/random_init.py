@@ -1,0 +1,50 @@
+"""Random weights for a config, generated directly on the device(s), for benchmarks of big models.
+
+Nothing passes through the host: each leaf is drawn by a jitted function straight into its
+sharding (norm scales 1, biases 0, everything else normal(0, 0.02)). The jitted drawers are
+cached by (shape, dtype, kind, sharding), so an 80-layer model compiles a handful of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pagedjax.models import abstract_params
+from pagedjax.models.config import ModelConfig
+from pagedjax.models.layers import INIT_STD
+from pagedjax.params import Params
+
+
+@functools.cache
+def _drawer(shape: tuple[int, ...], dtype, kind: str, sharding):
+    def draw(key):
+        if kind == "scale":
+            return jnp.ones(shape, dtype)
+        if kind == "bias":
+            return jnp.zeros(shape, dtype)
+        return INIT_STD * jax.random.normal(key, shape, dtype)
+
+    return jax.jit(draw, out_shardings=sharding)
+
+
+def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int = 0,
+                  shardings: Any = None) -> Params:
+    """Params of `config` with random weights drawn on device; `shardings` as in load_params."""
+    from pagedjax.weights import resolve_sharding
+
+    dtype = jnp.dtype(dtype)
+    shapes, axes = abstract_params(config, dtype)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    axes_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    key = jax.random.key(seed)
+    arrays = []
+    for i, ((path, s), a) in enumerate(zip(leaves, axes_leaves)):
+        keys = tuple(k.key for k in path)
+        sharding = resolve_sharding(shardings, ".".join(keys), keys, a, s)
+        kind = keys[-1] if keys[-1] in ("scale", "bias") else "weight"
+        arrays.append(_drawer(s.shape, dtype, kind, sharding)(jax.random.fold_in(key, i)))
+    return Params({"params": jax.tree_util.tree_unflatten(treedef, arrays)}, config, tokenizer=None)

@@ -1,0 +1,47 @@
+"""Params: the weights as a JAX pytree that also carries the static model config and tokenizer source.
+
+The weight tree is the child (so params can be jitted, donated and sharded like any pytree);
+the ModelConfig and the tokenizer source ride along as aux data, so `generate(params, prompts)`
+needs nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+
+from pagedjax.models.config import ModelConfig
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Params:
+    """Model weights ({"params": ...} as Flax wants), their ModelConfig and tokenizer location."""
+
+    def __init__(self, variables: dict[str, Any], config: ModelConfig, tokenizer: str | None = None):
+        self.variables = variables  # {"params": nested dict of arrays}
+        self.config = config
+        self.tokenizer = tokenizer  # HF folder or .gguf file holding the tokenizer, or None
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("variables"), self.variables),), (self.config, self.tokenizer)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalar weights."""
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self.variables))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all weights."""
+        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self.variables))
+
+    def __repr__(self) -> str:
+        dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(self.variables)})
+        return (f"Params({self.config.name or self.config.architecture}, {self.num_params:,} weights, "
+                f"{'/'.join(dtypes)}, tokenizer={self.tokenizer!r})")

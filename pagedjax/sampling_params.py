@@ -1,0 +1,220 @@
+"""Sampling and beam-search parameters, with vLLM's meanings and defaults (host only: no jax).
+
+`SamplingParams` follows vLLM (and through it the OpenAI completions API): every field keeps
+vLLM's name, default and allowed range, and an out-of-range value raises a ValueError that
+names the field, the range and the value. `BeamSearchParams` is vLLM's separate type for beam
+search, plus HF's `early_stopping`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+SAMPLING_EPS = 1e-5  # temperature below this is greedy (vLLM's _SAMPLING_EPS)
+
+
+class SamplingType(enum.IntEnum):
+    """How a request's next token is chosen."""
+
+    GREEDY = 0  # argmax (temperature < 1e-5)
+    RANDOM = 1  # sampled, unseeded
+    RANDOM_SEED = 2  # sampled from the request's own seed: reproducible
+    BEAM = 3  # beam search
+
+
+class RequestOutputKind(enum.Enum):
+    """What each streamed RequestOutput carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # all the output so far
+    DELTA = 1  # only what is new since the previous output
+    FINAL_ONLY = 2  # nothing until the request finishes
+
+
+def _fail(name: str, allowed: str, value: object) -> None:
+    raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+def _check_int(name: str, value: object, *, minimum: int | None = None, allowed: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, f"an integer{' ' + allowed if allowed else ''}", value)
+    if minimum is not None and value < minimum:
+        _fail(name, allowed or f">= {minimum}", value)
+
+
+def _check_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, "a finite number", value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters for one request (vLLM's `SamplingParams`)."""
+
+    n: int = 1  # outputs returned for the prompt
+    best_of: int | None = None  # sequences generated, the best `n` returned (None: n)
+    presence_penalty: float = 0.0  # in [-2, 2]; > 0 favours tokens not yet generated
+    frequency_penalty: float = 0.0  # in [-2, 2]; > 0 penalizes by the count generated so far
+    repetition_penalty: float = 1.0  # > 0; > 1 penalizes tokens of the prompt and the output
+    temperature: float = 1.0  # >= 0; 0 is greedy
+    top_p: float = 1.0  # in (0, 1]; 1 is off
+    top_k: int = 0  # 0 (or -1, stored as 0) is off; else >= 1
+    min_p: float = 0.0  # in [0, 1]; relative to the most likely token's probability; 0 is off
+    seed: int | None = None  # per-request seed (-1 is read as None)
+    stop: str | list[str] | None = None  # strings that end generation (stored as a list)
+    stop_token_ids: list[int] | None = None  # tokens that end generation (stored as a list)
+    ignore_eos: bool = False  # keep generating after EOS
+    max_tokens: int | None = 16  # >= 1; None: up to the model's context length
+    min_tokens: int = 0  # EOS and stop_token_ids are not generated before this many tokens
+    logprobs: int | None = None  # top logprobs per output token (-1: the whole vocabulary)
+    prompt_logprobs: int | None = None  # top logprobs per prompt token (-1: the whole vocabulary)
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+    def __post_init__(self) -> None:
+        self._normalize()
+        self._verify()
+        if self.temperature < SAMPLING_EPS:
+            # Zero temperature means greedy: the filters mean nothing, one output makes sense.
+            self._set(top_p=1.0, top_k=0, min_p=0.0)
+            if self.n > 1:
+                _fail("n", "1 when using greedy sampling (temperature 0)", self.n)
+            if self.best_of is not None and self.best_of > 1:
+                _fail("best_of", "1 (or None) when using greedy sampling (temperature 0)", self.best_of)
+
+    def _set(self, **values: object) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)  # frozen: normalization happens here only
+
+    def _normalize(self) -> None:
+        stop = self.stop
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+        stop_ids = list(dict.fromkeys(self.stop_token_ids or []))
+        self._set(stop=stop, stop_token_ids=stop_ids)
+        if self.seed == -1:
+            self._set(seed=None)
+        if self.top_k == -1:
+            self._set(top_k=0)  # vLLM quietly accepts -1 as "off" and prefers 0
+        if self.logprobs is True:
+            self._set(logprobs=1)
+        if self.prompt_logprobs is True:
+            self._set(prompt_logprobs=1)
+
+    def _verify(self) -> None:
+        _check_int("n", self.n, minimum=1, allowed=">= 1")
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, minimum=self.n, allowed=f">= n (n={self.n})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_number(name, getattr(self, name))
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                _fail(name, "in [-2, 2]", getattr(self, name))
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0.0:
+            _fail("repetition_penalty", "> 0", self.repetition_penalty)
+        _check_number("temperature", self.temperature)
+        if self.temperature < 0.0:
+            _fail("temperature", ">= 0", self.temperature)
+        _check_number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            _fail("top_p", "in (0, 1]", self.top_p)
+        _check_int("top_k", self.top_k, minimum=0, allowed="0 or -1 (off), or >= 1")
+        _check_number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            _fail("min_p", "in [0, 1]", self.min_p)
+        if self.seed is not None:
+            _check_int("seed", self.seed, allowed="(or None)")
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1, allowed=">= 1 (or None)")
+        _check_int("min_tokens", self.min_tokens, minimum=0, allowed=">= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            _fail("min_tokens", f"<= max_tokens (max_tokens={self.max_tokens})", self.min_tokens)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, minimum=-1, allowed=">= 0, or -1 for the whole vocabulary")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            _fail("stop", "a non-empty string or a list of non-empty strings", self.stop)
+        if self.stop and not self.detokenize:
+            _fail("detokenize", "True when stop strings are given", self.detokenize)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            _fail("stop_token_ids", "a list of token ids (integers >= 0)", self.stop_token_ids)
+        if not isinstance(self.output_kind, RequestOutputKind):
+            _fail("output_kind", "a RequestOutputKind", self.output_kind)
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.temperature < SAMPLING_EPS:
+            return SamplingType.GREEDY
+        if self.seed is not None:
+            return SamplingType.RANDOM_SEED
+        return SamplingType.RANDOM
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.sampling_type == SamplingType.GREEDY
+
+    @property
+    def num_sequences(self) -> int:
+        """How many sequences the engine generates for the prompt (best_of, else n)."""
+        return self.best_of if self.best_of is not None else self.n
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The params of sample `index` of n > 1: n=1, and seed + index when seeded (as vLLM does)."""
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, best_of=None, seed=seed)
+
+    def clone(self) -> SamplingParams:
+        return dataclasses.replace(self)
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """Beam search parameters (vLLM's `BeamSearchParams`, plus HF's `early_stopping`)."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0  # score = cumulative logprob / length ** length_penalty
+    early_stopping: bool | Literal["never"] = False  # HF: True, False (heuristic) or "never"
+    include_stop_str_in_output: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("beam_width", self.beam_width, minimum=1, allowed=">= 1")
+        _check_int("max_tokens", self.max_tokens, minimum=1, allowed=">= 1")
+        _check_int("min_tokens", self.min_tokens, minimum=0, allowed=">= 0")
+        if self.min_tokens > self.max_tokens:
+            _fail("min_tokens", f"<= max_tokens (max_tokens={self.max_tokens})", self.min_tokens)
+        _check_number("temperature", self.temperature)
+        if self.temperature < 0.0:
+            _fail("temperature", ">= 0", self.temperature)
+        _check_number("length_penalty", self.length_penalty)
+        if self.early_stopping not in (True, False, "never"):
+            _fail("early_stopping", 'True, False or "never"', self.early_stopping)
+        object.__setattr__(self, "stop_token_ids", list(dict.fromkeys(self.stop_token_ids or [])))
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            _fail("stop_token_ids", "a list of token ids (integers >= 0)", self.stop_token_ids)
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        return SamplingType.BEAM
+
+    @property
+    def is_greedy(self) -> bool:
+        return False
+
+    @property
+    def n(self) -> int:
+        return 1  # the engine forks the beams itself (Scheduler.fork_request)
+
+    @property
+    def num_sequences(self) -> int:
+        return 1

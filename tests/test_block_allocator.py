@@ -1,0 +1,279 @@
+"""BlockAllocator: free list, reference counts, copy-on-write, prefix caching with LRU eviction.
+
+The randomized test drives the allocator and an independent, deliberately naive model of it
+(dicts and lists, no free-list tricks) with the same random operations and compares them.
+"""
+
+import random
+from collections import Counter
+
+import pytest
+
+from pagedjax.kv_cache.block_allocator import NULL_PAGE, BlockAllocator, CacheConfig, extend_page_hashes, hash_page
+
+
+def test_allocate_never_hands_out_the_null_page_and_frees_back():
+    a = BlockAllocator(num_pages=9, page_size=4)
+    pages = a.allocate(8)
+    assert sorted(pages) == list(range(1, 9)) and NULL_PAGE not in pages
+    assert a.num_free_pages == 0
+    with pytest.raises(RuntimeError):
+        a.allocate(1)
+    a.free(pages[:3])
+    assert a.num_free_pages == 3
+    assert sorted(a.allocate(3)) == sorted(pages[:3])
+    a.free(pages)
+    assert a.num_free_pages == a.num_usable_pages == 8
+
+
+def test_double_free_and_null_page_free_raise():
+    a = BlockAllocator(num_pages=4, page_size=4)
+    (p,) = a.allocate(1)
+    a.free([p])
+    with pytest.raises(ValueError, match="double free"):
+        a.free([p])
+    with pytest.raises(ValueError):
+        a.free([NULL_PAGE])
+
+
+def test_fork_shares_pages_and_copy_on_write_gives_a_private_copy():
+    a = BlockAllocator(num_pages=10, page_size=4)
+    parent = a.allocate(3)
+    child = a.fork(parent)
+    assert child == parent and child is not parent
+    assert all(a.ref_count(p) == 2 for p in parent)
+    assert a.num_free_pages == 6  # sharing takes no page
+
+    copy = a.ensure_writable(child, 2)  # the child writes its partial last page
+    assert copy is not None
+    src, dst = copy
+    assert src == parent[2] and dst == child[2] and dst not in parent
+    assert a.ref_count(src) == 1 and a.ref_count(dst) == 1
+    assert a.ensure_writable(parent, 2) is None  # now private to the parent: no copy
+    assert a.ensure_writable(child, 2) is None
+
+    a.free(child)
+    assert [a.ref_count(p) for p in parent] == [1, 1, 1]
+    a.free(parent)
+    assert a.num_free_pages == 9
+
+
+def test_fork_of_a_free_page_raises():
+    a = BlockAllocator(num_pages=4, page_size=4)
+    (p,) = a.allocate(1)
+    a.free([p])
+    with pytest.raises(ValueError):
+        a.fork([p])
+
+
+def test_page_hash_depends_on_the_whole_prefix():
+    t = [1, 2, 3, 4]
+    root = hash_page(None, t)
+    assert hash_page(None, list(t)) == root
+    assert hash_page(root, t) != root
+    assert hash_page(hash_page(None, [9, 9, 9, 9]), t) != hash_page(root, t)
+    hashes = []
+    extend_page_hashes(hashes, [1, 2, 3, 4, 5, 6, 7, 8, 9], page_size=4, num_pages=2)
+    assert hashes == [root, hash_page(root, [5, 6, 7, 8])]
+
+
+def test_prefix_cache_reuses_freed_pages_and_evicts_lru_only_when_the_free_list_is_dry():
+    a = BlockAllocator(num_pages=7, page_size=2)
+    tokens = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
+    tables, hashes = [], []
+    for tok in tokens:
+        table = a.allocate(3)
+        h = []
+        extend_page_hashes(h, tok, 2, 3)
+        a.cache_pages(table, h)
+        tables.append(table)
+        hashes.append(h)
+    assert a.lookup(hashes[0]) == tables[0]  # in use and cached
+    a.free(tables[0])
+    a.free(tables[1])
+    assert a.num_free_pages == 6 and a.num_cached_pages == 6
+
+    # A hit takes the cached pages back out of the evictable set.
+    hit = a.lookup(hashes[0][:2])
+    assert hit == tables[0][:2]
+    a.share(hit)
+    assert a.num_free_pages == 4 and [a.ref_count(p) for p in hit] == [1, 1]
+
+    # Free list is dry (every page was cached): allocation evicts the least recently freed.
+    # Tables are freed last page first, so table 0's tail went first, then table 1's tail, ...
+    evicted = a.allocate(1)[0]
+    assert evicted == tables[0][2]
+    assert a.lookup(hashes[0]) == tables[0][:2]  # the chain now stops before the evicted page
+    assert a.allocate(1)[0] == tables[1][2]
+    assert a.lookup(hashes[1]) == tables[1][:2]
+    assert a.num_evictions == 2
+
+
+def test_cache_pages_keeps_the_first_page_with_a_given_content():
+    a = BlockAllocator(num_pages=5, page_size=2)
+    h = []
+    extend_page_hashes(h, [1, 2], 2, 1)
+    t1, t2 = a.allocate(1), a.allocate(1)
+    a.cache_pages(t1, h)
+    a.cache_pages(t2, h)  # same content computed twice: the cache keeps t1's page
+    assert a.lookup(h) == t1
+    a.free(t2)
+    a.free(t1)
+    assert a.num_cached_pages == 1 and a.num_free_pages == 4
+
+
+def test_prefix_caching_disabled_caches_nothing():
+    a = BlockAllocator(num_pages=5, page_size=2, enable_prefix_caching=False)
+    h = []
+    extend_page_hashes(h, [1, 2, 3, 4], 2, 2)
+    t = a.allocate(2)
+    a.cache_pages(t, h)
+    assert a.lookup(h) == [] and a.num_cached_pages == 0
+
+
+def test_reset_prefix_cache_forgets_evictable_pages():
+    a = BlockAllocator(num_pages=5, page_size=2)
+    h = []
+    extend_page_hashes(h, [1, 2, 3, 4], 2, 2)
+    t = a.allocate(2)
+    a.cache_pages(t, h)
+    a.free(t)
+    a.reset_prefix_cache()
+    assert a.lookup(h) == [] and a.num_free_pages == 4
+
+
+def test_prefix_stats_count_tokens():
+    a = BlockAllocator(num_pages=5, page_size=2)
+    a.prefix_stats.record(10, 4)
+    a.prefix_stats.record(6, 0)
+    assert (a.prefix_stats.requests, a.prefix_stats.queries, a.prefix_stats.hits) == (2, 16, 4)
+    assert a.prefix_stats.hit_rate == pytest.approx(0.25)
+
+
+def test_cache_config_validates():
+    assert CacheConfig().page_size == 16
+    with pytest.raises(ValueError, match="page_size"):
+        CacheConfig(page_size=0)
+    with pytest.raises(ValueError, match="num_pages"):
+        CacheConfig(num_pages=1)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        CacheConfig(gpu_memory_utilization=1.5)
+
+
+class NaiveAllocatorModel:
+    """What the allocator should do, written the slow obvious way."""
+
+    def __init__(self, num_pages):
+        self.ref = Counter()
+        self.hash_of = {}  # page -> hash
+        self.cached = {}  # hash -> page
+        self.free_uncached = set(range(1, num_pages))
+        self.evictable = []  # least recently freed first
+
+    def allocated(self, page):
+        if page in self.free_uncached:
+            self.free_uncached.remove(page)
+        else:
+            assert not self.free_uncached, "evicted a cached page while uncached pages were free"
+            assert page == self.evictable[0], "evicted a page that was not the least recently freed"
+            self.evictable.pop(0)
+            del self.cached[self.hash_of.pop(page)]
+        assert self.ref[page] == 0
+        self.ref[page] = 1
+
+    def decref(self, page):
+        self.ref[page] -= 1
+        if self.ref[page] == 0:
+            (self.evictable.append if page in self.hash_of else self.free_uncached.add)(page)
+
+    def share(self, page):
+        if self.ref[page] == 0:
+            self.evictable.remove(page)
+        self.ref[page] += 1
+
+    def cache(self, page, h):
+        if page not in self.hash_of and h not in self.cached:
+            self.hash_of[page] = h
+            self.cached[h] = page
+
+    def lookup(self, hashes):
+        out = []
+        for h in hashes:
+            if h not in self.cached:
+                break
+            out.append(self.cached[h])
+        return out
+
+    @property
+    def num_free(self):
+        return len(self.free_uncached) + len(self.evictable)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_randomized_against_a_naive_model(seed):
+    rng = random.Random(seed)
+    P, ps = 24, 2
+    a, m = BlockAllocator(P, ps), NaiveAllocatorModel(P)
+    tables = []  # (block_table, page_hashes)
+    chunks = [[rng.randrange(3), rng.randrange(3)] for _ in range(3)]  # few contents: many repeats
+
+    def random_hashes(n):
+        h = []
+        extend_page_hashes(h, [t for _ in range(n) for t in rng.choice(chunks)], ps, n)
+        return h
+
+    for _ in range(400):
+        op = rng.choice(["alloc", "alloc", "fork", "cow", "free", "cache", "hit"])
+        if op == "alloc" and a.num_free_pages:
+            n = rng.randint(1, min(4, a.num_free_pages))
+            table = a.allocate(n)
+            for p in table:
+                m.allocated(p)
+            tables.append((table, random_hashes(n)))
+        elif op == "fork" and tables:
+            table, h = rng.choice(tables)
+            child = a.fork(table)
+            for p in table:
+                m.share(p)
+            tables.append((child, list(h)))
+        elif op == "cow" and tables and a.num_free_pages:
+            table, _ = rng.choice(tables)
+            i = rng.randrange(len(table))
+            old, was_shared = table[i], m.ref[table[i]] > 1
+            copy = a.ensure_writable(table, i)
+            if was_shared:
+                assert copy == (old, table[i])
+                m.allocated(table[i])
+                m.decref(old)
+            else:
+                assert copy is None and table[i] == old
+        elif op == "free" and tables:
+            table, _ = tables.pop(rng.randrange(len(tables)))
+            a.free(table)
+            for p in reversed(table):
+                m.decref(p)
+        elif op == "cache" and tables:
+            table, h = rng.choice(tables)
+            start = rng.randrange(len(table))
+            a.cache_pages(table, h, start=start)
+            for i in range(start, len(table)):
+                m.cache(table[i], h[i])
+        elif op == "hit":
+            h = random_hashes(rng.randint(1, 4))
+            hit = a.lookup(h)
+            assert hit == m.lookup(h)
+            if hit:
+                a.share(hit)
+                for p in hit:
+                    m.share(p)
+                tables.append((list(hit), h[: len(hit)]))
+
+        in_tables = Counter(p for table, _ in tables for p in table)
+        assert NULL_PAGE not in in_tables
+        assert all(a.ref_count(p) == in_tables[p] == m.ref[p] for p in range(1, P))
+        assert a.num_free_pages == m.num_free == (P - 1) - len(in_tables)
+        assert a.num_cached_pages == len(m.cached)
+
+    for table, _ in tables:
+        a.free(table)
+    assert a.num_free_pages == P - 1

@@ -1,0 +1,204 @@
+"""Our four architectures against HF transformers (torch, float32) on tiny random checkpoints.
+
+Each case builds a tiny HF model with large random weights (so a wrong layout shows), saves it,
+loads it with load_params and feeds token chunks through the paged pool: a whole prompt in one
+step, the same prompt in chunks, one token per step, and a ragged batch of several requests
+mixing prefill chunks and single tokens, all with randomly permuted page tables. Every step
+uses the same padded bucket, so each model compiles once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, OPTConfig, OPTForCausalLM)
+
+from pagedjax.attention import build_metadata
+from pagedjax.kv_cache.page_pool import init_pages
+from pagedjax.models import abstract_params, get_config, get_model
+from pagedjax.weights import load_params
+
+V = 128  # vocab
+PAGE, NUM_PAGES, MAX_PAGES, T_BUCKET, R_BUCKET = 4, 48, 8, 32, 4
+TOL = 1e-4  # max |ours - hf| / max |hf|, over every compared logit
+INIT = 0.3
+
+_LLAMA = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+              max_position_embeddings=64, initializer_range=INIT, bos_token_id=0, eos_token_id=1)
+_GPT2 = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=INIT,
+             bos_token_id=0, eos_token_id=1)
+_NEOX = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+             max_position_embeddings=64, initializer_range=INIT, bos_token_id=0, eos_token_id=1)
+_OPT = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+            max_position_embeddings=64, init_std=INIT, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+CASES = {
+    "llama-gqa-untied": (LlamaForCausalLM, LlamaConfig(
+        **_LLAMA, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama-mqa-llama3rope-tied-bias-headdim24": (LlamaForCausalLM, LlamaConfig(
+        **_LLAMA, num_attention_heads=4, num_key_value_heads=1, head_dim=24, tie_word_embeddings=True,
+        attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16, "rope_theta": 10000.0})),
+    "llama-mha-linearrope-theta500": (LlamaForCausalLM, LlamaConfig(
+        **_LLAMA, num_attention_heads=4, num_key_value_heads=4,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})),
+    "gpt2-default": (GPT2LMHeadModel, GPT2Config(**_GPT2)),
+    "gpt2-ninner-inverse-layer-idx-gelu": (GPT2LMHeadModel, GPT2Config(
+        **_GPT2, n_inner=96, scale_attn_by_inverse_layer_idx=True, activation_function="gelu")),
+    "neox-parallel-rotary25": (GPTNeoXForCausalLM, GPTNeoXConfig(
+        **_NEOX, rotary_pct=0.25, use_parallel_residual=True)),
+    "neox-sequential-rotary50-base500": (GPTNeoXForCausalLM, GPTNeoXConfig(
+        **_NEOX, rotary_pct=0.5, rotary_emb_base=500, use_parallel_residual=False)),
+    "neox-fullrotary-nobias-tied": (GPTNeoXForCausalLM, GPTNeoXConfig(
+        **_NEOX, rotary_pct=1.0, attention_bias=False, tie_word_embeddings=True)),
+    "opt-project-in-out": (OPTForCausalLM, OPTConfig(**_OPT, word_embed_proj_dim=32)),
+    "opt-postnorm-350m-style": (OPTForCausalLM, OPTConfig(
+        **_OPT, word_embed_proj_dim=32, do_layer_norm_before=False)),
+    "opt-gelu-untied": (OPTForCausalLM, OPTConfig(**_OPT, activation_function="gelu", tie_word_embeddings=False)),
+}
+
+
+def build_hf(cls, config, folder, seed=0):
+    """A tiny HF model with non-trivial norms and biases too (HF inits those to 1 and 0), saved."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    """HF logits [len(ids), V] for one sequence."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+class PagedRunner:
+    """Feeds chunks of several requests through the pool, one jitted step (fixed bucket) per call."""
+
+    def __init__(self, params, seed: int, dtype=jnp.float32):
+        cfg = params.config
+        self.params = params
+        self.pages = init_pages(cfg.num_layers, NUM_PAGES, PAGE, cfg.num_kv_heads, cfg.head_dim, dtype)
+        self.apply = jax.jit(get_model(cfg, attn_impl="reference").apply, donate_argnums=2)
+        self.free = [int(p) for p in np.random.default_rng(seed).permutation(np.arange(1, NUM_PAGES))]
+        self.tables: dict[str, list[int]] = {}
+        self.lens: dict[str, int] = {}
+
+    def step(self, chunks: dict[str, list[int]]) -> dict[str, np.ndarray]:
+        """Runs one step over {request: new tokens}; returns {request: logits [len(chunk), V]}."""
+        q_lens, seq_lens, tables, tokens = [], [], [], []
+        for rid, toks in chunks.items():
+            table = self.tables.setdefault(rid, [])
+            self.lens[rid] = self.lens.get(rid, 0) + len(toks)
+            while len(table) * PAGE < self.lens[rid]:
+                table.append(self.free.pop())
+            q_lens.append(len(toks))
+            seq_lens.append(self.lens[rid])
+            tables.append(table)
+            tokens += toks
+        meta = build_metadata(q_lens, seq_lens, tables, page_size=PAGE, num_pages=NUM_PAGES,
+                              num_tokens=T_BUCKET, num_reqs=R_BUCKET, max_pages=MAX_PAGES,
+                              logits_indices=range(T_BUCKET))
+        tokens = np.pad(np.asarray(tokens, np.int32), (0, T_BUCKET - len(tokens)))
+        logits, self.pages = self.apply(self.params.variables, tokens, self.pages, meta)
+        logits = np.asarray(logits)
+        assert logits.shape == (T_BUCKET, self.params.config.vocab_size)
+        out, start = {}, 0
+        for rid, n in zip(chunks, q_lens):
+            out[rid] = logits[start:start + n]
+            start += n
+        return out
+
+
+def run_schedule(runner, prompts: dict[str, list[int]], schedule: list[dict[str, int]]) -> dict[str, np.ndarray]:
+    """Feeds each request's prompt in the chunk sizes `schedule` gives; returns all its logits."""
+    done = {r: 0 for r in prompts}
+    got = {r: [] for r in prompts}
+    for step in schedule:
+        chunks = {}
+        for r, n in step.items():
+            chunks[r] = prompts[r][done[r]:done[r] + n]
+            done[r] += n
+        for r, lg in runner.step(chunks).items():
+            got[r].append(lg)
+    assert all(done[r] == len(p) for r, p in prompts.items())
+    return {r: np.concatenate(v) for r, v in got.items()}
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_hf(case, tmp_path):
+    cls, hf_config = CASES[case]
+    hf = build_hf(cls, hf_config, tmp_path)
+    params = load_params(tmp_path, dtype=jnp.float32, progress=False)
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    prompts = {r: [int(t) for t in rng.integers(0, V, n)] for r, n in
+               {"one": 13, "chunked": 13, "decode": 9, "a": 11, "b": 3, "c": 17, "d": 7}.items()}
+    refs = {r: hf_logits(hf, p) for r, p in prompts.items()}
+    assert refs["c"].std() > 0.5, "logits too flat for a meaningful comparison"
+    runner = PagedRunner(params, seed=len(case))
+
+    def check(got, what):
+        for r, lg in got.items():
+            err = rel_err(lg, refs[r])
+            assert err < TOL, f"{case} {what} request {r}: relative error {err:.2e}"
+
+    check(run_schedule(runner, {"one": prompts["one"]}, [{"one": 13}]), "one pass")
+    check(run_schedule(runner, {"chunked": prompts["chunked"]}, [{"chunked": 5}, {"chunked": 4}, {"chunked": 4}]),
+          "chunked prefill")
+    check(run_schedule(runner, {"decode": prompts["decode"]}, [{"decode": 1}] * 9), "decode")
+    ragged = {r: prompts[r] for r in "abcd"}
+    check(run_schedule(runner, ragged, [
+        {"c": 8, "a": 6, "b": 1, "d": 7},  # prefill chunks, a whole prompt and a single token together
+        {"b": 1, "a": 5, "c": 8},
+        {"c": 1, "b": 1},  # decode-sized steps
+    ]), "ragged batch")
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "neox-parallel-rotary25"])
+def test_bfloat16_close_to_float32(case, tmp_path):
+    """bf16 weights: as far from our float32 logits as HF's own bf16 model is from its float32."""
+    cls, hf_config = CASES[case]
+    hf = build_hf(cls, hf_config, tmp_path)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, V, 13)]
+    ref = hf_logits(hf, prompt)
+    hf_bf16 = cls.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    hf_err = rel_err(hf_logits(hf_bf16, prompt), ref)
+    out = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        params = load_params(tmp_path, dtype=dtype, progress=False)
+        assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(dtype)}
+        runner = PagedRunner(params, seed=0, dtype=dtype)
+        out[dtype] = run_schedule(runner, {"p": prompt}, [{"p": 6}, {"p": 7}])["p"]
+        assert out[dtype].dtype == np.float32
+    assert rel_err(out[jnp.float32], ref) < TOL
+    err = rel_err(out[jnp.bfloat16], ref)
+    assert 1e-3 < err < max(2 * hf_err, 2e-2), (err, hf_err)
+
+
+def test_pages_must_match_layers():
+    cfg = get_config("tiny-llama")
+    model = get_model(cfg)
+    pages = init_pages(1, 4, PAGE, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+    meta = build_metadata([1], [1], [[1]], page_size=PAGE, num_pages=4)
+    with pytest.raises(ValueError, match="page-pool layers"):
+        model.init(jax.random.key(0), np.zeros(1, np.int32), pages, meta)
+
+
+@pytest.mark.parametrize("name,count", [("llama3-8b", 8_030_261_248), ("llama2-7b", 6_738_415_616),
+                                        ("smollm2-135m", 134_515_008)])
+def test_named_configs_have_the_published_sizes(name, count):
+    shapes, _ = abstract_params(get_config(name))
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == count
