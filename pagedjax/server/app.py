@@ -1,0 +1,205 @@
+"""The FastAPI app: OpenAI's routes, errors in OpenAI's shape, the API key, a body size limit.
+
+`build_app(engine, served_model_name)` wraps an `LLMEngine` (whose loop starts with the app);
+`run_server(args, ...)` loads a model and serves it with uvicorn (`pagedjax serve`).
+
+Status codes: 400 for any invalid input (schema, values, what the engine rejects), 401 for a
+missing or wrong API key, 404 for an unknown model or route, 413 for a body over the limit,
+503 when too many requests wait (with Retry-After) or the engine loop has stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import sys
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from pagedjax.server import protocol as P
+from pagedjax.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from pagedjax.server.metrics import ServerMetrics
+from pagedjax.server.serving import APIError, ClientDisconnected, OpenAIServing, bad_request
+
+logger = logging.getLogger("pagedjax.server")
+
+MAX_BODY_BYTES = 4 << 20
+BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _error(status: int, message: str, type: str, param: str | None = None, code: Any = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": status if code is None else code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_error(e: ValidationError | RequestValidationError) -> APIError:
+    """Pydantic's first complaint as a 400: `field.path: what is wrong`."""
+    errors = e.errors(include_url=False, include_input=False) if isinstance(e, ValidationError) else e.errors()
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first["type"] == "json_invalid":
+        return bad_request(f"the body is not valid JSON: {first['msg']}")
+    message = f"{'.'.join(loc)}: {first['msg']}" if loc else first["msg"]
+    if len(errors) > 1:
+        message += f" ({len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return bad_request(message, loc[0] if loc else None)
+
+
+def build_app(engine: Any, served_model_name: str, api_key: str | None = None, max_queue: int = 1024, *,
+              max_body_bytes: int = MAX_BODY_BYTES, max_n: int = 16, model_root: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app over `engine` (an LLMEngine); its engine loop runs while the app does."""
+    metrics = ServerMetrics()
+    async_engine = AsyncEngine(engine, max_queue=max_queue, metrics=metrics)
+    cfg = engine.config
+    serving = OpenAIServing(async_engine, model_name=served_model_name, tokenizer=engine.tokenizer,
+                            vocab_size=engine.params.config.vocab_size, max_model_len=cfg.max_model_len,
+                            max_logprobs=cfg.max_logprobs, max_n=max_n)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(async_engine.shutdown)
+
+    from pagedjax import __version__
+
+    app = FastAPI(title="pagedjax", version=__version__, lifespan=lifespan)
+    app.state.async_engine, app.state.metrics, app.state.serving = async_engine, metrics, serving
+
+    # -- errors --------------------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        return await _api_error(request, _validation_error(e))
+
+    @app.exception_handler(EngineOverloaded)
+    async def _overloaded(request: Request, e: EngineOverloaded):
+        return _error(503, str(e), "ServiceUnavailableError", headers={"Retry-After": "1"})
+
+    @app.exception_handler(EngineDead)
+    async def _dead(request: Request, e: EngineDead):
+        return _error(503, str(e), "ServiceUnavailableError")
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, e: ClientDisconnected):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):
+        return _error(e.status_code, str(e.detail), "NotFoundError" if e.status_code == 404 else "BadRequestError",
+                      headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error(500, f"internal server error: {type(e).__name__}", "InternalServerError")
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    async def read_json(request: Request, model: type[BaseModel]) -> Any:
+        """The body as `model`: 413 past the size limit, 400 for anything malformed."""
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise bad_request("invalid Content-Length header")
+            if int(length) > max_body_bytes:
+                raise APIError(413, f"the request body is {int(length)} bytes, the limit is {max_body_bytes}",
+                               type="RequestTooLargeError")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise APIError(413, f"the request body exceeds the limit of {max_body_bytes} bytes",
+                               type="RequestTooLargeError")
+        try:
+            return model.model_validate_json(bytes(body))
+        except ValidationError as e:
+            raise _validation_error(e) from None
+
+    async def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or invalid API key (send `Authorization: Bearer <key>`)",
+                           type="AuthenticationError", code="invalid_api_key")
+
+    # -- routes --------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.is_running:
+            return _error(503, f"the engine loop is not running: {async_engine.error!r}", "ServiceUnavailableError")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    api = APIRouter(dependencies=[Depends(check_api_key)])
+
+    @api.get("/v1/models")
+    async def models() -> Response:
+        card = P.ModelCard(id=served_model_name, root=model_root, max_model_len=cfg.max_model_len)
+        return Response(P.ModelList(data=[card]).model_dump_json(), media_type="application/json")
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await serving.completions(await read_json(request, P.CompletionRequest), request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serving.chat(await read_json(request, P.ChatCompletionRequest), request)
+
+    @api.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await serving.tokenize(await read_json(request, P.TokenizeRequest))
+
+    @api.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await serving.detokenize(await read_json(request, P.DetokenizeRequest))
+
+    app.include_router(api)
+    return app
+
+
+def run_server(args: argparse.Namespace, *, engine_options: dict, dtype: Any) -> int:
+    """`pagedjax serve`: loads the model, builds the engine (compiling its steps), serves until stopped."""
+    import uvicorn
+
+    from pagedjax.api import LLM
+
+    engine = LLM(args.model, dtype=dtype, **engine_options).engine  # loads as LLM does (TP shards included)
+    name = args.served_model_name or args.model or BUNDLED_MODEL_NAME
+    api_key = args.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
+    app = build_app(engine, name, api_key=api_key, max_queue=args.max_queue,
+                    model_root=str(args.model) if args.model else BUNDLED_MODEL_NAME)
+    verbose = getattr(args, "verbose", False)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if verbose else "warning",
+                            access_log=verbose, timeout_keep_alive=30, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    print(f"[pagedjax] serving {name!r} on http://{args.host}:{args.port} "
+          f"(max_model_len {engine.config.max_model_len}, {engine.runner.num_pages - 1} KV pages)",
+          file=sys.stderr, flush=True)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,476 @@
+"""OpenAI completions and chat completions over the AsyncEngine: requests in, responses or SSE out.
+
+Every engine request runs with `RequestOutputKind.DELTA`: a non-streamed response is the deltas
+joined, a streamed one sends them as they come. So both come from the same outputs, token for
+token. A client that disconnects aborts its requests: streamed ones when the response is
+cancelled, non-streamed ones through a task that listens for `http.disconnect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from pagedjax.request import Logprob
+from pagedjax.sampling_params import RequestOutputKind, SamplingParams
+from pagedjax.server import protocol as P
+from pagedjax.server.async_engine import AsyncEngine, RequestStream
+
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf: vLLM's floor for impossible tokens
+_TEMPLATE_RESERVED = {"messages", "chat_template", "tools", "documents", "add_generation_prompt",
+                      "tokenize", "continue_final_message"}
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI's error body fields."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: int | str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
+        self.code = status if code is None else code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, type="BadRequestError", param=param)
+
+
+def from_value_error(e: ValueError, model: type[P.Strict] | None = None) -> APIError:
+    """A ValueError of SamplingParams or the engine as a 400, naming the request field it is about."""
+    message = re.sub(r"^request '[^']*': ", "", str(e))  # our internal request id means nothing to the client
+    fields = model.model_fields if model is not None else {}
+    words = re.findall(r"[A-Za-z_]+", message)
+    param = None
+    if words[:1] and words[0] in fields and words[1:2] == ["must"]:  # SamplingParams: "top_p must be ..."
+        param = words[0]
+    elif "max_tokens" in words:  # the engine: "prompt (..) + max_tokens (..) exceeds max_model_len"
+        param = "max_tokens"
+    elif "prompt" in words:  # the engine: "the prompt has N tokens, max_model_len is M"
+        param = "prompt" if "prompt" in fields else "messages"
+    return bad_request(message, param)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was complete."""
+
+
+def _opt(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _floor(lp: float) -> float:
+    return lp if math.isfinite(lp) else _LOGPROB_FLOOR if not lp > 0 else 0.0
+
+
+@dataclass
+class _Sample:
+    """One generated sequence, joined from its deltas."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    finish_sent: bool = False  # streaming: the chunk with the finish reason went out
+
+    def add(self, c) -> None:
+        self.text += c.text
+        self.token_ids += c.token_ids
+        self.logprobs += c.logprobs or []
+        self.finish_reason = c.finish_reason or self.finish_reason
+        self.stop_reason = c.stop_reason if c.stop_reason is not None else self.stop_reason
+
+
+class OpenAIServing:
+    """The handlers of /v1/completions, /v1/chat/completions, /tokenize and /detokenize."""
+
+    def __init__(self, engine: AsyncEngine, *, model_name: str, tokenizer: Any, vocab_size: int,
+                 max_model_len: int, max_logprobs: int = 20, max_n: int = 16, max_prompts: int = 256):
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+        self.max_n = max_n
+        self.max_prompts = max_prompts
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist (this server has `{self.model_name}`).",
+                           type="NotFoundError", param="model", code="model_not_found")
+
+    def _check_request(self, req: P.SamplingFields) -> None:
+        self.check_model(req.model)
+        for name in req.unsupported_fields():
+            raise bad_request(f"{name} is not supported by this server", name)
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        n = 1 if req.n is None else req.n
+        for name, value in (("n", n), ("best_of", req.best_of)):
+            if value is not None and value > self.max_n:
+                raise bad_request(f"{name} must be <= {self.max_n}, got {value}", name)
+        if req.stream and req.best_of is not None and req.best_of != n:
+            raise bad_request("best_of must equal n when streaming", "best_of")
+
+    def _sampling_params(self, req: P.SamplingFields, max_tokens: int | None,
+                         logprobs: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                n=_opt(req.n, 1), best_of=req.best_of,
+                presence_penalty=_opt(req.presence_penalty, 0.0),
+                frequency_penalty=_opt(req.frequency_penalty, 0.0),
+                repetition_penalty=_opt(req.repetition_penalty, 1.0),
+                temperature=_opt(req.temperature, 1.0), top_p=_opt(req.top_p, 1.0),
+                top_k=_opt(req.top_k, 0), min_p=_opt(req.min_p, 0.0), seed=req.seed, stop=req.stop,
+                stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
+                min_tokens=req.min_tokens, logprobs=logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+                spaces_between_special_tokens=req.spaces_between_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                output_kind=RequestOutputKind.DELTA)
+        except ValueError as e:
+            raise from_value_error(e, type(req)) from None
+
+    async def _add(self, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                   model: type[P.Strict]) -> RequestStream:
+        try:
+            return await self.engine.add(request_id, prompts, params)
+        except ValueError as e:
+            raise from_value_error(e, model) from None
+
+    def _encode(self, prompt: str | list[int], add_special_tokens: bool) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise bad_request("a text prompt needs a tokenizer; this model has none (send token ids)",
+                                  "prompt")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if not all(0 <= t < self.vocab_size for t in prompt):
+            raise bad_request(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        return None, list(prompt)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
+
+    @staticmethod
+    async def _collect(stream: RequestStream, request: Request | None, num_prompts: int
+                       ) -> tuple[list[dict[int, _Sample]], list[list[int]], list[int]]:
+        """Joins a stream's deltas: per prompt {sample index: _Sample}, the final order, prompt lengths."""
+        samples: list[dict[int, _Sample]] = [{} for _ in range(num_prompts)]
+        order: list[list[int]] = [[] for _ in range(num_prompts)]
+        prompt_lens = [0] * num_prompts
+        watcher = asyncio.create_task(_watch_disconnect(request, stream)) if request is not None else None
+        try:
+            async for p, out in stream:
+                prompt_lens[p] = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    samples[p].setdefault(c.index, _Sample()).add(c)
+                if out.finished:
+                    order[p] = [c.index for c in out.outputs]  # best_of: the n most likely, best first
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            stream.close()
+        return samples, order, prompt_lens
+
+    # -- completions ---------------------------------------------------------------------------
+
+    async def completions(self, req: P.CompletionRequest, request: Request | None) -> Response:
+        self._check_request(req)
+        prompt = req.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        if not prompts:
+            raise bad_request("prompt must not be empty", "prompt")
+        if len(prompts) > self.max_prompts:
+            raise bad_request(f"at most {self.max_prompts} prompts per request, got {len(prompts)}", "prompt")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed yet)",
+                              "echo")
+        if req.logprobs is not None and not 0 <= req.logprobs <= self.max_logprobs:
+            raise bad_request(f"logprobs must be in [0, {self.max_logprobs}], got {req.logprobs}", "logprobs")
+        params = self._sampling_params(req, req.max_tokens, req.logprobs)
+        encoded = await asyncio.to_thread(lambda: [self._encode(p, req.add_special_tokens) for p in prompts])
+        texts = [t if t is not None or not req.echo else self._decode(ids) for t, ids in encoded]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        stream = await self._add(rid, [ids for _, ids in encoded], params, P.CompletionRequest)
+        if req.stream:
+            return _EventStream(self._completion_stream(rid, req, stream, texts, params), stream)
+        samples, order, prompt_lens = await self._collect(stream, request, len(prompts))
+        choices, num_generated = [], 0
+        for p, indices in enumerate(order):
+            for rank, i in enumerate(indices):
+                s = samples[p][i]
+                prefix = texts[p] if req.echo else ""
+                lp = (self._completion_logprobs(s.token_ids, s.logprobs, len(prefix), req.logprobs)
+                      if req.logprobs is not None else None)
+                choices.append(P.CompletionChoice(index=p * params.n + rank, text=prefix + s.text, logprobs=lp,
+                                                  finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+                num_generated += len(s.token_ids)
+        usage = P.Usage(prompt_tokens=sum(prompt_lens), completion_tokens=num_generated,
+                        total_tokens=sum(prompt_lens) + num_generated)
+        body = P.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        return _json(body)
+
+    async def _completion_stream(self, rid: str, req: P.CompletionRequest, stream: RequestStream,
+                                 texts: list[str | None], params: SamplingParams) -> AsyncIterator[str]:
+        created, n = int(time.time()), params.n
+        echo = set(range(len(texts) * n)) if req.echo else set()
+        offsets: dict[int, int] = {}
+        prompt_tokens, completion_tokens, seen = 0, 0, set()
+        usage_every = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage) or usage_every
+        finished: set[int] = set()
+        try:
+            async for p, out in stream:
+                if p not in seen:
+                    seen.add(p)
+                    prompt_tokens += len(out.prompt_token_ids)
+                for c in out.outputs:
+                    i = p * n + c.index
+                    if i in finished:
+                        continue
+                    completion_tokens += len(c.token_ids)
+                    text = c.text
+                    if i in echo:
+                        echo.discard(i)
+                        text = texts[p] + text
+                    if not text and not (c.token_ids and req.logprobs is not None) and c.finish_reason is None:
+                        continue
+                    lp = None
+                    if req.logprobs is not None:
+                        start = offsets.get(i, len(texts[p] or "") if req.echo else 0)
+                        lp = self._completion_logprobs(c.token_ids, c.logprobs or [], start, req.logprobs)
+                        offsets[i] = start + sum(len(t) for t in lp.tokens)
+                    if c.finish_reason is not None:
+                        finished.add(i)
+                    choice = P.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason,
+                                                stop_reason=c.stop_reason)
+                    chunk = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice])
+                    if usage_every:
+                        chunk.usage = _usage(prompt_tokens, completion_tokens)
+                    yield _event(chunk)
+            if include_usage:
+                yield _event(P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
+                                                  usage=_usage(prompt_tokens, completion_tokens)))
+        except (APIError, RuntimeError) as e:
+            yield _error_event(e)
+        finally:
+            stream.close()
+        yield "data: [DONE]\n\n"
+
+    def _completion_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]], offset: int,
+                             k: int) -> P.CompletionLogprobs:
+        out = P.CompletionLogprobs()
+        for t, entry in zip(token_ids, entries):
+            token = self._token_text(t, entry)
+            out.tokens.append(token)
+            out.token_logprobs.append(_floor(entry[t].logprob) if t in entry else None)
+            out.top_logprobs.append({self._token_text(u, entry): _floor(lp.logprob) for u, lp in entry.items()
+                                     if u == t or (lp.rank is not None and lp.rank <= k)})
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+    def _token_text(self, token_id: int, entry: dict[int, Logprob]) -> str:
+        lp = entry.get(token_id)
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return self._decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+
+    # -- chat completions ----------------------------------------------------------------------
+
+    def _chat_prompt(self, req: P.ChatCompletionRequest | P.TokenizeRequest, add_special_tokens: bool
+                     ) -> list[int]:
+        tok = self.tokenizer
+        if tok is None or not tok.has_chat_template:
+            raise bad_request("this model's tokenizer has no chat template; use /v1/completions", "messages")
+        messages = []
+        for m in req.messages:
+            msg = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                msg["name"] = m.name
+            messages.append(msg)
+        kwargs = {k: v for k, v in (getattr(req, "chat_template_kwargs", None) or {}).items()
+                  if k not in _TEMPLATE_RESERVED}
+        continue_final = getattr(req, "continue_final_message", False)
+        if continue_final and req.add_generation_prompt:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                              "continue_final_message")
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                           continue_final_message=continue_final, **kwargs)
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
+        except Exception as e:  # a template that fails on these messages is the request's problem
+            raise bad_request(f"the chat template failed on these messages: {e}", "messages") from None
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+
+    async def chat(self, req: P.ChatCompletionRequest, request: Request | None) -> Response:
+        self._check_request(req)
+        if req.top_logprobs is not None:
+            if not req.logprobs:
+                raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
+            if not 0 <= req.top_logprobs <= self.max_logprobs:
+                raise bad_request(f"top_logprobs must be in [0, {self.max_logprobs}], got {req.top_logprobs}",
+                                  "top_logprobs")
+        k = _opt(req.top_logprobs, 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self._sampling_params(req, max_tokens, k)
+        ids = await asyncio.to_thread(self._chat_prompt, req, req.add_special_tokens)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await self._add(rid, [ids], params, P.ChatCompletionRequest)
+        if req.stream:
+            return _EventStream(self._chat_stream(rid, req, stream, params, k), stream)
+        samples, order, prompt_lens = await self._collect(stream, request, 1)
+        choices, num_generated = [], 0
+        for rank, i in enumerate(order[0]):
+            s = samples[0][i]
+            lp = P.ChatLogprobs(content=self._chat_logprobs(s.token_ids, s.logprobs, k)) if k is not None else None
+            choices.append(P.ChatChoice(index=rank, message=P.AssistantMessage(content=s.text), logprobs=lp,
+                                        finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+            num_generated += len(s.token_ids)
+        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
+                                        usage=_usage(prompt_lens[0], num_generated))
+        return _json(body)
+
+    async def _chat_stream(self, rid: str, req: P.ChatCompletionRequest, stream: RequestStream,
+                           params: SamplingParams, k: int | None) -> AsyncIterator[str]:
+        created = int(time.time())
+        usage_every = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage) or usage_every
+        prompt_tokens, completion_tokens = 0, 0
+        finished: set[int] = set()
+
+        def chunk(i: int, delta: P.Delta, logprobs=None, finish_reason=None, stop_reason=None) -> str:
+            choice = P.ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                                       stop_reason=stop_reason)
+            body = P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[choice])
+            if usage_every:
+                body.usage = _usage(prompt_tokens, completion_tokens)
+            return _event(body)
+
+        try:
+            for i in range(params.n):
+                yield chunk(i, P.Delta(role="assistant", content=""))
+            async for _, out in stream:
+                prompt_tokens = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    if c.index in finished:
+                        continue
+                    completion_tokens += len(c.token_ids)
+                    if not c.text and not (c.token_ids and k is not None) and c.finish_reason is None:
+                        continue
+                    lp = P.ChatLogprobs(content=self._chat_logprobs(c.token_ids, c.logprobs or [], k)) \
+                        if k is not None else None
+                    if c.finish_reason is not None:
+                        finished.add(c.index)
+                    yield chunk(c.index, P.Delta(content=c.text), lp, c.finish_reason, c.stop_reason)
+            if include_usage:
+                yield _event(P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
+                                                   usage=_usage(prompt_tokens, completion_tokens)))
+        except (APIError, RuntimeError) as e:
+            yield _error_event(e)
+        finally:
+            stream.close()
+        yield "data: [DONE]\n\n"
+
+    def _chat_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]], k: int
+                       ) -> list[P.TokenLogprob]:
+        content = []
+        for t, entry in zip(token_ids, entries):
+            token = self._token_text(t, entry)
+            top = sorted(((lp.rank, u, lp) for u, lp in entry.items() if lp.rank is not None and lp.rank <= k),
+                         key=lambda x: x[0])[:k]
+            content.append(P.TokenLogprob(
+                token=token, logprob=_floor(entry[t].logprob) if t in entry else _LOGPROB_FLOOR,
+                bytes=list(token.encode("utf-8", "replace")),
+                top_logprobs=[P.TopLogprob(token=(s := self._token_text(u, entry)), logprob=_floor(lp.logprob),
+                                           bytes=list(s.encode("utf-8", "replace"))) for _, u, lp in top]))
+        return content
+
+    # -- tokenize / detokenize -----------------------------------------------------------------
+
+    async def tokenize(self, req: P.TokenizeRequest) -> Response:
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt or messages", "prompt")
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer", "prompt")
+        if req.messages is not None:
+            if not req.messages:
+                raise bad_request("messages must not be empty", "messages")
+            ids = await asyncio.to_thread(self._chat_prompt, req, bool(req.add_special_tokens))
+        else:
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt, add)
+        return _json({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
+
+    async def detokenize(self, req: P.DetokenizeRequest) -> Response:
+        self.check_model(req.model)
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer", "tokens")
+        if not all(0 <= t < self.vocab_size for t in req.tokens):
+            raise bad_request(f"token ids must be in [0, {self.vocab_size})", "tokens")
+        return _json({"prompt": self._decode(req.tokens)})
+
+
+async def _watch_disconnect(request: Request, stream: RequestStream) -> None:
+    """Ends `stream` with ClientDisconnected when the client goes away (the body was read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            stream.queue.put_nowait(ClientDisconnected())
+            return
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> P.Usage:
+    return P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    content = body.model_dump_json() if hasattr(body, "model_dump_json") else json.dumps(body, ensure_ascii=False)
+    return Response(content, status_code=status, media_type="application/json")
+
+
+def _event(body: Any) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+def _error_event(e: Exception) -> str:
+    err = e if isinstance(e, APIError) else APIError(500, str(e), type="InternalServerError")
+    return f"data: {json.dumps(err.body(), ensure_ascii=False)}\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that close their RequestStream however the response ends.
+
+    The generator's own `finally` does it too, but a client that leaves before the first chunk
+    cancels the response before the generator ever starts, and then that `finally` never runs.
+    """
+
+    def __init__(self, events: AsyncIterator[str], stream: RequestStream):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()

@@ -1,0 +1,459 @@
+"""The OpenAI-compatible server, started as a real process on 127.0.0.1, against real clients.
+
+One server (a tiny random HF Llama + a test tokenizer, float32, a small engine and a 40-page
+pool) serves the whole module. The official `openai` client completes, chat-completes and
+streams; greedy outputs equal `pagedjax.generate`'s in this process; 72 concurrent clients, some
+disconnecting early, all finish correctly and leave the pool fully free; a table of bad inputs
+each gets its 4xx while the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "tiny"
+API_KEY = "sk-pagedjax-test"
+ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, num_pages=41, max_model_len=128)
+PROMPTS = ["Hello world", "The quick brown fox", "def fib(n):", "Once upon a time there was"]
+STARTUP_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (seeded) with a 512-token byte-level BPE tokenizer and a ChatML template."""
+    from tests import hf_models
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    hf_models.build("llama", folder, seed=0)
+    return folder
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path):
+        self.url, self.proc, self.log = url, proc, log
+        self.http = httpx.Client(base_url=url, trust_env=False, timeout=60,
+                                 headers={"Authorization": f"Bearer {API_KEY}"})
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0)
+
+    def metrics(self) -> dict[str, float]:
+        text = self.http.get("/metrics").text
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(pagedjax_[^\s]+) (\S+)$", text, re.M)}
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """`python -m pagedjax.cli serve` on a free port; killed at the end whatever happens."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets it here: same numerics, same compile cache
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    cmd = [sys.executable, "-m", "pagedjax.cli", "serve", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--served-model-name", MODEL, "--api-key", API_KEY,
+           "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+           "--max-num-batched-tokens", str(ENGINE["max_num_batched_tokens"]),
+           "--num-pages", str(ENGINE["num_pages"]), "--max-model-len", str(ENGINE["max_model_len"])]
+    if shutil.which("setpriv"):  # Linux: the server gets SIGTERM even if this process is killed
+        cmd = ["setpriv", "--pdeathsig", "TERM", *cmd]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                if srv.http.get("/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not come up in {STARTUP_TIMEOUT_S} s:\n{srv.log_tail()}")
+            time.sleep(0.3)
+        yield srv
+    finally:
+        srv.http.close()
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _assert_healthy(server: Server) -> None:
+    assert server.proc.poll() is None, server.log_tail()
+    assert server.http.get("/health").status_code == 200
+
+
+def _assert_pool_drained(server: Server, timeout: float = 30.0) -> dict[str, float]:
+    """Waits until no request runs or waits and every KV page is free again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if (m["pagedjax_num_requests_running"] == 0 and m["pagedjax_num_requests_waiting"] == 0
+                and m["pagedjax_kv_pages_free"] == m["pagedjax_kv_pages_total"] == ENGINE["num_pages"] - 1):
+            return m
+        if time.monotonic() > deadline:
+            pytest.fail(f"the pool did not drain: {m}")
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------- the openai client
+
+
+def test_openai_client_models_completion_chat(server):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+    c = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    assert c.object == "text_completion" and len(c.choices) == 1
+    choice = c.choices[0]
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.text, str)
+    assert c.usage.prompt_tokens == len(server.http.post("/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"])
+    assert 1 <= c.usage.completion_tokens <= 8
+    assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    template_ids = server.http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    assert chat.usage.prompt_tokens == len(template_ids)
+
+    # Several prompts, n > 1, logprobs, and a seed that makes sampling reproducible.
+    kw = dict(model=MODEL, prompt=PROMPTS[:2], max_tokens=5, temperature=0.9, seed=7, n=2, logprobs=2)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [ch.index for ch in a.choices] == [0, 1, 2, 3]
+    assert [ch.text for ch in a.choices] == [ch.text for ch in b.choices]
+    for ch in a.choices:
+        lp = ch.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 1
+        assert all(lp_ <= 0 for lp_ in lp.token_logprobs)
+        assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)  # top 2 + the sampled token (names may repeat)
+    assert a.usage.completion_tokens == sum(len(ch.logprobs.tokens) for ch in a.choices)
+
+
+def test_streamed_equals_non_streamed(server):
+    client = server.client()
+    kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0.8, seed=1234)
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=10, temperature=0.8, seed=99, n=2)
+    full = client.chat.completions.create(**kw)
+    texts = {0: "", 1: ""}
+    finish = {}
+    with client.chat.completions.create(**kw, stream=True) as stream:
+        for chunk in stream:
+            for ch in chunk.choices:
+                texts[ch.index] += ch.delta.content or ""
+                if ch.finish_reason:
+                    finish[ch.index] = ch.finish_reason
+    assert texts == {ch.index: ch.message.content for ch in full.choices}
+    assert finish == {ch.index: ch.finish_reason for ch in full.choices}
+
+
+def test_echo_stop_best_of_and_chat_logprobs(server):
+    client = server.client()
+    base = dict(model=MODEL, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    ref = client.completions.create(prompt=PROMPTS[0], **base).choices[0]
+    echo = client.completions.create(prompt=PROMPTS[0], echo=True, **base).choices[0]
+    assert echo.text == PROMPTS[0] + ref.text
+    # A stop string taken from the greedy output: the same output, cut before it.
+    start = next(i for i in range(1, len(ref.text) - 1) if ref.text[i:i + 2].isascii() and ref.text[i:i + 2].strip())
+    stop = ref.text[start:start + 2]
+    cut = client.completions.create(prompt=PROMPTS[0], stop=[stop], **base).choices[0]
+    assert cut.text == ref.text[:ref.text.index(stop)] and cut.finish_reason == "stop"
+    assert cut.model_extra["stop_reason"] == stop
+
+    best = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4, temperature=1.0, seed=3, n=2,
+                                     best_of=3)
+    assert [c.index for c in best.choices] == [0, 1]
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for entry in content:
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 2 and tops == sorted(tops, reverse=True) and entry.logprob <= tops[0] + 1e-6
+        assert entry.logprob == pytest.approx(tops[0], abs=1e-5)  # greedy: the sampled token is the top one
+
+
+def test_stream_wire_format(server):
+    """Raw SSE: `data: {...}` events, usage when asked, `data: [DONE]` last."""
+    body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 4, "ignore_eos": True, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 4
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length"
+
+
+# ------------------------------------------------------------------------ greedy == pagedjax.generate
+
+
+def test_greedy_equals_generate(server, model_dir):
+    import jax.numpy as jnp
+
+    import pagedjax
+    from pagedjax.tokenizer import load_tokenizer
+
+    params = pagedjax.load_params(model_dir, dtype=jnp.float32, progress=False)
+    tok = load_tokenizer(model_dir)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    token_prompt = tok.encode(PROMPTS[3])
+    sp = pagedjax.SamplingParams(max_tokens=16, temperature=0.0)
+    want = pagedjax.generate(params, [*PROMPTS[:3], token_prompt, chat_ids], sp, use_tqdm=False, **ENGINE)
+
+    client = server.client()
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=16, temperature=0)
+    got_ids = client.completions.create(model=MODEL, prompt=token_prompt, max_tokens=16, temperature=0)
+    got_chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    for ch, w in zip([*got.choices, *got_ids.choices], want[:4]):
+        assert ch.text == w.outputs[0].text and ch.finish_reason == w.outputs[0].finish_reason
+    assert got.usage.completion_tokens == sum(len(w.outputs[0].token_ids) for w in want[:3])
+    assert got_chat.choices[0].message.content == want[4].outputs[0].text
+    assert got_chat.usage.completion_tokens == len(want[4].outputs[0].token_ids)
+
+
+# ------------------------------------------------------------------- many clients, early disconnects
+
+
+def test_concurrent_clients_with_disconnects(server):
+    client = server.client()
+    refs = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0).choices[0]
+            for p in PROMPTS}
+    aborts_before = server.metrics().get('pagedjax_requests_finished_total{finished_reason="abort"}', 0.0)
+    rng = random.Random(0)
+    kinds = ["stream", "full", "stream_cut", "full_cut", "stream", "full"] * 12  # 72 clients
+    rng.shuffle(kinds)
+    long = {"max_tokens": 100, "ignore_eos": True, "temperature": 0}  # still running when the client leaves
+
+    async def one(http: httpx.AsyncClient, i: int, kind: str):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        await asyncio.sleep(rng.random() * 0.5)
+        if kind == "full":
+            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 12,
+                                                          "temperature": 0})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            return kind, (choice["text"], choice["finish_reason"]), prompt
+        if kind == "stream":
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True}
+            text, finish, done = "", None, False
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        choice = json.loads(line[6:])["choices"][0]
+                        text += choice["text"]
+                        finish = choice["finish_reason"] or finish
+            assert done
+            return kind, (text, finish), prompt
+        if kind == "stream_cut":  # leave after two chunks, mid-generation
+            body = {"model": MODEL, "prompt": prompt, "stream": True, **long}
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                seen = 0
+                async for line in r.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen == 2:
+                        break
+            return kind, None, prompt
+        # full_cut: give up on a non-streamed request after a random wait (queued or running)
+        try:
+            await asyncio.wait_for(http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, **long}),
+                                   timeout=0.05 + rng.random())
+        except asyncio.TimeoutError:
+            pass
+        return kind, None, prompt
+
+    async def main():
+        limits = httpx.Limits(max_connections=len(kinds) + 8, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, trust_env=False, timeout=90, limits=limits,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            return await asyncio.wait_for(asyncio.gather(*(one(http, i, k) for i, k in enumerate(kinds))), 150)
+
+    results = asyncio.run(main())
+    for kind, got, prompt in results:
+        if kind in ("stream", "full"):
+            assert got == (refs[prompt].text, refs[prompt].finish_reason), (kind, prompt)
+    m = _assert_pool_drained(server)
+    aborts = m.get('pagedjax_requests_finished_total{finished_reason="abort"}', 0.0) - aborts_before
+    assert aborts >= kinds.count("stream_cut")  # each of them left a running request behind
+    _assert_healthy(server)
+    again = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert again.choices[0].text == refs[PROMPTS[0]].text
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+
+_LONG_IDS = list(range(3, 3 + 200))  # 200 tokens > max_model_len 128
+
+BAD = [  # (case, path, body: dict | bytes, status, param)
+    ("prompt wrong type", "/v1/completions", {"prompt": 5}, 400, "prompt"),
+    ("max_tokens string", "/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
+    ("max_tokens float", "/v1/completions", {"prompt": "hi", "max_tokens": 5.5}, 400, "max_tokens"),
+    ("max_tokens negative", "/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("max_tokens zero", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens huge", "/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),
+    ("n above limit", "/v1/completions", {"prompt": "hi", "n": 1000}, 400, "n"),
+    ("best_of above limit", "/v1/completions", {"prompt": "hi", "best_of": 1000}, 400, "best_of"),
+    ("greedy with n=2", "/v1/completions", {"prompt": "hi", "n": 2, "temperature": 0}, 400, "n"),
+    ("temperature negative", "/v1/completions", {"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ("top_p zero", "/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("seed float", "/v1/completions", {"prompt": "hi", "seed": 1.5}, 400, "seed"),
+    ("stop wrong type", "/v1/completions", {"prompt": "hi", "stop": 5}, 400, "stop"),
+    ("logprobs too many", "/v1/completions", {"prompt": "hi", "logprobs": 100}, 400, "logprobs"),
+    ("prompt too long (ids)", "/v1/completions", {"prompt": _LONG_IDS, "max_tokens": 4}, 400, "prompt"),
+    ("prompt too long (text)", "/v1/completions", {"prompt": "hello " * 300, "max_tokens": 4}, 400, "prompt"),
+    ("token id out of vocab", "/v1/completions", {"prompt": [1, 100000]}, 400, "prompt"),
+    ("token id negative", "/v1/completions", {"prompt": [-1]}, 400, "prompt"),
+    ("empty prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("empty prompt list", "/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("missing prompt", "/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    ("unknown field", "/v1/completions", {"prompt": "hi", "foo": 1}, 400, "foo"),
+    ("unknown nested field", "/v1/completions", {"prompt": "hi", "stream": True,
+                                                  "stream_options": {"bar": True}}, 400, "stream_options"),
+    ("unsupported field", "/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    ("NaN", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("malformed JSON", "/v1/completions", b'{"prompt": "hi"', 400, None),
+    ("JSON not an object", "/v1/completions", b'[1, 2, 3]', 400, None),
+    ("empty body", "/v1/completions", b"", 400, None),
+    ("invalid UTF-8", "/v1/completions", b'{"prompt": "caf\xe9 \xff\xfe"}', 400, None),
+    ("lone surrogate", "/v1/completions", b'{"prompt": "\\ud800"}', 400, None),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("missing messages", "/v1/chat/completions", {"max_tokens": 3}, 400, "messages"),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+    ("content wrong type", "/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400,
+     "messages"),
+    ("image content", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages"),
+    ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                       "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("top_logprobs without logprobs", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat max_tokens huge", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "max_tokens"),
+    ("detokenize out of vocab", "/detokenize", {"tokens": [1, 99999]}, 400, "tokens"),
+    ("tokenize nothing", "/tokenize", {}, 400, "prompt"),
+    ("unknown model", "/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("unknown chat model", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user",
+                                                                                     "content": "x"}]}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("case,path,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(server, case, path, body, status, param):
+    if isinstance(body, dict):
+        body = {"model": MODEL, **body}
+        r = server.http.post(path, json=body)
+    else:
+        r = server.http.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_auth_and_routes(server):
+    raw = httpx.Client(base_url=server.url, trust_env=False, timeout=30)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = raw.post("/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert raw.get("/health").status_code == 200  # open, like /metrics and /version
+    assert raw.get("/version").json()["version"]
+    assert raw.get("/v1/nothing-here").status_code in (401, 404)
+    assert server.http.get("/v1/nothing-here").status_code == 404
+    assert server.http.get("/v1/completions").status_code == 405
+    raw.close()
+
+
+def test_oversized_body(server):
+    """A body past the 4 MiB limit gets 413 as soon as its Content-Length is seen."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {API_KEY}\r\nContent-Length: {5 << 20}\r\n\r\n")
+        s.sendall(head.encode() + b'{"prompt": "' + b"a" * 4096)
+        response = b""
+        while b"\r\n\r\n" not in response:
+            data = s.recv(65536)
+            if not data:
+                break
+            response += data
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    _assert_healthy(server)
+
+
+def test_server_keeps_serving_after_bad_inputs(server):
+    for _, path, body, _, _ in BAD[:10]:
+        server.http.post(path, json=body) if isinstance(body, dict) else server.http.post(path, content=body)
+    _assert_healthy(server)
+    r = server.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    assert r.choices[0].text is not None
+    _assert_pool_drained(server)
+
+
+def test_tokenize_detokenize_roundtrip(server):
+    ids = server.http.post("/tokenize", json={"prompt": "Hello café 日本語"}).json()
+    assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == ENGINE["max_model_len"]
+    assert server.http.post("/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == "Hello café 日本語"
+
+
+def test_metrics(server):
+    server.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    m = _assert_pool_drained(server)
+    for name in ("pagedjax_num_requests_running", "pagedjax_num_requests_waiting", "pagedjax_kv_pages_in_use",
+                 "pagedjax_generation_tokens_per_second"):
+        assert name in m
+    assert m["pagedjax_generation_tokens_total"] >= 4
+    assert m["pagedjax_time_to_first_token_seconds_count"] >= 1
+    assert m["pagedjax_inter_token_latency_seconds_count"] >= 3
+    assert m["pagedjax_kv_pages_in_use"] == 0
