@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax import sampler
+from pagedjax import parallel, sampler
 from pagedjax.attention import AttentionMetadata
 from pagedjax.kv_cache import page_pool
 from pagedjax.models import get_model
@@ -55,12 +55,12 @@ class StepOutput:
     ranks: np.ndarray | None = None  # [R]
 
 
-def _pow2_buckets(lo: int, hi: int) -> list[int]:
-    """Powers of two from lo up to hi, and hi itself."""
-    out, b = [], lo
+def token_buckets(hi: int, factor: int = 4) -> list[int]:
+    """1, 4, 16, ... below hi, and hi itself: few compiles, single-request decode unpadded."""
+    out, b = [], 1
     while b < hi:
         out.append(b)
-        b *= 2
+        b *= factor
     return out + [hi]
 
 
@@ -85,13 +85,19 @@ def enable_compile_cache() -> None:
 
 
 def _step_fn(config, attn_impl, variables, pages, tokens, meta, smeta, copy_src, copy_dst, *,
-             num_logprobs):
-    """One engine step on device: page copies, the model (pool in, pool out), sampling."""
+             num_logprobs, mesh=None):
+    """One engine step on device: page copies, the model (pool in, pool out), sampling.
+
+    With a tensor-parallel `mesh` the model traces under it (the ambient mesh a custom call's
+    shard_map uses), the logits are gathered once for sampling and the pool stays split.
+    """
     with jax.named_scope("copy_pages"):  # copy-on-write: shared pages that are about to diverge
         pages = [(k.at[copy_dst].set(k[copy_src], mode="drop"),
                   v.at[copy_dst].set(v[copy_src], mode="drop")) for k, v in pages]
     model = get_model(config, attn_impl=attn_impl)
-    logits, pages = model.apply(variables, tokens, pages, meta)  # [R, V]
+    with parallel.use_mesh(mesh):
+        logits, pages = model.apply(variables, tokens, pages, meta)  # [R, V]
+        logits, pages = parallel.constrain_step(logits, pages, mesh)
     with jax.named_scope("sample"):
         out = sampler.sample(logits, smeta, num_logprobs=num_logprobs)
     return out, pages
@@ -100,7 +106,7 @@ def _step_fn(config, attn_impl, variables, pages, tokens, meta, smeta, copy_src,
 # One jit for every runner: engines of the same model share compiled steps. The pool is donated,
 # so XLA updates it in place (DESIGN 3.3).
 _step = jax.jit(_step_fn, static_argnums=(0, 1), donate_argnums=(3,),
-                static_argnames=("num_logprobs",))
+                static_argnames=("num_logprobs", "mesh"))
 
 
 class ModelRunner:
@@ -121,8 +127,15 @@ class ModelRunner:
         attn_impl: str = "auto",
         precompile: bool = True,
         seed: int = 0,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         enable_compile_cache()
+        # tensor parallel: params placed by parallel's rules (kv heads replicated when K < tp),
+        # the pool split on kv heads, every step input replicated on the mesh
+        self.mesh = mesh if parallel.tp_size(mesh) > 1 else None
+        self.input_sharding = None if self.mesh is None else parallel.replicated(self.mesh)
+        if self.mesh is not None:
+            params = parallel.shard_params(params, self.mesh)
         self.params = params
         self.config = cfg = params.config
         self.page_size = page_size
@@ -130,7 +143,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_req = math.ceil(max_model_len / page_size)  # M
-        self.token_buckets = _pow2_buckets(min(16, max_num_batched_tokens), max_num_batched_tokens)
+        self.token_buckets = token_buckets(max_num_batched_tokens)
         leaves = jax.tree.leaves(params.variables)
         self.kv_dtype = jnp.dtype(kv_cache_dtype or leaves[0].dtype)
         self._rng = np.random.default_rng(seed)
@@ -143,7 +156,8 @@ class ModelRunner:
                              "max_model_len or max_num_batched_tokens, or give it more memory")
         self.num_pages = num_pages
         self.pages = page_pool.init_pages(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads,
-                                          cfg.head_dim, self.kv_dtype)
+                                          cfg.head_dim, self.kv_dtype,
+                                          sharding=self.mesh and parallel.pool_sharding(cfg, self.mesh))
         logger.info("KV cache: %d pages of %d tokens = %d tokens, %.1f MiB (%s)", num_pages - 1,
                     page_size, (num_pages - 1) * page_size,
                     page_pool.pages_bytes(self.pages) / 2**20, self.kv_dtype.name)
@@ -166,7 +180,8 @@ class ModelRunner:
             return int(min(need, max(2, cpu_bytes // self.page_bytes())))
         budget = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
         budget -= self._activation_bytes()
-        return int(min(need, max(0, budget) // self.page_bytes()))
+        per_device = self.page_bytes() // parallel.tp_size(self.mesh)  # the pool is split on kv heads
+        return int(min(need, max(0, budget) // per_device))
 
     def _activation_bytes(self) -> int:
         """Temporary memory of the largest step, from XLA's own analysis of a tiny-pool compile."""
@@ -175,7 +190,8 @@ class ModelRunner:
                 for _ in range(cfg.num_layers)]
         args = self._dummy_inputs(self.token_buckets[-1], num_pages=2)
         try:
-            compiled = _step.lower(cfg, self.attn_impl, self.params.variables, tiny, *args, num_logprobs=0).compile()
+            compiled = _step.lower(cfg, self.attn_impl, self.params.variables, tiny, *args, num_logprobs=0,
+                                   mesh=self.mesh).compile()
             return int(compiled.memory_analysis().temp_size_in_bytes)
         except Exception:  # an estimate only: fall back to a generous guess
             return self.token_buckets[-1] * cfg.vocab_size * 8 + (1 << 30)
@@ -211,8 +227,9 @@ class ModelRunner:
         """Compiles (and runs once, on padding) every token bucket; returns the seconds spent."""
         t0 = time.perf_counter()
         for T in self.token_buckets:
+            inputs = jax.device_put(self._dummy_inputs(T), self.input_sharding)
             out, self.pages = _step(self.config, self.attn_impl, self.params.variables, self.pages,
-                                    *self._dummy_inputs(T), num_logprobs=0)
+                                    *inputs, num_logprobs=0, mesh=self.mesh)
         jax.block_until_ready(self.pages)
         dt = time.perf_counter() - t0
         logger.info("compiled %d step buckets %s in %.1f s", len(self.token_buckets),
@@ -268,9 +285,9 @@ class ModelRunner:
     def execute(self, batch: list[StepRequest], copies: list[tuple[int, int]] = (),
                 num_logprobs: int = 0) -> StepOutput:
         """Runs one step: page copies, then the model over `batch`, then sampling."""
-        inputs = jax.device_put(self.prepare(batch, copies))
+        inputs = jax.device_put(self.prepare(batch, copies), self.input_sharding)
         out, self.pages = _step(self.config, self.attn_impl, self.params.variables, self.pages,
-                                *inputs, num_logprobs=num_logprobs)
+                                *inputs, num_logprobs=num_logprobs, mesh=self.mesh)
         n = len(batch)
         if num_logprobs:
             host = jax.device_get((out.token_ids, out.logprobs, out.top_logprobs,

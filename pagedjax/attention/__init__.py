@@ -15,11 +15,15 @@ IMPLS = ("auto", "reference", "ffi")
 
 
 def resolve_impl(impl: str) -> str:
-    """Maps "auto" to "ffi" on GPU and "reference" elsewhere; checks the name."""
+    """Maps "auto" to the custom call where its handler is built (GPU, and CPU with the
+    extension), else to the reference; checks the name."""
     if impl not in IMPLS:
         raise ValueError(f"paged_attention: unknown impl {impl!r} (expected one of {IMPLS})")
     if impl == "auto":
-        return "ffi" if jax.default_backend() == "gpu" else "reference"
+        from pagedjax import _ffi
+
+        platform = "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
+        return "ffi" if ("pagedjax_paged_attention", platform) in _ffi.register() else "reference"
     return impl
 
 
