@@ -29,7 +29,8 @@ def _random_write(rng, num_pages, page_size, K, H, T, num_pad, dtype):
 def _check(platform, dtype, seed, K, H, T, num_pad):
     rng = np.random.default_rng(seed)
     device = jax.devices(platform)[0]
-    args = _random_write(rng, 9, 16, K, H, T, num_pad, dtype)
+    num_pages = max(9, T // 16 + 3)  # room for T distinct slots outside the null page
+    args = _random_write(rng, num_pages, 16, K, H, T, num_pad, dtype)
     args = jax.device_put(args, device)
     want = jax.jit(lambda *a: page_pool.write_kv(*a, impl="xla"))(*args)
     before = [np.asarray(a) for a in args[:2]]

@@ -25,7 +25,7 @@ import httpx
 import openai
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).absolute().parents[1]
 MODEL = "tiny"
 API_KEY = "sk-pagedjax-test"
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, num_pages=41, max_model_len=128)
@@ -73,7 +73,9 @@ def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets it here: same numerics, same compile cache
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+           # The server imports pagedjax exactly as this process does (under Bazel: the runfiles,
+           # with the extension Bazel built).
+           "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in sys.path if p])}
     cmd = [sys.executable, "-m", "pagedjax.cli", "serve", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--served-model-name", MODEL, "--api-key", API_KEY,
            "--max-num-seqs", str(ENGINE["max_num_seqs"]),
