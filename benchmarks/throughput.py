@@ -48,7 +48,7 @@ def load(args):
 
     dtype = jnp.dtype(args.dtype)
     if args.model and args.model.startswith("named:"):
-        from pagedjax.weights import random_params
+        from pagedjax.models.random_init import random_params
 
         return random_params(get_config(args.model[6:]), dtype=dtype, seed=args.seed)
     return pj.load_params(args.model, dtype=dtype)
