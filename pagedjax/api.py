@@ -51,11 +51,13 @@ class LLM:
         if isinstance(model, Params):
             params = model
         else:
+            from pagedjax import parallel
             from pagedjax.weights import load_params
 
-            params = load_params(model, dtype=jnp.dtype(dtype) if dtype else jnp.bfloat16,
-                                 **({"shardings": engine_options["shardings"]}
-                                    if "shardings" in engine_options else {}))
+            tp = engine_options.get("tensor_parallel_size") or 1
+            placement = ({"shardings": engine_options["shardings"]} if "shardings" in engine_options
+                         else {"mesh": parallel.make_mesh(tp)} if tp > 1 else {})  # straight into shards
+            params = load_params(model, dtype=jnp.dtype(dtype) if dtype else jnp.bfloat16, **placement)
         engine_options.pop("shardings", None)
         self.engine = LLMEngine(params, EngineConfig(**engine_options), tokenizer=tokenizer)
         self._ids = itertools.count()

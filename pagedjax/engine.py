@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pagedjax import parallel
+from pagedjax.beam_search import BeamSearch
 from pagedjax.kv_cache.block_allocator import CacheConfig
 from pagedjax.model_runner import ModelRunner, StepRequest
 from pagedjax.params import Params
@@ -21,6 +23,7 @@ from pagedjax.sampling_params import BeamSearchParams, RequestOutputKind, Sampli
 from pagedjax.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger("pagedjax")
+_GREEDY = SamplingParams(temperature=0.0)
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     attn_impl: str = "auto"  # "reference" | "ffi" | "auto"
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int | None = None  # devices to split over (default: the params' mesh, else 1)
     max_logprobs: int = 20
     precompile: bool = True
     seed: int = 0
@@ -55,10 +58,10 @@ class EngineConfig:
         tokens = self.max_num_batched_tokens or (2048 if gpu else 256)
         if not self.enable_chunked_prefill:
             tokens = max(tokens, max_len)
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        tp = self.tensor_parallel_size or parallel.tp_size(parallel.mesh_of(params))
+        parallel.check_tensor_parallel(params.config, tp)
         return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
-                                   max_num_batched_tokens=max(tokens, 16))
+                                   max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
 
 
 class _Tracked:
@@ -95,7 +98,8 @@ class LLMEngine:
             max_num_batched_tokens=cfg.max_num_batched_tokens, page_size=cfg.page_size,
             num_pages=cfg.num_pages, gpu_memory_utilization=cfg.gpu_memory_utilization,
             cpu_kv_cache_bytes=cfg.cpu_kv_cache_bytes, attn_impl=cfg.attn_impl,
-            precompile=cfg.precompile, seed=cfg.seed)
+            precompile=cfg.precompile, seed=cfg.seed,
+            mesh=parallel.mesh_for(params, cfg.tensor_parallel_size))
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                             max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -104,6 +108,8 @@ class LLMEngine:
             CacheConfig(page_size=cfg.page_size, num_pages=self.runner.num_pages,
                         enable_prefix_caching=cfg.enable_prefix_caching))
         self._tracked: dict[str, _Tracked] = {}
+        self._beams = BeamSearch(self.scheduler, eos_token_id=self.eos_token_id,
+                                 vocab_size=params.config.vocab_size, tokenizer=self.tokenizer)
         self._sample_owner: dict[str, _Tracked] = {}  # scheduler request id -> user request
         self._pending: list[RequestOutput] = []  # outputs of aborts, returned by the next step()
         self.num_steps = 0
@@ -157,16 +163,21 @@ class LLMEngine:
                     sampling_params: SamplingParams | BeamSearchParams | None = None) -> None:
         """Queues a request; raises ValueError (touching nothing) if it can never run."""
         params = sampling_params or SamplingParams()
-        if isinstance(params, BeamSearchParams):
-            raise ValueError("beam search is not supported by this engine yet")
-        if request_id in self._tracked:
+        if request_id in self._tracked or request_id in self._beams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(params, BeamSearchParams):
+            text, ids = self._tokenize(prompt)
+            self._beams.add(request_id, text, ids, params)
+            return
         if params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs is not supported yet")
         if params.logprobs is not None and not (0 <= params.logprobs <= self.config.max_logprobs):
             raise ValueError(f"logprobs must be in [0, {self.config.max_logprobs}], got {params.logprobs}")
         if (params.stop and self.tokenizer is None):
             raise ValueError("stop strings need a tokenizer; this model has none")
+        if any(t >= self.params.config.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be < the vocabulary size "
+                             f"{self.params.config.vocab_size}, got {params.stop_token_ids}")
         text, ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -190,6 +201,9 @@ class LLMEngine:
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Aborts requests: their pages return now, a final output says "abort" at the next step()."""
         for rid in [request_ids] if isinstance(request_ids, str) else list(request_ids):
+            if rid in self._beams:
+                self._pending.append(self._beams.abort(rid))
+                continue
             tracked = self._tracked.get(rid)
             if tracked is None:
                 continue
@@ -198,10 +212,10 @@ class LLMEngine:
             self._forget(tracked)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._tracked) or bool(self._pending)
+        return bool(self._tracked) or bool(self._beams) or bool(self._pending)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._tracked)
+        return len(self._tracked) + len(self._beams)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -209,6 +223,8 @@ class LLMEngine:
         """Runs one engine step; returns the outputs that changed (per each request's output_kind)."""
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
+        if not sched.scheduled and self._beams.release_waiting():
+            sched = self.scheduler.schedule()  # beams held pages waiting for a preempted sibling
         if not sched.scheduled:
             if self._tracked and not self.scheduler.has_unfinished_requests():
                 # Finished outside a step (e.g. a fork that stopped at once): report them.
@@ -217,12 +233,18 @@ class LLMEngine:
         batch, want_logprobs = [], 0
         for s in sched.scheduled:
             req = s.request
+            # A beam row's token is chosen from its top logprobs (BeamSearch): no bans, no penalties.
+            sp = _GREEDY if isinstance(req.sampling_params, BeamSearchParams) else req.sampling_params
             batch.append(StepRequest(s.token_ids, s.start_pos, s.block_table, s.sample,
-                                     req.sampling_params, req.output_token_ids, req.prompt_token_ids))
+                                     sp, req.output_token_ids, req.prompt_token_ids))
             lp = getattr(req.sampling_params, "logprobs", None)
-            if s.sample and lp:
+            if s.sample and lp is not None:
                 want_logprobs = self.config.max_logprobs
+        beam_width = self._beams.num_logprobs(sched)  # each beam row's candidates
+        if beam_width:
+            want_logprobs = max(self.config.max_logprobs, beam_width)
         out = self.runner.execute(batch, sched.cow_copies, num_logprobs=want_logprobs)
+        self._beams.take_rows(sched, out)
         self.num_steps += 1
         sampled = {s.request_id: int(out.token_ids[i])
                    for i, s in enumerate(sched.scheduled) if s.sample}
@@ -240,7 +262,7 @@ class LLMEngine:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
             touched[tracked.request_id] = tracked
-        return outputs + self._collect(list(touched.values()))
+        return outputs + self._collect(list(touched.values())) + self._beams.advance()
 
     def _record_token(self, tracked: _Tracked, i: int, req: Request, out, row: int) -> None:
         """Logprobs, detokenization and stop strings for the token just appended to sample i."""

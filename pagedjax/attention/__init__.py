@@ -9,22 +9,36 @@ import jax
 
 from pagedjax.attention.metadata import AttentionMetadata, build_metadata
 
-__all__ = ["AttentionMetadata", "build_metadata", "paged_attention", "resolve_impl"]
+__all__ = ["AttentionMetadata", "FFI_HEAD_DIMS", "build_metadata", "paged_attention", "resolve_impl", "tp_mesh"]
 
 IMPLS = ("auto", "reference", "ffi")
 
 
-def resolve_impl(impl: str) -> str:
+# Head dims the custom call's handlers are compiled for (xla_kernels/paged_attention.h).
+FFI_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+
+
+def resolve_impl(impl: str, head_dim: int | None = None) -> str:
     """Maps "auto" to the custom call where its handler is built (GPU, and CPU with the
-    extension), else to the reference; checks the name."""
+    extension) and compiled for `head_dim`, else to the reference; checks the name."""
     if impl not in IMPLS:
         raise ValueError(f"paged_attention: unknown impl {impl!r} (expected one of {IMPLS})")
     if impl == "auto":
         from pagedjax import _ffi
 
         platform = "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
-        return "ffi" if ("pagedjax_paged_attention", platform) in _ffi.register() else "reference"
+        built = ("pagedjax_paged_attention", platform) in _ffi.register()
+        fits = head_dim is None or head_dim in FFI_HEAD_DIMS
+        return "ffi" if built and fits else "reference"
     return impl
+
+
+def tp_mesh(axis: str = "tp"):
+    """The mesh the step is being traced under, when it splits `axis` over several devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.shape.get(axis, 1) <= 1:
+        return None
+    return mesh
 
 
 def paged_attention(
@@ -45,7 +59,9 @@ def paged_attention(
     if impl == "ffi":
         from pagedjax.attention import ffi  # the custom call; imported only when asked for
 
-        return ffi.paged_attention(q, k_pages, v_pages, meta, scale=scale)
+        # Under tensor parallelism the call runs per device in shard_map (heads split): a custom
+        # call on sharded operands outside it would be all-gathered.
+        return ffi.paged_attention_ffi(q, k_pages, v_pages, meta, scale=scale, mesh=tp_mesh())
     from pagedjax.attention import reference
 
     return reference.paged_attention(q, k_pages, v_pages, meta, scale=scale)

@@ -84,7 +84,10 @@ def write_kv(
 
 
 def _write_kv_ffi(k_pages, v_pages, k, v, slot_mapping):
+    from jax.sharding import PartitionSpec as P
+
     from pagedjax import _ffi
+    from pagedjax.attention import tp_mesh
 
     _ffi.require("pagedjax_kv_write", jax.default_backend())
     call = jax.ffi.ffi_call(
@@ -93,4 +96,21 @@ def _write_kv_ffi(k_pages, v_pages, k, v, slot_mapping):
          jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
         input_output_aliases={0: 0, 1: 1},
     )
-    return tuple(call(k_pages, v_pages, k, v, slot_mapping))
+    mesh = tp_mesh()
+    if mesh is None:
+        return tuple(call(k_pages, v_pages, k, v, slot_mapping))
+    # Tensor parallelism: each device writes its own kv heads (a custom call on sharded operands
+    # outside shard_map would gather the pool).
+    pool, rows = P(None, None, "tp", None), P(None, "tp", None)  # [P, B, K, H], [T, K, H]
+
+    def local(kp, vp, kk, vv, s):
+        local_call = jax.ffi.ffi_call(
+            "pagedjax_kv_write",
+            (jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)),
+            input_output_aliases={0: 0, 1: 1},
+        )
+        return tuple(local_call(kp, vp, kk, vv, s))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(pool, pool, rows, rows, P()),
+                         out_specs=(pool, pool), axis_names={"tp"}, check_vma=False)(
+        k_pages, v_pages, k, v, slot_mapping)

@@ -211,7 +211,7 @@ class Attention(nn.Module):
         """x [T, D], kv the layer's (k_pages, v_pages) [P, B, K, H]; returns ([T, D], new kv)."""
         cfg = self.config
         D, N, K, H, b = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias
-        impl = resolve_impl(self.attn_impl)
+        impl = resolve_impl(self.attn_impl, head_dim=cfg.head_dim)
         with jax.named_scope("attention"):
             q = Einsum("td,dnh->tnh", (D, N, H), ("embed", "heads", "head_dim"), b, name="q_proj")(x)
             k = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="k_proj")(x)
