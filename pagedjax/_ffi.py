@@ -1,7 +1,7 @@
 """Registers the XLA FFI handlers of the pagedjax._kernels extension with JAX.
 
 Importing pagedjax does this once: the CPU handlers always, the CUDA handlers
-when the extension was built with a CUDA toolkit and JAX has a GPU backend.
+when the extension was built with a CUDA toolkit.
 """
 
 from __future__ import annotations
@@ -24,13 +24,6 @@ def _load():
     return _kernels, None
 
 
-def _has_gpu_backend() -> bool:
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @functools.cache
 def register() -> frozenset[tuple[str, str]]:
     """Registers every handler the extension has; returns {(target, platform)}."""
@@ -38,9 +31,9 @@ def register() -> frozenset[tuple[str, str]]:
     if kernels is None:
         return frozenset()
     done = set()
+    # Registering touches no backend (so jax.distributed.initialize may still come after
+    # `import pagedjax`); a platform JAX does not run on is simply never used.
     for platform, targets in kernels.registrations().items():
-        if platform == "CUDA" and not _has_gpu_backend():
-            continue
         for name, capsule in targets.items():
             jax.ffi.register_ffi_target(name, capsule, platform=platform)
             done.add((name, platform.lower()))
