@@ -1,15 +1,16 @@
 """The model runner: owns the device state and runs one jitted step per engine step.
 
 Host lists come in (`StepRequest`s), go down to the device once as padded arrays (`prepare`),
-and the step -- page copies, the model with the pool donated, on-device sampling -- sends back
+and the step -- the model with the pool donated, then on-device sampling -- sends back
 only the sampled token ids (and logprobs when asked).
 
 Dims: T tokens (padded to a bucket), R requests (padded: R = min(T, max_num_seqs)),
-M max pages per request, P pages, C page copies (padded to R), V vocab.
+M max pages per request, P pages, C copy-on-write page copies, V vocab.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -84,16 +85,31 @@ def enable_compile_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _step_fn(config, attn_impl, variables, pages, tokens, meta, smeta, copy_src, copy_dst, *,
-             num_logprobs, mesh=None):
-    """One engine step on device: page copies, the model (pool in, pool out), sampling.
+def _copy_pages(k, v, src, dst):
+    """Copies pages src -> dst [C] of one layer's pools [P, B, K, H] (dst >= P: dropped).
+
+    A row scatter into the pool viewed as [P * B, K, H], like the KV write, after a barrier
+    that ends the reads: otherwise XLA fuses read and write and copies the whole pool per step.
+    """
+    P, B, K, H = k.shape
+    offs = jnp.arange(B, dtype=jnp.int32)
+    src_rows = (src[:, None] * B + offs).reshape(-1)  # [C * B]
+    dst_rows = (dst[:, None] * B + offs).reshape(-1)  # [C * B]; >= P * B when dst is padding
+
+    flat = [pool.reshape(P * B, K, H) for pool in (k, v)]
+    rows = [f[src_rows] for f in flat]  # [C * B, K, H]
+    # The barrier finishes the reads before the writes, so the scatters can run in place.
+    rows, flat = jax.lax.optimization_barrier((rows, flat))
+    return tuple(f.at[dst_rows].set(r, mode="drop", unique_indices=True).reshape(P, B, K, H)
+                 for f, r in zip(flat, rows))
+
+
+def _step_fn(config, attn_impl, variables, pages, tokens, meta, smeta, *, num_logprobs, mesh=None):
+    """One engine step on device: the model (pool in, pool out), then sampling.
 
     With a tensor-parallel `mesh` the model traces under it (the ambient mesh a custom call's
     shard_map uses), the logits are gathered once for sampling and the pool stays split.
     """
-    with jax.named_scope("copy_pages"):  # copy-on-write: shared pages that are about to diverge
-        pages = [(k.at[copy_dst].set(k[copy_src], mode="drop"),
-                  v.at[copy_dst].set(v[copy_src], mode="drop")) for k, v in pages]
     model = get_model(config, attn_impl=attn_impl)
     with parallel.use_mesh(mesh):
         logits, pages = model.apply(variables, tokens, pages, meta)  # [R, V]
@@ -107,6 +123,17 @@ def _step_fn(config, attn_impl, variables, pages, tokens, meta, smeta, copy_src,
 # so XLA updates it in place (DESIGN 3.3).
 _step = jax.jit(_step_fn, static_argnums=(0, 1), donate_argnums=(3,),
                 static_argnames=("num_logprobs", "mesh"))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _copy_step(pages, src, dst):
+    """Copy-on-write before a step: pages src -> dst [C] in every layer (dst >= P: dropped).
+
+    A separate call, run only on steps that have copies: fused into the step, XLA copied the
+    whole pool every step to read and write it in one fusion.
+    """
+    with jax.named_scope("copy_pages"):
+        return [_copy_pages(k, v, src, dst) for k, v in pages]
 
 
 class ModelRunner:
@@ -219,9 +246,7 @@ class ModelRunner:
             logits_indices=np.zeros(R, np.int32),
         )
         smeta = sampler.make_sampling_metadata([], [], num_rows=R)
-        copy_src = np.zeros(R, np.int32)
-        copy_dst = np.full(R, P, np.int32)  # out of range: dropped
-        return np.zeros(T, np.int32), meta, smeta, copy_src, copy_dst
+        return np.zeros(T, np.int32), meta, smeta
 
     def precompile(self) -> float:
         """Compiles (and runs once, on padding) every token bucket; returns the seconds spent."""
@@ -236,14 +261,12 @@ class ModelRunner:
                     self.token_buckets, dt)
         return dt
 
-    def prepare(self, batch: list[StepRequest], copies: list[tuple[int, int]] = ()):
+    def prepare(self, batch: list[StepRequest]):
         """Host lists -> padded numpy inputs of one step (the single crossing down)."""
         num_tokens = sum(len(r.token_ids) for r in batch)
         T, R = self.bucket(num_tokens)
         if len(batch) > R:
             raise ValueError(f"{len(batch)} requests exceed max_num_seqs={self.max_num_seqs}")
-        if len(copies) > R:
-            raise ValueError(f"{len(copies)} page copies in one step exceed the bucket's {R}")
         P, B, M = self.num_pages, self.page_size, self.max_pages_per_req
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
@@ -276,16 +299,24 @@ class ModelRunner:
             seeds=[r.seed if r.seed is not None else getattr(r.sampling_params, "seed", None)
                    for r in batch],
             eos_token_id=(self.config.eos_token_ids or (None,))[0], rng=self._rng)
-        copy_src = np.zeros(R, np.int32)
-        copy_dst = np.full(R, P, np.int32)
-        for i, (src, dst) in enumerate(copies):
-            copy_src[i], copy_dst[i] = src, dst
-        return tokens, meta, smeta, copy_src, copy_dst
+        return tokens, meta, smeta
+
+    def _copy(self, copies: list[tuple[int, int]]) -> None:
+        """Runs the copy-on-write page copies (padded to a power of two, few compiles)."""
+        C = 1 << max(len(copies) - 1, 0).bit_length()
+        src = np.zeros(C, np.int32)
+        dst = np.full(C, self.num_pages, np.int32)  # out of range: dropped
+        for i, (s, d) in enumerate(copies):
+            src[i], dst[i] = s, d
+        src, dst = jax.device_put((src, dst), self.input_sharding)
+        self.pages = _copy_step(self.pages, src, dst)
 
     def execute(self, batch: list[StepRequest], copies: list[tuple[int, int]] = (),
                 num_logprobs: int = 0) -> StepOutput:
         """Runs one step: page copies, then the model over `batch`, then sampling."""
-        inputs = jax.device_put(self.prepare(batch, copies), self.input_sharding)
+        inputs = jax.device_put(self.prepare(batch), self.input_sharding)
+        if copies:
+            self._copy(copies)
         out, self.pages = _step(self.config, self.attn_impl, self.params.variables, self.pages,
                                 *inputs, num_logprobs=num_logprobs, mesh=self.mesh)
         n = len(batch)

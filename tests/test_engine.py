@@ -239,3 +239,24 @@ def test_pool_sized_and_reported(llama):
 def engine_page_bytes(params) -> int:
     c = params.config  # K and V, every layer, 16 tokens, float32
     return 2 * c.num_layers * 16 * c.num_kv_heads * c.head_dim * 4
+
+
+@pytest.mark.parametrize("attn_impl", ["ffi"])
+def test_step_never_copies_the_pool(llama, attn_impl):
+    """In the compiled step, no op copies a pool-shaped buffer: the pool is updated in place.
+
+    The custom-call path only: the jnp reference (the oracle) maps over query blocks with the
+    pool as loop state, and XLA copies it there.
+    """
+    from pagedjax.model_runner import ModelRunner, _step
+
+    _, params = llama
+    runner = ModelRunner(params, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=16,
+                         num_pages=333, attn_impl=attn_impl, precompile=False)
+    k = runner.pages[0][0]
+    pool = f"f32[{','.join(map(str, k.shape))}]"
+    for T in runner.token_buckets:
+        hlo = _step.lower(params.config, attn_impl, params.variables, runner.pages,
+                          *runner._dummy_inputs(T), num_logprobs=0).compile().as_text()
+        copies = [line for line in hlo.splitlines() if pool in line and " copy(" in line]
+        assert not copies, copies[:3]
