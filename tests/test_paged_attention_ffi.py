@@ -40,9 +40,11 @@ class Case:
 
 
 def make_case(rng: np.random.Generator, query_lens, seq_lens, *, num_heads=4, num_kv_heads=2, head_dim=64,
-              page_size=16, dtype=jnp.float32, pad_tokens=3, pad_reqs=2, spare_pages=5, tail=np.nan) -> Case:
+              page_size=16, dtype=jnp.float32, pad_tokens=None, pad_reqs=2, spare_pages=5, tail=np.nan) -> Case:
     """A random ragged batch; page rows outside every request's context are `tail`."""
     N, K, H, B = num_heads, num_kv_heads, head_dim, page_size
+    if pad_tokens is None:
+        pad_tokens = int(rng.integers(1, 9))
     need = [-(-s // B) for s in seq_lens]
     P = 1 + sum(need) + spare_pages  # page 0 is the null page
     ids = rng.permutation(np.arange(1, P)).tolist()  # random, non-contiguous page tables
@@ -125,15 +127,25 @@ def check(c: Case, got: np.ndarray) -> None:
 
 
 def mixed_batch(rng: np.random.Generator, page_size: int, *, long: bool = False):
-    """Decode (q_len 1), prefill from scratch and chunked prefill, lengths ending mid-page."""
+    """Random q_len / seq_len pairs: decode, prefill from scratch and chunked prefill, mid-page ends."""
     B = page_size
-    q_lens = [1, 1, 5, 23, 1, 2 * B + 3, 9]
-    seq_lens = [1, 3 * B + 7, 5, 23 + B, B, 5 * B + 3, 9 + 4 * B - 1]  # cached = seq - q
+
+    def r(lo, hi):
+        return int(rng.integers(lo, hi))
+
+    pairs = [
+        (1, 1),  # a sequence's first token
+        (1, r(2, 4 * B)),  # decode
+        (1, B * r(1, 4)),  # decode ending exactly on a page boundary
+        (q := r(2, 2 * B), q),  # prefill from scratch
+        (q := r(2, 3 * B), q + r(1, 3 * B)),  # chunked prefill after cached tokens
+        (q := r(B, 3 * B), q + B * r(1, 3)),  # a chunk starting on a page boundary
+        (r(2, 5), r(5 * B, 8 * B)),  # a few tokens late in a long context
+    ]
     if long:
-        q_lens += [int(rng.integers(150, 300))]
-        seq_lens += [q_lens[-1] + int(rng.integers(0, 400))]
-    order = rng.permutation(len(q_lens))
-    return [q_lens[i] for i in order], [seq_lens[i] for i in order]
+        pairs.append((q := r(150, 300), q + r(0, 400)))
+    order = rng.permutation(len(pairs))
+    return [pairs[i][0] for i in order], [pairs[i][1] for i in order]
 
 
 CONFIGS = [  # dtype, N, K, H, B
@@ -201,6 +213,20 @@ def test_sharded_over_heads_matches_unsharded():
     hlo = fn.lower(q, k, v).compile().as_text()
     assert "all-gather" not in hlo, "the custom call's inputs were gathered instead of sharded"
     check(c, np.asarray(got))
+
+
+def test_num_splits_from_static_shapes():
+    sms = 132
+    assert ffi.choose_num_splits(256, 256, 32, 8, 128, 8192, sms) == 1  # the grid fills the GPU
+    assert ffi.choose_num_splits(4096, 8, 32, 8, 128, 8192, sms) == 1  # prefill: many query tiles
+    one = ffi.choose_num_splits(1, 1, 32, 8, 128, 32768, sms)
+    assert 8 <= one <= ffi.MAX_SPLITS  # one long sequence: split its context
+    assert ffi.choose_num_splits(1, 1, 32, 8, 128, 512, sms) == 1  # too short to split
+    for T in (8, 500, 2000):  # the partials stay within budget (with 2000 tokens, one split is all that fits)
+        s = ffi.choose_num_splits(T, 1, 128, 1, 256, 1 << 20, sms)
+        assert s == 1 or ffi.workspace_elements(s, T, 128, 256) * 4 <= ffi.WORKSPACE_BUDGET_BYTES
+    assert ffi.choose_num_splits(2000, 1, 128, 1, 256, 1 << 20, sms) == 1
+    assert ffi.workspace_elements(1, 8192, 64, 256) == 1
 
 
 def _call(c: Case, **overrides):
