@@ -6,8 +6,17 @@ heavy-tailed ShareGPT-like distribution (--dataset sharegpt: log-normal, mean ab
 (ignore_eos). With --hf-baseline, HF transformers' `generate` (static batches, greedy) runs on the
 same prompts in the same process, for a figure measured side by side.
 
+Several workloads (--workload, repeatable) run one after another on one engine, so start-up is
+paid once; --latency runs W3 (benchmarks/latency.py) on it too. Each run reports req/s, input and
+output tok/s, TTFT and TPOT (from RequestOutput.metrics: all requests arrive at once, so TTFT
+includes queueing, as in vLLM's offline numbers), and its roofline fractions against a copy
+bandwidth and matmul rate measured at the start of the same process (benchmarks/roofline.py).
+With --time-limit a workload stops there and reports only the requests that finished.
+
   python benchmarks/throughput.py                                  # bundled SmolLM2, CPU-sized
   python benchmarks/throughput.py --model named:llama3-8b --num-prompts 1000 --dataset sharegpt
+  python benchmarks/throughput.py --model named:llama3-8b --max-len 4096 --latency 8:32:128 \\
+      --workload sharegpt:1000 --workload random:1000:512:128 --workload random:500:1024:1024
 """
 
 from __future__ import annotations
@@ -20,12 +29,20 @@ import time
 
 import numpy as np
 
+T_START = time.perf_counter()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def make_requests(args, vocab_size: int, num_special: int = 16):
-    """[(prompt ids, output len)] from the seed."""
-    rng = np.random.default_rng(args.seed)
+    """[(prompt ids, output len)] from the seed.
+
+    Fixed-length workloads draw from a stream of their own (seeded by the lengths too): sharing
+    one stream, 1024-token prompts would begin with the 512-token prompts of another workload and
+    hit the prefix cache.
+    """
+    rng = np.random.default_rng(args.seed if args.dataset == "sharegpt"
+                                else [args.seed, args.input_len, args.output_len])
     n = args.num_prompts
     if args.dataset == "sharegpt":
         # log-normal with sigma 1: mean = exp(mu + 1/2); tail to ~2k, as ShareGPT's.
@@ -54,23 +71,70 @@ def load(args):
     return pj.load_params(args.model, dtype=dtype)
 
 
-def run_pagedjax(args, params, requests) -> dict:
+def run_pagedjax(llm, requests, *, tag: str, time_limit: float = 0, cost=None, ceilings=None) -> dict:
+    """Runs the requests on a built engine (all queued at once), stopping at time_limit if set."""
     import pagedjax as pj
+    from pagedjax.sampling_params import RequestOutputKind
+    from roofline import StepLog, summarize
 
+    eng = llm.engine
+    log = StepLog()
+    unwrap = log.wrap(eng.runner)
+    steps0, pre0 = eng.num_steps, eng.stats().num_preemptions
+    ids = [f"{tag}-{i}" for i in range(len(requests))]
     t0 = time.perf_counter()
-    llm = pj.LLM(params, max_num_seqs=args.max_num_seqs,
-                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_len,
-                 attn_impl=args.attn_impl)
-    startup = time.perf_counter() - t0
-    sps = [pj.SamplingParams(max_tokens=o, temperature=1.0, top_p=1.0, ignore_eos=True, seed=i)
-           for i, (_, o) in enumerate(requests)]
-    t0 = time.perf_counter()
-    outs = llm.generate([p for p, _ in requests], sps, use_tqdm=not args.quiet)
+    for i, (rid, (p, o)) in enumerate(zip(ids, requests)):
+        eng.add_request(rid, p, pj.SamplingParams(max_tokens=o, temperature=1.0, top_p=1.0, ignore_eos=True,
+                                                  seed=i, output_kind=RequestOutputKind.FINAL_ONLY))
+    done = {}
+    while len(done) < len(ids):
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        if time_limit and time.perf_counter() - t0 > time_limit:
+            break
     elapsed = time.perf_counter() - t0
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert n_out == sum(o for _, o in requests), "ignore_eos: every request runs its full length"
-    return _figures("pagedjax", requests, elapsed, startup=startup, steps=llm.engine.num_steps,
-                    preemptions=llm.engine.stats().num_preemptions)
+    unwrap()
+    if len(done) < len(ids):  # time limit: give the pages back, drop the partial requests
+        eng.abort_request([r for r in ids if r not in done])
+        for _ in range(10):
+            eng.step()
+            if not eng.has_unfinished_requests():
+                break
+    outs = [done[r] for r in ids if r in done]
+    finished = [req for r, req in zip(ids, requests) if r in done]
+    short = sum(len(o.outputs[0].token_ids) != n for o, (_, n) in zip(outs, finished))
+    res = _figures("pagedjax", finished, elapsed, completed=f"{len(outs)}/{len(ids)}",
+                   time_limited=len(outs) < len(ids), steps=eng.num_steps - steps0,
+                   preemptions=eng.stats().num_preemptions - pre0, **_latencies(outs))
+    if short:
+        res["ignore_eos_violations"] = short  # requests that ended before their output length
+    if cost is not None:
+        res["roofline"] = summarize(log, cost, ceilings, elapsed)
+    return res
+
+
+def _latencies(outs) -> dict:
+    """TTFT (arrival to first token) and TPOT (first to last token, per later token), in ms."""
+    ttft, tpot = [], []
+    for o in outs:
+        m = o.metrics
+        if m is None or m.first_token_time is None:
+            continue
+        ttft.append(m.first_token_time - m.arrival_time)
+        n = len(o.outputs[0].token_ids)
+        if n > 1:
+            tpot.append((m.last_token_time - m.first_token_time) / (n - 1))
+    return {**_stats_ms("ttft", ttft), **_stats_ms("tpot", tpot)}
+
+
+def _stats_ms(name: str, xs) -> dict:
+    """Mean, median and p99 of seconds, as ms."""
+    if not len(xs):
+        return {}
+    xs = 1000 * np.asarray(xs)
+    return {f"{name}_mean_ms": round(float(xs.mean()), 2), f"{name}_median_ms": round(float(np.median(xs)), 2),
+            f"{name}_p99_ms": round(float(np.percentile(xs, 99)), 2)}
 
 
 def run_hf(args, params, requests) -> dict:
@@ -118,8 +182,41 @@ def _figures(name, requests, elapsed, **extra) -> dict:
     n_out = sum(o for _, o in requests)
     return {"engine": name, "requests": len(requests), "elapsed_s": round(elapsed, 3),
             "req_per_s": round(len(requests) / elapsed, 3),
-            "output_tok_per_s": round(n_out / elapsed, 1),
+            "input_tok_per_s": round(n_in / elapsed, 1), "output_tok_per_s": round(n_out / elapsed, 1),
             "total_tok_per_s": round((n_in + n_out) / elapsed, 1), **extra}
+
+
+def parse_workload(spec: str, args) -> argparse.Namespace:
+    """"sharegpt:N" or "random:N:IN:OUT" -> the fields make_requests reads."""
+    parts = spec.split(":")
+    if parts[0] == "sharegpt" and len(parts) == 2:
+        n, i, o = int(parts[1]), 0, 0
+    elif parts[0] == "random" and len(parts) == 4:
+        n, i, o = map(int, parts[1:])
+    else:
+        raise SystemExit(f"--workload {spec!r}: expected sharegpt:N or random:N:IN:OUT")
+    return argparse.Namespace(name=spec, dataset=parts[0], num_prompts=n, input_len=i, output_len=o,
+                              max_len=args.max_len, seed=args.seed)
+
+
+def summary_table(runs: list[dict]) -> str:
+    """One markdown row per run: throughput, latencies, roofline fractions."""
+    rows = ["| workload | engine | done | req/s | in tok/s | out tok/s | TTFT mean/med ms | "
+            "TPOT mean/med ms | decode frac | prefill frac (mfu) | run frac |", "|" + "---|" * 11]
+    for r in runs:
+        if "req_per_s" not in r:  # skipped or failed
+            rows.append(f"| {r.get('workload', '')} | {r.get('engine', '')} | "
+                        f"{r.get('skipped') or r.get('error', '')[:80]} |" + " |" * 8)
+            continue
+        rf = r.get("roofline") or {}
+        d, p, w = rf.get("decode", {}), rf.get("prefill", {}), rf.get("run", {})
+        engine = r["engine"].replace("|", "/")  # a markdown cell
+        rows.append(f"| {r.get('workload', '')} | {engine} | {r.get('completed', r['requests'])} | "
+                    f"{r['req_per_s']} | {r['input_tok_per_s']} | {r['output_tok_per_s']} | "
+                    f"{r.get('ttft_mean_ms', '-')}/{r.get('ttft_median_ms', '-')} | "
+                    f"{r.get('tpot_mean_ms', '-')}/{r.get('tpot_median_ms', '-')} | {d.get('frac', '-')} | "
+                    f"{p.get('frac', '-')} ({p.get('mfu', '-')}) | {w.get('frac', '-')} |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
@@ -131,39 +228,99 @@ def main(argv=None) -> int:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--workload", action="append", default=[],
+                   help="sharegpt:N or random:N:IN:OUT, repeatable: several workloads on one engine "
+                        "(replaces --dataset/--num-prompts/--input-len/--output-len)")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="per workload: stop after this many seconds, report the requests finished")
+    p.add_argument("--budget", type=float, default=0,
+                   help="seconds for the whole process: each workload's time limit shrinks to what is "
+                        "left (less 15 s to write up), so a capped stage still reports")
+    p.add_argument("--latency", default=None, metavar="B:IN:OUT",
+                   help="also run W3 (benchmarks/latency.py) on this engine first, e.g. 8:32:128")
     p.add_argument("--max-len", type=int, default=2048, help="max_model_len")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hf-baseline", action="store_true", help="also run HF generate on the same prompts")
+    p.add_argument("--hf-baseline", action="store_true",
+                   help="also run HF generate on the same prompts (HF folders only; named: configs: hf_baseline.py)")
     p.add_argument("--hf-batch-size", type=int, default=16)
-    p.add_argument("--out", default=None, help="write the figures as JSON here")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default=None, help="write the figures as JSON here (after every workload)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary table")
     args = p.parse_args(argv)
 
     import jax
 
+    import pagedjax as pj
+    from roofline import ModelCost, measure_ceilings
+
     if args.dtype is None:
         args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    ceilings = measure_ceilings()  # before the weights: it needs a few GiB of free device memory
+    t0 = time.perf_counter()
     params = load(args)
-    requests = make_requests(args, params.config.vocab_size)
+    jax.block_until_ready(jax.tree.leaves(params.variables))
+    weights_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm = pj.LLM(params, max_num_seqs=args.max_num_seqs,
+                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_len,
+                 attn_impl=args.attn_impl)
+    startup = time.perf_counter() - t0
+    r = llm.engine.runner
+    cost = ModelCost.from_config(params.config, args.dtype, r.kv_dtype)
     results = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
                "model": args.model or "bundled SmolLM2-135M-Instruct", "dtype": args.dtype,
-               "dataset": args.dataset, "num_prompts": args.num_prompts,
-               "mean_input_len": float(np.mean([len(p) for p, _ in requests])),
-               "mean_output_len": float(np.mean([o for _, o in requests])), "runs": []}
-    results["runs"].append(run_pagedjax(args, params, requests))
-    if args.hf_baseline:
-        results["runs"].append(run_hf(args, params, requests))
-    print(json.dumps(results, indent=1))
-    print("\n| engine | req/s | output tok/s | total tok/s | elapsed s |\n|---|---|---|---|---|")
-    for r in results["runs"]:
-        print(f"| {r['engine']} | {r['req_per_s']} | {r['output_tok_per_s']} | "
-              f"{r['total_tok_per_s']} | {r['elapsed_s']} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+               "engine": {"max_model_len": r.max_model_len, "max_num_seqs": r.max_num_seqs,
+                          "max_num_batched_tokens": r.max_num_batched_tokens, "num_pages": r.num_pages,
+                          "page_size": r.page_size, "attn_impl": args.attn_impl},
+               "weights_s": round(weights_s, 2), "startup_s": round(startup, 2),
+               "ceilings": ceilings, "runs": []}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+
+    if args.latency:
+        from latency import measure
+
+        b, i, o = map(int, args.latency.split(":"))
+        results["latency"] = measure(llm, b, i, o, seed=args.seed, cost=cost, ceilings=ceilings)
+        save()
+        print("latency", json.dumps(results["latency"]), flush=True)
+    specs = args.workload or [None]
+    for spec in specs:
+        w = parse_workload(spec, args) if spec else argparse.Namespace(
+            name=f"{args.dataset}:{args.num_prompts}" + (
+                f":{args.input_len}:{args.output_len}" if args.dataset == "random" else ""),
+            dataset=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
+            output_len=args.output_len, max_len=args.max_len, seed=args.seed)
+        requests = make_requests(w, params.config.vocab_size)
+        limit = args.time_limit
+        if args.budget:
+            left = args.budget - (time.perf_counter() - T_START) - 15
+            if left < 5:
+                results["runs"].append({"workload": w.name, "engine": "pagedjax", "skipped": "no budget left"})
+                save()
+                continue
+            limit = min(limit or left, left)
+        run = run_pagedjax(llm, requests, tag=w.name, time_limit=limit, cost=cost, ceilings=ceilings)
+        run.update(workload=w.name, mean_input_len=float(np.mean([len(q) for q, _ in requests])),
+                   mean_output_len=float(np.mean([o for _, o in requests])))
+        results["runs"].append(run)
+        save()
+        if not args.quiet:
+            print(json.dumps(run), flush=True)
+        if args.hf_baseline:
+            hf = run_hf(args, params, requests)
+            hf["workload"] = w.name
+            results["runs"].append(hf)
+            save()
+    print(f"\n{results['device']}, {results['model']}, {args.dtype}; weights {weights_s:.1f} s, engine start-up "
+          f"{startup:.1f} s; copy {ceilings['copy_bw'] / 1e9:.0f} GB/s, matmul {ceilings['matmul_rate'] / 1e12:.1f} "
+          f"TFLOP/s ({ceilings['matmul_dtype']})")
+    print(summary_table(results["runs"]))
     return 0
 
 

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pagedjax import parallel
+from pagedjax import parallel, sampler
 from pagedjax.beam_search import BeamSearch
 from pagedjax.kv_cache.block_allocator import CacheConfig
 from pagedjax.model_runner import ModelRunner, StepRequest
 from pagedjax.params import Params
-from pagedjax.request import CompletionOutput, Logprob, Request, RequestOutput, RequestStatus
+from pagedjax.request import CompletionOutput, Logprob, Request, RequestOutput, RequestStatus, logprob_entry
 from pagedjax.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from pagedjax.scheduler import Scheduler, SchedulerConfig
 
@@ -44,6 +44,7 @@ class EngineConfig:
     max_logprobs: int = 20
     precompile: bool = True
     seed: int = 0
+    async_scheduling: bool = True  # schedule and launch step n+1 before step n's tokens reach the host
 
     def resolve(self, params: Params) -> EngineConfig:
         """Fills the defaults that depend on the model and the device."""
@@ -76,6 +77,10 @@ class _Tracked:
         self.samples = samples  # index order
         self.detok = detokenizers  # per sample, or Nones without a tokenizer
         self.logprobs: list[list[dict[int, Logprob]]] = [[] for _ in samples]
+        # Prompt logprobs, one entry per prompt position so far (position 0 has none), or None.
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            None if getattr(params, "prompt_logprobs", None) is None else [None])
+        self.sent_prompt_logprobs = False  # DELTA: they go out once, in the first output
         self.cum_logprob = [0.0] * len(samples)
         self.sent_tokens = [0] * len(samples)  # DELTA bookkeeping
         self.sent_text = [0] * len(samples)
@@ -112,6 +117,7 @@ class LLMEngine:
                                  vocab_size=params.config.vocab_size, tokenizer=self.tokenizer)
         self._sample_owner: dict[str, _Tracked] = {}  # scheduler request id -> user request
         self._pending: list[RequestOutput] = []  # outputs of aborts, returned by the next step()
+        self._in_flight = None  # (SchedulerOutput, Launched): async scheduling's step on the device
         self.num_steps = 0
 
     def _load_tokenizer(self, tokenizer: Any):
@@ -169,10 +175,10 @@ class LLMEngine:
             text, ids = self._tokenize(prompt)
             self._beams.add(request_id, text, ids, params)
             return
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet")
-        if params.logprobs is not None and not (0 <= params.logprobs <= self.config.max_logprobs):
-            raise ValueError(f"logprobs must be in [0, {self.config.max_logprobs}], got {params.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and not (0 <= k <= self.config.max_logprobs):
+                raise ValueError(f"{name} must be in [0, {self.config.max_logprobs}] (max_logprobs), got {k}")
         if (params.stop and self.tokenizer is None):
             raise ValueError("stop strings need a tokenizer; this model has none")
         if any(t >= self.params.config.vocab_size for t in params.stop_token_ids):
@@ -192,7 +198,8 @@ class LLMEngine:
 
             detoks.append(IncrementalDetokenizer(
                 self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
-                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output))
+                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens))
         tracked = _Tracked(request_id, text, ids, params, samples, detoks)
         self._tracked[request_id] = tracked
         for s in samples:
@@ -212,7 +219,7 @@ class LLMEngine:
             self._forget(tracked)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._tracked) or bool(self._beams) or bool(self._pending)
+        return bool(self._tracked) or bool(self._beams) or bool(self._pending) or self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._tracked) + len(self._beams)
@@ -220,32 +227,67 @@ class LLMEngine:
     # -- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one engine step; returns the outputs that changed (per each request's output_kind)."""
+        """Runs one engine step; returns the outputs that changed (per each request's output_kind).
+
+        With async scheduling, the step launched here runs on the device while the host reads
+        back and processes the previous one (tokens, detokenization, stops, outputs): a decode
+        whose last token is still on the device reads it there. Steps that need every token on
+        the host first (penalties, beam search) run synchronously.
+        """
         outputs, self._pending = self._pending, []
+        prev, self._in_flight = self._in_flight, None
         sched = self.scheduler.schedule()
-        if not sched.scheduled and self._beams.release_waiting():
+        if not sched.scheduled and prev is None and self._beams.release_waiting():
             sched = self.scheduler.schedule()  # beams held pages waiting for a preempted sibling
-        if not sched.scheduled:
-            if self._tracked and not self.scheduler.has_unfinished_requests():
-                # Finished outside a step (e.g. a fork that stopped at once): report them.
-                outputs += self._collect(list(self._tracked.values()))
-            return outputs
+        launched = None
+        if sched.scheduled:
+            batch, want_logprobs = self._batch(sched, prev)
+            launched = self.runner.launch(batch, sched.cow_copies, num_logprobs=want_logprobs,
+                                          prev=prev and prev[1])
+            self.num_steps += 1
+            if self._can_pipeline(batch):
+                self.scheduler.commit_in_flight(sched)
+                self._in_flight = (sched, launched)
+        if prev is not None:
+            outputs += self._process(prev[0], self.runner.fetch(prev[1]))
+        if launched is not None and self._in_flight is None:
+            outputs += self._process(sched, self.runner.fetch(launched))
+        if launched is None and prev is None and self._tracked and not self.scheduler.has_unfinished_requests():
+            # Finished outside a step (e.g. a fork that stopped at once): report them.
+            outputs += self._collect(list(self._tracked.values()))
+        return outputs
+
+    def _batch(self, sched, prev) -> tuple[list[StepRequest], int]:
+        """The runner's rows for `sched`, and the logprobs width it needs."""
+        prev_rows = {} if prev is None else {s.request_id: i for i, s in enumerate(prev[0].scheduled)}
         batch, want_logprobs = [], 0
         for s in sched.scheduled:
             req = s.request
             # A beam row's token is chosen from its top logprobs (BeamSearch): no bans, no penalties.
             sp = _GREEDY if isinstance(req.sampling_params, BeamSearchParams) else req.sampling_params
-            batch.append(StepRequest(s.token_ids, s.start_pos, s.block_table, s.sample,
-                                     sp, req.output_token_ids, req.prompt_token_ids))
+            row = StepRequest(s.token_ids, s.start_pos, s.block_table, s.sample, sp, req.output_token_ids,
+                              req.prompt_token_ids, num_pending=req.num_pending)
+            if s.token_ids[-1] == -1:  # sampled by the step in flight: read on device
+                row.prev_row = prev_rows[s.request_id]
+            batch.append(row)
             lp = getattr(req.sampling_params, "logprobs", None)
             if s.sample and lp is not None:
                 want_logprobs = self.config.max_logprobs
         beam_width = self._beams.num_logprobs(sched)  # each beam row's candidates
         if beam_width:
             want_logprobs = max(self.config.max_logprobs, beam_width)
-        out = self.runner.execute(batch, sched.cow_copies, num_logprobs=want_logprobs)
+        return batch, want_logprobs
+
+    def _can_pipeline(self, batch: list[StepRequest]) -> bool:
+        """Whether the next step may be scheduled before this one's tokens are on the host: not
+        with beam search (it picks tokens on the host) or penalties (they read every token)."""
+        return self.config.async_scheduling and not self._beams and not any(
+            r.sample and sampler.needs_token_history(r.sampling_params) for r in batch)
+
+    def _process(self, sched, out) -> list[RequestOutput]:
+        """A step's results on the host: tokens into requests, logprobs, detokenization, stops, outputs."""
+        self._record_prompt_logprobs(sched, out)
         self._beams.take_rows(sched, out)
-        self.num_steps += 1
         sampled = {s.request_id: int(out.token_ids[i])
                    for i, s in enumerate(sched.scheduled) if s.sample}
         rows = {s.request_id: i for i, s in enumerate(sched.scheduled)}
@@ -262,7 +304,7 @@ class LLMEngine:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
             touched[tracked.request_id] = tracked
-        return outputs + self._collect(list(touched.values())) + self._beams.advance()
+        return self._collect(list(touched.values())) + self._beams.advance()
 
     def _record_token(self, tracked: _Tracked, i: int, req: Request, out, row: int) -> None:
         """Logprobs, detokenization and stop strings for the token just appended to sample i."""
@@ -270,16 +312,11 @@ class LLMEngine:
         tracked.cum_logprob[i] += float(out.logprobs[row])
         k = tracked.params.logprobs
         if k is not None:
-            entry = {token: Logprob(float(out.logprobs[row]),
-                                    int(out.ranks[row]) if out.ranks is not None else None)}
-            if out.top_token_ids is not None:
-                for j in range(k):
-                    t = int(out.top_token_ids[row, j])
-                    entry.setdefault(t, Logprob(float(out.top_logprobs[row, j]), j + 1))
-            if self.tokenizer is not None:
-                for t, lp in entry.items():
-                    lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False)
-            tracked.logprobs[i].append(entry)
+            top = out.top_token_ids is not None
+            tracked.logprobs[i].append(logprob_entry(
+                token, float(out.logprobs[row]), int(out.ranks[row]) if out.ranks is not None else None,
+                out.top_token_ids[row, :k] if top else (), out.top_logprobs[row, :k] if top else (),
+                self._decode_token))
         detok = tracked.detok[i]
         if detok is None:
             return
@@ -296,6 +333,41 @@ class LLMEngine:
                 self.scheduler.finish_request(req.request_id, "stop", stop_reason=detok.stop_str)
                 detok.finish()
         tracked.text[i] = detok.text
+
+    def _decode_token(self, token_id: int) -> str | None:
+        """A logprob entry's decoded_token (None without a tokenizer)."""
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _record_prompt_logprobs(self, sched, out) -> None:
+        """Appends the prompt positions this step scored to their requests' prompt_logprobs.
+
+        A request preempted mid-prompt recomputes from its start: positions it already has are
+        skipped, so none is listed twice; a gap would mean a skipped position, a bug.
+        """
+        scored = getattr(out, "prompt_logprobs", None)
+        if scored is None:
+            return
+        for span in scored.spans:
+            tracked = self._sample_owner.get(sched.scheduled[span.batch_row].request_id)
+            got = tracked.prompt_logprobs if tracked is not None else None
+            if got is None:
+                continue
+            if span.position > len(got):
+                raise RuntimeError(f"request {tracked.request_id}: prompt logprobs from position "
+                                   f"{span.position}, but only {len(got)} positions are in")
+            k = tracked.params.prompt_logprobs
+            for q in range(span.first + len(got) - span.position, span.first + span.count):
+                got.append(logprob_entry(
+                    tracked.prompt_token_ids[len(got)], float(scored.logprobs[q]), int(scored.ranks[q]),
+                    scored.top_token_ids[q, :k], scored.top_logprobs[q, :k], self._decode_token))
+
+    @staticmethod
+    def _prompt_logprobs_out(tracked: _Tracked, delta: bool) -> list[dict[int, Logprob] | None] | None:
+        """RequestOutput.prompt_logprobs: all so far, or with DELTA once only (vLLM)."""
+        if tracked.prompt_logprobs is None or (delta and tracked.sent_prompt_logprobs):
+            return None
+        tracked.sent_prompt_logprobs = True
+        return list(tracked.prompt_logprobs)
 
     def _collect(self, tracked_list: list[_Tracked]) -> list[RequestOutput]:
         outputs = []
@@ -342,7 +414,8 @@ class LLMEngine:
         first = tracked.samples[0]
         return RequestOutput(
             request_id=tracked.request_id, prompt=tracked.prompt,
-            prompt_token_ids=tracked.prompt_token_ids, prompt_logprobs=None, outputs=completions,
+            prompt_token_ids=tracked.prompt_token_ids, prompt_logprobs=self._prompt_logprobs_out(tracked, delta),
+            outputs=completions,
             finished=final, metrics=first.metrics,
             num_cached_tokens=max(first.num_cached_tokens, 0))
 

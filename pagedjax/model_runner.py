@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax import parallel, sampler
+from pagedjax import parallel, prompt_logprobs, sampler
 from pagedjax.attention import AttentionMetadata
 from pagedjax.kv_cache import page_pool
 from pagedjax.models import get_model
@@ -43,6 +43,8 @@ class StepRequest:
     output_token_ids: list[int] = field(default_factory=list)
     prompt_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None  # overrides sampling_params.seed (the i-th of n samples)
+    prev_row: int = -1  # >= 0: token_ids[-1] is pending, the previous step's sampled token of this row
+    num_pending: int = 0  # sampled tokens not in output_token_ids yet (they count for seeds, min_tokens)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class StepOutput:
     top_logprobs: np.ndarray | None = None  # [R, k]
     top_token_ids: np.ndarray | None = None  # [R, k]
     ranks: np.ndarray | None = None  # [R]
+    prompt_logprobs: prompt_logprobs.ScoredPrompts | None = None  # steps that scored prompt tokens
 
 
 def token_buckets(hi: int, factor: int = 4) -> list[int]:
@@ -104,25 +107,87 @@ def _copy_pages(k, v, src, dst):
                  for f, r in zip(flat, rows))
 
 
-def _step_fn(config, attn_impl, variables, pages, tokens, meta, smeta, *, num_logprobs, mesh=None):
-    """One engine step on device: the model (pool in, pool out), then sampling.
+def pack(tree: Any) -> tuple[np.ndarray, Any]:
+    """A pytree of 4-byte numpy arrays -> one int32 buffer and its (static, hashable) layout.
 
+    A step's inputs go down as one transfer: as a tree of ~20 small arrays they took 1.2-1.7 ms
+    of host time per step on the H100 (benchmarks/profile_step.py).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    parts, layout, offset = [], [], 0
+    for x in leaves:
+        x = np.asarray(x)  # (np.ascontiguousarray would make a 0-d array 1-d)
+        if x.dtype.itemsize != 4:
+            raise TypeError(f"pack takes 4-byte dtypes, got {x.dtype}")
+        parts.append(np.ascontiguousarray(x.reshape(-1)).view(np.int32))
+        layout.append((offset, x.shape, x.dtype.str))
+        offset += x.size
+    buf = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return buf, (treedef, tuple(layout))
+
+
+def unpack(buf: jax.Array, layout: Any) -> Any:
+    """The inverse of `pack`, inside jit: static slices of `buf`, bitcast back."""
+    treedef, leaves = layout
+    out = []
+    for offset, shape, dtype in leaves:
+        x = jax.lax.slice(buf, (offset,), (offset + math.prod(shape),)).reshape(shape)
+        if jnp.dtype(dtype) != jnp.int32:
+            x = jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, *, layout, mesh=None,
+             num_prompt_logprobs=0):
+    """The model's part of an engine step on device: logits [R, V] of each request (pool in, pool out).
+
+    `buf` holds the step's inputs (`pack`ed): tokens [T], src_rows [T], the attention metadata
+    and the prompt-logprob rows. A token whose src_row is >= 0 is the previous step's sampled
+    token of that row, read from `prev_tokens` [S] on device (async scheduling).
     With a tensor-parallel `mesh` the model traces under it (the ambient mesh a custom call's
     shard_map uses), the logits are gathered once for sampling and the pool stays split.
+    With prompt metadata (a variant of its own: static num_prompt_logprobs) it also scores
+    prompt tokens (pagedjax/prompt_logprobs.py).
     """
+    tokens, src_rows, meta, prompt_meta = unpack(buf, layout)
+    tokens = jnp.where(src_rows >= 0, prev_tokens[jnp.maximum(src_rows, 0)], tokens)
     model = get_model(config, attn_impl=attn_impl)
     with parallel.use_mesh(mesh):
-        logits, pages = model.apply(variables, tokens, pages, meta)  # [R, V]
+        logits, pages, scored = prompt_logprobs.apply_model(  # logits [R, V]
+            model, variables, tokens, pages, meta, prompt_meta, num_logprobs=num_prompt_logprobs)
         logits, pages = parallel.constrain_step(logits, pages, mesh)
-    with jax.named_scope("sample"):
-        out = sampler.sample(logits, smeta, num_logprobs=num_logprobs)
-    return out, pages
+    return logits, scored, pages
 
 
 # One jit for every runner: engines of the same model share compiled steps. The pool is donated,
 # so XLA updates it in place (DESIGN 3.3).
 _step = jax.jit(_step_fn, static_argnums=(0, 1), donate_argnums=(3,),
-                static_argnames=("num_logprobs", "mesh"))
+                static_argnames=("layout", "mesh", "num_prompt_logprobs"))
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "num_logprobs", "flags", "num_slots"))
+def _sample(logits, buf, *, layout, num_logprobs, flags, num_slots):
+    """Sampling, a call of its own: its variants (flags, logprobs, penalty widths) compile in
+    well under a second, where a variant of the whole step would recompile the model.
+    Also returns the sampled tokens padded to [num_slots] = max_num_seqs: the next step's
+    `prev_tokens`, one shape for every bucket."""
+    with jax.named_scope("sample"):
+        out = sampler.sample(logits, unpack(buf, layout), num_logprobs=num_logprobs, flags=flags)
+    next_tokens = jnp.zeros((num_slots,), jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
+    return out, next_tokens
+
+
+@dataclass
+class Launched:
+    """A step sent to the device and not read back yet (device arrays, host bookkeeping)."""
+
+    out: Any  # SamplerOutput
+    next_tokens: jax.Array  # [S] this step's sampled tokens, by row: the next step's prev_tokens
+    scored: Any  # the prompt-logprob rows, or None
+    spans: Any  # prompt_logprobs.Span list, or None
+    num_rows: int
+    num_logprobs: int
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -174,6 +239,7 @@ class ModelRunner:
         leaves = jax.tree.leaves(params.variables)
         self.kv_dtype = jnp.dtype(kv_cache_dtype or leaves[0].dtype)
         self._rng = np.random.default_rng(seed)
+        self._no_prev = jax.device_put(np.zeros(max_num_seqs, np.int32), self.input_sharding)  # prev_tokens of a first step
         self.attn_impl = attn_impl
 
         if num_pages is None:
@@ -215,13 +281,15 @@ class ModelRunner:
         cfg = self.config
         tiny = [(jax.ShapeDtypeStruct((2, self.page_size, cfg.num_kv_heads, cfg.head_dim), self.kv_dtype),) * 2
                 for _ in range(cfg.num_layers)]
-        args = self._dummy_inputs(self.token_buckets[-1], num_pages=2)
+        T = self.token_buckets[-1]
+        buf, layout = pack(self._dummy_inputs(T, num_pages=2)[0])
+        sampling = 4 * min(T, self.max_num_seqs) * cfg.vocab_size * 4  # logits and a few [R, V] f32 temporaries
         try:
-            compiled = _step.lower(cfg, self.attn_impl, self.params.variables, tiny, *args, num_logprobs=0,
-                                   mesh=self.mesh).compile()
-            return int(compiled.memory_analysis().temp_size_in_bytes)
+            compiled = _step.lower(cfg, self.attn_impl, self.params.variables, tiny, buf, self._no_prev,
+                                   layout=layout, mesh=self.mesh).compile()
+            return int(compiled.memory_analysis().temp_size_in_bytes) + sampling
         except Exception:  # an estimate only: fall back to a generous guess
-            return self.token_buckets[-1] * cfg.vocab_size * 8 + (1 << 30)
+            return T * cfg.vocab_size * 8 + sampling + (1 << 30)
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -234,7 +302,7 @@ class ModelRunner:
                          f"{self.max_num_batched_tokens}")
 
     def _dummy_inputs(self, T: int, num_pages: int | None = None):
-        """An all-padding batch of bucket T (writes nothing, samples junk)."""
+        """An all-padding batch of bucket T (writes nothing, samples junk): (model inputs, smeta)."""
         R = min(T, self.max_num_seqs)
         P = num_pages or self.num_pages
         meta = AttentionMetadata(
@@ -246,15 +314,16 @@ class ModelRunner:
             logits_indices=np.zeros(R, np.int32),
         )
         smeta = sampler.make_sampling_metadata([], [], num_rows=R)
-        return np.zeros(T, np.int32), meta, smeta
+        return (np.zeros(T, np.int32), np.full(T, -1, np.int32), meta, None), smeta
 
     def precompile(self) -> float:
-        """Compiles (and runs once, on padding) every token bucket; returns the seconds spent."""
+        """Compiles (and runs once, on padding) every token bucket, with the greedy and the plain
+        random sampler (top-k / top-p variants compile on first use); returns the seconds spent."""
         t0 = time.perf_counter()
         for T in self.token_buckets:
-            inputs = jax.device_put(self._dummy_inputs(T), self.input_sharding)
-            out, self.pages = _step(self.config, self.attn_impl, self.params.variables, self.pages,
-                                    *inputs, num_logprobs=0, mesh=self.mesh)
+            model_inputs, smeta = self._dummy_inputs(T)
+            for flags in (sampler.SampleFlags(False, False, False), sampler.SampleFlags(True, False, False)):
+                self._launch(model_inputs, smeta, None, flags=flags)
         jax.block_until_ready(self.pages)
         dt = time.perf_counter() - t0
         logger.info("compiled %d step buckets %s in %.1f s", len(self.token_buckets),
@@ -262,13 +331,16 @@ class ModelRunner:
         return dt
 
     def prepare(self, batch: list[StepRequest]):
-        """Host lists -> padded numpy inputs of one step (the single crossing down)."""
+        """Host lists -> padded numpy inputs of one step: (model inputs, sampling metadata, the
+        prompt-logprob plan or None). Model inputs: tokens [T], src_rows [T], attention metadata,
+        prompt-logprob rows."""
         num_tokens = sum(len(r.token_ids) for r in batch)
         T, R = self.bucket(num_tokens)
         if len(batch) > R:
             raise ValueError(f"{len(batch)} requests exceed max_num_seqs={self.max_num_seqs}")
         P, B, M = self.num_pages, self.page_size, self.max_pages_per_req
         tokens = np.zeros(T, np.int32)
+        src_rows = np.full(T, -1, np.int32)
         positions = np.zeros(T, np.int32)
         slots = page_pool.padding_slots(T, P, B)
         tables = np.zeros((R, M), np.int32)  # page 0 is the null page
@@ -281,6 +353,8 @@ class ModelRunner:
             if len(req.block_table) > M or len(req.block_table) * B < c + n:
                 raise ValueError(f"request {r}: {len(req.block_table)} pages for {c + n} tokens")
             tokens[t:t + n] = req.token_ids
+            if req.prev_row >= 0:  # pending: the device has it
+                tokens[t + n - 1], src_rows[t + n - 1] = 0, req.prev_row
             pos = np.arange(c, c + n, dtype=np.int32)
             positions[t:t + n] = pos
             table = np.asarray(req.block_table, np.int32)
@@ -295,11 +369,13 @@ class ModelRunner:
                                  logits_indices=logits_indices)
         smeta = sampler.make_sampling_metadata(
             [r.sampling_params for r in batch], [r.output_token_ids for r in batch], num_rows=R,
+            num_pending=[r.num_pending for r in batch],
             prompt_token_ids=[r.prompt_token_ids for r in batch],
             seeds=[r.seed if r.seed is not None else getattr(r.sampling_params, "seed", None)
                    for r in batch],
             eos_token_id=(self.config.eos_token_ids or (None,))[0], rng=self._rng)
-        return tokens, meta, smeta
+        plp = prompt_logprobs.plan(batch, T)
+        return (tokens, src_rows, meta, plp and plp.metadata), smeta, plp
 
     def _copy(self, copies: list[tuple[int, int]]) -> None:
         """Runs the copy-on-write page copies (padded to a power of two, few compiles)."""
@@ -311,18 +387,42 @@ class ModelRunner:
         src, dst = jax.device_put((src, dst), self.input_sharding)
         self.pages = _copy_step(self.pages, src, dst)
 
-    def execute(self, batch: list[StepRequest], copies: list[tuple[int, int]] = (),
-                num_logprobs: int = 0) -> StepOutput:
-        """Runs one step: page copies, then the model over `batch`, then sampling."""
-        inputs = jax.device_put(self.prepare(batch), self.input_sharding)
+    def launch(self, batch: list[StepRequest], copies: list[tuple[int, int]] = (),
+               num_logprobs: int = 0, prev: Launched | None = None) -> Launched:
+        """Sends one step to the device and returns at once: page copies, the model over
+        `batch`, sampling. Rows with a `prev_row` read their pending token from `prev`'s."""
+        model_inputs, smeta, plp = self.prepare(batch)
         if copies:
             self._copy(copies)
-        out, self.pages = _step(self.config, self.attn_impl, self.params.variables, self.pages,
-                                *inputs, num_logprobs=num_logprobs, mesh=self.mesh)
-        n = len(batch)
-        if num_logprobs:
+        launched = self._launch(model_inputs, smeta, plp, num_logprobs=num_logprobs,
+                                prev_tokens=None if prev is None else prev.next_tokens)
+        launched.num_rows = len(batch)
+        return launched
+
+    def _launch(self, model_inputs, smeta, plp, *, num_logprobs: int = 0, prev_tokens=None,
+                flags: sampler.SampleFlags | None = None) -> Launched:
+        (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
+        mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
+        logits, scored, self.pages = _step(
+            self.config, self.attn_impl, self.params.variables, self.pages, mbuf,
+            self._no_prev if prev_tokens is None else prev_tokens, layout=mlayout, mesh=self.mesh,
+            num_prompt_logprobs=plp.num_logprobs if plp else 0)
+        out, next_tokens = _sample(logits, sbuf, layout=slayout, num_logprobs=num_logprobs,
+                                   flags=flags or sampler.static_flags(smeta), num_slots=self.max_num_seqs)
+        return Launched(out, next_tokens, scored, plp and plp.spans, 0, num_logprobs)
+
+    def fetch(self, launched: Launched) -> StepOutput:
+        """Waits for a launched step and brings its sampled tokens (and logprobs) to the host."""
+        out, n = launched.out, launched.num_rows
+        prompt = prompt_logprobs.fetch(launched.scored, launched.spans)
+        if launched.num_logprobs:
             host = jax.device_get((out.token_ids, out.logprobs, out.top_logprobs,
                                    out.top_token_ids, out.ranks))
-            return StepOutput(*(x[:n] for x in host))
+            return StepOutput(*(x[:n] for x in host), prompt_logprobs=prompt)
         token_ids, logprobs = jax.device_get((out.token_ids, out.logprobs))
-        return StepOutput(token_ids=token_ids[:n], logprobs=logprobs[:n])
+        return StepOutput(token_ids=token_ids[:n], logprobs=logprobs[:n], prompt_logprobs=prompt)
+
+    def execute(self, batch: list[StepRequest], copies: list[tuple[int, int]] = (),
+                num_logprobs: int = 0) -> StepOutput:
+        """Runs one step and waits for it: `fetch(launch(...))`."""
+        return self.fetch(self.launch(batch, copies, num_logprobs))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pagedjax.sampling_params import BeamSearchParams, SamplingParams
@@ -76,6 +77,9 @@ class Request:
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     output_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
     num_computed_tokens: int = field(default=0, init=False)  # tokens whose K/V are in block_table
+    # Async scheduling: tokens sampled by a step still running, counted in num_tokens (their ids
+    # are not known yet; the next step reads them on device). At most 2: one per step in flight.
+    num_pending: int = field(default=0, init=False)
     block_table: list[int] = field(default_factory=list, init=False, repr=False)  # page ids
     num_cached_tokens: int = field(default=-1, init=False)  # tokens reused (prefix cache, fork); -1: not yet run
     stop_reason: int | str | None = field(default=None, init=False)  # the stop token or string
@@ -105,7 +109,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self._all_token_ids)
+        return len(self._all_token_ids) + self.num_pending
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """Tokens at positions [start, end); a pending one (not sampled yet) is -1."""
+        known = self._all_token_ids[start:end]
+        return known + [-1] * (end - max(start, len(self._all_token_ids)))
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -137,6 +146,12 @@ class Request:
     def stop_token_ids(self) -> list[int]:
         return self.sampling_params.stop_token_ids
 
+    @property
+    def skip_reading_prefix_cache(self) -> bool:
+        """A request that wants prompt logprobs computes its whole prompt (vLLM's rule): cached
+        pages would skip positions. Once it has an output token every entry is in, and it may."""
+        return getattr(self.sampling_params, "prompt_logprobs", None) is not None and not self.output_token_ids
+
     def check_stop(self, max_model_len: int) -> bool:
         """Applies vLLM's stop rules to the last output token; sets the status and returns True if finished.
 
@@ -152,7 +167,7 @@ class Request:
                 self.status = RequestStatus.FINISHED_STOPPED
                 self.stop_reason = last
                 return True
-        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+        if self.num_output_tokens >= self.max_tokens or len(self._all_token_ids) >= max_model_len:
             self.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         return False
@@ -200,6 +215,20 @@ class Logprob:
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None
+
+
+def logprob_entry(token_id: int, logprob: float, rank: int | None, top_token_ids: Sequence[int] = (),
+                  top_logprobs: Sequence[float] = (), decode: Callable[[int], str] | None = None
+                  ) -> dict[int, Logprob]:
+    """One position's logprobs as vLLM returns them: the chosen (or prompt) token first, then the
+    top alternatives ranked 1, 2, ... (a token already listed keeps its entry)."""
+    entry = {token_id: Logprob(logprob, rank)}
+    for j, (t, lp) in enumerate(zip(top_token_ids, top_logprobs)):
+        entry.setdefault(int(t), Logprob(float(lp), j + 1))
+    if decode is not None:
+        for t, lp in entry.items():
+            lp.decoded_token = decode(t)
+    return entry
 
 
 @dataclass

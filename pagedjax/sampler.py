@@ -32,7 +32,7 @@ top-k 1.31; top-p 1.27; min-p + top-k + top-p 2.08; penalties with L=1024 0.79; 
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +85,29 @@ class BeamCandidates:
     logprobs: jax.Array  # [G, C] f32   logprob of the token alone
 
 
-def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int = 0) -> SamplerOutput:
-    """Samples one token per row of `logits` [R, V] f32; see the module docstring for the order."""
+class SampleFlags(NamedTuple):
+    """Which parts of sampling a batch uses, known on the host (`static_flags`): static, so the
+    step skips the rest without a `lax.cond`, whose predicate a GPU reads back to the host,
+    stalling the host until the model has run (measured: the whole forward, every step)."""
+
+    random: bool = True  # some row samples (temperature > 0); else argmax alone
+    top_k: bool = True  # some row has top-k on
+    top_p: bool = True  # some row has top-p on
+
+
+def static_flags(meta: SamplingMetadata) -> SampleFlags:
+    """The flags of numpy metadata (from `make_sampling_metadata`)."""
+    random = bool(np.any(np.asarray(meta.temperature) >= SAMPLING_EPS))
+    return SampleFlags(random=random, top_k=random and bool(np.any(np.asarray(meta.top_k) > 0)),
+                       top_p=random and bool(np.any(np.asarray(meta.top_p) < 1)))
+
+
+def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int = 0,
+           flags: SampleFlags | None = None) -> SamplerOutput:
+    """Samples one token per row of `logits` [R, V] f32; see the module docstring for the order.
+
+    `flags` (static) leave out what no row uses; without them `lax.cond`s decide on device.
+    """
     with jax.named_scope("sample"):
         R, V = logits.shape
         x = logits = logits.astype(jnp.float32)  # [R, V]
@@ -102,14 +123,17 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int = 0) 
         def random_ids() -> jax.Array:
             temperature = jnp.where(is_greedy, 1.0, meta.temperature)
             xt = x / temperature[:, None]  # [R, V]
-            x_max, floor, e_floor = _thresholds(xt, meta.top_k, meta.top_p, meta.min_p)  # [R] each
+            x_max, floor, e_floor = _thresholds(xt, meta.top_k, meta.top_p, meta.min_p, flags)  # [R] each
             keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(meta.seeds, meta.steps)
             gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (V,), jnp.float32))(keys)  # [R, V]
             allowed = _combine(xt, x_max, floor, e_floor)  # [R, V], fused into the one pass below
             ids = jnp.argmax(jnp.where(allowed, xt + gumbel, -jnp.inf), axis=1).astype(jnp.int32)
             return jnp.where(is_greedy, greedy_ids, ids)
 
-        token_ids = lax.cond(jnp.all(is_greedy), lambda: greedy_ids, random_ids)
+        if flags is None:
+            token_ids = lax.cond(jnp.all(is_greedy), lambda: greedy_ids, random_ids)
+        else:
+            token_ids = random_ids() if flags.random else greedy_ids
         return compute_logprobs(logits, token_ids, num_logprobs=num_logprobs)
 
 
@@ -214,7 +238,7 @@ def _combine(x: jax.Array, x_max: jax.Array, floor: jax.Array, e_floor: jax.Arra
 
 
 def _thresholds(
-    x: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array
+    x: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array, flags: SampleFlags | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per row (x_max, floor, e_floor) [R] each, so that only [R] vectors leave the `lax.cond`s and
     the mask fuses into the sampling pass."""
@@ -222,8 +246,8 @@ def _thresholds(
     x_max = jnp.max(x, axis=1)  # [R]
     floor = jnp.where(min_p > 0, x_max + jnp.log(jnp.where(min_p > 0, min_p, 1.0)), -jnp.inf)
     k_on = (top_k > 0) & (top_k < V)  # [R]
-    kth = lax.cond(
-        jnp.any(k_on),
+    kth = _when(
+        flags and flags.top_k, jnp.any(k_on),
         lambda: _kth_largest(x, jnp.where(k_on, top_k, 1)),
         lambda: jnp.full((R,), -jnp.inf, jnp.float32),
     )
@@ -236,8 +260,15 @@ def _thresholds(
         e_floor = jnp.minimum(_top_p_floor(e, jnp.where(p_on, top_p, 1.0)), 1.0)  # e(x_max) = 1 stays
         return jnp.where(p_on, e_floor, 0.0)
 
-    e_floor = lax.cond(jnp.any(p_on), top_p_floor, lambda: jnp.zeros((R,), jnp.float32))
+    e_floor = _when(flags and flags.top_p, jnp.any(p_on), top_p_floor, lambda: jnp.zeros((R,), jnp.float32))
     return x_max, floor, e_floor
+
+
+def _when(static: bool | None, pred: jax.Array, then, otherwise) -> jax.Array:
+    """`then()` if `static` (else `otherwise()`); with `static` None, a lax.cond on `pred`."""
+    if static is None:
+        return lax.cond(pred, then, otherwise)
+    return then() if static else otherwise()
 
 
 def _kth_largest(x: jax.Array, k: jax.Array) -> jax.Array:
@@ -306,6 +337,7 @@ def make_sampling_metadata(
     penalty_width: int | None = None,
     banned_width: int | None = None,
     rng: np.random.Generator | None = None,
+    num_pending: Sequence[int] | None = None,
 ) -> SamplingMetadata:
     """Builds numpy `SamplingMetadata` for the rows' params, padded to `num_rows` greedy rows.
 
@@ -322,6 +354,8 @@ def make_sampling_metadata(
         (unless ignore_eos).
       penalty_width, banned_width: L and B. None picks the smallest power of two >= 16 that fits,
         or 0 when no row needs it, so that few widths (compiled variants) ever occur.
+      num_pending: per row, outputs sampled but not in output_token_ids yet (async scheduling):
+        they count for the step and min_tokens; a row with penalties cannot have any.
     """
     n = len(sampling_params)
     if n > num_rows or len(output_token_ids) != n:
@@ -343,7 +377,7 @@ def make_sampling_metadata(
     penalty_lists: list[tuple[list[int], list[int]]] = []  # per row: (distinct prompt, output)
     banned_lists: list[list[int]] = []
     for r, sp in enumerate(sampling_params):
-        out = list(output_token_ids[r])
+        out = output_token_ids[r]
         temperature[r] = _attr(sp, "temperature", 1.0)
         top_k[r] = _attr(sp, "top_k", 0)
         top_p[r] = _attr(sp, "top_p", 1.0)
@@ -353,18 +387,21 @@ def make_sampling_metadata(
         repetition[r] = _attr(sp, "repetition_penalty", 1.0)
         seed = seeds[r] if seeds is not None else getattr(sp, "seed", None)
         row_seeds[r] = int(rng.integers(0, 2**32)) if seed is None else int(seed) % 2**32
-        steps[r] = len(out)
+        pending = num_pending[r] if num_pending is not None else 0
+        if pending and needs_token_history(sp):
+            raise ValueError("a row with penalties needs all its output tokens (none pending)")
+        steps[r] = len(out) + pending
         prompt: list[int] = []
         if repetition[r] != 1:
             if prompt_token_ids is None:
                 raise ValueError("repetition_penalty needs prompt_token_ids")
             prompt = sorted(set(prompt_token_ids[r]))
         if repetition[r] != 1 or presence[r] != 0 or frequency[r] != 0:
-            penalty_lists.append((prompt, out))
+            penalty_lists.append((prompt, list(out)))
         else:
             penalty_lists.append(([], []))
         banned: list[int] = []
-        if len(out) < _attr(sp, "min_tokens", 0):
+        if steps[r] < _attr(sp, "min_tokens", 0):
             banned = list(getattr(sp, "stop_token_ids", None) or [])
             if eos_token_id is not None and not getattr(sp, "ignore_eos", False):
                 banned.append(eos_token_id)
@@ -396,6 +433,12 @@ def make_sampling_metadata(
 
 
 _host_rng = np.random.default_rng()
+
+
+def needs_token_history(sp: Any) -> bool:
+    """Whether a row's sampling reads its earlier tokens (the penalties)."""
+    return (_attr(sp, "presence_penalty", 0.0) != 0 or _attr(sp, "frequency_penalty", 0.0) != 0
+            or _attr(sp, "repetition_penalty", 1.0) != 1)
 
 
 def _attr(sp: Any, name: str, default: float) -> float:

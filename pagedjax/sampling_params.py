@@ -68,9 +68,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # tokens that end generation (stored as a list)
     ignore_eos: bool = False  # keep generating after EOS
     max_tokens: int | None = 16  # >= 1; None: up to the model's context length
-    min_tokens: int = 0  # EOS and stop_token_ids are not generated before this many tokens
+    min_tokens: int = 0  # before this many tokens: no EOS or stop_token_ids, no stop string match
     logprobs: int | None = None  # top logprobs per output token (-1: the whole vocabulary)
-    prompt_logprobs: int | None = None  # top logprobs per prompt token (-1: the whole vocabulary)
+    prompt_logprobs: int | None = None  # top logprobs per prompt token (the engine serves 0..max_logprobs)
     detokenize: bool = True
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True

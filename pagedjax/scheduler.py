@@ -83,6 +83,7 @@ class SchedulerOutput:
     cow_copies: list[tuple[int, int]]  # (src, dst) page copies for copy-on-write
     preempted_ids: list[str]  # preempted in this schedule(); their pages are already free
     finished_ids: list[str]  # finished or aborted since the previous schedule(); pages free
+    in_flight: bool = False  # commit_in_flight() counted it as run before its tokens came back
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class _StepPlan:
 
     def add(self, req: Request, num_new: int, copies: list[tuple[int, int]]) -> None:
         start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
-        token_ids = req.all_token_ids[start:end]
+        token_ids = req.token_ids_between(start, end)
         self.scheduled.append(
             ScheduledRequest(req.request_id, token_ids, start, list(req.block_table), end == req.num_tokens, req)
         )
@@ -252,29 +253,55 @@ class Scheduler:
             finished_ids=finished_ids,
         )
 
+    def commit_in_flight(self, scheduler_output: SchedulerOutput) -> None:
+        """Async scheduling: counts a launched step as run before its sampled tokens are back.
+
+        Its requests' computed tokens advance now and each sampling row leaves one pending token,
+        so the next schedule() can run their decodes (the token is read on device); a request
+        whose pending token reaches max_tokens or max_model_len is not scheduled again.
+        update_from_output() later fills the pending tokens in.
+        """
+        for s in scheduler_output.scheduled:
+            req = s.request
+            if req.status != RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += len(s.token_ids)
+            if s.sample:
+                req.num_pending += 1
+        scheduler_output.in_flight = True
+
     def update_from_output(
         self, scheduler_output: SchedulerOutput, sampled: dict[str, list[int] | int]
     ) -> list[Request]:
         """Advances the counters of the step just run, appends `sampled` tokens, applies the stop rules.
 
         Returns the requests that received tokens (finished ones included, with their pages
-        already freed). Requests finished or aborted since schedule() are skipped.
+        already freed). Requests finished or aborted since schedule() are skipped. For a step
+        committed in flight, the pending tokens are filled in, also of requests preempted since.
         """
         updated = []
+        in_flight = scheduler_output.in_flight
         for s in scheduler_output.scheduled:
             req = s.request
-            if req.status != RequestStatus.RUNNING:
+            if req.is_finished or (not in_flight and req.status != RequestStatus.RUNNING):
                 continue
-            req.num_computed_tokens += len(s.token_ids)
+            if not in_flight:
+                req.num_computed_tokens += len(s.token_ids)
             if not s.sample:
                 continue
             token_ids = sampled.get(s.request_id)
             if token_ids is None or token_ids == []:
                 raise ValueError(f"no sampled token for {s.request_id!r}, whose chunk ended at its last token.")
+            if in_flight:
+                req.num_pending -= 1
             self._append_tokens(req, [token_ids] if isinstance(token_ids, int) else token_ids)
+            if in_flight and not req.is_finished and req.status == RequestStatus.RUNNING:
+                self._cache_full_pages(req, (len(req.all_token_ids) - 1) // self.page_size * self.page_size,
+                                       req.num_computed_tokens)  # a page its pending token filled
             updated.append(req)
         if any(req.is_finished for req in updated):
             self.running = [req for req in self.running if not req.is_finished]
+            self.waiting = deque(req for req in self.waiting if not req.is_finished)
         return updated
 
     def stats(self) -> SchedulerStats:
@@ -297,6 +324,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and plan.token_budget > 0 and len(plan.scheduled) < self.config.max_num_seqs:
             req = self.running[i]
+            if self._finishes_on_pending(req):
+                i += 1
+                continue
             num_new = self._num_new_tokens(req, req.num_computed_tokens, plan.token_budget)
             if num_new > 0:
                 copies = self._allocate_or_preempt(req, num_new, plan)
@@ -352,12 +382,17 @@ class Scheduler:
         src, k = req.fork_source, req.fork_num_tokens
         if src is not None and not src.is_finished and src.num_computed_tokens >= k:
             return src.block_table[: _cdiv(k, self.page_size)], k, False
-        if not self.allocator.enable_prefix_caching:
-            return [], 0, False
+        if not self.allocator.enable_prefix_caching or req.skip_reading_prefix_cache:
+            return [], 0, False  # (prompt logprobs: every prompt position is computed)
         max_pages = (req.num_tokens - 1) // self.page_size  # the last token is computed: its logits are sampled
         extend_page_hashes(req.page_hashes, req.all_token_ids, self.page_size, max_pages)
         hits = self.allocator.lookup(req.page_hashes[:max_pages])
         return hits, len(hits) * self.page_size, True
+
+    def _finishes_on_pending(self, req: Request) -> bool:
+        """Its pending token ends it by length, whatever the token: nothing more to compute."""
+        return req.num_pending > 0 and (
+            req.num_output_tokens + req.num_pending >= req.max_tokens or req.num_tokens >= self.config.max_model_len)
 
     def _waits_for_fork_source(self, req: Request) -> bool:
         src = req.fork_source
@@ -401,7 +436,8 @@ class Scheduler:
     def _cache_full_pages(self, req: Request, num_computed: int, end: int) -> None:
         """Registers in the prefix cache the pages this step fills (before they are written: see SchedulerOutput)."""
         ps = self.page_size
-        first, num_full = num_computed // ps, end // ps
+        # A page holding a pending token is cached once the token is known (update_from_output).
+        first, num_full = num_computed // ps, min(end, req.num_tokens - req.num_pending) // ps
         if self.allocator.enable_prefix_caching and num_full > first:
             extend_page_hashes(req.page_hashes, req.all_token_ids, ps, num_full)
             self.allocator.cache_pages(req.block_table, req.page_hashes, start=first, stop=num_full)

@@ -94,18 +94,18 @@ def run(engine: LLMEngine, arrivals: dict[int, list[tuple]]) -> dict[str, pj.Req
 def recording(engine: LLMEngine, probe=None):
     """Records every runner call: [(StepRequests, pages in use, probe())]."""
     log = []
-    execute = engine.runner.execute
+    launch = engine.runner.launch
     alloc = engine.scheduler.allocator
 
-    def recorded(batch, copies=(), num_logprobs=0):
+    def recorded(batch, copies=(), num_logprobs=0, prev=None):
         log.append((batch, alloc.num_usable_pages - alloc.num_free_pages, probe() if probe else None))
-        return execute(batch, copies, num_logprobs)
+        return launch(batch, copies, num_logprobs, prev)
 
-    engine.runner.execute = recorded
+    engine.runner.launch = recorded
     try:
         yield log
     finally:
-        del engine.runner.execute
+        del engine.runner.launch
 
 
 def prompts(seed: int, n: int, lo: int, hi: int) -> list[list[int]]:
@@ -439,7 +439,8 @@ def test_out_of_range_parameters_are_rejected(engine):
     bad = [
         (pj.SamplingParams(logprobs=21), "logprobs"),
         (pj.SamplingParams(logprobs=-1), "logprobs"),
-        (pj.SamplingParams(prompt_logprobs=1), "prompt_logprobs"),
+        (pj.SamplingParams(prompt_logprobs=21), "prompt_logprobs"),
+        (pj.SamplingParams(prompt_logprobs=-1), "prompt_logprobs"),
         (pj.SamplingParams(stop_token_ids=[hf_models.VOCAB]), "stop_token_ids"),
         (pj.SamplingParams(max_tokens=60), "max_model_len"),
         (BeamSearchParams(beam_width=2, max_tokens=4, temperature=0.5), "temperature"),

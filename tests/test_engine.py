@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -248,7 +249,7 @@ def test_step_never_copies_the_pool(llama, attn_impl):
     The custom-call path only: the jnp reference (the oracle) maps over query blocks with the
     pool as loop state, and XLA copies it there.
     """
-    from pagedjax.model_runner import ModelRunner, _step
+    from pagedjax.model_runner import ModelRunner, _step, pack
 
     _, params = llama
     runner = ModelRunner(params, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=16,
@@ -256,7 +257,82 @@ def test_step_never_copies_the_pool(llama, attn_impl):
     k = runner.pages[0][0]
     pool = f"f32[{','.join(map(str, k.shape))}]"
     for T in runner.token_buckets:
-        hlo = _step.lower(params.config, attn_impl, params.variables, runner.pages,
-                          *runner._dummy_inputs(T), num_logprobs=0).compile().as_text()
+        buf, layout = pack(runner._dummy_inputs(T)[0])
+        hlo = _step.lower(params.config, attn_impl, params.variables, runner.pages, buf,
+                          runner._no_prev, layout=layout).compile().as_text()
         copies = [line for line in hlo.splitlines() if pool in line and " copy(" in line]
         assert not copies, copies[:3]
+
+
+def test_step_and_sampler_have_no_conditionals(llama):
+    """No `conditional` in the compiled step or sampler: on a GPU its predicate is read back to
+    the host, which then waits for everything before it (the H100 profile: ~3 ms a decode step)."""
+    from pagedjax import sampler
+    from pagedjax.model_runner import ModelRunner, _sample, _step, pack
+
+    _, params = llama
+    runner = ModelRunner(params, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=16,
+                         num_pages=64, precompile=False)
+    model_inputs, _ = runner._dummy_inputs(16)
+    buf, layout = pack(model_inputs)
+    hlo = _step.lower(params.config, "auto", params.variables, runner.pages, buf, runner._no_prev,
+                      layout=layout).compile().as_text()
+    assert " conditional(" not in hlo
+    ps = [pj.SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.1, seed=1), pj.SamplingParams(temperature=0)]
+    smeta = sampler.make_sampling_metadata(ps, [[], []], num_rows=4)
+    flags = sampler.static_flags(smeta)
+    assert flags == sampler.SampleFlags(random=True, top_k=True, top_p=True)
+    sbuf, slayout = pack(smeta)
+    logits = jnp.zeros((4, params.config.vocab_size), jnp.float32)
+    for num_logprobs in (0, 5):
+        hlo = _sample.lower(logits, sbuf, layout=slayout, num_logprobs=num_logprobs, flags=flags,
+                            num_slots=4).compile().as_text()
+        assert " conditional(" not in hlo
+    # The flags only leave out work no row uses: the same tokens as deciding on device.
+    logits = jax.random.normal(jax.random.key(0), (4, params.config.vocab_size)) * 3
+    with_flags = sampler.sample(logits, jax.tree.map(jnp.asarray, smeta), flags=flags)
+    on_device = sampler.sample(logits, jax.tree.map(jnp.asarray, smeta))
+    np.testing.assert_array_equal(with_flags.token_ids, on_device.token_ids)
+
+
+def test_async_scheduling_matches_sync(llama):
+    """Step n+1 launched before step n's tokens reach the host: the same tokens, logprobs and
+    finish reasons as the synchronous engine, for seeded sampling (the seed's step counts the
+    pending token), min_tokens with stop tokens, logprobs, n=2, and penalties (those steps run
+    synchronously), with waves of arrivals, chunked prefill and preemptions."""
+    _, params = llama
+    V = params.config.vocab_size
+    rng = np.random.default_rng(3)
+    kinds = [
+        dict(temperature=0.9, top_p=0.9, top_k=20, seed=11),
+        dict(temperature=0.0, logprobs=3),
+        dict(temperature=1.0, seed=5, min_tokens=4, stop_token_ids=[int(t) for t in rng.integers(0, V, 40)]),
+        dict(temperature=0.7, seed=2, n=2),
+        dict(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.2),
+    ]
+    arrivals: dict[int, list] = {}
+    for i, prompt in enumerate(hf_models.random_prompts(rng, 20, 3, 40)):
+        sp = pj.SamplingParams(max_tokens=int(rng.integers(5, 16)), **kinds[i % len(kinds)])
+        arrivals.setdefault(2 * (i // 4), []).append((f"r{i}", prompt, sp))
+    results, pending_rows = [], []
+    for async_scheduling in (False, True):
+        engine = make_engine(params, async_scheduling=async_scheduling, num_pages=14,
+                             max_num_batched_tokens=32)
+        launch = engine.runner.launch
+        rows = []
+
+        def counting_launch(batch, *a, **k):
+            rows.append(sum(r.prev_row >= 0 for r in batch))
+            return launch(batch, *a, **k)
+
+        engine.runner.launch = counting_launch
+        done = run_all(engine, arrivals)
+        assert_clean(engine, done)
+        assert engine.stats().num_preemptions > 0
+        results.append({rid: [(c.token_ids, c.finish_reason, c.stop_reason,
+                               None if c.logprobs is None else [sorted(e) for e in c.logprobs],
+                               round(c.cumulative_logprob, 3)) for c in out.outputs]
+                        for rid, out in done.items()})
+        pending_rows.append(sum(rows))
+    assert results[0] == results[1]
+    assert pending_rows[0] == 0 and pending_rows[1] > 20  # decodes really read tokens on device

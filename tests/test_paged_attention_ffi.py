@@ -217,7 +217,7 @@ def test_sharded_over_heads_matches_unsharded():
 
 def test_num_splits_from_static_shapes():
     sms = 132
-    assert ffi.choose_num_splits(256, 256, 32, 8, 128, 8192, sms) == 1  # the grid fills the GPU
+    assert ffi.choose_num_splits(4096, 4096, 32, 8, 128, 8192, sms) == 1  # tens of waves of CTAs
     assert ffi.choose_num_splits(4096, 8, 32, 8, 128, 8192, sms) == 1  # prefill: many query tiles
     one = ffi.choose_num_splits(1, 1, 32, 8, 128, 32768, sms)
     assert 8 <= one <= ffi.MAX_SPLITS  # one long sequence: split its context
@@ -227,6 +227,29 @@ def test_num_splits_from_static_shapes():
         assert s == 1 or ffi.workspace_elements(s, T, 128, 256) * 4 <= ffi.WORKSPACE_BUDGET_BYTES
     assert ffi.choose_num_splits(2000, 1, 128, 1, 256, 1 << 20, sms) == 1
     assert ffi.workspace_elements(1, 8192, 64, 256) == 1
+    for R in (1, 8, 32, 64, 256):  # decode, the model: within its caps
+        for C in (2048, 32768):
+            s = ffi.choose_num_splits(R, R, 32, 8, 128, C, sms, measured=False)
+            assert 1 <= s <= min(ffi.MAX_SPLITS, C // ffi.MIN_SPLIT_POSITIONS)
+    # Fewer CTAs than SMs over a long context: the model splits them past one per SM.
+    assert ffi.choose_num_splits(8, 8, 32, 8, 128, 32768, sms, measured=False) * 8 * 8 >= sms
+
+
+def test_num_splits_from_a_measured_table(monkeypatch):
+    """The sweep's table decides decode splits near measured shapes (CTAs = requests x kv heads)."""
+    table = {(256, 2048): 3, (256, 32768): 2, (1024, 2048): 5, (64, 8192): 40}
+    monkeypatch.setattr(ffi, "MEASURED_DECODE_SPLITS", table)
+    sms = 132
+    assert ffi.choose_num_splits(32, 32, 32, 8, 128, 4096, sms) == 3  # nearest: (256, 2048)
+    assert ffi.choose_num_splits(32, 32, 32, 8, 128, 16384, sms) == 2  # nearest: (256, 32768)
+    assert ffi.choose_num_splits(64, 64, 64, 16, 128, 2048, sms) == 5  # 1024 CTAs from 16 kv heads
+    assert ffi.choose_num_splits(8, 8, 32, 8, 128, 8192, sms) == ffi.MAX_SPLITS  # clamped to the cap
+    for shape in [(1, 1, 32, 8, 128, 32768),  # 8 CTAs: far below the measured range
+                  (32, 32, 32, 8, 64, 2048),  # another head dim
+                  (64, 32, 32, 8, 128, 2048)]:  # prefill tokens (T > R)
+        want = ffi.choose_num_splits(*shape, sms, measured=False)
+        assert ffi.choose_num_splits(*shape, sms) == want, shape
+    assert ffi.choose_num_splits(1, 1, 32, 8, 128, 32768, sms) != 2  # i.e. not the table's nearest
 
 
 def _call(c: Case, **overrides):
@@ -256,6 +279,19 @@ def check_bad_shapes_raise():
         _call(c, q=jnp.zeros((c.q.shape[0], 3, c.q.shape[2]), c.q.dtype))
     with pytest.raises(Exception, match="query_start_loc must be"):
         _call(c, qsl=jnp.asarray(c.meta.query_start_loc)[:-1])
+    for dtype, H in ((jnp.bfloat16, 32), (jnp.float32, 128)):  # refused in Python, on every backend
+        bad = make_case(rng, [2, 1], [5, 20], head_dim=H, dtype=dtype)
+        with pytest.raises(ValueError, match="no tensor-core kernel"):
+            ffi.paged_attention_ffi(bad.q, bad.k_pages, bad.v_pages, bad.meta, scale=bad.scale, kernel="tensor_core")
+
+
+@pytest.mark.parametrize("dtype,H", [(jnp.bfloat16, 128), (jnp.float16, 64)])
+def test_forced_tensor_core_runs_where_it_exists(dtype, H):
+    rng = np.random.default_rng()
+    q_lens, seq_lens = mixed_batch(rng, 16)
+    c = make_case(rng, q_lens, seq_lens, head_dim=H, dtype=dtype)
+    got = ffi.paged_attention_ffi(c.q, c.k_pages, c.v_pages, c.meta, scale=c.scale, kernel="tensor_core")
+    check(c, np.asarray(got.astype(jnp.float32)))
 
 
 def test_bad_metadata_raises_on_cpu():
@@ -331,9 +367,13 @@ def test_gpu_public_entry_point_and_default_splits():
 @pytest.mark.gpu
 def test_gpu_bad_shapes_raise_with_a_message():
     check_bad_shapes_raise()
-    c = make_case(np.random.default_rng(), [2, 1], [5, 20], head_dim=32, dtype=jnp.bfloat16)
-    with pytest.raises(Exception, match="no tensor-core kernel"):
-        ffi.paged_attention_ffi(c.q, c.k_pages, c.v_pages, c.meta, scale=c.scale, kernel="tensor_core")
+    rng = np.random.default_rng()
+    for dtype, H in ((jnp.bfloat16, 32), (jnp.float32, 128)):
+        c = make_case(rng, [2, 1], [5, 20], head_dim=H, dtype=dtype)
+        # The handler's own check, past the Python one: the raw custom call, its result read back
+        # (a GPU execution error surfaces there, not at dispatch).
+        with pytest.raises(Exception, match="no tensor-core kernel"):
+            run_poisoned(c, num_splits=1, kernel="tensor_core")
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ import pagedjax as pj
 from pagedjax import parallel
 from pagedjax.attention import build_metadata
 from pagedjax.kv_cache import page_pool
-from pagedjax.model_runner import ModelRunner, _step
+from pagedjax.model_runner import ModelRunner, _step, pack
 from pagedjax.models import abstract_params, get_config, get_model
 from pagedjax.params import Params
 from pagedjax.weights import load_params
@@ -209,11 +209,12 @@ def test_step_collectives(folder, arch, tp, T):
     cfg = params.config
     runner = ModelRunner(params, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=T,
                          num_pages=16, precompile=False, mesh=parallel.mesh_of(params))
-    args = jax.device_put(runner._dummy_inputs(T), runner.input_sharding)
-    compiled = _step.lower(cfg, "reference", runner.params.variables, runner.pages, *args, num_logprobs=0,
-                           mesh=runner.mesh).compile()
-    out, pages = compiled.output_shardings  # sampled ids replicated; the pool split as it came in
-    assert out.token_ids.is_fully_replicated and out.logprobs.is_fully_replicated
+    buf, layout = pack(runner._dummy_inputs(T)[0])
+    buf = jax.device_put(buf, runner.input_sharding)
+    compiled = _step.lower(cfg, "reference", runner.params.variables, runner.pages, buf, runner._no_prev,
+                           layout=layout, mesh=runner.mesh).compile()
+    logits, _, pages = compiled.output_shardings  # logits replicated; the pool split as it came in
+    assert logits.is_fully_replicated
     pool = parallel.pool_sharding(cfg, runner.mesh)
     assert all(s.is_equivalent_to(pool, 4) for kv in pages for s in kv)
     found = _collectives(compiled.as_text())
@@ -350,8 +351,9 @@ def test_ffi_step_keeps_the_pool_split():
     params, mesh = _ffi_setup(2)
     runner = ModelRunner(params, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16,
                          num_pages=16, precompile=False, mesh=mesh, attn_impl="ffi")
-    args = jax.device_put(runner._dummy_inputs(16), runner.input_sharding)
-    hlo = _step.lower(params.config, "ffi", runner.params.variables, runner.pages, *args, num_logprobs=0,
-                      mesh=runner.mesh).compile().as_text()
+    buf, layout = pack(runner._dummy_inputs(16)[0])
+    buf = jax.device_put(buf, runner.input_sharding)
+    hlo = _step.lower(params.config, "ffi", runner.params.variables, runner.pages, buf, runner._no_prev,
+                      layout=layout, mesh=runner.mesh).compile().as_text()
     gathered = [s for op, shapes in _collectives(hlo) if op == "all-gather" for s in shapes]
     assert gathered == [(4, params.config.vocab_size)], gathered  # the logits only

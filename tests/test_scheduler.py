@@ -58,6 +58,7 @@ class FakeRunner:
         self.pool = [[None] * self.ps for _ in range(sched.allocator.num_pages)]
         self.outputs = []
         self.num_copies = 0
+        self.last_sampled = {}  # the device's copy of each request's newest token (async scheduling)
 
     def step(self, out):
         self.outputs.append(out)
@@ -71,6 +72,9 @@ class FakeRunner:
             assert len(s.block_table) * ps >= s.start_pos + len(s.token_ids)
             for j, t in enumerate(s.token_ids):
                 pos = s.start_pos + j
+                if t == -1:  # pending on the host: the previous step sampled it on the device
+                    assert j == len(s.token_ids) - 1, "only a decode's last token can be pending"
+                    t = self.last_sampled[s.request_id]
                 page = s.block_table[pos // ps]
                 # A shared page is written only by the request that fills it in the step where
                 # others start reusing it (prefix hits in the same step): one writer per slot.
@@ -88,6 +92,7 @@ class FakeRunner:
                     assert slot is not None and slot[1] == pos, f"{s.request_id}: position {pos} not in its pages"
                     context.append(slot[0])
                 sampled[s.request_id] = [next_token(context, getattr(s.request.sampling_params, "seed", None) or 0)]
+                self.last_sampled[s.request_id] = sampled[s.request_id][0]
         return sampled
 
 
@@ -99,7 +104,7 @@ def check_invariants(sched, out):
     assert len({s.request_id for s in out.scheduled}) == len(out.scheduled)
     scheduled = {s.request_id: len(s.token_ids) for s in out.scheduled}
     for s in out.scheduled:
-        assert s.token_ids == s.request.all_token_ids[s.start_pos : s.start_pos + len(s.token_ids)]
+        assert s.token_ids == s.request.token_ids_between(s.start_pos, s.start_pos + len(s.token_ids))
         assert s.sample == (s.start_pos + len(s.token_ids) == s.request.num_tokens)
         if 0 < cfg.long_prefill_token_threshold:
             assert len(s.token_ids) <= cfg.long_prefill_token_threshold
@@ -131,6 +136,35 @@ def run(sched, arrivals, max_steps=20_000):
         for req in sched.update_from_output(out, runner.step(out)):
             if req.is_finished:
                 finished[req.request_id] = req
+        step += 1
+        assert step < max_steps
+    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages, "pages leaked"
+    assert not sched.running and not sched.waiting and not sched.requests
+    runner.finished = finished
+    return runner
+
+
+def run_async(sched, arrivals, max_steps=20_000):
+    """run(), pipelined as the engine's async scheduling: step n+1 is scheduled and launched
+    before step n's tokens reach the scheduler (the fake runner executes at launch, in order)."""
+    runner = FakeRunner(sched)
+    finished, step, in_flight = {}, 0, None
+    while step < len(arrivals) or sched.has_unfinished_requests() or in_flight:
+        for req in arrivals[step] if step < len(arrivals) else []:
+            sched.add_request(req)
+        out = sched.schedule()
+        check_invariants(sched, out)
+        launched = None
+        if out.scheduled:
+            launched = (out, runner.step(out))
+            sched.commit_in_flight(out)
+        else:
+            assert in_flight or not sched.has_unfinished_requests(), "requests left but nothing scheduled: a hang"
+        if in_flight:
+            for req in sched.update_from_output(*in_flight):
+                if req.is_finished:
+                    finished[req.request_id] = req
+        in_flight = launched
         step += 1
         assert step < max_steps
     assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages, "pages leaked"
@@ -696,3 +730,47 @@ def test_randomized_everything_against_the_reference(seed):
             assert got.output_token_ids == ref[: got.num_output_tokens] and got.finish_reason == cut[rid]
         else:
             assert (got.output_token_ids, got.finish_reason, got.stop_reason) == (ref, reason, stop_reason), rid
+
+
+# ---------------------------------------------------------------------------- async scheduling
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("num_pages", [256, 24])
+def test_async_scheduling_gives_the_same_outputs(prefix, num_pages):
+    """Step n+1 scheduled before step n's tokens are known: same tokens, reasons and pages as
+    the synchronous loop, with prefix hits, chunked prefill and (24 pages) preemptions."""
+    rng = random.Random(7)
+    shared = [rng.randrange(1, VOCAB) for _ in range(13)]
+    reqs = random_requests(rng, 24, max_prompt=30, max_out=30, prefix=shared, tag="a")
+    reqs += random_requests(rng, 8, max_prompt=20, max_out=12, tag="b", stop_token_ids=[3, 4], min_tokens=2)
+    sched = make_sched(num_pages=num_pages, prefix=prefix, max_num_batched_tokens=32)
+    runner = run_async(sched, waves(reqs, every=3, size=6))
+    assert_matches_reference(runner, reqs)
+    pending_rows = sum(t == -1 for o in runner.outputs for s in o.scheduled for t in s.token_ids)
+    assert pending_rows > 100  # decodes really ran on tokens the host had not seen
+    if num_pages == 24:
+        assert sched.stats().num_preemptions > 0
+    if prefix:
+        assert sched.stats().prefix_cache_hits > 0
+
+
+def test_async_scheduling_stops_at_max_tokens_without_an_extra_step():
+    req = Request("a", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), eos_token_id=EOS)
+    runner = run_async(make_sched(), [[req]])
+    assert_matches_reference(runner, [req])
+    # prefill samples token 1, then decodes 2, 3, 4: nothing is scheduled past max_tokens
+    assert [len(o.scheduled) for o in runner.outputs] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("runner", [run, run_async])
+def test_generated_pages_are_cached_under_their_tokens(runner):
+    """A follow-up prompt that repeats a finished request's prompt and outputs (a chat's next
+    turn) hits every full page, also the ones whose last token was pending when scheduled."""
+    a = Request("a", list(range(1, 11)), SamplingParams(max_tokens=21, ignore_eos=True), eos_token_id=EOS)
+    out, _, _ = reference_generate(a.prompt_token_ids, a.sampling_params, 128)
+    b = Request("b", a.prompt_token_ids + out + [7], SamplingParams(max_tokens=2, ignore_eos=True), eos_token_id=EOS)
+    sched = make_sched()
+    result = runner(sched, [[a]] + [[] for _ in range(30)] + [[b]])
+    assert_matches_reference(result, [a, b])
+    assert result.finished["b"].num_cached_tokens == 28  # 10 + 21 - 1 computed positions: 7 pages of 4

@@ -517,6 +517,31 @@ def test_stop_strings_spanning_tokens(smollm, include):
         assert detok.finish() == ""
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_stop_strings_wait_for_min_tokens(smollm, batch):
+    """vLLM: a stop string counts only when a token after the first min_tokens completes it; one
+    inside the first min_tokens tokens' text is ignored, and that text is kept whole."""
+    text = "The cat sat. The dog ran. The end."
+    ids = smollm.encode(text, add_special_tokens=False)
+    assert smollm.decode(ids) == text
+    starts = [i for i in range(len(text)) if text.startswith("The", i)]
+    # the oracle: how many tokens it takes for the text to hold each occurrence
+    done_at = [next(m for m in range(len(ids) + 1) if len(smollm.decode(ids[:m])) >= i + 3) for i in starts]
+    outcomes = set()
+    for min_tokens in range(len(ids) + 1):
+        counted = [i for i, m in zip(starts, done_at) if m > min_tokens]
+        detok = tk.IncrementalDetokenizer(smollm, [], stop=["The", "never"], min_tokens=min_tokens)
+        out, i = "", 0
+        while not detok.finished and i < len(ids):
+            out += detok.add_tokens(ids[i:i + batch])
+            i += batch
+        out += detok.finish()
+        want = (text[:counted[0]], "The") if counted else (text, None)
+        assert (out, detok.stop_str) == want, min_tokens
+        outcomes.add(want)
+    assert len(outcomes) == len(starts) + 1  # each occurrence stopped some run, and none stopped some
+
+
 def test_stop_string_inside_split_character(smollm):
     detok = tk.IncrementalDetokenizer(smollm, [], stop=["🚀"])
     head = smollm.encode("go ")

@@ -5,7 +5,8 @@
 //  - TensorCoreKernel<T, H, WM> (bf16/f16): one CTA of 4 warps per (query tile, kv head, split).
 //    A query tile is up to 16*WM rows of (token, query head) of one request: the GQA group's heads
 //    of a few consecutive tokens, so K/V is read once per group. K/V positions stream through a
-//    two-stage cp.async pipeline in tiles of 64 (16-byte loads, page table looked up per row),
+//    two-stage cp.async pipeline in tiles of 64 (16-byte loads; the page table is read a tile
+//    ahead, one row per thread, into shared memory),
 //    S = QK^T and O += PV run on mma.sync m16n8k16 with fp32 accumulators, online softmax in
 //    registers. WM=1 (decode): the 4 warps share 16 rows and split each K/V tile, merging at the
 //    end. WM=4 (prefill): each warp owns 16 rows of a 64-row tile, sharing every K/V tile.
@@ -508,18 +509,25 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
   const T* vp = static_cast<const T*>(p.v_pages);
   bool bad = false;
 
-  // Stage `stage` <- positions [start, start + 64): rows past cta_end (and bad pages) are zeros.
-  auto load_tile = [&](int start, int stage) {
+  // Element offset of row `tid` of the tile at `start` (threads < kTile): -2 past cta_end (zeros),
+  // -1 for a bad page id. Looked up a tile ahead into row_off, so the block-table read is in flight
+  // during a tile's compute; read beside each cp.async instead, every cp.async waits on its read
+  // (they alternate in the PTX): 8 dependent round trips per thread per tile.
+  __shared__ int64_t row_off[2][S::kTile];  // [stage][row]
+  auto row_offset = [&](int start) -> int64_t {
+    const int pos = start + tid;
+    return tid < S::kTile && pos < cta_end ? KvOffset(p, r, pos, kh) : -2;
+  };
+  // Stage `stage` <- the tile whose offsets are in row_off[stage]; rows with off < 0 are zeros.
+  auto load_tile = [&](int stage) {
     T* ks = kv_smem + stage * S::kStageElems;
     T* vs = ks + S::kTile * S::kRowElems;
 #pragma unroll
     for (int i = 0; i < S::kTile * kChunks / kThreads; ++i) {
       const int c = tid + i * kThreads, row = c / kChunks, col = (c % kChunks) * 8;
-      const int pos = start + row;
       T* kd = ks + row * S::kRowElems + col;
       T* vd = vs + row * S::kRowElems + col;
-      int64_t off = -2;
-      if (pos < cta_end) off = KvOffset(p, r, pos, kh);
+      const int64_t off = row_off[stage][row];
       if (off >= 0) {
         CpAsync16(kd, kp + off + col);
         CpAsync16(vd, vp + off + col);
@@ -532,11 +540,20 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
   };
 
   const int num_tiles = cta_end > lo ? (cta_end - lo + S::kTile - 1) / S::kTile : 0;
-  if (num_tiles > 0) load_tile(lo, 0);
+  if (tid < S::kTile) {
+    const int64_t off0 = row_offset(lo), off1 = row_offset(lo + S::kTile);  // both reads in flight
+    row_off[0][tid] = off0;
+    row_off[1][tid] = off1;
+  }
+  __syncthreads();
+  if (num_tiles > 0) load_tile(0);
   CpAsyncCommit();
   for (int it = 0; it < num_tiles; ++it) {
-    if (it + 1 < num_tiles) load_tile(lo + (it + 1) * S::kTile, (it + 1) & 1);
+    if (it + 1 < num_tiles) load_tile((it + 1) & 1);
     CpAsyncCommit();
+    // Tile it + 2's offsets, stored into row_off[it & 1] after this tile's compute: its last
+    // reader, load_tile at iteration it - 1, is behind the barrier below.
+    const int64_t next_off = row_offset(lo + (it + 2) * S::kTile);
     CpAsyncWait<1>();  // tile `it` has landed (only the newest group may be in flight)
     __syncthreads();
     const T* ks = kv_smem + (it & 1) * S::kStageElems;
@@ -604,6 +621,7 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
         Mma<T>::Run(o[2 * dn + 1], pa, b[2], b[3]);
       }
     }
+    if (tid < S::kTile) row_off[it & 1][tid] = next_off;
     __syncthreads();  // this stage is reloaded at the next iteration
   }
   CpAsyncWait<0>();

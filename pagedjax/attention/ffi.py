@@ -25,9 +25,37 @@ from pagedjax.attention.metadata import AttentionMetadata
 
 TARGET = "pagedjax_paged_attention"
 KERNELS = {"auto": 0, "simt": 1, "tensor_core": 2}  # the `kernel` attribute (CUDA only)
+# The tensor-core kernels exist for these head dims in bf16/f16 (HasTensorCoreKernel in
+# xla_kernels/paged_attention.cu); "auto" runs SIMT elsewhere, a forced "tensor_core" raises.
+TENSOR_CORE_HEAD_DIMS = (64, 80, 96, 128, 256)
 MAX_SPLITS = 32  # the heuristic's cap (the handler accepts up to 256)
-MIN_SPLIT_POSITIONS = 512  # a split should have at least this many positions of a full context
+MIN_SPLIT_POSITIONS = 512  # the model gives a split at least this many positions of a full context
+SPLIT_GRANULE = 64  # kSplitGranule: a split starts at a multiple of this many positions
 WORKSPACE_BUDGET_BYTES = 256 << 20
+
+# The decode split-KV model (decode_split_model). A CTA streams one (request, kv head, split)'s
+# K/V; time is counted in positions that one CTA streams when nothing else limits it.
+# Resident CTAs per SM of the tensor-core decode kernel on an H100 (228 KB shared memory, 64K
+# registers, 128 threads): two 64-position K+V stages of (H + 8) 16-bit elements plus ~2.5 KB
+# static and reserved, and ptxas's registers (H=128: 70.5 KB, 164 registers -> 3).
+DECODE_CTAS_PER_SM = {64: 4, 80: 4, 96: 4, 128: 3, 256: 1}  # other head dims (SIMT): 4
+# HBM saturates once this many CTAs per SM stream at once; below that a wave is bounded by each
+# CTA's own latency, so splitting pays. 3 (every slot at H=128) is the cautious setting: if the
+# sweep shows S=1 at full bandwidth with 2 CTAs per SM (batch 32), lower it.
+SATURATING_CTAS_PER_SM = 3
+CTA_OVERHEAD_POSITIONS = 96  # a CTA's fixed cost (find its request, load q, write out)
+MERGE_OVERHEAD_POSITIONS = 128  # the merge launch that S > 1 adds
+
+# Best split counts measured by `benchmarks/kernels/paged_attention.py --sweep-splits` for decode
+# (one token per request) with head dim 128, bf16, on an H100: {(CTAs at S=1, context): S}, where
+# CTAs at S=1 = requests x kv heads (x ceil(G / 16) head chunks). Outside the measured range
+# the model decides. Measured 2026-11-25, H100 80GB HBM3 (benchmarks/results/*-split_sweep.json).
+MEASURED_DECODE_SPLITS: dict[tuple[int, int], int] = {
+    (64, 2048): 3, (64, 8192): 3, (64, 32768): 6, (128, 2048): 1, (128, 8192): 3, (128, 32768): 3,
+    (256, 2048): 1, (256, 8192): 3, (256, 32768): 3, (512, 2048): 2, (512, 8192): 2, (512, 32768): 2,
+    (1024, 2048): 1, (1024, 8192): 1, (1024, 32768): 1,
+}
+MEASURED_HEAD_DIM = 128
 
 
 @functools.cache
@@ -36,21 +64,80 @@ def _num_sms() -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def choose_num_splits(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int,
-                      head_dim: int, max_context: int, num_sms: int) -> int:
-    """Split-KV partitions for a call, from static shapes only.
+def has_tensor_core_kernel(dtype, head_dim: int) -> bool:
+    """Whether the CUDA handler has a tensor-core kernel for this dtype and head dim."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and (
+        head_dim in TENSOR_CORE_HEAD_DIMS)
 
-    Without splitting the grid has about max(min(T, R), T / 16) * K blocks; split when that is
-    under one block per SM, aiming at two, with at least MIN_SPLIT_POSITIONS positions of a
-    full-length context per split and the partials within WORKSPACE_BUDGET_BYTES.
+
+def split_ctas(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int) -> int:
+    """CTAs with K/V to read at S = 1: a query tile per request (decode) or per ~16 tokens
+    (prefill), per kv head and chunk of up to 16 query heads of its group."""
+    tiles = max(min(num_tokens, num_reqs), num_tokens // 16, 1)
+    return tiles * num_kv_heads * -(-(num_heads // num_kv_heads) // 16)
+
+
+def decode_split_model(ctas: int, max_context: int, head_dim: int, num_sms: int, cap: int) -> int:
+    """The fewest splits S in [1, cap] near the least modeled time of `ctas` CTAs (at S = 1).
+
+    The kernel runs in waves of num_sms * DECODE_CTAS_PER_SM resident CTAs; a wave of n CTAs
+    each reading max_context / S positions takes (max_context / S + CTA_OVERHEAD_POSITIONS) *
+    max(1, n / (num_sms * SATURATING_CTAS_PER_SM)): below that the CTAs' own latency bounds the
+    wave (more CTAs help), above it HBM does (more CTAs only queue). S > 1 adds the merge. So a
+    small batch splits until HBM saturates, and a batch that fills a wave and a bit more splits
+    so that its last wave is not nearly empty.
     """
-    blocks = max(min(num_tokens, num_reqs), num_tokens // 16, 1) * num_kv_heads
-    if blocks >= num_sms:
-        return 1
-    splits = min(math.ceil(2 * num_sms / blocks), max_context // MIN_SPLIT_POSITIONS, MAX_SPLITS)
+    slots = num_sms * DECODE_CTAS_PER_SM.get(head_dim, 4)
+    saturating = num_sms * SATURATING_CTAS_PER_SM
+    cost = {}
+    for s in range(1, max(cap, 1) + 1):
+        full, last = divmod(ctas * s, slots)  # full waves, CTAs in the last one
+        waves = full * max(1.0, slots / saturating) + (max(1.0, last / saturating) if last else 0.0)
+        cost[s] = waves * (max_context / s + CTA_OVERHEAD_POSITIONS) + (MERGE_OVERHEAD_POSITIONS if s > 1 else 0)
+    # The fewest splits within 5% of the least cost: each costs workspace, and the model is rough.
+    return min(s for s, c in cost.items() if c <= 1.05 * min(cost.values()))
+
+
+def _measured_splits(ctas: int, max_context: int) -> int | None:
+    """The sweep's S at the nearest measured (CTAs, context) in log2, or None outside its range."""
+    if not MEASURED_DECODE_SPLITS:
+        return None
+    keys = list(MEASURED_DECODE_SPLITS)
+    lo_c, hi_c = min(k[0] for k in keys), max(k[0] for k in keys)
+    lo_l, hi_l = min(k[1] for k in keys), max(k[1] for k in keys)
+    if not (lo_c / 2 <= ctas <= 2 * hi_c and lo_l / 2 <= max_context <= 2 * hi_l):
+        return None
+    near = min(keys, key=lambda k: (abs(math.log2(k[0] / ctas)) + abs(math.log2(k[1] / max_context)), k))
+    return MEASURED_DECODE_SPLITS[near]
+
+
+def choose_num_splits(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int,
+                      head_dim: int, max_context: int, num_sms: int, *, measured: bool = True) -> int:
+    """Split-KV partitions for a call, from static shapes only (CUDA-graph safe).
+
+    Calls with prefill tiles (T > R) split only a grid of fewer CTAs than SMs, aiming at two per
+    SM: their CTAs are compute-heavy and every token's partials cost workspace traffic. Decode
+    calls (T <= R) with head dim MEASURED_HEAD_DIM take the sweep's measured table near a
+    measured shape (unless `measured` is False), the others decode_split_model. All give a split
+    at least MIN_SPLIT_POSITIONS positions of a full context (the table excepted) and stay within
+    MAX_SPLITS, the non-empty splits of the context and WORKSPACE_BUDGET_BYTES of partials.
+    """
+    ctas = split_ctas(num_tokens, num_reqs, num_heads, num_kv_heads)
     per_split = num_tokens * num_heads * (head_dim + 1) * 4
-    splits = min(splits, WORKSPACE_BUDGET_BYTES // max(per_split, 1))
-    return max(int(splits), 1)
+    cap = min(MAX_SPLITS, -(-max_context // SPLIT_GRANULE), WORKSPACE_BUDGET_BYTES // max(per_split, 1))
+    if cap <= 1:
+        return 1
+    if num_tokens > num_reqs:
+        if ctas >= num_sms:
+            return 1
+        return max(1, min(math.ceil(2 * num_sms / ctas), max_context // MIN_SPLIT_POSITIONS, cap))
+    table = None
+    if measured and head_dim == MEASURED_HEAD_DIM:
+        table = _measured_splits(ctas, max_context)
+    if table is not None:
+        return max(1, min(table, cap))
+    return decode_split_model(ctas, max_context, head_dim, num_sms,
+                              min(cap, max_context // MIN_SPLIT_POSITIONS))
 
 
 def workspace_elements(num_splits: int, num_tokens: int, num_heads: int, head_dim: int) -> int:
@@ -73,9 +160,14 @@ def paged_attention_call(
     """The custom call on local (unsharded) arrays; returns out [T, N, H] in q's dtype."""
     if kernel not in KERNELS:
         raise ValueError(f"paged_attention_ffi: unknown kernel {kernel!r} (expected one of {list(KERNELS)})")
+    T, N, H = q.shape
+    if kernel == "tensor_core" and not has_tensor_core_kernel(q.dtype, H):
+        # Checked here too (the handler refuses it as well), so the error comes at trace time on
+        # every backend rather than from an asynchronous GPU execution.
+        raise ValueError(f"paged_attention_ffi: no tensor-core kernel for {jnp.dtype(q.dtype).name} with "
+                         f"head dim {H} (bf16/f16 with head dim in {TENSOR_CORE_HEAD_DIMS}); use kernel='auto'")
     backend = jax.default_backend()
     _ffi.require(TARGET, backend)
-    T, N, H = q.shape
     R, M = block_tables.shape
     if num_splits is None:
         num_splits = 1 if backend != "gpu" else choose_num_splits(

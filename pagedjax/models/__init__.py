@@ -1,6 +1,8 @@
 """Model registry: architecture name -> Flax module, plus the abstract parameter tree of a config.
 
-Usage: `logits, pages = get_model(cfg).apply(params.variables, tokens, pages, meta)`.
+Usage: `logits, pages = get_model(cfg).apply(params.variables, tokens, pages, meta)`; with
+`all_hidden=True, mutable=["intermediates"]` the head input of every token is sown too, and
+`head_logits(cfg, params.variables, x)` turns head inputs into logits (prompt logprobs).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pagedjax.attention import AttentionMetadata
 from pagedjax.models.config import HF_ARCHITECTURES, ModelConfig, get_config
 from pagedjax.models.gpt2 import GPT2
 from pagedjax.models.gpt_neox import GPTNeoX
+from pagedjax.models.layers import head_logits
 from pagedjax.models.llama import Llama
 from pagedjax.models.opt import OPT
 
-__all__ = ["HF_ARCHITECTURES", "MODELS", "ModelConfig", "abstract_params", "get_config", "get_model"]
+__all__ = ["HF_ARCHITECTURES", "MODELS", "ModelConfig", "abstract_params", "get_config", "get_model", "head_logits"]
 
 MODELS: dict[str, type[nn.Module]] = {"llama": Llama, "gpt2": GPT2, "gpt_neox": GPTNeoX, "opt": OPT}
 

@@ -90,6 +90,37 @@ def lm_head(cfg: ModelConfig, embed: Embed, x: jax.Array) -> jax.Array:
     return logits.astype(jnp.float32)
 
 
+def head_logits(cfg: ModelConfig, variables, x: jax.Array) -> jax.Array:
+    """`lm_head` as a pure function of the weights: head inputs x [S, E] -> logits [S, V] f32.
+
+    The same einsum as the module, callable outside `apply` (inside `lax.map`, say), so the
+    runner can compute logits for many rows a chunk at a time (prompt logprobs).
+    """
+    p = variables["params"]
+    if cfg.tie_word_embeddings:
+        logits = jnp.einsum("se,ve->sv", x, p["embed"]["embedding"].astype(x.dtype))
+    else:
+        logits = jnp.einsum("se,ev->sv", x, p["lm_head"]["kernel"].astype(x.dtype))
+    return logits.astype(jnp.float32)
+
+
+def head_rows(module: nn.Module, x: jax.Array, meta: AttentionMetadata, all_hidden: bool,
+              head_in: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """The head inputs [S, E] of the rows at meta.logits_indices: `head_in` (the final norm, and
+    whatever else runs per row before the head) applied to those rows of x [T, D].
+
+    With `all_hidden` it runs on every token instead, and the result [T, E] is sown as
+    `intermediates["head_input"]` (read with `apply(..., mutable=["intermediates"])`): prompt
+    logprobs need the logits of every position. Without it the sow never happens and the head
+    input costs S rows, not T.
+    """
+    if not all_hidden:
+        return head_in(x[meta.logits_indices])  # [S, E]
+    h = head_in(x)  # [T, E]
+    module.sow("intermediates", "head_input", h)
+    return h[meta.logits_indices]  # [S, E]
+
+
 # --- norms ----------------------------------------------------------------------------------
 
 

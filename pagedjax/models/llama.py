@@ -13,7 +13,7 @@ import jax
 from pagedjax.attention import AttentionMetadata
 from pagedjax.kv_cache.page_pool import KVPages
 from pagedjax.models.config import ModelConfig
-from pagedjax.models.layers import Attention, Embed, GatedMLP, check_pages, lm_head, norm
+from pagedjax.models.layers import Attention, Embed, GatedMLP, check_pages, head_rows, lm_head, norm
 
 
 class LlamaBlock(nn.Module):
@@ -40,8 +40,8 @@ class Llama(nn.Module):
     attn_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, pages: KVPages, meta: AttentionMetadata):
-        """tokens [T] -> (logits [S, V] float32 at meta.logits_indices, new pages)."""
+    def __call__(self, tokens: jax.Array, pages: KVPages, meta: AttentionMetadata, all_hidden: bool = False):
+        """tokens [T] -> (logits [S, V] f32 at meta.logits_indices, new pages); all_hidden: head_rows."""
         cfg = self.config
         check_pages(cfg, pages)
         embed = Embed(cfg.vocab_size, cfg.hidden_size, name="embed")
@@ -50,5 +50,5 @@ class Llama(nn.Module):
         for i, kv in enumerate(pages):
             x, kv = LlamaBlock(cfg, i, self.attn_impl, name=f"layers_{i}")(x, kv, meta)
             new_pages.append(kv)
-        x = norm(cfg, "final_norm")(x[meta.logits_indices])  # [S, D]
+        x = head_rows(self, x, meta, all_hidden, norm(cfg, "final_norm"))  # [S, D]
         return lm_head(cfg, embed, x), new_pages

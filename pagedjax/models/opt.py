@@ -14,7 +14,7 @@ import jax
 from pagedjax.attention import AttentionMetadata
 from pagedjax.kv_cache.page_pool import KVPages
 from pagedjax.models.config import ModelConfig
-from pagedjax.models.layers import MLP, Attention, Einsum, Embed, check_pages, lm_head, norm
+from pagedjax.models.layers import MLP, Attention, Einsum, Embed, check_pages, head_rows, lm_head, norm
 
 POSITION_OFFSET = 2  # OPT's learned position table starts 2 rows in (a fairseq legacy)
 
@@ -46,8 +46,8 @@ class OPT(nn.Module):
     attn_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, pages: KVPages, meta: AttentionMetadata):
-        """tokens [T] -> (logits [S, V] float32 at meta.logits_indices, new pages)."""
+    def __call__(self, tokens: jax.Array, pages: KVPages, meta: AttentionMetadata, all_hidden: bool = False):
+        """tokens [T] -> (logits [S, V] f32 at meta.logits_indices, new pages); all_hidden: head_rows."""
         cfg = self.config
         check_pages(cfg, pages)
         D, E = cfg.hidden_size, cfg.embed_dim
@@ -61,9 +61,12 @@ class OPT(nn.Module):
         for i, kv in enumerate(pages):
             x, kv = OPTBlock(cfg, i, self.attn_impl, name=f"layers_{i}")(x, kv, meta)
             new_pages.append(kv)
-        x = x[meta.logits_indices]  # [S, D]
-        if cfg.final_norm:
-            x = norm(cfg, "final_norm")(x)
-        if E != D:
-            x = Einsum("sd,de->se", (D, E), ("embed", None), name="project_out")(x)  # [S, E]
+        final_norm = norm(cfg, "final_norm") if cfg.final_norm else None
+        project_out = Einsum("sd,de->se", (D, E), ("embed", None), name="project_out") if E != D else None
+
+        def head_in(h: jax.Array) -> jax.Array:  # [S, D] -> [S, E], row by row
+            h = final_norm(h) if final_norm is not None else h
+            return project_out(h) if project_out is not None else h
+
+        x = head_rows(self, x, meta, all_hidden, head_in)  # [S, E]
         return lm_head(cfg, embed, x), new_pages

@@ -9,6 +9,7 @@ cancelled, non-streamed ones through a task that listens for `http.disconnect`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import re
@@ -168,9 +169,11 @@ class OpenAIServing:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
 
     @staticmethod
-    async def _collect(stream: RequestStream, request: Request | None, num_prompts: int
+    async def _collect(stream: RequestStream, request: Request | None, num_prompts: int,
+                       prompt_logprobs: dict[int, list] | None = None
                        ) -> tuple[list[dict[int, _Sample]], list[list[int]], list[int]]:
-        """Joins a stream's deltas: per prompt {sample index: _Sample}, the final order, prompt lengths."""
+        """Joins a stream's deltas: per prompt {sample index: _Sample}, the final order, prompt lengths
+        (and into `prompt_logprobs`, when given, each prompt's prompt logprobs)."""
         samples: list[dict[int, _Sample]] = [{} for _ in range(num_prompts)]
         order: list[list[int]] = [[] for _ in range(num_prompts)]
         prompt_lens = [0] * num_prompts
@@ -178,6 +181,8 @@ class OpenAIServing:
         try:
             async for p, out in stream:
                 prompt_lens[p] = len(out.prompt_token_ids)
+                if prompt_logprobs is not None and out.prompt_logprobs is not None:
+                    prompt_logprobs[p] = out.prompt_logprobs
                 for c in out.outputs:
                     samples[p].setdefault(c.index, _Sample()).add(c)
                 if out.finished:
@@ -198,26 +203,30 @@ class OpenAIServing:
             raise bad_request("prompt must not be empty", "prompt")
         if len(prompts) > self.max_prompts:
             raise bad_request(f"at most {self.max_prompts} prompts per request, got {len(prompts)}", "prompt")
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed yet)",
-                              "echo")
         if req.logprobs is not None and not 0 <= req.logprobs <= self.max_logprobs:
             raise bad_request(f"logprobs must be in [0, {self.max_logprobs}], got {req.logprobs}", "logprobs")
         params = self._sampling_params(req, req.max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None:  # vLLM: the echoed prompt's tokens get logprobs too
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         encoded = await asyncio.to_thread(lambda: [self._encode(p, req.add_special_tokens) for p in prompts])
         texts = [t if t is not None or not req.echo else self._decode(ids) for t, ids in encoded]
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = await self._add(rid, [ids for _, ids in encoded], params, P.CompletionRequest)
         if req.stream:
             return _EventStream(self._completion_stream(rid, req, stream, texts, params), stream)
-        samples, order, prompt_lens = await self._collect(stream, request, len(prompts))
+        prompt_lps: dict[int, list] = {}
+        samples, order, prompt_lens = await self._collect(stream, request, len(prompts), prompt_lps)
         choices, num_generated = [], 0
         for p, indices in enumerate(order):
             for rank, i in enumerate(indices):
                 s = samples[p][i]
                 prefix = texts[p] if req.echo else ""
-                lp = (self._completion_logprobs(s.token_ids, s.logprobs, len(prefix), req.logprobs)
-                      if req.logprobs is not None else None)
+                lp = None
+                if req.logprobs is not None and req.echo:
+                    lp = self._completion_logprobs(encoded[p][1] + s.token_ids,
+                                                   prompt_lps.get(p, []) + s.logprobs, 0, req.logprobs)
+                elif req.logprobs is not None:
+                    lp = self._completion_logprobs(s.token_ids, s.logprobs, len(prefix), req.logprobs)
                 choices.append(P.CompletionChoice(index=p * params.n + rank, text=prefix + s.text, logprobs=lp,
                                                   finish_reason=s.finish_reason, stop_reason=s.stop_reason))
                 num_generated += len(s.token_ids)
@@ -235,26 +244,32 @@ class OpenAIServing:
         usage_every = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         include_usage = bool(req.stream_options and req.stream_options.include_usage) or usage_every
         finished: set[int] = set()
+        prompt_lps: dict[int, list] = {}  # echo + logprobs: each prompt's, from its first output
         try:
             async for p, out in stream:
                 if p not in seen:
                     seen.add(p)
                     prompt_tokens += len(out.prompt_token_ids)
+                if out.prompt_logprobs is not None:
+                    prompt_lps[p] = out.prompt_logprobs
                 for c in out.outputs:
                     i = p * n + c.index
                     if i in finished:
                         continue
                     completion_tokens += len(c.token_ids)
-                    text = c.text
+                    text, ids, entries = c.text, c.token_ids, c.logprobs or []
                     if i in echo:
                         echo.discard(i)
                         text = texts[p] + text
+                        if req.logprobs is not None:
+                            ids, entries = out.prompt_token_ids + ids, prompt_lps.get(p, []) + entries
+                            offsets[i] = 0
                     if not text and not (c.token_ids and req.logprobs is not None) and c.finish_reason is None:
                         continue
                     lp = None
                     if req.logprobs is not None:
                         start = offsets.get(i, len(texts[p] or "") if req.echo else 0)
-                        lp = self._completion_logprobs(c.token_ids, c.logprobs or [], start, req.logprobs)
+                        lp = self._completion_logprobs(ids, entries, start, req.logprobs)
                         offsets[i] = start + sum(len(t) for t in lp.tokens)
                     if c.finish_reason is not None:
                         finished.add(i)
@@ -273,15 +288,19 @@ class OpenAIServing:
             stream.close()
         yield "data: [DONE]\n\n"
 
-    def _completion_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]], offset: int,
+    def _completion_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob] | None], offset: int,
                              k: int) -> P.CompletionLogprobs:
         out = P.CompletionLogprobs()
         for t, entry in zip(token_ids, entries):
-            token = self._token_text(t, entry)
+            token = self._token_text(t, entry or {})
             out.tokens.append(token)
-            out.token_logprobs.append(_floor(entry[t].logprob) if t in entry else None)
-            out.top_logprobs.append({self._token_text(u, entry): _floor(lp.logprob) for u, lp in entry.items()
-                                     if u == t or (lp.rank is not None and lp.rank <= k)})
+            if entry is None:  # the first prompt token (echo): nothing before it to condition on
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+            else:
+                out.token_logprobs.append(_floor(entry[t].logprob) if t in entry else None)
+                out.top_logprobs.append({self._token_text(u, entry): _floor(lp.logprob) for u, lp in entry.items()
+                                         if u == t or (lp.rank is not None and lp.rank <= k)})
             out.text_offset.append(offset)
             offset += len(token)
         return out

@@ -1,0 +1,197 @@
+"""Where one engine step spends its time: host versus device, at a fixed batch of decodes.
+
+  python benchmarks/profile_step.py --model named:llama3-8b --batch-size 1 --out prof.json --trace-dir DIR
+
+Four views of the same decode step (one token per running request, context --context):
+- `engine_step_ms`: wall time of `LLMEngine.step()` in a loop, what a user sees per token;
+- `host_ms`: the engine's host phases inside that step (schedule, the ragged batch, dispatch,
+  waiting for the device, updates and outputs), timed by wrapping them;
+- `device_ms`: the jitted step called back to back on the same inputs, so the device never
+  waits for the host: its time per step is the device's;
+- a jax.profiler trace of a few engine steps (`--trace-dir`), with the GPU kernel time per step
+  and the kernels that take it, read from the trace's perfetto JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from throughput import load  # noqa: E402
+
+
+class Timers:
+    """Wraps methods in place and sums their wall time per name."""
+
+    def __init__(self):
+        self.total = collections.defaultdict(float)
+        self.calls = collections.Counter()
+
+    def wrap(self, obj, name: str, label: str | None = None) -> None:
+        fn = getattr(obj, name)
+        label = label or name
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total[label] += time.perf_counter() - t0
+                self.calls[label] += 1
+
+        setattr(obj, name, timed)
+
+    def per_call_ms(self, steps: int) -> dict[str, float]:
+        return {k: round(1000 * v / steps, 3) for k, v in sorted(self.total.items())}
+
+
+def _decode_steps(engine, n: int) -> float:
+    """Seconds per engine step over n steps (the batch stays in decode throughout)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        engine.step()
+    return (time.perf_counter() - t0) / n
+
+
+def _device_time(runner, batch, n: int) -> tuple[float, float]:
+    """(seconds per step with the device never waiting, seconds to launch one step)."""
+    import jax
+
+    launched = runner.launch(batch)
+    jax.block_until_ready(launched.next_tokens)
+    t0 = time.perf_counter()
+    dispatch = 0.0
+    for _ in range(n):
+        d0 = time.perf_counter()
+        launched = runner.launch(batch)
+        dispatch += time.perf_counter() - d0
+    jax.block_until_ready((launched.next_tokens, runner.pages))
+    return (time.perf_counter() - t0) / n, dispatch / n
+
+
+def _kernel_summary(trace_dir: str, steps: int) -> dict:
+    """GPU time per step and the top kernels, from the perfetto trace the profiler wrote."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+        return {"error": "no perfetto trace found"}
+    with gzip.open(max(files, key=os.path.getmtime)) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    by_kernel = collections.defaultdict(float)
+    count = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu:
+            by_kernel[e["name"]] += e.get("dur", 0.0)
+            count[e["name"]] += 1
+    host = collections.defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") not in gpu:
+            host[e["name"]] += e.get("dur", 0.0)
+    total_us = sum(by_kernel.values())
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:25]
+    top_host = sorted(host.items(), key=lambda kv: -kv[1])[:25]
+    return {"trace_file": os.path.relpath(max(files, key=os.path.getmtime), trace_dir),
+            "gpu_processes": sorted(names[p] for p in gpu),
+            "gpu_ms_per_step": round(total_us / 1000 / steps, 3),
+            "top_kernels_ms_per_step": [(k[:120], round(v / 1000 / steps, 4), count[k] // steps)
+                                        for k, v in top],
+            "top_host_events_ms_per_step": [(k[:120], round(v / 1000 / steps, 4)) for k, v in top_host]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--context", type=int, default=512, help="prompt length of each request")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--sync", action="store_true", help="async_scheduling=False")
+    p.add_argument("--trace-dir", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import jax
+
+    import pagedjax as pj
+    from pagedjax import model_runner as mr
+    from pagedjax.model_runner import StepRequest
+
+    if args.dtype is None:
+        args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    params = load(args)
+    B, S = args.batch_size, args.context
+    total = 3 * args.steps + 8
+    llm = pj.LLM(params, max_num_seqs=max(B, 1), enable_prefix_caching=False,
+                 max_num_batched_tokens=args.max_num_batched_tokens or max(B * 16, S, 16), max_model_len=S + total + 16,
+                 attn_impl=args.attn_impl, async_scheduling=not args.sync)
+    engine = llm.engine
+    rng = np.random.default_rng(args.seed)
+    sp = pj.SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
+    for i in range(B):
+        engine.add_request(str(i), rng.integers(16, params.config.vocab_size, size=S).tolist(), sp)
+    while any(r.num_computed_tokens < S for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill
+    _decode_steps(engine, 3)  # warm
+
+    plain = _decode_steps(engine, args.steps)
+
+    timers = Timers()
+    timers.wrap(engine.scheduler, "schedule")
+    timers.wrap(engine.scheduler, "update_from_output")
+    timers.wrap(engine.runner, "prepare")
+    timers.wrap(engine.runner, "launch")
+    timers.wrap(engine.runner, "fetch")
+    timers.wrap(engine, "_collect")
+    timers.wrap(mr, "_step", "dispatch (model)")
+    timers.wrap(mr, "_sample", "dispatch (sampler)")
+    timers.wrap(jax, "device_get", "device_get (waits for the device)")
+    timers.wrap(jax, "device_put")
+    wrapped = _decode_steps(engine, args.steps)
+    host = timers.per_call_ms(args.steps)
+
+    trace = {}
+    if args.trace_dir:
+        with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
+            _decode_steps(engine, 10)
+        try:
+            trace = _kernel_summary(args.trace_dir, 10)
+        except Exception as e:  # the summary is a convenience; the trace itself is the record
+            trace = {"error": repr(e)}
+
+    # The device alone: the same decode batch, back to back.
+    batch = [StepRequest([1], r.num_computed_tokens, r.block_table, True, sp, [], [])
+             for r in engine.scheduler.running]
+    device, dispatch = _device_time(engine.runner, batch, args.steps)
+
+    res = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
+           "model": args.model, "dtype": args.dtype, "batch_size": B, "context": S,
+           "async_scheduling": not args.sync,
+           "engine_step_ms": round(1000 * plain, 3), "engine_step_ms_timed": round(1000 * wrapped, 3),
+           "device_ms": round(1000 * device, 3), "dispatch_ms": round(1000 * dispatch, 3),
+           "host_phases_ms_per_step": host, "trace": trace}
+    print(json.dumps(res, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
