@@ -176,7 +176,8 @@ def main(argv=None) -> int:
             trace = {"error": repr(e)}
 
     # The device alone: the same decode batch, back to back.
-    batch = [StepRequest([1], r.num_computed_tokens, r.block_table, True, sp, [], [])
+    # (re)computes each request's newest position: with a step in flight its pages end there
+    batch = [StepRequest([1], r.num_computed_tokens - 1, r.block_table, True, sp, [], [])
              for r in engine.scheduler.running]
     device, dispatch = _device_time(engine.runner, batch, args.steps)
 

@@ -162,24 +162,9 @@ class StepLog:
     def wrap(self, runner) -> Callable[[], None]:
         """Records every step the runner runs from now on; returns a function that stops it.
 
-        A runner with `launch` / `fetch` (steps may overlap) is timed per step from its launch,
-        or the previous step's fetch if later, to its own fetch; else `execute` is timed whole.
+        Steps may overlap (async scheduling): each is timed from its launch, or the previous
+        step's fetch if later, to its own fetch.
         """
-        if hasattr(runner, "launch") and hasattr(runner, "fetch"):
-            return self._wrap_launch_fetch(runner)
-        inner = runner.execute
-
-        def execute(batch, *args, **kwargs):
-            t0 = time.perf_counter()
-            out = inner(batch, *args, **kwargs)  # returns host token ids: the step is done
-            dt = time.perf_counter() - t0
-            self.add([(s.num_computed_tokens, len(s.token_ids)) for s in batch], dt)
-            return out
-
-        runner.execute = execute
-        return lambda: runner.__dict__.pop("execute", None)
-
-    def _wrap_launch_fetch(self, runner) -> Callable[[], None]:
         launch, fetch = runner.launch, runner.fetch
         pending: list[tuple[list[tuple[int, int]], float]] = []  # launched, not fetched: FIFO
         last_end = [0.0]
