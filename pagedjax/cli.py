@@ -21,6 +21,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     p.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "ffi"])
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
+                   help="what a preempted request's pages become: recomputed later, or swapped to host memory")
+    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped pages")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="wait for each step's tokens before scheduling the next")
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -34,6 +39,9 @@ def _engine_options(args: argparse.Namespace) -> dict:
         "enable_prefix_caching": not args.no_prefix_caching,
         "attn_impl": args.attn_impl,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "preemption_mode": args.preemption_mode,
+        "swap_space": args.swap_space,
+        "async_scheduling": not args.no_async_scheduling,
     }
     return {k: v for k, v in opts.items() if v is not None}
 

@@ -45,6 +45,15 @@ class EngineConfig:
     precompile: bool = True
     seed: int = 0
     async_scheduling: bool = True  # schedule and launch step n+1 before step n's tokens reach the host
+    preemption_mode: str = "recompute"  # "recompute" | "swap": a preempted request's pages go to host memory
+    swap_space: float = 4.0  # GiB of host memory for swapped pages (preemption_mode="swap")
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if (isinstance(self.swap_space, bool) or not isinstance(self.swap_space, (int, float))
+                or not 0 <= self.swap_space < float("inf")):
+            raise ValueError(f"swap_space must be a finite number of GiB >= 0, got {self.swap_space!r}")
 
     def resolve(self, params: Params) -> EngineConfig:
         """Fills the defaults that depend on the model and the device."""
@@ -105,13 +114,21 @@ class LLMEngine:
             cpu_kv_cache_bytes=cfg.cpu_kv_cache_bytes, attn_impl=cfg.attn_impl,
             precompile=cfg.precompile, seed=cfg.seed,
             mesh=parallel.mesh_for(params, cfg.tensor_parallel_size))
+        num_host_pages = 0
+        if cfg.preemption_mode == "swap":
+            num_host_pages = int(cfg.swap_space * 2**30) // self.runner.page_bytes()
+            if num_host_pages == 0:
+                raise ValueError(f"swap_space={cfg.swap_space} GiB holds no page of "
+                                 f"{self.runner.page_bytes()} bytes: raise it, or use preemption_mode='recompute'")
+            self.runner.init_swap_space(num_host_pages)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                             max_num_batched_tokens=cfg.max_num_batched_tokens,
                             max_model_len=cfg.max_model_len,
-                            enable_chunked_prefill=cfg.enable_chunked_prefill),
+                            enable_chunked_prefill=cfg.enable_chunked_prefill,
+                            preemption_mode=cfg.preemption_mode),
             CacheConfig(page_size=cfg.page_size, num_pages=self.runner.num_pages,
-                        enable_prefix_caching=cfg.enable_prefix_caching))
+                        enable_prefix_caching=cfg.enable_prefix_caching, num_host_pages=num_host_pages))
         self._tracked: dict[str, _Tracked] = {}
         self._beams = BeamSearch(self.scheduler, eos_token_id=self.eos_token_id,
                                  vocab_size=params.config.vocab_size, tokenizer=self.tokenizer)
@@ -236,9 +253,9 @@ class LLMEngine:
         """
         outputs, self._pending = self._pending, []
         prev, self._in_flight = self._in_flight, None
-        sched = self.scheduler.schedule()
+        sched = self._schedule()
         if not sched.scheduled and prev is None and self._beams.release_waiting():
-            sched = self.scheduler.schedule()  # beams held pages waiting for a preempted sibling
+            sched = self._schedule()  # beams held pages waiting for a preempted sibling
         launched = None
         if sched.scheduled:
             batch, want_logprobs = self._batch(sched, prev)
@@ -256,6 +273,16 @@ class LLMEngine:
             # Finished outside a step (e.g. a fork that stopped at once): report them.
             outputs += self._collect(list(self._tracked.values()))
         return outputs
+
+    def _schedule(self):
+        """schedule(), then its swaps (before the step, which may reuse the pages swapped out;
+        swap-out copies the pages as the step in flight leaves them)."""
+        sched = self.scheduler.schedule()
+        if sched.swap_out:
+            self.runner.swap_out(sched.swap_out)
+        if sched.swap_in:
+            self.runner.swap_in(sched.swap_in)
+        return sched
 
     def _batch(self, sched, prev) -> tuple[list[StepRequest], int]:
         """The runner's rows for `sched`, and the logprobs width it needs."""
@@ -420,5 +447,5 @@ class LLMEngine:
             num_cached_tokens=max(first.num_cached_tokens, 0))
 
     def stats(self):
-        """The scheduler's counters (pages, waste, preemptions, prefix-cache hits)."""
+        """The scheduler's counters (pages, waste, preemptions and swaps, prefix-cache hits)."""
         return self.scheduler.stats()

@@ -5,7 +5,8 @@ and the step -- the model with the pool donated, then on-device sampling -- send
 only the sampled token ids (and logprobs when asked).
 
 Dims: T tokens (padded to a bucket), R requests (padded: R = min(T, max_num_seqs)),
-M max pages per request, P pages, C copy-on-write page copies, V vocab.
+M max pages per request, P pages, C copy-on-write (or swapped) page copies, V vocab,
+L layers, S host page slots, B page size, K kv heads, H head dim.
 """
 
 from __future__ import annotations
@@ -201,6 +202,34 @@ def _copy_step(pages, src, dst):
         return [_copy_pages(k, v, src, dst) for k, v in pages]
 
 
+_SWAP_CHUNK = 64  # pages per swap call: bounds its device temporaries
+
+
+@jax.jit
+def _gather_pages(pages, src):
+    """Swap-out: pages src [C] of every layer, K and V -> [C, L, 2, B, K, H] (read only)."""
+    with jax.named_scope("swap_out"):
+        return jnp.stack([jnp.stack([k[src], v[src]], axis=1) for k, v in pages], axis=1)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_pages(pages, rows, dst):
+    """Swap-in: rows [C, L, 2, B, K, H] into pages dst [C] of every layer (dst >= P: dropped).
+
+    A row scatter into each pool viewed as [P * B, K, H], like _copy_pages, in place (donated).
+    """
+    with jax.named_scope("swap_in"):
+        out = []
+        for layer, (k, v) in enumerate(pages):
+            P, B, K, H = k.shape
+            dst_rows = (dst[:, None] * B + jnp.arange(B, dtype=jnp.int32)).reshape(-1)  # [C * B]
+            out.append(tuple(
+                pool.reshape(P * B, K, H).at[dst_rows].set(rows[:, layer, j].reshape(-1, K, H), mode="drop",
+                                                           unique_indices=True).reshape(P, B, K, H)
+                for j, pool in enumerate((k, v))))
+        return out
+
+
 class ModelRunner:
     """Owns params, the page pool and the compiled steps; `execute(batch)` runs one step."""
 
@@ -248,6 +277,7 @@ class ModelRunner:
             raise ValueError(f"the KV cache needs at least 2 pages, got {num_pages}: lower "
                              "max_model_len or max_num_batched_tokens, or give it more memory")
         self.num_pages = num_pages
+        self.host_pages: np.ndarray | None = None  # [S, L, 2, B, K, H]: init_swap_space()
         self.pages = page_pool.init_pages(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads,
                                           cfg.head_dim, self.kv_dtype,
                                           sharding=self.mesh and parallel.pool_sharding(cfg, self.mesh))
@@ -386,6 +416,44 @@ class ModelRunner:
             src[i], dst[i] = s, d
         src, dst = jax.device_put((src, dst), self.input_sharding)
         self.pages = _copy_step(self.pages, src, dst)
+
+    # -- preemption by swap ------------------------------------------------------------------
+
+    def init_swap_space(self, num_host_pages: int) -> None:
+        """Allocates the host pool for swapped pages, [S, L, 2, B, K, H] in the pool's dtype
+        (numpy; the OS commits its memory only as slots are first written)."""
+        B, K, H = self.pages[0][0].shape[1:]
+        self.host_pages = np.empty((num_host_pages, len(self.pages), 2, B, K, H), self.kv_dtype)
+
+    def swap_out(self, copies: list[tuple[int, int]]) -> None:
+        """Copies (device page, host slot) pages to the host as the steps launched so far leave
+        them; call it before launching the step that may reuse the pages. Waits for the device
+        (preemption is rare). Under tensor parallelism device_get assembles the kv-head shards."""
+        if self.host_pages is None:
+            raise RuntimeError("swap_out before init_swap_space()")
+        for i in range(0, len(copies), _SWAP_CHUNK):
+            chunk = copies[i:i + _SWAP_CHUNK]
+            src = np.zeros(1 << max(len(chunk) - 1, 0).bit_length(), np.int32)  # padding reads page 0
+            src[:len(chunk)] = [page for page, _ in chunk]
+            rows = jax.device_get(_gather_pages(self.pages, jax.device_put(src, self.input_sharding)))
+            self.host_pages[[slot for _, slot in chunk]] = rows[:len(chunk)]
+
+    def swap_in(self, copies: list[tuple[int, int]]) -> None:
+        """Copies (host slot, device page) pages into the pool, in place, before the next step."""
+        if self.mesh is None:
+            sharding = self.pages[0][0].sharding
+        else:  # the pool's split on kv heads, for [C, L, 2, B, K, H]
+            spec = parallel.pool_sharding(self.config, self.mesh).spec
+            sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, None, *spec))
+        for i in range(0, len(copies), _SWAP_CHUNK):
+            chunk = copies[i:i + _SWAP_CHUNK]
+            C = 1 << max(len(chunk) - 1, 0).bit_length()
+            rows = np.zeros((C, *self.host_pages.shape[1:]), self.host_pages.dtype)  # a copy: slots may be reused
+            rows[:len(chunk)] = self.host_pages[[slot for slot, _ in chunk]]
+            dst = np.full(C, self.num_pages, np.int32)  # out of range: dropped
+            dst[:len(chunk)] = [page for _, page in chunk]
+            self.pages = _scatter_pages(self.pages, jax.device_put(rows, sharding),
+                                        jax.device_put(dst, self.input_sharding))
 
     def launch(self, batch: list[StepRequest], copies: list[tuple[int, int]] = (),
                num_logprobs: int = 0, prev: Launched | None = None) -> Launched:

@@ -20,7 +20,7 @@ class RequestStatus(enum.IntEnum):
 
     WAITING = enum.auto()
     RUNNING = enum.auto()
-    PREEMPTED = enum.auto()  # waiting again, its pages given back; it resumes by recompute
+    PREEMPTED = enum.auto()  # waiting again, its pages given back; resumes by recompute, or by swap-in
     FINISHED_STOPPED = enum.auto()  # EOS, a stop token or a stop string
     FINISHED_LENGTH_CAPPED = enum.auto()  # max_tokens or max_model_len
     FINISHED_ABORTED = enum.auto()
@@ -81,6 +81,9 @@ class Request:
     # are not known yet; the next step reads them on device). At most 2: one per step in flight.
     num_pending: int = field(default=0, init=False)
     block_table: list[int] = field(default_factory=list, init=False, repr=False)  # page ids
+    # Preempted by swap: the host slots holding its first pages, in order (kv_cache/swap.py);
+    # num_computed_tokens is kept and it resumes from there. Empty otherwise.
+    swapped_slots: list[int] = field(default_factory=list, init=False, repr=False)
     num_cached_tokens: int = field(default=-1, init=False)  # tokens reused (prefix cache, fork); -1: not yet run
     stop_reason: int | str | None = field(default=None, init=False)  # the stop token or string
     num_preemptions: int = field(default=0, init=False)

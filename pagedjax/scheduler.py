@@ -6,8 +6,10 @@ them, up to a budget: a decode is one token, a prefill is a chunk, a resumed req
 all it had. One `schedule()`:
 
 1. running requests, oldest first, get their tokens under `max_num_batched_tokens`; when pages
-   run out, the most recently admitted running request is preempted by recompute (pages freed,
-   back to the front of the waiting queue, outputs kept, so it resumes with identical results);
+   run out, the most recently admitted running request is preempted (pages freed, back to the
+   front of the waiting queue, outputs kept, so it resumes with identical results): by
+   recompute, or with `preemption_mode="swap"` by swap, its pages copied to host slots and back
+   when readmitted, so it computes nothing again (kv_cache/swap.py; recompute when slots are short);
 2. if nobody was preempted, waiting requests are admitted first come first served while
    `max_num_seqs` and the budget allow, starting after their prefix-cache hits.
 
@@ -25,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pagedjax.kv_cache.block_allocator import BlockAllocator, CacheConfig, extend_page_hashes
+from pagedjax.kv_cache.swap import SwapSpace
 from pagedjax.request import Request, RequestStatus
 
 
@@ -37,12 +40,15 @@ class SchedulerConfig:
     max_model_len: int = 2048  # prompt + max_tokens of one request
     enable_chunked_prefill: bool = True  # a prompt may be split over steps, mixed with decodes
     long_prefill_token_threshold: int = 0  # > 0: a request computes at most this many tokens a step
+    preemption_mode: str = "recompute"  # "recompute" | "swap" (to CacheConfig.num_host_pages host slots)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "long_prefill_token_threshold"):
             value, minimum = getattr(self, name), 0 if name == "long_prefill_token_threshold" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}.")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
@@ -71,11 +77,14 @@ class ScheduledRequest:
 class SchedulerOutput:
     """What runs in one step.
 
-    Before the step, copy each (src, dst) page of `cow_copies` in order (or all sources first,
-    then all destinations: no page is a destination twice). Full pages are prefix-cached as soon
-    as they are scheduled, so a request may read K/V that another request writes in this same
-    step: within a layer, write every token's K/V before attention reads (the model's per-layer
-    order already does).
+    Before the step, in this order: copy each (device page, host slot) of `swap_out` to the host
+    (the pages as the steps before left them; they may be reused by this very step), each
+    (host slot, device page) of `swap_in` to the device (no host slot is in both lists), then
+    each (src, dst) page of `cow_copies` in order (or all sources first, then all destinations:
+    no page is a destination twice; a source may be a page just swapped in). Full pages are
+    prefix-cached as soon as they are scheduled, so a request may read K/V that another request
+    writes in this same step: within a layer, write every token's K/V before attention reads
+    (the model's per-layer order already does).
     """
 
     scheduled: list[ScheduledRequest]  # batch order
@@ -83,6 +92,8 @@ class SchedulerOutput:
     cow_copies: list[tuple[int, int]]  # (src, dst) page copies for copy-on-write
     preempted_ids: list[str]  # preempted in this schedule(); their pages are already free
     finished_ids: list[str]  # finished or aborted since the previous schedule(); pages free
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device page, host slot) copies
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host slot, device page) copies
     in_flight: bool = False  # commit_in_flight() counted it as run before its tokens came back
 
 
@@ -96,9 +107,13 @@ class SchedulerStats:
     num_usable_pages: int  # the pool without the null page
     kv_waste_slots: int  # allocated-but-unwritten slots over running requests, after the last step
     peak_waste_pages_per_request: float  # max over steps of kv_waste_slots / running / page_size (< 1)
-    num_preemptions: int
+    num_preemptions: int  # by recompute and by swap
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int  # tokens served from it
+    num_swapped_out: int = 0  # preemptions by swap
+    num_swapped_in: int = 0  # requests swapped back in
+    num_host_pages: int = 0  # host slots for swapped pages (0 unless preemption_mode="swap")
+    num_free_host_pages: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -117,6 +132,8 @@ class _StepPlan:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     cow_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     def add(self, req: Request, num_new: int, copies: list[tuple[int, int]]) -> None:
         start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
@@ -143,12 +160,15 @@ class Scheduler:
         self.allocator = BlockAllocator(
             cache_config.num_pages, cache_config.page_size, cache_config.enable_prefix_caching
         )
+        self.swap_space = SwapSpace(cache_config.num_host_pages if config.preemption_mode == "swap" else 0)
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
         self._groups: dict[str, list[Request]] = {}  # parent id -> its unfinished samples or beams
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
+        self.num_swapped_out = 0
+        self.num_swapped_in = 0
         self.kv_waste_slots = 0
         self.peak_waste_pages_per_request = 0.0
 
@@ -251,6 +271,8 @@ class Scheduler:
             cow_copies=plan.cow_copies,
             preempted_ids=plan.preempted_ids,
             finished_ids=finished_ids,
+            swap_out=plan.swap_out,
+            swap_in=plan.swap_in,
         )
 
     def commit_in_flight(self, scheduler_output: SchedulerOutput) -> None:
@@ -316,6 +338,10 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             prefix_cache_queries=prefix.queries,
             prefix_cache_hits=prefix.hits,
+            num_swapped_out=self.num_swapped_out,
+            num_swapped_in=self.num_swapped_in,
+            num_host_pages=self.swap_space.num_slots,
+            num_free_host_pages=self.swap_space.num_free_slots,
         )
 
     # ------------------------------------------------------------------ schedule() helpers
@@ -339,7 +365,7 @@ class Scheduler:
         """Pages for `req`, preempting running requests from the most recent one; None if `req` itself went."""
         while (copies := self._allocate_slots(req, req.num_computed_tokens, num_new)) is None:
             victim = self.running.pop()  # never scheduled yet this step: those sit before `req`
-            self._preempt(victim)
+            self._preempt(victim, plan)
             plan.preempted_ids.append(victim.request_id)
             if victim is req:
                 return None
@@ -357,6 +383,10 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
     def _admit(self, req: Request, plan: _StepPlan) -> bool:
+        if req.num_pending:
+            return False  # (async) preempted with its sampled token in flight: admitted once it is back
+        if req.swapped_slots:
+            return self._swap_in(req, plan)
         shared, num_computed, is_prefix_hit = self._reusable_pages(req)
         num_new = self._num_new_tokens(req, num_computed, plan.token_budget)
         if num_new == 0:
@@ -377,10 +407,29 @@ class Scheduler:
         plan.add(req, num_new, copies)
         return True
 
+    def _swap_in(self, req: Request, plan: _StepPlan) -> bool:
+        """Readmits a request preempted by swap: fresh private pages, its host slots copied in, no recompute."""
+        k = req.num_computed_tokens
+        num_new = self._num_new_tokens(req, k, plan.token_budget)
+        if num_new == 0 or _cdiv(k + num_new, self.page_size) > self.allocator.num_free_pages:
+            return False
+        req.block_table, copies = self.swap_space.swap_in(self.allocator, req.swapped_slots)
+        req.swapped_slots = []
+        plan.swap_in.extend(copies)
+        # Its full pages join the prefix cache again (cache_pages skips hashes another page holds).
+        self._cache_full_pages(req, 0, k)
+        cow = self._allocate_slots(req, k, num_new)
+        assert cow == [], cow  # every page is private
+        self.num_swapped_in += 1
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        plan.add(req, num_new, cow)
+        return True
+
     def _reusable_pages(self, req: Request) -> tuple[list[int], int, bool]:
         """Pages whose K/V `req` can take instead of computing: (pages, tokens they hold, prefix hit?)."""
         src, k = req.fork_source, req.fork_num_tokens
-        if src is not None and not src.is_finished and src.num_computed_tokens >= k:
+        if src is not None and src.status == RequestStatus.RUNNING and src.num_computed_tokens >= k:
             return src.block_table[: _cdiv(k, self.page_size)], k, False
         if not self.allocator.enable_prefix_caching or req.skip_reading_prefix_cache:
             return [], 0, False  # (prompt logprobs: every prompt position is computed)
@@ -395,8 +444,9 @@ class Scheduler:
             req.num_output_tokens + req.num_pending >= req.max_tokens or req.num_tokens >= self.config.max_model_len)
 
     def _waits_for_fork_source(self, req: Request) -> bool:
-        src = req.fork_source
-        return src is not None and not src.is_finished and src.num_computed_tokens < req.fork_num_tokens
+        src = req.fork_source  # a source swapped out has the tokens, not the pages: wait for it too
+        return src is not None and not src.is_finished and (
+            src.status != RequestStatus.RUNNING or src.num_computed_tokens < req.fork_num_tokens)
 
     def _num_new_tokens(self, req: Request, num_computed: int, token_budget: int) -> int:
         """Tokens `req` computes this step from `num_computed`; 0 if a whole prompt does not fit unchunked."""
@@ -442,11 +492,23 @@ class Scheduler:
             extend_page_hashes(req.page_hashes, req.all_token_ids, ps, num_full)
             self.allocator.cache_pages(req.block_table, req.page_hashes, start=first, stop=num_full)
 
-    def _preempt(self, req: Request) -> None:
-        """Recompute preemption: pages back to the pool, outputs kept, to the front of the queue."""
-        self.allocator.free(req.block_table)
+    def _preempt(self, req: Request, plan: _StepPlan) -> None:
+        """Pages back to the pool, outputs kept, to the front of the queue; by swap (its computed
+        tokens' pages copied to host slots, listed in `plan.swap_out`) when the mode says so and
+        slots are free, else by recompute."""
+        num_pages = _cdiv(req.num_computed_tokens, self.page_size)
+        assert num_pages <= len(req.block_table), req
+        swapped = None
+        if self.config.preemption_mode == "swap" and num_pages:
+            swapped = self.swap_space.swap_out(self.allocator, req.block_table, num_pages)
+        if swapped is None:
+            self.allocator.free(req.block_table)
+            req.num_computed_tokens = 0
+        else:
+            req.swapped_slots, copies = swapped
+            plan.swap_out.extend(copies)
+            self.num_swapped_out += 1
         req.block_table = []
-        req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -486,6 +548,8 @@ class Scheduler:
         """A finished request gives back its pages and leaves the scheduler."""
         self.allocator.free(req.block_table)
         req.block_table = []
+        self.swap_space.free(req.swapped_slots)
+        req.swapped_slots = []
         req.fork_source = None
         req.metrics.finished_time = time.time()
         del self.requests[req.request_id]

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from pagedjax.kv_cache.block_allocator import NULL_PAGE, BlockAllocator, CacheConfig, extend_page_hashes, hash_page
+from pagedjax.kv_cache.swap import SwapSpace
 
 
 def test_allocate_never_hands_out_the_null_page_and_frees_back():
@@ -158,6 +159,28 @@ def test_cache_config_validates():
         CacheConfig(num_pages=1)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         CacheConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="num_host_pages"):
+        CacheConfig(num_host_pages=-1)
+
+
+def test_swap_space_moves_pages_to_host_slots_and_back():
+    a, swap = BlockAllocator(num_pages=9, page_size=4), SwapSpace(4)
+    mine = a.allocate(3)
+    other = a.fork(mine[:1])  # shared with another table: copied out too, its page stays in use
+    assert swap.swap_out(a, mine, 5) is None  # slots are short: nothing changes
+    assert swap.num_free_slots == 4 and all(a.ref_count(p) for p in mine)
+    slots, copies = swap.swap_out(a, mine, 3)
+    assert copies == list(zip(mine, slots)) and len(set(slots)) == 3 and swap.num_free_slots == 1
+    assert a.ref_count(mine[0]) == 1 and a.ref_count(mine[1]) == a.ref_count(mine[2]) == 0
+    pages, copies = swap.swap_in(a, slots)
+    assert copies == list(zip(slots, pages)) and swap.num_free_slots == 4
+    assert all(a.ref_count(p) == 1 for p in pages) and not set(pages) & set(other)
+    with pytest.raises(ValueError, match="double free"):
+        swap.free(slots[:1])
+    a.free(pages + other)
+    assert a.num_free_pages == a.num_usable_pages
+    with pytest.raises(ValueError, match="num_slots"):
+        SwapSpace(-1)
 
 
 class NaiveAllocatorModel:

@@ -1,9 +1,10 @@
 """The engine against HF `generate` (float32, greedy), token for token.
 
 Covers one request, 30+ requests arriving in waves while others run, a pool so small that
-requests are preempted and resumed, chunked prefill under a small token budget, prefix-cache
-hits, and the invariants after every test: every page free, every request finished with a
-reason, waste under one page per running request, the pool updated in place.
+requests are preempted and resumed (by recompute, and by swap to host memory), chunked prefill
+under a small token budget, prefix-cache hits, and the invariants after every test: every page
+(and host slot) free, every request finished with a reason, waste under one page per running
+request, the pool updated in place.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def assert_clean(engine: LLMEngine, outputs: dict[str, pj.RequestOutput]):
     """Every page back in the pool, every request finished with a reason, waste < 1 page."""
     stats = engine.stats()
     assert stats.num_free_pages == stats.num_usable_pages
+    assert stats.num_free_host_pages == stats.num_host_pages
     assert stats.num_running == stats.num_waiting == 0
     assert stats.peak_waste_pages_per_request < 1.0
     for out in outputs.values():
@@ -104,18 +106,77 @@ def test_waves_of_requests_match_hf(model):
     assert_clean(engine, outs)
 
 
-def test_preemption_resumes_identically(llama):
-    """A pool too small for the batch: requests are preempted, recomputed, and still match HF."""
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_resumes_identically(llama, mode):
+    """A pool too small for the batch: requests are preempted, recomputed or swapped out to host
+    memory and back, and still match HF (the async engine: swaps happen with a step in flight)."""
     hf, params = llama
     rng = np.random.default_rng(3)
     prompts = hf_models.random_prompts(rng, 10, 10, 30)
     sp = pj.SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    engine = make_engine(params, page_size=4, num_pages=26)  # 25 usable pages of 4 tokens
+    engine = make_engine(params, page_size=4, num_pages=26,  # 25 usable pages of 4 tokens
+                         preemption_mode=mode, swap_space=2**-10)  # 1 MiB of host slots
+    launch = engine.runner.launch
+    computed = []  # tokens of each step
+
+    def counting_launch(batch, *a, **k):
+        computed.append(sum(len(r.token_ids) for r in batch))
+        return launch(batch, *a, **k)
+
+    engine.runner.launch = counting_launch
     outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
-    assert engine.stats().num_preemptions > 0
+    stats = engine.stats()
+    assert stats.num_preemptions > 0
+    if mode == "swap":  # every position computed once (or taken from the prefix cache): none again
+        assert 0 < stats.num_swapped_in <= stats.num_swapped_out == stats.num_preemptions
+        assert sum(computed) + stats.prefix_cache_hits == sum(len(p) + 20 - 1 for p in prompts)
+    else:
+        assert stats.num_swapped_out == stats.num_host_pages == 0
     for i, p in enumerate(prompts):
         assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 20), f"request r{i}"
     assert_clean(engine, outs)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_swap_out_and_in_copy_pages_through_host_memory(llama, tp, monkeypatch):
+    """The runner's swaps against numpy: pages out to host slots, back into other pages, in
+    chunks (a short chunk here) and, with tp=2, from and to a pool split on kv heads."""
+    from pagedjax import model_runner, parallel
+
+    monkeypatch.setattr(model_runner, "_SWAP_CHUNK", 4)
+    _, params = llama
+    runner = model_runner.ModelRunner(params, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=16,
+                                      page_size=4, num_pages=40, precompile=False,
+                                      mesh=parallel.make_mesh(tp) if tp > 1 else None)
+    rng = np.random.default_rng(0)
+    runner.pages = [tuple(jax.device_put(rng.standard_normal(x.shape).astype(x.dtype), x.sharding) for x in kv)
+                    for kv in runner.pages]
+    sharding = runner.pages[0][0].sharding
+    before = jax.device_get(runner.pages)
+    runner.init_swap_space(8)
+    src, slots, dst = [3, 7, 8, 20, 39, 1], [5, 0, 2, 7, 1, 3], [1, 2, 30, 31, 9, 12]
+    runner.swap_out(list(zip(src, slots)))
+    # Poison the pages swapped out: the copies back must come from host memory.
+    runner.pages = [tuple(x.at[np.array(src)].set(np.nan) for x in kv) for kv in runner.pages]
+    runner.swap_in(list(zip(slots, dst)))
+    after = jax.device_get(runner.pages)
+    for layer in range(len(before)):
+        for j in range(2):
+            expected = before[layer][j].copy()
+            expected[src] = np.nan
+            expected[dst] = before[layer][j][src]
+            np.testing.assert_array_equal(after[layer][j], expected)
+    assert runner.pages[0][0].sharding.is_equivalent_to(sharding, 4)
+
+
+def test_swap_options_are_checked(llama):
+    _, params = llama
+    with pytest.raises(ValueError, match="preemption_mode"):
+        EngineConfig(preemption_mode="drop")
+    with pytest.raises(ValueError, match="swap_space"):
+        EngineConfig(swap_space=-1.0)
+    with pytest.raises(ValueError, match="holds no page"):
+        make_engine(params, preemption_mode="swap", swap_space=1e-9, precompile=False)
 
 
 def test_chunked_prefill_under_small_budget(llama):
@@ -299,7 +360,8 @@ def test_async_scheduling_matches_sync(llama):
     """Step n+1 launched before step n's tokens reach the host: the same tokens, logprobs and
     finish reasons as the synchronous engine, for seeded sampling (the seed's step counts the
     pending token), min_tokens with stop tokens, logprobs, n=2, and penalties (those steps run
-    synchronously), with waves of arrivals, chunked prefill and preemptions."""
+    synchronously), with waves of arrivals, chunked prefill and preemptions (by recompute, and
+    by swap: n=2 samples share pages, penalties need every token on the host)."""
     _, params = llama
     V = params.config.vocab_size
     rng = np.random.default_rng(3)
@@ -315,9 +377,9 @@ def test_async_scheduling_matches_sync(llama):
         sp = pj.SamplingParams(max_tokens=int(rng.integers(5, 16)), **kinds[i % len(kinds)])
         arrivals.setdefault(2 * (i // 4), []).append((f"r{i}", prompt, sp))
     results, pending_rows = [], []
-    for async_scheduling in (False, True):
+    for mode, async_scheduling in [("recompute", False), ("recompute", True), ("swap", False), ("swap", True)]:
         engine = make_engine(params, async_scheduling=async_scheduling, num_pages=14,
-                             max_num_batched_tokens=32)
+                             max_num_batched_tokens=32, preemption_mode=mode, swap_space=2**-10)
         launch = engine.runner.launch
         rows = []
 
@@ -329,10 +391,12 @@ def test_async_scheduling_matches_sync(llama):
         done = run_all(engine, arrivals)
         assert_clean(engine, done)
         assert engine.stats().num_preemptions > 0
+        assert (engine.stats().num_swapped_out > 0) == (mode == "swap")
         results.append({rid: [(c.token_ids, c.finish_reason, c.stop_reason,
                                None if c.logprobs is None else [sorted(e) for e in c.logprobs],
                                round(c.cumulative_logprob, 3)) for c in out.outputs]
                         for rid, out in done.items()})
         pending_rows.append(sum(rows))
-    assert results[0] == results[1]
-    assert pending_rows[0] == 0 and pending_rows[1] > 20  # decodes really read tokens on device
+    assert results[0] == results[1] == results[2] == results[3]
+    assert pending_rows[0] == pending_rows[2] == 0
+    assert pending_rows[1] > 20 and pending_rows[3] > 20  # decodes really read tokens on device

@@ -5,7 +5,8 @@ copy-on-write copies, writes every scheduled token into the slots its block tabl
 for each request that samples, reads its whole context back *through its block table* and hashes
 it into the next token. A wrong page, a missed copy, a stale prefix hit or a shared page written
 in place all change the context, hence the tokens, so outputs are compared token for token with
-`reference_generate`, which never touches pages.
+`reference_generate`, which never touches pages. Preemption by swap copies pages to a fake host
+(slot -> page contents) and back into fresh pages, so a lost or misplaced swap shows the same way.
 """
 
 import random
@@ -56,13 +57,24 @@ class FakeRunner:
         self.sched = sched
         self.ps = sched.page_size
         self.pool = [[None] * self.ps for _ in range(sched.allocator.num_pages)]
+        self.host = {}  # host slot -> a swapped-out page's contents
         self.outputs = []
         self.num_copies = 0
+        self.num_swapped_pages = 0
         self.last_sampled = {}  # the device's copy of each request's newest token (async scheduling)
 
     def step(self, out):
         self.outputs.append(out)
         ps, alloc = self.ps, self.sched.allocator
+        # Swaps run before the copy-on-write copies (a copy may read a page just swapped in).
+        assert not {slot for _, slot in out.swap_out} & {slot for slot, _ in out.swap_in}
+        for page, slot in out.swap_out:  # the page may be free already, even reused by this step
+            assert page != NULL_PAGE
+            self.host[slot] = list(self.pool[page])
+            self.num_swapped_pages += 1
+        for slot, page in out.swap_in:
+            assert page != NULL_PAGE and alloc.ref_count(page) >= 1, "swaps into a free page"
+            self.pool[page] = list(self.host.pop(slot))
         for src, dst in out.cow_copies:
             assert NULL_PAGE not in (src, dst)
             self.pool[dst] = list(self.pool[src])
@@ -117,6 +129,13 @@ def check_invariants(sched, out):
     assert NULL_PAGE not in in_tables
     assert all(alloc.ref_count(p) == in_tables[p] for p in range(1, alloc.num_pages))
     assert alloc.num_free_pages == alloc.num_usable_pages - len(in_tables)
+    # Host slots: held only by swapped-out requests, which wait with no pages.
+    swapped = [r for r in sched.requests.values() if r.swapped_slots]
+    slots = [slot for r in swapped for slot in r.swapped_slots]
+    assert len(set(slots)) == len(slots) == sched.swap_space.num_slots - sched.swap_space.num_free_slots
+    for r in swapped:
+        assert r.status == RequestStatus.PREEMPTED and r in sched.waiting and not r.block_table
+        assert len(r.swapped_slots) == -(-r.num_computed_tokens // ps)
 
 
 def run(sched, arrivals, max_steps=20_000):
@@ -139,6 +158,7 @@ def run(sched, arrivals, max_steps=20_000):
         step += 1
         assert step < max_steps
     assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages, "pages leaked"
+    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots, "host slots leaked"
     assert not sched.running and not sched.waiting and not sched.requests
     runner.finished = finished
     return runner
@@ -168,14 +188,36 @@ def run_async(sched, arrivals, max_steps=20_000):
         step += 1
         assert step < max_steps
     assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages, "pages leaked"
+    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots, "host slots leaked"
     assert not sched.running and not sched.waiting and not sched.requests
     runner.finished = finished
     return runner
 
 
-def make_sched(num_pages=256, page_size=4, prefix=True, **cfg):
+def make_sched(num_pages=256, page_size=4, prefix=True, num_host_pages=256, **cfg):
     cfg = dict(dict(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=128), **cfg)
-    return Scheduler(SchedulerConfig(**cfg), CacheConfig(page_size=page_size, num_pages=num_pages, enable_prefix_caching=prefix))
+    cache = CacheConfig(page_size=page_size, num_pages=num_pages, enable_prefix_caching=prefix,
+                        num_host_pages=num_host_pages)
+    return Scheduler(SchedulerConfig(**cfg), cache)
+
+
+def computed_positions(runner):
+    """How many times each (request id, position) was computed, over the steps run."""
+    return Counter((s.request_id, s.start_pos + j)
+                   for o in runner.outputs for s in o.scheduled for j in range(len(s.token_ids)))
+
+
+def check_preemptions(sched, runner, mode):
+    """Preemptions happened; by swap, each one kept its K/V: no position was computed twice."""
+    stats = sched.stats()
+    assert stats.num_preemptions > 0
+    if mode == "swap":
+        # (a request can finish while swapped out: its pending token ended it)
+        assert 0 < stats.num_swapped_in <= stats.num_swapped_out == stats.num_preemptions
+        assert runner.num_swapped_pages == sum(len(o.swap_out) for o in runner.outputs) > 0
+        assert max(computed_positions(runner).values()) == 1
+    else:
+        assert stats.num_swapped_out == 0 and not any(o.swap_out or o.swap_in for o in runner.outputs)
 
 
 def random_requests(rng, n, *, max_prompt=60, max_out=30, prefix=(), tag="r", **sp):
@@ -229,21 +271,75 @@ def test_waves_of_random_requests(prefix):
 
 
 @pytest.mark.parametrize("prefix", [True, False])
-def test_small_pool_preempts_and_resumes_with_identical_outputs(prefix):
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("driver", [run, run_async])
+def test_small_pool_preempts_and_resumes_with_identical_outputs(prefix, mode, driver):
     rng = random.Random(1)
     reqs = random_requests(rng, 32, max_prompt=40, max_out=40)
     big = run(make_sched(prefix=prefix), waves(reqs, every=2))
     reqs2 = [Request(r.request_id, r.prompt_token_ids, r.sampling_params, eos_token_id=EOS) for r in reqs]
     # 80 tokens is the longest request: the pool fits about two of the largest at once.
-    sched = make_sched(num_pages=1 + 2 * 80 // 4, prefix=prefix)
-    small = run(sched, waves(reqs2, every=2))
-    assert sched.num_preemptions > 0
+    sched = make_sched(num_pages=1 + 2 * 80 // 4, prefix=prefix, preemption_mode=mode)
+    small = driver(sched, waves(reqs2, every=2))
+    check_preemptions(sched, small, mode)
     assert any(r.num_preemptions for r in small.finished.values())
-    if prefix:  # resumed requests find their own pages still cached
+    if prefix and mode == "recompute":  # resumed requests find their own pages still cached
         assert sched.stats().prefix_cache_hits > 0
     assert_matches_reference(small, reqs2)
     for rid, req in big.finished.items():
         assert small.finished[rid].output_token_ids == req.output_token_ids
+
+
+@pytest.mark.parametrize("driver", [run, run_async])
+def test_swap_falls_back_to_recompute_when_host_slots_run_out(driver):
+    rng = random.Random(1)
+    reqs = random_requests(rng, 32, max_prompt=40, max_out=40)
+    sched = make_sched(num_pages=1 + 2 * 80 // 4, preemption_mode="swap", num_host_pages=6)
+    runner = driver(sched, waves(reqs, every=2))
+    assert_matches_reference(runner, reqs)
+    stats = sched.stats()
+    assert 0 < stats.num_swapped_out < stats.num_preemptions  # some swapped, some recomputed
+    assert stats.num_host_pages == stats.num_free_host_pages == 6
+    assert max(len(o.swap_out) for o in runner.outputs) <= 6
+    assert max(computed_positions(runner).values()) > 1  # the recomputed ones
+
+
+def test_a_swapped_request_waits_for_its_token_in_flight():
+    """Async: B is swapped out while the step that samples its next token is in flight; it is
+    readmitted only once that token is back, then continues from where it was."""
+    sched = make_sched(num_pages=1 + 4, preemption_mode="swap")
+    runner = FakeRunner(sched)
+    sp = SamplingParams(max_tokens=6, ignore_eos=True, seed=4)
+    a, b = Request("a", list(range(1, 9)), sp), Request("b", list(range(11, 19)), sp)
+    sched.add_request(a)
+    sched.add_request(b)
+    out1 = sched.schedule()  # both prompts: all 4 pages
+    sampled1 = runner.step(out1)
+    sched.commit_in_flight(out1)
+    out2 = sched.schedule()  # a's first decode needs a page: b is swapped out, its token pending
+    assert out2.preempted_ids == ["b"] and len(out2.swap_out) == 2 and b.num_pending == 1
+    assert b.num_computed_tokens == 8 and b.status == RequestStatus.PREEMPTED
+    runner.step(out2)
+    sched.commit_in_flight(out2)
+    sched.abort_request("a")  # every page free: only b's pending token keeps it out
+    out3 = sched.schedule()
+    assert not out3.scheduled and not out3.swap_in and b.swapped_slots
+    sched.update_from_output(out1, sampled1)
+    sched.update_from_output(out2, {})
+    out4 = sched.schedule()
+    assert [(s.request_id, s.start_pos, s.token_ids) for s in out4.scheduled] == [("b", 8, b.output_token_ids)]
+    assert [slot for slot, _ in out4.swap_in] == [slot for _, slot in out2.swap_out]
+    finished = {}
+    out = out4
+    while True:
+        finished.update({r.request_id: r for r in sched.update_from_output(out, runner.step(out)) if r.is_finished})
+        if not sched.has_unfinished_requests():
+            break
+        out = sched.schedule()
+        check_invariants(sched, out)
+    assert finished["b"].output_token_ids == reference_generate(b.prompt_token_ids, sp, 128)[0]
+    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
+    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots
 
 
 def test_chunked_prefill_under_a_small_budget_mixes_chunks_with_decodes():
@@ -451,9 +547,10 @@ def test_config_validation():
         Scheduler(SchedulerConfig(), CacheConfig())
 
 
-def test_abort_in_every_state_frees_pages():
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_abort_in_every_state_frees_pages(mode):
     rng = random.Random(8)
-    sched = make_sched(num_pages=1 + 30, max_num_batched_tokens=16, max_num_seqs=4)
+    sched = make_sched(num_pages=1 + 30, max_num_batched_tokens=16, max_num_seqs=4, preemption_mode=mode)
     runner = FakeRunner(sched)
     reqs = random_requests(rng, 12, max_prompt=40, max_out=30)
     reqs.append(Request("par", [3] * 10, SamplingParams(n=3, max_tokens=20, seed=1), eos_token_id=EOS))
@@ -488,6 +585,9 @@ def test_abort_in_every_state_frees_pages():
     sched.abort_request([r.request_id for r, _ in aborted])  # already finished: a no-op
     sched.abort_request(list(sched.requests))
     assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
+    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots
+    if mode == "swap":  # the preempted request aborted above held host slots
+        assert any(s[0] == RequestStatus.PREEMPTED for _, s in aborted) and sched.num_swapped_out > 0
     assert not sched.requests and not sched.running and not sched.waiting
 
 
@@ -538,16 +638,18 @@ def peak_pages(runner):
     return max(len({p for s in o.scheduled for p in s.block_table}) for o in runner.outputs)
 
 
-def test_parallel_sampling_with_prefix_caching_and_a_tiny_pool():
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("driver", [run, run_async])
+def test_parallel_sampling_with_prefix_caching_and_a_tiny_pool(mode, driver):
     rng = random.Random(10)
     reqs = [
         Request(f"p{j}", [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 30))],
                 SamplingParams(n=rng.randint(2, 4), temperature=1.0, seed=10 * j, max_tokens=rng.randint(1, 20)), eos_token_id=EOS)
         for j in range(8)
     ]  # fmt: skip
-    sched = make_sched(num_pages=1 + 14, max_model_len=56)
-    runner = run(sched, waves(reqs, every=2, size=2))
-    assert sched.num_preemptions > 0
+    sched = make_sched(num_pages=1 + 14, max_model_len=56, preemption_mode=mode)
+    runner = driver(sched, waves(reqs, every=2, size=2))
+    check_preemptions(sched, runner, mode)
     for r in reqs:
         for i in range(r.sampling_params.n):
             sp = r.sampling_params.for_sample(i)
@@ -662,9 +764,11 @@ def test_host_modules_do_not_import_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("seed", range(8))
-def test_randomized_everything_against_the_reference(seed):
-    """Random configs, arrivals, n > 1, aborts, engine stops and beam forks, in tiny pools."""
+def test_randomized_everything_against_the_reference(seed, mode):
+    """Random configs, arrivals, n > 1, aborts, engine stops and beam forks, in tiny pools;
+    by swap, with host slots for a few requests at most (some preemptions recompute)."""
     rng = random.Random(100 + seed)
     ps = rng.choice([1, 2, 4, 8])
     max_model_len = 64
@@ -674,6 +778,7 @@ def test_randomized_everything_against_the_reference(seed):
         num_pages=1 + rng.randint(64 // ps, 3 * 64 // ps), page_size=ps, prefix=rng.random() < 0.6,
         max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=budget, max_model_len=max_model_len,
         enable_chunked_prefill=chunked, long_prefill_token_threshold=rng.choice([0, 0, 5]),
+        preemption_mode=mode, num_host_pages=rng.randint(0, 2 * 64 // ps),
     )  # fmt: skip
     runner = FakeRunner(sched)
     shared = [rng.randrange(1, VOCAB) for _ in range(20)]
@@ -723,6 +828,7 @@ def test_randomized_everything_against_the_reference(seed):
 
     assert set(finished) == set(expected)
     assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
+    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots
     for rid, (prompt, sp, start) in expected.items():
         got = finished[rid]
         ref, reason, stop_reason = reference_generate(prompt, sp, max_model_len, start=start)
@@ -736,21 +842,21 @@ def test_randomized_everything_against_the_reference(seed):
 
 
 @pytest.mark.parametrize("prefix", [True, False])
-@pytest.mark.parametrize("num_pages", [256, 24])
-def test_async_scheduling_gives_the_same_outputs(prefix, num_pages):
+@pytest.mark.parametrize("num_pages,mode", [(256, "recompute"), (24, "recompute"), (24, "swap")])
+def test_async_scheduling_gives_the_same_outputs(prefix, num_pages, mode):
     """Step n+1 scheduled before step n's tokens are known: same tokens, reasons and pages as
     the synchronous loop, with prefix hits, chunked prefill and (24 pages) preemptions."""
     rng = random.Random(7)
     shared = [rng.randrange(1, VOCAB) for _ in range(13)]
     reqs = random_requests(rng, 24, max_prompt=30, max_out=30, prefix=shared, tag="a")
     reqs += random_requests(rng, 8, max_prompt=20, max_out=12, tag="b", stop_token_ids=[3, 4], min_tokens=2)
-    sched = make_sched(num_pages=num_pages, prefix=prefix, max_num_batched_tokens=32)
+    sched = make_sched(num_pages=num_pages, prefix=prefix, max_num_batched_tokens=32, preemption_mode=mode)
     runner = run_async(sched, waves(reqs, every=3, size=6))
     assert_matches_reference(runner, reqs)
     pending_rows = sum(t == -1 for o in runner.outputs for s in o.scheduled for t in s.token_ids)
     assert pending_rows > 100  # decodes really ran on tokens the host had not seen
     if num_pages == 24:
-        assert sched.stats().num_preemptions > 0
+        check_preemptions(sched, runner, mode)
     if prefix:
         assert sched.stats().prefix_cache_hits > 0
 

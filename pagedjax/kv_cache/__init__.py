@@ -4,5 +4,6 @@ Only the host side is re-exported here, so importing the scheduler never imports
 """
 
 from pagedjax.kv_cache.block_allocator import NULL_PAGE, BlockAllocator, CacheConfig, hash_page
+from pagedjax.kv_cache.swap import SwapSpace
 
-__all__ = ["NULL_PAGE", "BlockAllocator", "CacheConfig", "hash_page"]
+__all__ = ["NULL_PAGE", "BlockAllocator", "CacheConfig", "SwapSpace", "hash_page"]
