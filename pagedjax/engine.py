@@ -371,7 +371,7 @@ class LLMEngine:
         A request preempted mid-prompt recomputes from its start: positions it already has are
         skipped, so none is listed twice; a gap would mean a skipped position, a bug.
         """
-        scored = getattr(out, "prompt_logprobs", None)
+        scored = out.prompt_logprobs
         if scored is None:
             return
         for span in scored.spans:

@@ -139,13 +139,20 @@ def unpack(buf: jax.Array, layout: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
+def _padded(values: list[int], fill: int) -> np.ndarray:
+    """int32 `values` padded with `fill` to a power of two: page copies and swaps compile a few sizes."""
+    out = np.full(1 << max(len(values) - 1, 0).bit_length(), fill, np.int32)
+    out[:len(values)] = values
+    return out
+
+
 def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, *, layout, mesh=None,
              num_prompt_logprobs=0):
     """The model's part of an engine step on device: logits [R, V] of each request (pool in, pool out).
 
     `buf` holds the step's inputs (`pack`ed): tokens [T], src_rows [T], the attention metadata
     and the prompt-logprob rows. A token whose src_row is >= 0 is the previous step's sampled
-    token of that row, read from `prev_tokens` [S] on device (async scheduling).
+    token of that row, read from `prev_tokens` [max_num_seqs] on device (async scheduling).
     With a tensor-parallel `mesh` the model traces under it (the ambient mesh a custom call's
     shard_map uses), the logits are gathered once for sampling and the pool stays split.
     With prompt metadata (a variant of its own: static num_prompt_logprobs) it also scores
@@ -353,7 +360,7 @@ class ModelRunner:
         for T in self.token_buckets:
             model_inputs, smeta = self._dummy_inputs(T)
             for flags in (sampler.SampleFlags(False, False, False), sampler.SampleFlags(True, False, False)):
-                self._launch(model_inputs, smeta, None, flags=flags)
+                self._launch(model_inputs, smeta, None, 0, flags=flags)
         jax.block_until_ready(self.pages)
         dt = time.perf_counter() - t0
         logger.info("compiled %d step buckets %s in %.1f s", len(self.token_buckets),
@@ -408,12 +415,9 @@ class ModelRunner:
         return (tokens, src_rows, meta, plp and plp.metadata), smeta, plp
 
     def _copy(self, copies: list[tuple[int, int]]) -> None:
-        """Runs the copy-on-write page copies (padded to a power of two, few compiles)."""
-        C = 1 << max(len(copies) - 1, 0).bit_length()
-        src = np.zeros(C, np.int32)
-        dst = np.full(C, self.num_pages, np.int32)  # out of range: dropped
-        for i, (s, d) in enumerate(copies):
-            src[i], dst[i] = s, d
+        """Runs the copy-on-write page copies."""
+        src = _padded([s for s, _ in copies], 0)
+        dst = _padded([d for _, d in copies], self.num_pages)  # out of range: dropped
         src, dst = jax.device_put((src, dst), self.input_sharding)
         self.pages = _copy_step(self.pages, src, dst)
 
@@ -433,8 +437,7 @@ class ModelRunner:
             raise RuntimeError("swap_out before init_swap_space()")
         for i in range(0, len(copies), _SWAP_CHUNK):
             chunk = copies[i:i + _SWAP_CHUNK]
-            src = np.zeros(1 << max(len(chunk) - 1, 0).bit_length(), np.int32)  # padding reads page 0
-            src[:len(chunk)] = [page for page, _ in chunk]
+            src = _padded([page for page, _ in chunk], 0)  # padding reads page 0
             rows = jax.device_get(_gather_pages(self.pages, jax.device_put(src, self.input_sharding)))
             self.host_pages[[slot for _, slot in chunk]] = rows[:len(chunk)]
 
@@ -447,11 +450,9 @@ class ModelRunner:
             sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, None, *spec))
         for i in range(0, len(copies), _SWAP_CHUNK):
             chunk = copies[i:i + _SWAP_CHUNK]
-            C = 1 << max(len(chunk) - 1, 0).bit_length()
-            rows = np.zeros((C, *self.host_pages.shape[1:]), self.host_pages.dtype)  # a copy: slots may be reused
+            dst = _padded([page for _, page in chunk], self.num_pages)  # out of range: dropped
+            rows = np.zeros((len(dst), *self.host_pages.shape[1:]), self.host_pages.dtype)  # a copy: slots may be reused
             rows[:len(chunk)] = self.host_pages[[slot for slot, _ in chunk]]
-            dst = np.full(C, self.num_pages, np.int32)  # out of range: dropped
-            dst[:len(chunk)] = [page for _, page in chunk]
             self.pages = _scatter_pages(self.pages, jax.device_put(rows, sharding),
                                         jax.device_put(dst, self.input_sharding))
 
@@ -462,12 +463,10 @@ class ModelRunner:
         model_inputs, smeta, plp = self.prepare(batch)
         if copies:
             self._copy(copies)
-        launched = self._launch(model_inputs, smeta, plp, num_logprobs=num_logprobs,
-                                prev_tokens=None if prev is None else prev.next_tokens)
-        launched.num_rows = len(batch)
-        return launched
+        return self._launch(model_inputs, smeta, plp, len(batch), num_logprobs=num_logprobs,
+                            prev_tokens=None if prev is None else prev.next_tokens)
 
-    def _launch(self, model_inputs, smeta, plp, *, num_logprobs: int = 0, prev_tokens=None,
+    def _launch(self, model_inputs, smeta, plp, num_rows: int, *, num_logprobs: int = 0, prev_tokens=None,
                 flags: sampler.SampleFlags | None = None) -> Launched:
         (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
         mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
@@ -477,7 +476,7 @@ class ModelRunner:
             num_prompt_logprobs=plp.num_logprobs if plp else 0)
         out, next_tokens = _sample(logits, sbuf, layout=slayout, num_logprobs=num_logprobs,
                                    flags=flags or sampler.static_flags(smeta), num_slots=self.max_num_seqs)
-        return Launched(out, next_tokens, scored, plp and plp.spans, 0, num_logprobs)
+        return Launched(out, next_tokens, scored, plp and plp.spans, num_rows, num_logprobs)
 
     def fetch(self, launched: Launched) -> StepOutput:
         """Waits for a launched step and brings its sampled tokens (and logprobs) to the host."""
@@ -489,8 +488,3 @@ class ModelRunner:
             return StepOutput(*(x[:n] for x in host), prompt_logprobs=prompt)
         token_ids, logprobs = jax.device_get((out.token_ids, out.logprobs))
         return StepOutput(token_ids=token_ids[:n], logprobs=logprobs[:n], prompt_logprobs=prompt)
-
-    def execute(self, batch: list[StepRequest], copies: list[tuple[int, int]] = (),
-                num_logprobs: int = 0) -> StepOutput:
-        """Runs one step and waits for it: `fetch(launch(...))`."""
-        return self.fetch(self.launch(batch, copies, num_logprobs))

@@ -22,7 +22,9 @@ scored rows are packed first and the head runs C rows at a time in a `lax.map`, 
 one chunk's logits are at most `CHUNK_ELEMENTS` (128 MiB; C = 256 rows at V = 128256); chunks
 past the last scored row are skipped (`lax.cond`), so a step pays the head for the rows it
 scores, rounded up to C; the other rows cost only the final norm (and its [T, E] output). The
-variant is compiled on the first step that needs it, not at start-up.
+variant is compiled on the first step that needs it, not at start-up. On a GPU the cond's
+predicate is read back to the host, which waits for the forward there: a cost these steps alone
+pay (the usual variant has none; tests/test_engine.py checks).
 """
 
 from __future__ import annotations

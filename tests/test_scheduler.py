@@ -157,6 +157,11 @@ def run(sched, arrivals, max_steps=20_000):
                 finished[req.request_id] = req
         step += 1
         assert step < max_steps
+    return finish(sched, runner, finished)
+
+
+def finish(sched, runner, finished):
+    """After a run: every page and host slot back, no request left; the runner carries `finished`."""
     assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages, "pages leaked"
     assert sched.swap_space.num_free_slots == sched.swap_space.num_slots, "host slots leaked"
     assert not sched.running and not sched.waiting and not sched.requests
@@ -187,11 +192,7 @@ def run_async(sched, arrivals, max_steps=20_000):
         in_flight = launched
         step += 1
         assert step < max_steps
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages, "pages leaked"
-    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots, "host slots leaked"
-    assert not sched.running and not sched.waiting and not sched.requests
-    runner.finished = finished
-    return runner
+    return finish(sched, runner, finished)
 
 
 def make_sched(num_pages=256, page_size=4, prefix=True, num_host_pages=256, **cfg):
