@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from throughput import _figures, _stats_ms, make_requests, parse_workload, summary_table  # noqa: E402
+from common import figures, make_requests, parse_workload, stats_ms, summary_table
 
 
 def hf_model(name: str, device: str):
@@ -125,9 +121,9 @@ def run_generate(model, requests, batch_size: int, time_limit: float, device: st
         if time_limit and end - t0 > time_limit:
             break
     finished = [r for b in done for r in b]
-    res = _figures(f"hf-generate(static batch {batch_size})", finished, time.perf_counter() - t0,
+    res = figures(f"hf-generate(static batch {batch_size})", finished, time.perf_counter() - t0,
                    completed=f"{len(finished)}/{len(requests)}", time_limited=len(finished) < len(requests),
-                   **_stats_ms("ttft", ttft), **_stats_ms("tpot", tpot))
+                   **stats_ms("ttft", ttft), **stats_ms("tpot", tpot))
     if cut:
         res["cut_unfinished"] = cut  # requests of the batch stopped at 1.5 x time_limit
     return res, done
@@ -169,14 +165,14 @@ def run_generate_batch(model, requests, args, time_limit: float) -> dict:
     ttft = [r.timestamps[0] - t0 for r in ok.values() if r.timestamps]
     tpot = [(r.timestamps[-1] - r.timestamps[0]) / (len(r.timestamps) - 1)
             for r in ok.values() if r.timestamps and len(r.timestamps) > 1]
-    res = _figures(f"hf-generate_batch({args.cb_attn})", finished, elapsed,
+    res = figures(f"hf-generate_batch({args.cb_attn})", finished, elapsed,
                    completed=f"{len(finished)}/{n}", time_limited=len(finished) < n,
                    failed=len(results) - len(ok), setup_s=round(setup, 2),
                    kv_cache={"num_blocks": num_blocks, "block_size": args.cb_block_size,
                              "GB": round(num_blocks * args.cb_block_size * kv_per_token / 1e9, 2),
                              "max_batch_tokens": args.cb_max_batch_tokens,
                              "max_requests_per_batch": args.cb_max_requests},
-                   **_stats_ms("ttft", ttft), **_stats_ms("tpot", tpot))
+                   **stats_ms("ttft", ttft), **stats_ms("tpot", tpot))
     if short:
         res["ignore_eos_violations"] = short
     return res

@@ -40,7 +40,7 @@ def child(args) -> int:
     import pagedjax as pj
     from pagedjax.model_runner import compile_cache_dir
     from pagedjax.models.config import get_config
-    from pagedjax.models.random_init import random_params
+    from pagedjax.dummy_weights import random_params
 
     t["import"] = time.time()
     device = str(jax.devices()[0].device_kind)

@@ -18,6 +18,15 @@ from pagedjax.sampling_params import BeamSearchParams, RequestOutputKind, Sampli
 Prompt = str | Sequence[int]
 
 
+def resolve_dtype(name: str | None) -> Any:
+    """A weights dtype by name; "auto" (or None) is bfloat16 on a GPU and float32 on the CPU."""
+    import jax
+
+    if name in (None, "auto"):
+        return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return jnp.dtype(name)
+
+
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     """One prompt (a string or a list of token ids) or many -> a list of prompts."""
     if isinstance(prompts, str):

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedjax.detokenizer import IncrementalDetokenizer
 from pagedjax.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from pagedjax.sampling_params import BeamSearchParams
 from pagedjax.scheduler import Scheduler, SchedulerOutput
@@ -146,14 +147,16 @@ class BeamSearch:
                 width = max(width, group.num_candidates + len(group.stop_token_ids))
         return width
 
-    def take_rows(self, sched: SchedulerOutput, out: Any) -> None:
-        """Keeps each beam row's top tokens; the beams' next tokens come from `advance`, so for
-        the scheduler those rows sample nothing (their counters still advance)."""
+    def take_rows(self, sched: SchedulerOutput, out: Any) -> set[str]:
+        """Keeps each beam row's top tokens, and returns those rows' request ids: the beams' next
+        tokens come from `advance`, so the scheduler appends none for them (`external`)."""
+        taken = set()
         for i, s in enumerate(sched.scheduled):
             if s.sample and s.request_id in self._beam_of:
                 beam = self._beam_of[s.request_id][1]
                 beam.candidates = list(zip(out.top_token_ids[i].tolist(), out.top_logprobs[i].tolist()))
-                s.sample = False
+                taken.add(s.request_id)
+        return taken
 
     def advance(self) -> list[RequestOutput]:
         """After update_from_output: every group whose live beams all have candidates takes a beam
@@ -281,8 +284,6 @@ class BeamSearch:
     def _text(self, group: _Group, h: _Hypothesis) -> str:
         if self.tokenizer is None:
             return ""
-        from pagedjax.tokenizer import IncrementalDetokenizer
-
         tokens = h.tokens[:-1] if h.finish_reason == "stop" else h.tokens  # a stop token is not text
         detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids)
         detok.add_tokens(tokens)

@@ -1,4 +1,8 @@
-"""`pagedjax generate | serve | bench`: the command line."""
+"""`pagedjax generate | serve | bench`: the command line.
+
+Engine options are EngineConfig's fields with vLLM's flag names; their defaults come from
+EngineConfig, the one place they are written.
+"""
 
 from __future__ import annotations
 
@@ -7,61 +11,62 @@ import logging
 import sys
 import time
 
+from pagedjax.config import ATTN_IMPLS, KV_CACHE_DTYPES, EngineConfig
+
+# (flag, EngineConfig field, type, help); None type = a boolean switch that turns the field off
+_ENGINE_FLAGS = (
+    ("--max-model-len", "max_model_len", int, "longest prompt + output (default: the model's, capped at 4096)"),
+    ("--max-num-seqs", "max_num_seqs", int, "requests per step (default: 256 on GPU, 32 on CPU)"),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", int, "tokens per step (default: 2048 on GPU, 256 on CPU)"),
+    ("--num-pages", "num_pages", int, "KV pages (default: as many as memory allows)"),
+    ("--page-size", "page_size", int, "tokens per KV page"),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", float, "share of device memory to use"),
+    ("--kv-cache-dtype", "kv_cache_dtype", KV_CACHE_DTYPES, "KV cache dtype (auto: the weights')"),
+    ("--long-prefill-token-threshold", "long_prefill_token_threshold", int,
+     "> 0: a request computes at most this many tokens a step"),
+    ("--attn-impl", "attn_impl", ATTN_IMPLS, "attention implementation"),
+    ("--tensor-parallel-size", "tensor_parallel_size", int, "devices to split the model over"),
+    ("--max-logprobs", "max_logprobs", int, "most logprobs a request may ask for"),
+    ("--seed", "seed", int, "seed of the random draws of requests that bring no seed"),
+    ("--preemption-mode", "preemption_mode", ("recompute", "swap"),
+     "what a preempted request's pages become: recomputed later, or swapped to host memory"),
+    ("--swap-space", "swap_space", float, "GiB of host memory for swapped pages"),
+    ("--no-prefix-caching", "enable_prefix_caching", None, "disable automatic prefix caching"),
+    ("--no-chunked-prefill", "enable_chunked_prefill", None, "run each prompt in one step"),
+    ("--no-async-scheduling", "async_scheduling", None, "wait for each step's tokens before scheduling the next"),
+)
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV cache dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output (default: the model's, capped at 4096)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="requests per step")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step")
-    p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: from memory)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
-    p.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "ffi"])
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
-                   help="what a preempted request's pages become: recomputed later, or swapped to host memory")
-    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped pages")
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="wait for each step's tokens before scheduling the next")
+                   help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    defaults = EngineConfig.defaults()
+    g = p.add_argument_group("engine")
+    for flag, field, kind, help in _ENGINE_FLAGS:
+        default = defaults[field]
+        if kind is None:
+            g.add_argument(flag, dest=field, action="store_false", default=default, help=help)
+        elif isinstance(kind, tuple):
+            g.add_argument(flag, dest=field, choices=kind, default=default, help=f"{help} (default: {default})")
+        else:
+            g.add_argument(flag, dest=field, type=kind, default=default,
+                           help=help if default is None else f"{help} (default: {default})")
+    p.add_argument("-tp", dest="tensor_parallel_size", type=int, help=argparse.SUPPRESS)
 
 
-def _engine_options(args: argparse.Namespace) -> dict:
-    opts = {
-        "max_model_len": args.max_model_len,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "num_pages": args.num_pages,
-        "page_size": args.page_size,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "enable_prefix_caching": not args.no_prefix_caching,
-        "attn_impl": args.attn_impl,
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "preemption_mode": args.preemption_mode,
-        "swap_space": args.swap_space,
-        "async_scheduling": not args.no_async_scheduling,
-    }
+def engine_options(args: argparse.Namespace) -> dict:
+    """The EngineConfig options given on the command line (those left at None pick defaults)."""
+    opts = {field: getattr(args, field) for _, field, _, _ in _ENGINE_FLAGS}
     return {k: v for k, v in opts.items() if v is not None}
-
-
-def _dtype(name: str):
-    import jax
-    import jax.numpy as jnp
-
-    if name == "auto":
-        return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    return jnp.dtype(name)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Streams the completion of one prompt to the terminal."""
-    from pagedjax.api import LLM
+    from pagedjax.api import LLM, resolve_dtype
     from pagedjax.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=_dtype(args.dtype), **_engine_options(args))
+    llm = LLM(args.model, dtype=resolve_dtype(args.dtype), **engine_options(args))
     tok = llm.tokenizer
     prompt = args.prompt
     if not args.no_chat and tok is not None and tok.has_chat_template:
@@ -69,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": prompt})
         prompt = llm.engine.chat_prompt(messages, tokenize=True)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                        top_p=args.top_p, top_k=args.top_k)
     print(f"[pagedjax] ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     t1 = time.perf_counter()
     n_tokens, first = 0, None
@@ -91,9 +96,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Runs the OpenAI-compatible HTTP server."""
-    from pagedjax.server.app import run_server
+    from pagedjax.server.app import ServerOptions, run_server
 
-    return run_server(args, engine_options=_engine_options(args), dtype=_dtype(args.dtype))
+    return run_server(ServerOptions(
+        model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name, max_queue=args.max_queue, dtype=args.dtype,
+        verbose=args.verbose, engine=engine_options(args)))
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -102,7 +110,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     import runpy
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = {"throughput": "throughput.py", "serving": "serving.py",
+    script = {"throughput": "throughput.py", "serving": "serving.py", "latency": "latency.py",
               "kernels": os.path.join("kernels", "paged_attention.py")}[args.which]
     path = os.path.join(root, "benchmarks", script)
     if not os.path.exists(path):
@@ -110,6 +118,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
               file=sys.stderr)
         return 2
     sys.argv = [path, *rest]
+    sys.path.insert(0, os.path.dirname(path))
     runpy.run_path(path, run_name="__main__")
     return 0
 
@@ -126,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
     g.add_argument("--system", default=None, help="system message for chat models")
     g.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
     _engine_args(g)
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (arguments after the name go to the script)")
-    b.add_argument("which", choices=["throughput", "serving", "kernels"])
+    b.add_argument("which", choices=["throughput", "latency", "serving", "kernels"])
     b.set_defaults(func=None)
 
     args, rest = parser.parse_known_args(argv)

@@ -40,7 +40,6 @@ from flax import struct
 from jax import lax
 
 from pagedjax import sampler
-from pagedjax.models import head_logits
 
 CHUNK_ELEMENTS = 1 << 25  # logits computed at once: 128 MiB of f32
 
@@ -85,7 +84,7 @@ class ScoredPrompts:
 
 
 def plan(batch: Sequence[Any], num_tokens: int) -> Plan | None:
-    """The rows to score in a step of `batch` (StepRequests) padded to `num_tokens`, or None if none.
+    """The rows to score in a step of `batch` (ScheduledRequests) padded to `num_tokens`, or None if none.
 
     A request asks when its sampling_params.prompt_logprobs is set and it has no output token.
     """
@@ -145,26 +144,6 @@ def compute(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, meta: Pro
 
     out = lax.map(one_chunk, (x, targets, starts))  # leaves [Q/C, C, ...]
     return jax.tree.map(lambda a: a.reshape(num_chunks * C, *a.shape[2:])[:Q], out)
-
-
-def apply_model(model: Any, variables: Any, tokens: jax.Array, pages: Any, meta: Any,
-                prompt_meta: PromptLogprobsMetadata | None, *, num_logprobs: int
-                ) -> tuple[jax.Array, Any, sampler.SamplerOutput | None]:
-    """`model.apply` in the jitted step: (logits [R, V], pages, the scored prompt rows or None).
-
-    Without `prompt_meta` it is the plain call; with it the model sows every token's head input
-    and the rows of `prompt_meta` are scored through the head a chunk at a time.
-    """
-    if prompt_meta is None:
-        logits, pages = model.apply(variables, tokens, pages, meta)
-        return logits, pages, None
-    (logits, pages), sown = model.apply(variables, tokens, pages, meta, all_hidden=True,
-                                        mutable=["intermediates"])
-    hidden = sown["intermediates"]["head_input"][0]  # [T, E]
-    with jax.named_scope("prompt_logprobs"):
-        scored = compute(lambda x: head_logits(model.config, variables, x), hidden, prompt_meta,
-                         num_logprobs=num_logprobs)
-    return logits, pages, scored
 
 
 # ------------------------------------------------------------------------------ runner glue

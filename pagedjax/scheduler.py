@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from pagedjax.kv_cache.block_allocator import BlockAllocator, CacheConfig, extend_page_hashes
-from pagedjax.kv_cache.swap import SwapSpace
+from pagedjax.kv_cache.block_allocator import CacheConfig
+from pagedjax.kv_cache.manager import KVCacheManager
 from pagedjax.request import Request, RequestStatus
 
 
@@ -63,14 +63,28 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledRequest:
-    """One request's share of a step: token_ids[j] sits at position start_pos + j."""
+    """One request's share of a step, the row the runner computes: token_ids[j] sits at position
+    num_computed_tokens + j. A token sampled by a step still in flight is -1 here (async
+    scheduling: the runner reads it on the device)."""
 
     request_id: str
     token_ids: list[int]  # the tokens to run this step (a prefill chunk, or one decode token)
-    start_pos: int  # num_computed_tokens before the step: the first token's position
-    block_table: list[int]  # the request's page ids; covers positions < start_pos + len(token_ids)
+    num_computed_tokens: int  # tokens already in the pages before the step: token_ids[0]'s position
+    block_table: list[int]  # the request's page ids; covers positions < num_computed_tokens + len(token_ids)
     sample: bool  # the chunk ends at the request's last token: sample one new token after it
     request: Request = field(repr=False)  # sampling_params, output_token_ids (penalties, seed step)
+
+    @property
+    def sampling_params(self):
+        return self.request.sampling_params
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.request.output_token_ids
 
 
 @dataclass
@@ -150,17 +164,16 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class Scheduler:
-    """Decides each step which requests run and which of their tokens; owns the block allocator."""
+    """Decides each step which requests run and which of their tokens; asks the KV-cache manager for pages."""
 
     def __init__(self, config: SchedulerConfig, cache_config: CacheConfig):
         if cache_config.num_pages is None:
             raise ValueError("cache_config.num_pages must be set before building a Scheduler (the runner sizes it).")
         self.config = config
         self.page_size = cache_config.page_size
-        self.allocator = BlockAllocator(
-            cache_config.num_pages, cache_config.page_size, cache_config.enable_prefix_caching
-        )
-        self.swap_space = SwapSpace(cache_config.num_host_pages if config.preemption_mode == "swap" else 0)
+        self.kv_cache = KVCacheManager(
+            cache_config.num_pages, cache_config.page_size, enable_prefix_caching=cache_config.enable_prefix_caching,
+            num_host_pages=cache_config.num_host_pages if config.preemption_mode == "swap" else 0)
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
@@ -235,10 +248,8 @@ class Scheduler:
         child.append_output_token_ids(list(parent.output_token_ids))
         child.num_cached_tokens = parent.num_cached_tokens
         child.metrics.first_scheduled_time = parent.metrics.first_scheduled_time
-        k = parent.num_computed_tokens
-        child.block_table = self.allocator.fork(parent.block_table[: _cdiv(k, self.page_size)])
-        child.num_computed_tokens = k
-        child.page_hashes = parent.page_hashes[: k // self.page_size]
+        self.kv_cache.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING
         self._register(child)
         self.running.append(child)  # may pass max_num_seqs for a step: schedule() caps the batch
@@ -293,13 +304,16 @@ class Scheduler:
         scheduler_output.in_flight = True
 
     def update_from_output(
-        self, scheduler_output: SchedulerOutput, sampled: dict[str, list[int] | int]
+        self, scheduler_output: SchedulerOutput, sampled: dict[str, list[int] | int],
+        external: Collection[str] = (),
     ) -> list[Request]:
         """Advances the counters of the step just run, appends `sampled` tokens, applies the stop rules.
 
         Returns the requests that received tokens (finished ones included, with their pages
         already freed). Requests finished or aborted since schedule() are skipped. For a step
         committed in flight, the pending tokens are filled in, also of requests preempted since.
+        Rows of `external` request ids take no token here: their counters advance and the caller
+        appends their tokens itself (beam search, which picks among its beams' candidates).
         """
         updated = []
         in_flight = scheduler_output.in_flight
@@ -309,7 +323,7 @@ class Scheduler:
                 continue
             if not in_flight:
                 req.num_computed_tokens += len(s.token_ids)
-            if not s.sample:
+            if not s.sample or s.request_id in external:
                 continue
             token_ids = sampled.get(s.request_id)
             if token_ids is None or token_ids == []:
@@ -318,8 +332,8 @@ class Scheduler:
                 req.num_pending -= 1
             self._append_tokens(req, [token_ids] if isinstance(token_ids, int) else token_ids)
             if in_flight and not req.is_finished and req.status == RequestStatus.RUNNING:
-                self._cache_full_pages(req, (len(req.all_token_ids) - 1) // self.page_size * self.page_size,
-                                       req.num_computed_tokens)  # a page its pending token filled
+                self.kv_cache.cache_full_pages(  # a page its pending token filled
+                    req, (len(req.all_token_ids) - 1) // self.page_size * self.page_size, req.num_computed_tokens)
             updated.append(req)
         if any(req.is_finished for req in updated):
             self.running = [req for req in self.running if not req.is_finished]
@@ -327,12 +341,13 @@ class Scheduler:
         return updated
 
     def stats(self) -> SchedulerStats:
-        prefix = self.allocator.prefix_stats
+        prefix = self.kv_cache.prefix_stats
+        swap = self.kv_cache.swap_space
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            num_free_pages=self.allocator.num_free_pages,
-            num_usable_pages=self.allocator.num_usable_pages,
+            num_free_pages=self.kv_cache.num_free_pages,
+            num_usable_pages=self.kv_cache.num_usable_pages,
             kv_waste_slots=self.kv_waste_slots,
             peak_waste_pages_per_request=self.peak_waste_pages_per_request,
             num_preemptions=self.num_preemptions,
@@ -340,8 +355,8 @@ class Scheduler:
             prefix_cache_hits=prefix.hits,
             num_swapped_out=self.num_swapped_out,
             num_swapped_in=self.num_swapped_in,
-            num_host_pages=self.swap_space.num_slots,
-            num_free_host_pages=self.swap_space.num_free_slots,
+            num_host_pages=swap.num_slots,
+            num_free_host_pages=swap.num_free_slots,
         )
 
     # ------------------------------------------------------------------ schedule() helpers
@@ -363,7 +378,7 @@ class Scheduler:
 
     def _allocate_or_preempt(self, req: Request, num_new: int, plan: _StepPlan) -> list[tuple[int, int]] | None:
         """Pages for `req`, preempting running requests from the most recent one; None if `req` itself went."""
-        while (copies := self._allocate_slots(req, req.num_computed_tokens, num_new)) is None:
+        while (copies := self.kv_cache.allocate_slots(req, num_new)) is None:
             victim = self.running.pop()  # never scheduled yet this step: those sit before `req`
             self._preempt(victim, plan)
             plan.preempted_ids.append(victim.request_id)
@@ -387,15 +402,15 @@ class Scheduler:
             return False  # (async) preempted with its sampled token in flight: admitted once it is back
         if req.swapped_slots:
             return self._swap_in(req, plan)
-        shared, num_computed, is_prefix_hit = self._reusable_pages(req)
+        shared, num_computed, is_prefix_hit = self.kv_cache.get_computed_pages(req)
         num_new = self._num_new_tokens(req, num_computed, plan.token_budget)
         if num_new == 0:
             return False
-        copies = self._allocate_slots(req, num_computed, num_new, shared)
+        copies = self.kv_cache.allocate_slots(req, num_new, num_computed_tokens=num_computed, shared=shared)
         if copies is None:
             return False
         if is_prefix_hit:
-            self.allocator.prefix_stats.record(req.num_tokens, num_computed)
+            self.kv_cache.record_prefix_hit(req, num_computed)
         req.fork_source = None
         req.num_computed_tokens = num_computed
         if req.num_cached_tokens < 0:
@@ -409,34 +424,17 @@ class Scheduler:
 
     def _swap_in(self, req: Request, plan: _StepPlan) -> bool:
         """Readmits a request preempted by swap: fresh private pages, its host slots copied in, no recompute."""
-        k = req.num_computed_tokens
-        num_new = self._num_new_tokens(req, k, plan.token_budget)
-        if num_new == 0 or _cdiv(k + num_new, self.page_size) > self.allocator.num_free_pages:
+        num_new = self._num_new_tokens(req, req.num_computed_tokens, plan.token_budget)
+        if num_new == 0 or not self.kv_cache.can_swap_in(req, num_new):
             return False
-        req.block_table, copies = self.swap_space.swap_in(self.allocator, req.swapped_slots)
-        req.swapped_slots = []
-        plan.swap_in.extend(copies)
-        # Its full pages join the prefix cache again (cache_pages skips hashes another page holds).
-        self._cache_full_pages(req, 0, k)
-        cow = self._allocate_slots(req, k, num_new)
+        plan.swap_in.extend(self.kv_cache.swap_in(req))
+        cow = self.kv_cache.allocate_slots(req, num_new)
         assert cow == [], cow  # every page is private
         self.num_swapped_in += 1
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         plan.add(req, num_new, cow)
         return True
-
-    def _reusable_pages(self, req: Request) -> tuple[list[int], int, bool]:
-        """Pages whose K/V `req` can take instead of computing: (pages, tokens they hold, prefix hit?)."""
-        src, k = req.fork_source, req.fork_num_tokens
-        if src is not None and src.status == RequestStatus.RUNNING and src.num_computed_tokens >= k:
-            return src.block_table[: _cdiv(k, self.page_size)], k, False
-        if not self.allocator.enable_prefix_caching or req.skip_reading_prefix_cache:
-            return [], 0, False  # (prompt logprobs: every prompt position is computed)
-        max_pages = (req.num_tokens - 1) // self.page_size  # the last token is computed: its logits are sampled
-        extend_page_hashes(req.page_hashes, req.all_token_ids, self.page_size, max_pages)
-        hits = self.allocator.lookup(req.page_hashes[:max_pages])
-        return hits, len(hits) * self.page_size, True
 
     def _finishes_on_pending(self, req: Request) -> bool:
         """Its pending token ends it by length, whatever the token: nothing more to compute."""
@@ -458,57 +456,17 @@ class Scheduler:
             num_new = token_budget if self.config.enable_chunked_prefill else 0
         return num_new
 
-    def _allocate_slots(
-        self, req: Request, num_computed: int, num_new: int, shared: Sequence[int] = ()
-    ) -> list[tuple[int, int]] | None:
-        """Pages for positions < num_computed + num_new: takes `shared`, copies shared pages it will
-        write, allocates the rest. Returns the page copies, or None (nothing changed) if pages are short.
-        """
-        ps, table = self.page_size, req.block_table
-        end = num_computed + num_new
-        num_pages = len(table) + len(shared)
-        num_new_pages = _cdiv(end, ps) - num_pages
-        assert num_new_pages >= 0, (req, num_computed, num_new)
-        # Pages written this step that exist already: copy them if shared (every taken one is).
-        cow = [
-            i for i in range(num_computed // ps, num_pages) if i >= len(table) or self.allocator.ref_count(table[i]) > 1
-        ]
-        num_revived = sum(1 for page in shared if self.allocator.ref_count(page) == 0)  # cached, evictable
-        if num_new_pages + len(cow) + num_revived > self.allocator.num_free_pages:
-            return None
-        self.allocator.share(shared)
-        table.extend(shared)
-        copies = [copy for i in cow if (copy := self.allocator.ensure_writable(table, i)) is not None]
-        table.extend(self.allocator.allocate(num_new_pages))
-        self._cache_full_pages(req, num_computed, end)
-        return copies
-
-    def _cache_full_pages(self, req: Request, num_computed: int, end: int) -> None:
-        """Registers in the prefix cache the pages this step fills (before they are written: see SchedulerOutput)."""
-        ps = self.page_size
-        # A page holding a pending token is cached once the token is known (update_from_output).
-        first, num_full = num_computed // ps, min(end, req.num_tokens - req.num_pending) // ps
-        if self.allocator.enable_prefix_caching and num_full > first:
-            extend_page_hashes(req.page_hashes, req.all_token_ids, ps, num_full)
-            self.allocator.cache_pages(req.block_table, req.page_hashes, start=first, stop=num_full)
-
     def _preempt(self, req: Request, plan: _StepPlan) -> None:
         """Pages back to the pool, outputs kept, to the front of the queue; by swap (its computed
         tokens' pages copied to host slots, listed in `plan.swap_out`) when the mode says so and
         slots are free, else by recompute."""
-        num_pages = _cdiv(req.num_computed_tokens, self.page_size)
-        assert num_pages <= len(req.block_table), req
-        swapped = None
-        if self.config.preemption_mode == "swap" and num_pages:
-            swapped = self.swap_space.swap_out(self.allocator, req.block_table, num_pages)
-        if swapped is None:
-            self.allocator.free(req.block_table)
+        copies = self.kv_cache.swap_out(req) if self.config.preemption_mode == "swap" else None
+        if copies is None:
+            self.kv_cache.free(req)
             req.num_computed_tokens = 0
         else:
-            req.swapped_slots, copies = swapped
             plan.swap_out.extend(copies)
             self.num_swapped_out += 1
-        req.block_table = []
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -546,10 +504,7 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         """A finished request gives back its pages and leaves the scheduler."""
-        self.allocator.free(req.block_table)
-        req.block_table = []
-        self.swap_space.free(req.swapped_slots)
-        req.swapped_slots = []
+        self.kv_cache.free(req)
         req.fork_source = None
         req.metrics.finished_time = time.time()
         del self.requests[req.request_id]
@@ -591,8 +546,8 @@ class Scheduler:
             )
         # The last token's K/V is never written: it is sampled, not fed back.
         num_pages = _cdiv(n_prompt + request.max_tokens - 1, self.page_size)
-        if num_pages > self.allocator.num_usable_pages:
+        if num_pages > self.kv_cache.num_usable_pages:
             raise ValueError(
                 f"request {rid!r}: needs up to {num_pages} pages of {self.page_size} tokens (prompt {n_prompt} "
-                f"+ max_tokens {request.max_tokens}), the KV cache holds {self.allocator.num_usable_pages}."
+                f"+ max_tokens {request.max_tokens}), the KV cache holds {self.kv_cache.num_usable_pages}."
             )

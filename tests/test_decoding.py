@@ -95,7 +95,7 @@ def recording(engine: LLMEngine, probe=None):
     """Records every runner call: [(StepRequests, pages in use, probe())]."""
     log = []
     launch = engine.runner.launch
-    alloc = engine.scheduler.allocator
+    alloc = engine.scheduler.kv_cache.allocator
 
     def recorded(batch, copies=(), num_logprobs=0, prev=None):
         log.append((batch, alloc.num_usable_pages - alloc.num_free_pages, probe() if probe else None))
@@ -303,7 +303,7 @@ def test_beam_search_matches_hf(model, engine, setting):
         def probe():  # live beams: how many, their first pages, its reference count, pages named
             live = [r for r in engine.scheduler.requests.values() if r.parent_id == "b" and r.block_table]
             first = {r.block_table[0] for r in live}
-            refs = engine.scheduler.allocator.ref_count(min(first)) if first else 0
+            refs = engine.scheduler.kv_cache.allocator.ref_count(min(first)) if first else 0
             return len(live), first, refs, sum(len(r.block_table) for r in live)
 
         with recording(engine, probe) as log:

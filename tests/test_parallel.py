@@ -259,7 +259,7 @@ def test_per_device_memory_is_one_over_tp(folder, arch, tp):
 
 
 def test_random_weights_are_drawn_into_their_shards():
-    from pagedjax.models.random_init import random_params
+    from pagedjax.dummy_weights import random_params
 
     cfg = get_config("tiny-llama")  # 4 heads, 2 kv heads
     mesh = parallel.make_mesh(4)
@@ -320,7 +320,7 @@ def test_replica_meshes_split_data_parallel_rows():
 
 def _ffi_setup(tp: int):
     from pagedjax import _ffi
-    from pagedjax.models.random_init import random_params
+    from pagedjax.dummy_weights import random_params
 
     if ("pagedjax_paged_attention", "cpu") not in _ffi.register():
         pytest.skip("the pagedjax._kernels CPU paged-attention handler is not built")

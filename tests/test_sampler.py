@@ -1,32 +1,39 @@
 """The on-device sampler against independent float64 numpy computations (vLLM V1 semantics)."""
 
+import dataclasses
 import functools
-from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
 from pagedjax import sampler as S
+from pagedjax.sampling_metadata import make_sampling_metadata, static_flags
+from pagedjax.sampling_params import SamplingParams
 
-sample = jax.jit(S.sample, static_argnames="num_logprobs")
-allowed_mask = jax.jit(S._allowed_mask)
+_sample = jax.jit(S.sample, static_argnames=("flags", "num_logprobs"))
 
 
-def params(**kw) -> SimpleNamespace:
-    """A duck-typed vLLM SamplingParams: vLLM's defaults, overridden by `kw`."""
-    base = dict(
-        temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, presence_penalty=0.0,
-        frequency_penalty=0.0, repetition_penalty=1.0, min_tokens=0, stop_token_ids=None, ignore_eos=False,
-    )
-    return SimpleNamespace(**(base | kw))
+def sample(logits, meta: S.SamplingMetadata, num_logprobs: int = 0) -> S.SamplerOutput:
+    """The production path: the batch's static flags from its numpy metadata, then the device."""
+    return _sample(logits, meta, flags=static_flags(meta), num_logprobs=num_logprobs)
+
+
+@jax.jit
+def allowed_mask(x, top_k, top_p, min_p):
+    """The mask the sampler draws from (every filter compiled in; each row's values decide)."""
+    return S._combine(x, *S._thresholds(x, top_k, top_p, min_p, S.SampleFlags()))
+
+
+def params(**kw) -> SamplingParams:
+    """vLLM's SamplingParams (its defaults), overridden by `kw`."""
+    return SamplingParams(**kw)
 
 
 def meta_for(ps, outputs=None, *, num_rows=None, prompts=None, **kw) -> S.SamplingMetadata:
     outputs = outputs if outputs is not None else [[] for _ in ps]
-    return S.make_sampling_metadata(ps, outputs, num_rows=num_rows or len(ps), prompt_token_ids=prompts, **kw)
+    return make_sampling_metadata(ps, outputs, num_rows=num_rows or len(ps), prompt_token_ids=prompts, **kw)
 
 
 # --- float64 numpy oracles, written from vLLM's description, not from pagedjax ----------------------
@@ -189,7 +196,7 @@ def test_penalties_match_numpy():
                            p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
         np.testing.assert_allclose(got[r], want, rtol=1e-6, atol=1e-6)
     # greedy rows take the argmax of the penalized logits
-    greedy = [params(**{**vars(p), "temperature": 0.0}) for p in ps]
+    greedy = [dataclasses.replace(p, temperature=0.0) for p in ps]
     ids = sample(logits, meta_for(greedy, outputs, prompts=prompts)).token_ids
     want = [np_penalize(logits[r], prompts[r], outputs[r], p.repetition_penalty, p.frequency_penalty,
                         p.presence_penalty).argmax() for r, p in enumerate(ps)]
@@ -264,7 +271,8 @@ def test_unseeded_rows_are_random():
 
 
 def test_no_recompile_across_parameter_mixes():
-    fn = jax.jit(functools.partial(S.sample, num_logprobs=2))
+    # Every filter compiled in (the flags only ever leave out work): values are arrays, no recompile.
+    fn = jax.jit(functools.partial(S.sample, num_logprobs=2, flags=S.SampleFlags()))
     rng = np.random.default_rng(6)
     R, V = 8, 64
     mixes = [
@@ -297,22 +305,3 @@ def test_make_sampling_metadata_pads_and_buckets():
         meta_for([params(presence_penalty=1.0)], [[1] * 20], penalty_width=16)
     with pytest.raises(ValueError, match="rows"):
         meta_for([params()] * 3, num_rows=2)
-
-
-def test_beam_search_step_matches_numpy():
-    rng = np.random.default_rng(7)
-    G, W, V, C = 3, 4, 50, 8
-    logits = rng.normal(size=(G, W, V)).astype(np.float32)
-    cum = rng.normal(size=(G, W)).astype(np.float32) - 5
-    cum[0, 1:] = -np.inf  # the first step: only beam 0 alive
-    out = jax.jit(S.beam_search_step, static_argnames="num_candidates")(cum, logits, num_candidates=C)
-    scores = (cum[:, :, None] + np_log_softmax(logits)).reshape(G, W * V)
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :C]
-    np.testing.assert_array_equal(out.beam_ids, best // V)
-    np.testing.assert_array_equal(out.token_ids, best % V)
-    np.testing.assert_allclose(out.scores, np.take_along_axis(scores, best, 1), atol=1e-5)
-    token_logprobs = np.take_along_axis(np_log_softmax(logits).reshape(G, W * V), best, 1)
-    np.testing.assert_allclose(out.logprobs, token_logprobs, atol=1e-5)
-    assert (out.beam_ids[0] == 0).all()
-    one = S.beam_search_step(cum[1], logits[1], num_candidates=C)  # a single group: [W] and [W, V]
-    np.testing.assert_array_equal(one.token_ids, out.token_ids[1])

@@ -56,7 +56,7 @@ class FakeRunner:
     def __init__(self, sched):
         self.sched = sched
         self.ps = sched.page_size
-        self.pool = [[None] * self.ps for _ in range(sched.allocator.num_pages)]
+        self.pool = [[None] * self.ps for _ in range(sched.kv_cache.allocator.num_pages)]
         self.host = {}  # host slot -> a swapped-out page's contents
         self.outputs = []
         self.num_copies = 0
@@ -65,7 +65,7 @@ class FakeRunner:
 
     def step(self, out):
         self.outputs.append(out)
-        ps, alloc = self.ps, self.sched.allocator
+        ps, alloc = self.ps, self.sched.kv_cache.allocator
         # Swaps run before the copy-on-write copies (a copy may read a page just swapped in).
         assert not {slot for _, slot in out.swap_out} & {slot for slot, _ in out.swap_in}
         for page, slot in out.swap_out:  # the page may be free already, even reused by this step
@@ -81,9 +81,9 @@ class FakeRunner:
             self.num_copies += 1
         writers = Counter()
         for s in out.scheduled:  # every K/V of the step is written before anything is read
-            assert len(s.block_table) * ps >= s.start_pos + len(s.token_ids)
+            assert len(s.block_table) * ps >= s.num_computed_tokens + len(s.token_ids)
             for j, t in enumerate(s.token_ids):
-                pos = s.start_pos + j
+                pos = s.num_computed_tokens + j
                 if t == -1:  # pending on the host: the previous step sampled it on the device
                     assert j == len(s.token_ids) - 1, "only a decode's last token can be pending"
                     t = self.last_sampled[s.request_id]
@@ -97,7 +97,7 @@ class FakeRunner:
         sampled = {}
         for s in out.scheduled:
             if s.sample:
-                end = s.start_pos + len(s.token_ids)
+                end = s.num_computed_tokens + len(s.token_ids)
                 context = []
                 for pos in range(end):
                     slot = self.pool[s.block_table[pos // ps]][pos % ps]
@@ -116,8 +116,8 @@ def check_invariants(sched, out):
     assert len({s.request_id for s in out.scheduled}) == len(out.scheduled)
     scheduled = {s.request_id: len(s.token_ids) for s in out.scheduled}
     for s in out.scheduled:
-        assert s.token_ids == s.request.token_ids_between(s.start_pos, s.start_pos + len(s.token_ids))
-        assert s.sample == (s.start_pos + len(s.token_ids) == s.request.num_tokens)
+        assert s.token_ids == s.request.token_ids_between(s.num_computed_tokens, s.num_computed_tokens + len(s.token_ids))
+        assert s.sample == (s.num_computed_tokens + len(s.token_ids) == s.request.num_tokens)
         if 0 < cfg.long_prefill_token_threshold:
             assert len(s.token_ids) <= cfg.long_prefill_token_threshold
     for r in sched.running:  # waste: allocated-but-unwritten slots, under one page per request
@@ -125,14 +125,14 @@ def check_invariants(sched, out):
         assert 0 <= waste < ps, (r, waste)
     # Reference counts are exactly the number of block tables naming each page.
     in_tables = Counter(p for r in sched.requests.values() for p in r.block_table)
-    alloc = sched.allocator
+    alloc = sched.kv_cache.allocator
     assert NULL_PAGE not in in_tables
     assert all(alloc.ref_count(p) == in_tables[p] for p in range(1, alloc.num_pages))
     assert alloc.num_free_pages == alloc.num_usable_pages - len(in_tables)
     # Host slots: held only by swapped-out requests, which wait with no pages.
     swapped = [r for r in sched.requests.values() if r.swapped_slots]
     slots = [slot for r in swapped for slot in r.swapped_slots]
-    assert len(set(slots)) == len(slots) == sched.swap_space.num_slots - sched.swap_space.num_free_slots
+    assert len(set(slots)) == len(slots) == sched.kv_cache.swap_space.num_slots - sched.kv_cache.swap_space.num_free_slots
     for r in swapped:
         assert r.status == RequestStatus.PREEMPTED and r in sched.waiting and not r.block_table
         assert len(r.swapped_slots) == -(-r.num_computed_tokens // ps)
@@ -162,8 +162,8 @@ def run(sched, arrivals, max_steps=20_000):
 
 def finish(sched, runner, finished):
     """After a run: every page and host slot back, no request left; the runner carries `finished`."""
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages, "pages leaked"
-    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots, "host slots leaked"
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages, "pages leaked"
+    assert sched.kv_cache.swap_space.num_free_slots == sched.kv_cache.swap_space.num_slots, "host slots leaked"
     assert not sched.running and not sched.waiting and not sched.requests
     runner.finished = finished
     return runner
@@ -204,7 +204,7 @@ def make_sched(num_pages=256, page_size=4, prefix=True, num_host_pages=256, **cf
 
 def computed_positions(runner):
     """How many times each (request id, position) was computed, over the steps run."""
-    return Counter((s.request_id, s.start_pos + j)
+    return Counter((s.request_id, s.num_computed_tokens + j)
                    for o in runner.outputs for s in o.scheduled for j in range(len(s.token_ids)))
 
 
@@ -328,7 +328,7 @@ def test_a_swapped_request_waits_for_its_token_in_flight():
     sched.update_from_output(out1, sampled1)
     sched.update_from_output(out2, {})
     out4 = sched.schedule()
-    assert [(s.request_id, s.start_pos, s.token_ids) for s in out4.scheduled] == [("b", 8, b.output_token_ids)]
+    assert [(s.request_id, s.num_computed_tokens, s.token_ids) for s in out4.scheduled] == [("b", 8, b.output_token_ids)]
     assert [slot for slot, _ in out4.swap_in] == [slot for _, slot in out2.swap_out]
     finished = {}
     out = out4
@@ -339,8 +339,8 @@ def test_a_swapped_request_waits_for_its_token_in_flight():
         out = sched.schedule()
         check_invariants(sched, out)
     assert finished["b"].output_token_ids == reference_generate(b.prompt_token_ids, sp, 128)[0]
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
-    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages
+    assert sched.kv_cache.swap_space.num_free_slots == sched.kv_cache.swap_space.num_slots
 
 
 def test_chunked_prefill_under_a_small_budget_mixes_chunks_with_decodes():
@@ -351,7 +351,7 @@ def test_chunked_prefill_under_a_small_budget_mixes_chunks_with_decodes():
     assert_matches_reference(runner, reqs)
     mixed = [
         o for o in runner.outputs
-        if any(len(s.token_ids) > 1 for s in o.scheduled) and any(len(s.token_ids) == 1 and s.start_pos >= s.request.num_prompt_tokens for s in o.scheduled)
+        if any(len(s.token_ids) > 1 for s in o.scheduled) and any(len(s.token_ids) == 1 and s.num_computed_tokens >= s.request.num_prompt_tokens for s in o.scheduled)
     ]  # fmt: skip
     assert mixed, "no step mixed a prefill chunk with a decode"
     chunked = [s for o in runner.outputs for s in o.scheduled if not s.sample and len(s.token_ids) > 0]
@@ -424,7 +424,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
     b = Request("b", prompt, SamplingParams(max_tokens=2), eos_token_id=EOS)
     runner = run(make_sched(), [[a], [], [], [b]])
     first_b = next(s for o in runner.outputs for s in o.scheduled if s.request_id == "b")
-    assert first_b.start_pos == 12 and first_b.token_ids == prompt[12:] and first_b.sample
+    assert first_b.num_computed_tokens == 12 and first_b.token_ids == prompt[12:] and first_b.sample
     assert runner.finished["b"].num_cached_tokens == 12
     assert_matches_reference(runner, [a, b])
 
@@ -439,7 +439,7 @@ def test_lru_eviction_under_pressure_keeps_outputs_right():
     sched = make_sched(num_pages=1 + 24)
     runner = run(sched, waves(reqs, every=3, size=2))
     assert_matches_reference(runner, reqs)
-    assert sched.allocator.num_evictions > 0 and sched.stats().prefix_cache_hits > 0
+    assert sched.kv_cache.allocator.num_evictions > 0 and sched.stats().prefix_cache_hits > 0
 
 
 # ---------------------------------------------------------------------------- stop rules
@@ -475,7 +475,7 @@ def test_stop_rules():
     assert reqs["ignore"].finish_reason == "length" and reqs["ignore"].output_token_ids == [EOS] * 3
     assert set(out.finished_ids) == {"min", "stop_id", "length"}
     assert sched.schedule().finished_ids == ["ignore"]
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages
 
 
 def test_max_tokens_none_runs_to_max_model_len():
@@ -504,7 +504,7 @@ def test_finish_request_for_a_stop_string():
         sched.finish_request("b", "bogus")
     sched.finish_request("b", RequestStatus.FINISHED_ERROR)
     assert b.finish_reason == "error"
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages
 
 
 def test_a_missing_sampled_token_is_an_error():
@@ -585,8 +585,8 @@ def test_abort_in_every_state_frees_pages(mode):
     assert all(r.finish_reason == "abort" and r.block_table == [] for r, _ in aborted)
     sched.abort_request([r.request_id for r, _ in aborted])  # already finished: a no-op
     sched.abort_request(list(sched.requests))
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
-    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages
+    assert sched.kv_cache.swap_space.num_free_slots == sched.kv_cache.swap_space.num_slots
     if mode == "swap":  # the preempted request aborted above held host slots
         assert any(s[0] == RequestStatus.PREEMPTED for _, s in aborted) and sched.num_swapped_out > 0
     assert not sched.requests and not sched.running and not sched.waiting
@@ -600,7 +600,7 @@ def test_abort_between_schedule_and_update():
     sampled = runner.step(out)
     sched.abort_request("a")
     assert sched.update_from_output(out, sampled) == []
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages
     assert sched.schedule().finished_ids == ["a"]
 
 
@@ -623,7 +623,7 @@ def test_parallel_sampling_prefills_the_prompt_once_and_shares_its_pages():
     assert len({tuple(s.output_token_ids) for s in samples}) > 1  # different seeds, different samples
     # Prompt positions 0..36 were computed once (by sample 0); each sample computed position 37.
     prompt_positions = Counter(
-        s.start_pos + j for o in runner.outputs for s in o.scheduled for j in range(len(s.token_ids)) if s.start_pos + j < 38
+        s.num_computed_tokens + j for o in runner.outputs for s in o.scheduled for j in range(len(s.token_ids)) if s.num_computed_tokens + j < 38
     )
     assert all(prompt_positions[p] == 1 for p in range(37)) and prompt_positions[37] == 8
     assert runner.num_copies >= 7  # the shared partial page (positions 36, 37), copy-on-write
@@ -677,7 +677,7 @@ def test_samples_fall_back_to_computing_when_sample_0_is_aborted():
     for i in (1, 2):
         assert finished[f"{i}_p"].output_token_ids == reference_generate(prompt, sp.for_sample(i), 128)[0]
     assert samples[0].finish_reason == "abort"
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages
 
 
 def test_abort_by_parent_id_aborts_every_sample():
@@ -686,7 +686,7 @@ def test_abort_by_parent_id_aborts_every_sample():
     drive(sched, {s.request_id: 3 for s in samples})
     sched.abort_request("p")
     assert all(s.finish_reason == "abort" for s in samples) and not sched.requests
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages
 
 
 def test_one_token_prompt_with_n_gt_1():
@@ -712,7 +712,7 @@ def test_fork_request_for_beam_search():
     child = sched.fork_request("beam0", "beam1", last_token_id=33)
     assert child.output_token_ids == parent.output_token_ids[:-1] + [33]
     assert child.block_table == parent.block_table
-    assert all(sched.allocator.ref_count(p) == 2 for p in parent.block_table)
+    assert all(sched.kv_cache.allocator.ref_count(p) == 2 for p in parent.block_table)
     with pytest.raises(ValueError, match="already in use"):
         sched.fork_request("beam0", "beam1")
     copies_before = runner.num_copies
@@ -729,7 +729,7 @@ def test_fork_request_for_beam_search():
     context = prompt + child.output_token_ids[:3]
     expected = child.output_token_ids[:3] + reference_generate(context, SamplingParams(max_tokens=7, ignore_eos=True), 128)[0]
     assert child.output_token_ids == expected and child.finish_reason == "length"
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages
 
 
 def test_forks_over_max_num_seqs_wait_their_turn():
@@ -828,8 +828,8 @@ def test_randomized_everything_against_the_reference(seed, mode):
         raise AssertionError("did not finish")
 
     assert set(finished) == set(expected)
-    assert sched.allocator.num_free_pages == sched.allocator.num_usable_pages
-    assert sched.swap_space.num_free_slots == sched.swap_space.num_slots
+    assert sched.kv_cache.allocator.num_free_pages == sched.kv_cache.allocator.num_usable_pages
+    assert sched.kv_cache.swap_space.num_free_slots == sched.kv_cache.swap_space.num_slots
     for rid, (prompt, sp, start) in expected.items():
         got = finished[rid]
         ref, reason, stop_reason = reference_generate(prompt, sp, max_model_len, start=start)

@@ -8,6 +8,7 @@ is tested elsewhere).
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a t
 
 @pytest.fixture(scope="module")
 def gguf_path():
-    return bundled_model_path()
+    return Path(bundled_model_path())
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ class CacheConfig:
     page_size: int = 16  # tokens per page
     num_pages: int | None = None  # pages in the pool, the null page 0 included; None: sized by the runner
     enable_prefix_caching: bool = True
-    gpu_memory_utilization: float = 0.9  # share of device memory for weights + activations + pool
     num_host_pages: int = 0  # host slots for pages of requests preempted by swap (kv_cache/swap.py)
 
     def __post_init__(self) -> None:
@@ -44,8 +43,6 @@ class CacheConfig:
         n = self.num_host_pages
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"num_host_pages must be an integer >= 0, got {self.num_host_pages!r}.")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}.")
 
 
 def hash_page(parent: PageHash | None, token_ids: Sequence[int]) -> PageHash:

@@ -1,8 +1,9 @@
-"""Model registry: architecture name -> Flax module, plus the abstract parameter tree of a config.
+"""Models: the registry of families, the Flax module of a config, and its abstract parameter tree.
 
 Usage: `logits, pages = get_model(cfg).apply(params.variables, tokens, pages, meta)`; with
 `all_hidden=True, mutable=["intermediates"]` the head input of every token is sown too, and
 `head_logits(cfg, params.variables, x)` turns head inputs into logits (prompt logprobs).
+A family is one model file plus one line in `registry.FAMILIES`.
 """
 
 from __future__ import annotations
@@ -15,23 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagedjax.attention import AttentionMetadata
-from pagedjax.models.config import HF_ARCHITECTURES, ModelConfig, get_config
-from pagedjax.models.gpt2 import GPT2
-from pagedjax.models.gpt_neox import GPTNeoX
+from pagedjax.models.config import ModelConfig, get_config
 from pagedjax.models.layers import head_logits
-from pagedjax.models.llama import Llama
-from pagedjax.models.opt import OPT
+from pagedjax.models.registry import FAMILIES, REGISTRY, family
 
-__all__ = ["HF_ARCHITECTURES", "MODELS", "ModelConfig", "abstract_params", "get_config", "get_model", "head_logits"]
-
-MODELS: dict[str, type[nn.Module]] = {"llama": Llama, "gpt2": GPT2, "gpt_neox": GPTNeoX, "opt": OPT}
+__all__ = ["FAMILIES", "REGISTRY", "ModelConfig", "abstract_params", "family", "get_config", "get_model",
+           "head_logits"]
 
 
 def get_model(config: ModelConfig, attn_impl: str = "auto") -> nn.Module:
     """The Flax module for `config` (unbound: use it through `.apply`)."""
-    if config.architecture not in MODELS:
-        raise ValueError(f"no model for architecture {config.architecture!r} (have {sorted(MODELS)})")
-    return MODELS[config.architecture](config, attn_impl=attn_impl)
+    return family(config.architecture).model(config, attn_impl=attn_impl)
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -156,8 +157,8 @@ class LayerNorm(nn.Module):
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
-    """The architecture's norm: RMSNorm for llama, LayerNorm for the others."""
-    if cfg.architecture == "llama":
+    """The config's norm: RMSNorm (cfg.norm == "rms") or LayerNorm (optionally without affine)."""
+    if cfg.norm == "rms":
         return RMSNorm(cfg.norm_eps, name=name)
     return LayerNorm(cfg.norm_eps, cfg.norm_affine, name=name)
 
@@ -241,7 +242,9 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], meta: AttentionMetadata):
         """x [T, D], kv the layer's (k_pages, v_pages) [P, B, K, H]; returns ([T, D], new kv)."""
         cfg = self.config
-        D, N, K, H, b = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias
+        D, N, K, H, b = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias
+        T = x.shape[0]
+        chex.assert_shape(x, (T, D))
         impl = resolve_impl(self.attn_impl, head_dim=cfg.head_dim)
         with jax.named_scope("attention"):
             q = Einsum("td,dnh->tnh", (D, N, H), ("embed", "heads", "head_dim"), b, name="q_proj")(x)
@@ -256,12 +259,26 @@ class Attention(nn.Module):
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= self.layer_idx + 1
             o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl)  # [T, N, H]
-            out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), b, name="o_proj")(o)
+            chex.assert_shape(o, (T, N, H))
+            out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, name="o_proj")(o)
         return out, (k_pages, v_pages)
 
 
-def check_pages(cfg: ModelConfig, pages) -> None:
-    """Raises unless `pages` has one (k, v) pair per layer."""
+def check_inputs(cfg: ModelConfig, tokens: jax.Array, pages) -> None:
+    """Raises unless `tokens` is [T] int and `pages` has one (k, v) pair per layer."""
+    chex.assert_rank(tokens, 1)
+    chex.assert_type(tokens, int)
     if len(pages) != cfg.num_layers:
         raise ValueError(f"{cfg.name or cfg.architecture}: got {len(pages)} page-pool layers, "
                          f"the model has {cfg.num_layers}")
+
+
+def decoder_layers(module: nn.Module, block: type[nn.Module], x: jax.Array, pages, meta: AttentionMetadata):
+    """Runs the model's layers `block(cfg, i, attn_impl, name=f"layers_{i}")` over x [T, D], one
+    (k, v) pool pair each (unrolled: one parameter subtree and one pool pair per layer).
+    Returns (x [T, D], the new pages)."""
+    new_pages = []
+    for i, kv in enumerate(pages):
+        x, kv = block(module.config, i, module.attn_impl, name=f"layers_{i}")(x, kv, meta)
+        new_pages.append(kv)
+    return x, new_pages

@@ -8,13 +8,19 @@ pages, meta)`; one param subtree `layers_{i}` and one (k, v) pool pair per layer
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import flax.linen as nn
 import jax
 
 from pagedjax.attention import AttentionMetadata
 from pagedjax.kv_cache.page_pool import KVPages
 from pagedjax.models.config import ModelConfig
-from pagedjax.models.layers import MLP, Attention, Einsum, Embed, check_pages, head_rows, lm_head, norm
+from pagedjax.models.family import ModelFamily
+from pagedjax.models.layers import (
+    MLP, Attention, Einsum, Embed, check_inputs, decoder_layers, head_rows, lm_head, norm,
+)
 
 POSITION_OFFSET = 2  # OPT's learned position table starts 2 rows in (a fairseq legacy)
 
@@ -49,7 +55,7 @@ class OPT(nn.Module):
     def __call__(self, tokens: jax.Array, pages: KVPages, meta: AttentionMetadata, all_hidden: bool = False):
         """tokens [T] -> (logits [S, V] f32 at meta.logits_indices, new pages); all_hidden: head_rows."""
         cfg = self.config
-        check_pages(cfg, pages)
+        check_inputs(cfg, tokens, pages)
         D, E = cfg.hidden_size, cfg.embed_dim
         embed = Embed(cfg.vocab_size, E, name="embed")
         pos_embed = Embed(cfg.max_position_embeddings + POSITION_OFFSET, D, (None, "embed"), name="pos_embed")
@@ -57,10 +63,7 @@ class OPT(nn.Module):
         if E != D:
             x = Einsum("te,ed->td", (E, D), (None, "embed"), name="project_in")(x)  # [T, D]
         x = x + pos_embed(meta.positions + POSITION_OFFSET)
-        new_pages = []
-        for i, kv in enumerate(pages):
-            x, kv = OPTBlock(cfg, i, self.attn_impl, name=f"layers_{i}")(x, kv, meta)
-            new_pages.append(kv)
+        x, new_pages = decoder_layers(self, OPTBlock, x, pages, meta)
         final_norm = norm(cfg, "final_norm") if cfg.final_norm else None
         project_out = Einsum("sd,de->se", (D, E), ("embed", None), name="project_out") if E != D else None
 
@@ -70,3 +73,64 @@ class OPT(nn.Module):
 
         x = head_rows(self, x, meta, all_hidden, head_in)  # [S, E]
         return lm_head(cfg, embed, x), new_pages
+
+
+# --- the family: config reader, weight map --------------------------------------------------
+
+
+def config_from_hf(hf: Mapping[str, Any], common: dict[str, Any]) -> ModelConfig:
+    D, N = hf["hidden_size"], hf["num_attention_heads"]
+    proj = hf.get("word_embed_proj_dim") or D
+    pre = hf.get("do_layer_norm_before", True)
+    bias = hf.get("enable_bias", True)
+    return ModelConfig(
+        **common, hidden_size=D, num_layers=hf["num_hidden_layers"], num_heads=N, num_kv_heads=N,
+        head_dim=D // N, intermediate_size=hf["ffn_dim"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        activation=hf.get("activation_function", "relu"), norm="layer",
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        qkv_bias=bias, o_bias=bias, mlp_bias=bias,
+        do_layer_norm_before=pre, word_embed_proj_dim=proj if proj != D else 0,
+        final_norm=pre and not hf.get("_remove_final_layer_norm", False),
+        norm_affine=hf.get("layer_norm_elementwise_affine", True),
+    )
+
+
+_LAYER_NORMS = {"self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm"}
+HF_WEIGHT_MAP = {
+    "model.decoder.embed_tokens.weight": ("embed.embedding", "copy"),
+    "model.decoder.embed_positions.weight": ("pos_embed.embedding", "copy"),
+    "model.decoder.project_in.weight": ("project_in.kernel", "linear"),
+    "model.decoder.project_out.weight": ("project_out.kernel", "linear"),
+    "model.decoder.final_layer_norm.weight": ("final_norm.scale", "copy"),
+    "model.decoder.final_layer_norm.bias": ("final_norm.bias", "copy"),
+    "lm_head.weight": ("lm_head.kernel", "linear"),
+    **{f"model.decoder.layers.{{}}.self_attn.{hf}.{w}": (f"layers_{{}}.attn.{ours}.{o}", h)
+       for hf, ours in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("out_proj", "o_proj"))
+       for w, o, h in (("weight", "kernel", "linear"), ("bias", "bias", "copy"))},
+    **{f"model.decoder.layers.{{}}.{hf}.{w}": (f"layers_{{}}.{ours}.{o}", "copy")
+       for hf, ours in _LAYER_NORMS.items() for w, o in (("weight", "scale"), ("bias", "bias"))},
+    **{f"model.decoder.layers.{{}}.{hf}.{w}": (f"layers_{{}}.mlp.{ours}.{o}", h)
+       for hf, ours in (("fc1", "fc_in"), ("fc2", "fc_out"))
+       for w, o, h in (("weight", "kernel", "linear"), ("bias", "bias", "copy"))},
+}
+
+
+def check(cfg: ModelConfig, fail) -> None:
+    if cfg.num_kv_heads != cfg.num_heads:
+        fail("opt has no grouped-query attention (num_kv_heads must equal num_heads)")
+    if cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+        fail("num_heads * head_dim must equal hidden_size")
+
+
+FAMILY = ModelFamily(
+    name="opt",
+    model=OPT,
+    hf_architectures=("OPTForCausalLM",),
+    config_from_hf=config_from_hf,
+    weight_map=HF_WEIGHT_MAP,
+    base_prefix="model.",
+    options=frozenset({"norm", "norm_affine", "qkv_bias", "o_bias", "mlp_bias", "do_layer_norm_before",
+                       "word_embed_proj_dim", "final_norm"}),
+    check=check,
+)

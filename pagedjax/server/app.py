@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI's routes, errors in OpenAI's shape, the API key, a body size limit.
 
 `build_app(engine, served_model_name)` wraps an `LLMEngine` (whose loop starts with the app);
-`run_server(args, ...)` loads a model and serves it with uvicorn (`pagedjax serve`).
+`run_server(ServerOptions(...))` loads a model and serves it with uvicorn (`pagedjax serve`).
 
 Status codes: 400 for any invalid input (schema, values, what the engine rejects), 401 for a
 missing or wrong API key, 404 for an unknown model or route, 413 for a body over the limit,
@@ -10,13 +10,13 @@ missing or wrong API key, 404 for an unknown model or route, 413 for a body over
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import logging
 import os
 import sys
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
+from pagedjax.bundled import BUNDLED_MODEL_NAME
 from pagedjax.server import protocol as P
 from pagedjax.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from pagedjax.server.metrics import ServerMetrics
@@ -33,7 +34,6 @@ from pagedjax.server.serving import APIError, ClientDisconnected, OpenAIServing,
 logger = logging.getLogger("pagedjax.server")
 
 MAX_BODY_BYTES = 4 << 20
-BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def _error(status: int, message: str, type: str, param: str | None = None, code: Any = None,
@@ -183,23 +183,46 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None, m
     return app
 
 
-def run_server(args: argparse.Namespace, *, engine_options: dict, dtype: Any) -> int:
+@dataclass(frozen=True)
+class ServerOptions:
+    """What `pagedjax serve` runs: the model, the HTTP side, and the engine's options."""
+
+    model: str | None = None  # HF folder or .gguf; None: the bundled SmolLM2
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the one taken is printed)
+    api_key: str | None = None  # else $PAGEDJAX_API_KEY, else none
+    served_model_name: str | None = None
+    max_queue: int = 1024  # waiting requests before 503
+    dtype: str = "auto"  # weights dtype: "auto" (bfloat16 on GPU, float32 on CPU), or a dtype name
+    verbose: bool = False
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig options
+
+
+def run_server(options: ServerOptions) -> int:
     """`pagedjax serve`: loads the model, builds the engine (compiling its steps), serves until stopped."""
+    import socket
+
     import uvicorn
 
-    from pagedjax.api import LLM
+    from pagedjax.api import LLM, resolve_dtype
 
-    engine = LLM(args.model, dtype=dtype, **engine_options).engine  # loads as LLM does (TP shards included)
-    name = args.served_model_name or args.model or BUNDLED_MODEL_NAME
-    api_key = args.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
-    app = build_app(engine, name, api_key=api_key, max_queue=args.max_queue,
-                    model_root=str(args.model) if args.model else BUNDLED_MODEL_NAME)
-    verbose = getattr(args, "verbose", False)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if verbose else "warning",
-                            access_log=verbose, timeout_keep_alive=30, timeout_graceful_shutdown=5)
+    o = options
+    engine = LLM(o.model, dtype=resolve_dtype(o.dtype), **o.engine).engine  # loads as LLM does (TP shards included)
+    name = o.served_model_name or o.model or BUNDLED_MODEL_NAME
+    api_key = o.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
+    app = build_app(engine, name, api_key=api_key, max_queue=o.max_queue,
+                    model_root=str(o.model) if o.model else BUNDLED_MODEL_NAME)
+    config = uvicorn.Config(app, log_level="info" if o.verbose else "warning", access_log=o.verbose,
+                            timeout_keep_alive=30, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    print(f"[pagedjax] serving {name!r} on http://{args.host}:{args.port} "
+    # Bound here, so that port 0 takes a free port with no race and the real one can be printed.
+    family = socket.AF_INET6 if ":" in o.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((o.host, o.port))
+    port = sock.getsockname()[1]
+    print(f"[pagedjax] serving {name!r} on http://{o.host}:{port} "
           f"(max_model_len {engine.config.max_model_len}, {engine.runner.num_pages - 1} KV pages)",
           file=sys.stderr, flush=True)
-    server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 1

@@ -1,4 +1,6 @@
-"""Random weights for a config, generated directly on the device(s), for benchmarks of big models.
+"""Dummy weights (vLLM's `--load-format dummy`): random weights of a config, drawn on the device(s).
+
+For benchmarks and serving at the size of real models where no checkpoint exists.
 
 Nothing passes through the host: each leaf is drawn by a jitted function straight into its
 sharding (norm scales 1, biases 0, everything else normal(0, 0.02)). The jitted drawers are
@@ -17,6 +19,7 @@ from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
 from pagedjax.models.layers import INIT_STD
 from pagedjax.params import Params
+from pagedjax.weights import resolve_sharding
 
 
 @functools.cache
@@ -34,8 +37,6 @@ def _drawer(shape: tuple[int, ...], dtype, kind: str, sharding):
 def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int = 0,
                   shardings: Any = None) -> Params:
     """Params of `config` with random weights drawn on device; `shardings` as in load_params."""
-    from pagedjax.weights import resolve_sharding
-
     dtype = jnp.dtype(dtype)
     shapes, axes = abstract_params(config, dtype)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)

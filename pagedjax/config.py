@@ -1,0 +1,97 @@
+"""EngineConfig: every engine option in one place (vLLM's names), with its default.
+
+The scheduler's, the cache's and the runner's settings all come from a resolved EngineConfig
+(`resolve(params)` fills what depends on the model and the device); the CLI and the server
+take their defaults from these fields. Host only: jax is imported by `resolve` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from pagedjax.kv_cache.block_allocator import CacheConfig
+from pagedjax.scheduler import SchedulerConfig
+
+ATTN_IMPLS = ("auto", "reference", "ffi")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")  # "auto": the weights' dtype
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine options (vLLM's names). None picks a default from the model and the device."""
+
+    max_model_len: int | None = None  # default: the model's context, capped at 4096
+    max_num_seqs: int | None = None  # requests per step (default 256 on GPU, 32 on CPU)
+    max_num_batched_tokens: int | None = None  # tokens per step (default 2048 on GPU, 256 on CPU)
+    page_size: int = 16
+    num_pages: int | None = None  # default: as many as memory allows
+    gpu_memory_utilization: float = 0.9  # share of device memory for weights, activations and the pool
+    cpu_kv_cache_bytes: int = 1 << 30  # the pool's size on a CPU device (no memory stats there)
+    kv_cache_dtype: str = "auto"  # the pool's dtype ("auto": the weights')
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0  # > 0: a request computes at most this many tokens a step
+    attn_impl: str = "auto"  # "reference" | "ffi" | "auto"
+    tensor_parallel_size: int | None = None  # devices to split over (default: the params' mesh, else 1)
+    max_logprobs: int = 20
+    precompile: bool = True  # compile every token bucket at start-up
+    seed: int = 0
+    async_scheduling: bool = True  # schedule and launch step n+1 before step n's tokens reach the host
+    preemption_mode: str = "recompute"  # "recompute" | "swap": a preempted request's pages go to host memory
+    swap_space: float = 4.0  # GiB of host memory for swapped pages (preemption_mode="swap")
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if (isinstance(self.swap_space, bool) or not isinstance(self.swap_space, (int, float))
+                or not 0 <= self.swap_space < float("inf")):
+            raise ValueError(f"swap_space must be a finite number of GiB >= 0, got {self.swap_space!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        for name in ("page_size", "max_logprobs", "cpu_kv_cache_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_logprobs" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each option's default (the CLI shows and uses these)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def resolve(self, params: Any) -> EngineConfig:
+        """Fills the defaults that depend on the model and the device."""
+        import jax
+
+        from pagedjax import parallel
+
+        gpu = jax.default_backend() == "gpu"
+        max_len = self.max_model_len or min(params.config.max_position_embeddings, 4096)
+        if max_len > params.config.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's "
+                             f"{params.config.max_position_embeddings} positions")
+        seqs = self.max_num_seqs or (256 if gpu else 32)
+        tokens = self.max_num_batched_tokens or (2048 if gpu else 256)
+        if not self.enable_chunked_prefill:
+            tokens = max(tokens, max_len)
+        tp = self.tensor_parallel_size or parallel.tp_size(parallel.mesh_of(params))
+        parallel.check_tensor_parallel(params.config, tp)
+        return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
+                                   max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The scheduler's limits (of a resolved config)."""
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                               max_model_len=self.max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
+                               long_prefill_token_threshold=self.long_prefill_token_threshold,
+                               preemption_mode=self.preemption_mode)
+
+    def cache_config(self, num_pages: int, num_host_pages: int = 0) -> CacheConfig:
+        """The page pool as the scheduler sees it, once the runner has sized it."""
+        return CacheConfig(page_size=self.page_size, num_pages=num_pages,
+                           enable_prefix_caching=self.enable_prefix_caching, num_host_pages=num_host_pages)

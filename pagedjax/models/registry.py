@@ -1,0 +1,75 @@
+"""The model registry: one line per family, and the lookups from a checkpoint to its family.
+
+Adding a family is one new model file (its module and its `FAMILY`) and one line in FAMILIES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from pagedjax.models import gpt2, gpt_neox, llama, opt
+from pagedjax.models.family import ModelFamily
+
+FAMILIES: tuple[ModelFamily, ...] = (
+    llama.FAMILY,
+    gpt2.FAMILY,
+    gpt_neox.FAMILY,
+    opt.FAMILY,
+)
+
+REGISTRY: dict[str, ModelFamily] = {f.name: f for f in FAMILIES}
+_BY_HF = {arch: f for f in FAMILIES for arch in f.hf_architectures}
+_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in (f.name, *f.hf_model_types)}
+_BY_GGUF = {arch: f for f in FAMILIES for arch in f.gguf_architectures}
+
+
+def family(name: str) -> ModelFamily:
+    """The family registered under `name` (a ModelConfig.architecture)."""
+    if name not in REGISTRY:
+        raise ValueError(f"no model for architecture {name!r} (have {sorted(REGISTRY)})")
+    return REGISTRY[name]
+
+
+def family_for_hf(hf: Mapping[str, Any]) -> ModelFamily:
+    """The family of a HF config.json: by `architectures`, else by `model_type`."""
+    archs = hf.get("architectures") or []
+    for a in archs:
+        if a in _BY_HF:
+            return _BY_HF[a]
+    if archs:
+        raise ValueError(f"unsupported architecture {archs} (supported: {sorted(_BY_HF)})")
+    if hf.get("model_type") in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[hf["model_type"]]
+    raise ValueError(f"unsupported model_type {hf.get('model_type')!r} and no known `architectures` "
+                     f"(supported: {sorted(_BY_HF)})")
+
+
+def config_from_hf(hf: Mapping[str, Any], name: str = ""):
+    """A ModelConfig from a HF config.json dict; ValueError for anything we do not implement."""
+    from pagedjax.models.config import hf_common
+
+    fam = family_for_hf(hf)
+    if hf.get("quantization_config"):
+        raise ValueError(f"quantized checkpoints are not supported (quantization_config "
+                         f"{hf['quantization_config'].get('quant_method', '?')!r})")
+    if hf.get("add_cross_attention") or hf.get("is_encoder_decoder"):
+        raise ValueError("cross attention / encoder-decoder models are not supported")
+    try:
+        return fam.config_from_hf(hf, hf_common(hf, fam.name, name))
+    except KeyError as e:
+        raise ValueError(f"config.json for {fam.name} lacks the key {e}") from None
+
+
+def family_for_gguf(meta: Mapping[str, Any]) -> ModelFamily:
+    """The family of a GGUF file, by its general.architecture."""
+    arch = meta.get("general.architecture")
+    fam = _BY_GGUF.get(arch)
+    if fam is None or fam.config_from_gguf is None:
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {sorted(_BY_GGUF)})")
+    return fam
+
+
+def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str], name: str = ""):
+    """A ModelConfig from GGUF metadata (key -> value) and the file's tensor names."""
+    return family_for_gguf(meta).config_from_gguf(meta, tensor_names, name)

@@ -1,0 +1,130 @@
+"""Host side of sampling: each row's SamplingParams -> `SamplingMetadata` (numpy, fixed shapes),
+and the static flags of a batch. Plain numpy; the device side is pagedjax/sampler.py.
+
+Dims: R rows (padded to the step's bucket), L penalty tokens per row, B banned tokens per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pagedjax.sampler import SampleFlags, SamplingMetadata
+from pagedjax.sampling_params import SAMPLING_EPS, BeamSearchParams, SamplingParams
+
+# The per-row scalar parameters: (SamplingParams field = SamplingMetadata field, dtype, neutral
+# value). Padding rows and beam-search rows take the neutral values: greedy, nothing filtered,
+# no penalty.
+ROW_FIELDS: tuple[tuple[str, type, float], ...] = (
+    ("temperature", np.float32, 0.0),
+    ("top_k", np.int32, 0),
+    ("top_p", np.float32, 1.0),
+    ("min_p", np.float32, 0.0),
+    ("presence_penalty", np.float32, 0.0),
+    ("frequency_penalty", np.float32, 0.0),
+    ("repetition_penalty", np.float32, 1.0),
+)
+
+
+def needs_token_history(sp: SamplingParams | BeamSearchParams) -> bool:
+    """Whether a row's sampling reads its earlier tokens (the penalties)."""
+    return isinstance(sp, SamplingParams) and (
+        sp.presence_penalty != 0 or sp.frequency_penalty != 0 or sp.repetition_penalty != 1)
+
+
+def static_flags(meta: SamplingMetadata) -> SampleFlags:
+    """The flags of numpy metadata: which parts of sampling some row uses."""
+    random = bool(np.any(np.asarray(meta.temperature) >= SAMPLING_EPS))
+    return SampleFlags(random=random, top_k=random and bool(np.any(np.asarray(meta.top_k) > 0)),
+                       top_p=random and bool(np.any(np.asarray(meta.top_p) < 1)))
+
+
+def make_sampling_metadata(
+    sampling_params: Sequence[SamplingParams | BeamSearchParams],
+    output_token_ids: Sequence[Sequence[int]],
+    *,
+    num_rows: int,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    num_pending: Sequence[int] | None = None,
+    eos_token_id: int | None = None,
+    penalty_width: int | None = None,
+    banned_width: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> SamplingMetadata:
+    """Builds numpy `SamplingMetadata` for the rows' params, padded to `num_rows` greedy rows.
+
+    Args:
+      sampling_params: one per row; a BeamSearchParams row samples greedily with nothing banned
+        (beam search picks its tokens from the row's top logprobs on the host).
+      output_token_ids: each row's generated tokens so far (its step is their number).
+      num_rows: R, the bucket; rows past len(sampling_params) are greedy padding.
+      prompt_token_ids: each row's prompt; needed only by rows with repetition_penalty != 1.
+      num_pending: per row, outputs sampled but not in output_token_ids yet (async scheduling):
+        they count for the step and min_tokens; a row with penalties cannot have any.
+      eos_token_id: banned with stop_token_ids while a row has fewer than min_tokens outputs
+        (unless ignore_eos).
+      penalty_width, banned_width: L and B. None picks the smallest power of two >= 16 that fits,
+        or 0 when no row needs it, so that few widths (compiled variants) ever occur.
+      rng: draws a fresh seed every step for rows without one. Seeds are taken mod 2**32; the
+        i-th of n samples has seed + i already (SamplingParams.for_sample).
+    """
+    n = len(sampling_params)
+    if n > num_rows or len(output_token_ids) != n:
+        raise ValueError(f"{n} params and {len(output_token_ids)} output lists for {num_rows} rows")
+    rng = rng if rng is not None else _host_rng
+    R = num_rows
+    columns = {name: np.full(R, neutral, dtype) for name, dtype, neutral in ROW_FIELDS}
+    seeds = np.zeros(R, np.uint32)
+    steps = np.zeros(R, np.int32)
+    penalty_lists: list[tuple[list[int], list[int]]] = []  # per row: (distinct prompt, output)
+    banned_lists: list[list[int]] = []
+    for r, sp in enumerate(sampling_params):
+        out = output_token_ids[r]
+        pending = num_pending[r] if num_pending is not None else 0
+        steps[r] = len(out) + pending
+        if isinstance(sp, BeamSearchParams):
+            penalty_lists.append(([], []))
+            banned_lists.append([])
+            continue
+        for name, _, _ in ROW_FIELDS:
+            columns[name][r] = getattr(sp, name)
+        seeds[r] = int(rng.integers(0, 2**32)) if sp.seed is None else sp.seed % 2**32
+        if pending and needs_token_history(sp):
+            raise ValueError("a row with penalties needs all its output tokens (none pending)")
+        prompt: list[int] = []
+        if sp.repetition_penalty != 1:
+            if prompt_token_ids is None:
+                raise ValueError("repetition_penalty needs prompt_token_ids")
+            prompt = sorted(set(prompt_token_ids[r]))
+        penalty_lists.append((prompt, list(out)) if needs_token_history(sp) else ([], []))
+        banned: list[int] = []
+        if steps[r] < sp.min_tokens:
+            banned = list(sp.stop_token_ids)
+            if eos_token_id is not None and not sp.ignore_eos:
+                banned.append(eos_token_id)
+        banned_lists.append(banned)
+
+    L = _width(max((len(p) + len(o) for p, o in penalty_lists), default=0), penalty_width, "penalty")
+    B = _width(max((len(b) for b in banned_lists), default=0), banned_width, "banned")
+    penalty_ids = np.full((R, L), -1, np.int32)
+    num_prompt = np.zeros(R, np.int32)
+    banned_ids = np.full((R, B), -1, np.int32)
+    for r, ((prompt, out), banned) in enumerate(zip(penalty_lists, banned_lists)):
+        penalty_ids[r, : len(prompt) + len(out)] = prompt + out
+        num_prompt[r] = len(prompt)
+        banned_ids[r, : len(banned)] = banned
+    return SamplingMetadata(**columns, seeds=seeds, steps=steps, penalty_token_ids=penalty_ids,
+                            num_prompt_tokens=num_prompt, banned_token_ids=banned_ids)
+
+
+_host_rng = np.random.default_rng()
+
+
+def _width(needed: int, given: int | None, what: str) -> int:
+    """The static width of a padded token list: `given`, or a power of two >= 16 (0 when unused)."""
+    if given is not None:
+        if given < needed:
+            raise ValueError(f"{what}_width={given} but a row needs {needed}")
+        return given
+    return 0 if needed == 0 else max(16, 1 << (needed - 1).bit_length())
