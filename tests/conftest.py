@@ -1,11 +1,27 @@
-"""Test set-up: CPU by default, several fake devices for sharding tests, the `gpu` marker.
+"""Test set-up: hermetic caches, CPU by default, several fake devices for sharding tests, the `gpu` marker.
 
 Set PAGEDJAX_TEST_GPU=1 to run on the GPU (tools/gpu_check.sh does); otherwise
 JAX runs on the CPU with 8 fake devices and tests marked `gpu` are skipped.
+
+Hermetic: nothing a test does writes outside its own temporary folder ($TEST_TMPDIR under
+Bazel, a fresh one otherwise), and nothing it reads depends on what the main job or an earlier
+run left under HOME: HOME, the XDG/HF caches and pagedjax's persistent compile cache all point
+inside that folder, for this process and the subprocesses it starts.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
+_TMP = os.environ.get("TEST_TMPDIR")
+if not _TMP:  # outside Bazel: a folder of our own, removed at exit
+    _TMP = tempfile.mkdtemp(prefix="pagedjax-test-")
+    atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+for _var, _sub in (("HOME", "home"), ("XDG_CACHE_HOME", "cache"), ("HF_HOME", "hf"),
+                   ("PAGEDJAX_COMPILE_CACHE", "jax-compile")):
+    os.environ[_var] = os.path.join(_TMP, _sub)
+    os.makedirs(os.environ[_var], exist_ok=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

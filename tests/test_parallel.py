@@ -103,6 +103,13 @@ def test_rules_split_megatron_style():
 # --- logits: direct model runs --------------------------------------------------------------
 
 
+TP_TOL = 1e-4  # max |tp - tp1| / max |tp1|, the model tests' tolerance against HF
+
+
+def _scaled_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
 def _forward(config, mesh, attn_impl="reference"):
     """The model part of the runner's step (same constraints), jitted with the pool donated."""
     model = get_model(config, attn_impl=attn_impl)
@@ -150,11 +157,15 @@ def test_logits_match_tp1(folder, arch, tp):
     ref1, ref2, ref_pool = _two_steps(folder(arch), 1)
     got1, got2, got_pool = _two_steps(folder(arch), tp)
     assert np.abs(ref1).max() > 1.0  # logits large enough that a wrong layout would show
-    np.testing.assert_allclose(got1, ref1, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got2, ref2, rtol=1e-5, atol=1e-5)
+    # As the model tests compare with HF: the worst error relative to the logit scale. float32
+    # reductions split over tp devices reorder sums (~1e-6 of the scale); a wrong layout, a
+    # missing all-reduce or a wrong kv-head replica is off by a good fraction of it.
+    assert _scaled_err(got1, ref1) < TP_TOL, (arch, tp, "prefill logits", _scaled_err(got1, ref1))
+    assert _scaled_err(got2, ref2) < TP_TOL, (arch, tp, "mixed-step logits", _scaled_err(got2, ref2))
     K, K_tp = ref_pool[0].shape[2], got_pool[0].shape[2]
-    for ref, got in zip(ref_pool, got_pool):  # kv head j of the tp pool is head j // (K_tp / K)
-        np.testing.assert_allclose(got, np.repeat(ref, K_tp // K, axis=2), rtol=1e-5, atol=1e-5)
+    for layer, (ref, got) in enumerate(zip(ref_pool, got_pool)):  # tp kv head j is head j // (K_tp / K)
+        err = _scaled_err(got, np.repeat(ref, K_tp // K, axis=2))
+        assert err < TP_TOL, (arch, tp, f"pool of layer {layer}", err)
 
 
 # --- greedy tokens through the engine -------------------------------------------------------

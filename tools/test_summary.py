@@ -1,10 +1,14 @@
 """Prints "N passed, N failed, N skipped" for the last `bazel test //...` run.
 
-Counts the test cases in each test target's JUnit XML under bazel-testlogs/
-(written by pytest through $XML_OUTPUT_FILE). A target with no XML (its build
-failed, or it was never run) counts as one failure. Exits 1 when anything failed.
+Counts the test cases in each test target's JUnit XML under bazel-testlogs/ (written by
+pytest through $XML_OUTPUT_FILE). A target with no XML, or with an XML older than `--since`
+(its build failed, or a stale result from an earlier run), counts as one failure: the line
+speaks of this run's results only. Exits 1 when anything failed.
+
+Usage: python tools/test_summary.py [--since EPOCH_SECONDS]
 """
 
+import argparse
 import pathlib
 import subprocess
 import sys
@@ -12,6 +16,10 @@ import xml.etree.ElementTree as ET
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--since", type=float, default=None,
+                        help="ignore (and fail) results written before this time (seconds since the epoch)")
+    args = parser.parse_args()
     labels = subprocess.run(
         ["bazel", "query", "--noshow_progress", 'tests(//...) except attr("tags", "manual", tests(//...))'],
         check=True, capture_output=True, text=True,
@@ -23,6 +31,10 @@ def main() -> int:
         xml_file = logs / package / name / "test.xml"
         if not xml_file.exists():
             print(f"{label}: no results", file=sys.stderr)
+            failed += 1
+            continue
+        if args.since is not None and xml_file.stat().st_mtime < args.since - 1:
+            print(f"{label}: no results from this run (the XML is older than the run)", file=sys.stderr)
             failed += 1
             continue
         root = ET.parse(xml_file).getroot()
