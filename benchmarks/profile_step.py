@@ -129,7 +129,7 @@ def main(argv=None) -> int:
 
     import pagedjax as pj
     from pagedjax import model_runner as mr
-    from pagedjax.model_runner import StepRequest
+    from pagedjax.scheduler import ScheduledRequest
 
     if args.dtype is None:
         args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     timers.wrap(engine.runner, "prepare")
     timers.wrap(engine.runner, "launch")
     timers.wrap(engine.runner, "fetch")
-    timers.wrap(engine, "_collect")
+    timers.wrap(engine.outputs, "process", "outputs")
     timers.wrap(mr, "_step", "dispatch (model)")
     timers.wrap(mr, "_sample", "dispatch (sampler)")
     timers.wrap(jax, "device_get", "device_get (waits for the device)")
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
 
     # The device alone: the same decode batch, back to back.
     # (re)computes each request's newest position: with a step in flight its pages end there
-    batch = [StepRequest([1], r.num_computed_tokens - 1, r.block_table, True, sp, [], [])
+    batch = [ScheduledRequest(r.request_id, [1], r.num_computed_tokens - 1, r.block_table, True, r)
              for r in engine.scheduler.running]
     device, dispatch = _device_time(engine.runner, batch, args.steps)
 

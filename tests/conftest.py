@@ -27,12 +27,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PAGEDJAX_TEST_GPU") != "1":
     os.environ["JAX_PLATFORMS"] = "cpu"
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
+import chex  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+if os.environ.get("PAGEDJAX_TEST_GPU") != "1" and "xla_force_host_platform_device_count" not in os.environ.get(
+        "XLA_FLAGS", ""):
+    chex.set_n_cpu_devices(8)  # before any backend starts
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -1,6 +1,6 @@
 """The device page pool: per layer one K and one V array, written functionally.
 
-Layout (DESIGN 3.2): `[P, page_size, K, H]`, token-major, so one token's K (or
+Layout: `[P, page_size, K, H]`, token-major, so one token's K (or
 V) row is contiguous and `slot = page * page_size + offset` addresses it in the
 pool viewed as `[P * page_size, K, H]`. Page 0 is the null page: padded
 block-table entries point at it and it is never handed to a request. Padding
