@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pagedjax import _ffi
-
 __version__ = "0.1.0"
 
 # Public surface, imported lazily so `import pagedjax` stays cheap.
@@ -19,7 +17,8 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
-_ffi.register()
+# No jax here and nothing registered: host-only modules (scheduler, requests, sampling params)
+# import without jax, and the FFI handlers register at first use (pagedjax._ffi).
 
 
 def __getattr__(name: str):

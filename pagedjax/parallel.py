@@ -36,7 +36,6 @@ Dims: N query heads, K kv heads, H head dim, D hidden, F MLP width, V vocab, P p
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -48,11 +47,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pagedjax.mesh import DP, TP, use_mesh  # re-exported: callers name them from here too
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
 from pagedjax.params import Params
-
-TP, DP = "tp", "dp"
 
 # The one table: logical axis -> mesh axis (None: replicated). Unlisted axes are replicated.
 LOGICAL_AXIS_RULES: dict[str, str | None] = {
@@ -233,17 +231,6 @@ def per_device_bytes(arrays) -> dict[jax.Device, int]:
 
 
 # --- inside the jitted step -----------------------------------------------------------------
-
-
-def use_mesh(mesh: Mesh | None):
-    """Context making `mesh` the ambient mesh while tracing (no-op for None).
-
-    Inside it, bare PartitionSpecs work in sharding constraints and `jax.shard_map` can take
-    `jax.sharding.get_abstract_mesh()`: how a custom call learns the mesh it runs under.
-    """
-    if mesh is None:
-        return contextlib.nullcontext()
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def constrain_step(logits: jax.Array, pages, mesh: Mesh | None):

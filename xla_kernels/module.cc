@@ -1,6 +1,9 @@
 // The pagedjax._kernels extension: hands Python the XLA FFI handlers as
-// capsules, by target name and platform. pagedjax/_ffi.py registers them.
+// capsules, by target name and platform (pagedjax/_ffi.py registers them), and
+// the head-dim tables of paged_attention.h, so Python never restates them.
 #include <pybind11/pybind11.h>
+
+#include "paged_attention.h"
 
 #include "xla/ffi/api/c_api.h"
 
@@ -37,12 +40,23 @@ py::dict Registrations() {
   return out;
 }
 
+template <size_t N>
+py::tuple Table(const int (&dims)[N]) {
+  py::tuple t(N);
+  for (size_t i = 0; i < N; ++i) t[i] = dims[i];
+  return t;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "pagedjax XLA FFI handlers (CPU always; CUDA when built with a CUDA toolkit)";
   m.def("registrations", &Registrations,
         "{platform: {target name: capsule}} for jax.ffi.register_ffi_target");
+  m.def("head_dims", [] { return Table(pagedjax::kSupportedHeadDims); },
+        "head dims every paged-attention handler is compiled for");
+  m.def("tensor_core_head_dims", [] { return Table(pagedjax::kTensorCoreHeadDims); },
+        "head dims of the CUDA tensor-core kernels (bf16/f16 queries), also in a CPU-only build");
 #ifdef PAGEDJAX_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -8,8 +8,15 @@
 // position seq_lens[r] - q_len + j and attends causally to positions 0..itself. Position p lives
 // in page block_tables[r, p / page_size], row p % page_size. Tokens at index >= query_start_loc[R]
 // are padding: their output is zero.
+//
+// Per call, as static attributes: a sliding window W (0: none) keeps only keys at positions
+// p - W < k <= p (HF transformers' sliding_window_overlay, vLLM); a logit soft-cap c (0: none)
+// turns each scaled score s = scale * q.k into c * tanh(s / c) before masking and softmax (Gemma 2).
+// The pool is either q's dtype or float8_e4m3fn (the FP8 KV cache): then its values are read as
+// f32(stored) * k_scale[kv head] (v_scale for V); the scales are f32 [K] operands, ones otherwise.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -17,13 +24,19 @@
 
 namespace pagedjax {
 
-// Head dims every handler accepts (CPU and CUDA, all dtypes).
+// Head dims every handler accepts (CPU and CUDA, all dtypes). The extension exports this table
+// and the next to Python (module.cc); the CUDA launch switches cover exactly these.
 inline constexpr int kSupportedHeadDims[] = {16, 32, 64, 80, 96, 128, 256};
+// Head dims the CUDA tensor-core kernels are compiled for (bf16/f16 queries; the pool in q's dtype
+// or fp8); the other head dims and f32 queries run the SIMT kernel.
+inline constexpr int kTensorCoreHeadDims[] = {64, 80, 96, 128, 256};
 // Split-KV partitions start at multiples of this many positions (kernels and merge agree on it).
 inline constexpr int kSplitGranule = 64;
 inline constexpr int kMaxSplits = 256;
 
 enum class DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// The pool's element type: q's dtype, or float8_e4m3fn with per-kv-head scales.
+enum class KvDType : int32_t { kSameAsQ = 0, kFp8E4M3 = 1 };
 // The `kernel` attribute: which CUDA kernel family runs (the CPU handler has one).
 enum class KernelChoice : int32_t { kAuto = 0, kSimt = 1, kTensorCore = 2 };
 
@@ -35,6 +48,8 @@ struct PagedAttentionParams {
   const int32_t* block_tables;     // [R, M] page ids
   const int32_t* seq_lens;         // [R]
   const int32_t* query_start_loc;  // [R + 1]
+  const float* k_scale;            // [K] K dequantization scale (ones unless the pool is fp8)
+  const float* v_scale;            // [K] V dequantization scale
   void* out;                       // [T, N, H], q's dtype
   float* workspace;                // split-KV partials: o [S, T, N, H], then lse (log2) [S, T, N]
 
@@ -46,8 +61,11 @@ struct PagedAttentionParams {
   int num_tokens, num_heads, num_kv_heads, head_dim;
   int num_pages, page_size, num_requests, max_pages;
   int num_splits;
-  float scale;  // softmax scale (applied to q.k)
-  DType dtype;
+  float scale;          // softmax scale (applied to q.k)
+  int sliding_window;   // W > 0: keys at p - W < k <= p only; 0: none
+  float logit_softcap;  // c > 0: scores c * tanh(s / c); 0: none
+  DType dtype;          // q and out
+  KvDType kv_dtype;     // the pool
 };
 
 // Elements of f32 workspace the handlers need for `num_splits` (at least 1, never a null buffer).
@@ -58,6 +76,12 @@ inline int64_t WorkspaceElements(int64_t num_splits, int64_t tokens, int64_t hea
 
 inline bool IsSupportedHeadDim(int64_t h) {
   for (int d : kSupportedHeadDims)
+    if (d == h) return true;
+  return false;
+}
+
+inline bool HasTensorCoreHeadDim(int64_t h) {
+  for (int d : kTensorCoreHeadDims)
     if (d == h) return true;
   return false;
 }
@@ -75,6 +99,7 @@ inline std::string ShapeString(const ffi::AnyBuffer& b) {
     case ffi::DataType::S32: s = "s32"; break;
     case ffi::DataType::S64: s = "s64"; break;
     case ffi::DataType::F64: s = "f64"; break;
+    case ffi::DataType::F8E4M3FN: s = "f8e4m3fn"; break;
     default: s = "dtype#" + std::to_string(static_cast<int>(b.element_type())); break;
   }
   s += "[";
@@ -95,9 +120,10 @@ inline ffi::Error Invalid(const std::string& what) {
 inline xla::ffi::Error MakePagedAttentionParams(
     const xla::ffi::AnyBuffer& q, const xla::ffi::AnyBuffer& k_pages,
     const xla::ffi::AnyBuffer& v_pages, const xla::ffi::AnyBuffer& block_tables,
-    const xla::ffi::AnyBuffer& seq_lens, const xla::ffi::AnyBuffer& query_start_loc, float scale,
-    int32_t num_splits, int32_t kernel, xla::ffi::AnyBuffer out, xla::ffi::AnyBuffer workspace,
-    PagedAttentionParams* p) {
+    const xla::ffi::AnyBuffer& seq_lens, const xla::ffi::AnyBuffer& query_start_loc,
+    const xla::ffi::AnyBuffer& k_scale, const xla::ffi::AnyBuffer& v_scale, float scale, int32_t num_splits,
+    int32_t kernel, int32_t sliding_window, float logit_softcap, xla::ffi::AnyBuffer out,
+    xla::ffi::AnyBuffer workspace, PagedAttentionParams* p) {
   namespace ffi = xla::ffi;
   using detail::Invalid;
   using detail::ShapeString;
@@ -115,9 +141,10 @@ inline xla::ffi::Error MakePagedAttentionParams(
     case ffi::DataType::BF16: dtype = DType::kBF16; break;
     default: return Invalid("q must be f32, f16 or bf16, got " + ShapeString(q));
   }
-  if (k_pages.element_type() != dt || v_pages.element_type() != dt)
-    return Invalid("q, k_pages and v_pages must share a dtype, got q " + ShapeString(q) + ", k_pages " +
-                   ShapeString(k_pages) + ", v_pages " + ShapeString(v_pages));
+  const ffi::DataType kv_dt = k_pages.element_type();
+  if ((kv_dt != dt && kv_dt != ffi::DataType::F8E4M3FN) || v_pages.element_type() != kv_dt)
+    return Invalid("k_pages and v_pages must share a dtype, q's or f8e4m3fn (the FP8 KV cache), got q " +
+                   ShapeString(q) + ", k_pages " + ShapeString(k_pages) + ", v_pages " + ShapeString(v_pages));
   for (size_t i = 0; i < 4; ++i)
     if (kd[i] != vd[i])
       return Invalid("k_pages and v_pages must have one shape, got " + ShapeString(k_pages) + " and " +
@@ -159,6 +186,16 @@ inline xla::ffi::Error MakePagedAttentionParams(
   if (workspace.element_type() != ffi::DataType::F32 || wd.size() != 1 || wd[0] < need)
     return Invalid("workspace must be f32[>= " + std::to_string(need) + "] for num_splits=" +
                    std::to_string(num_splits) + ", got " + ShapeString(workspace));
+  for (const auto* b : {&k_scale, &v_scale}) {
+    auto d = b->dimensions();
+    if (b->element_type() != ffi::DataType::F32 || d.size() != 1 || d[0] != K)
+      return Invalid("k_scale and v_scale must be f32[K] with K = " + std::to_string(K) + " kv heads, got " +
+                     ShapeString(*b));
+  }
+  if (sliding_window < 0)
+    return Invalid("sliding_window must be >= 0 (0: none), got " + std::to_string(sliding_window));
+  if (!std::isfinite(logit_softcap) || logit_softcap < 0.f)
+    return Invalid("logit_softcap must be finite and >= 0 (0: none), got " + std::to_string(logit_softcap));
   if (kernel < 0 || kernel > 2)
     return Invalid("kernel must be 0 (auto), 1 (simt) or 2 (tensor core), got " + std::to_string(kernel));
   // Every count the kernels index with must fit int32 (offsets are computed in int64).
@@ -173,6 +210,8 @@ inline xla::ffi::Error MakePagedAttentionParams(
   p->block_tables = static_cast<const int32_t*>(block_tables.untyped_data());
   p->seq_lens = static_cast<const int32_t*>(seq_lens.untyped_data());
   p->query_start_loc = static_cast<const int32_t*>(query_start_loc.untyped_data());
+  p->k_scale = static_cast<const float*>(k_scale.untyped_data());
+  p->v_scale = static_cast<const float*>(v_scale.untyped_data());
   p->out = out.untyped_data();
   p->workspace = static_cast<float*>(workspace.untyped_data());
   p->q_stride_token = N * H;
@@ -193,7 +232,10 @@ inline xla::ffi::Error MakePagedAttentionParams(
   p->max_pages = static_cast<int>(M);
   p->num_splits = num_splits;
   p->scale = scale;
+  p->sliding_window = sliding_window;
+  p->logit_softcap = logit_softcap;
   p->dtype = dtype;
+  p->kv_dtype = kv_dt == ffi::DataType::F8E4M3FN ? KvDType::kFp8E4M3 : KvDType::kSameAsQ;
   return ffi::Error::Success();
 }
 

@@ -1,8 +1,8 @@
 // PagedAttention over a ragged batch: the CPU handler (FFI target "pagedjax_paged_attention", cpu).
 //
 // Same operands, attributes and results as the CUDA handler (paged_attention.cu); it ignores the
-// split-KV workspace and the kernel choice, and checks the metadata on the host: a request whose
-// lengths or page ids are out of range is an error, not a wrong answer.
+// split-KV workspace and the kernel choice, and checks the metadata and scales on the host: a
+// request whose lengths or page ids are out of range is an error, not a wrong answer.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "float_convert.h"
 #include "paged_attention.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -23,64 +24,6 @@ namespace pagedjax {
 namespace {
 
 namespace ffi = xla::ffi;
-
-// ---- 16-bit floats (round to nearest even, NaN stays NaN) ----
-
-inline uint32_t Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float FromBits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline float Bf16ToFloat(uint16_t h) { return FromBits(static_cast<uint32_t>(h) << 16); }
-
-inline uint16_t FloatToBf16(float f) {
-  uint32_t x = Bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>(x >> 16);
-}
-
-inline float HalfToFloat(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-  if (exp == 0) {
-    if (mant == 0) return FromBits(sign);
-    int e = -1;  // subnormal: shift the leading one into the implicit bit
-    do {
-      ++e;
-      mant <<= 1;
-    } while ((mant & 0x400u) == 0);
-    return FromBits(sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13));
-  }
-  if (exp == 31) return FromBits(sign | 0x7f800000u | (mant << 13));
-  return FromBits(sign | ((exp + 127 - 15) << 23) | (mant << 13));
-}
-
-inline uint16_t FloatToHalf(float f) {  // after F. Giesen's float_to_half_fast3_rtne
-  const uint32_t kF32Inf = 255u << 23, kF16Max = (127u + 16u) << 23;
-  const uint32_t kDenormMagic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-  uint32_t x = Bits(f);
-  uint32_t sign = x & 0x80000000u;
-  x ^= sign;
-  uint32_t o;
-  if (x >= kF16Max) {
-    o = x > kF32Inf ? 0x7e00u : 0x7c00u;
-  } else if (x < (113u << 23)) {  // result is subnormal or zero: let the FPU round
-    o = Bits(FromBits(x) + FromBits(kDenormMagic)) - kDenormMagic;
-  } else {
-    uint32_t mant_odd = (x >> 13) & 1u;
-    x += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu;
-    x += mant_odd;
-    o = x >> 13;
-  }
-  return static_cast<uint16_t>(o | (sign >> 16));
-}
 
 struct F32 {
   using T = float;
@@ -97,6 +40,10 @@ struct BF16 {
   static float Load(T x) { return Bf16ToFloat(x); }
   static T Store(float x) { return FloatToBf16(x); }
 };
+struct FP8 {  // the FP8 KV cache (read only here)
+  using T = uint8_t;
+  static float Load(T x) { return Fp8E4M3ToFloat(x); }
+};
 
 // ---- host checks of the device metadata ----
 
@@ -104,6 +51,11 @@ ffi::Error CheckMetadata(const PagedAttentionParams& p) {
   const int32_t* qsl = p.query_start_loc;
   const int R = p.num_requests;
   auto bad = [](const std::string& what) { return detail::Invalid(what); };
+  for (int kh = 0; kh < p.num_kv_heads; ++kh)
+    for (const float s : {p.k_scale[kh], p.v_scale[kh]})
+      if (!std::isfinite(s) || s <= 0.f)
+        return bad("k_scale and v_scale must be finite and > 0, got " + std::to_string(s) + " for kv head " +
+                   std::to_string(kh));
   if (qsl[0] < 0 || qsl[R] > p.num_tokens)
     return bad("query_start_loc must lie in [0, T=" + std::to_string(p.num_tokens) + "], got [" +
                std::to_string(qsl[0]) + ", ..., " + std::to_string(qsl[R]) + "]");
@@ -180,17 +132,21 @@ inline float Dot(const float* a, const float* b, int h) {
 }
 
 // One request and one kv head: its query tokens x the G query heads of the group, online softmax
-// over blocks of the request's context.
-template <typename E>
+// over blocks of the positions some token of the request sees (the window's, when there is one).
+template <typename E, typename EKV>
 void AttendRequestKvHead(const PagedAttentionParams& p, int r, int kh) {
   using T = typename E::T;
-  const int H = p.head_dim, G = p.num_heads / p.num_kv_heads;
+  using TKV = typename EKV::T;
+  const int H = p.head_dim, G = p.num_heads / p.num_kv_heads, W = p.sliding_window;
   const int q0 = p.query_start_loc[r], q_len = p.query_start_loc[r + 1] - q0;
   const int L = p.seq_lens[r], first_pos = L - q_len;
+  const float cap = p.logit_softcap;
   const T* q = static_cast<const T*>(p.q);
-  const T* kp = static_cast<const T*>(p.k_pages);
-  const T* vp = static_cast<const T*>(p.v_pages);
+  const TKV* kp = static_cast<const TKV*>(p.k_pages);
+  const TKV* vp = static_cast<const TKV*>(p.v_pages);
   T* out = static_cast<T*>(p.out);
+  // The pool's scales fold into q (K) and the output (V): s = scale * q.(k8 * ks) = (scale * ks) q.k8.
+  const float q_mul = p.scale * p.k_scale[kh], v_mul = p.v_scale[kh];
 
   const int rows = q_len * G;  // row = i * G + g
   std::vector<float> qf(static_cast<size_t>(rows) * H), acc(static_cast<size_t>(rows) * H, 0.f);
@@ -199,39 +155,43 @@ void AttendRequestKvHead(const PagedAttentionParams& p, int r, int kh) {
     for (int g = 0; g < G; ++g) {
       const T* src = q + (q0 + i) * p.q_stride_token + (kh * G + g) * p.q_stride_head;
       float* dst = &qf[(static_cast<size_t>(i) * G + g) * H];
-      for (int d = 0; d < H; ++d) dst[d] = E::Load(src[d]) * p.scale;
+      for (int d = 0; d < H; ++d) dst[d] = E::Load(src[d]) * q_mul;
     }
 
+  // Token i (position first_pos + i) sees [lo_i, first_pos + i]: lo_i = 0, or the window's start.
+  auto window_lo = [&](int pos) { return W > 0 ? std::max(0, pos - W + 1) : 0; };
   std::vector<float> kf(static_cast<size_t>(kKvBlock) * H), vf(static_cast<size_t>(kKvBlock) * H), s(kKvBlock);
-  for (int b0 = 0; b0 < L; b0 += kKvBlock) {
+  for (int b0 = window_lo(first_pos); b0 < L; b0 += kKvBlock) {  // positions before it: never read
     const int nb = std::min(kKvBlock, L - b0);
     for (int j = 0; j < nb; ++j) {
       const int pos = b0 + j;
       const int64_t page = p.block_tables[static_cast<int64_t>(r) * p.bt_stride + pos / p.page_size];
       const int64_t off = page * p.kv_stride_page + (pos % p.page_size) * p.kv_stride_token + kh * p.kv_stride_head;
       for (int d = 0; d < H; ++d) {
-        kf[static_cast<size_t>(j) * H + d] = E::Load(kp[off + d]);
-        vf[static_cast<size_t>(j) * H + d] = E::Load(vp[off + d]);
+        kf[static_cast<size_t>(j) * H + d] = EKV::Load(kp[off + d]);
+        vf[static_cast<size_t>(j) * H + d] = EKV::Load(vp[off + d]);
       }
     }
-    // Token i sees positions < first_pos + i + 1; tokens before i0 see nothing of this block.
-    const int i0 = std::max(0, b0 - first_pos);
-    for (int i = i0; i < q_len; ++i) {
-      const int nv = std::min(nb, first_pos + i + 1 - b0);
+    for (int i = 0; i < q_len; ++i) {
+      const int pos = first_pos + i;
+      const int j0 = std::max(0, window_lo(pos) - b0), j1 = std::min(nb, pos + 1 - b0);  // [j0, j1) seen
+      if (j0 >= j1) continue;
       for (int g = 0; g < G; ++g) {
         const int row = i * G + g;
         const float* qr = &qf[static_cast<size_t>(row) * H];
         float mx = -std::numeric_limits<float>::infinity();
-        for (int j = 0; j < nv; ++j) {
-          s[j] = Dot(qr, &kf[static_cast<size_t>(j) * H], H);
-          mx = std::max(mx, s[j]);
+        for (int j = j0; j < j1; ++j) {
+          float x = Dot(qr, &kf[static_cast<size_t>(j) * H], H);
+          if (cap > 0.f) x = cap * std::tanh(x / cap);
+          s[j] = x;
+          mx = std::max(mx, x);
         }
         const float m_new = std::max(m[row], mx);
         const float alpha = std::exp(m[row] - m_new);  // m = -inf before the first block: alpha = 0
         float* a = &acc[static_cast<size_t>(row) * H];
         float sum = 0.f;
         for (int d = 0; d < H; ++d) a[d] *= alpha;
-        for (int j = 0; j < nv; ++j) {
+        for (int j = j0; j < j1; ++j) {
           const float pj = std::exp(s[j] - m_new);
           sum += pj;
           const float* vr = &vf[static_cast<size_t>(j) * H];
@@ -245,14 +205,14 @@ void AttendRequestKvHead(const PagedAttentionParams& p, int r, int kh) {
   for (int i = 0; i < q_len; ++i)
     for (int g = 0; g < G; ++g) {
       const int row = i * G + g;
-      const float inv = l[row] > 0.f ? 1.f / l[row] : 0.f;  // l > 0: every token sees position 0
+      const float inv = l[row] > 0.f ? v_mul / l[row] : 0.f;  // l > 0: every token sees itself
       T* dst = out + (q0 + i) * p.out_stride_token + (kh * G + g) * p.out_stride_head;
       const float* a = &acc[static_cast<size_t>(row) * H];
       for (int d = 0; d < H; ++d) dst[d] = E::Store(a[d] * inv);
     }
 }
 
-template <typename E>
+template <typename E, typename EKV>
 void Run(ffi::ThreadPool& pool, const PagedAttentionParams& p) {
   using T = typename E::T;
   T* out = static_cast<T*>(p.out);
@@ -267,7 +227,7 @@ void Run(ffi::ThreadPool& pool, const PagedAttentionParams& p) {
     if (p.query_start_loc[r + 1] > p.query_start_loc[r])
       for (int kh = 0; kh < K; ++kh) items.push_back(r * K + kh);
   ParallelFor(pool, static_cast<int64_t>(items.size()),
-              [&](int64_t i) { AttendRequestKvHead<E>(p, items[i] / K, items[i] % K); });
+              [&](int64_t i) { AttendRequestKvHead<E, EKV>(p, items[i] / K, items[i] % K); });
 }
 
 ffi::Error PagedAttentionCpu(ffi::ThreadPool pool,
@@ -277,21 +237,27 @@ ffi::Error PagedAttentionCpu(ffi::ThreadPool pool,
                              ffi::AnyBuffer block_tables,     // s32 [R, M]
                              ffi::AnyBuffer seq_lens,         // s32 [R]
                              ffi::AnyBuffer query_start_loc,  // s32 [R + 1]
+                             ffi::AnyBuffer k_scale,          // f32 [K] (ones unless the pool is fp8)
+                             ffi::AnyBuffer v_scale,          // f32 [K]
                              float scale,                     // softmax scale
                              int32_t num_splits,              // split-KV partitions (CUDA only)
                              int32_t kernel,                  // KernelChoice (CUDA only)
+                             int32_t sliding_window,          // W (0: none)
+                             float logit_softcap,             // c (0: none)
                              ffi::Result<ffi::AnyBuffer> out,         // [T, N, H], q's dtype
                              ffi::Result<ffi::AnyBuffer> workspace) {  // f32 [W] (CUDA split-KV)
   PagedAttentionParams p;
   if (ffi::Error e = MakePagedAttentionParams(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc,
-                                              scale, num_splits, kernel, *out, *workspace, &p);
+                                              k_scale, v_scale, scale, num_splits, kernel, sliding_window,
+                                              logit_softcap, *out, *workspace, &p);
       e.failure())
     return e;
   if (ffi::Error e = CheckMetadata(p); e.failure()) return e;
+  const bool fp8 = p.kv_dtype == KvDType::kFp8E4M3;
   switch (p.dtype) {
-    case DType::kF32: Run<F32>(pool, p); break;
-    case DType::kF16: Run<F16>(pool, p); break;
-    case DType::kBF16: Run<BF16>(pool, p); break;
+    case DType::kF32: fp8 ? Run<F32, FP8>(pool, p) : Run<F32, F32>(pool, p); break;
+    case DType::kF16: fp8 ? Run<F16, FP8>(pool, p) : Run<F16, F16>(pool, p); break;
+    case DType::kBF16: fp8 ? Run<BF16, FP8>(pool, p) : Run<BF16, BF16>(pool, p); break;
   }
   return ffi::Error::Success();
 }
@@ -308,8 +274,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxPagedAttentionCpu, pagedjax::PagedAttentio
                                   .Arg<xla::ffi::AnyBuffer>()  // block_tables
                                   .Arg<xla::ffi::AnyBuffer>()  // seq_lens
                                   .Arg<xla::ffi::AnyBuffer>()  // query_start_loc
+                                  .Arg<xla::ffi::AnyBuffer>()  // k_scale
+                                  .Arg<xla::ffi::AnyBuffer>()  // v_scale
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("num_splits")
                                   .Attr<int32_t>("kernel")
+                                  .Attr<int32_t>("sliding_window")
+                                  .Attr<float>("logit_softcap")
                                   .Ret<xla::ffi::AnyBuffer>()   // out
                                   .Ret<xla::ffi::AnyBuffer>());  // workspace

@@ -6,39 +6,42 @@ Dims: T tokens in the flat batch, N query heads, K kv heads, H head dim, P pages
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from pagedjax import _ffi
 from pagedjax.attention.metadata import AttentionMetadata, build_metadata
+from pagedjax.attention.options import check_options
+from pagedjax.kv_cache import kv_dtype as _kv_dtype
+from pagedjax.mesh import tp_mesh
 
 __all__ = ["AttentionMetadata", "FFI_HEAD_DIMS", "build_metadata", "paged_attention", "resolve_impl", "tp_mesh"]
 
 IMPLS = ("auto", "reference", "ffi")
 
+# Head dims the custom call's handlers are compiled for: the extension's table
+# (xla_kernels/paged_attention.h); empty when the extension is not built.
+FFI_HEAD_DIMS = _ffi.head_dims()
 
-# Head dims the custom call's handlers are compiled for (xla_kernels/paged_attention.h).
-FFI_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+# Pool dtypes the handlers read: q's dtype (one of these) or the FP8 KV cache.
+FFI_KV_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float8_e4m3fn))
 
 
-def resolve_impl(impl: str, head_dim: int | None = None) -> str:
+def resolve_impl(impl: str, head_dim: int | None = None, kv_dtype=None) -> str:
     """Maps "auto" to the custom call where its handler is built (GPU, and CPU with the
-    extension) and compiled for `head_dim`, else to the reference; checks the name."""
+    extension) and supports `head_dim` and the pool's `kv_dtype`, else to the reference;
+    checks the name. Registers the handlers (first use)."""
     if impl not in IMPLS:
         raise ValueError(f"paged_attention: unknown impl {impl!r} (expected one of {IMPLS})")
+    if impl == "reference":
+        return impl
+    registered = _ffi.register()
     if impl == "auto":
-        from pagedjax import _ffi
-
         platform = "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
-        built = ("pagedjax_paged_attention", platform) in _ffi.register()
+        built = ("pagedjax_paged_attention", platform) in registered
         fits = head_dim is None or head_dim in FFI_HEAD_DIMS
-        return "ffi" if built and fits else "reference"
+        reads = kv_dtype is None or jnp.dtype(kv_dtype) in FFI_KV_DTYPES
+        return "ffi" if built and fits and reads else "reference"
     return impl
-
-
-def tp_mesh(axis: str = "tp"):
-    """The mesh the step is being traced under, when it splits `axis` over several devices."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or mesh.shape.get(axis, 1) <= 1:
-        return None
-    return mesh
 
 
 def paged_attention(
@@ -49,19 +52,30 @@ def paged_attention(
     *,
     scale: float,
     impl: str = "auto",
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of q [T, N, H] over pools [P, B, K, H] as `meta` says; returns [T, N, H].
 
     GQA by N // K query heads per kv head; padding tokens' outputs are zeros.
     impl: "reference" (pure jnp, the oracle), "ffi" (the XLA custom call), "auto".
+    sliding_window (static): a query at position p sees keys p - W < k <= p; None: all.
+    logit_softcap (static): scores s = scale * q.k become c * tanh(s / c); None: no cap.
+    k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
     """
-    impl = resolve_impl(impl)
+    check_options(sliding_window, logit_softcap, "paged_attention")
+    k_scale, v_scale = _kv_dtype.check_scales(k_scale, v_scale, k_pages.dtype, k_pages.shape[2], "paged_attention")
+    opts = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap, k_scale=k_scale,
+                v_scale=v_scale)
+    impl = resolve_impl(impl, head_dim=q.shape[-1], kv_dtype=k_pages.dtype)
     if impl == "ffi":
         from pagedjax.attention import ffi  # the custom call; imported only when asked for
 
         # Under tensor parallelism the call runs per device in shard_map (heads split): a custom
         # call on sharded operands outside it would be all-gathered.
-        return ffi.paged_attention_ffi(q, k_pages, v_pages, meta, scale=scale, mesh=tp_mesh())
+        return ffi.paged_attention_ffi(q, k_pages, v_pages, meta, mesh=tp_mesh(), **opts)
     from pagedjax.attention import reference
 
-    return reference.paged_attention(q, k_pages, v_pages, meta, scale=scale)
+    return reference.paged_attention(q, k_pages, v_pages, meta, **opts)

@@ -7,6 +7,8 @@ One call serves the whole ragged batch (decode tokens and prefill chunks alike).
 splits long contexts over S partitions when the grid would otherwise leave SMs idle; S is chosen
 here from static shapes only (so the call is safe inside CUDA graphs) and its scratch is the
 call's second output, never a malloc. The CPU handler runs the same signature (S is ignored).
+The sliding window and soft-cap are static attributes (0: none); the pool's dequantization
+scales k_scale, v_scale [K] are operands (ones for a pool in q's dtype, the FP8 cache's scales).
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from jax.sharding import PartitionSpec as P
 
 import pagedjax._ffi as _ffi
 from pagedjax.attention.metadata import AttentionMetadata
+from pagedjax.attention.options import check_options
+from pagedjax.kv_cache import kv_dtype
+from pagedjax.mesh import TP, match_spec
 
 TARGET = "pagedjax_paged_attention"
 KERNELS = {"auto": 0, "simt": 1, "tensor_core": 2}  # the `kernel` attribute (CUDA only)
-# The tensor-core kernels exist for these head dims in bf16/f16 (HasTensorCoreKernel in
-# xla_kernels/paged_attention.cu); "auto" runs SIMT elsewhere, a forced "tensor_core" raises.
-TENSOR_CORE_HEAD_DIMS = (64, 80, 96, 128, 256)
+# The tensor-core kernels exist for these head dims with bf16/f16 queries (the pool in q's dtype or
+# fp8): the extension's kTensorCoreHeadDims (xla_kernels/paged_attention.h), also in a CPU-only
+# build. "auto" runs SIMT elsewhere, a forced "tensor_core" raises.
+TENSOR_CORE_HEAD_DIMS = _ffi.tensor_core_head_dims()
 MAX_SPLITS = 32  # the heuristic's cap (the handler accepts up to 256)
 MIN_SPLIT_POSITIONS = 512  # the model gives a split at least this many positions of a full context
 SPLIT_GRANULE = 64  # kSplitGranule: a split starts at a multiple of this many positions
@@ -65,7 +71,7 @@ def _num_sms() -> int:
 
 
 def has_tensor_core_kernel(dtype, head_dim: int) -> bool:
-    """Whether the CUDA handler has a tensor-core kernel for this dtype and head dim."""
+    """Whether the CUDA handler has a tensor-core kernel for this q dtype and head dim."""
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and (
         head_dim in TENSOR_CORE_HEAD_DIMS)
 
@@ -147,7 +153,7 @@ def workspace_elements(num_splits: int, num_tokens: int, num_heads: int, head_di
 
 def paged_attention_call(
     q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [P, B, K, H]
+    k_pages: jax.Array,  # [P, B, K, H], q's dtype or float8_e4m3fn
     v_pages: jax.Array,  # [P, B, K, H]
     block_tables: jax.Array,  # [R, M] int32
     seq_lens: jax.Array,  # [R] int32
@@ -156,6 +162,10 @@ def paged_attention_call(
     scale: float,
     num_splits: int | None = None,
     kernel: str = "auto",
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    k_scale: jax.Array | None = None,  # [K] f32; fp8 pages only
+    v_scale: jax.Array | None = None,  # [K] f32
 ) -> jax.Array:
     """The custom call on local (unsharded) arrays; returns out [T, N, H] in q's dtype."""
     if kernel not in KERNELS:
@@ -169,15 +179,29 @@ def paged_attention_call(
     backend = jax.default_backend()
     _ffi.require(TARGET, backend)
     R, M = block_tables.shape
+    K = k_pages.shape[2]
     if num_splits is None:
-        num_splits = 1 if backend != "gpu" else choose_num_splits(
-            T, R, N, k_pages.shape[2], H, M * k_pages.shape[1], _num_sms())
+        # A split covers positions some token of its request sees: at most the window plus the
+        # request's other query tokens (T - R bounds those), never more than the block table.
+        context = M * k_pages.shape[1]
+        if sliding_window is not None:
+            context = min(context, sliding_window + max(T - R, 0))
+        num_splits = 1 if backend != "gpu" else choose_num_splits(T, R, N, K, H, context, _num_sms())
+    if k_scale is None:  # a pool in q's dtype: identity scales (the handler multiplies by 1.0)
+        k_scale = v_scale = jnp.ones((K,), jnp.float32)
     out_type = jax.ShapeDtypeStruct((T, N, H), q.dtype)  # [T, N, H]
     ws_type = jax.ShapeDtypeStruct((workspace_elements(num_splits, T, N, H),), jnp.float32)
     out, _ = jax.ffi.ffi_call(TARGET, (out_type, ws_type))(
-        q, k_pages, v_pages, block_tables, seq_lens, query_start_loc,
-        scale=np.float32(scale), num_splits=np.int32(num_splits), kernel=np.int32(KERNELS[kernel]))
+        q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
+        **call_attributes(scale, num_splits, kernel, sliding_window, logit_softcap))
     return out
+
+
+def call_attributes(scale: float, num_splits: int, kernel: str = "auto", sliding_window: int | None = None,
+                    logit_softcap: float | None = None) -> dict:
+    """The custom call's static attributes, typed as the handlers bind them (0: no window / cap)."""
+    return dict(scale=np.float32(scale), num_splits=np.int32(num_splits), kernel=np.int32(KERNELS[kernel]),
+                sliding_window=np.int32(sliding_window or 0), logit_softcap=np.float32(logit_softcap or 0.0))
 
 
 def paged_attention_sharded(
@@ -188,9 +212,13 @@ def paged_attention_sharded(
     *,
     scale: float,
     mesh: Mesh,
-    axis: str = "tp",
+    axis: str = TP,
     num_splits: int | None = None,
     kernel: str = "auto",
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    k_scale: jax.Array | None = None,  # [K] f32, K sharded over `axis`
+    v_scale: jax.Array | None = None,  # [K] f32
 ) -> jax.Array:
     """The custom call per device under tensor parallelism: heads split over mesh `axis`.
 
@@ -204,11 +232,20 @@ def paged_attention_sharded(
                          f"{tp} devices of mesh axis {axis!r}")
     heads = P(None, axis, None)  # [T, N, H]
     pool = P(None, None, axis, None)  # [P, B, K, H]
-    body = functools.partial(paged_attention_call, scale=scale, num_splits=num_splits, kernel=kernel)
+    if k_scale is None:
+        k_scale = v_scale = jnp.ones((K,), jnp.float32)  # split with the pool like real scales
+    k_scale, v_scale = (match_spec(s, mesh, P(axis)) for s in (k_scale, v_scale))  # [K]
+    opts = dict(scale=scale, num_splits=num_splits, kernel=kernel, sliding_window=sliding_window,
+                logit_softcap=logit_softcap)
+
+    def body(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, k_scale, v_scale):
+        return paged_attention_call(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc,
+                                    k_scale=k_scale, v_scale=v_scale, **opts)
+
     return jax.shard_map(
-        body, mesh=mesh, in_specs=(heads, pool, pool, P(), P(), P()), out_specs=heads,
+        body, mesh=mesh, in_specs=(heads, pool, pool, P(), P(), P(), P(axis), P(axis)), out_specs=heads,
         axis_names={axis}, check_vma=False,
-    )(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    )(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_start_loc, k_scale, v_scale)
 
 
 def paged_attention_ffi(
@@ -219,9 +256,13 @@ def paged_attention_ffi(
     *,
     scale: float,
     mesh: Mesh | None = None,
-    axis: str = "tp",
+    axis: str = TP,
     num_splits: int | None = None,
     kernel: str = "auto",
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Causal paged attention of the ragged batch `meta` describes; returns [T, N, H].
 
@@ -229,14 +270,19 @@ def paged_attention_ffi(
       mesh / axis: when given, run under shard_map with heads split over `axis`.
       num_splits: split-KV partitions (CUDA); default chosen from static shapes.
       kernel: "auto", "simt" (CUDA cores) or "tensor_core": which CUDA kernels run (for tests).
+      sliding_window / logit_softcap: as pagedjax.attention.paged_attention (static).
+      k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
     Padding tokens (index >= query_start_loc[R]) get zeros.
     """
+    check_options(sliding_window, logit_softcap, "paged_attention_ffi")
+    k_scale, v_scale = kv_dtype.check_scales(k_scale, v_scale, k_pages.dtype, k_pages.shape[2],
+                                             "paged_attention_ffi")
+    opts = dict(scale=scale, num_splits=num_splits, kernel=kernel, sliding_window=sliding_window,
+                logit_softcap=logit_softcap, k_scale=k_scale, v_scale=v_scale)
     if mesh is not None:
-        return paged_attention_sharded(q, k_pages, v_pages, meta, scale=scale, mesh=mesh, axis=axis,
-                                       num_splits=num_splits, kernel=kernel)
+        return paged_attention_sharded(q, k_pages, v_pages, meta, mesh=mesh, axis=axis, **opts)
     return paged_attention_call(q, k_pages, v_pages, jnp.asarray(meta.block_tables),
-                                jnp.asarray(meta.seq_lens), jnp.asarray(meta.query_start_loc),
-                                scale=scale, num_splits=num_splits, kernel=kernel)
+                                jnp.asarray(meta.seq_lens), jnp.asarray(meta.query_start_loc), **opts)
 
 
 # The name pagedjax.attention.paged_attention dispatches to.
