@@ -4,7 +4,7 @@ as OpenAI `tool_calls` (host only). vLLM's approach:
   named function  the output is the function's arguments: a JSON value of its parameters schema
   "required"      the output is a JSON array (at least one item; at most one without
                   parallel_tool_calls) of {"name": <a function>, "parameters": <its arguments>},
-                  `anyOf` over the functions; their `$defs` are hoisted to the root
+                  `anyOf` over the functions, no other keys; their `$defs` are hoisted to the root
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def tool_choice_structured_outputs(tools: Sequence[Any] | None, tool_choice: Any
                     raise ValueError(f"two tools define ${key.strip('$')} {def_name!r} differently; "
                                      "rename one for tool_choice 'required'.")
         branches.append({"properties": {"name": {"type": "string", "enum": [fn_name]}, "parameters": params},
-                         "required": ["name", "parameters"]})
+                         "required": ["name", "parameters"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
                               "items": {"type": "object", "anyOf": branches}}
     if not parallel_tool_calls:
