@@ -268,3 +268,17 @@ def test_fill_bitmasks_in_parallel_matches_one_by_one(compiler, tok):
         m.fill_bitmask(one, 0)
         assert np.array_equal(together[r], one[0])
     assert not together[2].any()  # a row no matcher was given stays as it was
+
+
+def test_structural_tag_constrains_only_the_tagged_json(compiler, tok):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    sp = StructuredOutputsParams(structural_tag={
+        "triggers": ["<function="],
+        "structures": [{"begin": "<function=get_weather>", "schema": schema, "end": "</function>"}]})
+    m, ok = _feed(compiler, tok, sp, 'Let me check. <function=get_weather>{"city": "Paris"}</function> Done.')
+    assert ok and tok.eos_token_id in m.allowed_token_ids()
+    for bad in ('<function=get_weather>{"town": "Paris"}</function>', '<function=get_time>{}</function>',
+                '<function=get_weather>{"city": "Paris"}</fun'):
+        m, ok = _feed(compiler, tok, sp, bad)
+        assert not ok or tok.eos_token_id not in m.allowed_token_ids(), bad
