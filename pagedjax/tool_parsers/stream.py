@@ -84,8 +84,7 @@ class TextStream:
         if not text:
             return
         last = self._out[-1] if self._out else None
-        if last is not None and not last.tool_calls and getattr(last, kind) is not None \
-                and (last.content is None or last.reasoning_content is None):
+        if last is not None and not last.tool_calls and getattr(last, kind) is not None:  # same kind: extend
             setattr(last, kind, getattr(last, kind) + text)
         else:
             self._out.append(DeltaMessage(**{kind: text}))
