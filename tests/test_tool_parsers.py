@@ -41,7 +41,7 @@ CASES = [
                   "filters": {"max": 3, "tags": ["a", "b"], "exact": True, "near": None, "ratio": -1.5e-3}})]),
     ("hermes",  # the model stopped right after the object (no closing tag); no arguments key
      'Calling now <tool_call>\n{"name": "get_time"}', "Calling now ", [("get_time", {})]),
-    ("hermes", "The capital of France is Paris. Use <b>bold</b> if you like <tool", 
+    ("hermes", "The capital of France is Paris. Use <b>bold</b> if you like <tool",
      "The capital of France is Paris. Use <b>bold</b> if you like <tool", []),
     ("llama3_json",  # Llama 3.1 JSON-based tool calling
      '{"name": "get_current_conditions", "parameters": {"location": "San Francisco, CA", "unit": "Fahrenheit"}}',
@@ -66,7 +66,8 @@ CASES = [
      "Let me check both cities.",
      [("get_current_weather", {"location": "Paris, France", "format": "celsius"}),
       ("get_current_weather", {"location": "Tōkyō", "format": "celsius"})]),
-    ("mistral", '[TOOL_CALLS]lookup{"q": "[ARGS] is literal here"}', None, [("lookup", {"q": "[ARGS] is literal here"})]),
+    ("mistral", '[TOOL_CALLS]lookup{"q": "[ARGS] is literal here"}', None,
+     [("lookup", {"q": "[ARGS] is literal here"})]),
     ("mistral", "No tools needed: 2 + 2 = 4.", "No tools needed: 2 + 2 = 4.", []),
 ]
 

@@ -58,7 +58,8 @@ def tool_choice_structured_outputs(tools: Sequence[Any] | None, tool_choice: Any
     name = forced_function_name(tool_choice)
     if name is not None:
         if name not in specs:
-            raise ValueError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(specs) or 'none'}).")
+            known = ", ".join(specs) or "none"
+            raise ValueError(f"tool_choice names {name!r}, which is not among the tools ({known}).")
         return StructuredOutputsParams(json=specs[name])
     if tool_choice != "required":
         raise ValueError(f'tool_choice must be "none", "auto", "required" or a named function, got {tool_choice!r}.')
