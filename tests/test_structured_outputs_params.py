@@ -51,7 +51,7 @@ def test_request_shapes(fields, expected):
     got = structured_outputs_from_request(fields)
     assert got == expected
     if expected is not None:
-        assert got.kind == expected.kind and got.key == expected.key
+        assert got.kind == expected.kind and got.key == expected.key and hash(got) == hash(expected)
 
 
 @pytest.mark.parametrize("fields, words", [

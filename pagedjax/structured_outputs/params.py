@@ -53,6 +53,9 @@ class StructuredOutputsParams:
         spec = {"kind": self.kind, "spec": getattr(self, self.kind), "options": options}
         object.__setattr__(self, "key", json.dumps(spec, sort_keys=True, ensure_ascii=False))
 
+    def __hash__(self) -> int:  # the fields hold dicts and lists: hash the canonical text
+        return hash(self.key)
+
     def _is_set(self, kind: str) -> bool:
         value = getattr(self, kind)
         return bool(value) if kind == "json_object" else value is not None
