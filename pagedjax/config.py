@@ -15,7 +15,8 @@ from pagedjax.kv_cache.block_allocator import CacheConfig
 from pagedjax.scheduler import SchedulerConfig
 
 ATTN_IMPLS = ("auto", "reference", "ffi")
-KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")  # "auto": the weights' dtype
+# vLLM's names ("auto": the weights' dtype; "fp8" = "fp8_e4m3": e4m3 pages with per-kv-head scales)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import numpy as np
 from pagedjax import parallel, prompt_logprobs, sampler
 from pagedjax.attention import AttentionMetadata
 from pagedjax.config import EngineConfig
-from pagedjax.kv_cache import page_pool, pool_ops
+from pagedjax.kv_cache import kv_dtype, page_pool, pool_ops
 from pagedjax.models import get_model, head_logits
 from pagedjax.params import Params
 from pagedjax.sampling_metadata import make_sampling_metadata, static_flags
@@ -202,8 +202,7 @@ class ModelRunner:
         self.max_num_batched_tokens = opts.max_num_batched_tokens
         self.max_pages_per_req = math.ceil(opts.max_model_len / opts.page_size)  # M
         self.token_buckets = token_buckets(opts.max_num_batched_tokens)
-        weights_dtype = jax.tree.leaves(params.variables)[0].dtype
-        self.kv_dtype = jnp.dtype(weights_dtype if opts.kv_cache_dtype == "auto" else opts.kv_cache_dtype)
+        self.kv_dtype = kv_dtype.resolve_kv_cache_dtype(opts.kv_cache_dtype, jax.tree.leaves(params.variables)[0].dtype)
         self.attn_impl = opts.attn_impl
         self._rng = np.random.default_rng(opts.seed)
         self._no_prev = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self.input_sharding)
@@ -215,9 +214,9 @@ class ModelRunner:
         self.pages = page_pool.init_pages(cfg.num_layers, num_pages, self.page_size, cfg.num_kv_heads,
                                           cfg.head_dim, self.kv_dtype,
                                           sharding=self.mesh and parallel.pool_sharding(cfg, self.mesh))
-        logger.info("KV cache: %d pages of %d tokens = %d tokens, %.1f MiB (%s)", num_pages - 1,
-                    self.page_size, (num_pages - 1) * self.page_size,
-                    page_pool.pages_bytes(self.pages) / 2**20, self.kv_dtype.name)
+        logger.info("KV cache: %d pages of %d tokens = %d tokens, %.1f MiB (%s, %d bytes a token)", num_pages - 1,
+                    self.page_size, (num_pages - 1) * self.page_size, page_pool.pages_bytes(self.pages) / 2**20,
+                    self.kv_dtype.name, self.page_bytes() // self.page_size)
         if opts.precompile:
             self.precompile()
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagedjax.attention import AttentionMetadata, paged_attention, resolve_impl
+from pagedjax.kv_cache.kv_dtype import is_fp8
 from pagedjax.kv_cache.page_pool import write_kv
 from pagedjax.models.config import ModelConfig
 
@@ -245,7 +246,11 @@ class Attention(nn.Module):
         D, N, K, H, b = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias
         T = x.shape[0]
         chex.assert_shape(x, (T, D))
-        impl = resolve_impl(self.attn_impl, head_dim=cfg.head_dim)
+        impl = resolve_impl(self.attn_impl, head_dim=cfg.head_dim, kv_dtype=kv[0].dtype)
+        # An fp8 pool (kv_cache_dtype="fp8") is written and read with per-kv-head scales: 1.0, as
+        # vLLM without calibrated scales (e4m3 keeps ~2 significant digits over 2^-9..448).
+        scales = dict(k_scale=jnp.ones((K,), jnp.float32), v_scale=jnp.ones((K,), jnp.float32)) \
+            if is_fp8(kv[0].dtype) else {}
         with jax.named_scope("attention"):
             q = Einsum("td,dnh->tnh", (D, N, H), ("embed", "heads", "head_dim"), b, name="q_proj")(x)
             k = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="k_proj")(x)
@@ -254,11 +259,12 @@ class Attention(nn.Module):
                 inv_freq = rope_inv_freq(cfg)
                 q = apply_rope(q, meta.positions, inv_freq)  # [T, N, H]
                 k = apply_rope(k, meta.positions, inv_freq)  # [T, K, H]
-            k_pages, v_pages = write_kv(*kv, k, v, meta.slot_mapping, impl="ffi" if impl == "ffi" else "xla")
+            k_pages, v_pages = write_kv(*kv, k, v, meta.slot_mapping, impl="ffi" if impl == "ffi" else "xla",
+                                        **scales)
             scale = H**-0.5 if cfg.scale_attn_weights else 1.0
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= self.layer_idx + 1
-            o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl)  # [T, N, H]
+            o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl, **scales)  # [T, N, H]
             chex.assert_shape(o, (T, N, H))
             out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, name="o_proj")(o)
         return out, (k_pages, v_pages)
