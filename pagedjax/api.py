@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -16,6 +18,7 @@ from pagedjax.request import RequestOutput
 from pagedjax.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 Prompt = str | Sequence[int]
+logger = logging.getLogger("pagedjax")
 
 
 def resolve_dtype(name: str | None) -> Any:
@@ -57,6 +60,7 @@ class LLM:
 
     def __init__(self, model: Params | str | os.PathLike | None = None, *, dtype: Any = None,
                  tokenizer: str | None = None, **engine_options: Any):
+        t0 = time.perf_counter()
         if isinstance(model, Params):
             params = model
         else:
@@ -68,8 +72,12 @@ class LLM:
                          else {"mesh": parallel.make_mesh(tp)} if tp > 1 else {})  # straight into shards
             params = load_params(model, dtype=jnp.dtype(dtype) if dtype else jnp.bfloat16, **placement)
         engine_options.pop("shardings", None)
+        t1 = time.perf_counter()
         self.engine = LLMEngine(params, EngineConfig(**engine_options), tokenizer=tokenizer)
         self._ids = itertools.count()
+        # Where start-up went: weights, then the engine's own phases (tokenizer, pool, compiling).
+        self.startup_seconds = {"weights": t1 - t0, **self.engine.startup_seconds}
+        logger.info("start-up: %s", ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()))
 
     @property
     def tokenizer(self):

@@ -66,7 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pagedjax.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=resolve_dtype(args.dtype), **engine_options(args))
+    # One prompt: compile the step buckets it uses, when it uses them (from the cache when warm).
+    llm = LLM(args.model, dtype=resolve_dtype(args.dtype), **{"precompile": False, **engine_options(args)})
     tok = llm.tokenizer
     prompt = args.prompt
     if not args.no_chat and tok is not None and tok.has_chat_template:
@@ -75,7 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = llm.engine.chat_prompt(messages, tokenize=True)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k)
-    print(f"[pagedjax] ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in llm.startup_seconds.items())
+    print(f"[pagedjax] ready in {time.perf_counter() - t0:.1f} s ({phases})", file=sys.stderr)
     t1 = time.perf_counter()
     n_tokens, first = 0, None
     finish = None
@@ -89,8 +91,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         finish = c.finish_reason or finish
     dt = time.perf_counter() - t1
     sys.stdout.write("\n")
+    compiled = llm.engine.runner.executables
     print(f"[pagedjax] {n_tokens} tokens in {dt:.2f} s ({n_tokens / max(dt, 1e-9):.1f} tok/s, "
-          f"first token {1000 * (first or 0):.0f} ms), finish_reason={finish}", file=sys.stderr)
+          f"first token {1000 * (first or 0):.0f} ms), finish_reason={finish}; compiled steps: "
+          f"{compiled.disk_hits} from the cache, {compiled.misses} compiled", file=sys.stderr)
     return 0
 
 

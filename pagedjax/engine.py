@@ -34,9 +34,11 @@ class LLMEngine:
     """Continuous-batching engine over one model: add_request / step / abort_request."""
 
     def __init__(self, params: Params, config: EngineConfig | None = None, *, tokenizer: Any = None):
+        t0 = time.perf_counter()
         self.params = params
         self.config = cfg = (config or EngineConfig()).resolve(params)
         self.tokenizer = self._load_tokenizer(tokenizer)
+        t1 = time.perf_counter()
         self.runner = ModelRunner(params, cfg, mesh=parallel.mesh_for(params, cfg.tensor_parallel_size))
         num_host_pages = 0
         if cfg.preemption_mode == "swap":
@@ -53,6 +55,9 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # outputs of aborts, returned by the next step()
         self._in_flight: tuple[SchedulerOutput, Launched] | None = None  # async scheduling's step on the device
         self.num_steps = 0
+        compiling = self.runner.compile_seconds
+        self.startup_seconds = {"tokenizer": t1 - t0, "engine": time.perf_counter() - t1 - compiling,
+                                "compiling": compiling}
 
     def _load_tokenizer(self, tokenizer: Any):
         if tokenizer is not None and not isinstance(tokenizer, (str, bytes)) and hasattr(tokenizer, "encode"):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagedjax import parallel, prompt_logprobs, sampler
+from pagedjax.compile_cache import executable_cache
 from pagedjax.attention import AttentionMetadata
 from pagedjax.config import EngineConfig
 from pagedjax.kv_cache import kv_dtype, page_pool, pool_ops
@@ -186,7 +187,9 @@ class ModelRunner:
                  mesh: jax.sharding.Mesh | None = None, **options: Any):
         if config is not None and options:
             raise ValueError(f"ModelRunner: pass a config or options, not both (got {sorted(options)})")
-        enable_compile_cache()
+        # Compiled steps are kept whole (tracing and lowering skipped too); XLA's own persistent
+        # cache is left off: re-serializing an executable it loaded loses code on the CPU backend.
+        self.executables = executable_cache(compile_cache_dir())
         # tensor parallel: params placed by parallel's rules (kv heads replicated when K < tp),
         # the pool split on kv heads, every step input replicated on the mesh
         self.mesh = mesh if parallel.tp_size(mesh) > 1 else None
@@ -217,8 +220,10 @@ class ModelRunner:
         logger.info("KV cache: %d pages of %d tokens = %d tokens, %.1f MiB (%s, %d bytes a token)", num_pages - 1,
                     self.page_size, (num_pages - 1) * self.page_size, page_pool.pages_bytes(self.pages) / 2**20,
                     self.kv_dtype.name, self.page_bytes() // self.page_size)
+        seconds = self.executables.seconds
         if opts.precompile:
             self.precompile()
+        self.compile_seconds = self.executables.seconds - seconds  # getting executables (compile or load)
 
     # -- sizing ------------------------------------------------------------------------------
 
@@ -290,7 +295,9 @@ class ModelRunner:
                 self._launch(model_inputs, smeta, None, {}, flags=flags)
         jax.block_until_ready(self.pages)
         dt = time.perf_counter() - t0
-        logger.info("compiled %d step buckets %s in %.1f s", len(self.token_buckets), self.token_buckets, dt)
+        c = self.executables
+        logger.info("compiled steps for %d buckets %s in %.1f s (executables: %d loaded from the cache, %d compiled)",
+                    len(self.token_buckets), self.token_buckets, dt, c.disk_hits, c.misses)
         return dt
 
     def prepare(self, batch: Sequence[ScheduledRequest], prev: Launched | None = None):
@@ -359,12 +366,14 @@ class ModelRunner:
                 prev_tokens=None, flags: sampler.SampleFlags | None = None) -> Launched:
         (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
         mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
-        logits, scored, self.pages = _step(
-            self.config, self.attn_impl, self.params.variables, self.pages, mbuf,
-            self._no_prev if prev_tokens is None else prev_tokens, layout=mlayout, mesh=self.mesh,
-            num_prompt_logprobs=plp.num_logprobs if plp else 0)
-        out, next_tokens = _sample(logits, sbuf, layout=slayout, num_logprobs=num_logprobs,
-                                   flags=flags or static_flags(smeta), num_slots=self.max_num_seqs)
+        step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
+        step = self.executables.get("step", _step, step_args, static_args=(self.config, self.attn_impl),
+                                    static_kwargs=dict(layout=mlayout, mesh=self.mesh,
+                                                       num_prompt_logprobs=plp.num_logprobs if plp else 0))
+        logits, scored, self.pages = step(*step_args)
+        sample = self.executables.get("sample", _sample, (logits, sbuf), static_kwargs=dict(
+            layout=slayout, num_logprobs=num_logprobs, flags=flags or static_flags(smeta), num_slots=self.max_num_seqs))
+        out, next_tokens = sample(logits, sbuf)
         return Launched(out, next_tokens, scored, plp and plp.spans, rows, num_logprobs)
 
     def fetch(self, launched: Launched) -> StepOutput:

@@ -10,10 +10,12 @@ What goes where is the model family's (pagedjax/models/family.py): its declarati
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,8 +108,9 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
 Source = dict[str, Callable[[], np.ndarray]]
 
 
-def _safetensors(file: Path) -> Source:
-    """Lazy readers of every tensor in one .safetensors file (memory-mapped, header parsed here)."""
+def _safetensors(file: Path, copy: bool = True) -> Source:
+    """Lazy readers of every tensor in one .safetensors file (memory-mapped, header parsed here);
+    each returns an owned copy, or with copy=False a read-only view of the mapping."""
     with open(file, "rb") as f:
         try:
             n = int.from_bytes(f.read(8), "little")
@@ -123,7 +126,7 @@ def _safetensors(file: Path) -> Source:
         start, end = info["data_offsets"]
         dtype = np.dtype(_ST_DTYPES[info["dtype"]])
         buf = np.frombuffer(mm, dtype, (end - start) // dtype.itemsize, 8 + n + start)
-        return lambda: np.array(buf.reshape(info["shape"]))  # owned copy of one tensor
+        return lambda: np.array(buf.reshape(info["shape"])) if copy else buf.reshape(info["shape"])
 
     return {name: reader(info) for name, info in header.items()}
 
@@ -206,8 +209,10 @@ def load_params(
     path = Path(path)
     if not path.exists():
         raise ValueError(f"no such checkpoint: {path}")
+    cache = None
     if path.is_file() and path.suffix == ".gguf":
         config, source, tokenizer = _open_gguf(path)
+        cache = _cache_file(path, jnp.dtype(dtype))  # dequantizing GGUF blocks is the slow part: done once
     elif path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"{path} has no config.json")
@@ -226,7 +231,7 @@ def load_params(
         shardings = parallel.param_shardings(config, mesh)
         kv_repeat = parallel.tp_config(config, parallel.tp_size(mesh)).num_kv_heads // config.num_kv_heads
     variables = _load_tree(config, source, jnp.dtype(dtype), shardings, progress, desc=path.name,
-                           kv_repeat=kv_repeat)
+                           kv_repeat=kv_repeat, cache=cache)
     if kv_repeat > 1:
         config = config.replace(num_kv_heads=config.num_kv_heads * kv_repeat)
     return Params(variables, config, tokenizer)
@@ -270,13 +275,38 @@ def resolve_sharding(shardings, name: str, keys: tuple[str, ...], axes, shape):
 
 
 def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: bool, desc: str,
-               kv_repeat: int = 1):
-    """Converts each checkpoint tensor to our layout and places it; checks names and shapes."""
+               kv_repeat: int = 1, cache: Path | None = None):
+    """Converts each checkpoint tensor to our layout and places it; checks names and shapes.
+
+    With `cache`, the converted tensors (in `dtype`, before any kv-head replication) are read
+    from that file when it exists, and written to it otherwise.
+    """
     shapes, axes = abstract_params(config)
     flat_shapes = {".".join(k.key for k in p): (tuple(k.key for k in p), s)
                    for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     flat_axes = {".".join(k.key for k in p): a for p, a in jax.tree_util.tree_flatten_with_path(
         axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
+    out: dict[str, Any] = {}
+
+    def place(t: str, arr: np.ndarray) -> None:  # our layout in `dtype` -> its place on the device(s)
+        keys, shape = flat_shapes[t]
+        sharding = resolve_sharding(shardings, t, keys, flat_axes[t], shape)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        arr = parallel.repeat_kv_heads(arr, flat_axes[t], kv_repeat)  # K < tp: replicas per device
+        node[keys[-1]] = jax.device_put(np.ascontiguousarray(arr), sharding)
+
+    if cache is not None and cache.exists():
+        try:
+            cached = _safetensors(cache, copy=False)  # views of the mapped file: device_put copies
+            if set(cached) == set(flat_shapes):
+                for t, load in cached.items():
+                    place(t, load())
+                return {"params": out}
+        except (ValueError, OSError):
+            pass
+        out.clear()  # unusable: convert again and rewrite it
     fam = family(config.architecture)
     table = _expand(fam.weight_map, config.num_layers)
     prefix = fam.base_prefix
@@ -303,22 +333,104 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
     if missing or filled != set(flat_shapes):
         raise ValueError(f"{desc}: checkpoint lacks tensors: {missing[:8] or sorted(set(flat_shapes) - filled)[:8]}")
 
-    out: dict[str, Any] = {}
-    for hf, name in tqdm(plan.items(), desc=f"loading {desc}", unit="tensor", disable=not progress,
-                         leave=False):
-        how, ts = table[hf][1], targets(hf)
-        want = _source_shape(how, flat_shapes[ts[0]][1].shape, tuple(flat_axes[ts[0]]))
-        w = source[name]()
-        if tuple(w.shape) != want:
-            raise ValueError(f"{desc}: tensor {name} has shape {tuple(w.shape)}, this config needs {want}")
-        for t, arr in zip(ts, _convert(how, w, [flat_shapes[t][1].shape for t in ts])):
-            keys, shape = flat_shapes[t]
-            sharding = resolve_sharding(shardings, t, keys, flat_axes[t], shape)
-            node = out
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            arr = parallel.repeat_kv_heads(arr, flat_axes[t], kv_repeat)  # K < tp: replicas per device
-            # cast on the host (no per-shape device compile), then straight into place
-            node[keys[-1]] = jax.device_put(np.ascontiguousarray(arr.astype(dtype, copy=False)), sharding)
-        del w
+    writer = _CacheWriter.open(cache, {t: s.shape for t, (_, s) in flat_shapes.items()}, dtype) if cache else None
+    try:
+        for hf, name in tqdm(plan.items(), desc=f"loading {desc}", unit="tensor", disable=not progress,
+                             leave=False):
+            how, ts = table[hf][1], targets(hf)
+            want = _source_shape(how, flat_shapes[ts[0]][1].shape, tuple(flat_axes[ts[0]]))
+            w = source[name]()
+            if tuple(w.shape) != want:
+                raise ValueError(f"{desc}: tensor {name} has shape {tuple(w.shape)}, this config needs {want}")
+            for t, arr in zip(ts, _convert(how, w, [flat_shapes[t][1].shape for t in ts])):
+                arr = arr.astype(dtype, copy=False)  # cast on the host: no per-shape device compile
+                if writer is not None:
+                    writer.write(t, arr)
+                place(t, arr)
+            del w
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    if writer is not None:
+        writer.close()
     return {"params": out}
+
+
+# --- the converted-weights cache --------------------------------------------------------------
+
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def _cache_file(path: Path, dtype) -> Path | None:
+    """Where the converted weights of checkpoint `path` in `dtype` are kept (None: caching off).
+
+    $PAGEDJAX_WEIGHTS_CACHE, default ~/.cache/pagedjax/weights; empty turns it off. The name
+    hashes the file's path, size and modification time, the dtype and pagedjax's own source.
+    """
+    from pagedjax.compile_cache import source_fingerprint
+
+    root = os.environ.get("PAGEDJAX_WEIGHTS_CACHE")
+    if root is None:
+        root = os.path.join(os.path.expanduser("~"), ".cache", "pagedjax", "weights")
+    if not root:
+        return None
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{np.dtype(dtype).name}|"
+                         f"{source_fingerprint()}".encode()).hexdigest()[:24]
+    return Path(root) / f"{path.stem}-{np.dtype(dtype).name}-{key}.safetensors"
+
+
+class _CacheWriter:
+    """Streams tensors into a safetensors file whose header (every shape is known) comes first;
+    renamed into place only when complete. Any failure just leaves no cache behind."""
+
+    def __init__(self, final: Path, tmp: Path, f, offsets: dict[str, int]):
+        self.final, self.tmp, self.f, self.offsets = final, tmp, f, offsets
+
+    @classmethod
+    def open(cls, final: Path, shapes: dict[str, tuple[int, ...]], dtype) -> _CacheWriter | None:
+        dtype = np.dtype(dtype)
+        if dtype not in _ST_NAMES:
+            return None
+        header, offsets, pos = {}, {}, 0
+        for name, shape in shapes.items():
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+            offsets[name], pos = pos, pos + n
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".partial-")
+            f = os.fdopen(fd, "wb")
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            f.truncate(8 + len(blob) + pos)
+        except OSError:
+            return None
+        return cls(final, Path(tmp), f, {k: v + 8 + len(blob) for k, v in offsets.items()})
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        if self.f is None:
+            return
+        try:
+            self.f.seek(self.offsets[name])
+            self.f.write(np.ascontiguousarray(arr).tobytes())
+        except OSError:
+            self.abandon()
+
+    def close(self) -> None:
+        if self.f is None:
+            return
+        try:
+            self.f.close()
+            os.replace(self.tmp, self.final)
+        except OSError:
+            self.abandon()
+        self.f = None
+
+    def abandon(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,135 @@
+"""Compiled steps kept across processes: a warm start skips tracing, lowering and compiling.
+
+JAX's persistent compilation cache (turned on too) skips only XLA's compile; tracing and
+lowering a 32-layer step still take seconds per bucket. Here a compiled executable is stored
+serialized (`jax.experimental.serialize_executable`) under a key made of everything that
+decides the program: the function, its static arguments, the shapes, dtypes and shardings of
+its inputs, the jax/jaxlib versions, the backend and its devices, XLA_FLAGS, and a hash of
+pagedjax's own source and compiled extension (a code change is a different program even when
+every shape is the same). A load that fails for any reason recompiles and rewrites the entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import pickle
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+logger = logging.getLogger("pagedjax")
+
+_FORMAT = 1  # bump when the stored payload changes
+
+
+@functools.cache
+def source_fingerprint() -> str:
+    """sha256 of pagedjax's Python sources and its compiled extension (what a program embeds)."""
+    root = pathlib.Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")) + sorted(root.glob("_kernels*")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _aval(x: Any) -> str:
+    sharding = getattr(x, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return f"{tuple(x.shape)}:{x.dtype}:{spec}"
+
+
+class ExecutableCache:
+    """Compiled executables by key, in memory and (when `directory` is set) on disk."""
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self.directory = pathlib.Path(directory) / "executables" if directory else None
+        self._memory: dict[str, Any] = {}
+        self.hits = self.misses = self.disk_hits = 0
+        self.seconds = 0.0  # spent getting executables (compiling or loading)
+
+    def get(self, name: str, jitted: Callable, args: tuple, *, static_args: tuple = (),
+            static_kwargs: dict[str, Any] | None = None) -> Any:
+        """The compiled `jitted(*static_args, *args, **static_kwargs)`, to be called as
+        `compiled(*args)`: from memory, from disk, or compiled (and stored)."""
+        static_kwargs = static_kwargs or {}
+        key = self._key(name, args, (static_args, sorted(static_kwargs.items())))
+        compiled = self._memory.get(key)
+        if compiled is not None:
+            self.hits += 1
+            return compiled
+        t0 = time.perf_counter()
+        compiled = self._load(name, key)
+        if compiled is None:
+            self.misses += 1
+            compiled = jitted.lower(*static_args, *args, **static_kwargs).compile()
+            self._store(name, key, compiled)
+        else:
+            self.disk_hits += 1
+        self.seconds += time.perf_counter() - t0
+        self._memory[key] = compiled
+        return compiled
+
+    def _key(self, name: str, args: tuple, static: Any) -> str:
+        import jaxlib
+
+        leaves, treedef = jax.tree.flatten(args)
+        device = jax.devices()[0]
+        parts = [str(_FORMAT), name, jax.__version__, jaxlib.__version__, device.platform,
+                 getattr(device, "device_kind", ""), str(jax.device_count()), device.client.platform_version,
+                 os.environ.get("XLA_FLAGS", ""), source_fingerprint(), str(treedef),
+                 ";".join(_aval(x) for x in leaves), repr(static)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def _path(self, name: str, key: str) -> pathlib.Path:
+        return self.directory / f"{name}-{key}.bin"
+
+    def _load(self, name: str, key: str) -> Any:
+        if self.directory is None:
+            return None
+        path = self._path(name, key)
+        if not path.exists():
+            return None
+        from jax.experimental.serialize_executable import deserialize_and_load
+
+        from pagedjax import _ffi
+
+        _ffi.register()  # a stored program may call our custom calls: their handlers must be known first
+        try:
+            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+            return deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as e:  # a stale or broken entry: compile again
+            logger.warning("compiled-step cache entry %s unusable (%s): recompiling", path.name, e)
+            return None
+
+    def _store(self, name: str, key: str, compiled: Any) -> None:
+        if self.directory is None:
+            return
+        from jax.experimental.serialize_executable import serialize
+
+        try:
+            blob = pickle.dumps(serialize(compiled))
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, self._path(name, key))  # atomic: a reader sees all of it or nothing
+        except Exception as e:  # a read-only or full disk costs the next start a compile, nothing else
+            logger.warning("could not store compiled step %s: %s", name, e)
+
+
+_CACHES: dict[str | None, ExecutableCache] = {}
+
+
+def executable_cache(directory: str | None) -> ExecutableCache:
+    """The process's cache for `directory` (runners of the same model share compiled steps)."""
+    if directory not in _CACHES:
+        _CACHES[directory] = ExecutableCache(directory)
+    return _CACHES[directory]
