@@ -95,7 +95,9 @@ def test_fp8_xla_path_matches_float64(strategy, activation, x_dtype):
     want, mag = fp8_oracle(x, w, seed)
     got = f64(jax.jit(lambda x, w: quantized_matmul(x, w, impl="xla", out_dtype=jnp.float32))(jnp.asarray(x), w))
     err = np.abs(got - want)
-    assert (err <= 4e-6 * mag).all(), f"max err / sum|x||w| {(err / mag).max():.3g} (seed {seed})"
+    # a GPU's f8 GEMMs accumulate with fewer than f32's bits
+    rel = 4e-6 if jax.default_backend() == "cpu" else 1e-4
+    assert (err <= rel * mag).all(), f"max err / sum|x||w| {(err / mag).max():.3g} (seed {seed})"
     assert got.shape == (M, N)
     y = quantized_matmul(jnp.asarray(x), w, impl="xla")
     assert y.dtype == jnp.dtype(x_dtype)
@@ -143,6 +145,7 @@ def test_bad_inputs_raise():
         quantized_matmul(jnp.zeros((2, 128), jnp.int32), w)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="auto picks the custom calls on a GPU")
 def test_auto_is_xla_on_cpu():
     rng, _ = rng_for("auto")
     w = random_fp8_weight(rng, 32, 64, "channel", "token")
@@ -156,12 +159,31 @@ def test_auto_is_xla_on_cpu():
 
 
 def run_poisoned(fn, out_shape, out_dtype, *args):
-    """fn(*args) jitted with its output in the donated buffer of a NaN array (pointer checked)."""
+    """fn(*args) jitted with its output in the donated buffer of a NaN array.
+
+    Checked, not assumed: the output comes back in the poisoned buffer, and the compiled program
+    has no copy into it (the last op writes the result there itself).
+    """
+    jitted = jax.jit(lambda p, *a: fn(*a), donate_argnums=0, keep_unused=True)
     poison = jnp.full(out_shape, jnp.nan, out_dtype)
+    hlo = jitted.lower(poison, *args).compile().as_text()
+    shape = f"{jnp.dtype(out_dtype).name.replace('bfloat16', 'bf16').replace('float', 'f')}[{','.join(map(str, out_shape))}]"
+    copies = [line for line in hlo.splitlines() if " copy(" in line and shape in line.split("=")[1].split(" ")[1]]
+    assert not copies, f"the result is copied into the output buffer: {copies}"
     ptr = poison.unsafe_buffer_pointer()
-    out = jax.jit(lambda p, *a: fn(*a), donate_argnums=0)(poison, *args)
+    out = jitted(poison, *args)
     assert out.unsafe_buffer_pointer() == ptr, "the output did not land in the poisoned buffer"
     return out
+
+
+def test_run_poisoned_on_the_xla_path():
+    """The poisoning helper itself, on this machine's backend."""
+    rng, _ = rng_for("poison")
+    w, w64 = random_int4_weight(rng, 128, 32, 64)
+    x = jnp.asarray(rng.standard_normal((4, 128)), jnp.float32)
+    got = run_poisoned(lambda x, w: quantized_matmul(x, w, impl="xla"), (4, 32), jnp.float32, x, jax.device_put(w))
+    assert not np.isnan(np.asarray(got)).any()
+    np.testing.assert_allclose(f64(got), f64(x) @ w64, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
