@@ -154,7 +154,7 @@ def random_fp8(rng, N, K, strategy, activation):
     ("tensor", "token", 1, "tensor<5xf32>", "tensor<256xf32>"),
     ("channel", "static", 1, "tensor<5xf32>", "tensor<256xf32>"),
     ("tensor", "static", 0, "tensor<1xf32>", "tensor<1xf32>"),
-    ("block", "group", 2, "tensor<3x5xf32>", "tensor<2x4xf32>"),  # KB = 3 padded to 4
+    ("block", "group", 2, "tensor<3x16xf32>", "tensor<2x4xf32>"),  # KB = 3 padded to 4, rows to 16
 ])
 def test_fp8_gemm_lowering(lowering, strategy, activation, mode, x_scale, w_scale):
     rng = np.random.default_rng(SEED)
@@ -166,10 +166,12 @@ def test_fp8_gemm_lowering(lowering, strategy, activation, mode, x_scale, w_scal
 
     (call,) = lowering(fn, x, w)
     assert "@pagedjax_fp8_gemm" in call and f"scale_mode = {mode} : i32" in call, call
+    rows = 16 if mode == 2 else 5  # block mode pads the rows of x to 16
     operands = call.split(" : (")[1].split(") -> (")[0]
-    assert operands == f"tensor<5x384xf8E4M3FN>, {x_scale}, tensor<256x384xf8E4M3FN>, {w_scale}", operands
+    assert operands == f"tensor<{rows}x384xf8E4M3FN>, {x_scale}, tensor<256x384xf8E4M3FN>, {w_scale}", operands
     results = call.split(") -> (")[1]
-    assert results.startswith(f"tensor<5x256xbf16>, tensor<{kernels.FP8_WORKSPACE_BYTES}xui8>"), results
+    assert results.startswith(f"tensor<{rows}x256xbf16>, tensor<{kernels.FP8_WORKSPACE_BYTES}xui8>"), results
+    assert jax.eval_shape(fn, x, w).shape == (5, 256)
 
 
 def test_fp8_gemm_refuses_what_cublaslt_cannot_do():

@@ -17,6 +17,7 @@ import ctypes
 import functools
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -30,6 +31,7 @@ FP8_TARGET = "pagedjax_fp8_gemm"
 INT4_TARGET = "pagedjax_int4_gemm"
 FP8_WORKSPACE_BYTES = 32 << 20  # what cuBLAS asks for on Hopper
 FP8_SCALE_MODES = {"scalar": 0, "outer": 1, "block128": 2}  # the handler's scale_mode attribute
+BLOCK_ROW_MULTIPLE = 16  # block128 mode pads the rows of x to this
 INT4_MAX_ROWS_PER_LAUNCH = 64  # the kernel's largest row tile (8 mma n8 tiles)
 INT4_TILE_K = 64
 OUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -60,6 +62,11 @@ def preload_cublaslt() -> None:
     then. This covers a process where it has not and the wheel's directory is not on the
     loader's path.
     """
+    try:  # already in the process (XLA's copy): the handler's dlopen will find it by name
+        ctypes.CDLL("libcublasLt.so.13", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+        return
+    except OSError:
+        pass
     for pkg in ("nvidia.cu13", "nvidia.cublas"):
         try:
             spec = importlib.util.find_spec(pkg)
@@ -77,8 +84,9 @@ def fp8_scale_mode(w: QuantizedWeight) -> str | None:
     K, N = w.in_features, w.out_features
     if K % 16 or N % 16:  # FP8 tensor-core GEMMs want 16-byte aligned rows of A, B and D
         return None
-    if w.weight_strategy == "block":
-        return "block128" if w.block_size == (128, 128) and w.activation == "group" else None
+    if w.weight_strategy == "block":  # whole 128x128 blocks only: partial ones are not tried with cuBLASLt
+        ok = w.block_size == (128, 128) and w.activation == "group" and K % 128 == 0 and N % 128 == 0
+        return "block128" if ok else None
     if w.weight_strategy == "tensor" and w.activation == "static":
         return "scalar"
     return "outer"
@@ -99,6 +107,13 @@ def fp8_gemm(x_q: jax.Array, x_scale: jax.Array, w: QuantizedWeight, out_dtype) 
     preload_cublaslt()
     M, N = x_q.shape[0], w.out_features
     xs, ws = x_scale.astype(jnp.float32), w.scale.astype(jnp.float32)
+    rows = M
+    if mode == "block128" and M % BLOCK_ROW_MULTIPLE:
+        # Rows padded (zero codes, unit scales) so the [KB, M] scale rows stay 16-byte aligned;
+        # the GEMM's cost at small M is the weights', not the padding's.
+        rows = -(-M // BLOCK_ROW_MULTIPLE) * BLOCK_ROW_MULTIPLE
+        x_q = jnp.pad(x_q, ((0, rows - M), (0, 0)))
+        xs = jnp.pad(xs, ((0, rows - M), (0, 0)), constant_values=1.0)
     if mode == "outer":  # one scale per row of x and per row of w (a scalar broadcast to its vector)
         xs = jnp.broadcast_to(xs, (M,))
         ws = jnp.broadcast_to(ws, (N,))
@@ -110,11 +125,11 @@ def fp8_gemm(x_q: jax.Array, x_scale: jax.Array, w: QuantizedWeight, out_dtype) 
         xs = xs.T  # [KB, M]
         kb = ws.shape[1]
         ws = jnp.pad(ws, ((0, 0), (0, -kb % 4)))  # [NB, KBp]
-    out_type = jax.ShapeDtypeStruct((M, N), out_dtype)  # [M, N]
+    out_type = jax.ShapeDtypeStruct((rows, N), out_dtype)  # [M, N]
     ws_type = jax.ShapeDtypeStruct((FP8_WORKSPACE_BYTES,), jnp.uint8)
     y, _ = jax.ffi.ffi_call(FP8_TARGET, (out_type, ws_type))(
         x_q, xs, w.qvalue, ws, scale_mode=np.int32(FP8_SCALE_MODES[mode]))
-    return y
+    return y if rows == M else y[:M]
 
 
 # --- int4 ----------------------------------------------------------------------------------

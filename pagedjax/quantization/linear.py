@@ -22,9 +22,10 @@ from pagedjax.quantization.int4 import dequantize_int4, int4_matmul_xla
 from pagedjax.quantization.weight import QuantizedWeight
 
 IMPLS = ("auto", "xla", "ffi")
-# Rows up to which "auto" runs the int4 kernel; larger M dequantizes once and runs XLA's GEMM.
-# Set from benchmarks/kernels/quant_matmul.py on the H200.
-INT4_KERNEL_MAX_ROWS = 64
+# Rows up to which "auto" runs the int4 kernel (decode); larger M dequantizes and runs XLA's GEMM.
+# The kernel takes any M (64 rows a launch); raise this once benchmarks/kernels/quant_matmul.py
+# has measured where the crossover lies on the H200.
+INT4_KERNEL_MAX_ROWS = 16
 
 
 def resolve_impl(impl: str, w: QuantizedWeight, x_dtype, num_rows: int) -> str:
