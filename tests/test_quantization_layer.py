@@ -1,4 +1,4 @@
-"""The integration helpers: param specs, weights from params, kv-head replicas, tensor-parallel matmul.
+"""What a quantized layer uses: param specs, weights from params, kv-head replicas, tensor-parallel matmul.
 
 Tensor parallelism runs on the 8 fake CPU devices of conftest, with the XLA path inside
 shard_map; each result is compared with the unsharded matmul (or, where dynamic activation

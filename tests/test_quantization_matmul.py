@@ -177,7 +177,7 @@ def run_poisoned(fn, out_shape, out_dtype, *args):
 
 
 def test_run_poisoned_on_the_xla_path():
-    """The poisoning helper itself, on this machine's backend."""
+    """run_poisoned itself, on the XLA path of whatever backend runs the tests."""
     rng, _ = rng_for("poison")
     w, w64 = random_int4_weight(rng, 128, 32, 64)
     x = jnp.asarray(rng.standard_normal((4, 128)), jnp.float32)
