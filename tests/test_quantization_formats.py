@@ -122,6 +122,8 @@ def random_e4m3(rng, shape):
 
 @pytest.mark.parametrize("scale_shape", ["tensor", "tensor_1", "channel_n1", "channel_n"])
 def test_compressed_tensors_fp8(scale_shape):
+    """llm-compressor's float-quantized layout (compressed_tensors.quantization): `weight` e4m3
+    [out, in], `weight_scale` [1] per tensor or [out, 1] per channel; w = weight * weight_scale."""
     rng, seed = rng_for("ct", scale_shape)
     N, K = 48, 96
     weight = random_e4m3(rng, (N, K))
@@ -135,6 +137,9 @@ def test_compressed_tensors_fp8(scale_shape):
 
 
 def test_hf_fine_grained_fp8_blocks_and_static_input_scale():
+    """transformers' fine-grained FP8 (integrations/finegrained_fp8.py, DeepSeek-V3's layout):
+    `weight_scale_inv` [ceil(out/128), ceil(in/128)] multiplies its block, despite the name; the
+    serialized per-tensor format (AutoFP8 / vLLM) has `weight_scale` and a static `input_scale`."""
     rng, seed = rng_for("hf-fp8")
     N, K, (bn, bk) = 200, 320, (128, 128)  # partial blocks on both axes
     weight = random_e4m3(rng, (N, K))
