@@ -16,6 +16,13 @@ XLA_FFI_Error* PagedjaxPagedAttentionCpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* PagedjaxKvWriteCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* PagedjaxPagedAttentionCuda(XLA_FFI_CallFrame* call_frame);
 #endif
+// Quantized matmuls (CUDA only: on other platforms the XLA path of pagedjax.quantization runs).
+#ifdef PAGEDJAX_WITH_CUDA
+XLA_FFI_Error* PagedjaxInt4GemmCuda(XLA_FFI_CallFrame* call_frame);
+#endif
+#if defined(PAGEDJAX_WITH_CUDA) && defined(PAGEDJAX_WITH_CUBLASLT)
+XLA_FFI_Error* PagedjaxFp8GemmCuda(XLA_FFI_CallFrame* call_frame);
+#endif
 }
 
 namespace {
@@ -36,6 +43,13 @@ py::dict Registrations() {
   cuda["pagedjax_kv_write"] = Capsule(PagedjaxKvWriteCuda);
   cuda["pagedjax_paged_attention"] = Capsule(PagedjaxPagedAttentionCuda);
   out["CUDA"] = cuda;
+#endif
+  // Quantized matmuls.
+#ifdef PAGEDJAX_WITH_CUDA
+  cuda["pagedjax_int4_gemm"] = Capsule(PagedjaxInt4GemmCuda);
+#endif
+#if defined(PAGEDJAX_WITH_CUDA) && defined(PAGEDJAX_WITH_CUBLASLT)
+  cuda["pagedjax_fp8_gemm"] = Capsule(PagedjaxFp8GemmCuda);
 #endif
   return out;
 }

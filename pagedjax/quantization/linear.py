@@ -1,0 +1,73 @@
+"""quantized_matmul: the one entry point a linear layer calls with a QuantizedWeight.
+
+Dims: M rows of x (tokens), K in_features, N out_features.
+
+impl:
+  "xla"   XLA ops only, any backend (CPU tests check it against float64). fp8: activations
+          quantized, then an e4m3 x e4m3 dot with f32 accumulation (both operands dequantized to
+          f32 for block weights); int4: dequantize to x's dtype, then one dot.
+  "ffi"   the CUDA custom calls (kernels.py): cuBLASLt's FP8 GEMM; the int4 tensor-core kernel.
+  "auto"  "ffi" on a GPU whose handler is built and that serves this weight (for int4 only up
+          to INT4_KERNEL_MAX_ROWS rows: past that dequantize + one bf16 GEMM wins), else "xla".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pagedjax.quantization import kernels
+from pagedjax.quantization.fp8 import dequantize_fp8, fp8_matmul_xla, quantize_activation
+from pagedjax.quantization.int4 import dequantize_int4, int4_matmul_xla
+from pagedjax.quantization.weight import QuantizedWeight
+
+IMPLS = ("auto", "xla", "ffi")
+# Rows up to which "auto" runs the int4 kernel (decode); larger M dequantizes and runs XLA's GEMM.
+# The kernel takes any M (64 rows a launch); raise this once benchmarks/kernels/quant_matmul.py
+# has measured where the crossover lies on the H200.
+INT4_KERNEL_MAX_ROWS = 16
+
+
+def resolve_impl(impl: str, w: QuantizedWeight, x_dtype, num_rows: int) -> str:
+    """"xla" or "ffi" for this call ("auto" decided from the backend, the weight and M)."""
+    if impl not in IMPLS:
+        raise ValueError(f"quantized_matmul: unknown impl {impl!r} (expected one of {IMPLS})")
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "gpu":
+        return "xla"
+    if w.kind == "fp8":
+        ok = kernels.has_handler(kernels.FP8_TARGET) and kernels.fp8_scale_mode(w) is not None
+    else:
+        ok = (kernels.has_handler(kernels.INT4_TARGET) and kernels.int4_supported(w, x_dtype)
+              and num_rows <= INT4_KERNEL_MAX_ROWS)
+    return "ffi" if ok else "xla"
+
+
+def quantized_matmul(x: jax.Array, w: QuantizedWeight, *, impl: str = "auto", out_dtype=None) -> jax.Array:
+    """y [M, N] = x [M, K] @ w.T, w dequantized (fp8: x quantized too, W8A8); y in out_dtype (x's).
+
+    x is bf16, f16 or f32. Activation scales of dynamic fp8 schemes are computed here, per call.
+    """
+    if x.ndim != 2 or x.shape[1] != w.in_features:
+        raise ValueError(f"quantized_matmul: x must be [M, {w.in_features}], got {list(x.shape)}")
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"quantized_matmul: x must be bf16, f16 or f32, got {jnp.dtype(x.dtype).name}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    impl = resolve_impl(impl, w, x.dtype, x.shape[0])
+    with jax.named_scope(f"quant_matmul_{w.kind}"):
+        if w.kind == "fp8":
+            x_q, x_scale = quantize_activation(x, w)
+            if impl == "ffi":
+                return kernels.fp8_gemm(x_q, x_scale, w, out_dtype)
+            return fp8_matmul_xla(x_q, x_scale, w).astype(out_dtype)
+        if w.kind == "int4":
+            if impl == "ffi":
+                return kernels.int4_gemm(x, w).astype(out_dtype)
+            return int4_matmul_xla(x, w).astype(out_dtype)
+    raise ValueError(f"quantized_matmul: unknown weight kind {w.kind!r}")
+
+
+def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
+    """The weight [N, K] (HF's [out, in]) that w stands for, in `dtype`."""
+    return dequantize_fp8(w).astype(dtype) if w.kind == "fp8" else dequantize_int4(w, dtype)
