@@ -37,7 +37,8 @@ def _random_write(rng, num_pages, page_size, K, H, T, num_pad, dtype, pool_dtype
 
 def quantize_like_ml_dtypes(x, scale) -> np.ndarray:
     """The FP8 contract computed on the host with numpy and ml_dtypes: x [T, K, H], scale [K]."""
-    q = np.asarray(x).astype(np.float32) / np.asarray(scale, np.float32)[:, None]
+    inv = np.float32(1) / np.asarray(scale, np.float32)  # [K], IEEE
+    q = np.asarray(x).astype(np.float32) * inv[:, None]
     return np.clip(q, -448, 448).astype(FP8)
 
 
@@ -105,7 +106,9 @@ def edge_values() -> np.ndarray:
 @pytest.mark.parametrize("impl", ["xla", "ffi"])
 def test_fp8_rounding_and_saturation_bit_for_bit(impl):
     """Round to nearest even, ties to the even code, clamp to +-448 (inf too), NaN kept, signed
-    zeros and subnormals as ml_dtypes' float8_e4m3fn conversion has them (scale 1, then 2^-3)."""
+    zeros and subnormals as ml_dtypes' float8_e4m3fn conversion has them; scales 1 and 2^-3 (exact
+    reciprocals), then 0.3 and 1/3 with inputs a few ulps around each tie (the reciprocal's
+    rounding decides there: a path that divided, or rounded 1 / scale otherwise, shows)."""
     check_fp8_edges(impl)
 
 
@@ -118,18 +121,20 @@ def test_gpu_fp8_rounding_and_saturation_bit_for_bit(impl):
 
 
 def check_fp8_edges(impl):
-    x = edge_values()
-    for scale in (1.0, 0.125):
+    for scale in (1.0, 0.125, 0.3, 1 / 3):
+        s32 = np.float32(scale)
+        x = edge_values() * s32  # ties of x * (1 / scale) sit near these: probe a few ulps around
+        x = np.concatenate([x + k * np.spacing(x) for k in range(-2, 3)]) if scale in (0.3, 1 / 3) else x
         n = -(-x.size // 8) * 8
         rows = np.zeros(n, np.float32)
-        rows[: x.size] = x * np.float32(scale)  # exact: a power of two
+        rows[: x.size] = x
         rows = rows.reshape(-1, 2, 4)  # [T, K=2, H=4]
         T = rows.shape[0]
         pool = jnp.zeros((T // 16 + 2, 16, 2, 4), jnp.float8_e4m3fn)
         slots = jnp.arange(16, 16 + T, dtype=jnp.int32)
-        s = jnp.full((2,), scale, jnp.float32)
-        k_pages, _ = jax.jit(lambda *a: page_pool.write_kv(*a, impl=impl, k_scale=s, v_scale=s))(
-            pool, pool, jnp.asarray(rows), jnp.asarray(rows), slots)
+        s = jnp.full((2,), scale, jnp.float32)  # an argument, as the engine's scales are
+        k_pages, _ = jax.jit(lambda *a, s: page_pool.write_kv(*a, impl=impl, k_scale=s, v_scale=s))(
+            pool, pool, jnp.asarray(rows), jnp.asarray(rows), slots, s=s)
         got = np.asarray(k_pages).reshape(-1, 2, 4)[16 : 16 + T].reshape(-1)[: x.size]
         want = quantize_like_ml_dtypes(rows, np.full(2, scale)).reshape(-1)[: x.size]
         nan = np.isnan(x)

@@ -3,11 +3,14 @@
 // E4M3: no infinities, one NaN per sign, largest finite 448), the FP8 KV cache's format.
 //
 // FP8 quantization contract (the same in the jnp write, the CPU and the CUDA handlers):
-//   stored = RoundNearestEven(clamp(f32(x) / scale, -448, 448)) in float8_e4m3fn
-// with the IEEE f32 division; NaN stays NaN (its sign kept), +-inf saturate to +-448, values below
-// the smallest subnormal (2^-9) round to a signed zero, a tie between two neighbours picks the one
-// with an even last bit (so 464 -> 448). This is ml_dtypes' f32 -> float8_e4m3fn conversion of the
-// clamped quotient, bit for bit. Read back: f32(stored) * scale.
+//   inv = 1 / scale                                   (f32, IEEE division, once per kv head)
+//   stored = RoundNearestEven(clamp(f32(x) * inv, -448, 448)) in float8_e4m3fn
+// A product by the reciprocal, not a quotient: XLA itself rewrites x / broadcast(scale) into
+// x * broadcast(1 / scale), so that is the form every path can compute bit for bit. NaN stays NaN
+// (its sign kept), +-inf saturate to +-448, values below half the smallest subnormal (2^-9) round
+// to a signed zero, a tie between two neighbours picks the one with an even last bit (so 464 ->
+// 448). This is ml_dtypes' f32 -> float8_e4m3fn conversion of the clamped product, bit for bit.
+// Read back: f32(stored) * scale.
 #pragma once
 
 #include <cmath>

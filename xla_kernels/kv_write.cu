@@ -2,9 +2,9 @@
 //
 // One block per token. A pool in the rows' dtype gets the token's K and V rows (K * H elements
 // each, contiguous in the token-major pool) copied with 16-byte vector stores when the row allows
-// it. An fp8 pool gets them quantized element by element: IEEE division by the kv head's scale
-// (__fdiv_rn: exact under --use_fast_math too), clamp to +-448 with NaN kept, then the
-// round-to-nearest-even satfinite conversion, which is float_convert.h's contract bit for bit.
+// it. An fp8 pool gets them quantized element by element: the product by the IEEE reciprocal of
+// the kv head's scale (__frcp_rn, __fmul_rn: exact under --use_fast_math too), clamp to +-448 with
+// NaN kept, then the round-to-nearest-even satfinite conversion: float_convert.h's contract.
 // Pools are aliased to the outputs, so the write is in place.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -45,7 +45,7 @@ __device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 __device__ __forceinline__ __nv_fp8_storage_t QuantizeFp8(float x, float scale) {
-  float y = __fdiv_rn(x, scale);
+  float y = __fmul_rn(x, __frcp_rn(scale));
   if (!isnan(y)) y = fminf(fmaxf(y, -448.f), 448.f);  // fminf/fmaxf would turn NaN into a bound
   return __nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
 }

@@ -5,7 +5,8 @@
 // slot_mapping[t] = page * page_size + offset; a slot outside [0, P * page_size) is a padding token
 // and is dropped. The rows are in the pool's dtype, or, for a float8_e4m3fn pool (the FP8 KV
 // cache), in f32 / f16 / bf16 and quantized on the way in by float_convert.h's contract:
-// stored = RoundNearestEven(clamp(x / scale[kv head], -448, 448)). Other pools ignore the scales.
+// stored = RoundNearestEven(clamp(x * (1 / scale[kv head]), -448, 448)). Other pools ignore the
+// scales.
 #ifndef PAGEDJAX_XLA_KERNELS_KV_WRITE_H_
 #define PAGEDJAX_XLA_KERNELS_KV_WRITE_H_
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "float_convert.h"
 #include "kv_write.h"
@@ -27,11 +28,11 @@ float LoadRow(const void* rows, int64_t i, RowDType dt) {
   return static_cast<const float*>(rows)[i];
 }
 
-// Token t's rows [K, H] quantized into pool slot `slot` (K * H bytes).
-void QuantizeRow(const void* rows, int64_t t, uint8_t* slot, const float* scale, const KvWriteShape& s) {
+// Token t's rows [K, H] quantized into pool slot `slot` (K * H bytes); inv[K] = 1 / scale.
+void QuantizeRow(const void* rows, int64_t t, uint8_t* slot, const float* inv, const KvWriteShape& s) {
   const int64_t n = s.num_kv_heads * s.head_dim;
   for (int64_t i = 0; i < n; ++i)
-    slot[i] = FloatToFp8E4M3(LoadRow(rows, t * n + i, s.row_dtype) / scale[i / s.head_dim]);
+    slot[i] = FloatToFp8E4M3(LoadRow(rows, t * n + i, s.row_dtype) * inv[i / s.head_dim]);
 }
 
 ffi::Error KvWriteCpuImpl(ffi::AnyBuffer k_pages,                 // [P, page, K, H]
@@ -67,7 +68,9 @@ ffi::Error KvWriteCpuImpl(ffi::AnyBuffer k_pages,                 // [P, page, K
           return ffi::Error::InvalidArgument("pagedjax_kv_write: k_scale and v_scale must be finite and > 0, got " +
                                              std::to_string(p.scale[h]) + " for kv head " + std::to_string(h));
   }
+  std::vector<float> inv(s.num_kv_heads);
   for (const Pair& p : pairs) {
+    for (int64_t h = 0; h < s.num_kv_heads; ++h) inv[h] = 1.0f / p.scale[h];  // IEEE, as the contract says
     // XLA aliases the buffers; if it ever did not, start from the input pool.
     if (p.dst != p.in_pool) std::memcpy(p.dst, p.in_pool, s.num_slots * s.row_bytes);
     for (int64_t t = 0; t < s.num_tokens; ++t) {
@@ -75,7 +78,7 @@ ffi::Error KvWriteCpuImpl(ffi::AnyBuffer k_pages,                 // [P, page, K
       if (slot < 0 || slot >= s.num_slots) continue;  // padding token
       uint8_t* dst = reinterpret_cast<uint8_t*>(p.dst + slot * s.row_bytes);
       if (s.fp8) {
-        QuantizeRow(p.src, t, dst, p.scale, s);
+        QuantizeRow(p.src, t, dst, inv.data(), s);
       } else {
         std::memcpy(dst, p.src + t * s.row_bytes, s.row_bytes);
       }

@@ -5,12 +5,14 @@ Dims: T tokens, K kv heads, H head dim.
 An FP8 pool stores float8_e4m3fn, with per-kv-head f32 scales per layer (`k_scale`, `v_scale`,
 each [K]; a per-tensor scale is the case of equal entries):
 
-  stored = RoundNearestEven(clamp(f32(x) / scale, -448, 448))      (IEEE f32 division)
+  stored = RoundNearestEven(clamp(f32(x) * (1 / scale), -448, 448))   (f32; 1 / scale IEEE)
   read   = f32(stored) * scale
 
-NaN stays NaN, +-inf saturate to +-448, and a tie picks the even neighbour (464 -> 448): this is
-ml_dtypes' f32 -> float8_e4m3fn conversion of the clamped quotient, bit for bit, and what the
-custom calls do (xla_kernels/float_convert.h, kv_write.cu). Scales must be finite and > 0.
+A product by the reciprocal rather than a quotient because XLA rewrites x / broadcast(scale) into
+x * broadcast(1 / scale) itself: this form is the one every path computes bit for bit. NaN stays
+NaN, +-inf saturate to +-448, and a tie picks the even neighbour (464 -> 448): this is ml_dtypes'
+f32 -> float8_e4m3fn conversion of the clamped product, bit for bit, and what the custom calls do
+(xla_kernels/float_convert.h, kv_write.cu). Scales must be finite and > 0.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def is_fp8(dtype) -> bool:
 
 def quantize(x: jax.Array, scale: jax.Array) -> jax.Array:
     """x [..., K, H] -> float8_e4m3fn by the contract above; scale [K] f32."""
-    q = x.astype(jnp.float32) / scale[:, None]  # [..., K, H]
+    inv = 1.0 / scale.astype(jnp.float32)  # [K]
+    q = x.astype(jnp.float32) * inv[:, None]  # [..., K, H]
     return jnp.clip(q, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)  # clip keeps NaN
 
 
