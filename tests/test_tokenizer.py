@@ -497,8 +497,11 @@ def test_stop_strings_spanning_tokens(smollm, include):
     rng = random.Random(int(include))
     # starts and ends in the same order, so the earliest-starting stop string is also the first to complete
     stops = ["al of Fr", "Paris. The", "n is Ma", "is Madrid", "😀!", "Done."]
-    for trial in range(30):
-        stop = rng.sample(stops, rng.randint(1, 3)) + ["never appears"]
+    # Each alone first: the text held back is then exactly one character short of the stop string
+    # (a longer one that never matches would hold more, and hide a hold one character short).
+    trials = [[s] for s in stops] + [rng.sample(stops, rng.randint(1, 3)) for _ in range(12)]
+    trials += [t + ["never appears"] for t in trials[-6:]]
+    for stop in trials:
         first = min(text.find(s) for s in stop if s in text)
         matched = next(s for s in stop if text.find(s) == first)
         want = text[: first + len(matched)] if include else text[:first]
@@ -507,18 +510,19 @@ def test_stop_strings_spanning_tokens(smollm, include):
         streamed = ""
         i = 0
         while not detok.finished:
-            assert i < len(ids), "stop string never matched"
-            k = rng.randint(1, 2)
+            assert i < len(ids), f"stop string never matched: {stop}"
+            k = 1 if len(stop) == 1 else rng.randint(1, 2)  # alone: one token at a time, as the engine adds them
             streamed += detok.add_tokens(ids[i : i + k])
             i += k
             assert detok.text == streamed
-            assert want.startswith(streamed)  # nothing past the stop string is ever streamed
-        assert streamed == detok.text == want and detok.stop_str == matched
+            assert want.startswith(streamed), (stop, streamed)  # nothing past the cut is ever streamed
+        assert streamed == detok.text == want and detok.stop_str == matched, stop
         assert detok.finish() == ""
 
 
+@pytest.mark.parametrize("stop", [["The"], ["The", "never"]])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_stop_strings_wait_for_min_tokens(smollm, batch):
+def test_stop_strings_wait_for_min_tokens(smollm, batch, stop):
     """vLLM: a stop string counts only when a token after the first min_tokens completes it; one
     inside the first min_tokens tokens' text is ignored, and that text is kept whole."""
     text = "The cat sat. The dog ran. The end."
@@ -530,7 +534,7 @@ def test_stop_strings_wait_for_min_tokens(smollm, batch):
     outcomes = set()
     for min_tokens in range(len(ids) + 1):
         counted = [i for i, m in zip(starts, done_at) if m > min_tokens]
-        detok = tk.IncrementalDetokenizer(smollm, [], stop=["The", "never"], min_tokens=min_tokens)
+        detok = tk.IncrementalDetokenizer(smollm, [], stop=stop, min_tokens=min_tokens)
         out, i = "", 0
         while not detok.finished and i < len(ids):
             out += detok.add_tokens(ids[i:i + batch])
