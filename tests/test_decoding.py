@@ -535,6 +535,24 @@ def test_eos_min_tokens_max_tokens_ignore_eos(model, engine, tokenizer):
     assert (mx.token_ids, mx.finish_reason) == (free[:k], "length")
 
 
+def test_special_tokens_in_text_as_transformers_decodes_them(model, engine, tokenizer):
+    """skip_special_tokens=False: the EOS tokens generated past ignore_eos show in the text, as
+    transformers decodes them (each token's text as is: no spaces added around special tokens;
+    pagedjax has no spaces_between_special_tokens, which vLLM reads only for slow tokenizers)."""
+    hf = model[0]
+    free = hf_models.hf_greedy(hf, SHORT, 16)
+    assert free.count(EOS) >= 2, free  # EOS is likely here (see `model`)
+    outs = run(engine, {0: [(k, SHORT, pj.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                                           skip_special_tokens=k == "skip"))
+                            for k in ("skip", "keep")]})
+    for k, skip in (("skip", True), ("keep", False)):
+        c = outs[k].outputs[0]
+        prompt_text = tokenizer.decode(SHORT, skip_special_tokens=skip)
+        assert c.token_ids == free
+        assert c.text == tokenizer.decode(SHORT + free, skip_special_tokens=skip)[len(prompt_text):], k
+    assert outs["keep"].outputs[0].text.count(tokenizer.decode([EOS])) == free.count(EOS)
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 

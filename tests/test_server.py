@@ -171,6 +171,12 @@ def test_openai_client_models_completion_chat(server, hf):
     assert (c.choices[0].text, c.choices[0].finish_reason) == (text, finish_reason)
     assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(prompt_ids), num_tokens)
     assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    # vLLM's spaces_between_special_tokens is accepted and changes nothing (vLLM reads it for slow
+    # tokenizers only; every tokenizer here is a `tokenizers` one).
+    for spaces in (False, True):
+        again = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                          extra_body={"spaces_between_special_tokens": spaces})
+        assert again.choices[0].text == text
 
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
