@@ -73,7 +73,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top logprobs per prompt token (the engine serves 0..max_logprobs)
     detokenize: bool = True
     skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
+    # No spaces_between_special_tokens: with a `tokenizers` tokenizer (all pagedjax loads) neither
+    # vLLM nor transformers 5 reads it; the server accepts the field and ignores it.
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 

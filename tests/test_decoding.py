@@ -23,7 +23,7 @@ import transformers
 
 import pagedjax as pj
 from pagedjax.engine import EngineConfig, LLMEngine
-from pagedjax.sampling_params import BeamSearchParams
+from pagedjax.sampling_params import BeamSearchParams, RequestOutputKind
 
 from tests import hf_models
 
@@ -67,8 +67,10 @@ def tokenizer(model):
     return transformers.AutoTokenizer.from_pretrained(model[2])
 
 
-def run(engine: LLMEngine, arrivals: dict[int, list[tuple]]) -> dict[str, pj.RequestOutput]:
-    """Steps to completion, adding arrivals[k] = [(id, prompt, params)] before step k; final outputs.
+def run(engine: LLMEngine, arrivals: dict[int, list[tuple]],
+        seen: dict[str, list[pj.RequestOutput]] | None = None) -> dict[str, pj.RequestOutput]:
+    """Steps to completion, adding arrivals[k] = [(id, prompt, params)] before step k; final outputs
+    (and every output, finished or not, into `seen[id]` when given).
 
     Checks after the run that every page is back and nothing is left running.
     """
@@ -80,6 +82,8 @@ def run(engine: LLMEngine, arrivals: dict[int, list[tuple]]) -> dict[str, pj.Req
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # "donated buffers were not usable" = a pool copy
             for out in engine.step():
+                if seen is not None:
+                    seen.setdefault(out.request_id, []).append(out)
                 if out.finished:
                     assert out.request_id not in done
                     done[out.request_id] = out
@@ -239,6 +243,62 @@ def test_penalties_and_logprobs_match_numpy(model, engine, tokenizer):
     assert c.cumulative_logprob == pytest.approx(sum(logprobs[j, t] for j, t in enumerate(out)), abs=1e-3)
 
 
+def penalized_greedy(hf, prompt: list[int], n: int, rep: float, freq: float, pres: float, *,
+                     count_prompt: bool = False, rep_over_prompt: bool = True) -> list[int]:
+    """n greedy tokens with vLLM's penalties written out: HF's float32 logits, then in float64
+    repetition over prompt + output (x > 0: x / rep, else x * rep) and x -= freq * count +
+    pres * (count > 0), counts over the output only. The keywords give the wrong rules (counts
+    over the prompt too; repetition over the output only), to show that the cases tell them apart.
+    """
+    right = not count_prompt and rep_over_prompt
+    out: list[int] = []
+    for _ in range(n):
+        with torch.no_grad():
+            x = hf(torch.tensor([prompt + out])).logits[0, -1].double().numpy()  # [V]
+        seen = np.zeros(x.size, bool)
+        seen[(prompt if rep_over_prompt else []) + out] = True
+        x = np.where(seen, np.where(x > 0, x / rep, x * rep), x)
+        counts = np.bincount((prompt if count_prompt else []) + out, minlength=x.size)  # [V]
+        x = x - freq * counts - pres * (counts > 0)
+        top2 = np.sort(x)[-2:]
+        assert not right or top2[1] - top2[0] > 1e-4, f"ambiguous argmax after {out}"
+        out.append(int(np.argmax(x)))
+    return out
+
+
+PENALTIES = [  # (repetition, frequency, presence)
+    (1.0, 1.5, 0.0),
+    (1.0, 0.0, 1.5),
+    (1.0, -1.0, -0.5),  # negative: repeats are favoured
+    (1.6, 0.0, 0.0),
+    (1.3, 0.8, 0.6),
+]
+
+
+def test_penalties_predicted_token_by_token(model, engine):
+    """Each penalty alone and together, in one batch, against `penalized_greedy`: every token.
+
+    The prompt holds the model's own greedy continuation, the tokens it is inclined to repeat, so
+    that counting the prompt in the frequency or presence penalty, or leaving it out of the
+    repetition penalty, changes the output of each case (checked here too)."""
+    hf = model[0]
+    start = prompts(15, 1, 6, 6)[0]
+    p = start + hf_models.hf_greedy(hf, start, 16)
+    expected, requests = {}, []
+    for k, (rep, freq, pres) in enumerate(PENALTIES):
+        expected[k] = penalized_greedy(hf, p, 12, rep, freq, pres)
+        if freq or pres:
+            assert penalized_greedy(hf, p, 12, rep, freq, pres, count_prompt=True) != expected[k], k
+        if rep != 1.0:
+            assert penalized_greedy(hf, p, 12, rep, freq, pres, rep_over_prompt=False) != expected[k], k
+        requests.append((f"pen{k}", p, pj.SamplingParams(temperature=0.0, repetition_penalty=rep,
+                                                          frequency_penalty=freq, presence_penalty=pres,
+                                                          max_tokens=12, ignore_eos=True)))
+    outs = run(engine, {0: requests})
+    for k, penalties in enumerate(PENALTIES):
+        assert outs[f"pen{k}"].outputs[0].token_ids == expected[k], f"(repetition, frequency, presence) = {penalties}"
+
+
 def test_logprobs_match_hf_transition_scores(model, engine):
     hf = model[0]
     p = prompts(6, 1, 12, 12)[0]
@@ -335,8 +395,9 @@ def test_beam_search_under_page_pressure_matches_hf(model, engine):
     hf = model[0]
     ps = prompts(8, 3, 28, 30)
     bp = BeamSearchParams(beam_width=4, max_tokens=14, early_stopping="never")
+    before = engine.stats().num_preemptions  # the engine is shared: earlier tests preempted too
     outs = run(engine, {0: [(f"g{i}", p, bp) for i, p in enumerate(ps)]})
-    assert engine.stats().num_preemptions > 0
+    assert engine.stats().num_preemptions > before, "this run was meant to preempt beams"
     for i, p in enumerate(ps):
         for c, (tokens, score) in zip(outs[f"g{i}"].outputs, hf_beam_search(hf, p, bp, [EOS])[0]):
             assert c.token_ids == tokens
@@ -370,41 +431,83 @@ def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)  # as the engine shows text
 
 
-def find_stop(tokenizer, ids: list[int]) -> str | None:
-    """A printable ASCII string of the decoded text that spans a token boundary, or None."""
-    text = decode(tokenizer, ids)
-    for j in range(1, len(ids) - 1):
-        prefix = decode(tokenizer, ids[:j])
-        b = len(prefix)
-        window = text[b - 2: b + 2]
-        if b >= 2 and prefix == text[:b] and len(window) == 4 and window.isascii() and window.isprintable():
-            return window
-    return None
+def find_stops(tokenizer, free: list[int]) -> dict[str, tuple[str, int, int]]:
+    """Stop strings cut from the text of `free` where a stop check's off-by-ones show:
+    {kind: (stop, where it starts in the text, the number of tokens that complete it)}.
+
+    "at_end": it ends with the last character of a token's text (a check that misses a match
+    ending at the very end of the new text never stops). "one_in": its last character is the first
+    of a token's text, the rest ends the text before (a hold one character short streams the stop
+    string's first character). Both span a token boundary; each is its first occurrence.
+    """
+    text = decode(tokenizer, free)
+    ends = [len(t) if text.startswith(t) else None  # None: a character split across tokens
+            for t in (decode(tokenizer, free[:m]) for m in range(len(free) + 1))]
+    found: dict[str, tuple[str, int, int]] = {}
+    for m in range(1, len(free) + 1):
+        prev, end = ends[m - 1], ends[m]
+        if prev is None or end is None or end == prev:
+            continue
+        for L in (3, 4, 2):
+            for kind, start in (("at_end", end - L), ("one_in", prev + 1 - L)):
+                stop = text[max(start, 0):start + L]
+                if (kind not in found and 0 <= start < prev and "\ufffd" not in stop
+                        and stop.isprintable() and not stop.isspace() and text.find(stop) == start):
+                    found[kind] = (stop, start, m)
+    return found
 
 
 def test_stop_strings_spanning_tokens(model, engine, tokenizer):
+    """Stop strings ending at a token's last character and at a token's first one, alone (the hold
+    is then exactly one character short of the string), excluded or included, streamed (DELTA),
+    cumulative and final only: no output ever shows a character past the cut, and the text ends
+    exactly before the stop string (or after it with include_stop_str_in_output)."""
     hf = model[0]
-    for p in prompts(10, 8, 4, 12):
+    cases: dict[str, tuple] = {}  # kind -> (prompt, free run, stop, start, tokens to complete it)
+    for p in prompts(10, 16, 4, 12):
         free = hf_models.hf_greedy(hf, p, 16)
-        stop = find_stop(tokenizer, free)
-        if stop is not None:
-            break
-    else:
-        pytest.fail("no printable text across a token boundary in 8 greedy runs")
-    text = decode(tokenizer, free)
-    cut = text.index(stop)
-    m = next(m for m in range(1, 17) if stop in decode(tokenizer, free[:m]))  # the token completing it
-    assert cut < len(decode(tokenizer, free[:m - 1]))  # it starts before the token that completes it
+        if decode(tokenizer, p + free) != decode(tokenizer, p) + decode(tokenizer, free):
+            continue  # a character split between prompt and output: the output's text is not decode(free)
+        for kind, found in find_stops(tokenizer, free).items():
+            cases.setdefault(kind, (p, free, *found))
+    assert set(cases) == {"at_end", "one_in"}, f"stop strings of every kind in 16 greedy runs: {cases}"
     base = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
-    outs = run(engine, {0: [
-        ("ex", p, pj.SamplingParams(stop=["#never#", stop], **base)),
-        ("in", p, pj.SamplingParams(stop=stop, include_stop_str_in_output=True, **base)),
-        ("ln", p, pj.SamplingParams(stop=["#never#"], **base)),
-    ]})
-    ex, inc, ln = (outs[k].outputs[0] for k in ("ex", "in", "ln"))
-    assert (ex.text, ex.finish_reason, ex.stop_reason, ex.token_ids) == (text[:cut], "stop", stop, free[:m])
-    assert (inc.text, inc.finish_reason, inc.stop_reason) == (text[:cut + len(stop)], "stop", stop)
-    assert (ln.text, ln.finish_reason, ln.stop_reason, ln.token_ids) == (text, "length", None, free)
+    kinds = {"d": RequestOutputKind.DELTA, "c": RequestOutputKind.CUMULATIVE,
+             "f": RequestOutputKind.FINAL_ONLY}
+    requests, expected = [], {}
+    for kind, (p, free, stop, start, m) in cases.items():
+        text = decode(tokenizer, free)
+        for include in (False, True):
+            for k, output_kind in kinds.items():
+                rid = f"{kind}-{'in' if include else 'ex'}-{k}"
+                requests.append((rid, p, pj.SamplingParams(stop=stop, include_stop_str_in_output=include,
+                                                           output_kind=output_kind, **base)))
+                want = text[:start + len(stop)] if include else text[:start]
+                expected[rid] = (want, "stop", stop, free[:m])
+        # Beside a longer stop string that never matches; and that one alone: no stop, the whole text.
+        requests.append((f"{kind}-two", p, pj.SamplingParams(stop=["#never#", stop], **base)))
+        expected[f"{kind}-two"] = (text[:start], "stop", stop, free[:m])
+        requests.append((f"{kind}-none", p, pj.SamplingParams(stop="#never#", **base)))
+        expected[f"{kind}-none"] = (text, "length", None, free)
+    seen: dict[str, list[pj.RequestOutput]] = {}
+    run(engine, {0: requests}, seen)
+    for rid, (want, reason, stop_reason, token_ids) in expected.items():
+        outs = seen[rid]
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True], rid
+        c = outs[-1].outputs[0]
+        assert (c.finish_reason, c.stop_reason) == (reason, stop_reason), rid
+        if rid.endswith("-d"):  # deltas: text and tokens add up, and no delta runs past the cut
+            streamed = ""
+            for o in outs:
+                streamed += o.outputs[0].text
+                assert want.startswith(streamed), (rid, stop_reason, streamed, want)
+            assert streamed == want, rid
+            assert sum((o.outputs[0].token_ids for o in outs), []) == token_ids, rid
+        else:
+            assert len(outs) == 1 or not rid.endswith("-f"), rid  # FINAL_ONLY: one output
+            for o in outs:  # cumulative: every text so far is a prefix of the final one
+                assert want.startswith(o.outputs[0].text), (rid, stop_reason, o.outputs[0].text, want)
+            assert (c.text, c.token_ids) == (want, token_ids), rid
 
 
 def test_eos_min_tokens_max_tokens_ignore_eos(model, engine, tokenizer):
@@ -430,6 +533,24 @@ def test_eos_min_tokens_max_tokens_ignore_eos(model, engine, tokenizer):
     hf_min = hf_min[:hf_min.index(EOS) + 1] if EOS in hf_min else hf_min
     assert mn.token_ids == hf_min and EOS not in mn.token_ids[:k + 2]
     assert (mx.token_ids, mx.finish_reason) == (free[:k], "length")
+
+
+def test_special_tokens_in_text_as_transformers_decodes_them(model, engine, tokenizer):
+    """skip_special_tokens=False: the EOS tokens generated past ignore_eos show in the text, as
+    transformers decodes them (each token's text as is: no spaces added around special tokens;
+    pagedjax has no spaces_between_special_tokens, which vLLM reads only for slow tokenizers)."""
+    hf = model[0]
+    free = hf_models.hf_greedy(hf, SHORT, 16)
+    assert free.count(EOS) >= 2, free  # EOS is likely here (see `model`)
+    outs = run(engine, {0: [(k, SHORT, pj.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                                           skip_special_tokens=k == "skip"))
+                            for k in ("skip", "keep")]})
+    for k, skip in (("skip", True), ("keep", False)):
+        c = outs[k].outputs[0]
+        prompt_text = tokenizer.decode(SHORT, skip_special_tokens=skip)
+        assert c.token_ids == free
+        assert c.text == tokenizer.decode(SHORT + free, skip_special_tokens=skip)[len(prompt_text):], k
+    assert outs["keep"].outputs[0].text.count(tokenizer.decode([EOS])) == free.count(EOS)
 
 
 # ---------------------------------------------------------------------------------- bad input

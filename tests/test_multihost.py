@@ -6,6 +6,10 @@ port; cross-process collectives through gloo), builds the same engine over the 4
 and generates the same prompts: scheduling is made identically on every process (see
 pagedjax/parallel.py). The tiny llama has 2 kv heads, so tp = 4 also replicates kv heads.
 Bounded: every wait has a timeout, and the workers are killed if they overrun.
+
+The coordinator binds its port itself, in worker 0, some time after the port was found free: if
+another process took it meanwhile, worker 0 fails at once ("Address already in use") and the run
+starts again on another port.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).absolute().parent.parent
 NUM_PROCESSES, LOCAL_DEVICES, TP = 2, 2, 4
@@ -58,10 +63,42 @@ def worker(process_id: int, port: int, folder: str, out: str) -> None:
     jax.distributed.shutdown()
 
 
+BIND_ATTEMPTS = 3
+_BIND_FAILED = "Address already in use"  # gRPC's words when the coordinator cannot bind its port
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    """A port free on every interface: the coordinator listens on the wildcard address ([::]:port)."""
+    family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
+    with socket.create_server(("", 0), family=family, dualstack_ipv6=family == socket.AF_INET6) as s:
         return s.getsockname()[1]
+
+
+def _run_workers(folder: Path, outs: list[Path], env: dict[str, str]) -> list[str]:
+    """Runs the workers to the end on a free port, again on another one if the coordinator's was
+    taken first; returns their logs. Any other failure fails the test."""
+    for _ in range(BIND_ATTEMPTS):
+        port = _free_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "tests.test_multihost", str(i), str(port), str(folder), str(outs[i])],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(NUM_PROCESSES)]
+        logs = []
+        try:
+            logs.append(procs[0].communicate(timeout=TIMEOUT_S)[0])  # the coordinator first: it fails fast
+            if procs[0].returncode != 0 and _BIND_FAILED in logs[0]:
+                continue  # the port was taken between choosing and binding it (finally: kill the others)
+            for p in procs[1:]:
+                logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+        for p, log in zip(procs, logs):
+            assert p.returncode == 0, log[-4000:]
+        return logs
+    pytest.fail(f"the coordinator's port was taken before it could bind it, {BIND_ATTEMPTS} times")
 
 
 def test_two_processes_give_the_tokens_of_one(tmp_path):
@@ -74,25 +111,8 @@ def test_two_processes_give_the_tokens_of_one(tmp_path):
            # Workers import pagedjax as this process does (under Bazel: the runfiles, with the
            # extension Bazel built).
            "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in sys.path if p])}
-    port = _free_port()
-    procs, outs = [], []
-    for i in range(NUM_PROCESSES):
-        outs.append(tmp_path / f"out{i}.json")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.test_multihost", str(i), str(port), str(folder), str(outs[i])],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-
+    outs = [tmp_path / f"out{i}.json" for i in range(NUM_PROCESSES)]
+    _run_workers(folder, outs, env)
     results = [json.loads(o.read_text()) for o in outs]
     for r in results:
         assert (r["process_count"], r["device_count"], r["local_device_count"]) == (

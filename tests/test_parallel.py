@@ -335,7 +335,7 @@ def _ffi_setup(tp: int):
     from pagedjax.dummy_weights import random_params
 
     if ("pagedjax_paged_attention", "cpu") not in _ffi.register():
-        pytest.skip("the pagedjax._kernels CPU paged-attention handler is not built")
+        pytest.fail("the pagedjax._kernels CPU paged-attention handler is not built", pytrace=False)
     cfg, mesh = get_config("tiny-llama"), parallel.make_mesh(tp)  # head dim 16, 2 kv heads
     params = random_params(parallel.tp_config(cfg, tp), dtype=np.float32, seed=1,
                            shardings=parallel.param_shardings(cfg, mesh))

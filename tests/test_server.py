@@ -2,9 +2,14 @@
 
 One server (a tiny random HF Llama + a test tokenizer, float32, a small engine and a 40-page
 pool) serves the whole module. The official `openai` client completes, chat-completes and
-streams; greedy outputs equal `pagedjax.generate`'s in this process; 72 concurrent clients, some
-disconnecting early, all finish correctly and leave the pool fully free; a table of bad inputs
-each gets its 4xx while the server keeps serving.
+streams; greedy outputs equal HF `generate`'s (transformers' model and tokenizer of the same
+folder) and `pagedjax.generate`'s in this process; 72 concurrent clients, some disconnecting
+early, all finish correctly and leave the pool fully free; a table of bad inputs each gets its
+4xx while the server keeps serving.
+
+The server is `pagedjax serve` in its own process, on a socket this process binds to port 0 and
+hands over (`python -m tests.test_server FD serve ...`): no other process can take the port
+between choosing it and serving on it.
 """
 
 from __future__ import annotations
@@ -33,12 +38,6 @@ PROMPTS = ["Hello world", "The quick brown fox", "def fib(n):", "Once upon a tim
 STARTUP_TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (seeded) with a 512-token byte-level BPE tokenizer and a ChatML template."""
@@ -47,6 +46,30 @@ def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     hf_models.build("llama", folder, seed=0)
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    """The oracle: (transformers' float32 model, transformers' tokenizer) of the served folder."""
+    import transformers
+
+    return (transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+            transformers.AutoTokenizer.from_pretrained(model_dir))
+
+
+def hf_greedy(hf, prompt_ids: list[int], max_tokens: int) -> tuple[str, str, int]:
+    """(text, finish_reason, completion tokens) of HF greedy `generate`, ending at EOS (not text)."""
+    from tests import hf_models
+
+    model, tok = hf
+    out = hf_models.hf_greedy(model, prompt_ids, max_tokens, eos=hf_models.EOS)
+    prompt_text = tok.decode(prompt_ids, skip_special_tokens=True)
+    text = tok.decode(prompt_ids + out, skip_special_tokens=True)[len(prompt_text):]
+    return text, "stop" if out[-1] == hf_models.EOS else "length", len(out)
+
+
+def hf_chat_ids(hf, messages: list[dict]) -> list[int]:
+    return hf[1].apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
 
 
 class Server:
@@ -68,23 +91,28 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    """`python -m pagedjax.cli serve` on a free port; killed at the end whatever happens."""
-    port = _free_port()
+    """`pagedjax serve` on a socket bound here to port 0 (the kernel picks a free port, and it stays
+    taken); the server is killed at the end whatever happens."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # held from here on: the server listens on this very socket
+    port = sock.getsockname()[1]
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets it here: same numerics, same compile cache
            # The server imports pagedjax exactly as this process does (under Bazel: the runfiles,
            # with the extension Bazel built).
            "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in sys.path if p])}
-    cmd = [sys.executable, "-m", "pagedjax.cli", "serve", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--served-model-name", MODEL, "--api-key", API_KEY,
+    cmd = [sys.executable, "-m", "tests.test_server", str(sock.fileno()),  # = `pagedjax serve` on that socket
+           "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--served-model-name", MODEL, "--api-key", API_KEY,
            "--max-num-seqs", str(ENGINE["max_num_seqs"]),
            "--max-num-batched-tokens", str(ENGINE["max_num_batched_tokens"]),
            "--num-pages", str(ENGINE["num_pages"]), "--max-model-len", str(ENGINE["max_model_len"])]
     if shutil.which("setpriv"):  # Linux: the server gets SIGTERM even if this process is killed
         cmd = ["setpriv", "--pdeathsig", "TERM", *cmd]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    with sock, open(log, "wb") as out:  # the server keeps its own copy of the socket
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                pass_fds=[sock.fileno()])
     srv = Server(f"http://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -131,24 +159,33 @@ def _assert_pool_drained(server: Server, timeout: float = 30.0) -> dict[str, flo
 # ------------------------------------------------------------------------------- the openai client
 
 
-def test_openai_client_models_completion_chat(server):
+def test_openai_client_models_completion_chat(server, hf):
     client = server.client()
     assert [m.id for m in client.models.list().data] == [MODEL]
 
     c = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0)
     assert c.object == "text_completion" and len(c.choices) == 1
-    choice = c.choices[0]
-    assert choice.finish_reason in ("stop", "length") and isinstance(choice.text, str)
-    assert c.usage.prompt_tokens == len(server.http.post("/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"])
-    assert 1 <= c.usage.completion_tokens <= 8
+    prompt_ids = hf[1].encode(PROMPTS[0])
+    assert server.http.post("/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"] == prompt_ids
+    text, finish_reason, num_tokens = hf_greedy(hf, prompt_ids, 8)
+    assert (c.choices[0].text, c.choices[0].finish_reason) == (text, finish_reason)
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(prompt_ids), num_tokens)
     assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    # vLLM's spaces_between_special_tokens is accepted and changes nothing (vLLM reads it for slow
+    # tokenizers only; every tokenizer here is a `tokenizers` one).
+    for spaces in (False, True):
+        again = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                          extra_body={"spaces_between_special_tokens": spaces})
+        assert again.choices[0].text == text
 
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
-    assert chat.choices[0].finish_reason in ("stop", "length")
-    template_ids = server.http.post("/tokenize", json={"messages": messages}).json()["tokens"]
-    assert chat.usage.prompt_tokens == len(template_ids)
+    template_ids = hf_chat_ids(hf, messages)
+    assert server.http.post("/tokenize", json={"messages": messages}).json()["tokens"] == template_ids
+    text, finish_reason, num_tokens = hf_greedy(hf, template_ids, 6)
+    assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (text, finish_reason)
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (len(template_ids), num_tokens)
 
     # Several prompts, n > 1, logprobs, and a seed that makes sampling reproducible.
     kw = dict(model=MODEL, prompt=PROMPTS[:2], max_tokens=5, temperature=0.9, seed=7, n=2, logprobs=2)
@@ -200,9 +237,16 @@ def test_echo_stop_best_of_and_chat_logprobs(server):
     assert cut.text == ref.text[:ref.text.index(stop)] and cut.finish_reason == "stop"
     assert cut.model_extra["stop_reason"] == stop
 
-    best = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4, temperature=1.0, seed=3, n=2,
-                                     best_of=3)
-    assert [c.index for c in best.choices] == [0, 1]
+    # best_of=3: the 2 most likely of the 3 samples that n=3 gives with the same seed (sample i
+    # draws with seed + i), most likely first; likelihood = the sum of the tokens' logprobs.
+    kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=4, temperature=1.0, seed=3, logprobs=0)
+    three = client.completions.create(n=3, **kw).choices
+    assert len({ch.text for ch in three}) == 3  # three different samples to choose from
+    likely = sorted(three, key=lambda ch: -sum(ch.logprobs.token_logprobs))[:2]
+    best = client.completions.create(n=2, best_of=3, **kw)
+    assert [ch.index for ch in best.choices] == [0, 1]
+    assert [ch.text for ch in best.choices] == [ch.text for ch in likely]
+    assert [ch.logprobs.token_logprobs for ch in best.choices] == [ch.logprobs.token_logprobs for ch in likely]
 
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
                                           temperature=0, logprobs=True, top_logprobs=2)
@@ -410,8 +454,9 @@ def test_auth_and_routes(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert raw.get("/health").status_code == 200  # open, like /metrics and /version
     assert raw.get("/version").json()["version"]
-    assert raw.get("/v1/nothing-here").status_code in (401, 404)
-    assert server.http.get("/v1/nothing-here").status_code == 404
+    for client in (raw, server.http):  # an unknown route is 404 with or without the key
+        r = client.get("/v1/nothing-here")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError", r.text
     assert server.http.get("/v1/completions").status_code == 405
     raw.close()
 
@@ -433,12 +478,13 @@ def test_oversized_body(server):
     _assert_healthy(server)
 
 
-def test_server_keeps_serving_after_bad_inputs(server):
-    for _, path, body, _, _ in BAD[:10]:
-        server.http.post(path, json=body) if isinstance(body, dict) else server.http.post(path, content=body)
+def test_server_keeps_serving_after_bad_inputs(server, hf):
+    for _, path, body, status, _ in BAD[:10]:
+        r = server.http.post(path, json=body) if isinstance(body, dict) else server.http.post(path, content=body)
+        assert r.status_code == status, r.text
     _assert_healthy(server)
     r = server.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0)
-    assert r.choices[0].text is not None
+    assert (r.choices[0].text, r.choices[0].finish_reason) == hf_greedy(hf, hf[1].encode(PROMPTS[0]), 3)[:2]
     _assert_pool_drained(server)
 
 
@@ -459,3 +505,19 @@ def test_metrics(server):
     assert m["pagedjax_time_to_first_token_seconds_count"] >= 1
     assert m["pagedjax_inter_token_latency_seconds_count"] >= 3
     assert m["pagedjax_kv_pages_in_use"] == 0
+
+
+def _serve(fd: int, argv: list[str]) -> int:
+    """The server process: the `pagedjax` CLI, with uvicorn serving on the socket inherited as `fd`."""
+    import uvicorn
+
+    from pagedjax.cli import main
+
+    sock = socket.socket(fileno=fd)
+    run = uvicorn.Server.run
+    uvicorn.Server.run = lambda self, sockets=None: run(self, sockets=[sock])
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(int(sys.argv[1]), sys.argv[2:]))

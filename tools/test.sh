@@ -22,6 +22,7 @@ cd "$PAGEDJAX_ROOT"
 for cmd in build query sync fetch; do
   echo "$cmd --repo_env=PYTHON_BIN_PATH=$PY"
 done > user.bazelrc
+echo "test --test_env=PAGEDJAX_LLAMA_CPP_VOCABS=$PAGEDJAX_LLAMA_CPP_VOCABS" >> user.bazelrc  # pagedjax_venv test fetched them
 rc=0
 started="$(date +%s)"
 bazel test //... "$@" || rc=$?

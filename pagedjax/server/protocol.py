@@ -57,6 +57,8 @@ class SamplingFields(Strict):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # Accepted, ignored: vLLM reads it only for slow (Python) tokenizers, and every tokenizer here
+    # is a `tokenizers` one, which decodes special tokens without added spaces (transformers too).
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
