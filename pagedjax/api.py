@@ -55,22 +55,35 @@ class LLM:
     """An engine kept alive across calls: `generate`, `stream`, `chat` (vLLM's `LLM`).
 
     `model` is a Params (from `load_params`), a checkpoint folder or .gguf file, or None for the
-    bundled SmolLM2-135M-Instruct. Engine options: see `EngineConfig`.
+    bundled SmolLM2-135M-Instruct. `load_format="dummy"` (vLLM's) draws random weights of the
+    model's config instead of reading them (`model` may then also be "named:<config>").
+    `tokenizer`: a HF tokenizer folder or a .gguf file (vocab-only ones too) when the model's own
+    is missing or another is wanted. Engine options: see `EngineConfig`.
     """
 
     def __init__(self, model: Params | str | os.PathLike | None = None, *, dtype: Any = None,
-                 tokenizer: str | None = None, **engine_options: Any):
+                 tokenizer: str | None = None, load_format: str = "auto", **engine_options: Any):
         t0 = time.perf_counter()
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
         if isinstance(model, Params):
             params = model
         else:
             from pagedjax import parallel
-            from pagedjax.weights import load_params
 
             tp = engine_options.get("tensor_parallel_size") or 1
             placement = ({"shardings": engine_options["shardings"]} if "shardings" in engine_options
                          else {"mesh": parallel.make_mesh(tp)} if tp > 1 else {})  # straight into shards
-            params = load_params(model, dtype=jnp.dtype(dtype) if dtype else jnp.bfloat16, **placement)
+            dtype = jnp.dtype(dtype) if dtype else jnp.bfloat16
+            if load_format == "dummy":
+                from pagedjax.dummy_weights import dummy_params
+
+                params = dummy_params(None if model is None else str(model), dtype=dtype,
+                                      seed=engine_options.get("seed", 0), **placement)
+            else:
+                from pagedjax.weights import load_params
+
+                params = load_params(model, dtype=dtype, **placement)
         engine_options.pop("shardings", None)
         t1 = time.perf_counter()
         self.engine = LLMEngine(params, EngineConfig(**engine_options), tokenizer=tokenizer)

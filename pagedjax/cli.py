@@ -40,6 +40,11 @@ _ENGINE_FLAGS = (
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights of the model's config (a folder's config.json, a .gguf's "
+                        "metadata, or named:<config>), nothing read")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer folder or .gguf file (vocab-only ones too); default: the model's")
     defaults = EngineConfig.defaults()
     g = p.add_argument_group("engine")
     for flag, field, kind, help in _ENGINE_FLAGS:
@@ -67,7 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     # One prompt: compile the step buckets it uses, when it uses them (from the cache when warm).
-    llm = LLM(args.model, dtype=resolve_dtype(args.dtype), **{"precompile": False, **engine_options(args)})
+    llm = LLM(args.model, dtype=resolve_dtype(args.dtype), load_format=args.load_format, tokenizer=args.tokenizer,
+              **{"precompile": False, **engine_options(args)})
     tok = llm.tokenizer
     prompt = args.prompt
     if not args.no_chat and tok is not None and tok.has_chat_template:
@@ -105,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(ServerOptions(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_queue=args.max_queue, dtype=args.dtype,
-        verbose=args.verbose, engine=engine_options(args)))
+        load_format=args.load_format, tokenizer=args.tokenizer, verbose=args.verbose, engine=engine_options(args)))
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     g = sub.add_parser("generate", help="generate from one prompt, streaming to the terminal")
     g.add_argument("prompt", nargs="?", default="What is the capital of France?")
-    g.add_argument("--model", default=None, help="HF folder or .gguf (default: bundled SmolLM2)")
+    g.add_argument("--model", default=None,
+                   help="HF folder, .gguf, or named:<config> with --load-format dummy (default: bundled SmolLM2)")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -145,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    s.add_argument("model", nargs="?", default=None, help="HF folder or .gguf (default: bundled)")
+    s.add_argument("model", nargs="?", default=None,
+                   help="HF folder, .gguf, or named:<config> with --load-format dummy (default: bundled SmolLM2)")
+    s.add_argument("--model", dest="model", default=argparse.SUPPRESS, help="the same as the positional MODEL")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None)

@@ -49,3 +49,42 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int =
         kind = keys[-1] if keys[-1] in ("scale", "bias") else "weight"
         arrays.append(_drawer(s.shape, dtype, kind, sharding)(jax.random.fold_in(key, i)))
     return Params({"params": jax.tree_util.tree_unflatten(treedef, arrays)}, config, tokenizer=None)
+
+
+def dummy_params(model: str | None, *, dtype: Any = jnp.bfloat16, seed: int = 0, shardings: Any = None,
+                 mesh: jax.sharding.Mesh | None = None) -> Params:
+    """vLLM's `--load-format dummy`: random weights of the config that `model` names.
+
+    `model`: "named:<config>" (pagedjax.models.named), a HF folder (its config.json; no weights
+    read), or a .gguf file (its metadata). `mesh` places them by pagedjax.parallel's rules.
+    """
+    import json
+    from pathlib import Path
+
+    from pagedjax import parallel
+    from pagedjax.models.config import get_config
+
+    tokenizer = None
+    if model is None:
+        raise ValueError("load_format='dummy' needs a model config: named:<config>, a HF folder or a .gguf file")
+    if model.startswith("named:"):
+        config = get_config(model[len("named:"):])
+    else:
+        path = Path(model)
+        if path.is_dir() and (path / "config.json").exists():
+            config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+            tokenizer = str(path) if any((path / t).exists() for t in ("tokenizer.json", "vocab.json")) else None
+        elif path.is_file() and path.suffix == ".gguf":
+            from pagedjax.gguf_file import GGUFFile
+
+            gguf = GGUFFile(path)
+            config = ModelConfig.from_gguf(gguf.metadata, gguf.tensors.keys(), name=path.stem)
+            tokenizer = str(path)
+        else:
+            raise ValueError(f"load_format='dummy': {model!r} is neither named:<config>, a folder with a "
+                             f"config.json nor a .gguf file")
+    if mesh is not None:
+        config = parallel.tp_config(config, parallel.tp_size(mesh))
+        shardings = parallel.param_shardings(config, mesh)
+    params = random_params(config, dtype=dtype, seed=seed, shardings=shardings)
+    return Params(params.variables, config, tokenizer)

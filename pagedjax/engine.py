@@ -96,7 +96,11 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; this model has none (pass token ids)")
-            return prompt, self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt)
+            if ids and max(ids) >= self.params.config.vocab_size:
+                raise ValueError(f"the tokenizer gives token id {max(ids)}, past the model's vocabulary of "
+                                 f"{self.params.config.vocab_size}: a tokenizer for another model?")
+            return prompt, ids
         ids = list(prompt)
         V = self.params.config.vocab_size
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import transformers
 
-from pagedjax.tokenizer import make_test_tokenizer
+from tiny_tokenizer import make_test_tokenizer
 
 VOCAB = 512  # >= 259: make_test_tokenizer needs the 256 bytes + 3 special tokens
 EOS = 2  # <|im_end|> in make_test_tokenizer's vocabulary

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pagedjax.reasoning import REASONING_PARSERS, Phase, ReasoningTracker, get_reasoning_parser
-from pagedjax.tokenizer import Tokenizer, load_tokenizer, make_test_tokenizer
+from pagedjax.tokenizer import Tokenizer, load_tokenizer
+from tiny_tokenizer import make_test_tokenizer
 from pagedjax.tool_parsers import assemble, get_tool_parser
 
 SEED = 777

@@ -7,9 +7,8 @@ folder) and `pagedjax.generate`'s in this process; 72 concurrent clients, some d
 early, all finish correctly and leave the pool fully free; a table of bad inputs each gets its
 4xx while the server keeps serving.
 
-The server is `pagedjax serve` in its own process, on a socket this process binds to port 0 and
-hands over (`python -m tests.test_server FD serve ...`): no other process can take the port
-between choosing it and serving on it.
+The server is `pagedjax serve --port 0` in its own process: it binds a free port itself and
+prints it, so no other process can take the port between choosing it and serving on it.
 """
 
 from __future__ import annotations
@@ -91,31 +90,36 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    """`pagedjax serve` on a socket bound here to port 0 (the kernel picks a free port, and it stays
-    taken); the server is killed at the end whatever happens."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # held from here on: the server listens on this very socket
-    port = sock.getsockname()[1]
+    """`pagedjax serve --port 0` (the server takes a free port and prints it); killed at the end
+    whatever happens."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets it here: same numerics, same compile cache
            # The server imports pagedjax exactly as this process does (under Bazel: the runfiles,
            # with the extension Bazel built).
            "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in sys.path if p])}
-    cmd = [sys.executable, "-m", "tests.test_server", str(sock.fileno()),  # = `pagedjax serve` on that socket
-           "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--served-model-name", MODEL, "--api-key", API_KEY,
+    cmd = [sys.executable, "-m", "pagedjax.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+           "--dtype", "float32", "--served-model-name", MODEL, "--api-key", API_KEY,
            "--max-num-seqs", str(ENGINE["max_num_seqs"]),
            "--max-num-batched-tokens", str(ENGINE["max_num_batched_tokens"]),
            "--num-pages", str(ENGINE["num_pages"]), "--max-model-len", str(ENGINE["max_model_len"])]
     if shutil.which("setpriv"):  # Linux: the server gets SIGTERM even if this process is killed
         cmd = ["setpriv", "--pdeathsig", "TERM", *cmd]
-    with sock, open(log, "wb") as out:  # the server keeps its own copy of the socket
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                pass_fds=[sock.fileno()])
-    srv = Server(f"http://127.0.0.1:{port}", proc, log)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    srv = None
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while srv is None:  # the port it took, from its start-up line
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+            found = re.search(r"serving .* on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+            if found:
+                srv = Server(found.group(1), proc, log)
+            elif time.monotonic() > deadline:
+                pytest.fail(f"the server did not start in {STARTUP_TIMEOUT_S} s:\n{log.read_text(errors='replace')}")
+            else:
+                time.sleep(0.3)
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"the server exited with {proc.returncode}:\n{srv.log_tail()}")
@@ -129,7 +133,8 @@ def server(model_dir, tmp_path_factory):
             time.sleep(0.3)
         yield srv
     finally:
-        srv.http.close()
+        if srv is not None:
+            srv.http.close()
         proc.terminate()
         try:
             proc.wait(15)
@@ -505,19 +510,3 @@ def test_metrics(server):
     assert m["pagedjax_time_to_first_token_seconds_count"] >= 1
     assert m["pagedjax_inter_token_latency_seconds_count"] >= 3
     assert m["pagedjax_kv_pages_in_use"] == 0
-
-
-def _serve(fd: int, argv: list[str]) -> int:
-    """The server process: the `pagedjax` CLI, with uvicorn serving on the socket inherited as `fd`."""
-    import uvicorn
-
-    from pagedjax.cli import main
-
-    sock = socket.socket(fileno=fd)
-    run = uvicorn.Server.run
-    uvicorn.Server.run = lambda self, sockets=None: run(self, sockets=[sock])
-    return main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(_serve(int(sys.argv[1]), sys.argv[2:]))

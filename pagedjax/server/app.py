@@ -194,6 +194,8 @@ class ServerOptions:
     served_model_name: str | None = None
     max_queue: int = 1024  # waiting requests before 503
     dtype: str = "auto"  # weights dtype: "auto" (bfloat16 on GPU, float32 on CPU), or a dtype name
+    load_format: str = "auto"  # "dummy": random weights of the model's config (vLLM's --load-format dummy)
+    tokenizer: str | None = None  # a HF tokenizer folder or .gguf file; default: the model's
     verbose: bool = False
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig options
 
@@ -207,7 +209,8 @@ def run_server(options: ServerOptions) -> int:
     from pagedjax.api import LLM, resolve_dtype
 
     o = options
-    engine = LLM(o.model, dtype=resolve_dtype(o.dtype), **o.engine).engine  # loads as LLM does (TP shards included)
+    engine = LLM(o.model, dtype=resolve_dtype(o.dtype), load_format=o.load_format, tokenizer=o.tokenizer,
+                 **o.engine).engine  # loads as LLM does (TP shards included)
     name = o.served_model_name or o.model or BUNDLED_MODEL_NAME
     api_key = o.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
     app = build_app(engine, name, api_key=api_key, max_queue=o.max_queue,

