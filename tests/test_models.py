@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, OPTConfig, OPTForCausalLM)
+                          LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM)
 
 from pagedjax.attention import build_metadata
 from pagedjax.kv_cache.page_pool import init_pages
 from pagedjax.models import abstract_params, get_config, get_model
+from pagedjax.params import Params
 from pagedjax.weights import load_params
 
 V = 128  # vocab
@@ -60,6 +61,12 @@ CASES = {
     "opt-postnorm-350m-style": (OPTForCausalLM, OPTConfig(
         **_OPT, word_embed_proj_dim=32, do_layer_norm_before=False)),
     "opt-gelu-untied": (OPTForCausalLM, OPTConfig(**_OPT, activation_function="gelu", tie_word_embeddings=False)),
+    # MoE: more experts than top_k, so each token skips most of them
+    "mixtral-gqa-8experts-top2": (MixtralForCausalLM, MixtralConfig(
+        **_LLAMA, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)),
+    "mixtral-mqa-5experts-top3-tied-headdim24-theta500": (MixtralForCausalLM, MixtralConfig(
+        **_LLAMA, num_attention_heads=4, num_key_value_heads=1, head_dim=24, num_local_experts=5,
+        num_experts_per_tok=3, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
 }
 
 
@@ -140,9 +147,29 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_hf(case, tmp_path):
+    check_against_hf(case, tmp_path)
+
+
+@pytest.mark.parametrize("impl", ["ragged", "dense", "capacity-rounds"])
+def test_moe_impls_match_hf(impl, tmp_path, monkeypatch):
+    """Every expert implementation (the default, "capacity", runs above); "capacity-rounds" has
+    8 rows per expert and round, so the fuller experts take several rounds."""
+    from pagedjax.models import moe
+
+    if impl == "capacity-rounds":
+        monkeypatch.setattr(moe, "MIN_CAPACITY", 1)
+        monkeypatch.setattr(moe, "CAPACITY_FACTOR", 0.25)
+        assert moe.capacity(T_BUCKET, 2, 8) == 8
+    check_against_hf("mixtral-gqa-8experts-top2", tmp_path, moe_impl=impl.split("-")[0])
+
+
+def check_against_hf(case, tmp_path, **config_changes):
+    """Our logits against HF's: one pass, chunked, token by token, ragged (see the module doc)."""
     cls, hf_config = CASES[case]
     hf = build_hf(cls, hf_config, tmp_path)
     params = load_params(tmp_path, dtype=jnp.float32, progress=False)
+    if config_changes:
+        params = Params(params.variables, params.config.replace(**config_changes), params.tokenizer)
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
     prompts = {r: [int(t) for t in rng.integers(0, V, n)] for r, n in
                {"one": 13, "chunked": 13, "decode": 9, "a": 11, "b": 3, "c": 17, "d": 7}.items()}
@@ -198,7 +225,7 @@ def test_pages_must_match_layers():
 
 
 @pytest.mark.parametrize("name,count", [("llama3-8b", 8_030_261_248), ("llama2-7b", 6_738_415_616),
-                                        ("smollm2-135m", 134_515_008)])
+                                        ("smollm2-135m", 134_515_008), ("mixtral-8x7b", 46_702_792_704)])
 def test_named_configs_have_the_published_sizes(name, count):
     shapes, _ = abstract_params(get_config(name))
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == count

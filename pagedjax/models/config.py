@@ -19,6 +19,8 @@ import numpy as np
 ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu")
 ROPE_TYPES = ("default", "linear", "llama3")
 NORMS = ("rms", "layer")  # RMSNorm (LLaMA's) or LayerNorm
+# How the experts of an MoE layer run (pagedjax.models.moe): "auto" picks per backend
+MOE_IMPLS = ("auto", "ragged", "capacity", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,14 @@ class ModelConfig:
     do_layer_norm_before: bool = True  # False: post-norm layers (OPT-350m)
     word_embed_proj_dim: int = 0  # embedding width when it differs from hidden_size (OPT), else 0
     final_norm: bool = True  # False: no norm before the head (OPT with post-norm layers)
+    # mixture of experts (models/moe.py): num_experts 0 means a dense MLP in every layer
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # k: experts each token is routed to
+    moe_intermediate_size: int = 0  # F of each expert's SwiGLU MLP
+    norm_topk_prob: bool = True  # renormalize the k routing weights to sum to 1 (Mixtral; Qwen3-MoE's option)
+    dense_layers: tuple[int, ...] = ()  # layers with a dense MLP of intermediate_size instead of experts
+    moe_impl: str = "auto"  # how the experts run: models.moe.MOE_IMPLS (static)
+    expert_parallel: bool = False  # experts split whole over the tp devices, not by MLP columns
 
     def __post_init__(self):
         def bad(msg):
@@ -105,8 +115,24 @@ class ModelConfig:
             if value != default and f not in family.options:
                 bad(f"{f}={value!r} is not implemented for {self.architecture} "
                     f"(its options: {sorted(family.options) or 'none'})")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                bad(f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts {self.num_experts}]")
+            if self.moe_intermediate_size <= 0:
+                bad(f"moe_intermediate_size must be a positive int, got {self.moe_intermediate_size!r}")
+        elif self.num_experts < 0:
+            bad(f"num_experts must be >= 0, got {self.num_experts}")
+        if self.moe_impl not in MOE_IMPLS:
+            bad(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if any(not 0 <= i < self.num_layers for i in self.dense_layers) or list(self.dense_layers) != sorted(
+                set(self.dense_layers)):
+            bad(f"dense_layers {self.dense_layers} must be sorted, distinct layer indices < {self.num_layers}")
         if family.check is not None:
             family.check(self, bad)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` routes its tokens to experts (else: a dense MLP)."""
+        return self.num_experts > 0 and layer_idx not in self.dense_layers
 
     @property
     def embed_dim(self) -> int:

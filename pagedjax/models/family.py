@@ -17,7 +17,10 @@ import flax.linen as nn
 # HF tensor name (layer index as {}) -> (our path, or paths for a fused tensor; how to convert).
 # how: "copy" (same layout), "linear" (torch nn.Linear [out, in]: transposed), "split3" (GPT-2's
 # fused Conv1D q|k|v along the last dim), "neox_qkv" (NeoX's fused Linear, q/k/v interleaved per
-# head). Our kernels keep heads as separate dims, e.g. q_proj.kernel [D, N, H].
+# head), "experts_linear" (experts stacked, [X, out, in]: each transposed), "experts_gate_up"
+# (the same with gate|up fused along out). Our kernels keep heads as separate dims, e.g.
+# q_proj.kernel [D, N, H]. MoE checkpoints hold one tensor per expert: an expert index {e} in
+# the HF name and "[{e}]" after our path stack them into slot e of our [X, ...] array.
 WeightMap = Mapping[str, tuple[str | tuple[str, ...], str]]
 
 

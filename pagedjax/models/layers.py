@@ -1,11 +1,12 @@
 """Shared model math: projections, norms, rotary embeddings, MLPs and the paged attention block.
 
 Dims: T tokens in the flat batch, S positions whose logits are needed, D hidden, E embedding
-width (OPT may project it), F MLP width, N query heads, K kv heads, H head dim, V vocab.
+width (OPT may project it), F MLP width, N query heads, K kv heads, H head dim, V vocab;
+in the MoE block X experts, k experts per token.
 
 Every parameter carries logical axis names ("embed", "vocab", "heads", "kv_heads", "head_dim",
-"mlp", "norm"); pagedjax.parallel maps them to mesh axes. Activations keep the parameters'
-dtype; norms, softmax and logits are computed in float32.
+"mlp", "norm", "experts", "moe_mlp"); pagedjax.parallel maps them to mesh axes. Activations
+keep the parameters' dtype; norms, softmax, routing and logits are computed in float32.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from pagedjax.attention import AttentionMetadata, paged_attention, resolve_impl
 from pagedjax.kv_cache.kv_dtype import is_fp8
 from pagedjax.kv_cache.page_pool import write_kv
+from pagedjax.models import moe
 from pagedjax.models.config import ModelConfig
 
 INIT_STD = 0.02
@@ -212,6 +214,38 @@ class GatedMLP(nn.Module):
             up = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, name="up_proj")(x)  # [T, F]
             h = ACTIVATIONS[cfg.activation](gate) * up
             return Einsum("tf,fd->td", (F, D), ("mlp", "embed"), b, name="down_proj")(h)  # [T, D]
+
+
+class SparseMoeBlock(nn.Module):
+    """Mixtral's / Qwen3-MoE's MLP: a router picks k of X SwiGLU experts per token, their outputs
+    summed with the routing weights (models/moe.py has the math and its implementations)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, num_valid: jax.Array) -> jax.Array:
+        """x [T, D] -> [T, D]; tokens at index >= num_valid are padding: routed nowhere, output 0."""
+        cfg = self.config
+        D, X, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        init = nn.initializers.normal(INIT_STD)
+        with jax.named_scope("moe"):
+            logits = Einsum("td,dx->tx", (D, X), ("embed", None), name="gate")(x)  # [T, X] router, replicated
+            weights, ids = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, k] each
+            keep = jnp.broadcast_to((jnp.arange(x.shape[0]) < num_valid)[:, None], ids.shape)  # [T, k]
+            shapes = {"gate_proj": (X, D, F), "up_proj": (X, D, F), "down_proj": (X, F, D)}
+            w = {n: _param(self, f"experts_{n}", init, shapes[n], moe.EXPERT_AXES[n]) for n in shapes}
+            return moe.sharded_expert_mlp(
+                x, weights, ids, keep, w["gate_proj"], w["up_proj"], w["down_proj"],
+                expert_parallel=cfg.expert_parallel, activation=ACTIVATIONS[cfg.activation],
+                impl=moe.resolve_impl(cfg.moe_impl))  # [T, D]
+
+
+def feed_forward(cfg: ModelConfig, layer_idx: int, x: jax.Array, meta: AttentionMetadata,
+                 name: str = "mlp") -> jax.Array:
+    """The layer's MLP on x [T, D]: experts where cfg.is_moe_layer(layer_idx), else LLaMA's."""
+    if cfg.is_moe_layer(layer_idx):
+        return SparseMoeBlock(cfg, name=name)(x, meta.query_start_loc[-1])  # real tokens come first
+    return GatedMLP(cfg, name=name)(x)
 
 
 class MLP(nn.Module):
