@@ -65,7 +65,9 @@ class LLM:
 
             tp = engine_options.get("tensor_parallel_size") or 1
             placement = ({"shardings": engine_options["shardings"]} if "shardings" in engine_options
-                         else {"mesh": parallel.make_mesh(tp)} if tp > 1 else {})  # straight into shards
+                         else {"mesh": parallel.make_mesh(tp),  # straight into shards
+                               "enable_expert_parallel": bool(engine_options.get("enable_expert_parallel"))}
+                         if tp > 1 else {})
             params = load_params(model, dtype=jnp.dtype(dtype) if dtype else jnp.bfloat16, **placement)
         engine_options.pop("shardings", None)
         self.engine = LLMEngine(params, EngineConfig(**engine_options), tokenizer=tokenizer)

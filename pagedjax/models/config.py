@@ -19,7 +19,7 @@ import numpy as np
 ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu")
 ROPE_TYPES = ("default", "linear", "llama3")
 NORMS = ("rms", "layer")  # RMSNorm (LLaMA's) or LayerNorm
-# How the experts of an MoE layer run (pagedjax.models.moe): "auto" picks per backend
+# How the experts of an MoE layer run (pagedjax.models.moe)
 MOE_IMPLS = ("auto", "ragged", "capacity", "dense")
 
 
