@@ -1,4 +1,4 @@
-"""Our four architectures against HF transformers (torch, float32) on tiny random checkpoints.
+"""Our architectures against HF transformers (torch, float32) on tiny random checkpoints.
 
 Each case builds a tiny HF model with large random weights (so a wrong layout shows), saves it,
 loads it with load_params and feeds token chunks through the paged pool: a whole prompt in one
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, OPTConfig, OPTForCausalLM)
+                          LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from pagedjax.attention import build_metadata
 from pagedjax.kv_cache.page_pool import init_pages
-from pagedjax.models import abstract_params, get_config, get_model
+from pagedjax.models import ModelConfig, abstract_params, get_config, get_model
 from pagedjax.weights import load_params
 
 V = 128  # vocab
@@ -33,6 +33,8 @@ _GPT2 = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, initi
              bos_token_id=0, eos_token_id=1)
 _NEOX = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
              max_position_embeddings=64, initializer_range=INIT, bos_token_id=0, eos_token_id=1)
+_QWEN2 = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+              max_position_embeddings=64, initializer_range=INIT, bos_token_id=0, eos_token_id=1)
 _OPT = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
             max_position_embeddings=64, init_std=INIT, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
@@ -60,6 +62,10 @@ CASES = {
     "opt-postnorm-350m-style": (OPTForCausalLM, OPTConfig(
         **_OPT, word_embed_proj_dim=32, do_layer_norm_before=False)),
     "opt-gelu-untied": (OPTForCausalLM, OPTConfig(**_OPT, activation_function="gelu", tie_word_embeddings=False)),
+    "qwen2-gqa-untied-theta1e6": (Qwen2ForCausalLM, Qwen2Config(
+        **_QWEN2, num_key_value_heads=2, tie_word_embeddings=False, rope_parameters={"rope_type": "default",
+                                                                                      "rope_theta": 1e6})),
+    "qwen2-mqa-tied": (Qwen2ForCausalLM, Qwen2Config(**_QWEN2, num_key_value_heads=1, tie_word_embeddings=True)),
 }
 
 
@@ -202,3 +208,14 @@ def test_pages_must_match_layers():
 def test_named_configs_have_the_published_sizes(name, count):
     shapes, _ = abstract_params(get_config(name))
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == count
+
+
+@pytest.mark.parametrize("config,match", [
+    (Qwen2Config(**_QWEN2, use_sliding_window=True, sliding_window=8), "use_sliding_window"),
+])
+def test_unsupported_options_are_refused(config, match):
+    """An option we do not implement is a ValueError naming it, never a silently wrong model."""
+    hf = config.to_dict()
+    hf["architectures"] = [{"qwen2": "Qwen2ForCausalLM"}[hf["model_type"]]]
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf(hf)

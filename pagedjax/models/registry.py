@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pagedjax.models import gpt2, gpt_neox, llama, opt
+from pagedjax.models import gpt2, gpt_neox, llama, opt, qwen2
 from pagedjax.models.family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -16,6 +16,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     gpt2.FAMILY,
     gpt_neox.FAMILY,
     opt.FAMILY,
+    qwen2.FAMILY,
 )
 
 REGISTRY: dict[str, ModelFamily] = {f.name: f for f in FAMILIES}
