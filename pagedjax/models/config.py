@@ -77,6 +77,7 @@ class ModelConfig:
     do_layer_norm_before: bool = True  # False: post-norm layers (OPT-350m)
     word_embed_proj_dim: int = 0  # embedding width when it differs from hidden_size (OPT), else 0
     final_norm: bool = True  # False: no norm before the head (OPT with post-norm layers)
+    qk_norm: bool = False  # the config's norm over head_dim on each q and k head, before rotary (Qwen3, Gemma 3)
 
     def __post_init__(self):
         def bad(msg):

@@ -255,6 +255,9 @@ class Attention(nn.Module):
             q = Einsum("td,dnh->tnh", (D, N, H), ("embed", "heads", "head_dim"), b, name="q_proj")(x)
             k = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="k_proj")(x)
             v = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="v_proj")(x)
+            if cfg.qk_norm:  # per head, over head_dim: one [H] scale shared by the heads
+                q = norm(cfg, "q_norm")(q)  # [T, N, H]
+                k = norm(cfg, "k_norm")(k)  # [T, K, H]
             if cfg.rotary_dim:
                 inv_freq = rope_inv_freq(cfg)
                 q = apply_rope(q, meta.positions, inv_freq)  # [T, N, H]
