@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from pagedjax.attention import build_metadata
 from pagedjax.kv_cache.page_pool import init_pages
@@ -66,6 +67,12 @@ CASES = {
         **_QWEN2, num_key_value_heads=2, tie_word_embeddings=False, rope_parameters={"rope_type": "default",
                                                                                       "rope_theta": 1e6})),
     "qwen2-mqa-tied": (Qwen2ForCausalLM, Qwen2Config(**_QWEN2, num_key_value_heads=1, tie_word_embeddings=True)),
+    # head_dim independent of hidden / heads (4 * 24 != 64)
+    "qwen3-gqa-headdim24-untied": (Qwen3ForCausalLM, Qwen3Config(
+        **_QWEN2, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
+    "qwen3-bias-tied-theta1e6": (Qwen3ForCausalLM, Qwen3Config(
+        **_QWEN2, num_key_value_heads=4, head_dim=16, attention_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 
 
@@ -212,10 +219,11 @@ def test_named_configs_have_the_published_sizes(name, count):
 
 @pytest.mark.parametrize("config,match", [
     (Qwen2Config(**_QWEN2, use_sliding_window=True, sliding_window=8), "use_sliding_window"),
+    (Qwen3Config(**_QWEN2, use_sliding_window=True, sliding_window=8), "use_sliding_window"),
 ])
 def test_unsupported_options_are_refused(config, match):
     """An option we do not implement is a ValueError naming it, never a silently wrong model."""
     hf = config.to_dict()
-    hf["architectures"] = [{"qwen2": "Qwen2ForCausalLM"}[hf["model_type"]]]
+    hf["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[hf["model_type"]]]
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf(hf)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pagedjax.models import gpt2, gpt_neox, llama, opt, qwen2
+from pagedjax.models import gpt2, gpt_neox, llama, opt, qwen2, qwen3
 from pagedjax.models.family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -17,6 +17,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     gpt_neox.FAMILY,
     opt.FAMILY,
     qwen2.FAMILY,
+    qwen3.FAMILY,
 )
 
 REGISTRY: dict[str, ModelFamily] = {f.name: f for f in FAMILIES}
