@@ -64,8 +64,11 @@ def _merged(shape, axes) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _source_shape(how: str, target_shape, axes) -> tuple[int, ...]:
-    """The HF tensor shape that `how` turns into our target (the first target for fused q/k/v)."""
+def _source_shape(how: str, target_shape, axes, all_shapes=()) -> tuple[int, ...]:
+    """The HF tensor shape that `how` turns into our target (the first target for fused q/k/v;
+    all_shapes: every target's, for an uneven split)."""
+    if how == "linear_split":  # torch Linear rows [out_0 | out_1 | ...]: each target's kernel [in, out_i...]
+        return (sum(int(np.prod(t[1:])) for t in all_shapes), target_shape[0])
     m = _merged(target_shape, axes)
     if how in ("linear", "neox_qkv"):
         m = m[::-1]
@@ -84,6 +87,9 @@ def _convert(how: str, w: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.
         return [w.T.reshape(shapes[0])]
     if how == "split3":
         return [p.reshape(s) for p, s in zip(np.split(w, 3, axis=-1), shapes)]
+    if how == "linear_split":  # Phi-3's fused qkv_proj / gate_up_proj: rows q | k | v or gate | up
+        cuts = np.cumsum([int(np.prod(s[1:])) for s in shapes])[:-1]
+        return [p.T.reshape(s) for p, s in zip(np.split(w, cuts, axis=0), shapes)]
     if how == "neox_qkv":  # rows are [N, (q|k|v), H]
         n = shapes[0][-2] if w.ndim == 1 else shapes[0][1]
         w = w.reshape(n, 3, -1, *w.shape[1:])  # [N, 3, H(, D)]
@@ -248,7 +254,8 @@ def _open_gguf(path: Path) -> tuple[ModelConfig, Source, str]:
 
         def load():
             w = gguf.load(name)  # float32, HF [out, in] layout
-            return np.array(_gguf_unpermute(w, n_heads) if n_heads else w)
+            w = _gguf_unpermute(w, n_heads) if n_heads else w
+            return np.array(fam.gguf_fix(name, w) if fam.gguf_fix is not None else w)
         return load
 
     unknown = sorted(set(tensors) - set(names))
@@ -285,10 +292,21 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
         t = table[hf][0]
         return t if isinstance(t, tuple) else (t,)
 
+    ignored = re.compile(fam.hf_ignored) if fam.hf_ignored else None
+
+    def renamed(name: str) -> str:  # a multimodal checkpoint's names for its text model (Gemma 3)
+        for old, new in fam.hf_renames.items():
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
     # our leaves -> the HF name that fills them; checkpoints may lack the base-model prefix
     plan, unexpected = {}, []
     for name in source:
-        hf = name if name in table else prefix + name if prefix + name in table else None
+        if ignored is not None and ignored.search(name):
+            continue  # not part of this model (a vision tower)
+        hf = renamed(name)
+        hf = hf if hf in table else prefix + hf if prefix + hf in table else None
         if hf is not None and all(t in flat_shapes for t in targets(hf)):
             plan[hf] = name
         elif _IGNORED.search(name) or (hf == "lm_head.weight" and config.tie_word_embeddings):
@@ -307,7 +325,8 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
     for hf, name in tqdm(plan.items(), desc=f"loading {desc}", unit="tensor", disable=not progress,
                          leave=False):
         how, ts = table[hf][1], targets(hf)
-        want = _source_shape(how, flat_shapes[ts[0]][1].shape, tuple(flat_axes[ts[0]]))
+        want = _source_shape(how, flat_shapes[ts[0]][1].shape, tuple(flat_axes[ts[0]]),
+                             [flat_shapes[t][1].shape for t in ts])
         w = source[name]()
         if tuple(w.shape) != want:
             raise ValueError(f"{desc}: tensor {name} has shape {tuple(w.shape)}, this config needs {want}")
