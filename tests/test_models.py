@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+                          Qwen3ForCausalLM, MistralConfig, MistralForCausalLM)
 
 from pagedjax.attention import build_metadata
 from pagedjax.kv_cache.page_pool import init_pages
@@ -36,6 +36,8 @@ _NEOX = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_he
              max_position_embeddings=64, initializer_range=INIT, bos_token_id=0, eos_token_id=1)
 _QWEN2 = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
               max_position_embeddings=64, initializer_range=INIT, bos_token_id=0, eos_token_id=1)
+# eager attention: HF's sdpa path has no soft-cap
+_GEMMA = dict(_QWEN2, num_hidden_layers=3, pad_token_id=2, attn_implementation="eager")
 _OPT = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
             max_position_embeddings=64, init_std=INIT, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
@@ -73,6 +75,19 @@ CASES = {
     "qwen3-bias-tied-theta1e6": (Qwen3ForCausalLM, Qwen3Config(
         **_QWEN2, num_key_value_heads=4, head_dim=16, attention_bias=True, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # windows shorter than the prompts, across page boundaries (pages of 4)
+    "mistral-window6-gqa-headdim24": (MistralForCausalLM, MistralConfig(
+        **_QWEN2, num_key_value_heads=2, head_dim=24, sliding_window=6)),
+    "mistral-window3-mha-tied": (MistralForCausalLM, MistralConfig(
+        **_QWEN2, num_key_value_heads=4, sliding_window=3, tie_word_embeddings=True)),
+    # soft-caps that bind (test_softcaps_bind), sliding / global alternating, query_pre_attn_scalar
+    "gemma2-window5-softcaps-gqa": (Gemma2ForCausalLM, Gemma2Config(
+        **_GEMMA, num_key_value_heads=2, head_dim=16, sliding_window=5, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
+    "gemma2-untied-bias-exactgelu-nocaps": (Gemma2ForCausalLM, Gemma2Config(
+        **_GEMMA, num_key_value_heads=4, head_dim=24, sliding_window=7, tie_word_embeddings=False,
+        attention_bias=True, hidden_activation="gelu", attn_logit_softcapping=None, final_logit_softcapping=None,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"], query_pre_attn_scalar=16)),
 }
 
 
@@ -227,3 +242,19 @@ def test_unsupported_options_are_refused(config, match):
     hf["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[hf["model_type"]]]
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf(hf)
+
+
+def test_softcaps_bind(tmp_path):
+    """The soft-capped case's caps change HF's own logits a lot: its parity test tests them."""
+    cls, hf_config = CASES["gemma2-window5-softcaps-gqa"]
+    hf = build_hf(cls, hf_config, tmp_path)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, V, 17)]
+    capped = hf_logits(hf, prompt)
+    assert np.abs(capped).max() > 0.9 * hf_config.final_logit_softcapping  # well into the tanh's bend
+    hf.config.final_logit_softcapping = None
+    uncapped_final = hf_logits(hf, prompt)
+    for layer in hf.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    uncapped = hf_logits(hf, prompt)
+    assert rel_err(capped, uncapped_final) > 0.1
+    assert rel_err(uncapped_final, uncapped) > 0.1
