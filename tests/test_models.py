@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, MistralConfig, MistralForCausalLM)
 
@@ -88,6 +89,19 @@ CASES = {
         **_GEMMA, num_key_value_heads=4, head_dim=24, sliding_window=7, tie_word_embeddings=False,
         attention_bias=True, hidden_activation="gelu", attn_logit_softcapping=None, final_logit_softcapping=None,
         layer_types=["full_attention", "sliding_attention", "sliding_attention"], query_pre_attn_scalar=16)),
+    # q/k norm, local and global layers with rotary bases of their own (linear scaling: global only)
+    "gemma3-local-global-linearrope": (Gemma3ForCausalLM, Gemma3TextConfig(
+        **{**_GEMMA, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=20, final_logit_softcapping=6.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
+    # the text model of a multimodal checkpoint (its vision tower and projector left out)
+    "gemma3-multimodal-text": (Gemma3ForConditionalGeneration, Gemma3Config(
+        text_config={**_GEMMA, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 6,
+                     "sliding_window_pattern": 2},
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)),
 }
 
 
@@ -258,3 +272,36 @@ def test_softcaps_bind(tmp_path):
     uncapped = hf_logits(hf, prompt)
     assert rel_err(capped, uncapped_final) > 0.1
     assert rel_err(uncapped_final, uncapped) > 0.1
+
+
+GEMMA3_4B_IT = {  # google/gemma-3-4b-it config.json (transformers 4.50 era: legacy keys, defaults left out)
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+    "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                      "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+}
+
+
+def test_gemma3_multimodal_config_reads_as_hf_does():
+    """A real multimodal config.json with legacy keys and defaults left out: our reading equals
+    transformers' own (its Gemma3Config fills the same defaults and layer pattern)."""
+    ours = ModelConfig.from_hf(GEMMA3_4B_IT)
+    hf = Gemma3Config(**{k: v for k, v in GEMMA3_4B_IT.items() if k != "architectures"}).text_config
+    full, local = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+    assert (ours.architecture, ours.vocab_size, ours.hidden_size, ours.num_layers) == (
+        "gemma3", hf.vocab_size, hf.hidden_size, hf.num_hidden_layers)
+    assert (ours.num_heads, ours.num_kv_heads, ours.head_dim, ours.intermediate_size) == (
+        hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim, hf.intermediate_size)
+    assert ours.layer_types == tuple(hf.layer_types) and ours.sliding_window == hf.sliding_window == 1024
+    assert ours.layer_types.count("full_attention") == 5  # layers 5, 11, ..., 29
+    assert (ours.rope_theta, ours.rope_scaling.type, ours.rope_scaling.factor) == (
+        full["rope_theta"], full["rope_type"], full["factor"])
+    assert ours.rope_local_theta == local["rope_theta"] and local["rope_type"] == "default"
+    assert ours.query_pre_attn_scalar == hf.query_pre_attn_scalar and ours.norm_eps == hf.rms_norm_eps
+    assert ours.activation == hf.hidden_activation and ours.qk_norm and ours.tie_word_embeddings
+    assert not ours.attn_logit_softcap and not ours.final_logit_softcap
+    assert ours.eos_token_ids == (1, 106) and ours.bos_token_id == 2

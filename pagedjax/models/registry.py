@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pagedjax.models import gemma2, gpt2, gpt_neox, llama, mistral, opt, qwen2, qwen3
+from pagedjax.models import gemma2, gemma3, gpt2, gpt_neox, llama, mistral, opt, qwen2, qwen3
 from pagedjax.models.family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -20,6 +20,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     qwen3.FAMILY,
     mistral.FAMILY,
     gemma2.FAMILY,
+    gemma3.FAMILY,
 )
 
 REGISTRY: dict[str, ModelFamily] = {f.name: f for f in FAMILIES}
@@ -61,7 +62,9 @@ def config_from_hf(hf: Mapping[str, Any], name: str = ""):
     if hf.get("add_cross_attention") or hf.get("is_encoder_decoder"):
         raise ValueError("cross attention / encoder-decoder models are not supported")
     if "vocab_size" not in hf and isinstance(hf.get("text_config"), Mapping):
-        hf = {**hf["text_config"], "architectures": archs}  # a multimodal checkpoint: its text model
+        # a multimodal checkpoint: its text model (the token ids may be given at the top level)
+        hf = {**{k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}, **hf["text_config"],
+              "architectures": archs}
     hf = {**fam.hf_defaults, **hf}
     try:
         return fam.config_from_hf(hf, hf_common(hf, fam.name, name))
