@@ -17,7 +17,7 @@ import torch
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM, MistralConfig, MistralForCausalLM)
+                          Qwen3ForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM)
 
 from pagedjax.attention import build_metadata
 from pagedjax.kv_cache.page_pool import init_pages
@@ -96,6 +96,16 @@ CASES = {
         query_pre_attn_scalar=20, final_logit_softcapping=6.0,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
+    # fused qkv_proj / gate_up_proj split at load; partial rotary; a window on every layer
+    "phi3-gqa-partialrotary-window5": (Phi3ForCausalLM, Phi3Config(
+        **_QWEN2, num_key_value_heads=2, pad_token_id=2, sliding_window=5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5})),
+    # longrope whose threshold no prompt here reaches (short factors; the long ones: test_phi3_longrope)
+    "phi3-longrope-short-mha-tied": (Phi3ForCausalLM, Phi3Config(
+        **{**_QWEN2, "max_position_embeddings": 256}, num_key_value_heads=4, pad_token_id=2,
+        tie_word_embeddings=True, original_max_position_embeddings=64,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.5, 2.0, 3.0, 1.2, 1.1, 5.0, 1.3],
+                         "long_factor": [4.0, 3.0, 8.0, 2.0, 1.5, 7.0, 2.5, 9.0]})),
     # the text model of a multimodal checkpoint (its vision tower and projector left out)
     "gemma3-multimodal-text": (Gemma3ForConditionalGeneration, Gemma3Config(
         text_config={**_GEMMA, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 6,
@@ -246,14 +256,27 @@ def test_named_configs_have_the_published_sizes(name, count):
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == count
 
 
-@pytest.mark.parametrize("config,match", [
-    (Qwen2Config(**_QWEN2, use_sliding_window=True, sliding_window=8), "use_sliding_window"),
-    (Qwen3Config(**_QWEN2, use_sliding_window=True, sliding_window=8), "use_sliding_window"),
+_ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+         "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+@pytest.mark.parametrize("config,changes,match", [
+    (Qwen2Config(**_QWEN2, use_sliding_window=True, sliding_window=8), {}, "use_sliding_window"),
+    (Qwen3Config(**_QWEN2, use_sliding_window=True, sliding_window=8), {}, "use_sliding_window"),
+    (Phi3Config(**_QWEN2), {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling type 'dynamic'"),
+    (Phi3Config(**_QWEN2), {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 8}},
+     r"lacks \['long_factor'"),
+    (Gemma2Config(**_GEMMA), {"hidden_activation": "gelu_10"}, "activation 'gelu_10'"),
+    (Gemma3TextConfig(**_GEMMA), {"hidden_activation": "relu2"}, "activation 'relu2'"),
+    (Gemma2Config(**_GEMMA), {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    (Gemma3TextConfig(**_GEMMA), {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "local layers"),
+    (MistralConfig(**_QWEN2), {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4},
+     "layer_types"),
 ])
-def test_unsupported_options_are_refused(config, match):
+def test_unsupported_options_are_refused(config, changes, match):
     """An option we do not implement is a ValueError naming it, never a silently wrong model."""
-    hf = config.to_dict()
-    hf["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[hf["model_type"]]]
+    hf = {**config.to_dict(), **changes, "architectures": [_ARCH[config.model_type]]}
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf(hf)
 
@@ -305,3 +328,45 @@ def test_gemma3_multimodal_config_reads_as_hf_does():
     assert ours.activation == hf.hidden_activation and ours.qk_norm and ours.tie_word_embeddings
     assert not ours.attn_logit_softcap and not ours.final_logit_softcap
     assert ours.eos_token_ids == (1, 106) and ours.bos_token_id == 2
+
+
+def hf_logits_chunked(model, ids: list[int], chunks: list[int]) -> np.ndarray:
+    """HF logits of one sequence fed in chunks through its KV cache (as HF `generate` feeds it)."""
+    from transformers import DynamicCache
+
+    cache, out, start = DynamicCache(config=model.config), [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(torch.tensor([ids[start:start + n]]), past_key_values=cache, use_cache=True)
+                       .logits[0].float().numpy())
+            start += n
+    assert start == len(ids)
+    return np.concatenate(out)
+
+
+def test_phi3_longrope_follows_hf_rule(tmp_path):
+    """longrope with a threshold (original_max_position_embeddings = 8) the prompts cross: a
+    forward of a sequence longer than it uses the long factors, else the short ones, with K/V
+    cached as computed (transformers' rule). Compared with HF fed the same chunks."""
+    config = Phi3Config(**_QWEN2, num_key_value_heads=2, pad_token_id=2, original_max_position_embeddings=8,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                         "short_factor": [1.0, 1.5, 2.0, 3.0, 1.2, 1.1, 5.0, 1.3],
+                                         "long_factor": [4.0, 3.0, 8.0, 2.0, 1.5, 7.0, 2.5, 9.0]})
+    hf = build_hf(Phi3ForCausalLM, config, tmp_path)
+    params = load_params(tmp_path, dtype=jnp.float32, progress=False)
+    assert params.config.rope_scaling.attention_factor == pytest.approx(2**0.5)  # max_pos 64 / 8
+    seed = 11
+    rng = np.random.default_rng(seed)
+    schedules = {"short": [7], "long": [13], "across": [5, 4, 4], "decode": [6] + [1] * 8, "ragged": [3, 6, 1, 5]}
+    prompts = {r: [int(t) for t in rng.integers(0, V, sum(c))] for r, c in schedules.items()}
+    refs = {r: hf_logits_chunked(hf, prompts[r], c) for r, c in schedules.items()}
+    # the threshold matters: a first chunk of 5 (short factors) is not the same 5 tokens of a 13-token pass
+    assert rel_err(refs["across"][:5], hf_logits(hf, prompts["across"])[:5]) > 0.05
+    runner = PagedRunner(params, seed=seed)
+    got = run_schedule(runner, {r: prompts[r] for r in ("short", "long")}, [{"short": 7, "long": 13}])
+    got |= run_schedule(runner, {"across": prompts["across"]}, [{"across": n} for n in schedules["across"]])
+    steps = [dict(zip(("decode", "ragged"), ns)) for ns in zip(schedules["decode"], schedules["ragged"])]
+    steps += [{"decode": 1}] * (len(schedules["decode"]) - len(steps))
+    got |= run_schedule(runner, {r: prompts[r] for r in ("decode", "ragged")}, steps)
+    for r, lg in got.items():
+        assert rel_err(lg, refs[r]) < TOL, f"seed {seed} request {r}: relative error {rel_err(lg, refs[r]):.2e}"

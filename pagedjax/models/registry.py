@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pagedjax.models import gemma2, gemma3, gpt2, gpt_neox, llama, mistral, opt, qwen2, qwen3
+from pagedjax.models import gemma2, gemma3, gpt2, gpt_neox, llama, mistral, opt, phi3, qwen2, qwen3
 from pagedjax.models.family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -21,6 +21,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     mistral.FAMILY,
     gemma2.FAMILY,
     gemma3.FAMILY,
+    phi3.FAMILY,
 )
 
 REGISTRY: dict[str, ModelFamily] = {f.name: f for f in FAMILIES}
