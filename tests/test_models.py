@@ -250,7 +250,9 @@ def test_pages_must_match_layers():
 
 
 @pytest.mark.parametrize("name,count", [("llama3-8b", 8_030_261_248), ("llama2-7b", 6_738_415_616),
-                                        ("smollm2-135m", 134_515_008)])
+                                        ("smollm2-135m", 134_515_008), ("qwen3-8b", 8_190_735_360),
+                                        ("gemma2-9b", 9_241_705_984), ("mistral-7b", 7_241_732_096),
+                                        ("phi3-mini", 3_821_079_552)])
 def test_named_configs_have_the_published_sizes(name, count):
     shapes, _ = abstract_params(get_config(name))
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == count
