@@ -108,7 +108,9 @@ class EngineConfig:
                                long_prefill_token_threshold=self.long_prefill_token_threshold,
                                preemption_mode=self.preemption_mode)
 
-    def cache_config(self, num_pages: int, num_host_pages: int = 0) -> CacheConfig:
-        """The page pool as the scheduler sees it, once the runner has sized it."""
+    def cache_config(self, num_pages: int, num_host_pages: int = 0, sliding_window: int = 0) -> CacheConfig:
+        """The page pool as the scheduler sees it, once the runner has sized it (sliding_window:
+        the model's ModelConfig.kv_sliding_window)."""
         return CacheConfig(page_size=self.page_size, num_pages=num_pages,
-                           enable_prefix_caching=self.enable_prefix_caching, num_host_pages=num_host_pages)
+                           enable_prefix_caching=self.enable_prefix_caching, num_host_pages=num_host_pages,
+                           sliding_window=sliding_window)

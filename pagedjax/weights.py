@@ -75,8 +75,11 @@ def _merged(shape, axes) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _source_shape(how: str, target_shape, axes) -> tuple[int, ...]:
-    """The HF tensor shape that `how` turns into our target (the first target for fused q/k/v)."""
+def _source_shape(how: str, target_shape, axes, all_shapes=()) -> tuple[int, ...]:
+    """The HF tensor shape that `how` turns into our target (the first target for fused q/k/v;
+    all_shapes: every target's, for an uneven split)."""
+    if how == "linear_split":  # torch Linear rows [out_0 | out_1 | ...]: each target's kernel [in, out_i...]
+        return (sum(int(np.prod(t[1:])) for t in all_shapes), target_shape[0])
     m = _merged(target_shape, axes)
     if how in ("linear", "neox_qkv"):
         m = m[::-1]
@@ -97,6 +100,9 @@ def _convert(how: str, w: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.
         return [w.T.reshape(shapes[0])]
     if how == "split3":
         return [p.reshape(s) for p, s in zip(np.split(w, 3, axis=-1), shapes)]
+    if how == "linear_split":  # Phi-3's fused qkv_proj / gate_up_proj: rows q | k | v or gate | up
+        cuts = np.cumsum([int(np.prod(s[1:])) for s in shapes])[:-1]
+        return [p.T.reshape(s) for p, s in zip(np.split(w, cuts, axis=0), shapes)]
     if how == "experts_linear":
         return [w.transpose(0, 2, 1).reshape(shapes[0])]
     if how == "experts_gate_up":  # [X, gate rows | up rows, D]
@@ -273,7 +279,8 @@ def _open_gguf(path: Path) -> tuple[ModelConfig, Source, str]:
 
         def load():
             w = gguf.load(name)  # float32, HF [out, in] layout
-            return np.array(_gguf_unpermute(w, n_heads) if n_heads else w)
+            w = _gguf_unpermute(w, n_heads) if n_heads else w
+            return np.array(fam.gguf_fix(name, w) if fam.gguf_fix is not None else w)
         return load
 
     unknown = sorted(set(tensors) - set(names))
@@ -321,10 +328,21 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
                 return False
         return True
 
+    ignored = re.compile(fam.hf_ignored) if fam.hf_ignored else None
+
+    def renamed(name: str) -> str:  # a multimodal checkpoint's names for its text model (Gemma 3)
+        for old, new in fam.hf_renames.items():
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
     # our leaves -> the HF name that fills them; checkpoints may lack the base-model prefix
     plan, unexpected = {}, []
     for name in source:
-        hf = name if name in table else prefix + name if prefix + name in table else None
+        if ignored is not None and ignored.search(name):
+            continue  # not part of this model (a vision tower)
+        hf = renamed(name)
+        hf = hf if hf in table else prefix + hf if prefix + hf in table else None
         if hf is not None and fits(hf):
             plan[hf] = name
         elif _IGNORED.search(name) or (hf == "lm_head.weight" and config.tie_word_embeddings):
@@ -369,12 +387,13 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
                          unit="tensor", disable=not progress, leave=False):
         how, ts = table[hf][1], targets(hf)
         path, slot = _leaf(ts[0])
-        shape = flat_shapes[path][1].shape[slot is not None:]  # one expert's slice of a stacked leaf
-        want = _source_shape(how, shape, tuple(flat_axes[path])[slot is not None:])
+        cut = slot is not None  # one expert's slice of a stacked leaf
+        want = _source_shape(how, flat_shapes[path][1].shape[cut:], tuple(flat_axes[path])[cut:],
+                             [flat_shapes[_leaf(t)[0]][1].shape[cut:] for t in ts])
         w = source[name]()
         if tuple(w.shape) != want:
             raise ValueError(f"{desc}: tensor {name} has shape {tuple(w.shape)}, this config needs {want}")
-        for t, arr in zip(ts, _convert(how, w, [flat_shapes[_leaf(t)[0]][1].shape[slot is not None:] for t in ts])):
+        for t, arr in zip(ts, _convert(how, w, [flat_shapes[_leaf(t)[0]][1].shape[cut:] for t in ts])):
             path, slot = _leaf(t)
             if slot is None:
                 place(path, arr)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from pagedjax.models.config import ModelConfig
+from pagedjax.models.config import ModelConfig, RopeScaling
 
 
 def _named(name, **kw):
     return ModelConfig(name=name, **kw)
+
+
+def _alternating(num_layers: int, pattern: int) -> tuple[str, ...]:
+    """HF's layer_types: every `pattern`-th layer global, the others sliding."""
+    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
 
 
 _TINY = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, head_dim=16,
@@ -44,4 +49,35 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
                            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536,
                            max_position_embeddings=8192, rotary_dim=64, rope_theta=100000.0,
                            tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
+    # Public config.json values of the real checkpoints (HF model pages):
+    # Qwen/Qwen3-8B
+    "qwen3-8b": _named("qwen3-8b", architecture="qwen3", vocab_size=151936, hidden_size=4096, num_layers=36,
+                       num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
+                       max_position_embeddings=40960, norm_eps=1e-6, qk_norm=True, rotary_dim=128,
+                       rope_theta=1000000.0, bos_token_id=151643, eos_token_ids=(151645,)),
+    # google/gemma-2-9b: sliding layers first, window 4096, soft-caps 50 / 30, query_pre_attn_scalar 256
+    "gemma2-9b": _named("gemma2-9b", architecture="gemma2", vocab_size=256000, hidden_size=3584, num_layers=42,
+                        num_heads=16, num_kv_heads=8, head_dim=256, intermediate_size=14336,
+                        max_position_embeddings=8192, norm_eps=1e-6, activation="gelu_pytorch_tanh",
+                        tie_word_embeddings=True, norm="rms_unit_offset", rotary_dim=256, rope_theta=10000.0,
+                        sliding_window=4096, layer_types=_alternating(42, 2), attn_logit_softcap=50.0,
+                        final_logit_softcap=30.0, query_pre_attn_scalar=256.0, bos_token_id=2, eos_token_ids=(1,)),
+    # google/gemma-3-12b-it (its text_config; Gemma3TextConfig's defaults for what it leaves out)
+    "gemma3-12b": _named("gemma3-12b", architecture="gemma3", vocab_size=262208, hidden_size=3840, num_layers=48,
+                         num_heads=16, num_kv_heads=8, head_dim=256, intermediate_size=15360,
+                         max_position_embeddings=131072, norm_eps=1e-6, activation="gelu_pytorch_tanh",
+                         tie_word_embeddings=True, norm="rms_unit_offset", qk_norm=True, rotary_dim=256,
+                         rope_theta=1000000.0, rope_scaling=RopeScaling("linear", 8.0), rope_local_theta=10000.0,
+                         sliding_window=1024, layer_types=_alternating(48, 6), query_pre_attn_scalar=256.0,
+                         bos_token_id=2, eos_token_ids=(1, 106)),
+    # mistralai/Mistral-7B-v0.1 (the release with a sliding window)
+    "mistral-7b": _named("mistral-7b", architecture="mistral", vocab_size=32000, hidden_size=4096, num_layers=32,
+                         num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336,
+                         max_position_embeddings=32768, rotary_dim=128, rope_theta=10000.0, sliding_window=4096,
+                         bos_token_id=1, eos_token_ids=(2,)),
+    # microsoft/Phi-3-mini-4k-instruct
+    "phi3-mini": _named("phi3-mini", architecture="phi3", vocab_size=32064, hidden_size=3072, num_layers=32,
+                        num_heads=32, num_kv_heads=32, head_dim=96, intermediate_size=8192,
+                        max_position_embeddings=4096, rotary_dim=96, rope_theta=10000.0, sliding_window=2047,
+                        bos_token_id=1, eos_token_ids=(32000,)),
 }
