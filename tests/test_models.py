@@ -117,9 +117,10 @@ CASES = {
     # MoE: more experts than top_k, so each token skips most of them
     "mixtral-gqa-8experts-top2": (MixtralForCausalLM, MixtralConfig(
         **_LLAMA, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)),
-    "mixtral-mqa-5experts-top3-tied-headdim24-theta500": (MixtralForCausalLM, MixtralConfig(
+    "mixtral-mqa-5experts-top3-tied-headdim24-theta500-window5": (MixtralForCausalLM, MixtralConfig(
         **_LLAMA, num_attention_heads=4, num_key_value_heads=1, head_dim=24, num_local_experts=5,
-        num_experts_per_tok=3, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+        num_experts_per_tok=3, tie_word_embeddings=True, sliding_window=5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
 }
 
 

@@ -1,4 +1,5 @@
-"""Mixtral: LLaMA's attention (GQA, rotary) with a sparse MoE MLP, top-2 of 8 SwiGLU experts.
+"""Mixtral: Mistral's attention (GQA, rotary, an optional sliding window on every layer) with a
+sparse MoE MLP, top-2 of 8 SwiGLU experts.
 
 Dims: D hidden, N query heads, H head dim, X experts, F expert MLP width.
 The module is LLaMA's (`llama.Llama`); the MLP is the shared `layers.SparseMoeBlock`, chosen by
@@ -7,7 +8,8 @@ all X logits in float32, top k, renormalized. Checkpoints: HF's per-expert tenso
 (`block_sparse_moe.experts.{e}.w1/w2/w3`), stacked into [X, D, F] arrays at load time, or
 transformers 5's fused `mlp.experts.gate_up_proj` / `down_proj`; GGUF files of llama.cpp's
 `llama` architecture with `llama.expert_count` (`ffn_*_exps`, or the older per-expert tensors).
-Mixtral's sliding window (null in every released Mixtral config) is refused.
+The window (`sliding_window`, null in the released Mixtral configs) is the shared feature of
+`layers.Attention`, pages behind it freed as for Mistral.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ MOE_OPTIONS = frozenset({"num_experts", "num_experts_per_tok", "moe_intermediate
 
 
 def config_from_hf(hf: Mapping[str, Any], common: dict[str, Any]) -> ModelConfig:
-    if hf.get("sliding_window") is not None:
-        raise ValueError(f"mixtral: sliding_window={hf['sliding_window']} is not supported "
-                         f"(released Mixtral configs set it to null)")
+    if hf.get("layer_types") and set(hf["layer_types"]) != {"sliding_attention"} and hf.get("sliding_window"):
+        raise ValueError("mixtral: per-layer layer_types mixing full and sliding attention are not supported")
     N = hf["num_attention_heads"]
     H = hf.get("head_dim") or hf["hidden_size"] // N
     F = hf["intermediate_size"]
@@ -36,6 +37,7 @@ def config_from_hf(hf: Mapping[str, Any], common: dict[str, Any]) -> ModelConfig
         max_position_embeddings=hf.get("max_position_embeddings", 4096 * 32),
         norm_eps=hf.get("rms_norm_eps", 1e-5), activation=hf.get("hidden_act", "silu"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        sliding_window=hf.get("sliding_window") or 0,
         num_experts=hf.get("num_local_experts", 8), num_experts_per_tok=hf.get("num_experts_per_tok", 2),
         moe_intermediate_size=F, **hf_rope(hf, H, 1.0),
     )
@@ -86,6 +88,8 @@ def check(cfg: ModelConfig, fail) -> None:
         fail("mixtral needs rotary embeddings (rotary_dim > 0)")
     if not cfg.num_experts:
         fail("mixtral has experts (num_experts > 0)")
+    if cfg.layer_types:
+        fail("mixtral's window is on every layer (no layer_types)")
 
 
 FAMILY = ModelFamily(
@@ -95,7 +99,7 @@ FAMILY = ModelFamily(
     config_from_hf=config_from_hf,
     weight_map=HF_WEIGHT_MAP,
     base_prefix="model.",
-    options=frozenset({"rotary_dim", "rope_theta", "rope_scaling"}) | MOE_OPTIONS,
+    options=frozenset({"sliding_window", "rotary_dim", "rope_theta", "rope_scaling"}) | MOE_OPTIONS,
     check=check,
     config_from_gguf=config_from_gguf,
     gguf_tensor_map=GGUF_TENSOR_MAP,
