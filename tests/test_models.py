@@ -18,7 +18,8 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
                           GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
 
 from pagedjax.attention import build_metadata
 from pagedjax.kv_cache.page_pool import init_pages
@@ -121,6 +122,14 @@ CASES = {
         **_LLAMA, num_attention_heads=4, num_key_value_heads=1, head_dim=24, num_local_experts=5,
         num_experts_per_tok=3, tie_word_embeddings=True, sliding_window=5,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    # many small experts; dense layers mixed in by mlp_only_layers and by decoder_sparse_step
+    "qwen3moe-16experts-top4-mlponly1-headdim24": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+        **{**_QWEN2, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=24, num_experts=16,
+        num_experts_per_tok=4, moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=False)),
+    "qwen3moe-step2-normtopk-bias-tied-window6": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+        **{**_QWEN2, "num_hidden_layers": 4}, num_key_value_heads=4, head_dim=16, num_experts=6,
+        num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=2, norm_topk_prob=True,
+        attention_bias=True, tie_word_embeddings=True, use_sliding_window=True, sliding_window=6)),
 }
 
 
@@ -281,14 +290,16 @@ def test_pages_must_match_layers():
 @pytest.mark.parametrize("name,count", [("llama3-8b", 8_030_261_248), ("llama2-7b", 6_738_415_616),
                                         ("smollm2-135m", 134_515_008), ("qwen3-8b", 8_190_735_360),
                                         ("gemma2-9b", 9_241_705_984), ("mistral-7b", 7_241_732_096),
-                                        ("phi3-mini", 3_821_079_552), ("mixtral-8x7b", 46_702_792_704)])
+                                        ("phi3-mini", 3_821_079_552), ("mixtral-8x7b", 46_702_792_704),
+                                        ("qwen3-30b-a3b", 30_532_122_624)])
 def test_named_configs_have_the_published_sizes(name, count):
     shapes, _ = abstract_params(get_config(name))
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == count
 
 
 _ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-         "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM"}
+         "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM",
+         "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 @pytest.mark.parametrize("config,changes,match", [
@@ -304,6 +315,11 @@ _ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Ge
      "local layers"),
     (MistralConfig(**_QWEN2), {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4},
      "layer_types"),
+    (MixtralConfig(**_LLAMA), {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4},
+     "layer_types"),
+    (MixtralConfig(**_LLAMA), {"num_experts_per_tok": 9}, "num_experts_per_tok 9"),
+    (Qwen3MoeConfig(**_QWEN2), {"decoder_sparse_step": 0}, "decoder_sparse_step"),
+    (Qwen3MoeConfig(**_QWEN2), {"moe_intermediate_size": 0}, "moe_intermediate_size"),
 ])
 def test_unsupported_options_are_refused(config, changes, match):
     """An option we do not implement is a ValueError naming it, never a silently wrong model."""

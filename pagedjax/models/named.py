@@ -28,6 +28,9 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
                             activation="gelu", norm="layer", parallel_residual=True, **_BIASES, **_TINY),
     "tiny-mixtral": _named("tiny-mixtral", architecture="mixtral", num_kv_heads=2, rotary_dim=16, num_experts=8,
                            num_experts_per_tok=2, moe_intermediate_size=32, **_TINY),
+    "tiny-qwen3-moe": _named("tiny-qwen3-moe", architecture="qwen3_moe", num_kv_heads=2, rotary_dim=16,
+                             qk_norm=True, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=16,
+                             norm_topk_prob=False, dense_layers=(1,), **_TINY),
     "tiny-opt": _named("tiny-opt", architecture="opt", num_kv_heads=4, activation="relu", norm="layer",
                        tie_word_embeddings=True, **_BIASES, **_TINY),
     # real architectures, for benchmarks on random weights
@@ -39,12 +42,19 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
                         intermediate_size=11008, **_LLAMA2),
     "llama2-70b": _named("llama2-70b", hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                          intermediate_size=28672, **_LLAMA2),
-    # mistralai/Mixtral-8x7B-v0.1 config.json: 46,702,792,704 weights
+    # mistralai/Mixtral-8x7B-v0.1 config.json (46,702,792,704 weights): 8 experts, top 2, no window
     "mixtral-8x7b": _named("mixtral-8x7b", architecture="mixtral", vocab_size=32000, hidden_size=4096,
                            num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336,
                            max_position_embeddings=32768, norm_eps=1e-5, rotary_dim=128, rope_theta=1e6,
                            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336,
                            bos_token_id=1, eos_token_ids=(2,)),
+    # Qwen/Qwen3-30B-A3B config.json (30,532,122,624 weights): 128 experts of width 768, top 8
+    # renormalized, every layer sparse (decoder_sparse_step 1, mlp_only_layers []), no window
+    "qwen3-30b-a3b": _named("qwen3-30b-a3b", architecture="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                            num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128, intermediate_size=6144,
+                            max_position_embeddings=40960, norm_eps=1e-6, qk_norm=True, rotary_dim=128,
+                            rope_theta=1e6, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                            norm_topk_prob=True, bos_token_id=151643, eos_token_ids=(151645,)),
     "smollm2-135m": _named("smollm2-135m", architecture="llama", vocab_size=49152, hidden_size=576,
                            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536,
                            max_position_embeddings=8192, rotary_dim=64, rope_theta=100000.0,

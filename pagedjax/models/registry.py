@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pagedjax.models import gemma2, gemma3, gpt2, gpt_neox, llama, mistral, mixtral, opt, phi3, qwen2, qwen3
+from pagedjax.models import (gemma2, gemma3, gpt2, gpt_neox, llama, mistral, mixtral, opt, phi3, qwen2, qwen3,
+                             qwen3_moe)
 from pagedjax.models.family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -23,6 +24,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     gemma3.FAMILY,
     phi3.FAMILY,
     mixtral.FAMILY,
+    qwen3_moe.FAMILY,
 )
 
 REGISTRY: dict[str, ModelFamily] = {f.name: f for f in FAMILIES}
