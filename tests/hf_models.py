@@ -55,6 +55,14 @@ CONFIGS |= {
                                                        "partial_rotary_factor": 0.5}),
 }
 NEW_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+# Mixture of experts: more experts than top_k; Qwen3-MoE with a dense layer among the sparse ones.
+CONFIGS |= {
+    "mixtral": lambda: transformers.MixtralConfig(**_SMALL, num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **{**_SMALL, "num_hidden_layers": 3}, head_dim=24, num_experts=16, num_experts_per_tok=4,
+        moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=False),
+}
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 def build(arch: str, folder, seed: int = 0):

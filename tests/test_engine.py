@@ -410,7 +410,7 @@ def test_async_scheduling_matches_sync(llama):
 # --- the 2024-25 families -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=hf_models.NEW_FAMILIES)
+@pytest.fixture(scope="module", params=hf_models.NEW_FAMILIES + hf_models.MOE_FAMILIES)
 def family(request, tmp_path_factory):
     """(arch, HF torch model, our float32 Params) for one of the newer families."""
     folder = tmp_path_factory.mktemp(request.param)
@@ -509,3 +509,31 @@ def test_phi3_longrope_generation_crosses_the_threshold(tmp_path):
     # HF generate's cache drop at the crossing (see above) shows: revisit this test if it goes away
     assert crossing != hf_models.hf_greedy(hf, prompts[0], 24)
     assert_clean(engine, outs)
+
+
+# --- mixture of experts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,moe_impl", [("mixtral", "ragged"), ("mixtral", "dense"), ("qwen3_moe", "ragged")])
+def test_generate_with_each_moe_impl_matches_hf(arch, moe_impl, tmp_path):
+    """pj.generate with the expert implementation chosen by EngineConfig.moe_impl (the default,
+    "capacity", runs in the family test above) equals HF generate token for token."""
+    hf = hf_models.build(arch, tmp_path, seed=11)
+    params = pj.load_params(tmp_path, dtype=np.float32, progress=False)
+    prompts = hf_models.random_prompts(np.random.default_rng(12), 5, 3, 30)
+    sp = pj.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    outs = pj.generate(params, prompts, sp, use_tqdm=False, moe_impl=moe_impl, max_num_seqs=8,
+                       max_num_batched_tokens=32, max_model_len=128)
+    assert pj.api._last[2].engine.runner.config.moe_impl == moe_impl
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert o.outputs[0].token_ids == hf_models.hf_greedy(hf, p, 10), (arch, moe_impl, i)
+
+
+def test_moe_engine_options_are_checked(llama):
+    _, params = llama
+    with pytest.raises(ValueError, match="moe_impl must be one of"):
+        EngineConfig(moe_impl="grouped")
+    with pytest.raises(ValueError, match="expert_parallel=True is not implemented for llama"):
+        make_engine(params, enable_expert_parallel=True, precompile=False)
+    with pytest.raises(ValueError, match="moe_impl='dense' is not implemented for llama"):
+        make_engine(params, moe_impl="dense", precompile=False)
