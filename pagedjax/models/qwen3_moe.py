@@ -46,14 +46,16 @@ def config_from_hf(hf: Mapping[str, Any], common: dict[str, Any]) -> ModelConfig
 
 
 def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str], name: str = "") -> ModelConfig:
-    """llama.cpp's `qwen3moe.*` keys: Qwen3's, plus the experts (llama.cpp renormalizes the top k)."""
+    """llama.cpp's `qwen3moe.*` keys: Qwen3's, plus the experts (every layer sparse; the top k
+    renormalized unless `expert_weights_norm` says otherwise, as llama.cpp's graph does)."""
     g = lambda key, default=None: meta.get(f"qwen3moe.{key}", default)
     as_qwen3 = {k.replace("qwen3moe.", "qwen3.", 1): v for k, v in meta.items()}
     as_qwen3.setdefault("qwen3.feed_forward_length", g("expert_feed_forward_length"))  # no dense layer: unused
     dense = qwen3.config_from_gguf(as_qwen3, tensor_names, name)
     return dense.replace(architecture="qwen3_moe", num_experts=int(g("expert_count")),
                          num_experts_per_tok=int(g("expert_used_count")),
-                         moe_intermediate_size=int(g("expert_feed_forward_length")), norm_topk_prob=True)
+                         moe_intermediate_size=int(g("expert_feed_forward_length")),
+                         norm_topk_prob=bool(g("expert_weights_norm", True)))
 
 
 HF_WEIGHT_MAP = {
