@@ -162,3 +162,20 @@ def test_moe_options_are_checked():
         ModelConfig(**{**get_config("tiny-llama").__dict__, "num_experts": 4})
     with pytest.raises(ValueError, match="expert_parallel=True is not implemented for llama"):
         get_config("tiny-llama").replace(expert_parallel=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,capacity_rows", [("ragged", None), ("dense", None), ("capacity", None),
+                                                ("capacity", 4)])
+def test_expert_mlp_on_the_gpu(impl, capacity_rows):
+    """The same float64 comparison on the GPU (float32 at the conftest's highest matmul precision),
+    and bfloat16 within its rounding."""
+    assert jax.default_backend() == "gpu"
+    for seed in (0, 1):
+        x, router, wg, wu, wd = uneven_case(seed, T=200)
+        ref, _ = reference(x, router, wg, wu, wd, 2, True)
+        got = ours(x, router, wg, wu, wd, 200, k=2, renormalize=True, impl=impl, capacity_rows=capacity_rows)
+        assert rel_err(got, ref) < 1e-4, (seed, impl, rel_err(got, ref))
+        bf = [jnp.asarray(a, jnp.bfloat16) for a in (x, router, wg, wu, wd)]
+        got16 = ours(*bf, 200, k=2, renormalize=True, impl=impl, capacity_rows=capacity_rows)
+        assert rel_err(got16, ref) < 5e-2, (seed, impl, rel_err(got16, ref))
