@@ -257,7 +257,8 @@ def check_against_hf(case, tmp_path, **config_changes):
     ]), "ragged batch")
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-untied", "neox-parallel-rotary25"])
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "neox-parallel-rotary25", "mixtral-gqa-8experts-top2",
+                                  "qwen3moe-16experts-top4-mlponly1-headdim24"])
 def test_bfloat16_close_to_float32(case, tmp_path):
     """bf16 weights: as far from our float32 logits as HF's own bf16 model is from its float32."""
     cls, hf_config = CASES[case]
