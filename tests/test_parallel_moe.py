@@ -219,3 +219,19 @@ def test_what_does_not_divide_is_refused(folder):
         P(None, "tp", None)
     assert parallel.logical_spec(("experts", "moe_mlp", "embed"), (16, 16, 64), parallel.make_mesh(4),
                                  parallel.axis_rules(expert_parallel=True)) == P("tp", None, None)
+
+
+def test_generate_places_single_device_params_expert_parallel(folder):
+    """Params loaded on one device, expert parallelism asked of the engine: the runner places the
+    experts whole per device (as load_params would) and the tokens are tp = 1's."""
+    ref = _greedy(folder("mixtral"), 1, False)
+    params = _load(folder("mixtral"), 1)
+    prompts = hf_models.random_prompts(np.random.default_rng(5), 3, 5, 30)
+    outs = pj.generate(params, prompts, pj.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
+                       use_tqdm=False, tensor_parallel_size=4, enable_expert_parallel=True, **ENGINE)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    runner = pj.api._last[2].engine.runner
+    assert runner.config.expert_parallel and not params.config.expert_parallel
+    direct = _load(folder("mixtral"), 4, ep=True)
+    for a, b in zip(jax.tree.leaves(runner.params.variables), jax.tree.leaves(direct.variables)):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
