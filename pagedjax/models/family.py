@@ -18,7 +18,8 @@ import flax.linen as nn
 # how: "copy" (same layout), "linear" (torch nn.Linear [out, in]: transposed), "split3" (GPT-2's
 # fused Conv1D q|k|v along the last dim), "neox_qkv" (NeoX's fused Linear, q/k/v interleaved per
 # head), "linear_split" (a fused Linear whose rows are the targets' outputs one after the other,
-# of any sizes: Phi-3's qkv_proj and gate_up_proj). Our kernels keep heads as separate dims, e.g. q_proj.kernel [D, N, H].
+# of any sizes: Phi-3's qkv_proj and gate_up_proj). Our kernels keep heads as separate dims, e.g.
+# q_proj.kernel [D, N, H].
 WeightMap = Mapping[str, tuple[str | tuple[str, ...], str]]
 
 
