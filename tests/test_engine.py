@@ -438,9 +438,15 @@ def test_family_matches_hf_with_preemption_and_prefix_hits(family):
     outs = run_all(engine, arrivals)
     stats = engine.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits >= 3 * 32, (arch, stats)  # (some evicted)
+    want = [hf_models.hf_greedy(hf, p, m) for p, m in zip(prompts, max_tokens)]
     for i, p in enumerate(prompts):
-        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, max_tokens[i]), (arch, seed, i)
+        assert outs[f"r{i}"].outputs[0].token_ids == want[i], (arch, seed, i)
     assert_clean(engine, outs)
+    # the public API: pj.generate, every request at once, in the same small pool
+    sps = [pj.SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
+    gen = pj.generate(params, prompts, sps, use_tqdm=False, max_num_seqs=8, max_num_batched_tokens=32,
+                      max_model_len=128, page_size=4, num_pages=num_pages)
+    assert [o.outputs[0].token_ids for o in gen] == want, arch
 
 
 def test_sliding_window_frees_pages_during_a_long_generation(tmp_path):

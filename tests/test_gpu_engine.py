@@ -35,7 +35,8 @@ def _greedy(params, prompts, attn_impl, max_tokens, **opts):
     return [done[f"r{i}"] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+# the newer families with head dims the handlers have (16): windows, soft-caps, q/k norm on the GPU
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "mistral", "gemma2", "gemma3", "phi3"])
 def test_tiny_model_ffi_equals_reference(arch, tmp_path):
     hf = hf_models.build(arch, tmp_path, seed=3)
     params = pj.load_params(tmp_path, dtype=np.float32, progress=False)

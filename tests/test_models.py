@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
-                          Gemma3ForConditionalGeneration, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
-                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                          Qwen3MoeForCausalLM)
+from transformers import (
+    Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration,
+    Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+    MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM, Phi3Config,
+    Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+)
 
 from pagedjax.attention import build_metadata
 from pagedjax.kv_cache.page_pool import init_pages
@@ -107,7 +107,8 @@ CASES = {
     "phi3-longrope-short-mha-tied": (Phi3ForCausalLM, Phi3Config(
         **{**_QWEN2, "max_position_embeddings": 256}, num_key_value_heads=4, pad_token_id=2,
         tie_word_embeddings=True, original_max_position_embeddings=64,
-        rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.5, 2.0, 3.0, 1.2, 1.1, 5.0, 1.3],
+        rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                         "short_factor": [1.0, 1.5, 2.0, 3.0, 1.2, 1.1, 5.0, 1.3],
                          "long_factor": [4.0, 3.0, 8.0, 2.0, 1.5, 7.0, 2.5, 9.0]})),
     # the text model of a multimodal checkpoint (its vision tower and projector left out)
     "gemma3-multimodal-text": (Gemma3ForConditionalGeneration, Gemma3Config(
@@ -154,11 +155,11 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 class PagedRunner:
     """Feeds chunks of several requests through the pool, one jitted step (fixed bucket) per call."""
 
-    def __init__(self, params, seed: int, dtype=jnp.float32):
+    def __init__(self, params, seed: int, dtype=jnp.float32, attn_impl: str = "reference"):
         cfg = params.config
         self.params = params
         self.pages = init_pages(cfg.num_layers, NUM_PAGES, PAGE, cfg.num_kv_heads, cfg.head_dim, dtype)
-        self.apply = jax.jit(get_model(cfg, attn_impl="reference").apply, donate_argnums=2)
+        self.apply = jax.jit(get_model(cfg, attn_impl=attn_impl).apply, donate_argnums=2)
         self.free = [int(p) for p in np.random.default_rng(seed).permutation(np.arange(1, NUM_PAGES))]
         self.tables: dict[str, list[int]] = {}
         self.lens: dict[str, int] = {}
@@ -352,8 +353,9 @@ GEMMA3_4B_IT = {  # google/gemma-3-4b-it config.json (transformers 4.50 era: leg
     "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
                     "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
                     "sliding_window": 1024},
-    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
-                      "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False},
 }
 
 
@@ -418,3 +420,24 @@ def test_phi3_longrope_follows_hf_rule(tmp_path):
     got |= run_schedule(runner, {r: prompts[r] for r in ("decode", "ragged")}, steps)
     for r, lg in got.items():
         assert rel_err(lg, refs[r]) < TOL, f"seed {seed} request {r}: relative error {rel_err(lg, refs[r]):.2e}"
+
+
+@pytest.mark.parametrize("case", ["gemma2-window5-softcaps-gqa", "gemma3-local-global-linearrope",
+                                  "phi3-gqa-partialrotary-window5"])
+def test_custom_call_matches_hf(case, tmp_path):
+    """The same parity through the XLA custom call (its CPU handler): windows, soft-caps, q/k norm."""
+    from pagedjax import _ffi
+
+    if ("pagedjax_paged_attention", "cpu") not in _ffi.register():
+        pytest.skip("the pagedjax._kernels CPU paged-attention handler is not built")
+    cls, hf_config = CASES[case]
+    hf = build_hf(cls, hf_config, tmp_path)
+    params = load_params(tmp_path, dtype=jnp.float32, progress=False)
+    seed = 3 + len(case)
+    rng = np.random.default_rng(seed)
+    prompts = {r: [int(t) for t in rng.integers(0, V, n)] for r, n in {"a": 11, "b": 3, "c": 17, "d": 7}.items()}
+    got = run_schedule(PagedRunner(params, seed=seed, attn_impl="ffi"), prompts, [
+        {"c": 8, "a": 6, "b": 1, "d": 7}, {"b": 1, "a": 5, "c": 8}, {"c": 1, "b": 1}])
+    for r, lg in got.items():
+        err = rel_err(lg, hf_logits(hf, prompts[r]))
+        assert err < TOL, f"{case} (seed {seed}) request {r}: relative error {err:.2e}"

@@ -920,7 +920,8 @@ def test_sliding_window_with_preemption_prefix_hits_and_samples(mode, driver):
     rng = random.Random(12)
     shared = [rng.randrange(1, VOCAB) for _ in range(17)]
     reqs = random_requests(rng, 16, max_prompt=20, max_out=40, prefix=shared, tag="w")
-    reqs += [Request("s", shared + [3, 4], SamplingParams(n=3, seed=5, max_tokens=30, ignore_eos=True), eos_token_id=EOS)]
+    sp = SamplingParams(n=3, seed=5, max_tokens=30, ignore_eos=True)
+    reqs += [Request("s", shared + [3, 4], sp, eos_token_id=EOS)]
     sched = make_sched(num_pages=1 + 9, max_model_len=96, max_num_batched_tokens=16, preemption_mode=mode,
                        sliding_window=5)
     runner = driver(sched, waves(reqs, every=4, size=4))
