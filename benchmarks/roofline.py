@@ -14,7 +14,9 @@ cached ones (T = sum n_r tokens in the step):
     t(step)     = max(bytes / copy_bw, flops / matmul_rate)
 
 W is every weight a step multiplies (the layers, the final norm, the lm_head), not the embedding
-table, which is only gathered (tied, it is the lm_head and counts). kv is the K+V bytes of one
+table, which is only gathered (tied, it is the lm_head and counts). Of an MoE layer's experts a
+token multiplies k of E (P_layers counts k / E of them), and a step of T tokens reads the
+expected share 1 - (1 - k / E)^T of their bytes (uniform routing). kv is the K+V bytes of one
 token over all layers; A = 4 * layers * q_heads * head_dim is QK^T plus PV for one (query, key)
 pair. Activations, the sampler and the step's host work are left out, so t(step) is a floor.
 
@@ -101,11 +103,13 @@ def measure_ceilings_torch() -> dict:
 class ModelCost:
     """What one token costs a model: weights streamed per step, K/V bytes, FLOPs."""
 
-    weight_bytes: int  # W: layers + final norm + lm_head, read once per step
-    layer_params: int  # P_layers: multiplied once per token
+    weight_bytes: int  # W: layers + final norm + lm_head, read once per step (MoE experts apart)
+    layer_params: int  # P_layers: multiplied once per token (of the experts, the k a token is routed to)
     head_params: int  # P_head: the lm_head, multiplied once per row
     kv_bytes_per_token: int  # K and V of one token, all layers
     attn_flops_per_pair: int  # A: QK^T and PV of one (query, key) pair, all layers
+    expert_bytes: int = 0  # MoE: every expert's weights, all layers; a step reads those its tokens hit
+    expert_hit: float = 0.0  # MoE: the chance one token hits a given expert (k / E)
 
     @classmethod
     def from_config(cls, config, dtype: Any, kv_dtype: Any = None) -> ModelCost:
@@ -120,24 +124,31 @@ class ModelCost:
         dtype = jnp.dtype(dtype)
         kv_dtype = jnp.dtype(kv_dtype or dtype)
         shapes, _ = abstract_params(config, dtype)
-        layers = head = 0
+        layers = head = experts = 0
         for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
             name = ".".join(str(getattr(k, "key", k)) for k in path)
             size = math.prod(leaf.shape)
-            if name.startswith("lm_head"):
+            if ".mlp.experts_" in name:  # stacked [E, ...] expert weights
+                experts += size
+            elif name.startswith("lm_head"):
                 head += size
             elif name == "embed.embedding":
                 head += size if config.tie_word_embeddings else 0  # gathered only, unless tied
             elif not name.startswith("pos_embed"):
                 layers += size
         c = config
-        return cls(weight_bytes=(layers + head) * dtype.itemsize, layer_params=layers, head_params=head,
+        hit = c.num_experts_per_tok / c.num_experts if c.num_experts else 0.0
+        return cls(weight_bytes=(layers + head) * dtype.itemsize, layer_params=layers + round(hit * experts),
+                   head_params=head,
                    kv_bytes_per_token=2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_dtype.itemsize,
-                   attn_flops_per_pair=4 * c.num_layers * c.num_heads * c.head_dim)
+                   attn_flops_per_pair=4 * c.num_layers * c.num_heads * c.head_dim,
+                   expert_bytes=experts * dtype.itemsize, expert_hit=hit)
 
     def step(self, tokens: int, rows: int, kv_tokens: int, pairs: int) -> tuple[float, float]:
-        """(bytes, flops) of one step; kv_tokens = sum_r (c_r + n_r), pairs as in the module doc."""
-        nbytes = self.weight_bytes + self.kv_bytes_per_token * (kv_tokens + tokens)
+        """(bytes, flops) of one step; kv_tokens = sum_r (c_r + n_r), pairs as in the module doc.
+        MoE experts: the expected share the step's tokens hit, routed uniformly at random."""
+        hit = 1.0 - (1.0 - self.expert_hit) ** tokens if self.expert_bytes else 0.0
+        nbytes = self.weight_bytes + hit * self.expert_bytes + self.kv_bytes_per_token * (kv_tokens + tokens)
         flops = 2 * self.layer_params * tokens + 2 * self.head_params * rows + self.attn_flops_per_pair * pairs
         return float(nbytes), float(flops)
 

@@ -17,12 +17,16 @@
 #   hf-llama2  HF generate (static 64) and generate_batch on W2 512/128, generate_batch on
 #              W2 1024/1024: ~4 min
 #   smoke      every script at toy scale (tiny-llama), any device: ~2 min on 2 CPU cores
+#   family     pagedjax on MODEL (env: qwen3-8b, gemma2-9b, gemma3-12b, mistral-7b or phi3-mini): W3
+#              latency, W2 1000 x 512/128, W2 500 x 1024/1024; capped at BUDGET (~6 min)
+#   families-smoke  the same on tiny-qwen2/3, tiny-mistral, tiny-gemma2/3, tiny-phi3, any device:
+#              ~1 min each on 2 CPU cores
 # Knobs (env): N1, N2A, N2B prompt counts (1000, 1000, 500); HF_TIME_LIMIT (45 s per HF run);
 # BUDGET (540 s per pagedjax stage).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR="${1:?usage: run_h100.sh OUTDIR STAGE}"
-STAGE="${2:?stages: llama3 startup hf-llama3 llama2 hf-llama2 smoke}"
+STAGE="${2:?stages: llama3 startup hf-llama3 llama2 hf-llama2 smoke family families-smoke}"
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY="${PYTHON:-python3}"
@@ -73,5 +77,13 @@ case "$STAGE" in
       --cb-max-batch-tokens 128 --cb-max-requests 8 --workload random:16:32:16 --workload sharegpt:16@generate_batch
     run smoke-startup 300 "$PY" benchmarks/startup.py --model named:tiny-llama --max-len 128 --max-num-seqs 8 \
       --max-num-batched-tokens 64 --child-timeout 90 --out "$OUTDIR/smoke-startup.json" ;;
+  family)
+    pagedjax "${MODEL:?set MODEL to a named config}" "family-$MODEL" --latency 8:32:128 \
+      --workload "random:$N2A:512:128" --workload "random:$N2B:1024:1024" ;;
+  families-smoke)
+    ENGINE=(--max-len 128 --max-num-seqs 8 --max-num-batched-tokens 64)
+    for m in tiny-qwen2 tiny-qwen3 tiny-mistral tiny-gemma2 tiny-gemma3 tiny-phi3; do
+      BUDGET=120 pagedjax "$m" "smoke-$m" --latency 4:16:16 --workload random:16:48:32
+    done ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -83,6 +83,8 @@ class LLM:
             else:
                 from pagedjax.weights import load_params
 
+                if "mesh" in placement:
+                    placement["enable_expert_parallel"] = bool(engine_options.get("enable_expert_parallel"))
                 params = load_params(model, dtype=dtype, **placement)
         engine_options.pop("shardings", None)
         t1 = time.perf_counter()

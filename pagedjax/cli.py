@@ -11,9 +11,10 @@ import logging
 import sys
 import time
 
-from pagedjax.config import ATTN_IMPLS, KV_CACHE_DTYPES, EngineConfig
+from pagedjax.config import ATTN_IMPLS, KV_CACHE_DTYPES, MOE_IMPLS, EngineConfig
 
-# (flag, EngineConfig field, type, help); None type = a boolean switch that turns the field off
+# (flag, EngineConfig field, type, help); None type = a boolean switch that turns the field off,
+# True type = one that turns it on
 _ENGINE_FLAGS = (
     ("--max-model-len", "max_model_len", int, "longest prompt + output (default: the model's, capped at 4096)"),
     ("--max-num-seqs", "max_num_seqs", int, "requests per step (default: 256 on GPU, 32 on CPU)"),
@@ -26,6 +27,9 @@ _ENGINE_FLAGS = (
      "> 0: a request computes at most this many tokens a step"),
     ("--attn-impl", "attn_impl", ATTN_IMPLS, "attention implementation"),
     ("--tensor-parallel-size", "tensor_parallel_size", int, "devices to split the model over"),
+    ("--enable-expert-parallel", "enable_expert_parallel", True,
+     "MoE models: split whole experts over the tensor-parallel devices, not each expert's MLP"),
+    ("--moe-impl", "moe_impl", MOE_IMPLS, "MoE models: how the experts run (default: the model's, auto)"),
     ("--max-logprobs", "max_logprobs", int, "most logprobs a request may ask for"),
     ("--seed", "seed", int, "seed of the random draws of requests that bring no seed"),
     ("--preemption-mode", "preemption_mode", ("recompute", "swap"),
@@ -51,6 +55,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         default = defaults[field]
         if kind is None:
             g.add_argument(flag, dest=field, action="store_false", default=default, help=help)
+        elif kind is True:
+            g.add_argument(flag, dest=field, action="store_true", default=None, help=help)
         elif isinstance(kind, tuple):
             g.add_argument(flag, dest=field, choices=kind, default=default, help=f"{help} (default: {default})")
         else:

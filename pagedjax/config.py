@@ -15,6 +15,7 @@ from pagedjax.kv_cache.block_allocator import CacheConfig
 from pagedjax.scheduler import SchedulerConfig
 
 ATTN_IMPLS = ("auto", "reference", "ffi")
+MOE_IMPLS = ("auto", "ragged", "capacity", "dense")  # pagedjax.models.moe: how an MoE layer's experts run
 # vLLM's names ("auto": the weights' dtype; "fp8" = "fp8_e4m3": e4m3 pages with per-kv-head scales)
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3")
 
@@ -36,6 +37,10 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0  # > 0: a request computes at most this many tokens a step
     attn_impl: str = "auto"  # "reference" | "ffi" | "auto"
     tensor_parallel_size: int | None = None  # devices to split over (default: the params' mesh, else 1)
+    # MoE models: split whole experts over the tp devices instead of each expert's MLP columns
+    # (vLLM's --enable-expert-parallel); None: as the params were loaded (off unless load_params had it)
+    enable_expert_parallel: bool | None = None
+    moe_impl: str | None = None  # MoE models: "ragged" | "capacity" | "dense" | "auto"; None: the model's
     max_logprobs: int = 20
     precompile: bool = True  # compile every token bucket at start-up
     seed: int = 0
@@ -51,6 +56,10 @@ class EngineConfig:
             raise ValueError(f"swap_space must be a finite number of GiB >= 0, got {self.swap_space!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.moe_impl is not None and self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.enable_expert_parallel not in (None, True, False):
+            raise ValueError(f"enable_expert_parallel must be a bool, got {self.enable_expert_parallel!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -81,9 +90,16 @@ class EngineConfig:
         if not self.enable_chunked_prefill:
             tokens = max(tokens, max_len)
         tp = self.tensor_parallel_size or parallel.tp_size(parallel.mesh_of(params))
-        parallel.check_tensor_parallel(params.config, tp)
+        parallel.check_tensor_parallel(self.model_config(params.config), tp)
         return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
                                    max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
+
+    def model_config(self, config: Any) -> Any:
+        """The ModelConfig the engine runs: `config` with the MoE options set here (a ValueError
+        naming the option for a model without experts)."""
+        changes = {k: v for k, v in (("moe_impl", self.moe_impl), ("expert_parallel", self.enable_expert_parallel))
+                   if v is not None and getattr(config, k) != v}
+        return config.replace(**changes) if changes else config
 
     def scheduler_config(self) -> SchedulerConfig:
         """The scheduler's limits (of a resolved config)."""
@@ -92,7 +108,9 @@ class EngineConfig:
                                long_prefill_token_threshold=self.long_prefill_token_threshold,
                                preemption_mode=self.preemption_mode)
 
-    def cache_config(self, num_pages: int, num_host_pages: int = 0) -> CacheConfig:
-        """The page pool as the scheduler sees it, once the runner has sized it."""
+    def cache_config(self, num_pages: int, num_host_pages: int = 0, sliding_window: int = 0) -> CacheConfig:
+        """The page pool as the scheduler sees it, once the runner has sized it (sliding_window:
+        the model's ModelConfig.kv_sliding_window)."""
         return CacheConfig(page_size=self.page_size, num_pages=num_pages,
-                           enable_prefix_caching=self.enable_prefix_caching, num_host_pages=num_host_pages)
+                           enable_prefix_caching=self.enable_prefix_caching, num_host_pages=num_host_pages,
+                           sliding_window=sliding_window)

@@ -47,7 +47,8 @@ class LLMEngine:
                 raise ValueError(f"swap_space={cfg.swap_space} GiB holds no page of "
                                  f"{self.runner.page_bytes()} bytes: raise it, or use preemption_mode='recompute'")
             self.runner.init_swap_space(num_host_pages)
-        self.scheduler = Scheduler(cfg.scheduler_config(), cfg.cache_config(self.runner.num_pages, num_host_pages))
+        self.scheduler = Scheduler(cfg.scheduler_config(), cfg.cache_config(
+            self.runner.num_pages, num_host_pages, sliding_window=params.config.kv_sliding_window))
         self.outputs = OutputProcessor(
             self.tokenizer, stop=lambda rid, s: self.scheduler.finish_request(rid, "stop", stop_reason=s))
         self._beams = BeamSearch(self.scheduler, eos_token_id=self.eos_token_id,

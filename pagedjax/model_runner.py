@@ -194,11 +194,12 @@ class ModelRunner:
         # the pool split on kv heads, every step input replicated on the mesh
         self.mesh = mesh if parallel.tp_size(mesh) > 1 else None
         self.input_sharding = None if self.mesh is None else parallel.replicated(self.mesh)
+        self.options = opts = (config or EngineConfig(**options)).resolve(params)
+        params = Params(params.variables, opts.model_config(params.config), params.tokenizer)  # MoE options
         if self.mesh is not None:
             params = parallel.shard_params(params, self.mesh)
         self.params = params
         self.config = cfg = params.config
-        self.options = opts = (config or EngineConfig(**options)).resolve(params)
         self.page_size = opts.page_size
         self.max_model_len = opts.max_model_len
         self.max_num_seqs = opts.max_num_seqs

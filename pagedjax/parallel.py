@@ -12,6 +12,11 @@ weights and the pool are placed; the model files only name logical axes, and XLA
                              sampling (the step constrains them replicated)
   page pool [P, B, K, H]     split on kv heads: each device stores and reads its own heads
   norms, biases over D       replicated (the residual stream [T, D] is replicated)
+  MoE experts [X, D, F]      tensor parallel within each expert: every device holds F / tp columns
+                             of every expert ("moe_mlp"), one all-reduce [T, D] after the layer;
+                             or, with expert parallelism (vLLM's --enable-expert-parallel, the
+                             config's `expert_parallel`), X / tp whole experts each ("experts"),
+                             the same one all-reduce. The router is replicated.
 
 A vocabulary that does not divide by tp is replicated instead (vLLM pads it; we do not).
 Fewer kv heads than devices (K < tp, GQA): as vLLM does, each kv head is replicated on the
@@ -31,7 +36,8 @@ step come back replicated to every process, so every process takes the same deci
 feeds the same global step. Nothing is broadcast; inputs that differ across processes (a
 server's HTTP requests) would have to be broadcast first, which is not implemented.
 
-Dims: N query heads, K kv heads, H head dim, D hidden, F MLP width, V vocab, P pages, B page size.
+Dims: N query heads, K kv heads, H head dim, D hidden, F MLP width, V vocab, P pages, B page size,
+X experts.
 """
 
 from __future__ import annotations
@@ -61,7 +67,11 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "embed": None,  # the residual stream stays replicated
     "head_dim": None,
     "norm": None,
+    "experts": None,  # MoE: every device holds a slice of every expert ...
+    "moe_mlp": TP,  # ... its columns of the expert MLPs (gate/up columns, down rows)
 }
+# Expert parallelism: whole experts per device instead (and nothing else changes).
+EXPERT_PARALLEL_RULES: dict[str, str | None] = {**LOGICAL_AXIS_RULES, "experts": TP, "moe_mlp": None}
 # Logical axes replicated when their size does not divide by the mesh axis (others raise).
 REPLICATE_IF_INDIVISIBLE = ("vocab",)
 
@@ -123,6 +133,11 @@ def mesh_for(params: Params, tensor_parallel_size: int) -> Mesh | None:
 # --- configs, logical axes -> shardings -----------------------------------------------------
 
 
+def axis_rules(expert_parallel: bool = False) -> dict[str, str | None]:
+    """The logical axis -> mesh axis table: with or without expert parallelism."""
+    return EXPERT_PARALLEL_RULES if expert_parallel else LOGICAL_AXIS_RULES
+
+
 def check_tensor_parallel(config: ModelConfig, tensor_parallel_size: int) -> None:
     """Raises ValueError unless `config` can be split over tensor_parallel_size devices."""
     tp, N, K = tensor_parallel_size, config.num_heads, config.num_kv_heads
@@ -134,9 +149,16 @@ def check_tensor_parallel(config: ModelConfig, tensor_parallel_size: int) -> Non
     if K % tp and tp % K:
         raise ValueError(f"{name}: {K} kv heads neither divide over tensor_parallel_size {tp} nor "
                          f"divide it (needed to replicate them)")
-    if config.intermediate_size % tp:
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    if moe_layers < config.num_layers and config.intermediate_size % tp:
         raise ValueError(f"{name}: MLP width {config.intermediate_size} does not divide over "
                          f"tensor_parallel_size {tp}")
+    if moe_layers and config.expert_parallel and config.num_experts % tp:
+        raise ValueError(f"{name}: {config.num_experts} experts do not divide over tensor_parallel_size {tp} "
+                         f"(expert parallelism splits whole experts)")
+    if moe_layers and not config.expert_parallel and config.moe_intermediate_size % tp:
+        raise ValueError(f"{name}: expert MLP width {config.moe_intermediate_size} does not divide over "
+                         f"tensor_parallel_size {tp} (try expert parallelism)")
 
 
 def tp_config(config: ModelConfig, tensor_parallel_size: int) -> ModelConfig:
@@ -155,11 +177,12 @@ def repeat_kv_heads(w, axes: Sequence[str | None], repeat: int):
     return xp.repeat(w, repeat, axis=tuple(axes).index("kv_heads"))
 
 
-def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """The mesh PartitionSpec of an array with these logical axes, by LOGICAL_AXIS_RULES."""
+def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: dict | None = None) -> P:
+    """The mesh PartitionSpec of an array with these logical axes, by `rules` (LOGICAL_AXIS_RULES)."""
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
     spec, used = [], set()
     for name, n in zip(tuple(axes), shape):
-        axis = LOGICAL_AXIS_RULES.get(name) if name else None
+        axis = rules.get(name) if name else None
         if axis is not None and axis not in mesh.shape:
             axis = None
         if axis is not None and n % mesh.shape[axis]:
@@ -179,8 +202,10 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
 
     Usable as `load_params(..., shardings=...)` and `random_params(tp_config(config, tp), ...)`.
     """
-    shapes, axes = abstract_params(tp_config(config, tp_size(mesh)))
-    tree = jax.tree.map(lambda s, a: NamedSharding(mesh, logical_spec(a, s.shape, mesh)), shapes, axes,
+    config = tp_config(config, tp_size(mesh))
+    shapes, axes = abstract_params(config)
+    rules = axis_rules(config.expert_parallel)
+    tree = jax.tree.map(lambda s, a: NamedSharding(mesh, logical_spec(a, s.shape, mesh, rules)), shapes, axes,
                         is_leaf=lambda x: isinstance(x, P))
     return {"params": tree}
 

@@ -173,7 +173,8 @@ class Scheduler:
         self.page_size = cache_config.page_size
         self.kv_cache = KVCacheManager(
             cache_config.num_pages, cache_config.page_size, enable_prefix_caching=cache_config.enable_prefix_caching,
-            num_host_pages=cache_config.num_host_pages if config.preemption_mode == "swap" else 0)
+            num_host_pages=cache_config.num_host_pages if config.preemption_mode == "swap" else 0,
+            sliding_window=cache_config.sliding_window)
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
@@ -370,6 +371,7 @@ class Scheduler:
                 continue
             num_new = self._num_new_tokens(req, req.num_computed_tokens, plan.token_budget)
             if num_new > 0:
+                self.kv_cache.remove_skipped_pages(req)  # a sliding window's passed pages go first
                 copies = self._allocate_or_preempt(req, num_new, plan)
                 if copies is None:
                     break  # `req` itself was preempted: it was the last running request
@@ -546,6 +548,9 @@ class Scheduler:
             )
         # The last token's K/V is never written: it is sampled, not fed back.
         num_pages = _cdiv(n_prompt + request.max_tokens - 1, self.page_size)
+        window = self.kv_cache.sliding_window
+        if window:  # at most the window and a step's tokens are held at once (remove_skipped_pages)
+            num_pages = min(num_pages, _cdiv(window + self.config.max_num_batched_tokens, self.page_size) + 1)
         if num_pages > self.kv_cache.num_usable_pages:
             raise ValueError(
                 f"request {rid!r}: needs up to {num_pages} pages of {self.page_size} tokens (prompt {n_prompt} "

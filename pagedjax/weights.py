@@ -38,14 +38,25 @@ from pagedjax.params import Params
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.(masked_)?bias|\.attention\.(masked_)?bias)$")
 
 
-def _fill(v, i: int):
-    return v.replace("{}", str(i)) if isinstance(v, str) else tuple(_fill(x, i) for x in v)
+def _fill(v, i: int, e: int = 0):
+    if isinstance(v, str):
+        return v.replace("{}", str(i)).replace("{e}", str(e))
+    return tuple(_fill(x, i, e) for x in v)
 
 
-def _expand(table: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    """Writes out the {} layer templates of a map for every layer."""
-    return {_fill(k, i): _fill(v, i) for k, v in table.items()
-            for i in (range(num_layers) if "{}" in k else [0])}
+def _expand(table: dict[str, Any], num_layers: int, num_experts: int = 0) -> dict[str, Any]:
+    """Writes out the {} layer and {e} expert templates of a map for every layer and expert."""
+    return {_fill(k, i, e): _fill(v, i, e) for k, v in table.items()
+            for i in (range(num_layers) if "{}" in k else [0])
+            for e in (range(num_experts) if "{e}" in k else [0])}
+
+
+def _leaf(target: str) -> tuple[str, int | None]:
+    """Our path and expert slot of a weight-map target: "a.b[3]" -> ("a.b", 3), "a.b" -> ("a.b", None)."""
+    if target.endswith("]"):
+        path, slot = target[:-1].split("[")
+        return path, int(slot)
+    return target, None
 
 
 # --- layout conversion ----------------------------------------------------------------------
@@ -66,11 +77,16 @@ def _merged(shape, axes) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _source_shape(how: str, target_shape, axes) -> tuple[int, ...]:
-    """The HF tensor shape that `how` turns into our target (the first target for fused q/k/v)."""
+def _source_shape(how: str, target_shape, axes, all_shapes=()) -> tuple[int, ...]:
+    """The HF tensor shape that `how` turns into our target (the first target for fused q/k/v;
+    all_shapes: every target's, for an uneven split)."""
+    if how == "linear_split":  # torch Linear rows [out_0 | out_1 | ...]: each target's kernel [in, out_i...]
+        return (sum(int(np.prod(t[1:])) for t in all_shapes), target_shape[0])
     m = _merged(target_shape, axes)
     if how in ("linear", "neox_qkv"):
         m = m[::-1]
+    if how in ("experts_linear", "experts_gate_up"):  # [X, in, out] -> [X, out(, x2), in]
+        m = (m[0], m[2] * (2 if how == "experts_gate_up" else 1), m[1])
     if how == "split3":
         m = m[:-1] + (3 * m[-1],)
     if how == "neox_qkv":
@@ -86,6 +102,13 @@ def _convert(how: str, w: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.
         return [w.T.reshape(shapes[0])]
     if how == "split3":
         return [p.reshape(s) for p, s in zip(np.split(w, 3, axis=-1), shapes)]
+    if how == "linear_split":  # Phi-3's fused qkv_proj / gate_up_proj: rows q | k | v or gate | up
+        cuts = np.cumsum([int(np.prod(s[1:])) for s in shapes])[:-1]
+        return [p.T.reshape(s) for p, s in zip(np.split(w, cuts, axis=0), shapes)]
+    if how == "experts_linear":
+        return [w.transpose(0, 2, 1).reshape(shapes[0])]
+    if how == "experts_gate_up":  # [X, gate rows | up rows, D]
+        return [p.transpose(0, 2, 1).reshape(s) for p, s in zip(np.split(w, 2, axis=1), shapes)]
     if how == "neox_qkv":  # rows are [N, (q|k|v), H]
         n = shapes[0][-2] if w.ndim == 1 else shapes[0][1]
         w = w.reshape(n, 3, -1, *w.shape[1:])  # [N, 3, H(, D)]
@@ -186,6 +209,7 @@ def load_params(
     dtype: Any = jnp.bfloat16,
     shardings: Any = None,
     mesh: jax.sharding.Mesh | None = None,
+    enable_expert_parallel: bool = False,
     progress: bool = True,
 ) -> Params:
     """Loads a HF checkpoint folder or a .gguf file (default: the bundled SmolLM2) as Params.
@@ -199,6 +223,8 @@ def load_params(
       mesh: tensor parallel instead of `shardings`: each weight straight into its shards by
         pagedjax.parallel's rules; kv heads are repeated when fewer than the mesh's tp size, and
         the returned config says so (parallel.tp_config).
+      enable_expert_parallel: with `mesh`, split an MoE model's experts whole over its tp devices
+        (vLLM's --enable-expert-parallel) rather than each expert's MLP columns.
       progress: show a tqdm bar.
     """
     if path is None:
@@ -225,6 +251,10 @@ def load_params(
     else:
         raise ValueError(f"{path} is neither a HF checkpoint folder nor a .gguf file")
     kv_repeat = 1
+    if enable_expert_parallel:
+        if mesh is None:
+            raise ValueError("load_params: enable_expert_parallel needs a mesh to split the experts over")
+        config = config.replace(expert_parallel=True)  # ValueError for a model without experts
     if mesh is not None:
         if shardings is not None:
             raise ValueError("load_params: pass shardings or mesh, not both")
@@ -240,12 +270,13 @@ def load_params(
 def _open_gguf(path: Path) -> tuple[ModelConfig, Source, str]:
     gguf = GGUFFile(path)
     meta, tensors = gguf.metadata, gguf.tensors
-    fam = family_for_gguf(meta)
+    family_for_gguf(meta)  # a clear error for an architecture we do not read
     arch = meta["general.architecture"]
     if "token_embd.weight" in tensors and f"{arch}.vocab_size" not in meta:
         meta[f"{arch}.vocab_size"] = int(tensors["token_embd.weight"].shape[0])
     config = ModelConfig.from_gguf(meta, tensors.keys(), name=path.stem)
-    names = _expand(fam.gguf_tensor_map, config.num_layers)
+    fam = family(config.architecture)  # may differ from the GGUF's (a llama with experts is Mixtral)
+    names = _expand(fam.gguf_tensor_map, config.num_layers, config.num_experts)
 
     def reader_for(name: str):
         heads = fam.gguf_permuted.get(name.split(".")[-2])
@@ -253,7 +284,8 @@ def _open_gguf(path: Path) -> tuple[ModelConfig, Source, str]:
 
         def load():
             w = gguf.load(name)  # float32, HF [out, in] layout
-            return np.array(_gguf_unpermute(w, n_heads) if n_heads else w)
+            w = _gguf_unpermute(w, n_heads) if n_heads else w
+            return np.array(fam.gguf_fix(name, w) if fam.gguf_fix is not None else w)
         return load
 
     unknown = sorted(set(tensors) - set(names))
@@ -278,8 +310,10 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
                kv_repeat: int = 1, cache: Path | None = None):
     """Converts each checkpoint tensor to our layout and places it; checks names and shapes.
 
-    With `cache`, the converted tensors (in `dtype`, before any kv-head replication) are read
-    from that file when it exists, and written to it otherwise.
+    Per-expert tensors (targets "path[e]") are stacked on the host, one leaf at a time, and the
+    whole [X, ...] leaf placed once all its experts are in. With `cache`, the converted leaves
+    (in `dtype`, before any kv-head replication) are read from that file when it exists, and
+    written to it otherwise.
     """
     shapes, axes = abstract_params(config)
     flat_shapes = {".".join(k.key for k in p): (tuple(k.key for k in p), s)
@@ -308,18 +342,36 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
             pass
         out.clear()  # unusable: convert again and rewrite it
     fam = family(config.architecture)
-    table = _expand(fam.weight_map, config.num_layers)
+    table = _expand(fam.weight_map, config.num_layers, config.num_experts)
     prefix = fam.base_prefix
 
     def targets(hf):
         t = table[hf][0]
         return t if isinstance(t, tuple) else (t,)
 
+    def fits(hf):  # every target is a leaf of this config (an expert slot: within its leaf)
+        for t in targets(hf):
+            path, slot = _leaf(t)
+            if path not in flat_shapes or (slot is not None and slot >= flat_shapes[path][1].shape[0]):
+                return False
+        return True
+
+    ignored = re.compile(fam.hf_ignored) if fam.hf_ignored else None
+
+    def renamed(name: str) -> str:  # a multimodal checkpoint's names for its text model (Gemma 3)
+        for old, new in fam.hf_renames.items():
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
     # our leaves -> the HF name that fills them; checkpoints may lack the base-model prefix
     plan, unexpected = {}, []
     for name in source:
-        hf = name if name in table else prefix + name if prefix + name in table else None
-        if hf is not None and all(t in flat_shapes for t in targets(hf)):
+        if ignored is not None and ignored.search(name):
+            continue  # not part of this model (a vision tower)
+        hf = renamed(name)
+        hf = hf if hf in table else prefix + hf if prefix + hf in table else None
+        if hf is not None and fits(hf):
             plan[hf] = name
         elif _IGNORED.search(name) or (hf == "lm_head.weight" and config.tie_word_embeddings):
             continue  # buffers, or a tied head saved twice
@@ -328,25 +380,54 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
     if unexpected:
         raise ValueError(f"{desc}: checkpoint tensors that this {config.architecture} config has no place for "
                          f"(unsupported option or wrong config?): {unexpected[:8]}")
-    filled = {t for hf in plan for t in targets(hf)}
-    missing = [hf for hf in table if all(t in flat_shapes for t in targets(hf)) and hf not in plan]
-    if missing or filled != set(flat_shapes):
-        raise ValueError(f"{desc}: checkpoint lacks tensors: {missing[:8] or sorted(set(flat_shapes) - filled)[:8]}")
+    filled: dict[str, str] = {}  # target -> the checkpoint tensor filling it
+    by_leaf: dict[str, str] = {}  # leaf -> a tensor filling it (whole or one expert)
+    for hf, name in plan.items():
+        for t in targets(hf):
+            path, slot = _leaf(t)
+            if t in filled or (path in by_leaf and (slot is None or path in filled)):
+                raise ValueError(f"{desc}: tensors {by_leaf[path]} and {name} both fill {path}")
+            filled[t] = by_leaf[path] = name
+    # a leaf is complete when filled whole or every expert slot of it is
+    need = [t for p, (_, s) in flat_shapes.items()
+            for t in ([p] if p in filled or tuple(flat_axes[p])[:1] != ("experts",)
+                      else [f"{p}[{e}]" for e in range(s.shape[0])])]
+    unfilled = set(need) - filled.keys()
+    if unfilled:
+        missing = [hf for hf in table if fits(hf) and hf not in plan and set(targets(hf)) & unfilled]
+        raise ValueError(f"{desc}: checkpoint lacks tensors: {missing[:8] or sorted(unfilled)[:8]}")
 
     writer = _CacheWriter.open(cache, {t: s.shape for t, (_, s) in flat_shapes.items()}, dtype) if cache else None
+    stacks: dict[str, tuple[np.ndarray, set[int]]] = {}  # leaf -> (host buffer, slots filled)
+
+    def convert_and_place(path: str, arr: np.ndarray) -> None:
+        arr = arr.astype(dtype, copy=False)  # cast on the host: no per-shape device compile
+        if writer is not None:
+            writer.write(path, arr)
+        place(path, arr)
+
     try:
-        for hf, name in tqdm(plan.items(), desc=f"loading {desc}", unit="tensor", disable=not progress,
-                             leave=False):
+        # in our paths' order, so the experts of one leaf come together and one stack is open at a time
+        for hf, name in tqdm(sorted(plan.items(), key=lambda item: targets(item[0])[0]), desc=f"loading {desc}",
+                             unit="tensor", disable=not progress, leave=False):
             how, ts = table[hf][1], targets(hf)
-            want = _source_shape(how, flat_shapes[ts[0]][1].shape, tuple(flat_axes[ts[0]]))
+            path, slot = _leaf(ts[0])
+            cut = slot is not None  # one expert's slice of a stacked leaf
+            want = _source_shape(how, flat_shapes[path][1].shape[cut:], tuple(flat_axes[path])[cut:],
+                                 [flat_shapes[_leaf(t)[0]][1].shape[cut:] for t in ts])
             w = source[name]()
             if tuple(w.shape) != want:
                 raise ValueError(f"{desc}: tensor {name} has shape {tuple(w.shape)}, this config needs {want}")
-            for t, arr in zip(ts, _convert(how, w, [flat_shapes[t][1].shape for t in ts])):
-                arr = arr.astype(dtype, copy=False)  # cast on the host: no per-shape device compile
-                if writer is not None:
-                    writer.write(t, arr)
-                place(t, arr)
+            for t, arr in zip(ts, _convert(how, w, [flat_shapes[_leaf(t)[0]][1].shape[cut:] for t in ts])):
+                path, slot = _leaf(t)
+                if slot is None:
+                    convert_and_place(path, arr)
+                    continue
+                buf, done = stacks.setdefault(path, (np.empty(flat_shapes[path][1].shape, dtype), set()))
+                buf[slot] = arr
+                done.add(slot)
+                if len(done) == buf.shape[0]:
+                    convert_and_place(path, stacks.pop(path)[0])
             del w
     except BaseException:
         if writer is not None:

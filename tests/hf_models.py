@@ -33,6 +33,38 @@ CONFIGS = {
 }
 
 
+_SMALL = dict(_COMMON, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=128, max_position_embeddings=256, initializer_range=INIT)
+# The 2024-25 families with their peculiarities on: windows of 8 (shorter than most prompts), soft-caps,
+# q/k norm, biases, a head_dim of its own, local / global rotary bases, fused Phi-3 projections.
+# Gemma runs HF's eager attention (its sdpa path has no soft-cap).
+CONFIGS |= {
+    "qwen2": lambda: transformers.Qwen2Config(**_SMALL),
+    "qwen3": lambda: transformers.Qwen3Config(**_SMALL, head_dim=24, attention_bias=True),
+    "mistral": lambda: transformers.MistralConfig(**_SMALL, sliding_window=8),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **{**_SMALL, "num_hidden_layers": 3}, head_dim=16, sliding_window=8, attn_logit_softcapping=10.0,
+        final_logit_softcapping=15.0, query_pre_attn_scalar=20, attn_implementation="eager"),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**_SMALL, "num_hidden_layers": 3}, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+    "phi3": lambda: transformers.Phi3Config(
+        **_SMALL, sliding_window=12, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                       "partial_rotary_factor": 0.5}),
+}
+NEW_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+# Mixture of experts: more experts than top_k; Qwen3-MoE with a dense layer among the sparse ones.
+CONFIGS |= {
+    "mixtral": lambda: transformers.MixtralConfig(**_SMALL, num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **{**_SMALL, "num_hidden_layers": 3}, head_dim=24, num_experts=16, num_experts_per_tok=4,
+        moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=False),
+}
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+
+
 def build(arch: str, folder, seed: int = 0):
     """Builds, perturbs and saves a tiny HF model of `arch` (with a test tokenizer) in folder."""
     torch.manual_seed(seed)

@@ -409,3 +409,141 @@ def test_async_scheduling_matches_sync(llama):
     assert results[0] == results[1] == results[2] == results[3]
     assert pending_rows[0] == pending_rows[2] == 0
     assert pending_rows[1] > 20 and pending_rows[3] > 20  # decodes really read tokens on device
+
+
+# --- the 2024-25 families -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=hf_models.NEW_FAMILIES + hf_models.MOE_FAMILIES)
+def family(request, tmp_path_factory):
+    """(arch, HF torch model, our float32 Params) for one of the newer families."""
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = hf_models.build(request.param, folder, seed=len(request.param) + 1)
+    return request.param, hf, pj.load_params(folder, dtype=np.float32, progress=False)
+
+
+def test_family_matches_hf_with_preemption_and_prefix_hits(family):
+    """Greedy tokens equal HF `generate` for requests arriving in waves, sharing a prefix longer
+    than the sliding windows (prefix-cache hits), in a pool small enough to preempt, with
+    prefills chunked under the token budget."""
+    arch, hf, params = family
+    seed = 20 + len(arch)
+    rng = np.random.default_rng(seed)
+    prefix = hf_models.random_prompts(rng, 1, 32, 32)[0]
+    prompts = [prefix + p for p in hf_models.random_prompts(rng, 6, 1, 12)] + hf_models.random_prompts(rng, 6, 5, 40)
+    max_tokens = [int(m) for m in rng.integers(4, 16, size=len(prompts))]
+    arrivals = {0: [("r0", prompts[0], pj.SamplingParams(max_tokens=max_tokens[0], temperature=0.0, ignore_eos=True))]}
+    for i in range(1, len(prompts)):
+        sp = pj.SamplingParams(max_tokens=max_tokens[i], temperature=0.0, ignore_eos=True)
+        arrivals.setdefault(4 + 2 * (i // 4), []).append((f"r{i}", prompts[i], sp))
+    # every layer windowed: passed pages are freed, so a smaller pool is needed to preempt
+    num_pages = 14 if params.config.kv_sliding_window else 30
+    engine = make_engine(params, page_size=4, num_pages=num_pages, max_num_batched_tokens=32)
+    outs = run_all(engine, arrivals)
+    stats = engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits >= 3 * 32, (arch, stats)  # (some evicted)
+    want = [hf_models.hf_greedy(hf, p, m) for p, m in zip(prompts, max_tokens)]
+    for i, p in enumerate(prompts):
+        assert outs[f"r{i}"].outputs[0].token_ids == want[i], (arch, seed, i)
+    assert_clean(engine, outs)
+    # the public API: pj.generate, every request at once, in the same small pool
+    sps = [pj.SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
+    gen = pj.generate(params, prompts, sps, use_tqdm=False, max_num_seqs=8, max_num_batched_tokens=32,
+                      max_model_len=128, page_size=4, num_pages=num_pages)
+    assert [o.outputs[0].token_ids for o in gen] == want, arch
+
+
+def test_sliding_window_frees_pages_during_a_long_generation(tmp_path):
+    """Mistral with a window of 8 on every layer: a 150-token generation from a prompt longer
+    than the window matches HF token for token, while the pool never holds more than the
+    window's pages for it (43 pages without freeing; this pool has 11)."""
+    hf = hf_models.build("mistral", tmp_path, seed=3)
+    params = pj.load_params(tmp_path, dtype=np.float32, progress=False)
+    assert params.config.kv_sliding_window == 8
+    prompt = hf_models.random_prompts(np.random.default_rng(8), 1, 20, 20)[0]
+    sp = pj.SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+    engine = make_engine(params, page_size=4, num_pages=12, max_model_len=256, max_num_batched_tokens=32)
+    usable = engine.stats().num_usable_pages
+    engine.add_request("long", prompt, sp)
+    used, out = [], None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o if o.finished else out
+        used.append(usable - engine.stats().num_free_pages)
+    assert out.outputs[0].token_ids == hf_models.hf_greedy(hf, prompt, 150)
+    # a decode at position p holds the pages of positions p - 7 .. p: 3 pages of 4, one more while
+    # a page fills; the prompt's step held ceil(20 / 4) = 5 (all of it, before any was passed)
+    assert max(used) == 5 and max(used[2:]) <= 4 and len(used) >= 150
+    assert engine.stats().num_free_pages == usable
+
+
+def hf_greedy_cached(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of HF's forward fed its own KV cache, one token a step after the prompt."""
+    import torch
+    import transformers
+
+    cache, out = transformers.DynamicCache(config=model.config), []
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[0, -1]
+        while len(out) < max_new_tokens:
+            out.append(int(logits.argmax()))
+            logits = model(torch.tensor([out[-1:]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    return out
+
+
+def test_phi3_longrope_generation_crosses_the_threshold(tmp_path):
+    """longrope (original_max_position_embeddings 32): a forward whose sequence is longer than 32
+    uses the long factors, K/V cached before staying as computed (transformers' rule in its
+    model). A prompt over the threshold matches HF `generate`; one whose generation crosses it
+    matches HF's forward fed its KV cache. (HF `generate` itself is not the oracle there:
+    transformers 5.17's Phi3ForCausalLM.prepare_inputs_for_generation drops the cache at the
+    crossing and then feeds only the last token, so it continues from an empty context.)"""
+    factors = np.random.default_rng(4).uniform(1.0, 6.0, size=(2, 4)).round(2).tolist()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(hf_models.CONFIGS, "phi3", lambda: __import__("transformers").Phi3Config(
+            **hf_models._SMALL, original_max_position_embeddings=32,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                             "short_factor": factors[0], "long_factor": factors[1]}))
+        hf = hf_models.build("phi3", tmp_path, seed=4)
+    params = pj.load_params(tmp_path, dtype=np.float32, progress=False)
+    assert params.config.rope_scaling.type == "longrope"
+    rng = np.random.default_rng(9)
+    prompts = [hf_models.random_prompts(rng, 1, 20, 20)[0], hf_models.random_prompts(rng, 1, 40, 40)[0]]
+    sp = pj.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    engine = make_engine(params)  # both prompts whole in the first step (budget 64)
+    outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
+    crossing = hf_greedy_cached(hf, prompts[0], 24)
+    assert outs["r0"].outputs[0].token_ids == crossing
+    assert outs["r1"].outputs[0].token_ids == hf_models.hf_greedy(hf, prompts[1], 24) == hf_greedy_cached(
+        hf, prompts[1], 24)
+    # HF generate's cache drop at the crossing (see above) shows: revisit this test if it goes away
+    assert crossing != hf_models.hf_greedy(hf, prompts[0], 24)
+    assert_clean(engine, outs)
+
+
+# --- mixture of experts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,moe_impl", [("mixtral", "ragged"), ("mixtral", "dense"), ("qwen3_moe", "ragged")])
+def test_generate_with_each_moe_impl_matches_hf(arch, moe_impl, tmp_path):
+    """pj.generate with the expert implementation chosen by EngineConfig.moe_impl (the default,
+    "capacity", runs in the family test above) equals HF generate token for token."""
+    hf = hf_models.build(arch, tmp_path, seed=11)
+    params = pj.load_params(tmp_path, dtype=np.float32, progress=False)
+    prompts = hf_models.random_prompts(np.random.default_rng(12), 5, 3, 30)
+    sp = pj.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    outs = pj.generate(params, prompts, sp, use_tqdm=False, moe_impl=moe_impl, max_num_seqs=8,
+                       max_num_batched_tokens=32, max_model_len=128)
+    assert pj.api._last[2].engine.runner.config.moe_impl == moe_impl
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert o.outputs[0].token_ids == hf_models.hf_greedy(hf, p, 10), (arch, moe_impl, i)
+
+
+def test_moe_engine_options_are_checked(llama):
+    _, params = llama
+    with pytest.raises(ValueError, match="moe_impl must be one of"):
+        EngineConfig(moe_impl="grouped")
+    with pytest.raises(ValueError, match="expert_parallel=True is not implemented for llama"):
+        make_engine(params, enable_expert_parallel=True, precompile=False)
+    with pytest.raises(ValueError, match="moe_impl='dense' is not implemented for llama"):
+        make_engine(params, moe_impl="dense", precompile=False)

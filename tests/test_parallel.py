@@ -1,7 +1,7 @@
 """Tensor parallelism on 8 fake CPU devices: tp = 2, 4, 8 against tp = 1, float32.
 
 Tiny random HF models with 8 attention heads (so tp = 8 divides) of every architecture; the
-llama has 2 kv heads, so tp = 4 and 8 replicate kv heads (K < tp, as vLLM does). Checked:
+llama, qwen3 and gemma2 have 2 kv heads, so tp = 4 and 8 replicate kv heads (K < tp, as vLLM does). Checked:
 logits of a prefill step and of a mixed decode + chunked-prefill step within 1e-5 of tp = 1,
 the pool holding the right kv head on each device, greedy tokens of the engine equal to tp = 1,
 the compiled step's collectives (one all-reduce after the embedding, after attention and after
@@ -32,7 +32,8 @@ from pagedjax.weights import load_params
 
 from tests import hf_models
 
-ARCHS = ("llama", "gpt2", "gpt_neox", "opt")
+ARCHS = ("llama", "gpt2", "gpt_neox", "opt", "qwen3", "gemma2")  # qwen3, gemma2: GQA (2 kv heads),
+# q/k norm and a head_dim of its own; windows, soft-caps, pre/post norms, scaled embeddings
 HEADS = 8  # tp = 8 divides; the llama keeps hf_models' 2 kv heads
 # The jnp reference attention: it runs under plain GSPMD sharding (the custom call: see the end)
 ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, num_pages=24,
@@ -214,7 +215,8 @@ def _collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
     return out
 
 
-@pytest.mark.parametrize("arch,tp,T", [("llama", 8, 16), ("gpt2", 4, 128), ("opt", 2, 16)])
+@pytest.mark.parametrize("arch,tp,T", [("llama", 8, 16), ("gpt2", 4, 128), ("opt", 2, 16), ("qwen3", 4, 16),
+                                       ("gemma2", 8, 16)])
 def test_step_collectives(folder, arch, tp, T):
     """All-reduce after the embedding, each attention and each MLP; only the logits gathered."""
     params = _load(folder(arch), tp)

@@ -26,10 +26,11 @@ def next_token(context, seed=0):
     return hash((seed, *context)) % VOCAB
 
 
-def reference_generate(prompt, sp, max_model_len, eos=EOS, start=()):
+def reference_generate(prompt, sp, max_model_len, eos=EOS, start=(), window=0):
     """(output tokens, finish_reason, stop_reason) of one request generated alone, no pages.
 
     `start`: outputs already there (a forked beam's), checked like any output before going on.
+    `window`: the model reads only the last `window` tokens (a sliding window on every layer).
     """
     seed = getattr(sp, "seed", None) or 0
     max_tokens = sp.max_tokens if sp.max_tokens is not None else max_model_len - len(prompt)
@@ -44,14 +45,19 @@ def reference_generate(prompt, sp, max_model_len, eos=EOS, start=()):
                     return out, "stop", t
             if len(out) >= max_tokens or len(prompt) + len(out) >= max_model_len:
                 return out, "length", None
-        out.append(next_token(prompt + out, seed))
+        context = prompt + out
+        out.append(next_token(context[-window:] if window else context, seed))
 
 
 class FakeRunner:
-    """Runs SchedulerOutputs on a fake page pool and checks the page discipline as it goes."""
+    """Runs SchedulerOutputs on a fake page pool and checks the page discipline as it goes.
+
+    With a sliding window W the model reads a sampling request's last W positions only (the
+    pages before them may have been freed and reused by others)."""
 
     def __init__(self, sched):
         self.sched = sched
+        self.window = sched.kv_cache.sliding_window
         self.ps = sched.page_size
         self.pool = [[None] * self.ps for _ in range(sched.kv_cache.allocator.num_pages)]
         self.host = {}  # host slot -> a swapped-out page's contents
@@ -96,7 +102,7 @@ class FakeRunner:
             if s.sample:
                 end = s.num_computed_tokens + len(s.token_ids)
                 context = []
-                for pos in range(end):
+                for pos in range(max(end - self.window, 0) if self.window else 0, end):
                     slot = self.pool[s.block_table[pos // ps]][pos % ps]
                     assert slot is not None and slot[1] == pos, f"{s.request_id}: position {pos} not in its pages"
                     context.append(slot[0])
@@ -120,10 +126,19 @@ def check_invariants(sched, out):
     for r in sched.running:  # waste: allocated-but-unwritten slots, under one page per request
         waste = len(r.block_table) * ps - r.num_computed_tokens - scheduled.get(r.request_id, 0)
         assert 0 <= waste < ps, (r, waste)
+    # Null entries only where a sliding window has passed; a scheduled request holds none there.
+    kv = sched.kv_cache
+    for r in sched.requests.values():
+        skipped = kv.num_skipped_pages(r.num_computed_tokens)
+        assert NULL_PAGE not in r.block_table[skipped:], (r, r.block_table)
+        if kv.sliding_window:  # the window and this step's tokens at most
+            held = len(r.block_table) - r.block_table.count(NULL_PAGE)
+            assert held <= -(-(kv.sliding_window + cfg.max_num_batched_tokens) // ps) + 1, (r, r.block_table)
+    for s in out.scheduled:
+        assert set(s.block_table[:kv.num_skipped_pages(s.num_computed_tokens)]) <= {NULL_PAGE}, "not released"
     # Reference counts are exactly the number of block tables naming each page.
-    in_tables = Counter(p for r in sched.requests.values() for p in r.block_table)
+    in_tables = Counter(p for r in sched.requests.values() for p in r.block_table if p != NULL_PAGE)
     alloc = sched.kv_cache.allocator
-    assert NULL_PAGE not in in_tables
     assert all(alloc.ref_count(p) == in_tables[p] for p in range(1, alloc.num_pages))
     assert alloc.num_free_pages == alloc.num_usable_pages - len(in_tables)
     # Host slots: held only by swapped-out requests, which wait with no pages.
@@ -132,7 +147,8 @@ def check_invariants(sched, out):
     assert len(set(slots)) == len(slots) == sched.kv_cache.swap_space.num_slots - sched.kv_cache.swap_space.num_free_slots
     for r in swapped:
         assert r.status == RequestStatus.PREEMPTED and r in sched.waiting and not r.block_table
-        assert len(r.swapped_slots) == -(-r.num_computed_tokens // ps)
+        num_pages = -(-r.num_computed_tokens // ps)  # less the pages a sliding window had freed
+        assert num_pages - kv.num_skipped_pages(r.num_computed_tokens) <= len(r.swapped_slots) <= num_pages
 
 
 def run(sched, arrivals, max_steps=20_000):
@@ -192,10 +208,10 @@ def run_async(sched, arrivals, max_steps=20_000):
     return finish(sched, runner, finished)
 
 
-def make_sched(num_pages=256, page_size=4, prefix=True, num_host_pages=256, **cfg):
+def make_sched(num_pages=256, page_size=4, prefix=True, num_host_pages=256, sliding_window=0, **cfg):
     cfg = dict(dict(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=128), **cfg)
     cache = CacheConfig(page_size=page_size, num_pages=num_pages, enable_prefix_caching=prefix,
-                        num_host_pages=num_host_pages)
+                        num_host_pages=num_host_pages, sliding_window=sliding_window)
     return Scheduler(SchedulerConfig(**cfg), cache)
 
 
@@ -238,7 +254,8 @@ def assert_matches_reference(runner, reqs, max_model_len=128):
     assert set(runner.finished) == {r.request_id for r in reqs}
     for r in reqs:
         got = runner.finished[r.request_id]
-        out, reason, stop_reason = reference_generate(r.prompt_token_ids, r.sampling_params, max_model_len)
+        out, reason, stop_reason = reference_generate(r.prompt_token_ids, r.sampling_params, max_model_len,
+                                                      window=runner.window)
         assert got.output_token_ids == out, r.request_id
         assert (got.finish_reason, got.stop_reason) == (reason, stop_reason)
         assert got.block_table == []
@@ -748,11 +765,13 @@ def test_forks_over_max_num_seqs_wait_their_turn():
 # ---------------------------------------------------------------------------- host/device line
 
 
+@pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("seed", range(8))
-def test_randomized_everything_against_the_reference(seed, mode):
+def test_randomized_everything_against_the_reference(seed, mode, window):
     """Random configs, arrivals, n > 1, aborts, engine stops and beam forks, in tiny pools;
-    by swap, with host slots for a few requests at most (some preemptions recompute)."""
+    by swap, with host slots for a few requests at most (some preemptions recompute); with a
+    sliding window, whose passed pages are freed and reused while the requests run on."""
     rng = random.Random(100 + seed)
     ps = rng.choice([1, 2, 4, 8])
     max_model_len = 64
@@ -762,7 +781,7 @@ def test_randomized_everything_against_the_reference(seed, mode):
         num_pages=1 + rng.randint(64 // ps, 3 * 64 // ps), page_size=ps, prefix=rng.random() < 0.6,
         max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=budget, max_model_len=max_model_len,
         enable_chunked_prefill=chunked, long_prefill_token_threshold=rng.choice([0, 0, 5]),
-        preemption_mode=mode, num_host_pages=rng.randint(0, 2 * 64 // ps),
+        preemption_mode=mode, num_host_pages=rng.randint(0, 2 * 64 // ps), sliding_window=window,
     )  # fmt: skip
     runner = FakeRunner(sched)
     shared = [rng.randrange(1, VOCAB) for _ in range(20)]
@@ -815,7 +834,7 @@ def test_randomized_everything_against_the_reference(seed, mode):
     assert sched.kv_cache.swap_space.num_free_slots == sched.kv_cache.swap_space.num_slots
     for rid, (prompt, sp, start) in expected.items():
         got = finished[rid]
-        ref, reason, stop_reason = reference_generate(prompt, sp, max_model_len, start=start)
+        ref, reason, stop_reason = reference_generate(prompt, sp, max_model_len, start=start, window=window)
         if rid in cut:
             assert got.output_token_ids == ref[: got.num_output_tokens] and got.finish_reason == cut[rid]
         else:
@@ -864,3 +883,54 @@ def test_generated_pages_are_cached_under_their_tokens(runner):
     result = runner(sched, [[a]] + [[] for _ in range(30)] + [[b]])
     assert_matches_reference(result, [a, b])
     assert result.finished["b"].num_cached_tokens == 28  # 10 + 21 - 1 computed positions: 7 pages of 4
+
+
+# ---------------------------------------------------------------------------- sliding window
+
+
+def test_sliding_window_frees_passed_pages_of_a_long_generation():
+    """A window of 6 on every layer: a 200-token generation in a pool of 7 usable pages (it would
+    need 53 without freeing; 7 = a 16-token step's span with its window), holding at most 3
+    pages at any step, with the reference's tokens."""
+    req = Request("a", list(range(1, 11)), SamplingParams(max_tokens=200, ignore_eos=True), eos_token_id=EOS)
+    sched = make_sched(num_pages=1 + 7, sliding_window=6, max_model_len=256, max_num_batched_tokens=16)
+    held = []
+    real_schedule = sched.schedule
+
+    def schedule():
+        out = real_schedule()
+        held.append(sum(p != NULL_PAGE for p in req.block_table))
+        return out
+
+    sched.schedule = schedule
+    runner = run(sched, [[req]])
+    assert_matches_reference(runner, [req], max_model_len=256)
+    assert max(held) == 3 and len(held) == 200
+    with pytest.raises(ValueError, match="needs up to 53 pages"):  # the same request without a window
+        make_sched(num_pages=1 + 7, max_model_len=256, max_num_batched_tokens=16).add_request(
+            Request("b", list(range(1, 11)), SamplingParams(max_tokens=200), eos_token_id=EOS))
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("driver", [run, run_async])
+def test_sliding_window_with_preemption_prefix_hits_and_samples(mode, driver):
+    """Windows of 5 with a shared prefix (hits past the window are not taken), n > 1 samples of a
+    prompt longer than the window, preemptions by recompute or swap (swap-in brings back only the
+    window's pages), synchronous and async."""
+    rng = random.Random(12)
+    shared = [rng.randrange(1, VOCAB) for _ in range(17)]
+    reqs = random_requests(rng, 16, max_prompt=20, max_out=40, prefix=shared, tag="w")
+    sp = SamplingParams(n=3, seed=5, max_tokens=30, ignore_eos=True)
+    reqs += [Request("s", shared + [3, 4], sp, eos_token_id=EOS)]
+    sched = make_sched(num_pages=1 + 9, max_model_len=96, max_num_batched_tokens=16, preemption_mode=mode,
+                       sliding_window=5)
+    runner = driver(sched, waves(reqs, every=4, size=4))
+    check_preemptions(sched, runner, mode)
+    assert sched.stats().prefix_cache_hits > 0
+    for r in reqs:
+        for i in range(r.sampling_params.n):
+            sp = r.sampling_params.for_sample(i) if r.sampling_params.n > 1 else r.sampling_params
+            rid = f"{i}_{r.request_id}" if r.sampling_params.n > 1 else r.request_id
+            got = runner.finished[rid]
+            assert (got.output_token_ids, got.finish_reason) == reference_generate(
+                r.prompt_token_ids, sp, 96, window=5)[:2], rid

@@ -266,7 +266,16 @@ def test_config_self_checks():
     with pytest.raises(ValueError, match="grouped-query attention"):
         get_config("tiny-gpt2").replace(num_kv_heads=2)
     with pytest.raises(ValueError, match="rope_scaling type"):
+        RopeScaling("yarn")
+    with pytest.raises(ValueError, match="longrope"):  # its factors are needed
         RopeScaling("longrope")
+    with pytest.raises(ValueError, match="longrope factors have 2 entries"):
+        get_config("tiny-llama").replace(rope_scaling=RopeScaling("longrope", short_factor=(1.0, 2.0),
+                                                                  long_factor=(1.0, 3.0)))
+    with pytest.raises(ValueError, match="layer_types"):
+        get_config("gemma2-9b").replace(layer_types=("sliding_attention",))
+    with pytest.raises(ValueError, match="sliding_window=7 is not implemented for llama"):
+        get_config("tiny-llama").replace(sliding_window=7)
     with pytest.raises(ValueError, match="GGUF architecture"):
         ModelConfig.from_gguf({"general.architecture": "falcon"}, [])
     assert hash(get_config("llama3-8b")) == hash(get_config("llama3-8b").replace())

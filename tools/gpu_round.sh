@@ -15,7 +15,7 @@ cp "$(python3 -c "import pagedjax._kernels as k; print(k.__file__)")" "$OUTDIR/s
 echo "build took $(( $(date +%s) - start )) s"
 echo "== gpu tests"
 PAGEDJAX_TEST_GPU=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest \
-  tests/test_kv_write.py tests/test_paged_attention_ffi.py tests/test_paged_attention_variants.py tests/test_gpu_engine.py -m gpu -q -rs -x \
+  tests/test_kv_write.py tests/test_paged_attention_ffi.py tests/test_paged_attention_variants.py tests/test_gpu_engine.py tests/test_moe.py -m gpu -q -rs -x \
   -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
 if [ "${SKIP_PROFILE:-0}" != 1 ]; then
   for mode in async sync; do

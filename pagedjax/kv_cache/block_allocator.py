@@ -34,15 +34,19 @@ class CacheConfig:
     num_pages: int | None = None  # pages in the pool, the null page 0 included; None: sized by the runner
     enable_prefix_caching: bool = True
     num_host_pages: int = 0  # host slots for pages of requests preempted by swap (kv_cache/swap.py)
+    # the model's window when every layer reads within one (ModelConfig.kv_sliding_window), else 0:
+    # pages wholly behind a request's window are freed (KVCacheManager.remove_skipped_pages)
+    sliding_window: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or self.page_size < 1:
             raise ValueError(f"page_size must be an integer >= 1, got {self.page_size!r}.")
         if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
             raise ValueError(f"num_pages must be an integer >= 2 (page 0 is null) or None, got {self.num_pages!r}.")
-        n = self.num_host_pages
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"num_host_pages must be an integer >= 0, got {self.num_host_pages!r}.")
+        for name in ("num_host_pages", "sliding_window"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {n!r}.")
 
 
 def hash_page(parent: PageHash | None, token_ids: Sequence[int]) -> PageHash:
@@ -119,17 +123,22 @@ class BlockAllocator:
         return [self._pop_free() for _ in range(num)]
 
     def free(self, block_table: Sequence[int]) -> None:
-        """Drops one reference on each page of `block_table`.
+        """Drops one reference on each page of `block_table` (null entries, pages a sliding window
+        released, are skipped).
 
         Pages are released last first, so a request's tail (the least shared part of its
         prefix) is evicted before its head.
         """
         for page in reversed(block_table):
-            self._decref(page)
+            if page != NULL_PAGE:
+                self._decref(page)
 
     def share(self, pages: Sequence[int]) -> None:
-        """Takes one more reference on each of `pages` (prefix hits or a fork), cached ones included."""
+        """Takes one more reference on each of `pages` (prefix hits or a fork), cached ones included;
+        null entries (released by a sliding window) stay null."""
         for page in pages:
+            if page == NULL_PAGE:
+                continue
             if self._ref_counts[page] == 0:
                 if page not in self._evictable:
                     raise ValueError(f"page {page} is neither in use nor cached")
@@ -143,7 +152,7 @@ class BlockAllocator:
         (the partial last page), which copies it if it is still shared.
         """
         for page in block_table:
-            if self._ref_counts[page] < 1:
+            if page != NULL_PAGE and self._ref_counts[page] < 1:
                 raise ValueError(f"cannot fork page {page}: it is not in use")
         self.share(block_table)
         return list(block_table)

@@ -10,6 +10,7 @@ here, never a silently wrong model later.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,25 +18,39 @@ import numpy as np
 
 # HF activation names we implement (pagedjax.models.layers.ACTIVATIONS holds the functions)
 ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu")
-ROPE_TYPES = ("default", "linear", "llama3")
-NORMS = ("rms", "layer")  # RMSNorm (LLaMA's) or LayerNorm
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# RMSNorm (LLaMA's: x * w), Gemma's RMSNorm (x * (1 + w), in float32) or LayerNorm
+NORMS = ("rms", "rms_unit_offset", "layer")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's `layer_types` values
+# How the experts of an MoE layer run (pagedjax.models.moe)
+MOE_IMPLS = ("auto", "ragged", "capacity", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """HF rope_scaling: "default", "linear" (positions / factor) or "llama3"."""
+    """HF rope_scaling: "default", "linear" (positions / factor), "llama3" or "longrope" (Phi-3)."""
 
     type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3, longrope
+    # longrope: per-frequency divisors [rotary_dim / 2] for sequences up to / past
+    # original_max_position_embeddings, and the factor on cos and sin (HF's attention_factor)
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
     def __post_init__(self):
         if self.type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_scaling type {self.type!r} (supported: {ROPE_TYPES})")
         if self.factor <= 0 or (self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor):
             raise ValueError(f"invalid rope_scaling {self}")
+        longrope = self.type == "longrope"
+        if longrope != bool(self.short_factor) or longrope != bool(self.long_factor) or (
+                len(self.short_factor) != len(self.long_factor)) or self.attention_factor <= 0:
+            raise ValueError(f"invalid rope_scaling {self}: short_factor and long_factor (of equal length) "
+                             f"are for longrope only, and needed there")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +92,22 @@ class ModelConfig:
     do_layer_norm_before: bool = True  # False: post-norm layers (OPT-350m)
     word_embed_proj_dim: int = 0  # embedding width when it differs from hidden_size (OPT), else 0
     final_norm: bool = True  # False: no norm before the head (OPT with post-norm layers)
+    qk_norm: bool = False  # the config's norm over head_dim on each q and k head, before rotary (Qwen3, Gemma 3)
+    # sliding-window attention: a layer of type "sliding_attention" sees keys p - W < k <= p
+    sliding_window: int = 0  # W; 0: none
+    layer_types: tuple[str, ...] = ()  # per layer, LAYER_TYPES; (): every layer sliding when W > 0
+    rope_local_theta: float = 0.0  # > 0: sliding layers' rotary base, without rope_scaling (Gemma 3)
+    attn_logit_softcap: float = 0.0  # > 0: scores s become c * tanh(s / c) (Gemma 2)
+    final_logit_softcap: float = 0.0  # > 0: the same on the output logits (Gemma 2)
+    query_pre_attn_scalar: float = 0.0  # > 0: scores scaled by its ** -0.5 instead of head_dim ** -0.5 (Gemma)
+    # mixture of experts (models/moe.py): num_experts 0 means a dense MLP in every layer
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # k: experts each token is routed to
+    moe_intermediate_size: int = 0  # F of each expert's SwiGLU MLP
+    norm_topk_prob: bool = True  # renormalize the k routing weights to sum to 1 (Mixtral; Qwen3-MoE's option)
+    dense_layers: tuple[int, ...] = ()  # layers with a dense MLP of intermediate_size instead of experts
+    moe_impl: str = "auto"  # how the experts run: models.moe.MOE_IMPLS (static)
+    expert_parallel: bool = False  # experts split whole over the tp devices, not by MLP columns
 
     def __post_init__(self):
         def bad(msg):
@@ -99,14 +130,55 @@ class ModelConfig:
             bad(f"unsupported norm {self.norm!r} (supported: {NORMS})")
         if self.rotary_dim and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             bad(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim {self.head_dim}]")
+        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+            bad(f"sliding_window must be an int >= 0, got {self.sliding_window!r}")
+        if self.layer_types and (len(self.layer_types) != self.num_layers
+                                 or not set(self.layer_types) <= set(LAYER_TYPES) or not self.sliding_window):
+            bad(f"layer_types must name one of {LAYER_TYPES} per layer ({self.num_layers}), with a "
+                f"sliding_window, got {self.layer_types!r}")
+        for f in ("rope_local_theta", "attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            if not getattr(self, f) >= 0:
+                bad(f"{f} must be >= 0, got {getattr(self, f)!r}")
+        scaling = self.rope_scaling
+        if scaling.type == "longrope" and 2 * len(scaling.short_factor) != self.rotary_dim:
+            bad(f"longrope factors have {len(scaling.short_factor)} entries, rotary_dim {self.rotary_dim} needs "
+                f"{self.rotary_dim // 2}")
         defaults = _feature_defaults()
         for f, default in defaults.items():
             value = getattr(self, f)
             if value != default and f not in family.options:
                 bad(f"{f}={value!r} is not implemented for {self.architecture} "
                     f"(its options: {sorted(family.options) or 'none'})")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                bad(f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts {self.num_experts}]")
+            if self.moe_intermediate_size <= 0:
+                bad(f"moe_intermediate_size must be a positive int, got {self.moe_intermediate_size!r}")
+        elif self.num_experts < 0:
+            bad(f"num_experts must be >= 0, got {self.num_experts}")
+        if self.moe_impl not in MOE_IMPLS:
+            bad(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if any(not 0 <= i < self.num_layers for i in self.dense_layers) or list(self.dense_layers) != sorted(
+                set(self.dense_layers)):
+            bad(f"dense_layers {self.dense_layers} must be sorted, distinct layer indices < {self.num_layers}")
         if family.check is not None:
             family.check(self, bad)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it attends to every earlier token."""
+        if not self.sliding_window:
+            return None
+        sliding = not self.layer_types or self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
+
+    @property
+    def kv_sliding_window(self) -> int:
+        """The window every layer reads within (pages wholly behind it can be freed), else 0."""
+        return self.sliding_window if all(self.layer_window(i) for i in range(self.num_layers)) else 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` routes its tokens to experts (else: a dense MLP)."""
+        return self.num_experts > 0 and layer_idx not in self.dense_layers
 
     @property
     def embed_dim(self) -> int:
@@ -167,15 +239,20 @@ def hf_rope(hf: Mapping[str, Any], head_dim: int, default_partial: float) -> dic
         raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: {ROPE_TYPES})")
     theta = p.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     partial = p.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial)))
+    needs = {"linear": {"factor"}, "llama3": {"factor", "low_freq_factor", "high_freq_factor",
+                                              "original_max_position_embeddings"},
+             "longrope": {"short_factor", "long_factor", "original_max_position_embeddings"}}.get(kind, set())
+    if not needs <= p.keys():
+        raise ValueError(f"rope_scaling {kind!r} lacks {sorted(needs - p.keys())}")
     fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"type"}
-    try:
-        scaling = RopeScaling(kind, **{k: p[k] for k in fields if k in p}) if kind != "default" else RopeScaling()
-        if kind == "linear" and "factor" not in p:
-            raise KeyError("factor")
-        if kind == "llama3" and not fields <= p.keys():
-            raise KeyError(sorted(fields - p.keys()))
-    except KeyError as e:
-        raise ValueError(f"rope_scaling {kind!r} lacks {e}") from None
+    kw = {k: tuple(map(float, v)) if isinstance(v, list) else v for k, v in p.items() if k in fields}
+    if kind == "longrope":  # transformers' _compute_longrope_parameters
+        orig = p["original_max_position_embeddings"]
+        factor = p.get("factor") or hf.get("max_position_embeddings", orig) / orig
+        kw["factor"] = 1.0
+        if p.get("attention_factor") is None:
+            kw["attention_factor"] = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    scaling = RopeScaling(kind, **kw) if kind != "default" else RopeScaling()
     return dict(rotary_dim=int(head_dim * partial), rope_theta=float(theta), rope_scaling=scaling)
 
 

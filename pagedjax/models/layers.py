@@ -1,11 +1,12 @@
 """Shared model math: projections, norms, rotary embeddings, MLPs and the paged attention block.
 
 Dims: T tokens in the flat batch, S positions whose logits are needed, D hidden, E embedding
-width (OPT may project it), F MLP width, N query heads, K kv heads, H head dim, V vocab.
+width (OPT may project it), F MLP width, N query heads, K kv heads, H head dim, V vocab;
+in the MoE block X experts, k experts per token.
 
 Every parameter carries logical axis names ("embed", "vocab", "heads", "kv_heads", "head_dim",
-"mlp", "norm"); pagedjax.parallel maps them to mesh axes. Activations keep the parameters'
-dtype; norms, softmax and logits are computed in float32.
+"mlp", "norm", "experts", "moe_mlp"); pagedjax.parallel maps them to mesh axes. Activations
+keep the parameters' dtype; norms, softmax, routing and logits are computed in float32.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 from pagedjax.attention import AttentionMetadata, paged_attention, resolve_impl
 from pagedjax.kv_cache.kv_dtype import is_fp8
 from pagedjax.kv_cache.page_pool import write_kv
-from pagedjax.models.config import ModelConfig
+from pagedjax.models import moe
+from pagedjax.models.config import ModelConfig, RopeScaling
 
 INIT_STD = 0.02
 
@@ -89,7 +91,13 @@ def lm_head(cfg: ModelConfig, embed: Embed, x: jax.Array) -> jax.Array:
         logits = embed.attend(x)
     else:
         logits = Einsum("se,ev->sv", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), name="lm_head")(x)
-    return logits.astype(jnp.float32)
+    return softcap_logits(cfg, logits.astype(jnp.float32))
+
+
+def softcap_logits(cfg: ModelConfig, logits: jax.Array) -> jax.Array:
+    """c * tanh(logits / c) with c = cfg.final_logit_softcap (Gemma 2); unchanged when 0."""
+    c = cfg.final_logit_softcap
+    return c * jnp.tanh(logits / c) if c else logits
 
 
 def head_logits(cfg: ModelConfig, variables, x: jax.Array) -> jax.Array:
@@ -103,7 +111,7 @@ def head_logits(cfg: ModelConfig, variables, x: jax.Array) -> jax.Array:
         logits = jnp.einsum("se,ve->sv", x, p["embed"]["embedding"].astype(x.dtype))
     else:
         logits = jnp.einsum("se,ev->sv", x, p["lm_head"]["kernel"].astype(x.dtype))
-    return logits.astype(jnp.float32)
+    return softcap_logits(cfg, logits.astype(jnp.float32))
 
 
 def head_rows(module: nn.Module, x: jax.Array, meta: AttentionMetadata, all_hidden: bool,
@@ -127,15 +135,22 @@ def head_rows(module: nn.Module, x: jax.Array, meta: AttentionMetadata, all_hidd
 
 
 class RMSNorm(nn.Module):
-    """LLaMA's RMSNorm: normalize in float32, cast back, then scale (HF's order)."""
+    """LLaMA's RMSNorm: normalize in float32, cast back, then scale (HF's order).
+
+    With `unit_offset` (Gemma's): scale by (1 + w) in float32, then cast back; w starts at 0.
+    """
 
     eps: float
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = _param(self, "scale", init, (x.shape[-1],), ("norm",))
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
@@ -158,19 +173,26 @@ class LayerNorm(nn.Module):
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
-    """The config's norm: RMSNorm (cfg.norm == "rms") or LayerNorm (optionally without affine)."""
-    if cfg.norm == "rms":
-        return RMSNorm(cfg.norm_eps, name=name)
+    """The config's norm: RMSNorm ("rms", Gemma's "rms_unit_offset") or LayerNorm (optionally without affine)."""
+    if cfg.norm in ("rms", "rms_unit_offset"):
+        return RMSNorm(cfg.norm_eps, cfg.norm == "rms_unit_offset", name=name)
     return LayerNorm(cfg.norm_eps, cfg.norm_affine, name=name)
 
 
 # --- rotary embeddings ----------------------------------------------------------------------
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [rotary_dim / 2] (host constant), with HF's rope_scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> np.ndarray:
+    """Inverse frequencies [rotary_dim / 2] (host constant), with HF's rope_scaling applied.
+
+    local: a sliding layer's, with cfg.rope_local_theta when set (unscaled, Gemma 3's local rotary).
+    long: longrope's long factors (else its short ones).
+    """
     dim, s = cfg.rotary_dim, cfg.rope_scaling
-    inv = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
+    if local and cfg.rope_local_theta:
+        s = RopeScaling()
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if s.type == "linear":
         inv = inv / s.factor
     elif s.type == "llama3":
@@ -181,14 +203,36 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
             s.high_freq_factor - s.low_freq_factor)
         medium = (1 - smooth) * inv / s.factor + smooth * inv
         inv = np.where(wavelen > low_wavelen, inv / s.factor, np.where(wavelen < high_wavelen, inv, medium))
+    elif s.type == "longrope":
+        inv = inv / np.asarray(s.long_factor if long else s.short_factor, np.float64)
     return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates the first 2 * len(inv_freq) dims of x [T, n, H] in HF's half-split layout."""
-    rot = 2 * inv_freq.shape[0]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, rot/2]
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # [T, 1, rot/2]
+def rope_angles(cfg: ModelConfig, meta: AttentionMetadata, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [T, rotary_dim / 2] float32 of each token's position, for apply_rope.
+
+    longrope (Phi-3) follows transformers' rule: a forward whose sequence is longer than
+    original_max_position_embeddings (max position + 1) uses the long factors, else the short
+    ones. A request's sequence here is its context up to this step's last token (seq_lens),
+    which is what HF sees when it runs that request alone with the same chunks.
+    """
+    pos = meta.positions.astype(jnp.float32)[:, None]  # [T, 1]
+    s = cfg.rope_scaling
+    if s.type != "longrope" or (local and cfg.rope_local_theta):
+        angles = pos * rope_inv_freq(cfg, local)[None, :]  # [T, rot/2]
+        return jnp.cos(angles), jnp.sin(angles)
+    T, R = meta.positions.shape[0], meta.seq_lens.shape[0]
+    req = jnp.clip(jnp.searchsorted(meta.query_start_loc, jnp.arange(T), side="right") - 1, 0, R - 1)  # [T]
+    long = (meta.seq_lens[req] > s.original_max_position_embeddings)[:, None]  # [T, 1]
+    inv = jnp.where(long, rope_inv_freq(cfg, long=True)[None, :], rope_inv_freq(cfg, long=False)[None, :])
+    angles = pos * inv  # [T, rot/2]
+    return jnp.cos(angles) * s.attention_factor, jnp.sin(angles) * s.attention_factor
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates the first 2 * cos.shape[-1] dims of x [T, n, H] in HF's half-split layout."""
+    rot = 2 * cos.shape[-1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, rot/2]
     xf = x[..., :rot].astype(jnp.float32)
     x1, x2 = xf[..., : rot // 2], xf[..., rot // 2 :]  # [T, n, rot/2] each
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -212,6 +256,38 @@ class GatedMLP(nn.Module):
             up = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, name="up_proj")(x)  # [T, F]
             h = ACTIVATIONS[cfg.activation](gate) * up
             return Einsum("tf,fd->td", (F, D), ("mlp", "embed"), b, name="down_proj")(h)  # [T, D]
+
+
+class SparseMoeBlock(nn.Module):
+    """Mixtral's / Qwen3-MoE's MLP: a router picks k of X SwiGLU experts per token, their outputs
+    summed with the routing weights (models/moe.py has the math and its implementations)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, num_valid: jax.Array) -> jax.Array:
+        """x [T, D] -> [T, D]; tokens at index >= num_valid are padding: routed nowhere, output 0."""
+        cfg = self.config
+        D, X, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        init = nn.initializers.normal(INIT_STD)
+        with jax.named_scope("moe"):
+            logits = Einsum("td,dx->tx", (D, X), ("embed", None), name="gate")(x)  # [T, X] router, replicated
+            weights, ids = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, k] each
+            keep = jnp.broadcast_to((jnp.arange(x.shape[0]) < num_valid)[:, None], ids.shape)  # [T, k]
+            shapes = {"gate_proj": (X, D, F), "up_proj": (X, D, F), "down_proj": (X, F, D)}
+            w = {n: _param(self, f"experts_{n}", init, shapes[n], moe.EXPERT_AXES[n]) for n in shapes}
+            return moe.sharded_expert_mlp(
+                x, weights, ids, keep, w["gate_proj"], w["up_proj"], w["down_proj"],
+                expert_parallel=cfg.expert_parallel, activation=ACTIVATIONS[cfg.activation],
+                impl=moe.resolve_impl(cfg.moe_impl))  # [T, D]
+
+
+def feed_forward(cfg: ModelConfig, layer_idx: int, x: jax.Array, meta: AttentionMetadata,
+                 name: str = "mlp") -> jax.Array:
+    """The layer's MLP on x [T, D]: experts where cfg.is_moe_layer(layer_idx), else LLaMA's."""
+    if cfg.is_moe_layer(layer_idx):
+        return SparseMoeBlock(cfg, name=name)(x, meta.query_start_loc[-1])  # real tokens come first
+    return GatedMLP(cfg, name=name)(x)
 
 
 class MLP(nn.Module):
@@ -255,16 +331,21 @@ class Attention(nn.Module):
             q = Einsum("td,dnh->tnh", (D, N, H), ("embed", "heads", "head_dim"), b, name="q_proj")(x)
             k = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="k_proj")(x)
             v = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="v_proj")(x)
+            if cfg.qk_norm:  # per head, over head_dim: one [H] scale shared by the heads
+                q = norm(cfg, "q_norm")(q)  # [T, N, H]
+                k = norm(cfg, "k_norm")(k)  # [T, K, H]
+            window = cfg.layer_window(self.layer_idx)
             if cfg.rotary_dim:
-                inv_freq = rope_inv_freq(cfg)
-                q = apply_rope(q, meta.positions, inv_freq)  # [T, N, H]
-                k = apply_rope(k, meta.positions, inv_freq)  # [T, K, H]
+                cos, sin = rope_angles(cfg, meta, local=window is not None)  # [T, rot/2] each
+                q = apply_rope(q, cos, sin)  # [T, N, H]
+                k = apply_rope(k, cos, sin)  # [T, K, H]
             k_pages, v_pages = write_kv(*kv, k, v, meta.slot_mapping, impl="ffi" if impl == "ffi" else "xla",
                                         **scales)
-            scale = H**-0.5 if cfg.scale_attn_weights else 1.0
+            scale = (cfg.query_pre_attn_scalar or H) ** -0.5 if cfg.scale_attn_weights else 1.0
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= self.layer_idx + 1
-            o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl, **scales)  # [T, N, H]
+            o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl, sliding_window=window,
+                                logit_softcap=cfg.attn_logit_softcap or None, **scales)  # [T, N, H]
             chex.assert_shape(o, (T, N, H))
             out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, name="o_proj")(o)
         return out, (k_pages, v_pages)

@@ -17,11 +17,12 @@ from pagedjax.attention import AttentionMetadata
 from pagedjax.kv_cache.page_pool import KVPages
 from pagedjax.models.config import ModelConfig, RopeScaling, f32, hf_rope
 from pagedjax.models.family import ModelFamily
-from pagedjax.models.layers import Attention, Embed, GatedMLP, check_inputs, decoder_layers, head_rows, lm_head, norm
+from pagedjax.models.layers import (Attention, Embed, check_inputs, decoder_layers, feed_forward, head_rows, lm_head,
+                                    norm)
 
 
 class LlamaBlock(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)) (SwiGLU, or experts)."""
 
     config: ModelConfig
     layer_idx: int
@@ -33,7 +34,7 @@ class LlamaBlock(nn.Module):
         cfg = self.config
         h, kv = Attention(cfg, self.layer_idx, self.attn_impl, name="attn")(norm(cfg, "attn_norm")(x), kv, meta)
         x = x + h
-        x = x + GatedMLP(cfg, name="mlp")(norm(cfg, "mlp_norm")(x))
+        x = x + feed_forward(cfg, self.layer_idx, norm(cfg, "mlp_norm")(x), meta)
         return x, kv
 
 
@@ -73,9 +74,14 @@ def config_from_hf(hf: Mapping[str, Any], common: dict[str, Any]) -> ModelConfig
     )
 
 
-def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str], name: str = "") -> ModelConfig:
-    """A LLaMA-family GGUF file's metadata (llama.cpp's `llama.*` keys)."""
+def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str], name: str = "",
+                     experts: bool = True) -> ModelConfig:
+    """A LLaMA-family GGUF file's metadata (llama.cpp's `llama.*` keys); with experts, Mixtral's."""
     g = lambda key, default=None: meta.get(f"llama.{key}", default)
+    if experts and g("expert_count", 0):
+        from pagedjax.models import mixtral  # llama.cpp writes Mixtral as a llama with experts
+
+        return mixtral.config_from_gguf(meta, tensor_names, name)
     if "rope_freqs.weight" in tensor_names:
         raise ValueError("GGUF rope_freqs tensors (llama3 rope scaling) are not supported")
     scaling = g("rope.scaling.type", "none")

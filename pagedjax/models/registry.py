@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pagedjax.models import gpt2, gpt_neox, llama, opt
+from pagedjax.models import (gemma2, gemma3, gpt2, gpt_neox, llama, mistral, mixtral, opt, phi3, qwen2, qwen3,
+                             qwen3_moe)
 from pagedjax.models.family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -16,6 +17,14 @@ FAMILIES: tuple[ModelFamily, ...] = (
     gpt2.FAMILY,
     gpt_neox.FAMILY,
     opt.FAMILY,
+    qwen2.FAMILY,
+    qwen3.FAMILY,
+    mistral.FAMILY,
+    gemma2.FAMILY,
+    gemma3.FAMILY,
+    phi3.FAMILY,
+    mixtral.FAMILY,
+    qwen3_moe.FAMILY,
 )
 
 REGISTRY: dict[str, ModelFamily] = {f.name: f for f in FAMILIES}
@@ -50,11 +59,17 @@ def config_from_hf(hf: Mapping[str, Any], name: str = ""):
     from pagedjax.models.config import hf_common
 
     fam = family_for_hf(hf)
+    archs = hf.get("architectures")
     if hf.get("quantization_config"):
         raise ValueError(f"quantized checkpoints are not supported (quantization_config "
                          f"{hf['quantization_config'].get('quant_method', '?')!r})")
     if hf.get("add_cross_attention") or hf.get("is_encoder_decoder"):
         raise ValueError("cross attention / encoder-decoder models are not supported")
+    if "vocab_size" not in hf and isinstance(hf.get("text_config"), Mapping):
+        # a multimodal checkpoint: its text model (the token ids may be given at the top level)
+        hf = {**{k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}, **hf["text_config"],
+              "architectures": archs}
+    hf = {**fam.hf_defaults, **hf}
     try:
         return fam.config_from_hf(hf, hf_common(hf, fam.name, name))
     except KeyError as e:

@@ -1,0 +1,212 @@
+"""Mixture-of-experts math: top-k routing, and the expert MLPs run over the tokens routed to each.
+
+Dims: T tokens in the flat batch, D hidden, E experts (on this device), k experts per token,
+F expert MLP width, A = T * k (token, expert) assignments, C capacity (rows per expert and round).
+
+Three exact implementations of the expert MLPs, chosen by a static `impl` (MOE_IMPLS):
+  "ragged"    the assignments sorted by expert, `jax.lax.ragged_dot` with the group sizes
+              (a grouped GEMM: each expert multiplies only its own rows), unsorted, combined.
+  "capacity"  the same sorted assignments scattered into a padded [E, C, D] buffer, one batched
+              einsum per projection. C is static (`capacity`); an expert with more than C rows
+              takes further rounds (a while loop up to the fullest expert's count), so no token is
+              ever dropped. C = T (any step of at most MIN_CAPACITY tokens: every decode-sized
+              step) needs no loop at all; a loop's trip count is read back by the host on a GPU.
+  "dense"     every token through every expert, weighted by a dense [T, E] combine matrix (E / k
+              times the FLOPs: the baseline the other two are measured against).
+"auto" is "capacity": on the CPU it ran 1.5-40x faster than ragged_dot and 2-10x faster than
+"dense" from 256 tokens (8 and 32 experts); on the H200 a first probe measured a capacity layout
+2.6-7.5x faster than ragged_dot (notes/h200_probes.md). benchmarks/kernels/moe.py measures all
+three on the real shapes.
+
+Assignments that are not computed here (padding tokens; under expert parallelism the tokens
+routed to another device's experts) are masked by `keep` and contribute zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pagedjax.models.config import MOE_IMPLS
+
+
+CAPACITY_FACTOR = 1.5  # capacity rows per expert and round, over the mean (T * k / E)
+# Rows below which an expert's GEMM is bound by reading its weights (C is its arithmetic
+# intensity in FLOP/byte: ~166 is the H200's bf16 ridge): C never goes below this, unless T does.
+MIN_CAPACITY = 128
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" -> the implementation measured fastest ("capacity"); others are checked."""
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
+    return "capacity" if impl == "auto" else impl
+
+
+def route(router_logits: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    """HF's top-k router: softmax over all E logits in float32, the top k, optionally renormalized.
+
+    router_logits [T, E] -> (weights [T, k] f32, expert ids [T, k] int32). With renormalize this
+    equals a softmax over the k chosen logits (Mixtral); Qwen3-MoE makes it `norm_topk_prob`.
+    """
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [T, E]
+    weights, ids = jax.lax.top_k(probs, top_k)  # [T, k] each, largest first
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, ids.astype(jnp.int32)
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None = None) -> int:
+    """Static rows per expert and round: factor x the mean load, at least MIN_CAPACITY, at most T
+    (an expert gets each token at most once, so C = T always fits in one round)."""
+    mean = num_tokens * top_k / num_experts
+    factor = CAPACITY_FACTOR if factor is None else factor
+    return min(num_tokens, max(MIN_CAPACITY, 8 * math.ceil(factor * mean / 8)))
+
+
+def expert_mlp(
+    x: jax.Array,  # [T, D]
+    weights: jax.Array,  # [T, k] f32 routing weights
+    ids: jax.Array,  # [T, k] int32 expert of each assignment, in [0, E) for the kept ones
+    keep: jax.Array,  # [T, k] bool: assignments computed here
+    w_gate: jax.Array,  # [E, D, F]
+    w_up: jax.Array,  # [E, D, F]
+    w_down: jax.Array,  # [E, F, D]
+    *,
+    activation: Callable[[jax.Array], jax.Array],
+    impl: str,
+    capacity_rows: int | None = None,
+) -> jax.Array:
+    """sum_k weights[t, k] * down(act(gate(x_t)) * up(x_t)) of expert ids[t, k]: [T, D] float32.
+
+    SwiGLU experts in x's dtype, combined in float32; `impl` is "ragged", "capacity" or "dense";
+    capacity_rows: the capacity layout's C (default `capacity(T, k, E)`; any C >= 1 is exact).
+    """
+    T, k = ids.shape
+    E = w_gate.shape[0]
+    w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
+    weights = jnp.where(keep, weights, 0.0)
+    if impl == "dense":
+        return _dense(x, weights, jnp.where(keep, ids, E), w_gate, w_up, w_down, activation)
+    flat = jnp.where(keep, ids, E).reshape(T * k)  # [A]; dropped assignments sort last, as expert E
+    order = jnp.argsort(flat, stable=True)  # [A] assignment at each sorted row
+    expert = flat[order]  # [A] non-decreasing
+    counts = jnp.bincount(flat, length=E + 1)[:E].astype(jnp.int32)  # [E] rows of each expert
+    xs = x[order // k]  # [A, D] the token of each sorted row
+    if impl == "ragged":
+        y = _ragged(xs, counts, w_gate, w_up, w_down, activation)
+    elif impl == "capacity":
+        C = capacity_rows or capacity(T, k, E)
+        y = _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C, single=C >= T)
+    else:
+        raise ValueError(f"unknown moe impl {impl!r} (have {MOE_IMPLS[1:]})")
+    y = jnp.where((expert < E)[:, None], y, 0)  # rows of dropped assignments: whatever came out
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))  # [A]
+    y = y[inverse].reshape(T, k, -1).astype(jnp.float32)  # [T, k, D] back in assignment order
+    # a gather and a sum over k, not a scatter-add: the same sums in the same order every time
+    return jnp.einsum("tkd,tk->td", y, weights)
+
+
+def _swiglu(h_gate: jax.Array, h_up: jax.Array, activation) -> jax.Array:
+    return activation(h_gate) * h_up
+
+
+def _ragged(xs, counts, w_gate, w_up, w_down, activation) -> jax.Array:
+    """Grouped GEMMs over the sorted rows xs [A, D]: rows past sum(counts) are not computed."""
+    gate = jax.lax.ragged_dot(xs, w_gate, counts)  # [A, F]
+    up = jax.lax.ragged_dot(xs, w_up, counts)  # [A, F]
+    return jax.lax.ragged_dot(_swiglu(gate, up, activation), w_down, counts)  # [A, D]
+
+
+def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, single: bool) -> jax.Array:
+    """Batched einsums over a padded [E, C, D] layout; round r takes rows r*C.. of each expert.
+
+    single (static): C is at least the most rows an expert can get (T: each token picks an
+    expert once), so no loop is traced.
+    """
+    A, D = xs.shape
+    E = w_gate.shape[0]
+    starts = jnp.cumsum(counts) - counts  # [E] first sorted row of each expert
+    rank = jnp.arange(A, dtype=jnp.int32) - jnp.append(starts, A)[expert]  # [A] row within its expert
+
+    def run(r):
+        slot = rank - r * C  # [A]
+        sel = (expert < E) & (slot >= 0) & (slot < C)
+        e = jnp.where(sel, expert, E)  # out of range: dropped by the scatter, filled by the gather
+        slot = jnp.where(sel, slot, 0)
+        buf = jnp.zeros((E, C, D), xs.dtype).at[e, slot].set(xs, mode="drop")  # [E, C, D]
+        h = _swiglu(jnp.einsum("ecd,edf->ecf", buf, w_gate), jnp.einsum("ecd,edf->ecf", buf, w_up), activation)
+        y = jnp.einsum("ecf,efd->ecd", h, w_down)  # [E, C, D]
+        return y.at[e, slot].get(mode="fill", fill_value=0)  # [A, D]; zero for rows of other rounds
+
+    y = run(0)
+    if single:
+        return y
+    rounds = (jnp.max(counts) + C - 1) // C
+
+    def body(carry):
+        r, acc = carry
+        return r + 1, acc + run(r)
+
+    return jax.lax.while_loop(lambda c: c[0] < rounds, body, (jnp.int32(1), y))[1]
+
+
+def _dense(x, weights, ids, w_gate, w_up, w_down, activation) -> jax.Array:
+    """Every expert on every token; the combine matrix [T, E] holds each token's k weights."""
+    E = w_gate.shape[0]
+    combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(ids, E, dtype=jnp.float32), weights)  # [T, E]
+    h = _swiglu(jnp.einsum("td,edf->etf", x, w_gate), jnp.einsum("td,edf->etf", x, w_up), activation)  # [E, T, F]
+    y = jnp.einsum("etf,efd->etd", h, w_down)  # [E, T, D]
+    return jnp.einsum("etd,te->td", y.astype(jnp.float32), combine)
+
+
+# --- under tensor / expert parallelism ------------------------------------------------------
+
+# Logical axes of the stacked expert weights (pagedjax.parallel maps them: "moe_mlp" over the
+# tp devices by default, "experts" instead under expert parallelism).
+EXPERT_AXES = {
+    "gate_proj": ("experts", "embed", "moe_mlp"),  # [E, D, F]
+    "up_proj": ("experts", "embed", "moe_mlp"),  # [E, D, F]
+    "down_proj": ("experts", "moe_mlp", "embed"),  # [E, F, D]
+}
+
+
+def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_parallel: bool,
+                       **opts) -> jax.Array:
+    """`expert_mlp` per device when the step is traced under a tensor-parallel mesh: [T, D] in x's dtype.
+
+    Each device computes its slice of the experts (its F columns of every expert, or, under
+    expert parallelism, whole experts of its own, skipping the assignments of the others) on
+    the replicated tokens and routing; one all-reduce of [T, D] sums the slices, as after a
+    dense MLP. Without a mesh it is `expert_mlp` itself.
+    """
+    from pagedjax.mesh import match_spec, tp_mesh
+
+    mesh = tp_mesh()
+    if mesh is None:
+        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, **opts).astype(x.dtype)
+    from pagedjax import parallel  # late: parallel imports the models
+
+    rules = parallel.axis_rules(expert_parallel)
+    specs = [parallel.logical_spec(EXPERT_AXES[n], w.shape, mesh, rules)
+             for n, w in (("gate_proj", w_gate), ("up_proj", w_up), ("down_proj", w_down))]
+    split = tuple(sorted({a for s in specs for a in s if a is not None}))
+    if not split:
+        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, **opts).astype(x.dtype)
+    experts_axis = specs[0][0]  # the mesh axis whole experts are split over, or None
+    w_gate, w_up, w_down = (match_spec(w, mesh, s) for w, s in zip((w_gate, w_up, w_down), specs))
+
+    def body(x, weights, ids, keep, w_gate, w_up, w_down):
+        if experts_axis is not None:  # this device's experts are [first, first + E_local)
+            first = jax.lax.axis_index(experts_axis) * w_gate.shape[0]
+            ids = ids - first
+            keep = keep & (ids >= 0) & (ids < w_gate.shape[0])
+        y = expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, **opts).astype(x.dtype)
+        return jax.lax.psum(y, split)
+
+    rep = jax.sharding.PartitionSpec()
+    return jax.shard_map(body, mesh=mesh, in_specs=(rep,) * 4 + tuple(specs), out_specs=rep,
+                         axis_names=set(split), check_vma=False)(x, weights, ids, keep, w_gate, w_up, w_down)

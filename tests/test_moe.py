@@ -1,0 +1,181 @@
+"""The MoE block's math (pagedjax/models/moe.py) against a float64 numpy computation.
+
+Random inputs with deliberately uneven routing (one expert gets most tokens, some get none),
+every implementation (ragged_dot, the padded capacity layout in one round and in many, the dense
+all-experts einsum), padding tokens that must contribute nothing, and the Flax block as the models
+use it. Seeds are in the failure messages.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pagedjax.models import get_config, moe
+from pagedjax.models.config import ModelConfig
+from pagedjax.models.layers import SparseMoeBlock
+
+IMPLS = ("ragged", "capacity", "dense")
+TOL = 1e-5  # max |ours - reference| / max |reference| (float32 against float64)
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def reference(x, router, wg, wu, wd, k, renormalize, valid=None):
+    """The MoE block in float64, one token at a time: HF's router (softmax, top-k, renormalize)."""
+    x, router, wg, wu, wd = (np.asarray(a, np.float64) for a in (x, router, wg, wu, wd))
+    T = x.shape[0]
+    logits = x @ router  # [T, X]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.zeros_like(x)
+    counts = np.zeros(router.shape[1], int)
+    for t in range(T if valid is None else valid):
+        chosen = np.argsort(-p[t], kind="stable")[:k]
+        w = p[t, chosen] / (p[t, chosen].sum() if renormalize else 1.0)
+        for e, we in zip(chosen, w):
+            out[t] += we * ((silu(x[t] @ wg[e]) * (x[t] @ wu[e])) @ wd[e])
+            counts[e] += 1
+    return out, counts
+
+
+def uneven_case(seed: int, T=40, D=32, X=8, F=24):
+    """Inputs whose router sends most tokens to expert 0 and none to experts 5-7."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(D)
+    u /= np.linalg.norm(u)
+    x = rng.standard_normal((T, D)) + 3 * u  # a shared direction the router reads
+    router = 0.3 * rng.standard_normal((D, X))
+    router[:, 0] += 2.0 * u
+    router[:, 5:] -= 3.0 * u[:, None]
+    wg, wu = rng.standard_normal((X, D, F)) / np.sqrt(D), rng.standard_normal((X, D, F)) / np.sqrt(D)
+    wd = rng.standard_normal((X, F, D)) / np.sqrt(F)
+    return tuple(a.astype(np.float32) for a in (x, router, wg, wu, wd))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "renormalize", "impl", "capacity_rows"))
+def ours(x, router, wg, wu, wd, num_valid, *, k, renormalize, impl, capacity_rows=None):
+    weights, ids = moe.route(x @ router, k, renormalize)
+    keep = jnp.broadcast_to((jnp.arange(x.shape[0]) < num_valid)[:, None], ids.shape)
+    return moe.expert_mlp(x, weights, ids, keep, wg, wu, wd, activation=jax.nn.silu, impl=impl,
+                          capacity_rows=capacity_rows)
+
+
+def rel_err(got, ref) -> float:
+    return float(np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("impl,capacity_rows", [("ragged", None), ("dense", None), ("capacity", None),
+                                                ("capacity", 4), ("capacity", 7)])
+@pytest.mark.parametrize("k,renormalize", [(2, True), (3, False)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expert_mlp_matches_float64(impl, capacity_rows, k, renormalize, seed):
+    x, router, wg, wu, wd = uneven_case(seed)
+    ref, counts = reference(x, router, wg, wu, wd, k, renormalize)
+    T = x.shape[0]
+    # the routing is as uneven as intended: one expert takes most tokens, some take none
+    assert counts.max() >= 0.8 * T and (counts == 0).sum() >= 2, (seed, counts)
+    got = ours(x, router, wg, wu, wd, T, k=k, renormalize=renormalize, impl=impl, capacity_rows=capacity_rows)
+    assert got.shape == (T, x.shape[1]) and got.dtype == jnp.float32
+    err = rel_err(got, ref)
+    assert err < TOL, f"seed {seed} impl {impl} C={capacity_rows} k={k}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padding_tokens_are_not_routed(impl):
+    """Tokens past num_valid give zeros and change nothing for the others (capacity: 3 rounds of 16)."""
+    seed = 2
+    x, router, wg, wu, wd = uneven_case(seed, T=48)
+    ref, _ = reference(x, router, wg, wu, wd, 2, True, valid=30)
+    got = np.asarray(ours(x, router, wg, wu, wd, 30, k=2, renormalize=True, impl=impl, capacity_rows=16))
+    assert np.all(got[30:] == 0), f"seed {seed} impl {impl}: padding rows are not zero"
+    err = rel_err(got[:30], ref[:30])
+    assert err < TOL, f"seed {seed} impl {impl}: relative error {err:.2e}"
+
+
+def test_route_is_hf_softmax_topk_renormalize():
+    """Weights are the top-k of the float32 softmax over all logits, renormalized when asked."""
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((16, 8)).astype(np.float32) * 3
+    for renormalize in (True, False):
+        w, ids = moe.route(jnp.asarray(logits, jnp.bfloat16), 3, renormalize)
+        assert w.dtype == jnp.float32 and ids.dtype == jnp.int32
+        lg = np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64)
+        p = np.exp(lg - lg.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        want_ids = np.argsort(-p, axis=-1, kind="stable")[:, :3]
+        want = np.take_along_axis(p, want_ids, -1)
+        if renormalize:
+            want /= want.sum(-1, keepdims=True)
+        np.testing.assert_array_equal(np.asarray(ids), want_ids)
+        np.testing.assert_allclose(np.asarray(w), want, rtol=1e-5)
+
+
+def test_capacity_sizes():
+    assert moe.capacity(1, 2, 8) == 1  # never more rows than tokens: one round, no loop
+    assert moe.capacity(100, 8, 128) == 100
+    assert moe.capacity(256, 2, 8) == 128  # at least MIN_CAPACITY
+    assert moe.capacity(2048, 2, 8) == 768  # 1.5 x the mean of 512
+    assert moe.capacity(8192, 8, 128) == 768
+    assert moe.capacity(1000, 2, 8, factor=1.0) == 256  # rounded up to a multiple of 8
+
+
+def test_block_matches_float64_with_bf16_close():
+    """The Flax block (router kernel + stacked expert params) in float32 and bfloat16."""
+    seed = 4
+    x, router, wg, wu, wd = uneven_case(seed)
+    cfg = get_config("tiny-mixtral").replace(hidden_size=32, num_experts=8, num_experts_per_tok=2,
+                                             moe_intermediate_size=24)
+    variables = {"params": {"gate": {"kernel": router}, "experts_gate_proj": wg, "experts_up_proj": wu,
+                            "experts_down_proj": wd}}
+    ref, _ = reference(x, router, wg, wu, wd, 2, True)
+    block = SparseMoeBlock(cfg)
+    shapes = nn.unbox(jax.eval_shape(block.init, jax.random.key(0), x, 40)["params"])
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, variables["params"])
+    for impl in IMPLS:
+        blk = SparseMoeBlock(cfg.replace(moe_impl=impl))
+        got = jax.jit(blk.apply)(variables, x, 40)
+        assert got.dtype == jnp.float32
+        assert rel_err(got, ref) < TOL, (seed, impl, rel_err(got, ref))
+        bf = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), variables)
+        got16 = jax.jit(blk.apply)(bf, jnp.asarray(x, jnp.bfloat16), 40)
+        assert got16.dtype == jnp.bfloat16
+        assert rel_err(got16, ref) < 3e-2, (seed, impl, rel_err(got16, ref))
+
+
+def test_moe_options_are_checked():
+    cfg = get_config("tiny-mixtral")
+    with pytest.raises(ValueError, match="moe_impl"):
+        cfg.replace(moe_impl="grouped")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        cfg.replace(num_experts_per_tok=cfg.num_experts + 1)
+    with pytest.raises(ValueError, match="dense_layers"):
+        cfg.replace(dense_layers=(5,))
+    with pytest.raises(ValueError, match="num_experts=4 is not implemented for llama"):
+        ModelConfig(**{**get_config("tiny-llama").__dict__, "num_experts": 4})
+    with pytest.raises(ValueError, match="expert_parallel=True is not implemented for llama"):
+        get_config("tiny-llama").replace(expert_parallel=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,capacity_rows", [("ragged", None), ("dense", None), ("capacity", None),
+                                                ("capacity", 4)])
+def test_expert_mlp_on_the_gpu(impl, capacity_rows):
+    """The same float64 comparison on the GPU (float32 at the conftest's highest matmul precision),
+    and bfloat16 within its rounding."""
+    assert jax.default_backend() == "gpu"
+    for seed in (0, 1):
+        x, router, wg, wu, wd = uneven_case(seed, T=200)
+        ref, _ = reference(x, router, wg, wu, wd, 2, True)
+        got = ours(x, router, wg, wu, wd, 200, k=2, renormalize=True, impl=impl, capacity_rows=capacity_rows)
+        assert rel_err(got, ref) < 1e-4, (seed, impl, rel_err(got, ref))
+        bf = [jnp.asarray(a, jnp.bfloat16) for a in (x, router, wg, wu, wd)]
+        got16 = ours(*bf, 200, k=2, renormalize=True, impl=impl, capacity_rows=capacity_rows)
+        assert rel_err(got16, ref) < 5e-2, (seed, impl, rel_err(got16, ref))
