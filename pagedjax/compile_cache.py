@@ -43,7 +43,10 @@ def source_fingerprint() -> str:
 def _aval(x: Any) -> str:
     sharding = getattr(x, "sharding", None)
     spec = getattr(sharding, "spec", None)
-    return f"{tuple(x.shape)}:{x.dtype}:{spec}"
+    mesh = getattr(sharding, "mesh", None)
+    # the devices and mesh too: a program compiled for a tp=8 mesh rejects the same spec on tp=4
+    devices = sorted(d.id for d in sharding.device_set) if sharding is not None else ()
+    return f"{tuple(x.shape)}:{x.dtype}:{spec}:{dict(mesh.shape) if mesh is not None else ''}:{devices}"
 
 
 class ExecutableCache:
