@@ -55,7 +55,8 @@ class LLM:
     """An engine kept alive across calls: `generate`, `stream`, `chat` (vLLM's `LLM`).
 
     `model` is a Params (from `load_params`), a checkpoint folder or .gguf file, or None for the
-    bundled SmolLM2-135M-Instruct. Engine options: see `EngineConfig`.
+    bundled SmolLM2-135M-Instruct. Engine options: see `EngineConfig`; `quantization` ("fp8",
+    "awq", "gptq", "compressed-tensors") is applied as the checkpoint is loaded.
     """
 
     def __init__(self, model: Params | str | os.PathLike | None = None, *, dtype: Any = None,
@@ -70,7 +71,8 @@ class LLM:
             tp = engine_options.get("tensor_parallel_size") or 1
             placement = ({"shardings": engine_options["shardings"]} if "shardings" in engine_options
                          else {"mesh": parallel.make_mesh(tp)} if tp > 1 else {})  # straight into shards
-            params = load_params(model, dtype=jnp.dtype(dtype) if dtype else jnp.bfloat16, **placement)
+            params = load_params(model, dtype=jnp.dtype(dtype) if dtype else jnp.bfloat16,
+                                 quantization=engine_options.get("quantization"), **placement)
         engine_options.pop("shardings", None)
         t1 = time.perf_counter()
         self.engine = LLMEngine(params, EngineConfig(**engine_options), tokenizer=tokenizer)

@@ -77,6 +77,9 @@ class ModelConfig:
     do_layer_norm_before: bool = True  # False: post-norm layers (OPT-350m)
     word_embed_proj_dim: int = 0  # embedding width when it differs from hidden_size (OPT), else 0
     final_norm: bool = True  # False: no norm before the head (OPT with post-norm layers)
+    # quantized linears (pagedjax.quantization.QuantConfig): from config.json's quantization_config,
+    # or online FP8 asked for at load time; None: every weight in the model's dtype
+    quantization: Any = None
 
     def __post_init__(self):
         def bad(msg):
@@ -99,6 +102,14 @@ class ModelConfig:
             bad(f"unsupported norm {self.norm!r} (supported: {NORMS})")
         if self.rotary_dim and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             bad(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim {self.head_dim}]")
+        if self.quantization is not None:
+            from pagedjax.quantization.config import QuantConfig
+
+            if not isinstance(self.quantization, QuantConfig):
+                bad(f"quantization must be a QuantConfig or None, got {type(self.quantization).__name__}")
+            if "quantization" not in family.options:
+                bad(f"quantized checkpoints ({self.quantization.name!r}) are not supported for {self.architecture} "
+                    f"(quantized families: those whose linears are plain nn.Linear, e.g. llama)")
         defaults = _feature_defaults()
         for f, default in defaults.items():
             value = getattr(self, f)
