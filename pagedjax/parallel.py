@@ -49,8 +49,8 @@ from jax.sharding import PartitionSpec as P
 
 from pagedjax.mesh import DP, TP, use_mesh  # re-exported: callers name them from here too
 from pagedjax.models import abstract_params
-from pagedjax.models.quantized import quantized_linears
 from pagedjax.models.config import ModelConfig
+from pagedjax.models.quantized import quantized_linears
 from pagedjax.params import Params
 
 # The one table: logical axis -> mesh axis (None: replicated). Unlisted axes are replicated.

@@ -33,7 +33,6 @@ from pagedjax.attention import build_metadata
 from pagedjax.kv_cache.page_pool import init_pages
 from pagedjax.models import get_model
 from pagedjax.weights import load_params
-
 from tests import quant_checkpoints
 
 SEED = 20261205
