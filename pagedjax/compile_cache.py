@@ -26,7 +26,7 @@ import jax
 
 logger = logging.getLogger("pagedjax")
 
-_FORMAT = 1  # bump when the stored payload changes
+_FORMAT = 2  # bump when the stored payload changes
 
 
 @functools.cache
@@ -106,8 +106,12 @@ class ExecutableCache:
 
         _ffi.register()  # a stored program may call our custom calls: their handlers must be known first
         try:
-            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-            return deserialize_and_load(payload, in_tree, out_tree)
+            (payload, in_tree, out_tree), device_ids = pickle.loads(path.read_bytes())
+            # the devices it was compiled for, in order: by default a process of several devices
+            # would run a one-device program on all of them (and reject its arguments)
+            devices = {d.id: d for d in jax.devices()}
+            return deserialize_and_load(payload, in_tree, out_tree,
+                                        execution_devices=[devices[i] for i in device_ids])
         except Exception as e:  # a stale or broken entry: compile again
             logger.warning("compiled-step cache entry %s unusable (%s): recompiling", path.name, e)
             return None
@@ -118,7 +122,8 @@ class ExecutableCache:
         from jax.experimental.serialize_executable import serialize
 
         try:
-            blob = pickle.dumps(serialize(compiled))
+            device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+            blob = pickle.dumps((serialize(compiled), device_ids))
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}-")
             with os.fdopen(fd, "wb") as f:
