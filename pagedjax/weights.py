@@ -295,7 +295,8 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
     # The checkpoint is planned against the float layout; quantized linears take over their kernels.
     shapes, axes = abstract_params(config.replace(quantization=None))
     flat_shapes = flat(shapes)
-    flat_axes = {t: a for t, (_, a) in flat(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)).items()}
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    flat_axes = {t: a for t, (_, a) in flat(axes, is_leaf=is_spec).items()}
     quant = QuantizedLinears(config, kv_repeat, desc) if config.quantization is not None else None
     out: dict[str, Any] = {}
 
@@ -303,8 +304,8 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
         node = out
         for k in keys[:-1]:
             node = node.setdefault(k, {})
-        # np.require keeps a 0-d array 0-d (np.ascontiguousarray makes it 1-d)
-        node[keys[-1]] = jax.device_put(np.require(arr, requirements="C"), resolve_sharding(shardings, t, keys, axes, shape))
+        sharding = resolve_sharding(shardings, t, keys, axes, shape)
+        node[keys[-1]] = jax.device_put(np.require(arr, requirements="C"), sharding)  # 0-d stays 0-d
 
     def place_quantized(t: str, arr: np.ndarray) -> None:  # a quantized linear's param, kv heads already repeated
         keys, shape = quant.shapes[t]

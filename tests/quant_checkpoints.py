@@ -63,12 +63,33 @@ CONFIGS = {  # quantization_config blocks, as each tool writes them
 }
 
 
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # split along K under tensor parallelism
+
+
 @dataclass
 class Reference:
     """The HF model in float64 with dequantized weights and fake-quantized activations."""
 
     model: torch.nn.Module
+    activation: str | None = None  # "token", "group", "static", or None (weight-only)
+    input_scales: dict[str, float] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
+
+    def hook(self, row_shards: int = 1) -> Reference:
+        """(Re)installs the activation hooks; row_shards > 1 quantizes the inputs of row-parallel
+        linears per token and per shard of K, as each of row_shards devices does with its slice."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        if self.activation is None:
+            return self
+        for name, mod in self.model.named_modules():
+            if name.endswith(LINEARS):
+                scale = self.input_scales.get(name)
+                shards = row_shards if name.endswith(ROW_PARALLEL) and self.activation == "token" else 1
+                hook = _activation_hook(self.activation, scale, shards=shards)
+                self.hooks.append(mod.register_forward_pre_hook(hook))
+        return self
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """float64 logits [len(ids), V] of one sequence."""
@@ -81,18 +102,25 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).clamp(-448, 448).to(E4M3).to(torch.float64) * scale
 
 
-def _activation_hook(kind: str, input_scale: float | None = None, group: int = 128):
+def _activation_hook(kind: str, input_scale: float | None = None, group: int = 128, shards: int = 1):
     def hook(module, args):
         x = args[0].to(torch.float64)
         if kind == "static":
             return (fake_quant(x, torch.tensor(input_scale, dtype=torch.float64)),)
-        if kind == "token":
+        if kind == "token" and shards == 1:
             s = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)  # [..., 1]
             return (fake_quant(x, s),)
-        g = x.reshape(*x.shape[:-1], -1, group)  # [..., KB, 128]: per (token, K-group)
-        s = (g.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
-        return (fake_quant(g, s).reshape(x.shape),)
+        if kind == "token":  # per token and per shard of K
+            return (fake_quant_groups(x, x.shape[-1] // shards),)
+        return (fake_quant_groups(x, group),)
     return hook
+
+
+def fake_quant_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Each token's K in groups of `group`, each with its own amax / 448 scale."""
+    g = x.reshape(*x.shape[:-1], -1, group)  # [..., KB, group]
+    s = (g.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
+    return fake_quant(g, s).reshape(x.shape)
 
 
 # --- the quantizers, one per format: weight [N, K] float -> (tensors, dequantized float64 [N, K]) -----
@@ -190,10 +218,5 @@ def write(fmt: str, folder: Path, model, calibration: list[list[int]] | None = N
     config = model.config.to_dict()
     config["quantization_config"] = CONFIGS[fmt]
     (folder / "config.json").write_text(json.dumps(config))
-    reference = Reference(ref)
-    if act is not None:
-        for name, mod in ref.named_modules():
-            if name.endswith(LINEARS):
-                scale = float(torch.tensor(input_scales[name], dtype=torch.float32)) if act == "static" else None
-                reference.hooks.append(mod.register_forward_pre_hook(_activation_hook(act, scale)))
-    return reference
+    stored = {k: float(torch.tensor(v, dtype=torch.float32)) for k, v in input_scales.items()}  # as saved
+    return Reference(ref, act, stored).hook()

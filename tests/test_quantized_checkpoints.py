@@ -155,3 +155,30 @@ def test_tensor_parallel_matches_one_device(fmt, tp, base, checkpoint):
     assert len(qvalue.sharding.device_set) == tp and params.config.num_kv_heads == max(2, tp)
     # sums split over devices reorder float32 rounding: the same tolerances as against float64
     check_logits(f"{fmt} tp={tp} against one device", forward(params, prompts, mesh), one)
+
+
+@pytest.mark.parametrize("fmt,tp", [("awq", 2), ("awq-g64", 4), ("ct-fp8-channel", 2)])
+def test_tensor_parallel_shard_map_path(fmt, tp, base, checkpoint, monkeypatch):
+    """The GPU's layout of a tp step, on the CPU: each linear per shard in shard_map (the XLA path
+    inside), row-parallel ones all-reduced. Int4 gives one device's logits. W8A8 row-parallel
+    layers quantize their activations per shard (as vLLM's do): the reference does the same, its
+    o_proj and down_proj inputs fake-quantized per token and per K/tp slice."""
+    from pagedjax.models import quantized
+
+    _, prompts = base
+    folder, ref = checkpoint(fmt)
+    one = forward(load_params(folder, dtype=np.float32, progress=False), prompts)
+    calls = []
+    monkeypatch.setattr(quantized, "shard_map_impl", lambda w, x: calls.append(w.kind) or "xla")
+    mesh = parallel.make_mesh(tp)
+    got = forward(load_params(folder, dtype=np.float32, mesh=mesh, progress=False), prompts, mesh)
+    assert len(calls) == 7 * 2  # every linear of both layers, traced once
+    if fmt not in W8A8:
+        check_logits(f"{fmt} tp={tp} shard_map against one device", got, one)
+        return
+    try:
+        per_shard = [ref.hook(row_shards=tp).logits(p) for p in prompts]
+    finally:
+        ref.hook()
+    check_logits(f"{fmt} tp={tp} shard_map against per-shard scales", got, per_shard)
+    assert np.median(position_errs(one, per_shard)) > 100 * TIGHT  # the per-shard reference differs

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pagedjax.quantization.config import QuantConfig
 
 # HF activation names we implement (pagedjax.models.layers.ACTIVATIONS holds the functions)
 ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu")
@@ -79,7 +82,7 @@ class ModelConfig:
     final_norm: bool = True  # False: no norm before the head (OPT with post-norm layers)
     # quantized linears (pagedjax.quantization.QuantConfig): from config.json's quantization_config,
     # or online FP8 asked for at load time; None: every weight in the model's dtype
-    quantization: Any = None
+    quantization: QuantConfig | None = None
 
     def __post_init__(self):
         def bad(msg):

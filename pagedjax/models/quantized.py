@@ -94,8 +94,9 @@ def linear(x: jax.Array, w: QuantizedWeight, in_axis: str | None, out_axis: str 
     """y [T, N] = x [T, K] @ w.T; per shard in shard_map when a custom call runs under a tp mesh."""
     mesh = tp_mesh()
     split = None if mesh is None else tp_split(in_axis, out_axis)
-    if split is not None and shard_map_impl(w, x) is not None:
-        return quantized_matmul_tp(x, w, mesh, split=split, impl=shard_map_impl(w, x))
+    impl = None if split is None else shard_map_impl(w, x)
+    if impl is not None:
+        return quantized_matmul_tp(x, w, mesh, split=split, impl=impl)
     return quantized_matmul(x, w)
 
 

@@ -238,8 +238,8 @@ def _parse_gptq(q: Mapping[str, Any]) -> QuantConfig:
 def _parse_compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:
     m = "compressed-tensors"
     if q.get("kv_cache_scheme"):
-        _fail(m, "kv_cache_scheme", q["kv_cache_scheme"], "checkpoint-calibrated KV-cache scales are not supported; "
-              "kv_cache_dtype='fp8' serves an FP8 pool with unit scales from a checkpoint without them")
+        _fail(m, "kv_cache_scheme", q["kv_cache_scheme"], "checkpoint-calibrated KV-cache scales are not "
+              "supported; kv_cache_dtype='fp8' serves an FP8 pool with unit scales from a checkpoint without them")
     if q.get("sparsity_config"):
         _fail(m, "sparsity_config", q["sparsity_config"])
     if q.get("transform_config"):
