@@ -58,6 +58,7 @@ class QuantizedLinears:
 
     @property
     def online(self) -> bool:
+        """Whether float weights are quantized here (online FP8) rather than read quantized."""
         return self.qcfg.checkpoint_format == "online"
 
     def kernels(self) -> set[str]:
