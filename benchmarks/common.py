@@ -172,15 +172,17 @@ def variant_table(runs: list[dict], latency: dict[str, dict]) -> str:
             r = by.get((w, n))
             if r is None:
                 continue
-            rows.append(f"| {w} | {n} | {r['output_tok_per_s']} | {ratio(r['output_tok_per_s'], b.get('output_tok_per_s'))} "
-                        f"| {r.get('tpot_mean_ms', '-')} | {ratio(r.get('tpot_mean_ms'), b.get('tpot_mean_ms'))} "
-                        f"| {r.get('ttft_mean_ms', '-')} |")
+            out, tpot = r["output_tok_per_s"], r.get("tpot_mean_ms", "-")
+            rows.append(f"| {w} | {n} | {out} | {ratio(out, b.get('output_tok_per_s'))} | {tpot} "
+                        f"| {ratio(tpot, b.get('tpot_mean_ms'))} | {r.get('ttft_mean_ms', '-')} |")
     if latency:
         lb = latency.get(base, {})
-        rows += ["" if rows else None, f"| W3 latency | variant | e2e mean ms | vs {base} | TPOT ms | batch-1 step ms | vs {base} |",
+        rows += ["" if rows else None,
+                 f"| W3 latency | variant | e2e mean ms | vs {base} | TPOT ms | batch-1 step ms | vs {base} |",
                  "|" + "---|" * 7]
         for n, m in latency.items():
-            rows.append(f"| {m['batch_size']}:{m['input_len']}:{m['output_len']} | {n} | {m['e2e_mean_ms']} | "
-                        f"{ratio(m['e2e_mean_ms'], lb.get('e2e_mean_ms'))} | {m['tpot_mean_ms']} | "
-                        f"{m['batch1_decode_step_ms']} | {ratio(m['batch1_decode_step_ms'], lb.get('batch1_decode_step_ms'))} |")
+            e2e, step = m["e2e_mean_ms"], m["batch1_decode_step_ms"]
+            rows.append(f"| {m['batch_size']}:{m['input_len']}:{m['output_len']} | {n} | {e2e} | "
+                        f"{ratio(e2e, lb.get('e2e_mean_ms'))} | {m['tpot_mean_ms']} | {step} | "
+                        f"{ratio(step, lb.get('batch1_decode_step_ms'))} |")
     return "\n".join(r for r in rows if r is not None)

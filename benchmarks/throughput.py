@@ -245,9 +245,9 @@ def main(argv=None) -> int:
         del llm, params, r
         gc.collect()  # the pool and weights go before the next variant sizes its pool
     e = next(iter(results["engines"].values()))
-    print(f"\n{results['device']}, {results['model']}, {args.dtype}; weights {e['weights_s']:.1f} s, engine start-up "
-          f"{e['startup_s']:.1f} s; copy {ceilings['copy_bw'] / 1e9:.0f} GB/s, matmul {ceilings['matmul_rate'] / 1e12:.1f} "
-          f"TFLOP/s ({ceilings['matmul_dtype']})")
+    print(f"\n{results['device']}, {results['model']}, {args.dtype}; weights {e['weights_s']:.1f} s, engine "
+          f"start-up {e['startup_s']:.1f} s; copy {ceilings['copy_bw'] / 1e9:.0f} GB/s, matmul "
+          f"{ceilings['matmul_rate'] / 1e12:.1f} TFLOP/s ({ceilings['matmul_dtype']})")
     print(summary_table(results["runs"]))
     table = variant_table(results["runs"], latency)
     if table:
