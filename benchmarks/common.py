@@ -1,11 +1,53 @@
 """What the benchmark scripts share: loading a model (a checkpoint, or a named config's random
-weights), the request sets, and the figures and tables they report."""
+weights, quantized at load if asked), the variants of one run, the request sets, and the figures
+and tables they report."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
+
+WEIGHTS = ("bf16", "fp8", "awq", "gptq")  # a variant's weights: "bf16" is the --dtype baseline, else a quantization
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One engine of a comparison: its weights' quantization and its pool's dtype."""
+
+    name: str  # e.g. "bf16", "fp8", "fp8+fp8kv", "awq"
+    quantization: str | None  # None: the weights in --dtype
+    kv_cache_dtype: str  # "auto" or "fp8"
+
+
+def add_variant_args(p: argparse.ArgumentParser) -> None:
+    """--quantization, --kv-cache-dtype, --variants, --no-baseline."""
+    p.add_argument("--quantization", choices=WEIGHTS[1:], default=None,
+                   help="quantize the weights at load (named: configs: random weights quantized on the device)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="the KV pool's dtype")
+    p.add_argument("--variants", default=None,
+                   help="comma list of engines to run in turn in this process, each WEIGHTS[+fp8kv] with WEIGHTS "
+                        f"in {WEIGHTS}, e.g. bf16,fp8,fp8+fp8kv,awq (overrides --quantization/--kv-cache-dtype)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="with --quantization / --kv-cache-dtype: skip the bf16 baseline run before it")
+
+
+def parse_variants(args) -> list[Variant]:
+    """The engines to run: --variants, else the baseline (unless --no-baseline) and the one asked for."""
+    if args.variants:
+        out = []
+        for name in args.variants.split(","):
+            weights, _, kv = name.partition("+")
+            if weights not in WEIGHTS or kv not in ("", "fp8kv"):
+                raise SystemExit(f"--variants {name!r}: expected WEIGHTS[+fp8kv], WEIGHTS in {WEIGHTS}")
+            out.append(Variant(name, None if weights == "bf16" else weights, "fp8" if kv else "auto"))
+        return out
+    asked = Variant((args.quantization or "bf16") + ("+fp8kv" if args.kv_cache_dtype == "fp8" else ""),
+                    args.quantization, args.kv_cache_dtype)
+    if asked.name == "bf16" or args.no_baseline:
+        return [asked]
+    return [Variant("bf16", None, "auto"), asked]
 
 
 def make_requests(args, vocab_size: int, num_special: int = 16):
@@ -31,7 +73,8 @@ def make_requests(args, vocab_size: int, num_special: int = 16):
             for i, o in zip(ins, outs)]
 
 
-def load(args):
+def load(args, quantization: str | None = None):
+    """The model of --model in --dtype, its linears quantized at load with `quantization`."""
     import jax.numpy as jnp
 
     import pagedjax as pj
@@ -41,8 +84,8 @@ def load(args):
     if args.model and args.model.startswith("named:"):
         from pagedjax.dummy_weights import random_params
 
-        return random_params(get_config(args.model[6:]), dtype=dtype, seed=args.seed)
-    return pj.load_params(args.model, dtype=dtype)
+        return random_params(get_config(args.model[6:]), dtype=dtype, seed=args.seed, quantization=quantization)
+    return pj.load_params(args.model, dtype=dtype, quantization=quantization)
 
 
 def latencies(outs) -> dict:
@@ -107,4 +150,39 @@ def summary_table(runs: list[dict]) -> str:
                     f"{r.get('ttft_mean_ms', '-')}/{r.get('ttft_median_ms', '-')} | "
                     f"{r.get('tpot_mean_ms', '-')}/{r.get('tpot_median_ms', '-')} | {d.get('frac', '-')} | "
                     f"{p.get('frac', '-')} ({p.get('mfu', '-')}) | {w.get('frac', '-')} |")
-    return "\n".join(rows)
+    return "\n".join(r for r in rows if r is not None)
+
+
+def variant_table(runs: list[dict], latency: dict[str, dict]) -> str:
+    """Each variant beside the first (the baseline): throughput and latencies, and their ratios."""
+    names = list(dict.fromkeys([r["variant"] for r in runs if "variant" in r] + list(latency)))
+    if len(names) < 2:
+        return ""
+    base = names[0]
+
+    def ratio(x, y):
+        return f"{x / y:.2f}x" if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y else "-"
+
+    rows = [f"| workload | variant | out tok/s | vs {base} | TPOT mean ms | vs {base} | TTFT mean ms |",
+            "|" + "---|" * 7] if runs else []
+    by = {(r.get("workload"), r.get("variant")): r for r in runs if "req_per_s" in r}
+    for w in dict.fromkeys(r.get("workload") for r in runs):
+        b = by.get((w, base), {})
+        for n in names:
+            r = by.get((w, n))
+            if r is None:
+                continue
+            out, tpot = r["output_tok_per_s"], r.get("tpot_mean_ms", "-")
+            rows.append(f"| {w} | {n} | {out} | {ratio(out, b.get('output_tok_per_s'))} | {tpot} "
+                        f"| {ratio(tpot, b.get('tpot_mean_ms'))} | {r.get('ttft_mean_ms', '-')} |")
+    if latency:
+        lb = latency.get(base, {})
+        rows += ["" if rows else None,
+                 f"| W3 latency | variant | e2e mean ms | vs {base} | TPOT ms | batch-1 step ms | vs {base} |",
+                 "|" + "---|" * 7]
+        for n, m in latency.items():
+            e2e, step = m["e2e_mean_ms"], m["batch1_decode_step_ms"]
+            rows.append(f"| {m['batch_size']}:{m['input_len']}:{m['output_len']} | {n} | {e2e} | "
+                        f"{ratio(e2e, lb.get('e2e_mean_ms'))} | {m['tpot_mean_ms']} | {step} | "
+                        f"{ratio(step, lb.get('batch1_decode_step_ms'))} |")
+    return "\n".join(r for r in rows if r is not None)

@@ -1,6 +1,7 @@
 """End-to-end latency of one batch (vLLM's benchmark_latency shape) and the decode step time.
 
   python benchmarks/latency.py --model named:llama3-8b --batch-size 8 --input-len 32 --output-len 128
+  python benchmarks/latency.py --model named:llama3-8b --variants bf16,fp8,fp8+fp8kv,awq
 
 Reports the mean and percentiles of the batch's end-to-end time over --iters runs (after a warm-up
 run), the time to first token, the time per output token of the batch, and that of a single
@@ -12,14 +13,14 @@ cache never shortens a prefill. `measure` also runs inside benchmarks/throughput
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
 
 import numpy as np
 
-
-from common import load
+from common import add_variant_args, load, parse_variants, variant_table
 
 
 def _run(llm, prompts, sp):
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--out", default=None)
+    add_variant_args(p)
     args = p.parse_args(argv)
 
     import jax
@@ -92,18 +94,34 @@ def main(argv=None) -> int:
     if args.dtype is None:
         args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     ceilings = measure_ceilings()
-    params = load(args)
-    t0 = time.perf_counter()
-    llm = pj.LLM(params, max_num_seqs=max(args.batch_size, 1), enable_prefix_caching=False,
-                 max_num_batched_tokens=max(args.batch_size * args.input_len, 16),
-                 max_model_len=args.input_len + args.output_len + 16, attn_impl=args.attn_impl)
-    startup = time.perf_counter() - t0
-    cost = ModelCost.from_config(params.config, args.dtype, llm.engine.runner.kv_dtype)
+    variants = parse_variants(args)
     res = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
-           "model": args.model, "dtype": args.dtype, "startup_s": round(startup, 2),
-           **measure(llm, args.batch_size, args.input_len, args.output_len, args.iters, args.seed,
-                     cost, ceilings)}
+           "model": args.model, "dtype": args.dtype}
+    by_variant = {}
+    for v in variants:  # one engine at a time, each beside the first (the baseline)
+        params = load(args, v.quantization)
+        t0 = time.perf_counter()
+        llm = pj.LLM(params, max_num_seqs=max(args.batch_size, 1), enable_prefix_caching=False,
+                     max_num_batched_tokens=max(args.batch_size * args.input_len, 16),
+                     max_model_len=args.input_len + args.output_len + 16, attn_impl=args.attn_impl,
+                     kv_cache_dtype=v.kv_cache_dtype, quantization=v.quantization)
+        startup = time.perf_counter() - t0
+        cost = ModelCost.from_config(params.config, args.dtype, llm.engine.runner.kv_dtype)
+        by_variant[v.name] = {"startup_s": round(startup, 2), "quantization": v.quantization,
+                              "kv_cache_dtype": llm.engine.runner.kv_dtype.name,
+                              "weight_GB": round(cost.weight_bytes / 1e9, 3),
+                              **measure(llm, args.batch_size, args.input_len, args.output_len, args.iters, args.seed,
+                                        cost, ceilings)}
+        del llm, params
+        gc.collect()  # the pool and weights go before the next variant sizes its pool
+    if len(variants) == 1:
+        res.update(by_variant[variants[0].name])
+    else:
+        res["variants"] = by_variant
     print(json.dumps(res, indent=1))
+    table = variant_table([], by_variant)
+    if table:
+        print(table)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

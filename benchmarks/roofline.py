@@ -113,7 +113,11 @@ class ModelCost:
 
     @classmethod
     def from_config(cls, config, dtype: Any, kv_dtype: Any = None) -> ModelCost:
-        """From a pagedjax ModelConfig: counts the params of its abstract tree (no device memory)."""
+        """From a pagedjax ModelConfig: counts the params of its abstract tree (no device memory).
+
+        Quantized linears (config.quantization) count their stored bytes (e4m3 values, packed
+        int4 codes, scales and zeros) and their unquantized sizes in FLOPs.
+        """
         import math
 
         import jax
@@ -123,26 +127,34 @@ class ModelCost:
 
         dtype = jnp.dtype(dtype)
         kv_dtype = jnp.dtype(kv_dtype or dtype)
-        shapes, _ = abstract_params(config, dtype)
-        layers = head = experts = 0
-        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-            name = ".".join(str(getattr(k, "key", k)) for k in path)
-            size = math.prod(leaf.shape)
-            if ".mlp.experts_" in name:  # stacked [E, ...] expert weights
-                experts += size
-            elif name.startswith("lm_head"):
-                head += size
-            elif name == "embed.embedding":
-                head += size if config.tie_word_embeddings else 0  # gathered only, unless tied
-            elif not name.startswith("pos_embed"):
-                layers += size
+        def count(cfg) -> list[int]:
+            """[layer params, head params, expert params, layer bytes, head bytes, expert bytes]."""
+            shapes, _ = abstract_params(cfg, dtype)
+            out = [0] * 6
+            for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+                name = ".".join(str(getattr(k, "key", k)) for k in path)
+                size = math.prod(leaf.shape)
+                if ".mlp.experts_" in name:  # stacked [E, ...] expert weights
+                    i = 2
+                elif name.startswith("lm_head") or (name == "embed.embedding" and cfg.tie_word_embeddings):
+                    i = 1
+                elif name == "embed.embedding" or name.startswith("pos_embed"):
+                    continue  # gathered only
+                else:
+                    i = 0
+                out[i] += size
+                out[3 + i] += size * leaf.dtype.itemsize
+            return out
+
+        layers, head, experts = count(config.replace(quantization=None))[:3]
+        layer_bytes, head_bytes, expert_bytes = count(config)[3:]
         c = config
         hit = c.num_experts_per_tok / c.num_experts if c.num_experts else 0.0
-        return cls(weight_bytes=(layers + head) * dtype.itemsize, layer_params=layers + round(hit * experts),
+        return cls(weight_bytes=layer_bytes + head_bytes, layer_params=layers + round(hit * experts),
                    head_params=head,
                    kv_bytes_per_token=2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_dtype.itemsize,
                    attn_flops_per_pair=4 * c.num_layers * c.num_heads * c.head_dim,
-                   expert_bytes=experts * dtype.itemsize, expert_hit=hit)
+                   expert_bytes=expert_bytes, expert_hit=hit)
 
     def step(self, tokens: int, rows: int, kv_tokens: int, pairs: int) -> tuple[float, float]:
         """(bytes, flops) of one step; kv_tokens = sum_r (c_r + n_r), pairs as in the module doc.

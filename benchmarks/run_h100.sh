@@ -21,12 +21,18 @@
 #              latency, W2 1000 x 512/128, W2 500 x 1024/1024; capped at BUDGET (~6 min)
 #   families-smoke  the same on tiny-qwen2/3, tiny-mistral, tiny-gemma2/3, tiny-phi3, any device:
 #              ~1 min each on 2 CPU cores
+#   quant-fp8, quant-fp8kv, quant-awq
+#              Llama-3-8B, one process each: the bf16 engine, then the quantized one (fp8 weights;
+#              fp8 weights + fp8 KV cache; int4 AWQ-layout weights), random weights quantized on
+#              the device at load: W3 latency (batch-1 step), W2 1000 x 512/128, W1 1000 ShareGPT-like
+#              (~2 x 170 s; capped at BUDGET)
+#   quant-smoke  the quantized variants at toy scale (tiny-llama), any device
 # Knobs (env): N1, N2A, N2B prompt counts (1000, 1000, 500); HF_TIME_LIMIT (45 s per HF run);
 # BUDGET (540 s per pagedjax stage).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR="${1:?usage: run_h100.sh OUTDIR STAGE}"
-STAGE="${2:?stages: llama3 startup hf-llama3 llama2 hf-llama2 smoke family families-smoke}"
+STAGE="${2:?stages: llama3 startup hf-llama3 llama2 hf-llama2 smoke family families-smoke quant-fp8 quant-fp8kv quant-awq quant-smoke}"
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY="${PYTHON:-python3}"
@@ -85,5 +91,15 @@ case "$STAGE" in
     for m in tiny-qwen2 tiny-qwen3 tiny-mistral tiny-gemma2 tiny-gemma3 tiny-phi3; do
       BUDGET=120 pagedjax "$m" "smoke-$m" --latency 4:16:16 --workload random:16:48:32
     done ;;
+  quant-fp8|quant-fp8kv|quant-awq)
+    variant="${STAGE#quant-}"; [ "$variant" = fp8kv ] && variant=fp8+fp8kv
+    pagedjax llama3-8b "$STAGE" --variants "bf16,$variant" --latency 8:32:128 --workload "random:$N2A:512:128" \
+      --workload "sharegpt:$N1" ;;
+  quant-smoke)
+    ENGINE=(--max-len 128 --max-num-seqs 8 --max-num-batched-tokens 64)
+    BUDGET=240 pagedjax tiny-llama quant-smoke --variants bf16,fp8,fp8+fp8kv,awq --latency 4:16:16 \
+      --workload random:16:32:16 --workload sharegpt:16
+    run quant-smoke-latency 300 "$PY" benchmarks/latency.py --model named:tiny-llama --batch-size 4 --input-len 16 \
+      --output-len 16 --iters 2 --variants bf16,fp8,fp8+fp8kv,awq --out "$OUTDIR/quant-smoke-latency.json" ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -17,11 +17,18 @@ With --time-limit a workload stops there and reports only the requests that fini
   python benchmarks/throughput.py --model named:llama3-8b --num-prompts 1000 --dataset sharegpt
   python benchmarks/throughput.py --model named:llama3-8b --max-len 4096 --latency 8:32:128 \\
       --workload sharegpt:1000 --workload random:1000:512:128 --workload random:500:1024:1024
+
+Quantized weights and the FP8 KV cache run beside their bf16 baseline, one engine after the other
+in the same process (random weights of a named config quantized on the device at load):
+
+  python benchmarks/throughput.py --model named:llama3-8b --quantization fp8 --kv-cache-dtype fp8 ...
+  python benchmarks/throughput.py --model named:llama3-8b --variants bf16,fp8,fp8+fp8kv,awq ...
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -29,7 +36,8 @@ import time
 
 import numpy as np
 
-from common import figures, latencies, load, make_requests, parse_workload, stats_ms, summary_table  # noqa: F401
+from common import (add_variant_args, figures, latencies, load, make_requests, parse_variants,  # noqa: F401
+                    parse_workload, stats_ms, summary_table, variant_table)
 
 T_START = time.perf_counter()
 
@@ -146,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="write the figures as JSON here (after every workload)")
     p.add_argument("--quiet", action="store_true", help="print only the summary table")
+    add_variant_args(p)
     args = p.parse_args(argv)
 
     import jax
@@ -155,70 +164,94 @@ def main(argv=None) -> int:
 
     if args.dtype is None:
         args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    variants = parse_variants(args)
     ceilings = measure_ceilings()  # before the weights: it needs a few GiB of free device memory
-    t0 = time.perf_counter()
-    params = load(args)
-    jax.block_until_ready(jax.tree.leaves(params.variables))
-    weights_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    llm = pj.LLM(params, max_num_seqs=args.max_num_seqs,
-                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_len,
-                 attn_impl=args.attn_impl)
-    startup = time.perf_counter() - t0
-    r = llm.engine.runner
-    cost = ModelCost.from_config(params.config, args.dtype, r.kv_dtype)
     results = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
                "model": args.model or "bundled SmolLM2-135M-Instruct", "dtype": args.dtype,
-               "engine": {"max_model_len": r.max_model_len, "max_num_seqs": r.max_num_seqs,
-                          "max_num_batched_tokens": r.max_num_batched_tokens, "num_pages": r.num_pages,
-                          "page_size": r.page_size, "attn_impl": args.attn_impl},
-               "weights_s": round(weights_s, 2), "startup_s": round(startup, 2),
-               "ceilings": ceilings, "runs": []}
+               "variants": [v.name for v in variants], "engines": {}, "ceilings": ceilings, "runs": []}
+    latency: dict[str, dict] = {}
 
     def save():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
 
-    if args.latency:
-        from latency import measure
-
-        b, i, o = map(int, args.latency.split(":"))
-        results["latency"] = measure(llm, b, i, o, seed=args.seed, cost=cost, ceilings=ceilings)
-        save()
-        print("latency", json.dumps(results["latency"]), flush=True)
     specs = args.workload or [None]
-    for spec in specs:
-        w = parse_workload(spec, args) if spec else argparse.Namespace(
-            name=f"{args.dataset}:{args.num_prompts}" + (
-                f":{args.input_len}:{args.output_len}" if args.dataset == "random" else ""),
-            dataset=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
-            output_len=args.output_len, max_len=args.max_len, seed=args.seed)
-        requests = make_requests(w, params.config.vocab_size)
-        limit = args.time_limit
-        if args.budget:
-            left = args.budget - (time.perf_counter() - T_START) - 15
-            if left < 5:
-                results["runs"].append({"workload": w.name, "engine": "pagedjax", "skipped": "no budget left"})
-                save()
-                continue
-            limit = min(limit or left, left)
-        run = run_pagedjax(llm, requests, tag=w.name, time_limit=limit, cost=cost, ceilings=ceilings)
-        run.update(workload=w.name, mean_input_len=float(np.mean([len(q) for q, _ in requests])),
-                   mean_output_len=float(np.mean([o for _, o in requests])))
-        results["runs"].append(run)
-        save()
-        if not args.quiet:
-            print(json.dumps(run), flush=True)
-        if args.hf_baseline:
-            hf = run_hf(args, params, requests)
-            hf["workload"] = w.name
-            results["runs"].append(hf)
+    startup_est = 0.0
+    for vi, v in enumerate(variants):  # one engine at a time: each takes the device's memory for its pool
+        t0 = time.perf_counter()
+        params = load(args, v.quantization)
+        jax.block_until_ready(jax.tree.leaves(params.variables))
+        weights_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        llm = pj.LLM(params, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                     max_model_len=args.max_len, attn_impl=args.attn_impl, kv_cache_dtype=v.kv_cache_dtype,
+                     quantization=v.quantization)
+        startup = time.perf_counter() - t0
+        startup_est = max(startup_est, weights_s + startup)
+        r = llm.engine.runner
+        cost = ModelCost.from_config(params.config, args.dtype, r.kv_dtype)
+        results["engines"][v.name] = {
+            "max_model_len": r.max_model_len, "max_num_seqs": r.max_num_seqs,
+            "max_num_batched_tokens": r.max_num_batched_tokens, "num_pages": r.num_pages, "page_size": r.page_size,
+            "attn_impl": args.attn_impl, "quantization": v.quantization, "kv_cache_dtype": r.kv_dtype.name,
+            "weight_GB": round(cost.weight_bytes / 1e9, 3), "weights_s": round(weights_s, 2),
+            "startup_s": round(startup, 2)}
+        if vi == 0:  # the figures of one engine, where they always were
+            results.update(engine=results["engines"][v.name], weights_s=round(weights_s, 2),
+                           startup_s=round(startup, 2))
+        print(f"[{v.name}] weights {weights_s:.1f} s, engine start-up {startup:.1f} s, {r.num_pages} KV pages of "
+              f"{r.kv_dtype.name}, weights {cost.weight_bytes / 1e9:.2f} GB", flush=True)
+        if args.latency:
+            from latency import measure
+
+            b, i, o = map(int, args.latency.split(":"))
+            latency[v.name] = measure(llm, b, i, o, seed=args.seed, cost=cost, ceilings=ceilings)
+            results["latency"] = latency if len(variants) > 1 else latency[v.name]
             save()
-    print(f"\n{results['device']}, {results['model']}, {args.dtype}; weights {weights_s:.1f} s, engine start-up "
-          f"{startup:.1f} s; copy {ceilings['copy_bw'] / 1e9:.0f} GB/s, matmul {ceilings['matmul_rate'] / 1e12:.1f} "
-          f"TFLOP/s ({ceilings['matmul_dtype']})")
+            print("latency", v.name, json.dumps(latency[v.name]), flush=True)
+        for si, spec in enumerate(specs):
+            w = parse_workload(spec, args) if spec else argparse.Namespace(
+                name=f"{args.dataset}:{args.num_prompts}" + (
+                    f":{args.input_len}:{args.output_len}" if args.dataset == "random" else ""),
+                dataset=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
+                output_len=args.output_len, max_len=args.max_len, seed=args.seed)
+            requests = make_requests(w, params.config.vocab_size)
+            limit = args.time_limit
+            if args.budget:  # a fair share of what is left, less the start-ups still to come
+                left = args.budget - (time.perf_counter() - T_START) - 15
+                runs_left = (len(variants) - vi) * len(specs) - si
+                share = (left - startup_est * (len(variants) - vi - 1)) / runs_left
+                if share < 5:
+                    results["runs"].append({"workload": w.name, "engine": "pagedjax", "variant": v.name,
+                                            "skipped": "no budget left"})
+                    save()
+                    continue
+                limit = min(limit or share, share)
+            run = run_pagedjax(llm, requests, tag=f"{v.name}-{w.name}", time_limit=limit, cost=cost,
+                               ceilings=ceilings)
+            run.update(workload=w.name, variant=v.name, engine=f"pagedjax[{v.name}]" if len(variants) > 1 else
+                       "pagedjax", mean_input_len=float(np.mean([len(q) for q, _ in requests])),
+                       mean_output_len=float(np.mean([o for _, o in requests])))
+            results["runs"].append(run)
+            save()
+            if not args.quiet:
+                print(json.dumps(run), flush=True)
+            if args.hf_baseline and vi == 0:
+                hf = run_hf(args, params, requests)
+                hf["workload"] = w.name
+                results["runs"].append(hf)
+                save()
+        del llm, params, r
+        gc.collect()  # the pool and weights go before the next variant sizes its pool
+    e = next(iter(results["engines"].values()))
+    print(f"\n{results['device']}, {results['model']}, {args.dtype}; weights {e['weights_s']:.1f} s, engine "
+          f"start-up {e['startup_s']:.1f} s; copy {ceilings['copy_bw'] / 1e9:.0f} GB/s, matmul "
+          f"{ceilings['matmul_rate'] / 1e12:.1f} TFLOP/s ({ceilings['matmul_dtype']})")
     print(summary_table(results["runs"]))
+    table = variant_table(results["runs"], latency)
+    if table:
+        print("\n" + table)
     return 0
 
 

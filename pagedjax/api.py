@@ -58,7 +58,8 @@ class LLM:
     bundled SmolLM2-135M-Instruct. `load_format="dummy"` (vLLM's) draws random weights of the
     model's config instead of reading them (`model` may then also be "named:<config>").
     `tokenizer`: a HF tokenizer folder or a .gguf file (vocab-only ones too) when the model's own
-    is missing or another is wanted. Engine options: see `EngineConfig`.
+    is missing or another is wanted. Engine options: see `EngineConfig`;
+    `quantization` ("fp8", "awq", "gptq", "compressed-tensors") is applied as the weights load.
     """
 
     def __init__(self, model: Params | str | os.PathLike | None = None, *, dtype: Any = None,
@@ -79,13 +80,14 @@ class LLM:
                 from pagedjax.dummy_weights import dummy_params
 
                 params = dummy_params(None if model is None else str(model), dtype=dtype,
-                                      seed=engine_options.get("seed", 0), **placement)
+                                      seed=engine_options.get("seed", 0),
+                                      quantization=engine_options.get("quantization"), **placement)
             else:
                 from pagedjax.weights import load_params
 
                 if "mesh" in placement:
                     placement["enable_expert_parallel"] = bool(engine_options.get("enable_expert_parallel"))
-                params = load_params(model, dtype=dtype, **placement)
+                params = load_params(model, dtype=dtype, quantization=engine_options.get("quantization"), **placement)
         engine_options.pop("shardings", None)
         t1 = time.perf_counter()
         self.engine = LLMEngine(params, EngineConfig(**engine_options), tokenizer=tokenizer)

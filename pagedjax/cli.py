@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from pagedjax.config import ATTN_IMPLS, KV_CACHE_DTYPES, MOE_IMPLS, EngineConfig
+from pagedjax.config import ATTN_IMPLS, KV_CACHE_DTYPES, MOE_IMPLS, QUANTIZATION_METHODS, EngineConfig
 
 # (flag, EngineConfig field, type, help); None type = a boolean switch that turns the field off,
 # True type = one that turns it on
@@ -23,6 +23,8 @@ _ENGINE_FLAGS = (
     ("--page-size", "page_size", int, "tokens per KV page"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float, "share of device memory to use"),
     ("--kv-cache-dtype", "kv_cache_dtype", KV_CACHE_DTYPES, "KV cache dtype (auto: the weights')"),
+    ("--quantization", "quantization", QUANTIZATION_METHODS,
+     "weights quantization: fp8 quantizes a float checkpoint at load; quantized checkpoints are detected"),
     ("--long-prefill-token-threshold", "long_prefill_token_threshold", int,
      "> 0: a request computes at most this many tokens a step"),
     ("--attn-impl", "attn_impl", ATTN_IMPLS, "attention implementation"),
@@ -63,6 +65,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=field, type=kind, default=default,
                            help=help if default is None else f"{help} (default: {default})")
     p.add_argument("-tp", dest="tensor_parallel_size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("-q", dest="quantization", choices=QUANTIZATION_METHODS, help=argparse.SUPPRESS)
 
 
 def engine_options(args: argparse.Namespace) -> dict:

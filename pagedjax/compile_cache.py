@@ -46,7 +46,7 @@ def _aval(x: Any) -> str:
     spec = getattr(sharding, "spec", None)
     mesh = getattr(sharding, "mesh", None)
     devices = [d.id for d in (mesh.devices.flat if mesh is not None else getattr(sharding, "device_set", ()))]
-    return f"{tuple(x.shape)}:{x.dtype}:{spec}:{devices}"
+    return f"{tuple(x.shape)}:{x.dtype}:{spec}:{dict(mesh.shape) if mesh is not None else ''}:{devices}"
 
 
 class ExecutableCache:

@@ -18,6 +18,9 @@ ATTN_IMPLS = ("auto", "reference", "ffi")
 MOE_IMPLS = ("auto", "ragged", "capacity", "dense")  # pagedjax.models.moe: how an MoE layer's experts run
 # vLLM's names ("auto": the weights' dtype; "fp8" = "fp8_e4m3": e4m3 pages with per-kv-head scales)
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3")
+# vLLM's `quantization` names we serve: "fp8" (FP8 checkpoints, or online FP8 of a float one) and
+# the methods of pre-quantized checkpoints (pagedjax/quantization/config.py reads their configs)
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of device memory for weights, activations and the pool
     cpu_kv_cache_bytes: int = 1 << 30  # the pool's size on a CPU device (no memory stats there)
     kv_cache_dtype: str = "auto"  # the pool's dtype ("auto": the weights')
+    quantization: str | None = None  # the weights' (None: as the checkpoint is); applied when loading
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0  # > 0: a request computes at most this many tokens a step
@@ -60,6 +64,8 @@ class EngineConfig:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.enable_expert_parallel not in (None, True, False):
             raise ValueError(f"enable_expert_parallel must be a bool, got {self.enable_expert_parallel!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -89,6 +95,12 @@ class EngineConfig:
         tokens = self.max_num_batched_tokens or (2048 if gpu else 256)
         if not self.enable_chunked_prefill:
             tokens = max(tokens, max_len)
+        held = params.config.quantization
+        if self.quantization is not None and (held is None or held.name != self.quantization):
+            raise ValueError(f"quantization={self.quantization!r}, but these params are "
+                             f"{'not quantized' if held is None else f'quantized with {held.name!r}'}: "
+                             f"quantization applies when the weights are loaded (LLM(path, quantization=...), "
+                             f"load_params(path, quantization=...), random_params(config, quantization=...))")
         tp = self.tensor_parallel_size or parallel.tp_size(parallel.mesh_of(params))
         parallel.check_tensor_parallel(self.model_config(params.config), tp)
         return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,

@@ -5,6 +5,11 @@ For benchmarks and serving at the size of real models where no checkpoint exists
 Nothing passes through the host: each leaf is drawn by a jitted function straight into its
 sharding (norm scales 1, biases 0, everything else normal(0, 0.02)). The jitted drawers are
 cached by (shape, dtype, kind, sharding), so an 80-layer model compiles a handful of them.
+
+With `quantization`, each quantized linear is drawn as a float weight in `dtype` (bf16 on a GPU) and quantized
+on the device as a checkpoint would be at load: "fp8" online (e4m3, per-channel scales),
+"awq" / "gptq" round-to-nearest int4 in groups of 128 (the packed AWQ-layout params the
+int4 kernel reads; the codes are not AWQ's searched ones, which changes no timing).
 """
 
 from __future__ import annotations
@@ -18,8 +23,31 @@ import jax.numpy as jnp
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
 from pagedjax.models.layers import INIT_STD
+from pagedjax.models.quantized import quantized_linears
 from pagedjax.params import Params
+from pagedjax.quantization import QuantConfig
+from pagedjax.quantization.fp8 import quantize_fp8
+from pagedjax.quantization.int4 import quantize_int4_jax
+from pagedjax.quantization.weight import linear_features
 from pagedjax.weights import resolve_sharding
+
+INT4_GROUP_SIZE = 128  # AutoAWQ's and GPTQ's default (64 where an in_features is not a multiple: tiny configs)
+
+
+def quant_config(method: str | None, config: ModelConfig | None = None) -> QuantConfig | None:
+    """The QuantConfig random weights of `config` are quantized with, for vLLM's `quantization` name."""
+    if method is None:
+        return None
+    if method == "fp8":
+        return QuantConfig.online("fp8")
+    if method in ("awq", "gptq"):
+        c = config
+        ks = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size) if c is not None else ()
+        group = INT4_GROUP_SIZE if all(k % INT4_GROUP_SIZE == 0 for k in ks) else INT4_GROUP_SIZE // 2
+        q = {"quant_method": method, "bits": 4, "group_size": group, "zero_point": True,
+             "version": "gemm", "desc_act": False}
+        return QuantConfig.from_hf({"quantization_config": q})
+    raise ValueError(f"random weights quantized with {method!r}: supported 'fp8', 'awq', 'gptq'")
 
 
 @functools.cache
@@ -34,25 +62,64 @@ def _drawer(shape: tuple[int, ...], dtype, kind: str, sharding):
     return jax.jit(draw, out_shardings=sharding)
 
 
-def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int = 0,
-                  shardings: Any = None) -> Params:
-    """Params of `config` with random weights drawn on device; `shardings` as in load_params."""
+@functools.cache
+def _quantized_drawer(qcfg: QuantConfig, K: int, N: int, dtype, shardings: tuple):
+    """key -> the params of one random [N, K] linear, quantized on device, in `shardings` (by name)."""
+    names = [n for n, _ in shardings]
+
+    def draw(key):
+        w = INIT_STD * jax.random.normal(key, (N, K), dtype)  # [N, K]
+        if qcfg.weight_dtype == "fp8":
+            q = quantize_fp8(w, strategy=qcfg.weight_strategy, block_size=qcfg.block_size)
+        else:
+            q = quantize_int4_jax(w, K if qcfg.group_size == -1 else qcfg.group_size)
+        return tuple(q.params()[n] for n in names)
+
+    return jax.jit(draw, out_shardings=tuple(s for _, s in shardings))
+
+
+def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int = 0, shardings: Any = None,
+                  quantization: str | None = None) -> Params:
+    """Params of `config` with random weights drawn on device; `shardings` as in load_params;
+    `quantization` ("fp8", "awq", "gptq") quantizes the linears as they are drawn."""
     dtype = jnp.dtype(dtype)
+    if quantization is not None:
+        config = config.replace(quantization=quant_config(quantization, config))
     shapes, axes = abstract_params(config, dtype)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     axes_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    quantized = quantized_linears(config)
     key = jax.random.key(seed)
-    arrays = []
+    arrays, drawn = [], {}
     for i, ((path, s), a) in enumerate(zip(leaves, axes_leaves)):
         keys = tuple(k.key for k in path)
+        module = ".".join(keys[:-1])
         sharding = resolve_sharding(shardings, ".".join(keys), keys, a, s)
+        if module in quantized:  # all params of the linear at its first, from one draw
+            if module not in drawn:
+                drawn[module] = _draw_quantized(config.quantization, module, leaves, axes_leaves, shardings,
+                                                jax.random.fold_in(key, i), dtype)
+            arrays.append(drawn[module][keys[-1]])
+            continue
         kind = keys[-1] if keys[-1] in ("scale", "bias") else "weight"
         arrays.append(_drawer(s.shape, dtype, kind, sharding)(jax.random.fold_in(key, i)))
     return Params({"params": jax.tree_util.tree_unflatten(treedef, arrays)}, config, tokenizer=None)
 
 
+def _draw_quantized(qcfg: QuantConfig, module: str, leaves, axes_leaves, shardings, key, dtype) -> dict[str, jax.Array]:
+    """{param name: array} of the quantized linear at `module`, each in its sharding."""
+    mine = {}
+    for (path, s), a in zip(leaves, axes_leaves):
+        keys = tuple(k.key for k in path)
+        if ".".join(keys[:-1]) == module:
+            mine[keys[-1]] = (s, resolve_sharding(shardings, ".".join(keys), keys, a, s))
+    K, N = linear_features(qcfg.weight_dtype, mine["qvalue"][0].shape)
+    draw = _quantized_drawer(qcfg, K, N, dtype, tuple((n, sh) for n, (_, sh) in sorted(mine.items())))
+    return dict(zip(sorted(mine), draw(key)))
+
+
 def dummy_params(model: str | None, *, dtype: Any = jnp.bfloat16, seed: int = 0, shardings: Any = None,
-                 mesh: jax.sharding.Mesh | None = None) -> Params:
+                 mesh: jax.sharding.Mesh | None = None, quantization: str | None = None) -> Params:
     """vLLM's `--load-format dummy`: random weights of the config that `model` names.
 
     `model`: "named:<config>" (pagedjax.models.named), a HF folder (its config.json; no weights
@@ -86,5 +153,5 @@ def dummy_params(model: str | None, *, dtype: Any = jnp.bfloat16, seed: int = 0,
     if mesh is not None:
         config = parallel.tp_config(config, parallel.tp_size(mesh))
         shardings = parallel.param_shardings(config, mesh)
-    params = random_params(config, dtype=dtype, seed=seed, shardings=shardings)
+    params = random_params(config, dtype=dtype, seed=seed, shardings=shardings, quantization=quantization)
     return Params(params.variables, config, tokenizer)

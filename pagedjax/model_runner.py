@@ -206,7 +206,7 @@ class ModelRunner:
         self.max_num_batched_tokens = opts.max_num_batched_tokens
         self.max_pages_per_req = math.ceil(opts.max_model_len / opts.page_size)  # M
         self.token_buckets = token_buckets(opts.max_num_batched_tokens)
-        self.kv_dtype = kv_dtype.resolve_kv_cache_dtype(opts.kv_cache_dtype, jax.tree.leaves(params.variables)[0].dtype)
+        self.kv_dtype = kv_dtype.resolve_kv_cache_dtype(opts.kv_cache_dtype, params.dtype)
         self.attn_impl = opts.attn_impl
         self._rng = np.random.default_rng(opts.seed)
         self._no_prev = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self.input_sharding)
@@ -221,6 +221,11 @@ class ModelRunner:
         logger.info("KV cache: %d pages of %d tokens = %d tokens, %.1f MiB (%s, %d bytes a token)", num_pages - 1,
                     self.page_size, (num_pages - 1) * self.page_size, page_pool.pages_bytes(self.pages) / 2**20,
                     self.kv_dtype.name, self.page_bytes() // self.page_size)
+        if kv_dtype.is_fp8(self.kv_dtype):
+            ratio = params.dtype.itemsize // self.kv_dtype.itemsize
+            logger.info("KV cache in fp8 (e4m3, per-kv-head scales): the pool holds %dx the pages of a %s pool in "
+                        "the same memory (%d pages, a %s pool of these bytes: %d)", ratio, params.dtype.name,
+                        num_pages - 1, params.dtype.name, (num_pages - 1) // ratio)
         seconds = self.executables.seconds
         if opts.precompile:
             self.precompile()

@@ -56,6 +56,7 @@ from jax.sharding import PartitionSpec as P
 from pagedjax.mesh import DP, TP, use_mesh  # re-exported: callers name them from here too
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
+from pagedjax.models.quantized import quantized_linears
 from pagedjax.params import Params
 
 # The one table: logical axis -> mesh axis (None: replicated). Unlisted axes are replicated.
@@ -232,18 +233,43 @@ def shard_params(params: Params, mesh: Mesh) -> Params:
     shardings = param_shardings(cfg, mesh)
     _, axes = abstract_params(cfg)
     axes = {"params": axes}
+    variables = params.variables
+    quantized = quantized_linears(cfg)
+    if repeat > 1 and quantized:  # whole kv heads of a quantized linear: its params repeated together
+        variables = _repeat_quantized_kv(variables, cfg, params.config.num_kv_heads, repeat, axes)
 
-    def place(x, a, s):
+    def place(path, x, a, s):
         a = tuple(a)
         if repeat == 1 and isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
             return x
-        if repeat == 1 or "kv_heads" not in a:
+        in_quantized = ".".join(k.key for k in path[1:-1]) in quantized
+        if repeat == 1 or "kv_heads" not in a or in_quantized:
             return jax.device_put(x, s)
         return _placer(repeat, a, s)(x)
 
-    variables = jax.tree.map(place, params.variables, axes, shardings,
-                             is_leaf=lambda x: isinstance(x, P))
+    variables = jax.tree_util.tree_map_with_path(place, variables, axes, shardings,
+                                                 is_leaf=lambda x: isinstance(x, P))
     return Params(variables, cfg, params.tokenizer)
+
+
+def _repeat_quantized_kv(variables, cfg: ModelConfig, num_kv_heads: int, repeat: int, axes):
+    """The variables with each quantized kv-head linear's weight repeated whole heads at a time."""
+    from pagedjax.quantization import repeat_out_heads, weight_from_params
+    from pagedjax.quantization.weight import linear_features
+
+    out = jax.tree.map(lambda x: x, variables)  # a copy of the containers
+    for module in quantized_linears(cfg):
+        keys = module.split(".")
+        node, ax = out["params"], axes["params"]
+        for k in keys:
+            node, ax = node[k], ax[k]
+        if "kv_heads" not in tuple(ax["qvalue"]):
+            continue
+        K, N = linear_features(cfg.quantization.weight_dtype, node["qvalue"].shape)
+        w = repeat_out_heads(weight_from_params(cfg.quantization, node, K, N), num_kv_heads, repeat)
+        node.clear()
+        node.update(w.params())
+    return out
 
 
 def per_device_bytes(arrays) -> dict[jax.Device, int]:

@@ -37,6 +37,20 @@ class Params:
         return sum(math.prod(x.shape) for x in jax.tree.leaves(self.variables))
 
     @property
+    def dtype(self):
+        """The dtype of the unquantized weights (the model's activations run in it)."""
+        def first(tree):
+            if "qvalue" in tree:  # a quantized linear: its params keep their own dtypes
+                return None
+            for v in tree.values():
+                d = first(v) if isinstance(v, dict) else v.dtype
+                if d is not None:
+                    return d
+            return None
+
+        return first(self.variables["params"])
+
+    @property
     def nbytes(self) -> int:
         """Bytes of all weights."""
         return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self.variables))

@@ -33,6 +33,8 @@ from pagedjax.models import abstract_params, family
 from pagedjax.models.config import ModelConfig
 from pagedjax.models.registry import family_for_gguf
 from pagedjax.params import Params
+from pagedjax.quant_weights import QuantizedLinears, flat
+from pagedjax.quantization.config import resolve_quantization
 
 # Buffers some checkpoints carry that are not weights.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.(masked_)?bias|\.attention\.(masked_)?bias)$")
@@ -211,6 +213,7 @@ def load_params(
     mesh: jax.sharding.Mesh | None = None,
     enable_expert_parallel: bool = False,
     progress: bool = True,
+    quantization: str | None = None,
 ) -> Params:
     """Loads a HF checkpoint folder or a .gguf file (default: the bundled SmolLM2) as Params.
 
@@ -226,6 +229,11 @@ def load_params(
       enable_expert_parallel: with `mesh`, split an MoE model's experts whole over its tp devices
         (vLLM's --enable-expert-parallel) rather than each expert's MLP columns.
       progress: show a tqdm bar.
+      quantization: vLLM's `quantization`: None loads what the checkpoint holds (a quantized one
+        as its config.json's quantization_config says); "fp8" quantizes a float checkpoint's
+        linears while loading (e4m3, per-output-channel scales, dynamic per-token activations);
+        a method named for a quantized checkpoint must match its own ("fp8", "awq", "gptq",
+        "compressed-tensors"). Embeddings, norms and the LM head stay in `dtype`.
     """
     if path is None:
         try:
@@ -250,6 +258,9 @@ def load_params(
         tokenizer = str(path) if any((path / t).exists() for t in tok_files) else None
     else:
         raise ValueError(f"{path} is neither a HF checkpoint folder nor a .gguf file")
+    qcfg = resolve_quantization(config.quantization, quantization)
+    if qcfg != config.quantization:
+        config = config.replace(quantization=qcfg)
     kv_repeat = 1
     if enable_expert_parallel:
         if mesh is None:
@@ -315,21 +326,31 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
     (in `dtype`, before any kv-head replication) are read from that file when it exists, and
     written to it otherwise.
     """
-    shapes, axes = abstract_params(config)
-    flat_shapes = {".".join(k.key for k in p): (tuple(k.key for k in p), s)
-                   for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    flat_axes = {".".join(k.key for k in p): a for p, a in jax.tree_util.tree_flatten_with_path(
-        axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
+    # The checkpoint is planned against the float layout; quantized linears take over their kernels.
+    shapes, axes = abstract_params(config.replace(quantization=None))
+    flat_shapes = flat(shapes)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    flat_axes = {t: a for t, (_, a) in flat(axes, is_leaf=is_spec).items()}
+    quant = QuantizedLinears(config, kv_repeat, desc) if config.quantization is not None else None
     out: dict[str, Any] = {}
 
-    def place(t: str, arr: np.ndarray) -> None:  # our layout in `dtype` -> its place on the device(s)
-        keys, shape = flat_shapes[t]
-        sharding = resolve_sharding(shardings, t, keys, flat_axes[t], shape)
+    def put(t: str, arr: np.ndarray, keys: tuple[str, ...], shape, axes) -> None:
         node = out
         for k in keys[:-1]:
             node = node.setdefault(k, {})
+        sharding = resolve_sharding(shardings, t, keys, axes, shape)
+        node[keys[-1]] = jax.device_put(np.require(arr, requirements="C"), sharding)  # 0-d stays 0-d
+
+    def place_quantized(t: str, arr: np.ndarray) -> None:  # a quantized linear's param, kv heads already repeated
+        keys, shape = quant.shapes[t]
+        put(t, arr, keys, shape, quant.axes[t])
+
+    def place(t: str, arr: np.ndarray) -> None:  # our layout in `dtype` -> its place on the device(s)
+        if quant is not None and quant.place_kernel(t, arr, place_quantized):
+            return
+        keys, shape = flat_shapes[t]
         arr = parallel.repeat_kv_heads(arr, flat_axes[t], kv_repeat)  # K < tp: replicas per device
-        node[keys[-1]] = jax.device_put(np.ascontiguousarray(arr), sharding)
+        put(t, arr, keys, shape, flat_axes[t])
 
     if cache is not None and cache.exists():
         try:
@@ -337,13 +358,16 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
             if set(cached) == set(flat_shapes):
                 for t, load in cached.items():
                     place(t, load())
-                return {"params": out}
+                return _checked(config, out, desc)
         except (ValueError, OSError):
             pass
         out.clear()  # unusable: convert again and rewrite it
     fam = family(config.architecture)
     table = _expand(fam.weight_map, config.num_layers, config.num_experts)
     prefix = fam.base_prefix
+    # pre-quantized linears: their tensors leave the plan, their float kernels count as filled
+    taken = quant.take(source, prefix) if quant is not None and not quant.online else {}
+    prefilled = quant.kernels() if taken else set()
 
     def targets(hf):
         t = table[hf][0]
@@ -379,9 +403,10 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
             unexpected.append(name)
     if unexpected:
         raise ValueError(f"{desc}: checkpoint tensors that this {config.architecture} config has no place for "
-                         f"(unsupported option or wrong config?): {unexpected[:8]}")
-    filled: dict[str, str] = {}  # target -> the checkpoint tensor filling it
-    by_leaf: dict[str, str] = {}  # leaf -> a tensor filling it (whole or one expert)
+                         f"(unsupported option or wrong config?): {unexpected[:8]}"
+                         + (quant.unexpected_message(unexpected) if quant is not None else ""))
+    filled: dict[str, str] = {t: "(a pre-quantized linear)" for t in prefilled}  # target -> the tensor filling it
+    by_leaf: dict[str, str] = dict(filled)  # leaf -> a tensor filling it (whole or one expert)
     for hf, name in plan.items():
         for t in targets(hf):
             path, slot = _leaf(t)
@@ -429,12 +454,24 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
                 if len(done) == buf.shape[0]:
                     convert_and_place(path, stacks.pop(path)[0])
             del w
+        if taken:
+            quant.load(taken, place_quantized)
     except BaseException:
         if writer is not None:
             writer.abandon()
         raise
     if writer is not None:
         writer.close()
+    return _checked(config, out, desc)
+
+
+def _checked(config: ModelConfig, out: dict[str, Any], desc: str) -> dict[str, Any]:
+    """{"params": out}, once every leaf of the model (quantized linears included) is there."""
+    want = set(flat(abstract_params(config)[0]))
+    got = set(flat(out))
+    if got != want:
+        raise ValueError(f"{desc}: loaded params differ from the model's: missing {sorted(want - got)[:8]}, "
+                         f"unexpected {sorted(got - want)[:8]}")
     return {"params": out}
 
 

@@ -35,7 +35,7 @@ echo "build took $(( $(date +%s) - start )) s" | tee -a "$OUTDIR/build.log"
 
 echo "== gpu tests"
 # The files with `gpu` tests (the rest need packages the GPU image may lack, e.g. openai).
-GPU_TEST_FILES="${GPU_TEST_FILES:-tests/test_kv_write.py tests/test_paged_attention_ffi.py tests/test_paged_attention_variants.py tests/test_gpu_engine.py tests/test_moe.py}"
+GPU_TEST_FILES="${GPU_TEST_FILES:-tests/test_kv_write.py tests/test_paged_attention_ffi.py tests/test_paged_attention_variants.py tests/test_gpu_engine.py tests/test_quantization_matmul.py tests/test_gpu_quantized.py tests/test_moe.py}"
 PAGEDJAX_TEST_GPU=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout "${TEST_TIMEOUT:-600}" "$PY" -m pytest $GPU_TEST_FILES -m gpu -q -rs \
   -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -40
 rc=${PIPESTATUS[0]}

@@ -32,6 +32,8 @@ def get_model(config: ModelConfig, attn_impl: str = "auto") -> nn.Module:
 def abstract_params(config: ModelConfig, dtype=jnp.float32):
     """(shapes, logical axes) of the `params` tree: ShapeDtypeStruct and PartitionSpec leaves.
 
+    Every weight is in `dtype`, but for the params of quantized linears (a module holding a
+    "qvalue"), which keep their own dtypes (e4m3 or packed int4 values, f32 or f16 scales).
     Cached per (config, dtype); treat the returned trees as read-only.
     """
     return _abstract_params(config, jnp.dtype(dtype))
@@ -47,5 +49,12 @@ def _abstract_params(config: ModelConfig, dtype):
     meta = AttentionMetadata(z, z, np.zeros((1, 1), np.int32), z + 1, np.array([0, 1], np.int32), z)
     boxed = jax.eval_shape(model.init, jax.random.key(0), z, pages, meta)["params"]
     axes = nn.get_partition_spec(boxed)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.unbox(boxed))
-    return shapes, axes
+    return _with_dtype(nn.unbox(boxed), dtype), axes
+
+
+def _with_dtype(tree, dtype):
+    """ShapeDtypeStructs in `dtype`, but in the subtrees of quantized linears (their own dtypes)."""
+    if "qvalue" in tree:
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree.items()}
+    return {k: _with_dtype(v, dtype) if isinstance(v, dict) else jax.ShapeDtypeStruct(v.shape, dtype)
+            for k, v in tree.items()}

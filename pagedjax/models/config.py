@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pagedjax.quantization.config import QuantConfig
 
 # HF activation names we implement (pagedjax.models.layers.ACTIVATIONS holds the functions)
 ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu")
@@ -108,6 +111,9 @@ class ModelConfig:
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP of intermediate_size instead of experts
     moe_impl: str = "auto"  # how the experts run: models.moe.MOE_IMPLS (static)
     expert_parallel: bool = False  # experts split whole over the tp devices, not by MLP columns
+    # quantized linears (pagedjax.quantization.QuantConfig): from config.json's quantization_config,
+    # or online FP8 asked for at load time; None: every weight in the model's dtype
+    quantization: QuantConfig | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -143,6 +149,14 @@ class ModelConfig:
         if scaling.type == "longrope" and 2 * len(scaling.short_factor) != self.rotary_dim:
             bad(f"longrope factors have {len(scaling.short_factor)} entries, rotary_dim {self.rotary_dim} needs "
                 f"{self.rotary_dim // 2}")
+        if self.quantization is not None:
+            from pagedjax.quantization.config import QuantConfig
+
+            if not isinstance(self.quantization, QuantConfig):
+                bad(f"quantization must be a QuantConfig or None, got {type(self.quantization).__name__}")
+            if "quantization" not in family.options:
+                bad(f"quantized checkpoints ({self.quantization.name!r}) are not supported for {self.architecture} "
+                    f"(quantized families: those whose linears are plain nn.Linear, e.g. llama)")
         defaults = _feature_defaults()
         for f, default in defaults.items():
             value = getattr(self, f)

@@ -22,7 +22,7 @@ import numpy as np
 from pagedjax.attention import AttentionMetadata, paged_attention, resolve_impl
 from pagedjax.kv_cache.kv_dtype import is_fp8
 from pagedjax.kv_cache.page_pool import write_kv
-from pagedjax.models import moe
+from pagedjax.models import moe, quantized
 from pagedjax.models.config import ModelConfig, RopeScaling
 
 INIT_STD = 0.02
@@ -47,17 +47,26 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tup
 
 
 class Einsum(nn.Module):
-    """`x @ kernel` as an einsum (kernel laid out as `shape`), plus a bias over the output dims."""
+    """`x @ kernel` as an einsum (kernel laid out as `shape`), plus a bias over the output dims.
+
+    With a `config` whose quantization covers this linear, the kernel is a quantized weight
+    (params "qvalue", "scale", ...; models/quantized.py) and the quantized matmul runs instead.
+    """
 
     eqn: str  # e.g. "td,dnh->tnh"
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     use_bias: bool = False
+    config: ModelConfig | None = None  # read for its quantization only
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = _param(self, "kernel", nn.initializers.normal(INIT_STD), self.shape, self.axes)
-        y = jnp.einsum(self.eqn, x, kernel.astype(x.dtype))
+        qcfg = quantized.linear_quantization(self.config, self.path)
+        if qcfg is not None:
+            y = quantized.quantized_einsum(self, qcfg, self.eqn, self.shape, self.axes, x)
+        else:
+            kernel = _param(self, "kernel", nn.initializers.normal(INIT_STD), self.shape, self.axes)
+            y = jnp.einsum(self.eqn, x, kernel.astype(x.dtype))
         if self.use_bias:
             k_dims, out_dims = self.eqn.split(",")[1].split("->")
             keep = [i for i, c in enumerate(k_dims) if c in out_dims]  # the kernel's output dims
@@ -252,10 +261,10 @@ class GatedMLP(nn.Module):
         cfg = self.config
         D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         with jax.named_scope("mlp"):
-            gate = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, name="gate_proj")(x)  # [T, F]
-            up = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, name="up_proj")(x)  # [T, F]
+            gate = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, cfg, name="gate_proj")(x)  # [T, F]
+            up = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, cfg, name="up_proj")(x)  # [T, F]
             h = ACTIVATIONS[cfg.activation](gate) * up
-            return Einsum("tf,fd->td", (F, D), ("mlp", "embed"), b, name="down_proj")(h)  # [T, D]
+            return Einsum("tf,fd->td", (F, D), ("mlp", "embed"), b, cfg, name="down_proj")(h)  # [T, D]
 
 
 class SparseMoeBlock(nn.Module):
@@ -300,9 +309,9 @@ class MLP(nn.Module):
         cfg = self.config
         D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         with jax.named_scope("mlp"):
-            h = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, name="fc_in")(x)  # [T, F]
+            h = Einsum("td,df->tf", (D, F), ("embed", "mlp"), b, cfg, name="fc_in")(x)  # [T, F]
             h = ACTIVATIONS[cfg.activation](h)
-            return Einsum("tf,fd->td", (F, D), ("mlp", "embed"), b, name="fc_out")(h)  # [T, D]
+            return Einsum("tf,fd->td", (F, D), ("mlp", "embed"), b, cfg, name="fc_out")(h)  # [T, D]
 
 
 # --- attention ------------------------------------------------------------------------------
@@ -328,9 +337,9 @@ class Attention(nn.Module):
         scales = dict(k_scale=jnp.ones((K,), jnp.float32), v_scale=jnp.ones((K,), jnp.float32)) \
             if is_fp8(kv[0].dtype) else {}
         with jax.named_scope("attention"):
-            q = Einsum("td,dnh->tnh", (D, N, H), ("embed", "heads", "head_dim"), b, name="q_proj")(x)
-            k = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="k_proj")(x)
-            v = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, name="v_proj")(x)
+            q = Einsum("td,dnh->tnh", (D, N, H), ("embed", "heads", "head_dim"), b, cfg, name="q_proj")(x)
+            k = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, cfg, name="k_proj")(x)
+            v = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, cfg, name="v_proj")(x)
             if cfg.qk_norm:  # per head, over head_dim: one [H] scale shared by the heads
                 q = norm(cfg, "q_norm")(q)  # [T, N, H]
                 k = norm(cfg, "k_norm")(k)  # [T, K, H]
@@ -347,7 +356,8 @@ class Attention(nn.Module):
             o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl, sliding_window=window,
                                 logit_softcap=cfg.attn_logit_softcap or None, **scales)  # [T, N, H]
             chex.assert_shape(o, (T, N, H))
-            out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, name="o_proj")(o)
+            out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, cfg,
+                         name="o_proj")(o)
         return out, (k_pages, v_pages)
 
 

@@ -57,21 +57,23 @@ def family_for_hf(hf: Mapping[str, Any]) -> ModelFamily:
 def config_from_hf(hf: Mapping[str, Any], name: str = ""):
     """A ModelConfig from a HF config.json dict; ValueError for anything we do not implement."""
     from pagedjax.models.config import hf_common
+    from pagedjax.quantization.config import QuantConfig
 
     fam = family_for_hf(hf)
     archs = hf.get("architectures")
-    if hf.get("quantization_config"):
-        raise ValueError(f"quantized checkpoints are not supported (quantization_config "
-                         f"{hf['quantization_config'].get('quant_method', '?')!r})")
     if hf.get("add_cross_attention") or hf.get("is_encoder_decoder"):
         raise ValueError("cross attention / encoder-decoder models are not supported")
+    quantization = QuantConfig.from_hf(hf)  # ValueError for a method or option we cannot honour
     if "vocab_size" not in hf and isinstance(hf.get("text_config"), Mapping):
         # a multimodal checkpoint: its text model (the token ids may be given at the top level)
         hf = {**{k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}, **hf["text_config"],
               "architectures": archs}
     hf = {**fam.hf_defaults, **hf}
+    common = hf_common(hf, fam.name, name)
+    if quantization is not None:
+        common["quantization"] = quantization
     try:
-        return fam.config_from_hf(hf, hf_common(hf, fam.name, name))
+        return fam.config_from_hf(hf, common)
     except KeyError as e:
         raise ValueError(f"config.json for {fam.name} lacks the key {e}") from None
 

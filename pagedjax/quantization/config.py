@@ -103,6 +103,11 @@ class QuantConfig:
 
     # --- queries ----------------------------------------------------------------------------
 
+    @property
+    def name(self) -> str:
+        """vLLM's name of the method (its `--quantization` value): "fp8" for online FP8 too."""
+        return "fp8" if self.method == "online" else self.method
+
     def is_quantized(self, module: str) -> bool:
         """Whether the linear `module` (HF dotted name, e.g. "model.layers.0.mlp.up_proj") is quantized."""
         for pat in self.ignore:
@@ -129,6 +134,24 @@ class QuantConfig:
         if fmt == "hf-fp8" and self.weight_strategy == "block":
             return ("weight", "weight_scale_inv")
         return ("weight", "weight_scale") + (("input_scale",) if self.activation == "static" else ())
+
+
+def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) -> QuantConfig | None:
+    """The QuantConfig to load with: the checkpoint's own, or online FP8 for `requested="fp8"` on an
+    unquantized checkpoint (vLLM's rules: a requested method must match the checkpoint's)."""
+    if requested is None:
+        return checkpoint
+    if requested not in _PARSERS:
+        raise ValueError(f"quantization {requested!r} is not supported (supported: {sorted(_PARSERS)})")
+    if checkpoint is None:
+        if requested != "fp8":
+            raise ValueError(f"quantization={requested!r} needs a checkpoint quantized with it (a "
+                             f"quantization_config in its config.json); online quantization exists for 'fp8' only")
+        return QuantConfig.online("fp8")
+    if checkpoint.name != requested:
+        raise ValueError(f"quantization={requested!r} does not match the checkpoint's quantization_config "
+                         f"(quant_method {checkpoint.name!r}): leave it unset, or pass {checkpoint.name!r}")
+    return checkpoint
 
 
 # --- parsers, one per quant_method ----------------------------------------------------------
@@ -215,7 +238,8 @@ def _parse_gptq(q: Mapping[str, Any]) -> QuantConfig:
 def _parse_compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:
     m = "compressed-tensors"
     if q.get("kv_cache_scheme"):
-        _fail(m, "kv_cache_scheme", q["kv_cache_scheme"], "an FP8 KV cache from the checkpoint is not supported")
+        _fail(m, "kv_cache_scheme", q["kv_cache_scheme"], "checkpoint-calibrated KV-cache scales are not "
+              "supported; kv_cache_dtype='fp8' serves an FP8 pool with unit scales from a checkpoint without them")
     if q.get("sparsity_config"):
         _fail(m, "sparsity_config", q["sparsity_config"])
     if q.get("transform_config"):

@@ -6,11 +6,14 @@ w[n, k] = (q[n, k] - zero[k // group_size, n]) * scale[k // group_size, n], q an
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax.quantization.weight import QuantizedWeight, check_int4_shape, pack_int4_tiles, unpack_int4_tiles
+from pagedjax.quantization.weight import (QuantizedWeight, check_int4_shape, pack_int4_tiles, pack_int4_tiles_jax,
+                                          unpack_int4_tiles)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SCALE_DTYPES = (np.float16, jnp.bfloat16, np.float32)
@@ -59,6 +62,24 @@ def quantize_int4(w: np.ndarray, group_size: int = 128, scale_dtype=np.float16) 
     zero = np.clip(np.round(-lo / s), 0, 15)
     q = np.clip(np.round(wg / s[:, :, None]) + zero[:, :, None], 0, 15).reshape(N, K)
     return int4_weight(q.T.astype(np.uint8), zero.T.astype(np.uint8), scale.T, group_size)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "scale_dtype"))
+def quantize_int4_jax(w: jax.Array, group_size: int = 128, scale_dtype=jnp.float16) -> QuantizedWeight:
+    """quantize_int4 in jnp, on the device (random weights of large models for benchmarks): the
+    same round-to-nearest codes, zeros and scales from a float weight w [N, K] (HF's [out, in])."""
+    N, K = w.shape
+    group_size = K if group_size == -1 else group_size
+    check_int4_shape(K, N, group_size)
+    G = K // group_size
+    wg = w.astype(jnp.float32).reshape(N, G, group_size)  # [N, G, gs]
+    hi, lo = wg.max(axis=2), wg.min(axis=2)  # [N, G]
+    scale = jnp.maximum((hi - lo) / 15.0, 1e-8).astype(scale_dtype)
+    s = scale.astype(jnp.float32)
+    zero = jnp.clip(jnp.round(-lo / s), 0, 15)
+    q = jnp.clip(jnp.round(wg / s[:, :, None]) + zero[:, :, None], 0, 15).reshape(N, K)
+    return QuantizedWeight(pack_int4_tiles_jax(q.astype(jnp.uint8)), scale.T, zero.T.astype(jnp.uint8), None,
+                           "int4", K, N, group_size=group_size)
 
 
 def dequantize_int4(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:

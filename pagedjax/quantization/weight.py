@@ -143,6 +143,16 @@ def logical_axes(kind: str, out_axis: str | None, in_axis: str | None, *,
     raise ValueError(f"unknown quantized weight kind {kind!r}")
 
 
+def linear_features(kind: str, qvalue_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(in_features K, out_features N) of a linear from the shape of its qvalue."""
+    if kind == "fp8":
+        N, K = qvalue_shape
+        return K, N
+    if kind == "int4":
+        return qvalue_shape[1] * INT4_TILE_K, qvalue_shape[0] * INT4_TILE_N
+    raise ValueError(f"unknown quantized weight kind {kind!r}")
+
+
 # --- int4: the tiled layout -----------------------------------------------------------------
 
 
@@ -174,6 +184,16 @@ def pack_int4_tiles(q: np.ndarray) -> np.ndarray:
     t = t.transpose(_NK_TO_TILED).reshape(N // 16, K // 64, 32, 4, 8)  # [NT, KT, lane, s, b]
     words = np.bitwise_or.reduce(t << (4 * np.arange(8, dtype=np.uint32)), axis=-1)  # [NT, KT, 32, 4]
     return np.ascontiguousarray(words).view(np.int32)
+
+
+def pack_int4_tiles_jax(q: jax.Array) -> jax.Array:
+    """pack_int4_tiles in jnp, inside jit on any device: codes q [N, K] in [0, 15] -> [N/16, K/64, 32, 4] int32."""
+    N, K = q.shape
+    check_int4_shape(K, N, K)
+    t = q.astype(jnp.uint32).reshape(N // 16, 2, 8, K // 64, 4, 4, 2, 2)  # [NT, r, g, KT, t, s, c, h]
+    t = t.transpose(_NK_TO_TILED).reshape(N // 16, K // 64, 32, 4, 8)  # [NT, KT, lane, s, b]
+    words = jnp.sum(t << (4 * jnp.arange(8, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32)  # disjoint bits: sum = or
+    return jax.lax.bitcast_convert_type(words, jnp.int32)  # [NT, KT, 32, 4]
 
 
 def unpack_int4_tiles(qvalue: jax.Array) -> jax.Array:

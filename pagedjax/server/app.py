@@ -224,8 +224,10 @@ def run_server(options: ServerOptions) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((o.host, o.port))
     port = sock.getsockname()[1]
+    quant = engine.params.config.quantization
     print(f"[pagedjax] serving {name!r} on http://{o.host}:{port} "
-          f"(max_model_len {engine.config.max_model_len}, {engine.runner.num_pages - 1} KV pages)",
+          f"(max_model_len {engine.config.max_model_len}, {engine.runner.num_pages - 1} KV pages of "
+          f"{engine.runner.kv_dtype.name}, weights {quant.name if quant else engine.params.dtype.name})",
           file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     return 0 if server.started else 1

@@ -1,0 +1,141 @@
+"""Quantized linears at load time: a checkpoint's quantized tensors gathered by module and
+converted, or float weights quantized online (FP8), then placed like any weight.
+
+The loader (weights.py) plans the checkpoint against the model's float layout; this file takes
+over for the linears the config quantizes (models/quantized.py says which):
+
+  pre-quantized  every "<module>.<suffix>" tensor the QuantConfig names (AWQ qweight / qzeros /
+                 scales, FP8 weight / weight_scale ...) leaves the plan and goes through
+                 quantization.convert_checkpoint_linear, as the published layout says
+  online FP8     the float kernel, converted to our layout as usual (and cached, for GGUF), is
+                 read back as HF's [out, in] weight and quantized on the default device
+
+Either way the QuantizedWeight's params land at "<module>.qvalue", "<module>.scale", ... in their
+own dtypes, kv heads repeated whole (repeat_out_heads) when the mesh has more devices than kv
+heads, each array straight into its sharding. Dims: K in_features, N out_features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from pagedjax.models import abstract_params
+from pagedjax.models.config import ModelConfig
+from pagedjax.models.quantized import quantized_linears
+from pagedjax.quantization import QuantizedWeight, convert_checkpoint_linear, repeat_out_heads
+from pagedjax.quantization.weight import linear_features
+
+# suffixes of quantized tensors, to say so when a checkpoint holds some we have no place for
+_QUANT_SUFFIX = re.compile(r"\.(qweight|qzeros|scales|g_idx|weight_scale|weight_scale_inv|input_scale|"
+                           r"k_scale|v_scale|output_scale)$")
+
+
+def flat(tree, is_leaf=None) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """{dotted path: (keys, leaf)} of a nested dict."""
+    return {".".join(k.key for k in p): (tuple(k.key for k in p), x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+class QuantizedLinears:
+    """The quantized linears of one load: which modules, their sizes, and placing their weights."""
+
+    def __init__(self, config: ModelConfig, kv_repeat: int, desc: str):
+        self.config, self.qcfg, self.desc, self.kv_repeat = config, config.quantization, desc, kv_repeat
+        self.modules = quantized_linears(config)  # our module path -> HF module name
+        shapes, axes = abstract_params(config)
+        self.shapes = {t: v for t, v in flat(shapes).items() if t.rsplit(".", 1)[0] in self.modules}
+        self.axes = {t: a for t, (_, a) in flat(axes, lambda x: isinstance(x, jax.sharding.PartitionSpec)).items()
+                     if t in self.shapes}
+        # module -> (K, N); our float kernel of it reshapes to [K, N] (contracted dims first)
+        self.dims = {m: linear_features(self.qcfg.weight_dtype, self.shapes[f"{m}.qvalue"][1].shape)
+                     for m in self.modules}
+
+    @property
+    def online(self) -> bool:
+        """Whether float weights are quantized here (online FP8) rather than read quantized."""
+        return self.qcfg.checkpoint_format == "online"
+
+    def kernels(self) -> set[str]:
+        """Our float kernels ("<module>.kernel") these linears stand in for."""
+        return {f"{m}.kernel" for m in self.modules}
+
+    # --- pre-quantized checkpoints ------------------------------------------------------------
+
+    def take(self, source: dict[str, Callable[[], np.ndarray]], prefix: str) -> dict[str, dict[str, Callable]]:
+        """Removes each quantized module's tensors from `source`: {module: {suffix: reader}}.
+
+        Names may lack the base model's prefix, as the loader allows for every tensor."""
+        taken = {}
+        for m, hf in self.modules.items():
+            tensors = {}
+            for sfx in self.qcfg.tensor_names():
+                for name in (f"{hf}.{sfx}", f"{hf.removeprefix(prefix)}.{sfx}"):
+                    if name in source:
+                        tensors[sfx] = source.pop(name)
+                        break
+            taken[m] = tensors
+        return taken
+
+    def load(self, taken: dict[str, dict[str, Callable]], place: Callable[[str, np.ndarray], None]) -> None:
+        """Converts each module's tensors (the published layout -> ours) and places its params."""
+        for m, readers in taken.items():
+            try:
+                w = convert_checkpoint_linear(self.qcfg, {sfx: read() for sfx, read in readers.items()})
+            except ValueError as e:
+                raise ValueError(f"{self.desc}: {self.modules[m]} ({self.qcfg.name}): {e}") from None
+            self.place(m, w, place)
+
+    # --- online FP8 -----------------------------------------------------------------------------
+
+    def place_kernel(self, t: str, arr: np.ndarray, place: Callable[[str, np.ndarray], None]) -> bool:
+        """Quantizes a float kernel in our layout (online FP8) and places it; False if `t` is not one."""
+        m = t.removesuffix(".kernel")
+        if not self.online or m == t or m not in self.modules:
+            return False
+        K, N = self.dims[m]
+        w_hf = np.asarray(arr).reshape(K, N).T  # [N, K]: HF's nn.Linear weight
+        self.place(m, convert_checkpoint_linear(self.qcfg, {"weight": w_hf}), place)
+        return True
+
+    # --- placing --------------------------------------------------------------------------------
+
+    def place(self, m: str, w: QuantizedWeight, place: Callable[[str, np.ndarray], None]) -> None:
+        """Checks w against the model's shapes, repeats kv heads, and places each param."""
+        K, N = self.dims[m]
+        if (w.in_features, w.out_features) != (K, N):
+            raise ValueError(f"{self.desc}: {self.modules[m]} is [out={w.out_features}, in={w.in_features}], "
+                             f"this config needs [out={N}, in={K}]")
+        params = w.params()
+        want = {t.rsplit(".", 1)[1] for t in self.shapes if t.rsplit(".", 1)[0] == m}
+        if set(params) != want:
+            raise ValueError(f"{self.desc}: {self.modules[m]} has params {sorted(params)}, the model {sorted(want)}")
+        for name, a in params.items():
+            _, s = self.shapes[f"{m}.{name}"]
+            a = np.asarray(a)
+            if a.shape != s.shape:
+                raise ValueError(f"{self.desc}: {self.modules[m]}.{name} is {list(a.shape)}, expected {list(s.shape)}")
+            if a.dtype != s.dtype:  # int4 scales of another float dtype: kept only if exactly representable
+                cast = a.astype(s.dtype)
+                if not np.array_equal(cast.astype(a.dtype), a):
+                    raise ValueError(f"{self.desc}: {self.modules[m]}.{name} in {a.dtype} does not fit {s.dtype}")
+                params[name] = cast
+        if self.kv_repeat > 1 and "kv_heads" in tuple(self.axes[f"{m}.qvalue"]):
+            w = dataclasses.replace(w, **params)
+            params = repeat_out_heads(w, self.config.num_kv_heads, self.kv_repeat).params()
+        for name, a in params.items():
+            place(f"{m}.{name}", np.asarray(a))
+
+    def unexpected_message(self, names: list[str]) -> str:
+        """Why checkpoint tensors had no place, when some of them are quantized ones."""
+        quant = [n for n in names if _QUANT_SUFFIX.search(n)]
+        if not quant:
+            return ""
+        return (f" (quantized tensors of modules this model keeps in its dtype, such as the LM head, or a "
+                f"{self.qcfg.name} layout we do not read: {quant[:4]})")
+

@@ -1,0 +1,222 @@
+"""Tiny quantized HF checkpoints written in the published layouts, and their float64 reference.
+
+`write(fmt, folder, model)` quantizes the linears of a tiny HF Llama (q/k/v/o, gate/up/down; the
+LM head and embeddings stay float) with this file's own round-to-nearest quantizers, packs the
+codes with the independent packers of tests/quant_oracle.py, and saves model.safetensors and a
+config.json carrying the method's quantization_config. It returns a `Reference`: the HF model in
+float64 with each linear's weight replaced by its dequantized value, and, for W8A8 formats,
+forward pre-hooks that fake-quantize each linear's input with torch's own float8_e4m3fn cast (per
+token, per 128-group or static per tensor), so the reference quantizes activations with nothing
+of pagedjax.
+
+Layouts, as the tools write them:
+  compressed-tensors float-quantized (llm-compressor; compressed_tensors/quantization/lifecycle,
+    vLLM's CompressedTensorsW8A8Fp8): `weight` e4m3 [out, in], `weight_scale` f32 [out, 1]
+    (channel) or [1] (tensor), `input_scale` f32 [1] (static activations); w = weight * scale
+  HF fine-grained FP8 (transformers integrations/finegrained_fp8.py, DeepSeek-V3): `weight` e4m3
+    [out, in], `weight_scale_inv` f32 [ceil(out/128), ceil(in/128)] multiplying its block
+  AutoAWQ GEMM (awq/modules/linear/gemm.py WQLinear_GEMM.from_linear): `qweight` int32 [in, out/8],
+    `qzeros` int32 [in/group, out/8] (both with AWQ's nibble order), `scales` f16 [in/group, out]
+  AutoGPTQ (nn_modules/qlinear/qlinear_cuda_old.py QuantLinear.pack): `qweight` int32 [in/8, out],
+    `qzeros` int32 [in/group, out/8] storing zero - 1 (v1), `scales` f16, `g_idx` int32 [in]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from tests.quant_oracle import awq_pack, gptq_pack_qweight, gptq_pack_qzeros
+
+E4M3 = torch.float8_e4m3fn
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+CT_GROUP = {"targets": ["Linear"], "output_activations": None,
+            "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "group_size": None,
+                        "block_structure": None}}
+CONFIGS = {  # quantization_config blocks, as each tool writes them
+    "ct-fp8-channel": {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "kv_cache_scheme": None, "config_groups": {"group_0": {
+            **CT_GROUP, "weights": {**CT_GROUP["weights"], "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                                  "dynamic": True, "group_size": None}}}},
+    "ct-fp8-tensor-static": {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {
+            **CT_GROUP, "weights": {**CT_GROUP["weights"], "strategy": "tensor"},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                                  "dynamic": False}}}},
+    "hf-fp8-block": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                     "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "awq-g64": {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": False,
+             "checkpoint_format": "gptq"},
+}
+
+
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # split along K under tensor parallelism
+
+
+@dataclass
+class Reference:
+    """The HF model in float64 with dequantized weights and fake-quantized activations."""
+
+    model: torch.nn.Module
+    activation: str | None = None  # "token", "group", "static", or None (weight-only)
+    input_scales: dict[str, float] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+
+    def hook(self, row_shards: int = 1) -> Reference:
+        """(Re)installs the activation hooks; row_shards > 1 quantizes the inputs of row-parallel
+        linears per token and per shard of K, as each of row_shards devices does with its slice."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        if self.activation is None:
+            return self
+        for name, mod in self.model.named_modules():
+            if name.endswith(LINEARS):
+                scale = self.input_scales.get(name)
+                shards = row_shards if name.endswith(ROW_PARALLEL) and self.activation == "token" else 1
+                hook = _activation_hook(self.activation, scale, shards=shards)
+                self.hooks.append(mod.register_forward_pre_hook(hook))
+        return self
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """float64 logits [len(ids), V] of one sequence."""
+        with torch.no_grad():
+            return self.model(torch.tensor([ids])).logits[0].numpy()
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale saturated to +-448, cast by torch to float8_e4m3fn, times scale (float64)."""
+    return (x / scale).clamp(-448, 448).to(E4M3).to(torch.float64) * scale
+
+
+def _activation_hook(kind: str, input_scale: float | None = None, group: int = 128, shards: int = 1):
+    def hook(module, args):
+        x = args[0].to(torch.float64)
+        if kind == "static":
+            return (fake_quant(x, torch.tensor(input_scale, dtype=torch.float64)),)
+        if kind == "token" and shards == 1:
+            s = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)  # [..., 1]
+            return (fake_quant(x, s),)
+        if kind == "token":  # per token and per shard of K
+            return (fake_quant_groups(x, x.shape[-1] // shards),)
+        return (fake_quant_groups(x, group),)
+    return hook
+
+
+def fake_quant_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Each token's K in groups of `group`, each with its own amax / 448 scale."""
+    g = x.reshape(*x.shape[:-1], -1, group)  # [..., KB, group]
+    s = (g.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
+    return fake_quant(g, s).reshape(x.shape)
+
+
+# --- the quantizers, one per format: weight [N, K] float -> (tensors, dequantized float64 [N, K]) -----
+
+
+def _fp8_channel(w: torch.Tensor):
+    scale = (w.abs().amax(1, keepdim=True) / 448).float()  # [N, 1]
+    codes = (w / scale).clamp(-448, 448).to(E4M3)
+    return {"weight": codes, "weight_scale": scale}, codes.double() * scale.double()
+
+
+def _fp8_tensor(w: torch.Tensor):
+    scale = (w.abs().amax() / 448).float().reshape(1)  # [1]
+    codes = (w / scale).clamp(-448, 448).to(E4M3)
+    return {"weight": codes, "weight_scale": scale}, codes.double() * scale.double()
+
+
+def _fp8_block(w: torch.Tensor, b: int = 128):
+    N, K = w.shape
+    blocks = w.reshape(N // b, b, K // b, b)
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448).float()  # [NB, KB]: weight_scale_inv multiplies
+    full = scale.repeat_interleave(b, 0).repeat_interleave(b, 1)  # [N, K]
+    codes = (w / full).clamp(-448, 448).to(E4M3)
+    return {"weight": codes, "weight_scale_inv": scale}, codes.double() * full.double()
+
+
+def _int4_rtn(w: np.ndarray, group: int, zmin: int):
+    """Round-to-nearest asymmetric int4 per (group, out column): codes [K, N], zeros, f16 scales [G, N]."""
+    wk = w.T.astype(np.float64)  # [K, N]
+    K, N = wk.shape
+    g = wk.reshape(K // group, group, N)
+    lo, hi = g.min(1), g.max(1)  # [G, N]
+    s = ((hi - lo) / 15).astype(np.float16)
+    s64 = s.astype(np.float64)
+    z = np.clip(np.round(-lo / s64), zmin, 15)
+    q = np.clip(np.round(g / s64[:, None]) + z[:, None], 0, 15).reshape(K, N)
+    deq = (q - np.repeat(z, group, 0)) * np.repeat(s64, group, 0)  # [K, N]
+    return q.astype(np.uint8), z.astype(np.uint8), s, deq.T
+
+
+def _awq(w: torch.Tensor, group: int):
+    q, z, s, deq = _int4_rtn(w.double().numpy(), group, zmin=0)
+    t = {"qweight": awq_pack(q), "qzeros": awq_pack(z), "scales": s}
+    return {k: torch.from_numpy(v) for k, v in t.items()}, torch.from_numpy(deq)
+
+
+def _gptq(w: torch.Tensor, group: int):
+    # v1 stores zero - 1, so a zero point of 0 cannot be written: zeros are clipped to [1, 15] here
+    q, z, s, deq = _int4_rtn(w.double().numpy(), group, zmin=1)
+    K = q.shape[0]
+    t = {"qweight": gptq_pack_qweight(q), "qzeros": gptq_pack_qzeros(z, v1=True), "scales": s,
+         "g_idx": (np.arange(K) // group).astype(np.int32)}
+    return {k: torch.from_numpy(v) for k, v in t.items()}, torch.from_numpy(deq)
+
+
+QUANTIZERS = {"ct-fp8-channel": _fp8_channel, "ct-fp8-tensor-static": _fp8_tensor, "hf-fp8-block": _fp8_block,
+              "awq": lambda w: _awq(w, 128), "awq-g64": lambda w: _awq(w, 64), "gptq": lambda w: _gptq(w, 128)}
+ACTIVATIONS = {"ct-fp8-channel": "token", "ct-fp8-tensor-static": "static", "hf-fp8-block": "group"}
+
+
+def calibrate(model, prompts: list[list[int]]) -> dict[str, float]:
+    """Static input scales: amax / 448 of each linear's input over the prompts (the float model)."""
+    amax, hooks = {}, []
+    for name, mod in model.named_modules():
+        if name.endswith(LINEARS):
+            def hook(m, args, name=name):
+                amax[name] = max(amax.get(name, 0.0), float(args[0].abs().max()))
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for p in prompts:
+            model(torch.tensor([p]))
+    for h in hooks:
+        h.remove()
+    return {k: v / 448 for k, v in amax.items()}
+
+
+def write(fmt: str, folder: Path, model, calibration: list[list[int]] | None = None) -> Reference:
+    """Writes `model` (a tiny HF Llama, float32) quantized as `fmt` into folder; returns its reference."""
+    folder.mkdir(parents=True, exist_ok=True)
+    act = ACTIVATIONS.get(fmt)
+    input_scales = calibrate(model, calibration) if act == "static" else {}
+    ref = copy.deepcopy(model).double().eval()
+    tensors = {}
+    for name, t in model.state_dict().items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module.endswith(LINEARS):
+            q, deq = QUANTIZERS[fmt](t.detach().float())
+            tensors.update({f"{module}.{k}": v.contiguous() for k, v in q.items()})
+            if act == "static":
+                tensors[f"{module}.input_scale"] = torch.tensor([input_scales[module]], dtype=torch.float32)
+            ref.get_submodule(module).weight.data = deq.to(torch.float64)
+        else:
+            tensors[name] = t.detach().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = model.config.to_dict()
+    config["quantization_config"] = CONFIGS[fmt]
+    (folder / "config.json").write_text(json.dumps(config))
+    stored = {k: float(torch.tensor(v, dtype=torch.float32)) for k, v in input_scales.items()}  # as saved
+    return Reference(ref, act, stored).hook()

