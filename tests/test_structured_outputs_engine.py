@@ -231,6 +231,7 @@ def test_reasoning_then_constraint(model):
         if end in free.token_ids:
             break
     p = free.token_ids.index(end)
+    assert p >= 1, (bias, free.token_ids)  # some thinking before the push closes it
     sp = pj.SamplingParams(temperature=0.0, max_tokens=40, logit_bias={end: bias}, structured_outputs=SO(regex=regex))
     c = run(engine, [("r1", prompt, sp)])["r1"].outputs[0]
     assert c.token_ids[:p + 1] == free.token_ids[:p + 1], (bias, free.token_ids, c.token_ids)
