@@ -11,6 +11,7 @@ back to each sample's grammar. Every request ends with a finish reason and gives
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -176,8 +177,9 @@ class LLMEngine:
             rows = sched.scheduled
             masked = self.structured.active and self.structured.needs_bitmask(rows)
             masked_late = masked and prev is not None and self.structured.needs_sampled_tokens(rows)
-            launched = self.runner.launch(rows, sched.cow_copies, num_logprobs=self._num_logprobs(sched),
-                                          prev=prev and prev[1], sample=not masked)
+            # A constrained step's sampling waits for its bitmask (launch(sample=False), then sample()).
+            launch = functools.partial(self.runner.launch, sample=False) if masked else self.runner.launch
+            launched = launch(rows, sched.cow_copies, num_logprobs=self._num_logprobs(sched), prev=prev and prev[1])
             if masked and not masked_late:
                 self.runner.sample(launched, self.structured.bitmask(rows, launched.num_padded_rows))
             self.num_steps += 1

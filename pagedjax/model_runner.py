@@ -173,7 +173,7 @@ _step = jax.jit(_step_fn, static_argnums=(0, 1), donate_argnums=(3,),
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "num_logprobs", "flags", "num_slots"))
-def _sample(logits, buf, token_bitmask, *, layout, num_logprobs, flags, num_slots):
+def _sample(logits, buf, token_bitmask=None, *, layout, num_logprobs, flags, num_slots):
     """Sampling, a call of its own: its variants (flags, logprobs, penalty widths) compile in
     well under a second, where a variant of the whole step would recompile the model.
     `token_bitmask` is [R, W] i32 with flags.bitmask, else None (a variant without it).

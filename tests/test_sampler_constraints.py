@@ -188,3 +188,39 @@ def test_bitmask_flag_and_array_go_together():
         S.sample(logits, meta, flags=S.SampleFlags(bitmask=True))
     with pytest.raises(ValueError, match="token_bitmask is given"):
         S.sample(logits, meta, flags=S.SampleFlags(), token_bitmask=np.full((2, 2), -1, np.int32))
+
+
+def test_the_bitmask_variant_has_no_conditionals():
+    """Like the other sampler variants (test_engine): no `conditional` a GPU would read back."""
+    import jax.numpy as jnp
+
+    from pagedjax.model_runner import _sample as runner_sample
+    from pagedjax.model_runner import pack
+
+    ps = [SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=1, logit_bias={3: 2.0}), SamplingParams(temperature=0)]
+    meta = make_sampling_metadata(ps, [[], []], num_rows=4)
+    buf, layout = pack(meta)
+    flags = static_flags(meta)._replace(bitmask=True)
+    hlo = runner_sample.lower(jnp.zeros((4, 300), jnp.float32), buf, jnp.full((4, 10), -1, jnp.int32), layout=layout,
+                              num_logprobs=2, flags=flags, num_slots=4).compile().as_text()
+    assert " conditional(" not in hlo
+
+
+@pytest.mark.gpu
+def test_large_vocab_bitmask_on_the_device():
+    """Qwen-sized rows (V = 151936, W = 4748) on the accelerator: greedy and sampled rows stay in
+    their allowed sets, logprobs are the allowed set's log-softmax (float64 oracle)."""
+    seed = 14
+    rng = np.random.default_rng(seed)
+    R, V = 64, 151936
+    logits = (rng.normal(size=(R, V)) * 4).astype(np.float32)
+    allowed = random_allowed(rng, R, V)
+    ps = [SamplingParams(temperature=0.0) if r % 2 else SamplingParams(temperature=1.0, top_p=0.9, seed=r)
+          for r in range(R)]
+    out = sample(logits, make_sampling_metadata(ps, [[]] * R, num_rows=R), pack_rows(allowed), num_logprobs=4)
+    ids = np.asarray(out.token_ids)
+    masked = np.where(allowed, logits.astype(np.float64), -np.inf)
+    assert allowed[np.arange(R), ids].all(), f"seed={seed}"
+    np.testing.assert_array_equal(ids[1::2], masked[1::2].argmax(axis=1), err_msg=f"seed={seed}")
+    ref = np_log_softmax(masked)
+    np.testing.assert_allclose(out.logprobs, ref[np.arange(R), ids], atol=1e-4, err_msg=f"seed={seed}")

@@ -144,27 +144,32 @@ class StructuredOutputManager:
     def bitmask(self, rows: Sequence[Any], num_rows: int) -> np.ndarray:
         """The step's allowed tokens, [num_rows, W] i32: each constrained sampling row's, all
         ones elsewhere (padding, prefill chunks, unconstrained rows)."""
-        mask = np.full((num_rows, self.width), -1, np.int32)  # [R, W]
-        grammar_rows = []
+        W = self.width
+        grammar_rows, allowed_rows = [], []
         for r, st in self._row_states(rows):
             if st.matcher is not None and (st.tracker is None or st.tracker.constrained):
                 grammar_rows.append((r, st))
             elif st.allowed is not None:
-                mask[r] = st.allowed
-        if not grammar_rows:
-            return mask
-        self.compiler.fill_bitmasks([(st.matcher, r) for r, st in grammar_rows], mask)
+                allowed_rows.append((r, st))
+        # The grammar's rows span the tokenizer's ids too, which a model may have fewer of.
+        cut = grammar_rows and self.compiler.bitmask_width > W
+        mask = np.full((num_rows, self.compiler.bitmask_width if cut else W), -1, np.int32)  # [R, W(+)]
+        for r, st in allowed_rows:
+            mask[r, :W] = st.allowed
+        if grammar_rows:
+            self.compiler.fill_bitmasks([(st.matcher, r) for r, st in grammar_rows], mask)
         for r, st in grammar_rows:
             if st.matcher.is_stuck and st.error is None:  # its row allows EOS only: not a valid end
                 st.error = f"the output constraint cannot continue: {st.matcher.error}"
             if st.tracker is not None:
                 st.tracker.allow_start_token(mask, r)
             if st.allowed is not None:
-                mask[r] &= st.allowed
-                if not mask[r].any():
-                    st.error = st.error or "no token is allowed by both allowed_token_ids and the output constraint"
-                    mask[r] = st.allowed  # a finite row; the request ends with the error at this token
-        return mask
+                mask[r, :W] &= st.allowed
+            if (cut or st.allowed is not None) and not mask[r, :W].any():
+                st.error = st.error or ("no token of the model's vocabulary is allowed by the output constraint"
+                                        + (" and allowed_token_ids" if st.allowed is not None else ""))
+                mask[r, :W] = -1 if st.allowed is None else st.allowed  # a finite row; it ends at this token
+        return np.ascontiguousarray(mask[:, :W]) if cut else mask
 
     def accept(self, req: Request, token_id: int) -> tuple[str, str | None] | None:
         """Feeds a sampled token to the sample's grammar; (finish_reason, stop_reason) if the
