@@ -7,10 +7,12 @@ an array of line items, enums, bounded integers and numbers, strings with length
 fields). Several variants of it (field names and enums differ) are compiled cold first, then
 hit the compile cache as real traffic does. Runs, in this order on one engine: a warm-up, the
 load unconstrained (ignore_eos: every request runs its length), the load constrained (a request
-ends when its JSON is complete, or at its length), and with --sync-too the constrained load
+ends when its JSON is complete, or at its length: random weights fill every string to its
+maxLength, so most JSONs outrun ShareGPT lengths unless --json-max-tokens), and with --sync-too the constrained load
 again with async scheduling off (its steps wait for each token before building the next mask;
-with it on, the mask is built while the model runs). Random weights write random JSON, which
-is the hard case for a grammar: every allowed token gets tried.
+with it on, the mask is built while the model runs). Each run has fresh prompt ids of the same
+lengths (no prefix-cache hits across runs). Random weights write random JSON, which is the hard
+case for a grammar: every allowed token gets tried.
 
   python benchmarks/structured.py                                   # CPU: SmolLM2-sized, 24 requests
   python benchmarks/structured.py --model named:llama3-8b --num-prompts 1000 --max-len 4096 \\
@@ -40,24 +42,24 @@ def order_schema(variant: int = 0) -> dict:
         return {"type": "string", "minLength": 1, "maxLength": n}
 
     address = {"type": "object", "additionalProperties": False,
-               "properties": {"street": s(40), "city": s(24), "postal_code": {"type": "string", "pattern": "[0-9]{5}"},
+               "properties": {"street": s(40), "city": s(24), "postal_code": {"type": "string", "pattern": "^[0-9]{5}$"},
                               "country": {"enum": ["FR", "DE", "US", "JP", "BR"][: 3 + variant % 3]},
                               "apartment": {"anyOf": [s(8), {"type": "null"}]}},
                "required": ["street", "city", "postal_code", "country", "apartment"]}
     item = {"type": "object", "additionalProperties": False,
-            "properties": {"sku": {"type": "string", "pattern": "[A-Z]{3}-[0-9]{4}"}, "name": s(30),
+            "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}, "name": s(30),
                            "quantity": {"type": "integer", "minimum": 1, "maximum": 99},
                            "unit_price": {"type": "number", "minimum": 0, "maximum": 10000},
                            "gift": {"type": "boolean"}},
             "required": ["sku", "name", "quantity", "unit_price", "gift"]}
     props = {
-        f"order_id{v}": {"type": "string", "pattern": "ORD-[0-9]{6}"},
+        f"order_id{v}": {"type": "string", "pattern": "^ORD-[0-9]{6}$"},
         "status": {"enum": ["pending", "paid", "shipped", "delivered", "cancelled"]},
         "created_at": {"type": "string", "format": "date-time"},
         "customer": {"type": "object", "additionalProperties": False,
                      "properties": {"id": {"type": "integer", "minimum": 1}, "first_name": s(20), "last_name": s(20),
-                                    "email": {"type": "string", "format": "email"},
-                                    "phone": {"anyOf": [{"type": "string", "pattern": "\\+[0-9]{8,12}"},
+                                    "email": {"type": "string", "pattern": "^[a-z0-9.]{1,20}@[a-z]{1,12}\\.[a-z]{2,3}$"},
+                                    "phone": {"anyOf": [{"type": "string", "pattern": "^\\+[0-9]{8,12}$"},
                                                         {"type": "null"}]},
                                     "loyalty_tier": {"enum": ["none", "silver", "gold", "platinum"]},
                                     "newsletter": {"type": "boolean"}},
@@ -76,7 +78,7 @@ def order_schema(variant: int = 0) -> dict:
     return {"type": "object", "additionalProperties": False, "properties": props, "required": list(props)}
 
 
-def run(llm, requests, *, tag: str, constrained: bool, schemas=None) -> dict:
+def run(llm, requests, *, tag: str, constrained: bool, schemas=None, compact: bool = True) -> dict:
     """All requests queued at once, stepped to the end; the figures of the run."""
     import pagedjax as pj
     from pagedjax.sampling_params import RequestOutputKind
@@ -88,7 +90,8 @@ def run(llm, requests, *, tag: str, constrained: bool, schemas=None) -> dict:
     ids = [f"{tag}-{i}" for i in range(len(requests))]
     t0 = time.perf_counter()
     for i, (rid, (prompt, n)) in enumerate(zip(ids, requests)):
-        so = StructuredOutputsParams(json=schemas[i % len(schemas)]) if constrained else None
+        so = StructuredOutputsParams(json=schemas[i % len(schemas)], disable_any_whitespace=compact) \
+            if constrained else None
         eng.add_request(rid, prompt, pj.SamplingParams(max_tokens=n, temperature=1.0, seed=i, ignore_eos=True,
                                                        structured_outputs=so,
                                                        output_kind=RequestOutputKind.FINAL_ONLY))
@@ -163,6 +166,12 @@ def _count_valid(outs, schemas) -> str:
     return f"{valid}/{stopped}"
 
 
+def fresh(requests, vocab_size: int, seed: int, num_special: int = 16):
+    """The same lengths with other prompt ids: no run reads another's prompts from the prefix cache."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(num_special, vocab_size, size=len(p)).tolist(), n) for p, n in requests]
+
+
 def compile_times(llm, schemas) -> dict:
     """Cold compile of each schema variant (the first also builds llguidance's tokenizer), then a
     cache hit; milliseconds."""
@@ -198,6 +207,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--sync-too", action="store_true", help="also run the constrained load with async scheduling off")
+    p.add_argument("--whitespace", choices=["none", "flexible"], default="none",
+                   help="JSON whitespace: none (vLLM's disable_any_whitespace) or flexible; random weights given "
+                        "flexible whitespace mostly write whitespace, hundreds of tokens are spaces and newlines")
+    p.add_argument("--json-max-tokens", type=int, default=0,
+                   help="max_tokens of the constrained runs (default 0: the load's lengths); large enough, every "
+                        "JSON completes and is validated, and generated tok/s is the figure to compare")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
@@ -222,20 +237,24 @@ def main(argv=None) -> int:
     schemas = [order_schema(v) for v in range(NUM_VARIANTS)]
     r = llm.engine.runner
     results = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind), "model": args.model,
-               "tokenizer": tokenizer or args.model, "dtype": args.dtype, "startup_s": round(startup, 2),
+               "tokenizer": args.tokenizer or ("bundled SmolLM2-135M-Instruct" if tokenizer else "the model's"),
+               "dtype": args.dtype, "whitespace": args.whitespace, "startup_s": round(startup, 2),
                "engine": {"max_model_len": r.max_model_len, "max_num_seqs": r.max_num_seqs,
                           "max_num_batched_tokens": r.max_num_batched_tokens, "num_pages": r.num_pages},
                "compile": compile_times(llm, schemas), "runs": []}
     print("compile", json.dumps(results["compile"]), flush=True)
-    warm = requests[: max(2, len(requests) // 16)]  # every sampler variant compiled before the timed runs
-    run(llm, warm, tag="warmup-plain", constrained=False)
-    run(llm, warm, tag="warmup-json", constrained=True, schemas=schemas)
+    warm = requests[: max(4, len(requests) // 16)]  # every sampler variant compiled before the timed runs
+    run(llm, fresh(warm, V, 1), tag="warmup-plain", constrained=False)
+    compact = args.whitespace == "none"
+    run(llm, fresh(warm, V, 2), tag="warmup-json", constrained=True, schemas=schemas, compact=compact)
     runs = [("unconstrained", False, True), ("json-schema", True, True)]
     if args.sync_too:
         runs.append(("json-schema-sync", True, False))
-    for tag, constrained, async_scheduling in runs:
+    for k, (tag, constrained, async_scheduling) in enumerate(runs):
         llm.engine.config = dataclasses.replace(llm.engine.config, async_scheduling=async_scheduling)
-        res = run(llm, requests, tag=tag, constrained=constrained, schemas=schemas)
+        load_k = [(p, min(args.json_max_tokens, args.max_len - len(p)) if constrained and args.json_max_tokens else n)
+                  for p, n in fresh(requests, V, 10 + k)]
+        res = run(llm, load_k, tag=tag, constrained=constrained, schemas=schemas, compact=compact)
         results["runs"].append(res)
         print(tag, json.dumps(res), flush=True)
         if args.out:
