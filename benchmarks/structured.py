@@ -10,9 +10,9 @@ load unconstrained (ignore_eos: every request runs its length), the load constra
 ends when its JSON is complete, or at its length: random weights fill every string to its
 maxLength, so most JSONs outrun ShareGPT lengths unless --json-max-tokens), and with --sync-too the constrained load
 again with async scheduling off (its steps wait for each token before building the next mask;
-with it on, the mask is built while the model runs). Each run has fresh prompt ids of the same
-lengths (no prefix-cache hits across runs). Random weights write random JSON, which is the hard
-case for a grammar: every allowed token gets tried.
+with it on, the mask is built while the model runs: both give the same tokens). Every run has
+the same prompts and seeds, the prefix cache emptied before it. Random weights write random
+JSON, which is the hard case for a grammar: every allowed token gets tried.
 
   python benchmarks/structured.py                                   # CPU: SmolLM2-sized, 24 requests
   python benchmarks/structured.py --model named:llama3-8b --num-prompts 1000 --max-len 4096 \\
@@ -250,10 +250,11 @@ def main(argv=None) -> int:
     runs = [("unconstrained", False, True), ("json-schema", True, True)]
     if args.sync_too:
         runs.append(("json-schema-sync", True, False))
-    for k, (tag, constrained, async_scheduling) in enumerate(runs):
+    for tag, constrained, async_scheduling in runs:
         llm.engine.config = dataclasses.replace(llm.engine.config, async_scheduling=async_scheduling)
+        llm.engine.scheduler.kv_cache.allocator.reset_prefix_cache()  # no run reads another's prompts
         load_k = [(p, min(args.json_max_tokens, args.max_len - len(p)) if constrained and args.json_max_tokens else n)
-                  for p, n in fresh(requests, V, 10 + k)]
+                  for p, n in requests]
         res = run(llm, load_k, tag=tag, constrained=constrained, schemas=schemas, compact=compact)
         results["runs"].append(res)
         print(tag, json.dumps(res), flush=True)
