@@ -8,15 +8,16 @@ fields). Several variants of it (field names and enums differ) are compiled cold
 hit the compile cache as real traffic does. Runs, in this order on one engine: a warm-up, the
 load unconstrained (ignore_eos: every request runs its length), the load constrained (a request
 ends when its JSON is complete, or at its length: random weights fill every string to its
-maxLength, so most JSONs outrun ShareGPT lengths unless --json-max-tokens), and with --sync-too the constrained load
+maxLength, so most JSONs outrun ShareGPT lengths), with --sync-too the constrained load
 again with async scheduling off (its steps wait for each token before building the next mask;
-with it on, the mask is built while the model runs: both give the same tokens). Every run has
+with it on, the mask is built while the model runs: both give the same tokens), and with
+--json-max-tokens N once more with N tokens allowed, so that the JSONs complete. Every run has
 the same prompts and seeds, the prefix cache emptied before it. Random weights write random
 JSON, which is the hard case for a grammar: every allowed token gets tried.
 
   python benchmarks/structured.py                                   # CPU: SmolLM2-sized, 24 requests
   python benchmarks/structured.py --model named:llama3-8b --num-prompts 1000 --max-len 4096 \\
-      --max-num-seqs 256 --sync-too --out results/structured.json   # the GPU run
+      --max-num-seqs 256 --sync-too --json-max-tokens 1000 --out results/structured.json   # the GPU run
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ def main(argv=None) -> int:
                    help="JSON whitespace: none (vLLM's disable_any_whitespace) or flexible; random weights given "
                         "flexible whitespace mostly write whitespace, hundreds of tokens are spaces and newlines")
     p.add_argument("--json-max-tokens", type=int, default=0,
-                   help="max_tokens of the constrained runs (default 0: the load's lengths); large enough, every "
-                        "JSON completes and is validated, and generated tok/s is the figure to compare")
+                   help="also run the constrained load with this max_tokens (capped by max_len): large enough, "
+                        "every JSON completes and is validated; compare its generated tok/s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
@@ -247,14 +248,15 @@ def main(argv=None) -> int:
     run(llm, fresh(warm, V, 1), tag="warmup-plain", constrained=False)
     compact = args.whitespace == "none"
     run(llm, fresh(warm, V, 2), tag="warmup-json", constrained=True, schemas=schemas, compact=compact)
-    runs = [("unconstrained", False, True), ("json-schema", True, True)]
+    runs = [("unconstrained", False, True, 0), ("json-schema", True, True, 0)]
     if args.sync_too:
-        runs.append(("json-schema-sync", True, False))
-    for tag, constrained, async_scheduling in runs:
+        runs.append(("json-schema-sync", True, False, 0))
+    if args.json_max_tokens:
+        runs.append(("json-schema-complete", True, True, args.json_max_tokens))
+    for tag, constrained, async_scheduling, max_tokens in runs:
         llm.engine.config = dataclasses.replace(llm.engine.config, async_scheduling=async_scheduling)
         llm.engine.scheduler.kv_cache.allocator.reset_prefix_cache()  # no run reads another's prompts
-        load_k = [(p, min(args.json_max_tokens, args.max_len - len(p)) if constrained and args.json_max_tokens else n)
-                  for p, n in requests]
+        load_k = [(p, min(max_tokens, args.max_len - len(p)) if max_tokens else n) for p, n in requests]
         res = run(llm, load_k, tag=tag, constrained=constrained, schemas=schemas, compact=compact)
         results["runs"].append(res)
         print(tag, json.dumps(res), flush=True)
