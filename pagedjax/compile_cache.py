@@ -26,7 +26,7 @@ import jax
 
 logger = logging.getLogger("pagedjax")
 
-_FORMAT = 1  # bump when the stored payload changes
+_FORMAT = 2  # bump when the stored payload changes
 
 
 @functools.cache
@@ -43,7 +43,8 @@ def source_fingerprint() -> str:
 def _aval(x: Any) -> str:
     sharding = getattr(x, "sharding", None)
     spec = getattr(sharding, "spec", None)
-    return f"{tuple(x.shape)}:{x.dtype}:{spec}"
+    devices = sorted(d.id for d in sharding.device_set) if sharding is not None else None  # which, not just how many
+    return f"{tuple(x.shape)}:{x.dtype}:{spec}:{devices}"
 
 
 class ExecutableCache:
@@ -103,8 +104,12 @@ class ExecutableCache:
 
         _ffi.register()  # a stored program may call our custom calls: their handlers must be known first
         try:
-            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-            return deserialize_and_load(payload, in_tree, out_tree)
+            payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+            # Onto the devices it was compiled for: by default jax would take every device of the
+            # backend, and a one-device program then wants as many shards as the host has devices.
+            by_id = {d.id: d for d in jax.devices()}
+            return deserialize_and_load(payload, in_tree, out_tree,
+                                        execution_devices=[by_id[i] for i in device_ids])
         except Exception as e:  # a stale or broken entry: compile again
             logger.warning("compiled-step cache entry %s unusable (%s): recompiling", path.name, e)
             return None
@@ -115,7 +120,8 @@ class ExecutableCache:
         from jax.experimental.serialize_executable import serialize
 
         try:
-            blob = pickle.dumps(serialize(compiled))
+            device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+            blob = pickle.dumps((*serialize(compiled), device_ids))
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}-")
             with os.fdopen(fd, "wb") as f:
