@@ -11,6 +11,7 @@ _PUBLIC = {
     "LLM": "pagedjax.api",
     "SamplingParams": "pagedjax.sampling_params",
     "BeamSearchParams": "pagedjax.sampling_params",
+    "StructuredOutputsParams": "pagedjax.structured_outputs.params",
     "RequestOutput": "pagedjax.request",
     "CompletionOutput": "pagedjax.request",
 }

@@ -40,6 +40,12 @@ _ENGINE_FLAGS = (
     ("--no-prefix-caching", "enable_prefix_caching", None, "disable automatic prefix caching"),
     ("--no-chunked-prefill", "enable_chunked_prefill", None, "run each prompt in one step"),
     ("--no-async-scheduling", "async_scheduling", None, "wait for each step's tokens before scheduling the next"),
+    ("--reasoning-parser", "reasoning_parser", ("deepseek_r1", "qwen3"),
+     "split <think> reasoning off the answer (reasoning_content); output constraints start after it"),
+    ("--structured-outputs-enable-in-reasoning", "enable_in_reasoning", True,
+     "with a reasoning parser: apply output constraints to the reasoning too"),
+    ("--grammar-compile-timeout", "grammar_compile_timeout", float,
+     "seconds for compiling one output constraint (JSON schema, regex, grammar) before a 400"),
 )
 
 
@@ -117,10 +123,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Runs the OpenAI-compatible HTTP server."""
     from pagedjax.server.app import ServerOptions, run_server
 
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        print("pagedjax serve: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
+        return 2
     return run_server(ServerOptions(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_queue=args.max_queue, dtype=args.dtype,
-        load_format=args.load_format, tokenizer=args.tokenizer, verbose=args.verbose, engine=engine_options(args)))
+        load_format=args.load_format, tokenizer=args.tokenizer, verbose=args.verbose,
+        tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+        engine=engine_options(args)))
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -169,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=None)
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503")
+    s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral"], default=None,
+                   help="parse the model's tool calls for tool_choice 'auto' (the model family's format)")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag, accepted: --tool-call-parser enables tool_choice 'auto'")
     _engine_args(s)
     s.set_defaults(func=cmd_serve)
 

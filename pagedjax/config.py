@@ -51,6 +51,11 @@ class EngineConfig:
     async_scheduling: bool = True  # schedule and launch step n+1 before step n's tokens reach the host
     preemption_mode: str = "recompute"  # "recompute" | "swap": a preempted request's pages go to host memory
     swap_space: float = 4.0  # GiB of host memory for swapped pages (preemption_mode="swap")
+    # Structured outputs: with a reasoning parser (deepseek_r1, qwen3) a constraint applies from the
+    # token after the reasoning ends, unless enable_in_reasoning (vLLM's option) applies it throughout.
+    reasoning_parser: str | None = None
+    enable_in_reasoning: bool = False
+    grammar_compile_timeout: float = 10.0  # seconds for compiling one constraint before a ValueError
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -68,6 +73,10 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if (isinstance(self.grammar_compile_timeout, bool) or not isinstance(self.grammar_compile_timeout, (int, float))
+                or not 0 < self.grammar_compile_timeout < float("inf")):
+            raise ValueError(f"grammar_compile_timeout must be a positive number of seconds, "
+                             f"got {self.grammar_compile_timeout!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         for name in ("page_size", "max_logprobs", "cpu_kv_cache_bytes"):

@@ -4,11 +4,14 @@ output processor (host).
 `step()` = schedule -> run one jitted step -> the scheduler appends the tokens and applies the
 token stop rules -> the output processor turns them into RequestOutputs (logprobs,
 detokenization, stop strings). Beam search is a decoding mode beside the output processor
-(beam_search.py). Every request ends with a finish reason and gives its pages back.
+(beam_search.py). Constrained decoding (structured outputs, allowed_token_ids) is the
+StructuredOutputManager's: a bitmask per step with a constrained row, the sampled tokens fed
+back to each sample's grammar. Every request ends with a finish reason and gives its pages back.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -20,10 +23,12 @@ from pagedjax.config import EngineConfig
 from pagedjax.model_runner import Launched, ModelRunner, StepOutput
 from pagedjax.output_processor import OutputProcessor
 from pagedjax.params import Params
-from pagedjax.request import Request, RequestOutput
+from pagedjax.request import Request, RequestOutput, RequestStatus
 from pagedjax.sampling_metadata import needs_token_history
 from pagedjax.sampling_params import BeamSearchParams, SamplingParams
 from pagedjax.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from pagedjax.structured_outputs.backend import CompileLimits
+from pagedjax.structured_outputs.manager import StructuredOutputManager
 
 __all__ = ["EngineConfig", "LLMEngine"]
 
@@ -53,6 +58,9 @@ class LLMEngine:
             self.tokenizer, stop=lambda rid, s: self.scheduler.finish_request(rid, "stop", stop_reason=s))
         self._beams = BeamSearch(self.scheduler, eos_token_id=self.eos_token_id,
                                  vocab_size=params.config.vocab_size, tokenizer=self.tokenizer)
+        self.structured = StructuredOutputManager(
+            self.tokenizer, params.config.vocab_size, reasoning_parser=cfg.reasoning_parser,
+            enable_in_reasoning=cfg.enable_in_reasoning, limits=CompileLimits(time_limit_s=cfg.grammar_compile_timeout))
         self._pending: list[RequestOutput] = []  # outputs of aborts, returned by the next step()
         self._in_flight: tuple[SchedulerOutput, Launched] | None = None  # async scheduling's step on the device
         self.num_steps = 0
@@ -127,11 +135,13 @@ class LLMEngine:
         if any(t >= self.params.config.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be < the vocabulary size "
                              f"{self.params.config.vocab_size}, got {params.stop_token_ids}")
+        params, grammar = self.structured.check(params)  # ids in the vocab; the grammar compiled (cached)
         text, ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
         request = Request(request_id, ids, params, eos_token_id=self.eos_token_id, prompt=text)
         samples = self.scheduler.add_request(request)  # raises for a request that cannot fit
+        self.structured.add_request(samples, grammar)
         self.outputs.add_request(request_id, text, ids, params, samples)
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
@@ -157,23 +167,34 @@ class LLMEngine:
         With async scheduling, the step launched here runs on the device while the host reads
         back and processes the previous one (tokens, detokenization, stops, outputs): a decode
         whose last token is still on the device reads it there. Steps that need every token on
-        the host first (penalties, beam search) run synchronously.
+        the host first (penalties, bad words, beam search) run synchronously. A step with a
+        grammar row launches its model first and its sampling once the previous step's tokens
+        have advanced the grammars and the bitmask is built: the host does that work while the
+        device runs the model.
         """
         outputs, self._pending = self._pending, []
         prev, self._in_flight = self._in_flight, None
         sched = self._schedule()
         if not sched.scheduled and prev is None and self._beams.release_waiting():
             sched = self._schedule()  # beams held pages waiting for a preempted sibling
-        launched = None
+        launched, masked_late = None, False
         if sched.scheduled:
-            launched = self.runner.launch(sched.scheduled, sched.cow_copies, num_logprobs=self._num_logprobs(sched),
-                                          prev=prev and prev[1])
+            rows = sched.scheduled
+            masked = self.structured.active and self.structured.needs_bitmask(rows)
+            masked_late = masked and prev is not None and self.structured.needs_sampled_tokens(rows)
+            # A constrained step's sampling waits for its bitmask (launch(sample=False), then sample()).
+            launch = functools.partial(self.runner.launch, sample=False) if masked else self.runner.launch
+            launched = launch(rows, sched.cow_copies, num_logprobs=self._num_logprobs(sched), prev=prev and prev[1])
+            if masked and not masked_late:
+                self.runner.sample(launched, self.structured.bitmask(rows, launched.num_padded_rows))
             self.num_steps += 1
-            if self._can_pipeline(sched.scheduled):
+            if self._can_pipeline(rows):
                 self.scheduler.commit_in_flight(sched)
                 self._in_flight = (sched, launched)
         if prev is not None:
             outputs += self._process(prev[0], self.runner.fetch(prev[1]))
+        if masked_late:  # the grammars have taken the previous step's tokens
+            self.runner.sample(launched, self.structured.bitmask(sched.scheduled, launched.num_padded_rows))
         if launched is not None and self._in_flight is None:
             outputs += self._process(sched, self.runner.fetch(launched))
         if launched is None and prev is None and self.outputs and not self.scheduler.has_unfinished_requests():
@@ -184,6 +205,8 @@ class LLMEngine:
         """schedule(), then its swaps (before the step, which may reuse the pages swapped out;
         swap-out copies the pages as the step in flight leaves them)."""
         sched = self.scheduler.schedule()
+        if sched.finished_ids and self.structured.active:
+            self.structured.remove(sched.finished_ids)
         if sched.swap_out:
             self.runner.swap_out(sched.swap_out)
         if sched.swap_in:
@@ -203,7 +226,8 @@ class LLMEngine:
 
     def _can_pipeline(self, rows: Sequence[ScheduledRequest]) -> bool:
         """Whether the next step may be scheduled before this one's tokens are on the host: not
-        with beam search (it picks tokens on the host) or penalties (they read every token)."""
+        with beam search (it picks tokens on the host), penalties or bad words of several tokens
+        (they read every token). Grammar rows may: their mask waits for the tokens (step())."""
         return self.config.async_scheduling and not self._beams and not any(
             s.sample and needs_token_history(s.sampling_params) for s in rows)
 
@@ -214,12 +238,27 @@ class LLMEngine:
         sampled = {s.request_id: int(out.token_ids[i]) for i, s in enumerate(sched.scheduled)
                    if s.sample and s.request_id not in beam_rows}
         updated = self.scheduler.update_from_output(sched, sampled, external=beam_rows)
+        if self.structured.active:
+            self._advance_grammars(updated)
         now = time.time()
         for req in updated:
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
         return self.outputs.process(sched.scheduled, out, updated) + self._beams.advance()
+
+    def _advance_grammars(self, updated: Sequence[Request]) -> None:
+        """Each constrained sample's new token into its grammar; ends those whose grammar is
+        complete ("stop": EOS is all it could add) or cannot continue ("error", with why)."""
+        for req in updated:
+            end = self.structured.accept(req, req.output_token_ids[-1])
+            if end is None:
+                continue
+            reason, why = end
+            if not req.is_finished:
+                self.scheduler.finish_request(req.request_id, reason, stop_reason=why)
+            elif reason == "error":  # it stopped on this very token (EOS of a stuck row, length): say why
+                req.status, req.stop_reason = RequestStatus.FINISHED_ERROR, why
 
     def stats(self):
         """The scheduler's counters (pages, waste, preemptions and swaps, prefix-cache hits)."""

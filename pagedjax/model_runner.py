@@ -6,9 +6,14 @@ back only the sampled token ids (and logprobs when asked). Async scheduling's de
 here: a row whose last token is pending (-1, sampled by the step still in flight) reads it on
 the device from that step's `Launched.next_tokens`.
 
+A step with constrained rows (structured outputs, allowed_token_ids) is launched in two halves:
+`launch(..., sample=False)` sends the model, and `sample(launched, token_bitmask)` the sampling
+once the host has built the rows' bitmask -- which may need the previous step's tokens: the
+host builds it while the device runs the model.
+
 Dims: T tokens (padded to a bucket), R requests (padded: R = min(T, max_num_seqs)),
 M max pages per request, P pages, C copy-on-write (or swapped) page copies, V vocab,
-L layers, S host page slots, B page size, K kv heads, H head dim.
+L layers, S host page slots, B page size, K kv heads, H head dim, W = ceil(V / 32).
 """
 
 from __future__ import annotations
@@ -56,12 +61,14 @@ class StepOutput:
 class Launched:
     """A step sent to the device and not read back yet (device arrays, host bookkeeping)."""
 
-    out: Any  # SamplerOutput
-    next_tokens: jax.Array  # [max_num_seqs] this step's sampled tokens, by row: the next step's prev_tokens
+    out: Any  # SamplerOutput; None until sample() for a step launched with sample=False
+    next_tokens: jax.Array | None  # [max_num_seqs] this step's sampled tokens, by row: the next step's prev_tokens
     scored: Any  # the prompt-logprob rows, or None
     spans: Any  # prompt_logprobs.Span list, or None
     rows: dict[str, int]  # request id -> its row: where the next step finds a pending token
     num_logprobs: int
+    num_padded_rows: int = 0  # R: the bucket's rows (a bitmask has this many)
+    pending_sample: Any = None  # (logits, sampling buffer, layout, flags) until sample()
 
     @property
     def num_rows(self) -> int:
@@ -166,12 +173,14 @@ _step = jax.jit(_step_fn, static_argnums=(0, 1), donate_argnums=(3,),
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "num_logprobs", "flags", "num_slots"))
-def _sample(logits, buf, *, layout, num_logprobs, flags, num_slots):
+def _sample(logits, buf, token_bitmask=None, *, layout, num_logprobs, flags, num_slots):
     """Sampling, a call of its own: its variants (flags, logprobs, penalty widths) compile in
     well under a second, where a variant of the whole step would recompile the model.
+    `token_bitmask` is [R, W] i32 with flags.bitmask, else None (a variant without it).
     Also returns the sampled tokens padded to [num_slots] = max_num_seqs: the next step's
     `prev_tokens`, one shape for every bucket."""
-    out = sampler.sample(logits, unpack(buf, layout), num_logprobs=num_logprobs, flags=flags)
+    out = sampler.sample(logits, unpack(buf, layout), num_logprobs=num_logprobs, flags=flags,
+                         token_bitmask=token_bitmask)
     next_tokens = jnp.zeros((num_slots,), jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
     return out, next_tokens
 
@@ -356,9 +365,10 @@ class ModelRunner:
         return (tokens, src_rows, meta, plp and plp.metadata), smeta, plp
 
     def launch(self, batch: Sequence[ScheduledRequest], copies: Sequence[tuple[int, int]] = (),
-               num_logprobs: int = 0, prev: Launched | None = None) -> Launched:
+               num_logprobs: int = 0, prev: Launched | None = None, *, sample: bool = True) -> Launched:
         """Sends one step to the device and returns at once: page copies, the model over
-        `batch`, sampling. Rows whose last token is pending read it from `prev`'s."""
+        `batch`, sampling (with sample=False, later: `self.sample(launched, token_bitmask)`).
+        Rows whose last token is pending read it from `prev`'s."""
         model_inputs, smeta, plp = self.prepare(batch, prev)
         if copies:
             src = pool_ops.padded([s for s, _ in copies], 0)
@@ -366,10 +376,10 @@ class ModelRunner:
             self.pages = pool_ops.copy_pages(self.pages, *jax.device_put((src, dst), self.input_sharding))
         rows = {s.request_id: r for r, s in enumerate(batch)}
         return self._launch(model_inputs, smeta, plp, rows, num_logprobs=num_logprobs,
-                            prev_tokens=None if prev is None else prev.next_tokens)
+                            prev_tokens=None if prev is None else prev.next_tokens, sample=sample)
 
     def _launch(self, model_inputs, smeta, plp, rows: dict[str, int], *, num_logprobs: int = 0,
-                prev_tokens=None, flags: sampler.SampleFlags | None = None) -> Launched:
+                prev_tokens=None, flags: sampler.SampleFlags | None = None, sample: bool = True) -> Launched:
         (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
         mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
         step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
@@ -377,13 +387,36 @@ class ModelRunner:
                                     static_kwargs=dict(layout=mlayout, mesh=self.mesh,
                                                        num_prompt_logprobs=plp.num_logprobs if plp else 0))
         logits, scored, self.pages = step(*step_args)
-        sample = self.executables.get("sample", _sample, (logits, sbuf), static_kwargs=dict(
-            layout=slayout, num_logprobs=num_logprobs, flags=flags or static_flags(smeta), num_slots=self.max_num_seqs))
-        out, next_tokens = sample(logits, sbuf)
-        return Launched(out, next_tokens, scored, plp and plp.spans, rows, num_logprobs)
+        launched = Launched(None, None, scored, plp and plp.spans, rows, num_logprobs,
+                            num_padded_rows=logits.shape[0],
+                            pending_sample=(logits, sbuf, slayout, flags or static_flags(smeta)))
+        if sample:
+            self.sample(launched)
+        return launched
+
+    def sample(self, launched: Launched, token_bitmask: np.ndarray | None = None) -> None:
+        """Sends a launched step's sampling, constrained by `token_bitmask` [R, W] i32 when given
+        (a compiled variant of its own: steps without one never see it)."""
+        if launched.pending_sample is None:
+            raise ValueError("this step's sampling was already launched")
+        logits, sbuf, slayout, flags = launched.pending_sample
+        launched.pending_sample = None
+        flags = flags._replace(bitmask=token_bitmask is not None)
+        if token_bitmask is not None:
+            W = -(-self.config.vocab_size // 32)
+            if token_bitmask.shape != (launched.num_padded_rows, W) or token_bitmask.dtype != np.int32:
+                raise ValueError(f"token_bitmask must be int32 [{launched.num_padded_rows}, {W}], "
+                                 f"got {token_bitmask.dtype} {list(token_bitmask.shape)}")
+            token_bitmask = jax.device_put(token_bitmask, self.input_sharding)
+        args = (logits, sbuf, token_bitmask)
+        sample = self.executables.get("sample", _sample, args, static_kwargs=dict(
+            layout=slayout, num_logprobs=launched.num_logprobs, flags=flags, num_slots=self.max_num_seqs))
+        launched.out, launched.next_tokens = sample(*args)
 
     def fetch(self, launched: Launched) -> StepOutput:
         """Waits for a launched step and brings its sampled tokens (and logprobs) to the host."""
+        if launched.out is None:
+            raise ValueError("fetch before the step's sampling was launched (runner.sample)")
         out, n = launched.out, launched.num_rows
         prompt = prompt_logprobs.fetch(launched.scored, launched.spans)
         if launched.num_logprobs:

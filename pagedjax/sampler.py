@@ -1,7 +1,8 @@
 """On-device sampling with per-row parameters, inside the engine's jitted step (vLLM V1 semantics).
 
 Dims: R rows being sampled (requests, parallel samples; padded to a bucket), V vocab, L penalty
-tokens per row, B banned tokens per row, k top logprobs per row.
+tokens per row, B banned tokens per row, G biased tokens per row, k top logprobs per row,
+W = ceil(V / 32) bitmask words per row.
 
 The host side (SamplingParams -> SamplingMetadata, and the static flags) is
 pagedjax/sampling_metadata.py.
@@ -10,9 +11,14 @@ Every parameter is a per-row array in `SamplingMetadata`, so a new mix of parame
 recompiles; only the static widths (R, L, B, k) select a compiled variant. For each row, in the
 order of vLLM V1's sampler:
 
-  logprobs     log_softmax of the raw logits (vLLM's default logprobs_mode="raw_logprobs"):
-               what the model said, before bans, penalties and temperature
-  bans         banned_token_ids -> -inf (the stop tokens while fewer than min_tokens are out)
+  bitmask      tokens whose bit is clear in the row's allowed-token bitmask -> -inf (structured
+               outputs and allowed_token_ids; only in steps with a constrained row: flags.bitmask)
+  logprobs     log_softmax of the logits so far (vLLM's default logprobs_mode="raw_logprobs"):
+               what the model said under its constraint -- vLLM V1 applies the grammar bitmask
+               before its sampler too --, before bans, bias, penalties and temperature
+  bans         banned_token_ids -> -inf (the stop tokens while fewer than min_tokens are out,
+               bad words)
+  bias         logit_bias: x[t] += bias (a sparse add per row; -inf stays -inf)
   penalties    repetition, on tokens of the prompt OR the output: x > 0 -> x / rp, x <= 0 -> x * rp;
                then x -= frequency * count + presence * (count > 0), over output tokens only
   greedy       temperature < 1e-5: argmax of the penalized logits (first index on ties)
@@ -42,6 +48,8 @@ from flax import struct
 from jax import lax
 
 from pagedjax.sampling_params import SAMPLING_EPS
+from pagedjax.structured_outputs.bitmask import apply_token_bitmask
+
 _SEARCH_BITS = 3  # bits fixed per search pass: 7 candidate thresholds per read of the row
 
 
@@ -63,6 +71,8 @@ class SamplingMetadata:
     #                                           tokens; -1 pads
     num_prompt_tokens: jax.Array  # [R] i32
     banned_token_ids: jax.Array  # [R, B] i32   tokens forced to -inf; -1 pads
+    bias_token_ids: jax.Array  # [R, G] i32     logit_bias tokens; -1 pads
+    bias_values: jax.Array  # [R, G] f32        their biases (0 on pads)
 
 
 @struct.dataclass
@@ -80,28 +90,39 @@ class SampleFlags(NamedTuple):
     """Which parts of sampling a batch uses, known on the host (sampling_metadata.static_flags):
     static, so the step skips the rest without a `lax.cond`, whose predicate a GPU reads back to
     the host, stalling the host until the model has run (measured: the whole forward, every step).
-    All True is always correct (each row's parameters still decide); fewer only skips work."""
+    All True is always correct (each row's parameters still decide); fewer only skips work --
+    except `bitmask`, which says whether the step passes a bitmask at all."""
 
     random: bool = True  # some row samples (temperature > 0); else argmax alone
     top_k: bool = True  # some row has top-k on
     top_p: bool = True  # some row has top-p on
+    bitmask: bool = False  # some row is constrained: `token_bitmask` [R, W] is given
 
 
-def sample(logits: jax.Array, meta: SamplingMetadata, *, flags: SampleFlags,
-           num_logprobs: int = 0) -> SamplerOutput:
+def sample(logits: jax.Array, meta: SamplingMetadata, *, flags: SampleFlags, num_logprobs: int = 0,
+           token_bitmask: jax.Array | None = None) -> SamplerOutput:
     """Samples one token per row of `logits` [R, V] f32; see the module docstring for the order.
 
-    `flags` (static) leave out what no row uses.
+    `flags` (static) leave out what no row uses. With flags.bitmask, `token_bitmask` [R, W] i32
+    holds each row's allowed tokens (bit j of word w = token 32*w + j; all ones = unconstrained).
     """
     with jax.named_scope("sample"):
         R, V = logits.shape
         chex.assert_rank(logits, 2)
         chex.assert_shape(meta.temperature, (R,))
-        x = logits = logits.astype(jnp.float32)  # [R, V]
-        # Zero widths (no row bans or penalizes) skip the work statically; a row whose penalties
-        # are off is left exactly as it was (x / 1, x * 1, x - 0).
+        logits = logits.astype(jnp.float32)  # [R, V]
+        if flags.bitmask != (token_bitmask is not None):
+            raise ValueError(f"flags.bitmask={flags.bitmask} but token_bitmask is "
+                             f"{'missing' if token_bitmask is None else 'given'}")
+        if flags.bitmask:
+            logits = apply_token_bitmask(logits, token_bitmask)  # [R, V]
+        x = logits
+        # Zero widths (no row bans, biases or penalizes) skip the work statically; a row whose
+        # penalties are off is left exactly as it was (x / 1, x * 1, x - 0).
         if meta.banned_token_ids.shape[1] > 0:
             x = _ban(x, meta.banned_token_ids)  # [R, V]
+        if meta.bias_token_ids.shape[1] > 0:
+            x = _add_bias(x, meta.bias_token_ids, meta.bias_values)  # [R, V]
         if meta.penalty_token_ids.shape[1] > 0:
             x = _apply_penalties(x, meta)  # [R, V]
         greedy_ids = jnp.argmax(x, axis=1).astype(jnp.int32)  # [R]
@@ -163,6 +184,13 @@ def _ban(x: jax.Array, banned_token_ids: jax.Array) -> jax.Array:
     R, V = x.shape
     ids = jnp.where(banned_token_ids < 0, V, banned_token_ids)  # [R, B]
     return x.at[jnp.arange(R)[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+def _add_bias(x: jax.Array, token_ids: jax.Array, values: jax.Array) -> jax.Array:
+    """logit_bias: adds values [R, G] at token_ids [R, G]; -1 pads go to column V and are dropped."""
+    R, V = x.shape
+    ids = jnp.where(token_ids < 0, V, token_ids)  # [R, G]
+    return x.at[jnp.arange(R)[:, None], ids].add(values, mode="drop")
 
 
 def _apply_penalties(x: jax.Array, meta: SamplingMetadata) -> jax.Array:

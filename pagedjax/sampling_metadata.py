@@ -1,7 +1,8 @@
 """Host side of sampling: each row's SamplingParams -> `SamplingMetadata` (numpy, fixed shapes),
 and the static flags of a batch. Plain numpy; the device side is pagedjax/sampler.py.
 
-Dims: R rows (padded to the step's bucket), L penalty tokens per row, B banned tokens per row.
+Dims: R rows (padded to the step's bucket), L penalty tokens per row, B banned tokens per row,
+G logit_bias tokens per row.
 """
 
 from __future__ import annotations
@@ -27,10 +28,29 @@ ROW_FIELDS: tuple[tuple[str, type, float], ...] = (
 )
 
 
-def needs_token_history(sp: SamplingParams | BeamSearchParams) -> bool:
-    """Whether a row's sampling reads its earlier tokens (the penalties)."""
+def has_penalties(sp: SamplingParams | BeamSearchParams) -> bool:
+    """Whether a row has a repetition, frequency or presence penalty."""
     return isinstance(sp, SamplingParams) and (
         sp.presence_penalty != 0 or sp.frequency_penalty != 0 or sp.repetition_penalty != 1)
+
+
+def needs_token_history(sp: SamplingParams | BeamSearchParams) -> bool:
+    """Whether a row's sampling reads its earlier tokens (penalties, bad words of several tokens)."""
+    return has_penalties(sp) or (isinstance(sp, SamplingParams) and any(
+        len(w) > 1 for w in sp._bad_words_token_ids or ()))
+
+
+def bad_word_bans(bad_words_token_ids: Sequence[Sequence[int]], output_token_ids: Sequence[int]) -> list[int]:
+    """vLLM's bad words: a word's last token is banned when the output ends with the rest of it
+    (a one-token word always)."""
+    banned = []
+    for word in bad_words_token_ids:
+        prefix = len(word) - 1
+        if prefix > len(output_token_ids):
+            continue
+        if prefix == 0 or list(output_token_ids[-prefix:]) == list(word[:-1]):
+            banned.append(word[-1])
+    return banned
 
 
 def static_flags(meta: SamplingMetadata) -> SampleFlags:
@@ -50,6 +70,7 @@ def make_sampling_metadata(
     eos_token_id: int | None = None,
     penalty_width: int | None = None,
     banned_width: int | None = None,
+    bias_width: int | None = None,
     rng: np.random.Generator | None = None,
 ) -> SamplingMetadata:
     """Builds numpy `SamplingMetadata` for the rows' params, padded to `num_rows` greedy rows.
@@ -63,8 +84,8 @@ def make_sampling_metadata(
       num_pending: per row, outputs sampled but not in output_token_ids yet (async scheduling):
         they count for the step and min_tokens; a row with penalties cannot have any.
       eos_token_id: banned with stop_token_ids while a row has fewer than min_tokens outputs
-        (unless ignore_eos).
-      penalty_width, banned_width: L and B. None picks the smallest power of two >= 16 that fits,
+        (unless ignore_eos). Bad words (`_bad_words_token_ids`) are banned tokens too.
+      penalty_width, banned_width, bias_width: L, B and G. None picks the smallest power of two >= 16 that fits,
         or 0 when no row needs it, so that few widths (compiled variants) ever occur.
       rng: draws a fresh seed every step for rows without one. Seeds are taken mod 2**32; the
         i-th of n samples has seed + i already (SamplingParams.for_sample).
@@ -79,6 +100,7 @@ def make_sampling_metadata(
     steps = np.zeros(R, np.int32)
     penalty_lists: list[tuple[list[int], list[int]]] = []  # per row: (distinct prompt, output)
     banned_lists: list[list[int]] = []
+    bias_lists: list[dict[int, float]] = []
     for r, sp in enumerate(sampling_params):
         out = output_token_ids[r]
         pending = num_pending[r] if num_pending is not None else 0
@@ -86,27 +108,32 @@ def make_sampling_metadata(
         if isinstance(sp, BeamSearchParams):
             penalty_lists.append(([], []))
             banned_lists.append([])
+            bias_lists.append({})
             continue
         for name, _, _ in ROW_FIELDS:
             columns[name][r] = getattr(sp, name)
         seeds[r] = int(rng.integers(0, 2**32)) if sp.seed is None else sp.seed % 2**32
         if pending and needs_token_history(sp):
-            raise ValueError("a row with penalties needs all its output tokens (none pending)")
+            raise ValueError("a row with penalties or bad words needs all its output tokens (none pending)")
         prompt: list[int] = []
         if sp.repetition_penalty != 1:
             if prompt_token_ids is None:
                 raise ValueError("repetition_penalty needs prompt_token_ids")
             prompt = sorted(set(prompt_token_ids[r]))
-        penalty_lists.append((prompt, list(out)) if needs_token_history(sp) else ([], []))
+        penalty_lists.append((prompt, list(out)) if has_penalties(sp) else ([], []))
         banned: list[int] = []
         if steps[r] < sp.min_tokens:
             banned = list(sp.stop_token_ids)
             if eos_token_id is not None and not sp.ignore_eos:
                 banned.append(eos_token_id)
+        if sp._bad_words_token_ids:
+            banned += bad_word_bans(sp._bad_words_token_ids, out)
         banned_lists.append(banned)
+        bias_lists.append(sp.logit_bias or {})
 
     L = _width(max((len(p) + len(o) for p, o in penalty_lists), default=0), penalty_width, "penalty")
     B = _width(max((len(b) for b in banned_lists), default=0), banned_width, "banned")
+    G = _width(max((len(b) for b in bias_lists), default=0), bias_width, "bias")
     penalty_ids = np.full((R, L), -1, np.int32)
     num_prompt = np.zeros(R, np.int32)
     banned_ids = np.full((R, B), -1, np.int32)
@@ -114,8 +141,14 @@ def make_sampling_metadata(
         penalty_ids[r, : len(prompt) + len(out)] = prompt + out
         num_prompt[r] = len(prompt)
         banned_ids[r, : len(banned)] = banned
+    bias_ids = np.full((R, G), -1, np.int32)
+    bias_values = np.zeros((R, G), np.float32)
+    for r, bias in enumerate(bias_lists):
+        bias_ids[r, : len(bias)] = list(bias)
+        bias_values[r, : len(bias)] = list(bias.values())
     return SamplingMetadata(**columns, seeds=seeds, steps=steps, penalty_token_ids=penalty_ids,
-                            num_prompt_tokens=num_prompt, banned_token_ids=banned_ids)
+                            num_prompt_tokens=num_prompt, banned_token_ids=banned_ids,
+                            bias_token_ids=bias_ids, bias_values=bias_values)
 
 
 _host_rng = np.random.default_rng()

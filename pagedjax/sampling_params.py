@@ -4,6 +4,9 @@
 vLLM's name, default and allowed range, and an out-of-range value raises a ValueError that
 names the field, the range and the value. `BeamSearchParams` is vLLM's separate type for beam
 search, plus HF's `early_stopping`.
+
+Token ids (logit_bias keys, allowed_token_ids) are checked against the model's vocabulary by the
+engine, which knows it; bad_words become token ids there too (`update_from_tokenizer`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # host only: the real import happens in _verify, and only when a constraint is given
+    from pagedjax.structured_outputs.params import StructuredOutputsParams
 
 SAMPLING_EPS = 1e-5  # temperature below this is greedy (vLLM's _SAMPLING_EPS)
+LOGIT_BIAS_LIMIT = 100.0  # logit_bias values are clamped to [-100, 100], as OpenAI and vLLM's server do
 
 
 class SamplingType(enum.IntEnum):
@@ -43,6 +50,10 @@ def _check_int(name: str, value: object, *, minimum: int | None = None, allowed:
         _fail(name, f"an integer{' ' + allowed if allowed else ''}", value)
     if minimum is not None and value < minimum:
         _fail(name, allowed or f">= {minimum}", value)
+
+
+def _is_token_id(t: object) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 def _check_number(name: str, value: object) -> None:
@@ -77,6 +88,12 @@ class SamplingParams:
     # vLLM nor transformers 5 reads it; the server accepts the field and ignores it.
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice, grammar, ...
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (clamped to [-100, 100])
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled (non-empty)
+    bad_words: list[str] | None = None  # words never generated (vLLM's rule: see update_from_tokenizer)
+    # bad_words as token ids (each word with and without a leading space), set by update_from_tokenizer
+    _bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -106,6 +123,22 @@ class SamplingParams:
             self._set(logprobs=1)
         if self.prompt_logprobs is True:
             self._set(prompt_logprobs=1)
+        if isinstance(self.bad_words, str):
+            self._set(bad_words=[self.bad_words])
+        if self.bad_words == []:
+            self._set(bad_words=None)
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes)):
+            try:
+                self._set(allowed_token_ids=list(dict.fromkeys(self.allowed_token_ids)))
+            except TypeError:
+                pass  # not iterable: _verify names it
+        if isinstance(self.logit_bias, dict):
+            bias = {}
+            for token_id, value in self.logit_bias.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    value = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, float(value)))
+                bias[token_id] = value
+            self._set(logit_bias=bias or None)
 
     def _verify(self) -> None:
         _check_int("n", self.n, minimum=1, allowed=">= 1")
@@ -147,6 +180,51 @@ class SamplingParams:
             _fail("stop_token_ids", "a list of token ids (integers >= 0)", self.stop_token_ids)
         if not isinstance(self.output_kind, RequestOutputKind):
             _fail("output_kind", "a RequestOutputKind", self.output_kind)
+        self._verify_token_controls()
+
+    def _verify_token_controls(self) -> None:
+        if self.structured_outputs is not None:
+            from pagedjax.structured_outputs.params import StructuredOutputsParams
+
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                _fail("structured_outputs", "a StructuredOutputsParams", self.structured_outputs)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                _fail("logit_bias", "a dict of token id -> bias", self.logit_bias)
+            for token_id, value in self.logit_bias.items():
+                if not _is_token_id(token_id):
+                    _fail("logit_bias", "keyed by token ids (integers >= 0)", token_id)
+                if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
+                    _fail("logit_bias", f"finite numbers (token {token_id})", value)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, list) or not all(_is_token_id(t) for t in ids):
+                _fail("allowed_token_ids", "a list of token ids (integers >= 0)", ids)
+            if not ids:
+                _fail("allowed_token_ids", "non-empty when given", ids)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, list) or not all(isinstance(w, str) and w.strip()
+                                                                for w in self.bad_words):
+                _fail("bad_words", "a list of non-blank strings", self.bad_words)
+        if self._bad_words_token_ids is not None:
+            ids = self._bad_words_token_ids
+            if not isinstance(ids, list) or not all(isinstance(w, list) and w and all(_is_token_id(t) for t in w)
+                                                    for w in ids):
+                _fail("_bad_words_token_ids", "a list of non-empty token id lists", ids)
+
+    def update_from_tokenizer(self, tokenizer: Any) -> SamplingParams:
+        """These params with bad_words as token ids (vLLM's rule: each word as written at the start of
+        the text, and after a space when that gives other tokens of the same count)."""
+        if not self.bad_words:
+            return self
+        ids: list[list[int]] = []
+        for word in self.bad_words:
+            plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            ids.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                ids.append(spaced)
+        return dataclasses.replace(self, _bad_words_token_ids=ids)
 
     @property
     def sampling_type(self) -> SamplingType:

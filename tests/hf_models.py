@@ -65,10 +65,14 @@ CONFIGS |= {
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
-def build(arch: str, folder, seed: int = 0):
-    """Builds, perturbs and saves a tiny HF model of `arch` (with a test tokenizer) in folder."""
+def build(arch: str, folder, seed: int = 0, **config: object):
+    """Builds, perturbs and saves a tiny HF model of `arch` (with a test tokenizer) in folder;
+    `config` overrides fields of its HF config (e.g. max_position_embeddings)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    hf_config = CONFIGS[arch]()
+    for name, value in config.items():
+        setattr(hf_config, name, value)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
@@ -91,3 +95,61 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = N
 def random_prompts(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[list[int]]:
     """n prompts of random lengths in [lo, hi] over the non-special ids."""
     return [rng.integers(3, VOCAB, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+
+
+# A Qwen2.5/Qwen3-style chat template (trimmed): tools in the system turn, assistant tool calls as
+# <tool_call> JSON, tool results as <tool_response> in a user turn, enable_thinking=False closing
+# an empty think block.
+QWEN_STYLE_TEMPLATE = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+{{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
+    '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": '
+    '<args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant' }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls or [] %}
+{%- set call = tool_call.function if tool_call.function is defined else tool_call %}
+{{- '\\n<tool_call>\\n{"name": "' + call.name + '", "arguments": ' + (call.arguments | tojson) + '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}
+"""
+CHAT_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>")  # added, not special (as in Qwen's)
+
+
+def build_chat_model(arch: str, folder, seed: int = 0, **config: object):
+    """`build`, with a tokenizer that has Qwen's think and tool-call tokens (the last ids of the
+    vocab) and QWEN_STYLE_TEMPLATE as chat_template.jinja."""
+    import tokenizers
+
+    from tiny_tokenizer import make_test_tokenizer
+
+    model = build(arch, folder, seed, **config)
+    make_test_tokenizer(folder, VOCAB - len(CHAT_TOKENS))
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in CHAT_TOKENS])
+    assert tok.get_vocab_size(with_added_tokens=True) == VOCAB
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "chat_template.jinja").write_text(QWEN_STYLE_TEMPLATE, encoding="utf-8")
+    return model

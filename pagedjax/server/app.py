@@ -56,14 +56,20 @@ def _validation_error(e: ValidationError | RequestValidationError) -> APIError:
 
 
 def build_app(engine: Any, served_model_name: str, api_key: str | None = None, max_queue: int = 1024, *,
-              max_body_bytes: int = MAX_BODY_BYTES, max_n: int = 16, model_root: str | None = None) -> FastAPI:
-    """The OpenAI-compatible app over `engine` (an LLMEngine); its engine loop runs while the app does."""
+              max_body_bytes: int = MAX_BODY_BYTES, max_n: int = 16, model_root: str | None = None,
+              tool_call_parser: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app over `engine` (an LLMEngine); its engine loop runs while the app does.
+
+    `tool_call_parser` (hermes, llama3_json, mistral) parses tool calls for tool_choice "auto";
+    the engine's reasoning parser, if any, fills chat responses' reasoning_content.
+    """
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, max_queue=max_queue, metrics=metrics)
     cfg = engine.config
     serving = OpenAIServing(async_engine, model_name=served_model_name, tokenizer=engine.tokenizer,
                             vocab_size=engine.params.config.vocab_size, max_model_len=cfg.max_model_len,
-                            max_logprobs=cfg.max_logprobs, max_n=max_n)
+                            max_logprobs=cfg.max_logprobs, max_n=max_n, tool_call_parser=tool_call_parser,
+                            reasoning_parser=getattr(cfg, "reasoning_parser", None))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -197,7 +203,9 @@ class ServerOptions:
     load_format: str = "auto"  # "dummy": random weights of the model's config (vLLM's --load-format dummy)
     tokenizer: str | None = None  # a HF tokenizer folder or .gguf file; default: the model's
     verbose: bool = False
-    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig options
+    tool_call_parser: str | None = None  # hermes, llama3_json, mistral: tool_choice "auto"
+    enable_auto_tool_choice: bool = False  # vLLM's flag: accepted, needs tool_call_parser
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig options (reasoning_parser among them)
 
 
 def run_server(options: ServerOptions) -> int:
@@ -209,12 +217,18 @@ def run_server(options: ServerOptions) -> int:
     from pagedjax.api import LLM, resolve_dtype
 
     o = options
+    if o.enable_auto_tool_choice and o.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json or mistral)")
+    if o.tool_call_parser is not None:
+        from pagedjax.tool_parsers import get_tool_parser
+
+        get_tool_parser(o.tool_call_parser)  # an unknown name fails before the model loads
     engine = LLM(o.model, dtype=resolve_dtype(o.dtype), load_format=o.load_format, tokenizer=o.tokenizer,
                  **o.engine).engine  # loads as LLM does (TP shards included)
     name = o.served_model_name or o.model or BUNDLED_MODEL_NAME
     api_key = o.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
     app = build_app(engine, name, api_key=api_key, max_queue=o.max_queue,
-                    model_root=str(o.model) if o.model else BUNDLED_MODEL_NAME)
+                    model_root=str(o.model) if o.model else BUNDLED_MODEL_NAME, tool_call_parser=o.tool_call_parser)
     config = uvicorn.Config(app, log_level="info" if o.verbose else "warning", access_log=o.verbose,
                             timeout_keep_alive=30, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -2,9 +2,10 @@
 
 Requests are strict: an unknown field, a wrong type or a non-finite number is a 400. Every field
 the official `openai` client sends is declared; the ones that would change the meaning of a request
-and that pagedjax does not implement (tools, logit_bias, suffix, ...) are declared too, so that
+and that pagedjax does not implement (suffix, functions, audio, ...) are declared too, so that
 setting them gets a clear "not supported" 400 instead of a silent wrong answer
-(`unsupported_fields`).
+(`unsupported_fields`). Output constraints come as OpenAI's `response_format`, vLLM's
+`structured_outputs` or its older `guided_*` fields (at most one of them); tools as OpenAI's.
 """
 
 from __future__ import annotations
@@ -61,9 +62,18 @@ class SamplingFields(Strict):
     # is a `tokenizers` one, which decodes special tokens without added spaces (transformers too).
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-
-    def unsupported_fields(self) -> list[str]:
-        return ["logit_bias"] if self.logit_bias else []
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # Output constraints (pagedjax.structured_outputs.request reads them): OpenAI's, then vLLM's.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_json_object: bool | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -116,7 +126,6 @@ class ChatCompletionRequest(SamplingFields):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
@@ -124,10 +133,10 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: str | None = None
     verbosity: str | None = None
     modalities: list[Literal["text", "audio"]] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # OpenAI fields this server cannot honour: a 400 when set.
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
@@ -140,17 +149,14 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True  # with a reasoning parser: return reasoning_content
 
     def unsupported_fields(self) -> list[str]:
         bad = super().unsupported_fields()
-        bad += [f for f in ("tools", "functions", "function_call", "audio", "prediction",
+        bad += [f for f in ("functions", "function_call", "audio", "prediction",
                             "web_search_options", "moderation") if getattr(self, f)]
-        if self.tool_choice not in (None, "none", "auto"):
-            bad.append("tool_choice")
         if "audio" in (self.modalities or []):
             bad.append("modalities")
-        if self.response_format and self.response_format.get("type") != "text":
-            bad.append("response_format")
         return bad
 
 
@@ -228,8 +234,9 @@ class ChatLogprobs(OpenAIObject):
 class AssistantMessage(OpenAIObject):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # with a reasoning parser (vLLM's field)
     refusal: str | None = None
-    tool_calls: list[Any] = []
+    tool_calls: list[dict[str, Any]] = []  # ToolCall.to_dict()s
 
 
 class ChatChoice(OpenAIObject):
@@ -255,6 +262,8 @@ class Delta(OpenAIObject):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # DeltaToolCall.to_dict()s: id and name first, then arguments
 
     @model_serializer(mode="wrap")
     def _drop_nones(self, handler):

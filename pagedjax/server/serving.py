@@ -4,6 +4,10 @@ Every engine request runs with `RequestOutputKind.DELTA`: a non-streamed respons
 joined, a streamed one sends them as they come. So both come from the same outputs, token for
 token. A client that disconnects aborts its requests: streamed ones when the response is
 cancelled, non-streamed ones through a task that listens for `http.disconnect`.
+
+Output constraints (constraints.py) are compiled on a worker thread before the request reaches
+the engine, so a bad or too slow one is a 400 and the engine loop never waits for a compile.
+Chat choices go through the reasoning and tool-call parsers (chat_output.py).
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from starlette.responses import Response, StreamingResponse
 
 from pagedjax.request import Logprob
 from pagedjax.sampling_params import RequestOutputKind, SamplingParams
+from pagedjax.server import constraints as C
 from pagedjax.server import protocol as P
 from pagedjax.server.async_engine import AsyncEngine, RequestStream
+from pagedjax.server.chat_output import ChoiceParser
+from pagedjax.structured_outputs.params import StructuredOutputsParams
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf: vLLM's floor for impossible tokens
 _TEMPLATE_RESERVED = {"messages", "chat_template", "tools", "documents", "add_generation_prompt",
@@ -59,6 +66,8 @@ def from_value_error(e: ValueError, model: type[P.Strict] | None = None) -> APIE
         param = words[0]
     elif "max_tokens" in words:  # the engine: "prompt (..) + max_tokens (..) exceeds max_model_len"
         param = "max_tokens"
+    elif words[:1] and words[0] in fields and words[0] != "prompt":  # the engine: "logit_bias has ids ..."
+        param = words[0]
     elif "prompt" in words:  # the engine: "the prompt has N tokens, max_model_len is M"
         param = "prompt" if "prompt" in fields else "messages"
     return bad_request(message, param)
@@ -99,7 +108,8 @@ class OpenAIServing:
     """The handlers of /v1/completions, /v1/chat/completions, /tokenize and /detokenize."""
 
     def __init__(self, engine: AsyncEngine, *, model_name: str, tokenizer: Any, vocab_size: int,
-                 max_model_len: int, max_logprobs: int = 20, max_n: int = 16, max_prompts: int = 256):
+                 max_model_len: int, max_logprobs: int = 20, max_n: int = 16, max_prompts: int = 256,
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = tokenizer
@@ -108,6 +118,16 @@ class OpenAIServing:
         self.max_logprobs = max_logprobs
         self.max_n = max_n
         self.max_prompts = max_prompts
+        self.tool_parser, self.reasoning_parser = None, None  # parser classes (one instance per choice)
+        if tool_call_parser is not None:
+            from pagedjax.tool_parsers import get_tool_parser
+
+            self.tool_parser = get_tool_parser(tool_call_parser)
+        if reasoning_parser is not None:
+            from pagedjax.reasoning import get_reasoning_parser
+
+            self.reasoning_parser = get_reasoning_parser(reasoning_parser)
+            self.reasoning_parser(tokenizer).end_token_id  # noqa: B018 (a tokenizer without the tags fails now)
 
     # -- shared --------------------------------------------------------------------------------
 
@@ -129,9 +149,10 @@ class OpenAIServing:
         if req.stream and req.best_of is not None and req.best_of != n:
             raise bad_request("best_of must equal n when streaming", "best_of")
 
-    def _sampling_params(self, req: P.SamplingFields, max_tokens: int | None,
-                         logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, req: P.SamplingFields, max_tokens: int | None, logprobs: int | None,
+                         constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         try:
+            bias = C.logit_bias(req.logit_bias)
             return SamplingParams(
                 n=_opt(req.n, 1), best_of=req.best_of,
                 presence_penalty=_opt(req.presence_penalty, 0.0),
@@ -143,9 +164,36 @@ class OpenAIServing:
                 min_tokens=req.min_tokens, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
-                output_kind=RequestOutputKind.DELTA)
+                output_kind=RequestOutputKind.DELTA, structured_outputs=constraint, logit_bias=bias,
+                allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words)
+        except C.FieldError as e:
+            raise bad_request(str(e), e.param) from None
         except ValueError as e:
             raise from_value_error(e, type(req)) from None
+
+    async def _constraint(self, req: P.SamplingFields, tools: C.ToolUse | None = None
+                          ) -> StructuredOutputsParams | None:
+        """The request's output constraint (its own, or a forced tool call's), compiled: a 400 if
+        it is invalid or too slow to compile, before the request goes near the engine."""
+        try:
+            constraint, param = C.output_constraint(req)
+        except C.FieldError as e:
+            raise bad_request(str(e), e.param) from None
+        if tools is not None and tools.constraint is not None:
+            if constraint is not None:
+                raise bad_request(f"tool_choice {tools.choice!r} forces the output to be a tool call, so it cannot "
+                                  f"also be constrained by {param}", param)
+            constraint, param = tools.constraint, "tool_choice"
+        if constraint is None:
+            return None
+        structured = getattr(self.engine.engine, "structured", None)
+        if structured is None:
+            raise bad_request("this engine does not support output constraints", param)
+        try:
+            await asyncio.to_thread(structured.compile, constraint)  # cached: add_request finds it
+        except ValueError as e:
+            raise bad_request(str(e), param) from None
+        return constraint
 
     async def _add(self, request_id: str, prompts: list[list[int]], params: SamplingParams,
                    model: type[P.Strict]) -> RequestStream:
@@ -204,7 +252,7 @@ class OpenAIServing:
             raise bad_request(f"at most {self.max_prompts} prompts per request, got {len(prompts)}", "prompt")
         if req.logprobs is not None and not 0 <= req.logprobs <= self.max_logprobs:
             raise bad_request(f"logprobs must be in [0, {self.max_logprobs}], got {req.logprobs}", "logprobs")
-        params = self._sampling_params(req, req.max_tokens, req.logprobs)
+        params = self._sampling_params(req, req.max_tokens, req.logprobs, await self._constraint(req))
         if req.echo and req.logprobs is not None:  # vLLM: the echoed prompt's tokens get logprobs too
             params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         encoded = await asyncio.to_thread(lambda: [self._encode(p, req.add_special_tokens) for p in prompts])
@@ -317,14 +365,11 @@ class OpenAIServing:
         tok = self.tokenizer
         if tok is None or not tok.has_chat_template:
             raise bad_request("this model's tokenizer has no chat template; use /v1/completions", "messages")
-        messages = []
-        for m in req.messages:
-            msg = {"role": m.role, "content": m.text()}
-            if m.name is not None:
-                msg["name"] = m.name
-            messages.append(msg)
+        messages = [_template_message(i, m) for i, m in enumerate(req.messages)]
         kwargs = {k: v for k, v in (getattr(req, "chat_template_kwargs", None) or {}).items()
                   if k not in _TEMPLATE_RESERVED}
+        if getattr(req, "tools", None):
+            kwargs["tools"] = req.tools  # the template renders them (HF's `tools` variable)
         continue_final = getattr(req, "continue_final_message", False)
         if continue_final and req.add_generation_prompt:
             raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
@@ -348,26 +393,59 @@ class OpenAIServing:
                                   "top_logprobs")
         k = _opt(req.top_logprobs, 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._sampling_params(req, max_tokens, k)
+        try:
+            tools = C.tool_use(req, auto_parser=self.tool_parser and self.tool_parser.name)
+        except C.FieldError as e:
+            raise bad_request(str(e), e.param) from None
+        params = self._sampling_params(req, max_tokens, k, await self._constraint(req, tools))
         ids = await asyncio.to_thread(self._chat_prompt, req, req.add_special_tokens)
+        new_parser = self._choice_parsers(req, tools, ids)
+        if new_parser().needs_special_tokens and params.skip_special_tokens:
+            params = dataclasses.replace(params, skip_special_tokens=False)  # the parsers' markers are special
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self._add(rid, [ids], params, P.ChatCompletionRequest)
         if req.stream:
-            return _EventStream(self._chat_stream(rid, req, stream, params, k), stream)
+            return _EventStream(self._chat_stream(rid, req, stream, params, k, new_parser), stream)
         samples, order, prompt_lens = await self._collect(stream, request, 1)
         choices, num_generated = [], 0
         for rank, i in enumerate(order[0]):
             s = samples[0][i]
             lp = P.ChatLogprobs(content=self._chat_logprobs(s.token_ids, s.logprobs, k)) if k is not None else None
-            choices.append(P.ChatChoice(index=rank, message=P.AssistantMessage(content=s.text), logprobs=lp,
-                                        finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+            parser, message = new_parser(), P.AssistantMessage(content=s.text)
+            if parser.active:
+                parser.feed(s.text)
+                parser.finish()
+                parts = parser.message()
+                message = P.AssistantMessage(content=parts.content, reasoning_content=parts.reasoning_content,
+                                             tool_calls=[c.to_dict() for c in parts.tool_calls])
+            choices.append(P.ChatChoice(index=rank, message=message, logprobs=lp,
+                                        finish_reason=parser.finish_reason(s.finish_reason), stop_reason=s.stop_reason))
             num_generated += len(s.token_ids)
         body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
                                         usage=_usage(prompt_lens[0], num_generated))
         return _json(body)
 
+    def _choice_parsers(self, req: P.ChatCompletionRequest, tools: C.ToolUse, prompt_ids: list[int]):
+        """A factory of ChoiceParsers for the request's choices (reasoning, then tool calls)."""
+        from pagedjax.structured_outputs.tools import ForcedToolCallParser
+
+        def new() -> ChoiceParser:
+            reasoning = None
+            if self.reasoning_parser is not None:
+                reasoning = self.reasoning_parser.for_prompt(self.tokenizer, prompt_ids)
+            parser = None
+            if tools.choice == "auto":
+                parser = self.tool_parser()
+            elif tools.choice in ("required", "named"):
+                parser = ForcedToolCallParser(tools.function_name)
+            return ChoiceParser(reasoning, parser, include_reasoning=req.include_reasoning,
+                                forced=tools.choice if parser is not None and tools.choice != "auto" else None,
+                                tokenizer=self.tokenizer)
+
+        return new
+
     async def _chat_stream(self, rid: str, req: P.ChatCompletionRequest, stream: RequestStream,
-                           params: SamplingParams, k: int | None) -> AsyncIterator[str]:
+                           params: SamplingParams, k: int | None, new_parser) -> AsyncIterator[str]:
         created = int(time.time())
         usage_every = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         include_usage = bool(req.stream_options and req.stream_options.include_usage) or usage_every
@@ -382,6 +460,7 @@ class OpenAIServing:
                 body.usage = _usage(prompt_tokens, completion_tokens)
             return _event(body)
 
+        parsers: dict[int, ChoiceParser] = {}
         try:
             for i in range(params.n):
                 yield chunk(i, P.Delta(role="assistant", content=""))
@@ -391,13 +470,24 @@ class OpenAIServing:
                     if c.index in finished:
                         continue
                     completion_tokens += len(c.token_ids)
-                    if not c.text and not (c.token_ids and k is not None) and c.finish_reason is None:
+                    parser = parsers.setdefault(c.index, new_parser())
+                    if parser.active:
+                        deltas = [P.Delta(**d.to_dict()) for d in parser.feed(c.text)]
+                        if c.finish_reason is not None:
+                            deltas += [P.Delta(**d.to_dict()) for d in parser.finish()]
+                    else:
+                        deltas = [P.Delta(content=c.text)] if c.text else []
+                    if not deltas and not (c.token_ids and k is not None) and c.finish_reason is None:
                         continue
                     lp = P.ChatLogprobs(content=self._chat_logprobs(c.token_ids, c.logprobs or [], k)) \
                         if k is not None else None
+                    deltas = deltas or [P.Delta(content="") if not parser.active else P.Delta()]
+                    for d in deltas[:-1]:
+                        yield chunk(c.index, d, lp)
+                        lp = None  # the step's logprobs go out once, with its first delta
                     if c.finish_reason is not None:
                         finished.add(c.index)
-                    yield chunk(c.index, P.Delta(content=c.text), lp, c.finish_reason, c.stop_reason)
+                    yield chunk(c.index, deltas[-1], lp, parser.finish_reason(c.finish_reason), c.stop_reason)
             if include_usage:
                 yield _event(P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
                                                    usage=_usage(prompt_tokens, completion_tokens)))
@@ -445,6 +535,33 @@ class OpenAIServing:
         if not all(0 <= t < self.vocab_size for t in req.tokens):
             raise bad_request(f"token ids must be in [0, {self.vocab_size})", "tokens")
         return _json({"prompt": self._decode(req.tokens)})
+
+
+def _template_message(i: int, m: P.ChatMessage) -> dict[str, Any]:
+    """A request message as chat templates read it: tool calls with their arguments as objects
+    (what HF templates expect; vLLM does the same), tool results with their call id."""
+    msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        msg["name"] = m.name
+    if m.tool_call_id is not None:
+        msg["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for j, call in enumerate(m.tool_calls):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad_request(f"messages[{i}].tool_calls[{j}] must be {{\"type\": \"function\", \"function\": "
+                                  "{\"name\": ..., \"arguments\": ...}}", "messages")
+            args = fn.get("arguments", "{}")
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError as e:
+                    raise bad_request(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: {e}",
+                                      "messages") from None
+            calls.append({**call, "function": {**fn, "arguments": args}})
+        msg["tool_calls"] = calls
+    return msg
 
 
 async def _watch_disconnect(request: Request, stream: RequestStream) -> None:

@@ -23,6 +23,7 @@ import llguidance as llg
 import llguidance.numpy as llg_np
 import numpy as np
 
+from pagedjax.structured_outputs.ll_tokenizer import ll_tokenizer
 from pagedjax.structured_outputs.matcher import GrammarMatcher
 from pagedjax.structured_outputs.params import StructuredOutputsParams
 from pagedjax.tokenizer import Tokenizer
@@ -67,11 +68,8 @@ class GrammarCompiler:
         # tokenizer's have no text, and llguidance never allows them.
         self.vocab_size = max(vocab_size or 0, tokenizer.vocab_size)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
-        backend = copy.copy(tokenizer.backend)
-        backend.no_padding()
-        backend.no_truncation()
-        self.ll_tokenizer = llg.LLTokenizer(backend.to_str(), n_vocab=self.vocab_size,
-                                            eos_token=list(self.eos_token_ids))
+        self.ll_tokenizer = ll_tokenizer(tokenizer.backend, self.vocab_size, self.eos_token_ids,
+                                         tokenizer.bos_token_id)
         self.limits = limits
         self._ll_limits = llg.LLParserLimits(
             max_grammar_size=limits.max_grammar_size, initial_lexer_fuel=limits.initial_lexer_fuel,
