@@ -1,7 +1,4 @@
-"""Incremental detokenization for streaming, and stop strings (vLLM's algorithm; host only).
-
-Re-exported by pagedjax.tokenizer: `from pagedjax.tokenizer import IncrementalDetokenizer` works.
-"""
+"""Incremental detokenization for streaming, and stop strings (vLLM's algorithm; host only)."""
 
 from __future__ import annotations
 

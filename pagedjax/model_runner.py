@@ -199,6 +199,7 @@ class ModelRunner:
         # Compiled steps are kept whole (tracing and lowering skipped too); XLA's own persistent
         # cache is left off: re-serializing an executable it loaded loses code on the CPU backend.
         self.executables = executable_cache(compile_cache_dir())
+        self._executables: dict[tuple, Any] = {}  # this runner's, by its static key (see _compiled)
         # tensor parallel: params placed by parallel's rules (kv heads replicated when K < tp),
         # the pool split on kv heads, every step input replicated on the mesh
         self.mesh = mesh if parallel.tp_size(mesh) > 1 else None
@@ -383,9 +384,10 @@ class ModelRunner:
         (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
         mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
         step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
-        step = self.executables.get("step", _step, step_args, static_args=(self.config, self.attn_impl),
-                                    static_kwargs=dict(layout=mlayout, mesh=self.mesh,
-                                                       num_prompt_logprobs=plp.num_logprobs if plp else 0))
+        step = self._compiled(("step", mlayout, plp.num_logprobs if plp else 0, prev_tokens is None), lambda: (
+            self.executables.get("step", _step, step_args, static_args=(self.config, self.attn_impl),
+                                 static_kwargs=dict(layout=mlayout, mesh=self.mesh,
+                                                    num_prompt_logprobs=plp.num_logprobs if plp else 0))))
         logits, scored, self.pages = step(*step_args)
         launched = Launched(None, None, scored, plp and plp.spans, rows, num_logprobs,
                             num_padded_rows=logits.shape[0],
@@ -409,9 +411,19 @@ class ModelRunner:
                                  f"got {token_bitmask.dtype} {list(token_bitmask.shape)}")
             token_bitmask = jax.device_put(token_bitmask, self.input_sharding)
         args = (logits, sbuf, token_bitmask)
-        sample = self.executables.get("sample", _sample, args, static_kwargs=dict(
-            layout=slayout, num_logprobs=launched.num_logprobs, flags=flags, num_slots=self.max_num_seqs))
+        sample = self._compiled(("sample", slayout, launched.num_logprobs, flags), lambda: self.executables.get(
+            "sample", _sample, args, static_kwargs=dict(
+                layout=slayout, num_logprobs=launched.num_logprobs, flags=flags, num_slots=self.max_num_seqs)))
         launched.out, launched.next_tokens = sample(*args)
+
+    def _compiled(self, key: tuple, get):
+        """The executable for `key`, remembered by this runner: everything else that decides it
+        (the weights', the pool's and prev_tokens' shapes and placement) is fixed for a runner, so
+        the step skips the executable cache's full key (a walk over every argument) after the first."""
+        compiled = self._executables.get(key)
+        if compiled is None:
+            compiled = self._executables[key] = get()
+        return compiled
 
     def fetch(self, launched: Launched) -> StepOutput:
         """Waits for a launched step and brings its sampled tokens (and logprobs) to the host."""

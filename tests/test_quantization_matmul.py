@@ -216,7 +216,10 @@ def test_fp8_cublaslt_matches_float64(strategy, activation, M, out_dtype):
                                 out_dtype, jnp.asarray(x), w, target=kernels.FP8_TARGET)
     got = f64(got.astype(jnp.float32))
     assert not np.isnan(got).any(), "unwritten output elements"
-    tol = 1e-4 * mag + (2**-8 * np.abs(want) if out_dtype == jnp.bfloat16 else 0)
+    # Hopper's FP8 tensor cores accumulate with fewer bits than f32 (~2^-14 of the running sum:
+    # DeepSeek-V3's report, §3.3.2); measured on the H200 (2026-12-04) up to 1.5e-3 of sum|x||w| at
+    # K = 384. A wrong scale axis, packing or missing scale is off by a good fraction of the output.
+    tol = 4e-3 * mag + (2**-8 * np.abs(want) if out_dtype == jnp.bfloat16 else 0)
     err = np.abs(got - want)
     assert (err <= tol).all(), f"max err / sum|x||w| {(err / mag).max():.3g} (seed {seed})"
     if strategy == "block" and M % kernels.BLOCK_ROW_MULTIPLE:

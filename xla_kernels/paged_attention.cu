@@ -187,7 +187,8 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream,
       e.failure())
     return e;
   if (p.num_tokens == 0) return ffi::Error::Success();
-  const bool tc_available = p.dtype != DType::kF32 && HasTensorCoreHeadDim(p.head_dim);
+  const bool tc_available =
+      p.dtype != DType::kF32 && HasTensorCoreKernel(p.head_dim, p.kv_dtype == KvDType::kFp8E4M3);
   bool tc = tc_available;
   switch (static_cast<KernelChoice>(kernel)) {
     case KernelChoice::kAuto: break;

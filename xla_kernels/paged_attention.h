@@ -86,6 +86,17 @@ inline bool HasTensorCoreHeadDim(int64_t h) {
   return false;
 }
 
+// With an fp8 pool the tensor-core kernel runs these head dims only: at 80 and 96 its fp8 prefill
+// tile failed to launch on the H200 (2026-12-04, "invalid argument"), so SIMT serves them.
+inline constexpr int kTensorCoreFp8HeadDims[] = {64, 128, 256};
+
+inline bool HasTensorCoreKernel(int64_t h, bool fp8_pool) {
+  if (!fp8_pool) return HasTensorCoreHeadDim(h);
+  for (int d : kTensorCoreFp8HeadDims)
+    if (d == h) return true;
+  return false;
+}
+
 namespace detail {
 
 namespace ffi = xla::ffi;

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import pagedjax._ffi as _ffi
 from pagedjax.attention.metadata import AttentionMetadata
+from pagedjax.kv_cache.kv_dtype import is_fp8
 from pagedjax.attention.options import check_options
 from pagedjax.kv_cache import kv_dtype
 from pagedjax.mesh import TP, match_spec
@@ -70,10 +71,14 @@ def _num_sms() -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def has_tensor_core_kernel(dtype, head_dim: int) -> bool:
-    """Whether the CUDA handler has a tensor-core kernel for this q dtype and head dim."""
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and (
-        head_dim in TENSOR_CORE_HEAD_DIMS)
+# With an fp8 pool (xla_kernels/paged_attention.h: kTensorCoreFp8HeadDims).
+TENSOR_CORE_FP8_HEAD_DIMS = (64, 128, 256)
+
+
+def has_tensor_core_kernel(dtype, head_dim: int, fp8_pool: bool = False) -> bool:
+    """Whether the CUDA handler has a tensor-core kernel for this q dtype, head dim and pool."""
+    dims = TENSOR_CORE_FP8_HEAD_DIMS if fp8_pool else TENSOR_CORE_HEAD_DIMS
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim in dims
 
 
 def split_ctas(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int) -> int:
@@ -171,7 +176,7 @@ def paged_attention_call(
     if kernel not in KERNELS:
         raise ValueError(f"paged_attention_ffi: unknown kernel {kernel!r} (expected one of {list(KERNELS)})")
     T, N, H = q.shape
-    if kernel == "tensor_core" and not has_tensor_core_kernel(q.dtype, H):
+    if kernel == "tensor_core" and not has_tensor_core_kernel(q.dtype, H, is_fp8(k_pages.dtype)):
         # Checked here too (the handler refuses it as well), so the error comes at trace time on
         # every backend rather than from an asynchronous GPU execution.
         raise ValueError(f"paged_attention_ffi: no tensor-core kernel for {jnp.dtype(q.dtype).name} with "

@@ -47,6 +47,6 @@ FAMILY = ModelFamily(
     config_from_hf=config_from_hf,
     weight_map=llama.HF_WEIGHT_MAP,
     base_prefix="model.",
-    options=frozenset({"sliding_window", "rotary_dim", "rope_theta", "rope_scaling"}),
+    options=frozenset({"sliding_window", "rotary_dim", "rope_theta", "rope_scaling", "quantization"}),
     check=check,
 )

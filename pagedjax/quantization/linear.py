@@ -7,8 +7,12 @@ impl:
           quantized, then an e4m3 x e4m3 dot with f32 accumulation (both operands dequantized to
           f32 for block weights); int4: dequantize to x's dtype, then one dot.
   "ffi"   the CUDA custom calls (kernels.py): cuBLASLt's FP8 GEMM; the int4 tensor-core kernel.
-  "auto"  "ffi" on a GPU whose handler is built and that serves this weight (for int4 only up
-          to INT4_KERNEL_MAX_ROWS rows: past that dequantize + one bf16 GEMM wins), else "xla".
+  "auto"  by M, from benchmarks/kernels/quant_matmul.py on the H200 (2026-12-04, Llama-3-8B's
+          gate_up and down shapes, results/2026-12-04-h200-quant_matmul.json): fp8 runs XLA's own
+          e4m3 dot up to FP8_XLA_MAX_ROWS rows (1.3-1.5x bf16 at M = 1 and 16, where cuBLASLt's
+          call was 0.8-1.1x) and cuBLASLt's GEMM above (1.3-1.8x bf16 at M = 2048, XLA 1.3-1.5x);
+          int4 runs the kernel up to INT4_KERNEL_MAX_ROWS rows (1.3-1.4x bf16 at M = 1, 0.8x at
+          16) and dequantize + one GEMM above (the kernel falls to 0.1x at M >= 256).
 """
 
 from __future__ import annotations
@@ -22,10 +26,8 @@ from pagedjax.quantization.int4 import dequantize_int4, int4_matmul_xla
 from pagedjax.quantization.weight import QuantizedWeight
 
 IMPLS = ("auto", "xla", "ffi")
-# Rows up to which "auto" runs the int4 kernel (decode); larger M dequantizes and runs XLA's GEMM.
-# The kernel takes any M (64 rows a launch); raise this once benchmarks/kernels/quant_matmul.py
-# has measured where the crossover lies on the H200.
-INT4_KERNEL_MAX_ROWS = 16
+INT4_KERNEL_MAX_ROWS = 16  # "auto": the int4 kernel up to this M, dequantize + XLA's GEMM above
+FP8_XLA_MAX_ROWS = 256  # "auto": XLA's e4m3 dot up to this M, cuBLASLt's FP8 GEMM above
 
 
 def resolve_impl(impl: str, w: QuantizedWeight, x_dtype, num_rows: int) -> str:
@@ -37,7 +39,8 @@ def resolve_impl(impl: str, w: QuantizedWeight, x_dtype, num_rows: int) -> str:
     if jax.default_backend() != "gpu":
         return "xla"
     if w.kind == "fp8":
-        ok = kernels.has_handler(kernels.FP8_TARGET) and kernels.fp8_scale_mode(w) is not None
+        ok = (num_rows > FP8_XLA_MAX_ROWS and kernels.has_handler(kernels.FP8_TARGET)
+              and kernels.fp8_scale_mode(w) is not None)
     else:
         ok = (kernels.has_handler(kernels.INT4_TARGET) and kernels.int4_supported(w, x_dtype)
               and num_rows <= INT4_KERNEL_MAX_ROWS)
