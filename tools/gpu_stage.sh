@@ -11,6 +11,8 @@
 # bench     W3 latency and W1 ShareGPT-like throughput on Llama-3-8B (random bf16), this tree
 # bench-old the same with the baseline tree carried in .gpu/old (its own pagedjax/ and benchmarks/)
 # profile   benchmarks/profile_step.py at batch 256, 64 and 1 (decode, context 512)
+# bench-fp8, bench-fp8kv, bench-qwen3: bench with FP8 weights, + FP8 KV cache, on Qwen3-8B
+# w3, w3-nocmdbuf: W3 latency alone, with XLA's command buffers on (default) and off
 # Knobs (env): N1 (W1 prompts, 1000), BUDGET (s per benchmark run, 240).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -61,11 +63,13 @@ setup() {
   } 2>&1 | tee "$OUTDIR/env.txt"
 }
 
-throughput() {  # throughput DIR NAME: W3 then W1 on Llama-3-8B, from the tree in DIR
+throughput() {  # throughput DIR NAME [ARGS...]: W3 then W1 on Llama-3-8B (or ARGS), from the tree in DIR
   local dir="$1" name="$2"
+  shift 2
+  local out; out="$(cd "$OUTDIR" && pwd)/$name.json"
   stage "$name" $((BUDGET + 120)) bash -c "cd '$dir' && PYTHONPATH='$SITE:$PWD/$dir' $PY benchmarks/throughput.py \
     --model named:llama3-8b ${ENGINE[*]} --budget $BUDGET --quiet --latency 8:32:128 --workload sharegpt:$N1 \
-    --out '$PWD/$OUTDIR/$name.json'"
+    $* --out '$out'"
 }
 
 for s in "$@"; do
@@ -81,9 +85,17 @@ for s in "$@"; do
     quant) TAIL=40 stage quant 240 "$PY" benchmarks/kernels/quant_matmul.py --shapes "${QUANT_SHAPES:-gate_up,down}" \
              --rows "${QUANT_ROWS:-1,16,256,2048}" --out "$OUTDIR/quant_matmul.json" ;;
     bench) throughput . bench-new ;;
+    bench-fp8) throughput . bench-fp8 --quantization fp8 ;;
+    bench-fp8kv) throughput . bench-fp8kv --quantization fp8 --kv-cache-dtype fp8 ;;
+    bench-qwen3) throughput . bench-qwen3 --model named:qwen3-8b ;;
+    w3-nocmdbuf)  # W3 with XLA's command buffers (CUDA graphs) off
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" stage w3-nocmdbuf 200 "$PY" benchmarks/latency.py \
+        --model named:llama3-8b --batch-size 8 --input-len 32 --output-len 128 --out "$OUTDIR/w3-nocmdbuf.json" ;;
+    w3) stage w3 200 "$PY" benchmarks/latency.py --model named:llama3-8b --batch-size 8 --input-len 32 \
+          --output-len 128 --out "$OUTDIR/w3.json" ;;
     bench-old) throughput .gpu/old bench-old ;;
     profile)
-      for b in 256 64 1; do
+      for b in ${PROFILE_BATCHES:-256 64 1}; do
         stage "profile-b$b" 150 "$PY" benchmarks/profile_step.py --model named:llama3-8b --batch-size "$b" \
           --context 512 --steps 30 --out "$OUTDIR/profile-b$b.json"
       done ;;
