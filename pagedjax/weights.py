@@ -405,8 +405,8 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
         raise ValueError(f"{desc}: checkpoint tensors that this {config.architecture} config has no place for "
                          f"(unsupported option or wrong config?): {unexpected[:8]}"
                          + (quant.unexpected_message(unexpected) if quant is not None else ""))
-    filled: dict[str, str] = {t: "(a pre-quantized linear)" for t in prefilled}  # target -> the tensor filling it
-    by_leaf: dict[str, str] = dict(filled)  # leaf -> a tensor filling it (whole or one expert)
+    filled: dict[str, str] = {}  # target -> the checkpoint tensor filling it
+    by_leaf: dict[str, str] = {}  # leaf -> a tensor filling it (whole or one expert)
     for hf, name in plan.items():
         for t in targets(hf):
             path, slot = _leaf(t)
@@ -417,7 +417,7 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
     need = [t for p, (_, s) in flat_shapes.items()
             for t in ([p] if p in filled or tuple(flat_axes[p])[:1] != ("experts",)
                       else [f"{p}[{e}]" for e in range(s.shape[0])])]
-    unfilled = set(need) - filled.keys()
+    unfilled = set(need) - filled.keys() - prefilled  # pre-quantized linears fill their kernels
     if unfilled:
         missing = [hf for hf in table if fits(hf) and hf not in plan and set(targets(hf)) & unfilled]
         raise ValueError(f"{desc}: checkpoint lacks tensors: {missing[:8] or sorted(unfilled)[:8]}")

@@ -123,15 +123,14 @@ class BlockAllocator:
         return [self._pop_free() for _ in range(num)]
 
     def free(self, block_table: Sequence[int]) -> None:
-        """Drops one reference on each page of `block_table` (null entries, pages a sliding window
-        released, are skipped).
+        """Drops one reference on each page of `block_table` (the null page is never held: freeing
+        it is an error, like a double free).
 
         Pages are released last first, so a request's tail (the least shared part of its
         prefix) is evicted before its head.
         """
         for page in reversed(block_table):
-            if page != NULL_PAGE:
-                self._decref(page)
+            self._decref(page)
 
     def share(self, pages: Sequence[int]) -> None:
         """Takes one more reference on each of `pages` (prefix hits or a fork), cached ones included;

@@ -146,8 +146,8 @@ class KVCacheManager:
         child.page_hashes = parent.page_hashes[: k // self.page_size]
 
     def free(self, req: Request) -> None:
-        """Gives back every page and host slot `req` holds."""
-        self.allocator.free(req.block_table)
+        """Gives back every page and host slot `req` holds (null entries: pages its window released)."""
+        self.allocator.free([page for page in req.block_table if page != NULL_PAGE])
         req.block_table = []
         self.swap_space.free(req.swapped_slots)
         req.swapped_slots = []
