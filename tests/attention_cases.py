@@ -26,7 +26,9 @@ import pytest
 from pagedjax.attention import ffi
 from pagedjax.attention.metadata import build_metadata
 
-TOL = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 2.5e-2}  # abs, on outputs of size ~1
+# abs, on outputs of size ~1. float32: the CUDA build's fast-math tanh (soft-caps) and exp give up to
+# ~4e-5 on the H200 (2026-12-04); a wrong mask or scale is off by ~1e-1.
+TOL = {jnp.float32: 1e-4, jnp.float16: 4e-3, jnp.bfloat16: 2.5e-2}
 FP8 = ml_dtypes.float8_e4m3fn
 
 

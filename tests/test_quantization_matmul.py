@@ -229,11 +229,16 @@ def test_fp8_cublaslt_matches_float64(strategy, activation, M, out_dtype):
 
 @pytest.mark.gpu
 def test_fp8_auto_runs_cublaslt_on_gpu():
+    """"auto" by M (quantization/linear.py): XLA's e4m3 dot for decode-sized M, cuBLASLt above."""
+    from pagedjax.quantization.linear import FP8_XLA_MAX_ROWS
+
     rng, _ = rng_for("fp8-hlo")
     w = jax.device_put(random_fp8_weight(rng, 256, 512, "channel", "token"))
-    x = jnp.asarray(rng.standard_normal((16, 512)), jnp.bfloat16)
-    text = jax.jit(lambda x, w: quantized_matmul(x, w)).lower(x, w).compile().as_text()
-    assert "pagedjax_fp8_gemm" in text
+    for M, want_call in ((16, False), (2 * FP8_XLA_MAX_ROWS, True)):
+        x = jnp.asarray(rng.standard_normal((M, 512)), jnp.bfloat16)
+        text = jax.jit(lambda x, w: quantized_matmul(x, w)).lower(x, w).compile().as_text()
+        assert ("pagedjax_fp8_gemm" in text) == want_call, M
+        assert "f8e4m3fn" in text, M  # an FP8 GEMM either way
 
 
 @pytest.mark.gpu

@@ -19,8 +19,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import llguidance as llg
-import llguidance.numpy as llg_np
+try:  # constraints need llguidance; an engine serving none runs without it
+    import llguidance as llg
+    import llguidance.numpy as llg_np
+except ImportError as _missing:  # pragma: no cover - exercised where llguidance is not installed
+    llg = llg_np = None
+    _LLG_ERROR = _missing
 import numpy as np
 
 from pagedjax.structured_outputs.ll_tokenizer import ll_tokenizer
@@ -62,6 +66,8 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int | None = None, *,
                  limits: CompileLimits = CompileLimits(), cache_size: int = 256):
+        if llg is None:
+            raise ValueError(f"structured outputs need llguidance (pip install llguidance): {_LLG_ERROR}")
         if not tokenizer.eos_token_ids:
             raise ValueError("structured outputs need a tokenizer with an EOS token.")
         # The model's vocab may be larger than the tokenizer's (padded embeddings): ids past the

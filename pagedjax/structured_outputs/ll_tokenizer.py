@@ -15,7 +15,10 @@ import functools
 import json
 from collections.abc import Sequence
 
-import llguidance as llg
+try:  # see backend.py: only constraints need it
+    import llguidance as llg
+except ImportError:  # pragma: no cover
+    llg = None
 import tokenizers
 
 
