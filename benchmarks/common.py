@@ -50,6 +50,14 @@ def parse_variants(args) -> list[Variant]:
     return [Variant("bf16", None, "auto"), asked]
 
 
+def sharegpt_lengths(rng: np.random.Generator, n: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """n (input, output) lengths, ShareGPT-like: log-normal with sigma 1 (mean = exp(mu + 1/2):
+    about 230 in, 200 out), a tail to ~2k as ShareGPT's, each clipped to [4, max_len // 2]."""
+    ins = np.exp(rng.normal(np.log(230) - 0.5, 1.0, n))
+    outs = np.exp(rng.normal(np.log(200) - 0.5, 1.0, n))
+    return (np.clip(ins, 4, max_len // 2).astype(int), np.clip(outs, 4, max_len // 2).astype(int))
+
+
 def make_requests(args, vocab_size: int, num_special: int = 16):
     """[(prompt ids, output len)] from the seed.
 
@@ -61,11 +69,7 @@ def make_requests(args, vocab_size: int, num_special: int = 16):
                                 else [args.seed, args.input_len, args.output_len])
     n = args.num_prompts
     if args.dataset == "sharegpt":
-        # log-normal with sigma 1: mean = exp(mu + 1/2); tail to ~2k, as ShareGPT's.
-        ins = np.exp(rng.normal(np.log(230) - 0.5, 1.0, n))
-        outs = np.exp(rng.normal(np.log(200) - 0.5, 1.0, n))
-        ins = np.clip(ins, 4, args.max_len // 2).astype(int)
-        outs = np.clip(outs, 4, args.max_len // 2).astype(int)
+        ins, outs = sharegpt_lengths(rng, n, args.max_len)
     else:
         ins = np.full(n, args.input_len)
         outs = np.full(n, args.output_len)

@@ -1,16 +1,29 @@
 """Online serving benchmark: Poisson arrivals against a running OpenAI-compatible server.
 
-For each request rate, sends `--num-prompts` streamed completions whose arrival gaps are
-exponential (a Poisson process; rate `inf` sends them all at once), each prompt exactly
-`--input-len` tokens (windows of a tokenized text, via the server's /tokenize) and each output
-exactly `--output-len` tokens (ignore_eos). Measures per request: TTFT (time to the first token),
-TPOT (time per output token after the first), ITL (gaps between streamed chunks that carry
-tokens) and end-to-end latency; per rate: throughput in requests/s and tokens/s. Prints a table
-and writes JSON. Works against pagedjax or vLLM (it uses vLLM's `continuous_usage_stats`).
+For each request rate, sends the same requests as streamed completions whose arrival gaps are
+exponential (a Poisson process; rate `inf` sends them all at once). Requests are either fixed
+(`--dataset fixed`: each prompt exactly `--input-len` token ids, each output `--output-len`
+tokens) or ShareGPT-like (`--dataset sharegpt`: the log-normal lengths of
+benchmarks/throughput.py, prompts sent as text). Prompts are windows of a tokenized filler text
+(via the server's /tokenize, and /detokenize for text); outputs run to their length (ignore_eos).
+Measures per request: TTFT (time to the first token), TPOT (time per output token after the
+first), ITL (gaps between streamed chunks that carry tokens) and end-to-end latency; per rate:
+throughput in requests/s and tokens/s. Prints a table and writes JSON. Works against pagedjax or
+vLLM (it uses vLLM's `continuous_usage_stats`).
 
     pagedjax serve MODEL --port 8000 &
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --request-rates 1,4,16,inf \\
         --num-prompts 200 --input-len 256 --output-len 128 --out serving.json
+
+With `--launch "SERVE ARGS"` it starts `pagedjax serve SERVE ARGS` itself, times the start-up
+(launch to the first successful /health; `--startup-runs 2` starts it twice: cold, then warm), and
+with `--offline` it then runs the same requests on the offline engine that those arguments build,
+in this process after the server has exited, so the serving and offline figures come from one
+run:
+
+    python benchmarks/serving.py --launch "named:llama3-8b --load-format dummy \\
+        --tokenizer ggml-vocab-llama-bpe.gguf" --dataset sharegpt --num-prompts 1000 \\
+        --request-rates 1,4,16,inf --startup-runs 2 --offline --out serving.json
 """
 
 from __future__ import annotations
@@ -20,9 +33,14 @@ import asyncio
 import datetime
 import json
 import math
+import os
 import random
+import re
+import shlex
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -49,25 +67,47 @@ class RequestResult:
         return (self.latency - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
 
-async def _make_prompts(http: httpx.AsyncClient, model: str | None, n: int, input_len: int,
-                        rng: random.Random) -> list[list[int]]:
-    """n prompts of exactly input_len token ids: random windows of the tokenized filler text."""
-    r = await http.post("/tokenize", json={"prompt": _TEXT, "add_special_tokens": False,
-                                           **({"model": model} if model else {})})
+Prompt = list[int] | str  # token ids, or text
+
+
+async def _make_prompts(http: httpx.AsyncClient, model: str | None, args: argparse.Namespace,
+                        rng: random.Random) -> list[tuple[Prompt, int]]:
+    """[(prompt, output length)]: windows of the tokenized filler text, as ids or as text."""
+    extra = {"model": model} if model else {}
+    r = await http.post("/tokenize", json={"prompt": _TEXT, "add_special_tokens": False, **extra})
     r.raise_for_status()
     ids = r.json()["tokens"]
-    ids = ids * (input_len // len(ids) + 2)
-    starts = [rng.randrange(len(ids) - input_len) for _ in range(n)]
-    return [ids[s:s + input_len] for s in starts]
+    if args.dataset == "sharegpt":
+        import numpy as np
+
+        from common import sharegpt_lengths
+
+        ins, outs = sharegpt_lengths(np.random.default_rng(args.seed), args.num_prompts, args.max_len)
+        lengths = list(zip(ins.tolist(), outs.tolist()))
+    else:
+        lengths = [(args.input_len, args.output_len)] * args.num_prompts
+    longest = max(i for i, _ in lengths)
+    ids = ids * (longest // len(ids) + 2)
+    out: list[tuple[Prompt, int]] = []
+    for i, o in lengths:
+        start = rng.randrange(len(ids) - i)
+        window = ids[start:start + i]
+        if args.text:
+            r = await http.post("/detokenize", json={"tokens": window, **extra})
+            r.raise_for_status()
+            out.append((r.json()["prompt"], o))
+        else:
+            out.append((window, o))
+    return out
 
 
-async def _one(http: httpx.AsyncClient, model: str | None, prompt: list[int], output_len: int
+async def _one(http: httpx.AsyncClient, model: str | None, prompt: Prompt, output_len: int
                ) -> RequestResult:
     body = {"prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     if model:
         body["model"] = model
-    res = RequestResult(ok=False, prompt_tokens=len(prompt))
+    res = RequestResult(ok=False, prompt_tokens=len(prompt) if isinstance(prompt, list) else 0)
     start = last = time.perf_counter()
     tokens = 0
     try:
@@ -83,6 +123,7 @@ async def _one(http: httpx.AsyncClient, model: str | None, prompt: list[int], ou
                     res.error = str(chunk["error"])
                     return res
                 usage = chunk.get("usage") or {}
+                res.prompt_tokens = usage.get("prompt_tokens", res.prompt_tokens)
                 new = usage.get("completion_tokens", tokens) - tokens
                 if new <= 0:
                     continue
@@ -101,21 +142,21 @@ async def _one(http: httpx.AsyncClient, model: str | None, prompt: list[int], ou
     return res
 
 
-async def run_rate(http: httpx.AsyncClient, model: str | None, prompts: list[list[int]], output_len: int,
+async def run_rate(http: httpx.AsyncClient, model: str | None, requests: list[tuple[Prompt, int]],
                    rate: float, max_concurrency: int | None, rng: random.Random) -> dict:
-    """Sends every prompt with Poisson arrivals at `rate` requests/s; returns the summary."""
+    """Sends every request with Poisson arrivals at `rate` requests/s; returns the summary."""
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
-    async def send(p: list[int]) -> RequestResult:
+    async def send(p: Prompt, o: int) -> RequestResult:
         if limit is None:
-            return await _one(http, model, p, output_len)
+            return await _one(http, model, p, o)
         async with limit:
-            return await _one(http, model, p, output_len)
+            return await _one(http, model, p, o)
 
     tasks = []
     t0 = time.perf_counter()
-    for p in prompts:
-        tasks.append(asyncio.create_task(send(p)))
+    for p, o in requests:
+        tasks.append(asyncio.create_task(send(p, o)))
         if math.isfinite(rate):
             await asyncio.sleep(rng.expovariate(rate))
     results = await asyncio.gather(*tasks)
@@ -166,7 +207,7 @@ def print_table(rows: list[dict]) -> None:
               f"{f(i['p99']):>7}")
 
 
-async def main_async(args: argparse.Namespace) -> list[dict]:
+async def main_async(args: argparse.Namespace) -> tuple[list[dict], list[tuple[Prompt, int]]]:
     rng = random.Random(args.seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -177,16 +218,81 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
             r = await http.get("/v1/models")
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
-        prompts = await _make_prompts(http, model, args.num_prompts, args.input_len, rng)
+        requests = await _make_prompts(http, model, args, rng)
         if args.warmup:
-            await asyncio.gather(*(_one(http, model, p, min(args.output_len, 8)) for p in prompts[:args.warmup]))
+            await asyncio.gather(*(_one(http, model, p, min(o, 8)) for p, o in requests[:args.warmup]))
         rows = []
         for rate in args.request_rates:
-            row = await run_rate(http, model, prompts, args.output_len, rate, args.max_concurrency, rng)
+            row = await run_rate(http, model, requests, rate, args.max_concurrency, rng)
             rows.append(row)
             print(f"rate {row['request_rate']}: {row['completed']} ok, {row['failed']} failed in "
                   f"{row['duration_s']:.1f} s", file=sys.stderr)
-        return rows
+        return rows, requests
+
+
+_SERVING = re.compile(r"\[pagedjax\] serving .* on (http://\S+:\d+)")
+
+
+class Launched:
+    """`pagedjax serve ARGS --port 0` as a child process; `startup_s`: launch to the first /health 200."""
+
+    def __init__(self, serve_args: list[str], log_path: str, timeout: float):
+        cmd = [sys.executable, "-m", "pagedjax.cli", "serve", *serve_args, "--host", "127.0.0.1", "--port", "0"]
+        self.log = open(log_path, "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.url = None
+        for line in self.proc.stdout:  # the line with the bound port comes before serving starts
+            self.log.write(line)
+            m = _SERVING.search(line)
+            if m:
+                self.url = m.group(1)
+                break
+        if self.url is None:
+            raise SystemExit(f"the server exited ({self.proc.wait()}) before serving; see {log_path}")
+        # The rest of its stdout to the log, so a full pipe never blocks the server.
+        threading.Thread(target=lambda: [self.log.write(line) for line in self.proc.stdout], daemon=True).start()
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.perf_counter() - t0 > timeout:
+                raise SystemExit(f"the server did not come up; see {log_path}")
+            time.sleep(0.05)
+        self.startup_s = time.perf_counter() - t0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def run_offline(serve_args: list[str], requests: list[tuple[Prompt, int]], warmup: int) -> dict:
+    """The same requests on the offline engine the `serve` arguments build (all queued at once)."""
+    import pagedjax as pj
+    from pagedjax.cli import build_parser, llm_from_args
+
+    t0 = time.perf_counter()
+    llm = llm_from_args(build_parser().parse_args(["serve", *serve_args]))
+    startup = time.perf_counter() - t0
+    if warmup:
+        llm.generate([p for p, _ in requests[:warmup]], pj.SamplingParams(max_tokens=8, temperature=0.0))
+    params = [pj.SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in requests]
+    t0 = time.perf_counter()
+    outs = llm.generate([p for p, _ in requests], params)
+    elapsed = time.perf_counter() - t0
+    n_in = sum(len(o.prompt_token_ids) for o in outs)
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"completed": len(outs), "duration_s": elapsed, "startup_s": startup,
+            "request_throughput": len(outs) / elapsed, "output_throughput": n_out / elapsed,
+            "total_token_throughput": (n_in + n_out) / elapsed}
 
 
 def _rates(text: str) -> list[float]:
@@ -200,22 +306,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--request-rates", type=_rates, default=_rates("1,4,inf"), help="requests/s, comma-separated")
     p.add_argument("--num-prompts", type=int, default=100, help="requests per rate")
+    p.add_argument("--dataset", choices=["fixed", "sharegpt"], default="fixed",
+                   help="fixed: --input-len / --output-len; sharegpt: log-normal lengths, prompts as text")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-len", type=int, default=4096, help="sharegpt: lengths clipped to half of this")
+    p.add_argument("--text", action=argparse.BooleanOptionalAction, default=None,
+                   help="send prompts as text (default: with --dataset sharegpt) rather than token ids")
+    p.add_argument("--launch", default=None, metavar="SERVE_ARGS",
+                   help="start `pagedjax serve SERVE_ARGS` on a free port and time its start-up")
+    p.add_argument("--startup-runs", type=int, default=1,
+                   help="with --launch: start the server this many times (the first cold, the rest warm)")
+    p.add_argument("--offline", action="store_true",
+                   help="with --launch: then run the same requests on the offline engine of SERVE_ARGS")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--warmup", type=int, default=4, help="short requests before measuring")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    rows = asyncio.run(main_async(args))
+    if args.text is None:
+        args.text = args.dataset == "sharegpt"
+    if args.offline and not args.launch:
+        p.error("--offline needs --launch (the engine options to build offline)")
+    serve_args = shlex.split(args.launch) if args.launch else []
+    startups, server = [], None
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
+    for i in range(args.startup_runs if args.launch else 0):
+        if server is not None:
+            server.stop()
+        server = Launched(serve_args, os.path.join(out_dir, f"serving-server-{i}.log"), args.timeout)
+        startups.append(round(server.startup_s, 2))
+        print(f"server start-up {i} ({'cold' if i == 0 else 'warm'}): {server.startup_s:.1f} s", file=sys.stderr)
+        args.base_url = server.url
+    try:
+        rows, requests = asyncio.run(main_async(args))
+    finally:
+        if server is not None:
+            server.stop()
     print_table(rows)
+    offline = None
+    if args.offline:
+        offline = run_offline(serve_args, requests, args.warmup)
+        inf = next((r for r in rows if r["request_rate"] == "inf"), None)
+        if inf is not None:
+            offline["serving_inf_over_offline"] = round(inf["output_throughput"] / offline["output_throughput"], 3)
+        print(f"offline: {offline['request_throughput']:.2f} req/s, {offline['output_throughput']:.1f} out tok/s"
+              + (f"; serving at rate inf gives {offline['serving_inf_over_offline']:.1%} of it"
+                 if inf is not None else ""))
     if args.out:
         config = {k: (v if not isinstance(v, list) else [x if math.isfinite(x) else "inf" for x in v])
                   for k, v in vars(args).items() if k != "api_key"}
         with open(args.out, "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "config": config,
-                       "results": rows}, f, indent=2)
+                       "startup_s": startups, "results": rows, "offline": offline}, f, indent=2)
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 

@@ -153,7 +153,8 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `pagedjax` parser (benchmarks/serving.py reads a `serve` command line with it)."""
     parser = argparse.ArgumentParser(prog="pagedjax", description="LLM inference and serving in JAX")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,7 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="benchmarks (arguments after the name go to the script)")
     b.add_argument("which", choices=["throughput", "latency", "serving", "kernels"])
     b.set_defaults(func=None)
+    return parser
 
+
+def llm_from_args(args: argparse.Namespace):
+    """The LLM that `generate` / `serve` with these parsed arguments builds (compiled ahead)."""
+    from pagedjax.api import LLM, resolve_dtype
+
+    return LLM(args.model, dtype=resolve_dtype(args.dtype), load_format=args.load_format, tokenizer=args.tokenizer,
+               **engine_options(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)

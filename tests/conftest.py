@@ -5,7 +5,7 @@ JAX runs on the CPU with 8 fake devices and tests marked `gpu` are skipped.
 
 Hermetic: nothing a test does writes outside its own temporary folder ($TEST_TMPDIR under
 Bazel, a fresh one otherwise), and nothing it reads depends on what the main job or an earlier
-run left under HOME: HOME, the XDG/HF caches and pagedjax's persistent compile cache all point
+run left under HOME: HOME, TMPDIR, the XDG/HF caches and pagedjax's persistent compile cache all point
 inside that folder, for this process and the subprocesses it starts.
 """
 
@@ -19,9 +19,10 @@ if not _TMP:  # outside Bazel: a folder of our own, removed at exit
     _TMP = tempfile.mkdtemp(prefix="pagedjax-test-")
     atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 for _var, _sub in (("HOME", "home"), ("XDG_CACHE_HOME", "cache"), ("HF_HOME", "hf"),
-                   ("PAGEDJAX_COMPILE_CACHE", "jax-compile")):
+                   ("PAGEDJAX_COMPILE_CACHE", "jax-compile"), ("TMPDIR", "tmp")):
     os.environ[_var] = os.path.join(_TMP, _sub)
     os.makedirs(os.environ[_var], exist_ok=True)
+tempfile.tempdir = None  # tmp_path and tempfile's folders: under TMPDIR, read again from here on
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import transformers
 
-from tiny_tokenizer import make_test_tokenizer
+from tests.tiny_tokenizer import make_test_tokenizer
 
 VOCAB = 512  # >= 259: make_test_tokenizer needs the 256 bytes + 3 special tokens
 EOS = 2  # <|im_end|> in make_test_tokenizer's vocabulary
@@ -143,7 +143,7 @@ def build_chat_model(arch: str, folder, seed: int = 0, **config: object):
     vocab) and QWEN_STYLE_TEMPLATE as chat_template.jinja."""
     import tokenizers
 
-    from tiny_tokenizer import make_test_tokenizer
+    from tests.tiny_tokenizer import make_test_tokenizer
 
     model = build(arch, folder, seed, **config)
     make_test_tokenizer(folder, VOCAB - len(CHAT_TOKENS))

@@ -13,7 +13,7 @@ import pytest
 
 from pagedjax.reasoning import REASONING_PARSERS, Phase, ReasoningTracker, get_reasoning_parser
 from pagedjax.tokenizer import Tokenizer, load_tokenizer
-from tiny_tokenizer import make_test_tokenizer
+from tests.tiny_tokenizer import make_test_tokenizer
 from pagedjax.tool_parsers import assemble, get_tool_parser
 
 SEED = 777

@@ -165,7 +165,7 @@ def test_bad_words_tokenize_as_vllm(tmp_path):
     """vLLM's update_from_tokenizer: each word as written (leading spaces stripped), plus its form
     after a space when that is another token sequence of the same length."""
     from pagedjax.tokenizer import load_tokenizer
-    from tiny_tokenizer import make_test_tokenizer
+    from tests.tiny_tokenizer import make_test_tokenizer
 
     tok = load_tokenizer(make_test_tokenizer(tmp_path))
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731

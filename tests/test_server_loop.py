@@ -21,7 +21,7 @@ from pagedjax.request import CompletionOutput, RequestOutput
 from pagedjax.server.app import build_app
 from pagedjax.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from pagedjax.tokenizer import load_tokenizer
-from tiny_tokenizer import make_test_tokenizer
+from tests.tiny_tokenizer import make_test_tokenizer
 
 TOKEN = 120  # the fake engine's only output token
 

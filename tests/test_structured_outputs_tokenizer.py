@@ -10,7 +10,7 @@ import tokenizers
 from pagedjax.structured_outputs import GrammarCompiler, StructuredOutputsParams
 from pagedjax.structured_outputs.ll_tokenizer import token_bytes
 from pagedjax.tokenizer import Tokenizer, _sentencepiece_bpe, load_tokenizer
-from tiny_tokenizer import make_test_tokenizer
+from tests.tiny_tokenizer import make_test_tokenizer
 
 
 def walk(compiler: GrammarCompiler, constraint: StructuredOutputsParams, seed: int, max_tokens: int = 200):

