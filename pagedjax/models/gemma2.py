@@ -1,9 +1,7 @@
 """Gemma 2: sliding-window and global layers alternating, soft-capped attention and final logits,
 pre- and post-norms with Gemma's (1 + w) RMSNorm, GeGLU MLP, embeddings scaled by sqrt(hidden).
 
-Dims: T tokens in the flat batch, S positions whose logits are needed, D hidden, V vocab.
-Contract (all model files): `logits [S, V] f32, pages = Model(cfg).apply(variables, tokens [T],
-pages, meta)`; one param subtree `layers_{i}` and one (k, v) pool pair per layer, unrolled.
+The model contract: pagedjax.models.layers.DecoderLM.
 The `Gemma` module also serves Gemma 3 (gemma3.py), whose differences are features of the
 shared attention (q/k norm, local rotary base).
 """
@@ -19,47 +17,34 @@ import jax
 import jax.numpy as jnp
 
 from pagedjax.attention import AttentionMetadata
-from pagedjax.kv_cache.page_pool import KVPages
 from pagedjax.models import llama
 from pagedjax.models.config import ModelConfig, RopeScaling, f32, hf_rope
 from pagedjax.models.family import ModelFamily
-from pagedjax.models.layers import Attention, Embed, GatedMLP, check_inputs, decoder_layers, head_rows, lm_head, norm
+from pagedjax.models.layers import DecoderBlock, DecoderLM, Embed, GatedMLP, norm
 
 
-class GemmaBlock(nn.Module):
+class GemmaBlock(DecoderBlock):
     """x + post_attn_norm(attn(attn_norm(x))), then x + post_mlp_norm(mlp(mlp_norm(x)))."""
-
-    config: ModelConfig
-    layer_idx: int
-    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, kv, meta: AttentionMetadata):
         """x [T, D] -> ([T, D], new kv)."""
         cfg = self.config
-        h, kv = Attention(cfg, self.layer_idx, self.attn_impl, name="attn")(norm(cfg, "attn_norm")(x), kv, meta)
+        h, kv = self.attention(norm(cfg, "attn_norm")(x), kv, meta)
         x = x + norm(cfg, "post_attn_norm")(h)
         h = GatedMLP(cfg, name="mlp")(norm(cfg, "mlp_norm")(x))
         return x + norm(cfg, "post_mlp_norm")(h), kv
 
 
-class Gemma(nn.Module):
-    """Gemma 2 / 3 causal LM over a ragged flat batch with the paged KV pool as explicit state."""
+class Gemma(DecoderLM):
+    """Gemma 2 / 3 causal LM over a ragged flat batch with the paged KV pool as explicit state;
+    the logits soft-capped by lm_head (final_logit_softcap)."""
 
-    config: ModelConfig
-    attn_impl: str = "auto"
+    block = GemmaBlock
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array, pages: KVPages, meta: AttentionMetadata, all_hidden: bool = False):
-        """tokens [T] -> (logits [S, V] f32 at meta.logits_indices, new pages); all_hidden: head_rows."""
-        cfg = self.config
-        check_inputs(cfg, tokens, pages)
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, name="embed")
+    def embed_tokens(self, embed: Embed, tokens: jax.Array, meta: AttentionMetadata) -> jax.Array:
         x = embed(tokens)  # [T, D]
-        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)  # rounded to the activation dtype, as HF
-        x, new_pages = decoder_layers(self, GemmaBlock, x, pages, meta)  # [T, D]
-        x = head_rows(self, x, meta, all_hidden, norm(cfg, "final_norm"))  # [S, D]
-        return lm_head(cfg, embed, x), new_pages  # soft-capped by lm_head (final_logit_softcap)
+        return x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)  # rounded to the activation dtype, as HF
 
 
 # --- the family: config readers, weight maps ------------------------------------------------

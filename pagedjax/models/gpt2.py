@@ -1,8 +1,6 @@
 """GPT-2: learned positions, pre-LayerNorm, multi-head attention, GELU MLP, tied head.
 
-Dims: T tokens in the flat batch, S positions whose logits are needed, D hidden, V vocab.
-Contract (all model files): `logits [S, V] f32, pages = Model(cfg).apply(variables, tokens [T],
-pages, meta)`; one param subtree `layers_{i}` and one (k, v) pool pair per layer, unrolled.
+The model contract: pagedjax.models.layers.DecoderLM.
 """
 
 from __future__ import annotations
@@ -14,46 +12,33 @@ import flax.linen as nn
 import jax
 
 from pagedjax.attention import AttentionMetadata
-from pagedjax.kv_cache.page_pool import KVPages
 from pagedjax.models.config import ModelConfig
 from pagedjax.models.family import ModelFamily
-from pagedjax.models.layers import MLP, Attention, Embed, check_inputs, decoder_layers, head_rows, lm_head, norm
+from pagedjax.models.layers import MLP, DecoderBlock, DecoderLM, Embed, norm
 
 
-class GPT2Block(nn.Module):
+class GPT2Block(DecoderBlock):
     """Pre-norm decoder layer: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-    config: ModelConfig
-    layer_idx: int
-    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, kv, meta: AttentionMetadata):
         """x [T, D] -> ([T, D], new kv)."""
         cfg = self.config
-        h, kv = Attention(cfg, self.layer_idx, self.attn_impl, name="attn")(norm(cfg, "attn_norm")(x), kv, meta)
+        h, kv = self.attention(norm(cfg, "attn_norm")(x), kv, meta)
         x = x + h
         x = x + MLP(cfg, name="mlp")(norm(cfg, "mlp_norm")(x))
         return x, kv
 
 
-class GPT2(nn.Module):
+class GPT2(DecoderLM):
     """GPT-2 causal LM over a ragged flat batch with the paged KV pool as explicit state."""
 
-    config: ModelConfig
-    attn_impl: str = "auto"
+    block = GPT2Block
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array, pages: KVPages, meta: AttentionMetadata, all_hidden: bool = False):
-        """tokens [T] -> (logits [S, V] f32 at meta.logits_indices, new pages); all_hidden: head_rows."""
+    def embed_tokens(self, embed: Embed, tokens: jax.Array, meta: AttentionMetadata) -> jax.Array:
         cfg = self.config
-        check_inputs(cfg, tokens, pages)
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, name="embed")
         pos_embed = Embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"), name="pos_embed")
-        x = embed(tokens) + pos_embed(meta.positions)  # [T, D]
-        x, new_pages = decoder_layers(self, GPT2Block, x, pages, meta)
-        x = head_rows(self, x, meta, all_hidden, norm(cfg, "final_norm"))  # [S, D]
-        return lm_head(cfg, embed, x), new_pages
+        return embed(tokens) + pos_embed(meta.positions)  # [T, D]
 
 
 # --- the family: config reader, weight map --------------------------------------------------

@@ -1,8 +1,6 @@
 """GPT-NeoX (Pythia): LayerNorm, partial rotary, parallel (or sequential) residual, GELU MLP.
 
-Dims: T tokens in the flat batch, S positions whose logits are needed, D hidden, V vocab.
-Contract (all model files): `logits [S, V] f32, pages = Model(cfg).apply(variables, tokens [T],
-pages, meta)`; one param subtree `layers_{i}` and one (k, v) pool pair per layer, unrolled.
+The model contract: pagedjax.models.layers.DecoderLM.
 """
 
 from __future__ import annotations
@@ -14,24 +12,19 @@ import flax.linen as nn
 import jax
 
 from pagedjax.attention import AttentionMetadata
-from pagedjax.kv_cache.page_pool import KVPages
 from pagedjax.models.config import ModelConfig, hf_rope
 from pagedjax.models.family import ModelFamily
-from pagedjax.models.layers import MLP, Attention, Embed, check_inputs, decoder_layers, head_rows, lm_head, norm
+from pagedjax.models.layers import MLP, DecoderBlock, DecoderLM, norm
 
 
-class GPTNeoXBlock(nn.Module):
+class GPTNeoXBlock(DecoderBlock):
     """x + attn(ln_1(x)) + mlp(ln_2(x)) with parallel residual, else the pre-norm sequence."""
-
-    config: ModelConfig
-    layer_idx: int
-    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, kv, meta: AttentionMetadata):
         """x [T, D] -> ([T, D], new kv)."""
         cfg = self.config
-        h, kv = Attention(cfg, self.layer_idx, self.attn_impl, name="attn")(norm(cfg, "attn_norm")(x), kv, meta)
+        h, kv = self.attention(norm(cfg, "attn_norm")(x), kv, meta)
         mlp, mlp_norm = MLP(cfg, name="mlp"), norm(cfg, "mlp_norm")
         if cfg.parallel_residual:
             return x + h + mlp(mlp_norm(x)), kv
@@ -39,21 +32,10 @@ class GPTNeoXBlock(nn.Module):
         return x + mlp(mlp_norm(x)), kv
 
 
-class GPTNeoX(nn.Module):
+class GPTNeoX(DecoderLM):
     """GPT-NeoX causal LM over a ragged flat batch with the paged KV pool as explicit state."""
 
-    config: ModelConfig
-    attn_impl: str = "auto"
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array, pages: KVPages, meta: AttentionMetadata, all_hidden: bool = False):
-        """tokens [T] -> (logits [S, V] f32 at meta.logits_indices, new pages); all_hidden: head_rows."""
-        cfg = self.config
-        check_inputs(cfg, tokens, pages)
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, name="embed")
-        x, new_pages = decoder_layers(self, GPTNeoXBlock, embed(tokens), pages, meta)  # [T, D]
-        x = head_rows(self, x, meta, all_hidden, norm(cfg, "final_norm"))  # [S, D]
-        return lm_head(cfg, embed, x), new_pages
+    block = GPTNeoXBlock
 
 
 # --- the family: config reader, weight map --------------------------------------------------

@@ -12,6 +12,7 @@ keep the parameters' dtype; norms, softmax, routing and logits are computed in f
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import chex
 import flax.linen as nn
@@ -370,12 +371,51 @@ def check_inputs(cfg: ModelConfig, tokens: jax.Array, pages) -> None:
                          f"the model has {cfg.num_layers}")
 
 
-def decoder_layers(module: nn.Module, block: type[nn.Module], x: jax.Array, pages, meta: AttentionMetadata):
-    """Runs the model's layers `block(cfg, i, attn_impl, name=f"layers_{i}")` over x [T, D], one
-    (k, v) pool pair each (unrolled: one parameter subtree and one pool pair per layer).
-    Returns (x [T, D], the new pages)."""
-    new_pages = []
-    for i, kv in enumerate(pages):
-        x, kv = block(module.config, i, module.attn_impl, name=f"layers_{i}")(x, kv, meta)
-        new_pages.append(kv)
-    return x, new_pages
+class DecoderBlock(nn.Module):
+    """One decoder layer of a family: `x [T, D], (k, v) pages, meta -> (x [T, D], new (k, v))`.
+    Subclasses write `__call__` (@nn.compact) from `attention` and the MLP / norms they need."""
+
+    config: ModelConfig
+    layer_idx: int
+    attn_impl: str = "auto"
+
+    def attention(self, x: jax.Array, kv, meta: AttentionMetadata):
+        """This layer's paged self-attention of x [T, D] -> ([T, D], new kv)."""
+        return Attention(self.config, self.layer_idx, self.attn_impl, name="attn")(x, kv, meta)
+
+
+class DecoderLM(nn.Module):
+    """A family's causal LM over a ragged flat batch with the paged KV pool as explicit state.
+
+    Contract (every model): `logits [S, V] f32, pages = Model(cfg).apply(variables, tokens [T],
+    pages, meta)`: the logits of the rows at meta.logits_indices; one param subtree `layers_{i}`
+    and one (k, v) pool pair per layer, unrolled. A family names its `block` and, where it
+    differs, how tokens become the first hidden state (`embed_tokens`: positions, scaling) and
+    what runs on a row before the head (`head_in`: the final norm).
+    """
+
+    config: ModelConfig
+    attn_impl: str = "auto"
+    block: ClassVar[type[DecoderBlock]]
+
+    def embed_tokens(self, embed: Embed, tokens: jax.Array, meta: AttentionMetadata) -> jax.Array:
+        """tokens [T] -> x [T, D]."""
+        return embed(tokens)
+
+    def head_in(self) -> Callable[[jax.Array], jax.Array]:
+        """[rows, D] -> [rows, E], row by row: the final norm."""
+        return norm(self.config, "final_norm")
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, pages, meta: AttentionMetadata, all_hidden: bool = False):
+        """tokens [T] -> (logits [S, V] f32 at meta.logits_indices, new pages); all_hidden: head_rows."""
+        cfg = self.config
+        check_inputs(cfg, tokens, pages)
+        embed = Embed(cfg.vocab_size, cfg.embed_dim, name="embed")
+        x = self.embed_tokens(embed, tokens, meta)  # [T, D]
+        new_pages = []
+        for i, kv in enumerate(pages):
+            x, kv = self.block(cfg, i, self.attn_impl, name=f"layers_{i}")(x, kv, meta)
+            new_pages.append(kv)
+        x = head_rows(self, x, meta, all_hidden, self.head_in())  # [S, E]
+        return lm_head(cfg, embed, x), new_pages  # soft-capped there where the config says so

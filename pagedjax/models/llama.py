@@ -1,8 +1,6 @@
 """LLaMA (and SmolLM2, Llama 2/3): RMSNorm, rotary, grouped-query attention, SwiGLU MLP.
 
-Dims: T tokens in the flat batch, S positions whose logits are needed, D hidden, V vocab.
-Contract (all model files): `logits [S, V] f32, pages = Model(cfg).apply(variables, tokens [T],
-pages, meta)`; one param subtree `layers_{i}` and one (k, v) pool pair per layer, unrolled.
+The model contract: pagedjax.models.layers.DecoderLM.
 """
 
 from __future__ import annotations
@@ -14,45 +12,28 @@ import flax.linen as nn
 import jax
 
 from pagedjax.attention import AttentionMetadata
-from pagedjax.kv_cache.page_pool import KVPages
 from pagedjax.models.config import ModelConfig, RopeScaling, f32, hf_rope
 from pagedjax.models.family import ModelFamily
-from pagedjax.models.layers import (Attention, Embed, check_inputs, decoder_layers, feed_forward, head_rows, lm_head,
-                                    norm)
+from pagedjax.models.layers import DecoderBlock, DecoderLM, feed_forward, norm
 
 
-class LlamaBlock(nn.Module):
+class LlamaBlock(DecoderBlock):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)) (SwiGLU, or experts)."""
-
-    config: ModelConfig
-    layer_idx: int
-    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, kv, meta: AttentionMetadata):
         """x [T, D] -> ([T, D], new kv)."""
         cfg = self.config
-        h, kv = Attention(cfg, self.layer_idx, self.attn_impl, name="attn")(norm(cfg, "attn_norm")(x), kv, meta)
+        h, kv = self.attention(norm(cfg, "attn_norm")(x), kv, meta)
         x = x + h
         x = x + feed_forward(cfg, self.layer_idx, norm(cfg, "mlp_norm")(x), meta)
         return x, kv
 
 
-class Llama(nn.Module):
+class Llama(DecoderLM):
     """LLaMA causal LM over a ragged flat batch with the paged KV pool as explicit state."""
 
-    config: ModelConfig
-    attn_impl: str = "auto"
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array, pages: KVPages, meta: AttentionMetadata, all_hidden: bool = False):
-        """tokens [T] -> (logits [S, V] f32 at meta.logits_indices, new pages); all_hidden: head_rows."""
-        cfg = self.config
-        check_inputs(cfg, tokens, pages)
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, name="embed")
-        x, new_pages = decoder_layers(self, LlamaBlock, embed(tokens), pages, meta)  # [T, D]
-        x = head_rows(self, x, meta, all_hidden, norm(cfg, "final_norm"))  # [S, D]
-        return lm_head(cfg, embed, x), new_pages
+    block = LlamaBlock
 
 
 # --- the family: config readers, weight maps ------------------------------------------------

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 
 from pagedjax.models.config import MOE_IMPLS
 
-
 CAPACITY_FACTOR = 1.5  # capacity rows per expert and round, over the mean (T * k / E)
 # Rows below which an expert's GEMM is bound by reading its weights (C is its arithmetic
 # intensity in FLOP/byte: ~166 is the H200's bf16 ridge): C never goes below this, unless T does.

@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pagedjax.models import (gemma2, gemma3, gpt2, gpt_neox, llama, mistral, mixtral, opt, phi3, qwen2, qwen3,
-                             qwen3_moe)
+from pagedjax.models import gemma2, gemma3, gpt2, gpt_neox, llama, mistral, mixtral, opt, phi3, qwen2, qwen3, qwen3_moe
 from pagedjax.models.family import ModelFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (
