@@ -16,9 +16,10 @@ WEIGHTS = ("bf16", "fp8", "awq", "gptq")  # a variant's weights: "bf16" is the -
 class Variant:
     """One engine of a comparison: its weights' quantization and its pool's dtype."""
 
-    name: str  # e.g. "bf16", "fp8", "fp8+fp8kv", "awq"
+    name: str  # e.g. "bf16", "fp8", "fp8+fp8kv", "awq", "bf16+bi"
     quantization: str | None  # None: the weights in --dtype
     kv_cache_dtype: str  # "auto" or "fp8"
+    batch_invariant: bool = False  # EngineConfig.batch_invariant ("+bi")
 
 
 def add_variant_args(p: argparse.ArgumentParser) -> None:
@@ -27,8 +28,9 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the weights at load (named: configs: random weights quantized on the device)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="the KV pool's dtype")
     p.add_argument("--variants", default=None,
-                   help="comma list of engines to run in turn in this process, each WEIGHTS[+fp8kv] with WEIGHTS "
-                        f"in {WEIGHTS}, e.g. bf16,fp8,fp8+fp8kv,awq (overrides --quantization/--kv-cache-dtype)")
+                   help="comma list of engines to run in turn in this process, each WEIGHTS[+fp8kv][+bi] with "
+                        f"WEIGHTS in {WEIGHTS} (+bi: batch_invariant), e.g. bf16,fp8,fp8+fp8kv,awq,bf16+bi "
+                        "(overrides --quantization/--kv-cache-dtype)")
     p.add_argument("--no-baseline", action="store_true",
                    help="with --quantization / --kv-cache-dtype: skip the bf16 baseline run before it")
 
@@ -38,10 +40,11 @@ def parse_variants(args) -> list[Variant]:
     if args.variants:
         out = []
         for name in args.variants.split(","):
-            weights, _, kv = name.partition("+")
-            if weights not in WEIGHTS or kv not in ("", "fp8kv"):
-                raise SystemExit(f"--variants {name!r}: expected WEIGHTS[+fp8kv], WEIGHTS in {WEIGHTS}")
-            out.append(Variant(name, None if weights == "bf16" else weights, "fp8" if kv else "auto"))
+            weights, *suffixes = name.split("+")
+            if weights not in WEIGHTS or not set(suffixes) <= {"fp8kv", "bi"} or len(set(suffixes)) < len(suffixes):
+                raise SystemExit(f"--variants {name!r}: expected WEIGHTS[+fp8kv][+bi], WEIGHTS in {WEIGHTS}")
+            out.append(Variant(name, None if weights == "bf16" else weights,
+                               "fp8" if "fp8kv" in suffixes else "auto", "bi" in suffixes))
         return out
     asked = Variant((args.quantization or "bf16") + ("+fp8kv" if args.kv_cache_dtype == "fp8" else ""),
                     args.quantization, args.kv_cache_dtype)

@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         llm = pj.LLM(params, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                      max_model_len=args.max_len, attn_impl=args.attn_impl, kv_cache_dtype=v.kv_cache_dtype,
-                     quantization=v.quantization)
+                     quantization=v.quantization, batch_invariant=v.batch_invariant)
         startup = time.perf_counter() - t0
         startup_est = max(startup_est, weights_s + startup)
         r = llm.engine.runner
@@ -194,7 +194,8 @@ def main(argv=None) -> int:
         results["engines"][v.name] = {
             "max_model_len": r.max_model_len, "max_num_seqs": r.max_num_seqs,
             "max_num_batched_tokens": r.max_num_batched_tokens, "num_pages": r.num_pages, "page_size": r.page_size,
-            "attn_impl": args.attn_impl, "quantization": v.quantization, "kv_cache_dtype": r.kv_dtype.name,
+            "attn_impl": r.attn_impl, "quantization": v.quantization, "kv_cache_dtype": r.kv_dtype.name,
+            "batch_invariant": v.batch_invariant,
             "weight_GB": round(cost.weight_bytes / 1e9, 3), "weights_s": round(weights_s, 2),
             "startup_s": round(startup, 2)}
         if vi == 0:  # the figures of one engine, where they always were

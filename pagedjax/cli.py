@@ -44,6 +44,8 @@ _ENGINE_FLAGS = (
      "split <think> reasoning off the answer (reasoning_content); output constraints start after it"),
     ("--structured-outputs-enable-in-reasoning", "enable_in_reasoning", True,
      "with a reasoning parser: apply output constraints to the reasoning too"),
+    ("--batch-invariant", "batch_invariant", True,
+     "a request's tokens and logprobs independent of the rest of the batch (fixed-tile matmuls)"),
     ("--grammar-compile-timeout", "grammar_compile_timeout", float,
      "seconds for compiling one output constraint (JSON schema, regex, grammar) before a 400"),
 )

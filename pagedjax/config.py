@@ -56,6 +56,11 @@ class EngineConfig:
     reasoning_parser: str | None = None
     enable_in_reasoning: bool = False
     grammar_compile_timeout: float = 10.0  # seconds for compiling one constraint before a ValueError
+    # A request's tokens and logprobs do not depend on the rest of the batch, its prompt's chunking
+    # or prefix-cache hits: every matmul on fixed row tiles (ModelConfig.batch_invariant), the jnp
+    # attention on the GPU (the custom call's split count follows the batch). Float models without
+    # experts; verified on the CPU (tests/test_batch_invariance.py).
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -112,13 +117,22 @@ class EngineConfig:
                              f"load_params(path, quantization=...), random_params(config, quantization=...))")
         tp = self.tensor_parallel_size or parallel.tp_size(parallel.mesh_of(params))
         parallel.check_tensor_parallel(self.model_config(params.config), tp)
-        return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
+        attn_impl = self.attn_impl
+        if self.batch_invariant:
+            if held is not None or params.config.num_experts:
+                raise ValueError("batch_invariant=True is for float models without experts: "
+                                 + (f"these weights are quantized ({held.name!r})" if held is not None
+                                    else f"{params.config.architecture} routes tokens to experts"))
+            if gpu and attn_impl != "reference":
+                attn_impl = "reference"  # the custom call's split-KV count depends on the batch
+        return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs, attn_impl=attn_impl,
                                    max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
 
     def model_config(self, config: Any) -> Any:
-        """The ModelConfig the engine runs: `config` with the MoE options set here (a ValueError
-        naming the option for a model without experts)."""
-        changes = {k: v for k, v in (("moe_impl", self.moe_impl), ("expert_parallel", self.enable_expert_parallel))
+        """The ModelConfig the engine runs: `config` with the MoE options and batch_invariant set
+        here (a ValueError naming the option for a model without experts)."""
+        changes = {k: v for k, v in (("moe_impl", self.moe_impl), ("expert_parallel", self.enable_expert_parallel),
+                                     ("batch_invariant", self.batch_invariant or None))
                    if v is not None and getattr(config, k) != v}
         return config.replace(**changes) if changes else config
 

@@ -161,7 +161,10 @@ void AttendRequestKvHead(const PagedAttentionParams& p, int r, int kh) {
   // Token i (position first_pos + i) sees [lo_i, first_pos + i]: lo_i = 0, or the window's start.
   auto window_lo = [&](int pos) { return W > 0 ? std::max(0, pos - W + 1) : 0; };
   std::vector<float> kf(static_cast<size_t>(kKvBlock) * H), vf(static_cast<size_t>(kKvBlock) * H), s(kKvBlock);
-  for (int b0 = window_lo(first_pos); b0 < L; b0 += kKvBlock) {  // positions before it: never read
+  // Blocks start at multiples of kKvBlock (positions before the block of the first token's window
+  // start are never read), so a token's online softmax runs over the same blocks in the same order
+  // however its prompt was chunked: a prefill chunk and a decode step compute it alike.
+  for (int b0 = window_lo(first_pos) / kKvBlock * kKvBlock; b0 < L; b0 += kKvBlock) {
     const int nb = std::min(kKvBlock, L - b0);
     for (int j = 0; j < nb; ++j) {
       const int pos = b0 + j;

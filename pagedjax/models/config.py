@@ -78,6 +78,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # batch-invariant numerics (EngineConfig.batch_invariant, every family): each matmul runs on
+    # fixed-size row tiles, so a row's result does not depend on how many rows are beside it
+    batch_invariant: bool = False
     name: str = ""
     # -- features
     norm: str = "rms"  # "rms" | "layer"

@@ -40,6 +40,32 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+# Batch-invariant mode: rows per matmul tile. Every matmul of a row then has the same shape
+# ([INVARIANT_ROWS, K] @ [K, N]) whatever the batch, so the backend picks the same algorithm and
+# blocking, and a row's sums run in the same order next to any other rows.
+INVARIANT_ROWS = int(__import__("os").environ.get("PJ_ROWS", "16"))
+
+
+def row_tiled(f: Callable[[jax.Array], jax.Array], x: jax.Array, rows: int = INVARIANT_ROWS) -> jax.Array:
+    """f over x [T, ...] in tiles of `rows` rows (zero-padded), one tile at a time: f(x) with
+    each row's result independent of T. f must be row-local (row i of f(x) reads row i of x)."""
+    T = x.shape[0]
+    n = -(-T // rows)
+    tiles = jnp.pad(x, [(0, n * rows - T)] + [(0, 0)] * (x.ndim - 1)).reshape(n, rows, *x.shape[1:])
+    y = jax.lax.map(f, tiles)  # a loop over tiles: XLA cannot merge them back into one matmul
+    # The barrier keeps what follows out of the tile's computation: with one tile XLA drops the
+    # loop, and would otherwise fold a following convert into the dot (bf16 -> f32 logits unrounded).
+    y = jax.lax.optimization_barrier(y)
+    return y.reshape(n * rows, *y.shape[2:])[:T]
+
+
+def rows_matmul(cfg: ModelConfig | None, eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """jnp.einsum(eqn, x, w) for an eqn whose first x dim is the rows; row-tiled under cfg.batch_invariant."""
+    if cfg is not None and cfg.batch_invariant:
+        return row_tiled(lambda t: jnp.einsum(eqn, t, w), x)
+    return jnp.einsum(eqn, x, w)
+
+
 def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str | None, ...]):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
@@ -58,7 +84,7 @@ class Einsum(nn.Module):
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     use_bias: bool = False
-    config: ModelConfig | None = None  # read for its quantization only
+    config: ModelConfig | None = None  # read for its quantization and batch_invariant
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -67,7 +93,7 @@ class Einsum(nn.Module):
             y = quantized.quantized_einsum(self, qcfg, self.eqn, self.shape, self.axes, x)
         else:
             kernel = _param(self, "kernel", nn.initializers.normal(INIT_STD), self.shape, self.axes)
-            y = jnp.einsum(self.eqn, x, kernel.astype(x.dtype))
+            y = rows_matmul(self.config, self.eqn, x, kernel.astype(x.dtype))
         if self.use_bias:
             k_dims, out_dims = self.eqn.split(",")[1].split("->")
             keep = [i for i, c in enumerate(k_dims) if c in out_dims]  # the kernel's output dims
@@ -91,16 +117,18 @@ class Embed(nn.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding, ids, axis=0)  # [T, features]
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("se,ve->sv", x, self.embedding.astype(x.dtype))  # [S, num]
+    def attend(self, x: jax.Array, cfg: ModelConfig | None = None) -> jax.Array:
+        """x [S, features] -> [S, num]: the tied output head (row-tiled under cfg.batch_invariant)."""
+        return rows_matmul(cfg, "se,ve->sv", x, self.embedding.astype(x.dtype))  # [S, num]
 
 
 def lm_head(cfg: ModelConfig, embed: Embed, x: jax.Array) -> jax.Array:
     """Logits [S, V] in float32, through the tied embedding or an `lm_head` projection."""
     if cfg.tie_word_embeddings:
-        logits = embed.attend(x)
+        logits = embed.attend(x, cfg)
     else:
-        logits = Einsum("se,ev->sv", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), name="lm_head")(x)
+        logits = Einsum("se,ev->sv", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), config=cfg,
+                        name="lm_head")(x)
     return softcap_logits(cfg, logits.astype(jnp.float32))
 
 
@@ -118,9 +146,9 @@ def head_logits(cfg: ModelConfig, variables, x: jax.Array) -> jax.Array:
     """
     p = variables["params"]
     if cfg.tie_word_embeddings:
-        logits = jnp.einsum("se,ve->sv", x, p["embed"]["embedding"].astype(x.dtype))
+        logits = rows_matmul(cfg, "se,ve->sv", x, p["embed"]["embedding"].astype(x.dtype))
     else:
-        logits = jnp.einsum("se,ev->sv", x, p["lm_head"]["kernel"].astype(x.dtype))
+        logits = rows_matmul(cfg, "se,ev->sv", x, p["lm_head"]["kernel"].astype(x.dtype))
     return softcap_logits(cfg, logits.astype(jnp.float32))
 
 
@@ -152,16 +180,21 @@ class RMSNorm(nn.Module):
 
     eps: float
     unit_offset: bool = False
+    batch_invariant: bool = False  # row tiles of a fixed size (see row_norm)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
         scale = _param(self, "scale", init, (x.shape[-1],), ("norm",))
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        if self.unit_offset:
-            return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
-        return scale.astype(x.dtype) * y.astype(x.dtype)
+
+        def rms(x: jax.Array) -> jax.Array:
+            xf = x.astype(jnp.float32)
+            y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+            if self.unit_offset:
+                return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+            return scale.astype(x.dtype) * y.astype(x.dtype)
+
+        return row_norm(rms, x, self.batch_invariant)
 
 
 class LayerNorm(nn.Module):
@@ -169,24 +202,38 @@ class LayerNorm(nn.Module):
 
     eps: float
     affine: bool = True
+    batch_invariant: bool = False  # row tiles of a fixed size (see row_norm)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         if self.affine:
-            y = y * _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
-            y = y + _param(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("norm",))
-        return y.astype(x.dtype)
+            scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
+            bias = _param(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("norm",))
+
+        def layer_norm(x: jax.Array) -> jax.Array:
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+            y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+            if self.affine:
+                y = y * scale + bias
+            return y.astype(x.dtype)
+
+        return row_norm(layer_norm, x, self.batch_invariant)
+
+
+def row_norm(f: Callable[[jax.Array], jax.Array], x: jax.Array, batch_invariant: bool) -> jax.Array:
+    """A norm f over x [T, ..., D]; under batch_invariant in row tiles of a fixed size: XLA's CPU
+    reduction over D sums 8 rows at a time in SIMD lanes once there are 8 rows, one row across
+    the lanes below that, so a row's sum of squares would depend on how many rows are beside it."""
+    return row_tiled(f, x) if batch_invariant else f(x)
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
     """The config's norm: RMSNorm ("rms", Gemma's "rms_unit_offset") or LayerNorm (optionally without affine)."""
     if cfg.norm in ("rms", "rms_unit_offset"):
-        return RMSNorm(cfg.norm_eps, cfg.norm == "rms_unit_offset", name=name)
-    return LayerNorm(cfg.norm_eps, cfg.norm_affine, name=name)
+        return RMSNorm(cfg.norm_eps, cfg.norm == "rms_unit_offset", cfg.batch_invariant, name=name)
+    return LayerNorm(cfg.norm_eps, cfg.norm_affine, cfg.batch_invariant, name=name)
 
 
 # --- rotary embeddings ----------------------------------------------------------------------

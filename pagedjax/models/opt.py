@@ -46,7 +46,7 @@ class OPT(DecoderLM):
         pos_embed = Embed(cfg.max_position_embeddings + POSITION_OFFSET, D, (None, "embed"), name="pos_embed")
         x = embed(tokens)  # [T, E]
         if E != D:
-            x = Einsum("te,ed->td", (E, D), (None, "embed"), name="project_in")(x)  # [T, D]
+            x = Einsum("te,ed->td", (E, D), (None, "embed"), config=cfg, name="project_in")(x)  # [T, D]
         return x + pos_embed(meta.positions + POSITION_OFFSET)
 
     def head_in(self) -> Callable[[jax.Array], jax.Array]:
@@ -54,7 +54,7 @@ class OPT(DecoderLM):
         cfg = self.config
         D, E = cfg.hidden_size, cfg.embed_dim
         final_norm = norm(cfg, "final_norm") if cfg.final_norm else None
-        project_out = Einsum("sd,de->se", (D, E), ("embed", None), name="project_out") if E != D else None
+        project_out = Einsum("sd,de->se", (D, E), ("embed", None), config=cfg, name="project_out") if E != D else None
 
         def head_in(h: jax.Array) -> jax.Array:
             h = final_norm(h) if final_norm is not None else h

@@ -1,0 +1,160 @@
+"""batch_invariant=True: a request's tokens and logprobs are bitwise what it gets alone, whatever
+else is in the batch, however its prompt is chunked, after prefix-cache hits and preemption.
+
+The bundled SmolLM2-135M-Instruct in bf16 on the CPU. A probe prompt (~300 tokens) runs alone on
+a fresh engine: that is the reference. Then it runs beside 2 to 64 random strangers (random
+prompts, lengths, output lengths, greedy and seeded sampling), with the prompt split into chunks
+of 16, 64 and 256 tokens, again after its prefix was cached, with async scheduling off, and in a
+pool small enough that it is preempted (recompute and swap). The probe is checked twice each
+time: greedy, and seeded sampling (temperature 0.8, top-p 0.95), with its top-2 logprobs.
+Without the flag the same runs differ from the reference (the test can fail).
+"""
+
+import numpy as np
+import pytest
+
+import pagedjax as pj
+
+MAX_TOKENS = 8
+ENGINE = dict(max_num_seqs=72, max_model_len=512, max_num_batched_tokens=256, precompile=False,
+              enable_prefix_caching=False)
+PROBE_TEXT = ("The Roman Empire was the post-Republican state of ancient Rome. It included territory around "
+              "the Mediterranean in Europe, North Africa, and Western Asia, and was ruled by emperors. ")
+
+
+@pytest.fixture(scope="module")
+def params():
+    import jax.numpy as jnp
+
+    return pj.load_params(None, dtype=jnp.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def probe(params) -> list[int]:
+    from pagedjax.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(params.tokenizer).encode(PROBE_TEXT * 10, add_special_tokens=False)[:300]
+    assert len(ids) == 300
+    return ids
+
+
+def probe_params(max_tokens: int = MAX_TOKENS) -> list[pj.SamplingParams]:
+    return [pj.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2, ignore_eos=True),
+            pj.SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=123, logprobs=2,
+                              ignore_eos=True)]
+
+
+def strangers(n: int, seed: int, max_tokens: tuple[int, int] = (2, 16), prompt_len: tuple[int, int] = (4, 80)
+              ) -> tuple[list[list[int]], list]:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(100, 40000, int(rng.integers(*prompt_len))).tolist() for _ in range(n)]
+    sps = [pj.SamplingParams(max_tokens=int(rng.integers(*max_tokens)), ignore_eos=True,
+                             **({"temperature": 0.0} if i % 2 else {"temperature": 1.0, "seed": i}))
+           for i in range(n)]
+    return prompts, sps
+
+
+def run(llm: pj.LLM, probe: list[int], n: int = 0, seed: int = 0, probe_last: bool = False,
+        max_tokens: int = MAX_TOKENS, stranger_tokens: tuple[int, int] = (2, 16),
+        stranger_prompts: tuple[int, int] = (4, 80)) -> list:
+    """The probe's (token ids, [{id: logprob}]) under each of probe_params(), beside n strangers."""
+    others, other_sps = strangers(n, seed, stranger_tokens, stranger_prompts)
+    out = []
+    for sp in probe_params(max_tokens):
+        prompts, sps = ([*others, probe], [*other_sps, sp]) if probe_last else ([probe, *others], [sp, *other_sps])
+        got = llm.generate(prompts, sps)[-1 if probe_last else 0].outputs[0]
+        assert len(got.token_ids) == max_tokens and got.finish_reason == "length"
+        out.append((list(got.token_ids), [{t: lp.logprob for t, lp in d.items()} for d in got.logprobs]))
+    return out
+
+
+def same(a: list, b: list) -> bool:
+    """Bitwise: the same tokens and the same float logprobs (== on floats, no tolerance)."""
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def alone(params, probe):
+    return {bi: run(pj.LLM(params, batch_invariant=bi, **ENGINE), probe) for bi in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def invariant(params):
+    return pj.LLM(params, batch_invariant=True, **ENGINE)
+
+
+@pytest.mark.parametrize("n", [2, 8, 32, 64])
+def test_beside_strangers(invariant, probe, alone, n):
+    assert same(run(invariant, probe, n, seed=n), alone[True])
+
+
+@pytest.mark.parametrize("chunk", [16, 64, 256])
+def test_prompt_chunking(params, probe, alone, chunk):
+    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "long_prefill_token_threshold": chunk})
+    assert same(run(llm, probe, 8, seed=chunk), alone[True])
+
+
+def test_prefix_cache_hits(params, probe, alone):
+    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "enable_prefix_caching": True})
+    assert same(run(llm, probe), alone[True])  # the first greedy run fills the cache, the rest hit it
+    hits = llm.engine.stats().prefix_cache_hits
+    assert same(run(llm, probe, 8, seed=5), alone[True])
+    assert llm.engine.stats().prefix_cache_hits >= hits + 2 * 288  # both runs: the probe's full pages
+
+
+def test_sync_scheduling(params, probe, alone):
+    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "async_scheduling": False})
+    assert same(run(llm, probe, 8, seed=11), alone[True])
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption(params, probe, mode):
+    """A pool of 30 pages (480 tokens) for a 64-token probe (48 tokens out) and 8 short strangers
+    that keep growing (50-70 tokens out): all are admitted, and the probe, admitted last, is the
+    first one preempted when they need pages; it resumes (recomputed, or swapped back in) with the
+    same numbers."""
+    short, out = probe[:64], 48
+    want = run(pj.LLM(params, batch_invariant=True, **ENGINE), short, max_tokens=out)
+    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "num_pages": 31, "preemption_mode": mode,
+                                                    "swap_space": 2**-6})
+    preempted, probe_ids = [], []
+    schedule, add_request = llm.engine.scheduler.schedule, llm.engine.add_request
+
+    def recording_schedule(*args, **kwargs):
+        plan = schedule(*args, **kwargs)
+        preempted.extend(plan.preempted_ids)
+        return plan
+
+    def recording_add_request(request_id, prompt, *args, **kwargs):
+        if prompt == short:
+            probe_ids.append(request_id)
+        return add_request(request_id, prompt, *args, **kwargs)
+
+    llm.engine.scheduler.schedule = recording_schedule
+    llm.engine.add_request = recording_add_request
+    got = run(llm, short, 8, seed=99, probe_last=True, max_tokens=out, stranger_tokens=(50, 70),
+              stranger_prompts=(4, 12))
+    assert len(probe_ids) == 2 and set(probe_ids) <= set(preempted), (probe_ids, preempted)
+    if mode == "swap":
+        assert llm.engine.stats().num_swapped_in > 0
+    assert same(got, want)
+
+
+def test_without_the_flag_the_numbers_change(params, probe, alone):
+    """The same runs without batch_invariant: the probe's logprobs move (so the checks above can fail)."""
+    llm = pj.LLM(params, batch_invariant=False, **ENGINE)
+    runs = [run(llm, probe, n, seed=n) for n in (8, 32)]
+    assert any(not same(r, alone[False]) for r in runs)
+
+
+def test_refused_where_not_supported():
+    import jax.numpy as jnp
+
+    from pagedjax.dummy_weights import random_params
+    from pagedjax.models.named import NAMED_CONFIGS
+
+    cfg = NAMED_CONFIGS["mixtral-8x7b"].replace(num_layers=1, hidden_size=64, intermediate_size=64,
+                                                moe_intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=16,
+                                                rotary_dim=16, vocab_size=128)
+    with pytest.raises(ValueError, match="batch_invariant"):
+        pj.LLM(random_params(cfg, dtype=jnp.float32), batch_invariant=True, precompile=False)
