@@ -15,15 +15,15 @@ vLLM (it uses vLLM's `continuous_usage_stats`).
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --request-rates 1,4,16,inf \\
         --num-prompts 200 --input-len 256 --output-len 128 --out serving.json
 
-With `--launch "SERVE ARGS"` it starts `pagedjax serve SERVE ARGS` itself, times the start-up
-(launch to the first successful /health; `--startup-runs 2` starts it twice: cold, then warm), and
-with `--offline` it then runs the same requests on the offline engine that those arguments build,
-in this process after the server has exited, so the serving and offline figures come from one
-run:
+With `--launch "SERVE ARGS"` it starts `pagedjax serve SERVE ARGS` itself and times its start-up
+(launch to the first successful /health; `--startup-runs 2` starts it twice, and with
+`--fresh-compile-cache` the first start compiles into an empty cache: cold, then warm). With
+`--offline` it then runs the last rate's requests on the offline engine those arguments build, in
+this process after the server has exited, so the serving and offline figures come from one run:
 
     python benchmarks/serving.py --launch "named:llama3-8b --load-format dummy \\
         --tokenizer ggml-vocab-llama-bpe.gguf" --dataset sharegpt --num-prompts 1000 \\
-        --request-rates 1,4,16,inf --startup-runs 2 --offline --out serving.json
+        --request-rates 1,4,16,inf --startup-runs 2 --fresh-compile-cache --offline --out serving.json
 """
 
 from __future__ import annotations
@@ -88,10 +88,14 @@ async def _make_prompts(http: httpx.AsyncClient, model: str | None, args: argpar
         lengths = [(args.input_len, args.output_len)] * args.num_prompts
     longest = max(i for i, _ in lengths)
     ids = ids * (longest // len(ids) + 2)
+    vocab = sorted(set(ids))
     out: list[tuple[Prompt, int]] = []
     for i, o in lengths:
-        start = rng.randrange(len(ids) - i)
-        window = ids[start:start + i]
+        if args.dataset == "sharegpt":  # the filler's tokens in random order: no two prompts share a prefix
+            window = [rng.choice(vocab) for _ in range(i)]
+        else:
+            start = rng.randrange(len(ids) - i)
+            window = ids[start:start + i]
         if args.text:
             r = await http.post("/detokenize", json={"tokens": window, **extra})
             r.raise_for_status()
@@ -208,6 +212,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> tuple[list[dict], list[tuple[Prompt, int]]]:
+    """Runs every rate; returns the rows and the last rate's requests (the offline run repeats them)."""
     rng = random.Random(args.seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -218,11 +223,14 @@ async def main_async(args: argparse.Namespace) -> tuple[list[dict], list[tuple[P
             r = await http.get("/v1/models")
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
-        requests = await _make_prompts(http, model, args, rng)
         if args.warmup:
-            await asyncio.gather(*(_one(http, model, p, min(o, 8)) for p, o in requests[:args.warmup]))
+            warm = await _make_prompts(http, model, args, random.Random(f"{args.seed}-warmup"))
+            await asyncio.gather(*(_one(http, model, p, min(o, 8)) for p, o in warm[:args.warmup]))
         rows = []
         for rate in args.request_rates:
+            # the same lengths at every rate; with --dataset sharegpt, other prompts at each (no prefix hits
+            # from an earlier rate's run)
+            requests = await _make_prompts(http, model, args, random.Random(f"{args.seed}-{rate}"))
             row = await run_rate(http, model, requests, rate, args.max_concurrency, rng)
             rows.append(row)
             print(f"rate {row['request_rate']}: {row['completed']} ok, {row['failed']} failed in "
@@ -240,10 +248,10 @@ class Launched:
         cmd = [sys.executable, "-m", "pagedjax.cli", "serve", *serve_args, "--host", "127.0.0.1", "--port", "0"]
         self.log = open(log_path, "w")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.url = None
-        for line in self.proc.stdout:  # the line with the bound port comes before serving starts
+        for line in self.proc.stdout:  # the line with the bound port (stderr) comes before serving starts
             self.log.write(line)
             m = _SERVING.search(line)
             if m:
@@ -251,7 +259,7 @@ class Launched:
                 break
         if self.url is None:
             raise SystemExit(f"the server exited ({self.proc.wait()}) before serving; see {log_path}")
-        # The rest of its stdout to the log, so a full pipe never blocks the server.
+        # The rest of its output to the log, so a full pipe never blocks the server.
         threading.Thread(target=lambda: [self.log.write(line) for line in self.proc.stdout], daemon=True).start()
         while True:
             try:
@@ -275,7 +283,9 @@ class Launched:
 
 
 def run_offline(serve_args: list[str], requests: list[tuple[Prompt, int]], warmup: int) -> dict:
-    """The same requests on the offline engine the `serve` arguments build (all queued at once)."""
+    """The last rate's requests on the offline engine the `serve` arguments build (all queued at
+    once; a fresh engine, as the server met them: with --dataset sharegpt no earlier prompt shares
+    a prefix with them)."""
     import pagedjax as pj
     from pagedjax.cli import build_parser, llm_from_args
 
@@ -283,7 +293,8 @@ def run_offline(serve_args: list[str], requests: list[tuple[Prompt, int]], warmu
     llm = llm_from_args(build_parser().parse_args(["serve", *serve_args]))
     startup = time.perf_counter() - t0
     if warmup:
-        llm.generate([p for p, _ in requests[:warmup]], pj.SamplingParams(max_tokens=8, temperature=0.0))
+        llm.generate([f"Warm-up request {i}: say something." for i in range(warmup)],  # prompts of its own
+                     pj.SamplingParams(max_tokens=8, temperature=0.0))
     params = [pj.SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in requests]
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in requests], params)
@@ -317,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="start `pagedjax serve SERVE_ARGS` on a free port and time its start-up")
     p.add_argument("--startup-runs", type=int, default=1,
                    help="with --launch: start the server this many times (the first cold, the rest warm)")
+    p.add_argument("--fresh-compile-cache", action="store_true",
+                   help="with --launch: the servers compile into a new empty cache folder (the first start is "
+                        "cold, the next ones warm)")
     p.add_argument("--offline", action="store_true",
                    help="with --launch: then run the same requests on the offline engine of SERVE_ARGS")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -331,13 +345,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--offline needs --launch (the engine options to build offline)")
     serve_args = shlex.split(args.launch) if args.launch else []
     startups, server = [], None
+    if args.fresh_compile_cache:
+        import tempfile
+
+        os.environ["PAGEDJAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="pagedjax-compile-")
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
     for i in range(args.startup_runs if args.launch else 0):
         if server is not None:
             server.stop()
         server = Launched(serve_args, os.path.join(out_dir, f"serving-server-{i}.log"), args.timeout)
         startups.append(round(server.startup_s, 2))
-        print(f"server start-up {i} ({'cold' if i == 0 else 'warm'}): {server.startup_s:.1f} s", file=sys.stderr)
+        print(f"server start-up {i}: {server.startup_s:.1f} s", file=sys.stderr)
         args.base_url = server.url
     try:
         rows, requests = asyncio.run(main_async(args))
