@@ -12,6 +12,7 @@ schema (deep anyOf nesting, a huge enum) answers with a ValueError within the li
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import threading
@@ -31,6 +32,20 @@ from pagedjax.structured_outputs.ll_tokenizer import ll_tokenizer
 from pagedjax.structured_outputs.matcher import GrammarMatcher
 from pagedjax.structured_outputs.params import StructuredOutputsParams
 from pagedjax.tokenizer import Tokenizer
+
+# Compiles that outlived their time limit, still running in their daemon threads. The process
+# waits for them at exit: a daemon thread inside llguidance while the interpreter finalizes
+# crashes it (a segfault after everything else passed). llguidance's fuel limits bound each.
+_LEFT_RUNNING: set[threading.Thread] = set()
+_LEFT_RUNNING_LOCK = threading.Lock()
+
+
+@atexit.register
+def _wait_for_compiles() -> None:
+    with _LEFT_RUNNING_LOCK:
+        threads = list(_LEFT_RUNNING)
+    for t in threads:
+        t.join()
 
 
 @dataclass(frozen=True)
@@ -138,11 +153,16 @@ class GrammarCompiler:
                 result["matcher"] = m
             except Exception as e:  # noqa: BLE001 (re-raised below, on the caller's thread)
                 result["error"] = e
+            finally:
+                with _LEFT_RUNNING_LOCK:
+                    _LEFT_RUNNING.discard(threading.current_thread())
 
         thread = threading.Thread(target=work, name="grammar-compile", daemon=True)
+        with _LEFT_RUNNING_LOCK:
+            _LEFT_RUNNING.add(thread)
         thread.start()
         thread.join(self.limits.time_limit_s)
-        if thread.is_alive():  # left to finish on its own: llguidance's fuel limits bound it
+        if thread.is_alive():  # left to finish on its own (waited for at exit): fuel limits bound it
             raise ValueError(f"the {params.kind} constraint did not compile within {self.limits.time_limit_s:g} s "
                              "(too complex: simplify the schema, e.g. less anyOf nesting or smaller enums).")
         if "error" in result:
