@@ -25,7 +25,10 @@ done > user.bazelrc
 echo "test --test_env=PAGEDJAX_LLAMA_CPP_VOCABS=$PAGEDJAX_LLAMA_CPP_VOCABS" >> user.bazelrc  # pagedjax_venv test fetched them
 rc=0
 started="$(date +%s)"
-bazel test //... "$@" || rc=$?
-# Counts only the results this run wrote (a target whose XML is older did not run: a failure).
-"$PY" tools/test_summary.py --since "$started" || rc=$((rc ? rc : 1))
+bep="$(mktemp "${TMPDIR:-/tmp}/pagedjax-bep.XXXXXX")"
+bazel test //... --build_event_json_file="$bep" "$@" || rc=$?
+# Counts only the results this run wrote (a target whose XML is older did not run: a failure), and
+# a target Bazel failed though its cases passed (a crash at exit) as a failure.
+"$PY" tools/test_summary.py --since "$started" --bep "$bep" || rc=$((rc ? rc : 1))
+rm -f "$bep"
 exit $rc
