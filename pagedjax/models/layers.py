@@ -43,7 +43,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # Batch-invariant mode: rows per matmul tile. Every matmul of a row then has the same shape
 # ([INVARIANT_ROWS, K] @ [K, N]) whatever the batch, so the backend picks the same algorithm and
 # blocking, and a row's sums run in the same order next to any other rows.
-INVARIANT_ROWS = int(__import__("os").environ.get("PJ_ROWS", "16"))
+INVARIANT_ROWS = 16
 
 
 def row_tiled(f: Callable[[jax.Array], jax.Array], x: jax.Array, rows: int = INVARIANT_ROWS) -> jax.Array:
