@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--moe-impl", default=None, help="MoE models: ragged, capacity, dense or auto")
     p.add_argument("--out", default=None)
     add_variant_args(p)
     args = p.parse_args(argv)
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         llm = pj.LLM(params, max_num_seqs=max(args.batch_size, 1), enable_prefix_caching=False,
                      max_num_batched_tokens=max(args.batch_size * args.input_len, 16),
-                     max_model_len=args.input_len + args.output_len + 16, attn_impl=args.attn_impl,
+                     max_model_len=args.input_len + args.output_len + 16, attn_impl=args.attn_impl, moe_impl=args.moe_impl,
                      kv_cache_dtype=v.kv_cache_dtype, quantization=v.quantization,
                      batch_invariant=v.batch_invariant)
         startup = time.perf_counter() - t0

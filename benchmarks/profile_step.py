@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--sync", action="store_true", help="async_scheduling=False")
+    p.add_argument("--quantization", default=None, help="weights quantized at load (fp8, awq, gptq)")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--batch-invariant", action="store_true")
     p.add_argument("--trace-dir", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -133,12 +136,13 @@ def main(argv=None) -> int:
 
     if args.dtype is None:
         args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-    params = load(args)
+    params = load(args, quantization=args.quantization)
     B, S = args.batch_size, args.context
     total = 3 * args.steps + 8
     llm = pj.LLM(params, max_num_seqs=max(B, 1), enable_prefix_caching=False,
                  max_num_batched_tokens=args.max_num_batched_tokens or max(B * 16, S, 16), max_model_len=S + total + 16,
-                 attn_impl=args.attn_impl, async_scheduling=not args.sync)
+                 attn_impl=args.attn_impl, async_scheduling=not args.sync, kv_cache_dtype=args.kv_cache_dtype,
+                 batch_invariant=args.batch_invariant)
     engine = llm.engine
     rng = np.random.default_rng(args.seed)
     sp = pj.SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
@@ -180,7 +184,8 @@ def main(argv=None) -> int:
     device, dispatch = _device_time(engine.runner, batch, args.steps)
 
     res = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
-           "model": args.model, "dtype": args.dtype, "batch_size": B, "context": S,
+           "model": args.model, "dtype": args.dtype, "quantization": args.quantization,
+           "kv_cache_dtype": args.kv_cache_dtype, "batch_invariant": args.batch_invariant, "batch_size": B, "context": S,
            "async_scheduling": not args.sync,
            "engine_step_ms": round(1000 * plain, 3), "engine_step_ms_timed": round(1000 * wrapped, 3),
            "device_ms": round(1000 * device, 3), "dispatch_ms": round(1000 * dispatch, 3),

