@@ -57,9 +57,9 @@ class EngineConfig:
     enable_in_reasoning: bool = False
     grammar_compile_timeout: float = 10.0  # seconds for compiling one constraint before a ValueError
     # A request's tokens and logprobs do not depend on the rest of the batch, its prompt's chunking
-    # or prefix-cache hits: every matmul on fixed row tiles (ModelConfig.batch_invariant), the jnp
-    # attention on the GPU (the custom call's split count follows the batch). Float models without
-    # experts; verified on the CPU (tests/test_batch_invariance.py).
+    # or prefix-cache hits: every matmul on fixed row tiles (ModelConfig.batch_invariant), the CPU
+    # attention on KV blocks at fixed positions. Float models without experts, on the CPU
+    # (tests/test_batch_invariance.py); refused on the GPU (tests/test_batch_invariance_gpu.py).
     batch_invariant: bool = False
 
     def __post_init__(self) -> None:
@@ -117,15 +117,16 @@ class EngineConfig:
                              f"load_params(path, quantization=...), random_params(config, quantization=...))")
         tp = self.tensor_parallel_size or parallel.tp_size(parallel.mesh_of(params))
         parallel.check_tensor_parallel(self.model_config(params.config), tp)
-        attn_impl = self.attn_impl
         if self.batch_invariant:
             if held is not None or params.config.num_experts:
                 raise ValueError("batch_invariant=True is for float models without experts: "
                                  + (f"these weights are quantized ({held.name!r})" if held is not None
                                     else f"{params.config.architecture} routes tokens to experts"))
-            if gpu and attn_impl != "reference":
-                attn_impl = "reference"  # the custom call's split-KV count depends on the batch
-        return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs, attn_impl=attn_impl,
+            if gpu:
+                raise ValueError("batch_invariant=True runs on the CPU only: on the GPU the custom call's split-KV "
+                                 "count follows the batch, and the jnp attention, measured on an H200 in its "
+                                 "place, was neither invariant nor fast (benchmarks/RESULTS.md)")
+        return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
                                    max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
 
     def model_config(self, config: Any) -> Any:
