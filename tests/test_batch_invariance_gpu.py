@@ -1,6 +1,6 @@
 """batch_invariant=True is refused on the GPU, with a clear error.
 
-On an H200 (2026-12-04, commit 6d16aeb), the checks of tests/test_batch_invariance.py at
+On an H200 (2026-12-04, commit 1137093), the checks of tests/test_batch_invariance.py at
 Llama-3-8B's widths (4 layers, random bf16 weights) failed with the mode running the jnp attention
 in place of the custom call: the probe's logprobs moved beside 8, 64 and 255 strangers, with
 chunks of 64 and 256, after prefix hits and with async scheduling off (7 of 7 checks;
