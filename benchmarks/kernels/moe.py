@@ -81,20 +81,29 @@ def device_ceilings(on_gpu: bool) -> tuple[float, float]:
 
 
 def make_inputs(T: int, D: int, F: int, E: int, reps: int, skew: float, seed: int):
-    """Expert weights, and `reps` independent (x [T, D], router logits [T, E]) pairs."""
-    key = jax.random.key(seed)
-    kg, ku, kd, kx, kl = jax.random.split(key, 5)
-    w_gate = (jax.random.normal(kg, (E, D, F), jnp.float32) * D**-0.5).astype(DTYPE)  # [E, D, F]
-    w_up = (jax.random.normal(ku, (E, D, F), jnp.float32) * D**-0.5).astype(DTYPE)  # [E, D, F]
-    w_down = (jax.random.normal(kd, (E, F, D), jnp.float32) * F**-0.5).astype(DTYPE)  # [E, F, D]
+    """`reps` independent (expert weights, x [T, D], router logits [T, E]) triples.
+
+    Each call gets weights of its own: calls sharing one weight could be merged by XLA into one
+    GEMM that reads the weights once for all of them (its dot merger), timing less than a call's
+    weight traffic."""
+    kw, kx, kl = jax.random.split(jax.random.key(seed), 3)
+
+    def weights(key):
+        kg, ku, kd = jax.random.split(key, 3)
+        return ((jax.random.normal(kg, (E, D, F), jnp.float32) * D**-0.5).astype(DTYPE),  # gate [E, D, F]
+                (jax.random.normal(ku, (E, D, F), jnp.float32) * D**-0.5).astype(DTYPE),  # up [E, D, F]
+                (jax.random.normal(kd, (E, F, D), jnp.float32) * F**-0.5).astype(DTYPE))  # down [E, F, D]
+
+    ws = tuple(weights(k) for k in jax.random.split(kw, reps))
     xs = tuple(jax.random.normal(k, (T, D), DTYPE) for k in jax.random.split(kx, reps))
     bias = skew * jnp.linspace(1.0, -1.0, E)  # skew > 0: the first experts favoured
     logits = tuple(jax.random.normal(k, (T, E), jnp.float32) + bias for k in jax.random.split(kl, reps))
-    return (w_gate, w_up, w_down), xs, logits
+    return ws, xs, logits
 
 
 def layer_fn(impl: str, k: int, T: int):
-    """The MoE layer after the router: route, run the experts, combine; `reps` calls at once."""
+    """The MoE layer after the router: route, run the experts, combine; `reps` calls at once, each
+    on its own weights."""
     name, capacity_rows = ("capacity", T) if impl == "cap_T" else (impl, None)
 
     def one(x, logits, w):
@@ -103,7 +112,7 @@ def layer_fn(impl: str, k: int, T: int):
         return moe.expert_mlp(x, weights, ids, keep, *w, activation=jax.nn.silu, impl=name,
                               capacity_rows=capacity_rows).astype(x.dtype)
 
-    return jax.jit(lambda xs, ls, w: [one(x, lg, w) for x, lg in zip(xs, ls)])
+    return jax.jit(lambda xs, ls, ws: [one(x, lg, w) for x, lg, w in zip(xs, ls, ws)])
 
 
 def routing_stats(logits: jax.Array, k: int, E: int) -> dict:
@@ -128,7 +137,7 @@ def bench_one(model: str, T: int, impls, copy_bw: float, flops: float, skew: flo
         try:
             fn = layer_fn(impl, k, T)
             row["ms"][impl] = round(1e3 * median_time(fn, (xs, logits, w), reps), 4)
-            outs[impl] = np.asarray(fn(xs[:1], logits[:1], w)[0], np.float32)
+            outs[impl] = np.asarray(fn(xs[:1], logits[:1], w[:1])[0], np.float32)
         except Exception as e:  # noqa: BLE001 - record why (an OOM, a compile failure) and go on
             row.setdefault("errors", {})[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if "dense" in outs:
