@@ -330,11 +330,15 @@ class ModelRunner:
         P, B, M = self.num_pages, self.page_size, self.max_pages_per_req
 
         tables = np.zeros((R, M), np.int32)  # page 0 is the null page
-        for r, s in enumerate(batch):
-            if len(s.block_table) > M or len(s.block_table) * B < s.num_computed_tokens + len(s.token_ids):
-                raise ValueError(f"request {r}: {len(s.block_table)} pages for "
-                                 f"{s.num_computed_tokens + len(s.token_ids)} tokens")
-            tables[r, :len(s.block_table)] = s.block_table
+        num_pages = np.fromiter((len(s.block_table) for s in batch), np.int32, num_rows)  # [n]
+        bad = np.flatnonzero((num_pages > M) | (num_pages * B < computed + q_lens))
+        if bad.size:
+            r = int(bad[0])
+            raise ValueError(f"request {r}: {num_pages[r]} pages for {computed[r] + q_lens[r]} tokens")
+        page_row = np.repeat(np.arange(num_rows, dtype=np.int32), num_pages)  # [sum pages] each page's row
+        page_col = np.arange(page_row.size, dtype=np.int32) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
+        tables[page_row, page_col] = np.fromiter(itertools.chain.from_iterable(s.block_table for s in batch),
+                                                 np.int32, page_row.size)
         starts = np.full(R + 1, num_tokens, np.int32)
         starts[0] = 0
         np.cumsum(q_lens, out=starts[1:num_rows + 1])
@@ -344,9 +348,10 @@ class ModelRunner:
         tokens = np.zeros(T, np.int32)
         tokens[:num_tokens] = list(itertools.chain.from_iterable(s.token_ids for s in batch))
         src_rows = np.full(T, -1, np.int32)
-        for i in np.flatnonzero(tokens[:num_tokens] == -1):  # pending: the previous step's token, on device
-            src_rows[i] = prev.rows[batch[row[i]].request_id]
-            tokens[i] = 0
+        pending = np.flatnonzero(tokens[:num_tokens] == -1)  # the previous step's tokens, on device
+        if pending.size:
+            src_rows[pending] = [prev.rows[batch[r].request_id] for r in row[pending].tolist()]
+            tokens[pending] = 0
         positions = np.zeros(T, np.int32)
         positions[:num_tokens] = pos
         slots = page_pool.padding_slots(T, P, B)

@@ -88,11 +88,13 @@ def plan(batch: Sequence[Any], num_tokens: int) -> Plan | None:
 
     A request asks when its sampling_params.prompt_logprobs is set and it has no output token.
     """
+    asks = [getattr(req.sampling_params, "prompt_logprobs", None) for req in batch]
+    if all(k is None for k in asks):  # the usual step: nobody asks
+        return None
     rows, targets, spans, width = [], [], [], 0
     t = 0
-    for b, req in enumerate(batch):
+    for b, (req, k) in enumerate(zip(batch, asks)):
         n, c = len(req.token_ids), req.num_computed_tokens
-        k = getattr(req.sampling_params, "prompt_logprobs", None)
         prompt = req.prompt_token_ids
         end = min(c + n, len(prompt) - 1)  # the last prompt token predicts an output, not the prompt
         if k is not None and not req.output_token_ids and end > c:

@@ -95,55 +95,66 @@ def make_sampling_metadata(
         raise ValueError(f"{n} params and {len(output_token_ids)} output lists for {num_rows} rows")
     rng = rng if rng is not None else _host_rng
     R = num_rows
+    pending = list(num_pending) if num_pending is not None else [0] * n
+    step_list = [len(out) + p for out, p in zip(output_token_ids, pending)]
+    steps = np.zeros(R, np.int32)
+    steps[:n] = step_list
+    # Beam-search rows keep the neutral values: greedy, nothing banned.
+    sampled = [r for r, sp in enumerate(sampling_params) if not isinstance(sp, BeamSearchParams)]
     columns = {name: np.full(R, neutral, dtype) for name, dtype, neutral in ROW_FIELDS}
     seeds = np.zeros(R, np.uint32)
-    steps = np.zeros(R, np.int32)
-    penalty_lists: list[tuple[list[int], list[int]]] = []  # per row: (distinct prompt, output)
-    banned_lists: list[list[int]] = []
-    bias_lists: list[dict[int, float]] = []
-    for r, sp in enumerate(sampling_params):
+    if sampled:
+        table = np.array([[getattr(sampling_params[r], name) for name, _, _ in ROW_FIELDS] for r in sampled],
+                         np.float64)  # exact for these floats and ints; each column cast once below
+        for j, (name, dtype, _) in enumerate(ROW_FIELDS):
+            columns[name][sampled] = table[:, j].astype(dtype)
+        unseeded = [r for r in sampled if sampling_params[r].seed is None]
+        if unseeded:
+            seeds[unseeded] = rng.integers(0, 2**32, size=len(unseeded))
+    # The rows with token lists (penalties, banned tokens, logit_bias): usually few or none.
+    penalty_rows: dict[int, tuple[list[int], list[int]]] = {}  # row: (distinct prompt, output)
+    banned_rows: dict[int, list[int]] = {}
+    bias_rows: dict[int, dict[int, float]] = {}
+    for r in sampled:
+        sp = sampling_params[r]
+        if sp.seed is not None:
+            seeds[r] = sp.seed % 2**32
         out = output_token_ids[r]
-        pending = num_pending[r] if num_pending is not None else 0
-        steps[r] = len(out) + pending
-        if isinstance(sp, BeamSearchParams):
-            penalty_lists.append(([], []))
-            banned_lists.append([])
-            bias_lists.append({})
-            continue
-        for name, _, _ in ROW_FIELDS:
-            columns[name][r] = getattr(sp, name)
-        seeds[r] = int(rng.integers(0, 2**32)) if sp.seed is None else sp.seed % 2**32
-        if pending and needs_token_history(sp):
+        if pending[r] and needs_token_history(sp):
             raise ValueError("a row with penalties or bad words needs all its output tokens (none pending)")
-        prompt: list[int] = []
-        if sp.repetition_penalty != 1:
-            if prompt_token_ids is None:
-                raise ValueError("repetition_penalty needs prompt_token_ids")
-            prompt = sorted(set(prompt_token_ids[r]))
-        penalty_lists.append((prompt, list(out)) if has_penalties(sp) else ([], []))
+        if has_penalties(sp):
+            prompt: list[int] = []
+            if sp.repetition_penalty != 1:
+                if prompt_token_ids is None:
+                    raise ValueError("repetition_penalty needs prompt_token_ids")
+                prompt = sorted(set(prompt_token_ids[r]))
+            penalty_rows[r] = (prompt, list(out))
         banned: list[int] = []
-        if steps[r] < sp.min_tokens:
+        if step_list[r] < sp.min_tokens:
             banned = list(sp.stop_token_ids)
             if eos_token_id is not None and not sp.ignore_eos:
                 banned.append(eos_token_id)
         if sp._bad_words_token_ids:
             banned += bad_word_bans(sp._bad_words_token_ids, out)
-        banned_lists.append(banned)
-        bias_lists.append(sp.logit_bias or {})
+        if banned:
+            banned_rows[r] = banned
+        if sp.logit_bias:
+            bias_rows[r] = sp.logit_bias
 
-    L = _width(max((len(p) + len(o) for p, o in penalty_lists), default=0), penalty_width, "penalty")
-    B = _width(max((len(b) for b in banned_lists), default=0), banned_width, "banned")
-    G = _width(max((len(b) for b in bias_lists), default=0), bias_width, "bias")
+    L = _width(max((len(p) + len(o) for p, o in penalty_rows.values()), default=0), penalty_width, "penalty")
+    B = _width(max(map(len, banned_rows.values()), default=0), banned_width, "banned")
+    G = _width(max(map(len, bias_rows.values()), default=0), bias_width, "bias")
     penalty_ids = np.full((R, L), -1, np.int32)
     num_prompt = np.zeros(R, np.int32)
-    banned_ids = np.full((R, B), -1, np.int32)
-    for r, ((prompt, out), banned) in enumerate(zip(penalty_lists, banned_lists)):
+    for r, (prompt, out) in penalty_rows.items():
         penalty_ids[r, : len(prompt) + len(out)] = prompt + out
         num_prompt[r] = len(prompt)
+    banned_ids = np.full((R, B), -1, np.int32)
+    for r, banned in banned_rows.items():
         banned_ids[r, : len(banned)] = banned
     bias_ids = np.full((R, G), -1, np.int32)
     bias_values = np.zeros((R, G), np.float32)
-    for r, bias in enumerate(bias_lists):
+    for r, bias in bias_rows.items():
         bias_ids[r, : len(bias)] = list(bias)
         bias_values[r, : len(bias)] = list(bias.values())
     return SamplingMetadata(**columns, seeds=seeds, steps=steps, penalty_token_ids=penalty_ids,
