@@ -61,6 +61,12 @@ class EngineConfig:
     # attention on KV blocks at fixed positions. Float models without experts, on the CPU
     # (tests/test_batch_invariance.py); refused on the GPU (tests/test_batch_invariance_gpu.py).
     batch_invariant: bool = False
+    # After start-up, gc.collect() then gc.freeze(), as vLLM's engine core does: full collections
+    # then skip the start-up heap (JAX, the model, the tokenizer), whose scan otherwise stalls a
+    # step now and then (~100 ms at batch 256 on the CPU, benchmarks/RESULTS.md). A process that
+    # builds engine after engine should pass False: frozen objects are never collected, and an
+    # engine holds reference cycles, so a dropped engine frozen in the heap would stay in memory.
+    freeze_gc_heap: bool = True
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):

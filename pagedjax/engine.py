@@ -12,6 +12,7 @@ back to each sample's grammar. Every request ends with a finish reason and gives
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -64,6 +65,9 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # outputs of aborts, returned by the next step()
         self._in_flight: tuple[SchedulerOutput, Launched] | None = None  # async scheduling's step on the device
         self.num_steps = 0
+        if cfg.freeze_gc_heap:
+            gc.collect()
+            gc.freeze()
         compiling = self.runner.compile_seconds
         self.startup_seconds = {"tokenizer": t1 - t0, "engine": time.perf_counter() - t1 - compiling,
                                 "compiling": compiling}

@@ -10,6 +10,7 @@ inside that folder, for this process and the subprocesses it starts.
 """
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -59,3 +60,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc_heap():
+    """Engines freeze the GC heap after start-up (EngineConfig.freeze_gc_heap); a test process
+    builds many, so after each test the heap is thawed and dropped engines can be collected."""
+    yield
+    gc.unfreeze()

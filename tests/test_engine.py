@@ -547,3 +547,19 @@ def test_moe_engine_options_are_checked(llama):
         make_engine(params, enable_expert_parallel=True, precompile=False)
     with pytest.raises(ValueError, match="moe_impl='dense' is not implemented for llama"):
         make_engine(params, moe_impl="dense", precompile=False)
+
+
+def test_the_gc_heap_is_frozen_after_start_up():
+    """freeze_gc_heap (the default): the start-up heap leaves the collector's generations, so a full
+    collection no longer scans it; with False the engine leaves the collector alone."""
+    import gc
+
+    from pagedjax.dummy_weights import random_params
+    from pagedjax.models.named import NAMED_CONFIGS
+
+    params = random_params(NAMED_CONFIGS["tiny-llama"], dtype=jnp.float32)
+    gc.unfreeze()
+    LLMEngine(params, EngineConfig(max_num_seqs=4, max_model_len=64, precompile=False, freeze_gc_heap=False))
+    assert gc.get_freeze_count() == 0
+    LLMEngine(params, EngineConfig(max_num_seqs=4, max_model_len=64, precompile=False))
+    assert gc.get_freeze_count() > 1000
