@@ -104,8 +104,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         llm = pj.LLM(params, max_num_seqs=max(args.batch_size, 1), enable_prefix_caching=False,
                      max_num_batched_tokens=max(args.batch_size * args.input_len, 16),
-                     max_model_len=args.input_len + args.output_len + 16, attn_impl=args.attn_impl, moe_impl=args.moe_impl,
-                     kv_cache_dtype=v.kv_cache_dtype, quantization=v.quantization,
+                     max_model_len=args.input_len + args.output_len + 16, attn_impl=args.attn_impl,
+                     moe_impl=args.moe_impl, kv_cache_dtype=v.kv_cache_dtype, quantization=v.quantization,
                      batch_invariant=v.batch_invariant)
         startup = time.perf_counter() - t0
         cost = ModelCost.from_config(params.config, args.dtype, llm.engine.runner.kv_dtype)

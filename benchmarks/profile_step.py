@@ -185,7 +185,8 @@ def main(argv=None) -> int:
 
     res = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
            "model": args.model, "dtype": args.dtype, "quantization": args.quantization,
-           "kv_cache_dtype": args.kv_cache_dtype, "batch_invariant": args.batch_invariant, "batch_size": B, "context": S,
+           "kv_cache_dtype": args.kv_cache_dtype, "batch_invariant": args.batch_invariant,
+           "batch_size": B, "context": S,
            "async_scheduling": not args.sync,
            "engine_step_ms": round(1000 * plain, 3), "engine_step_ms_timed": round(1000 * wrapped, 3),
            "device_ms": round(1000 * device, 3), "dispatch_ms": round(1000 * dispatch, 3),

@@ -186,8 +186,9 @@ def main(argv=None) -> int:
         weights_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         llm = pj.LLM(params, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                     max_model_len=args.max_len, attn_impl=args.attn_impl, kv_cache_dtype=v.kv_cache_dtype, moe_impl=args.moe_impl,
-                     quantization=v.quantization, batch_invariant=v.batch_invariant)
+                     max_model_len=args.max_len, attn_impl=args.attn_impl, moe_impl=args.moe_impl,
+                     kv_cache_dtype=v.kv_cache_dtype, quantization=v.quantization,
+                     batch_invariant=v.batch_invariant)
         startup = time.perf_counter() - t0
         startup_est = max(startup_est, weights_s + startup)
         r = llm.engine.runner
