@@ -15,8 +15,7 @@
 # w3, w3-nocmdbuf: W3 latency alone, with XLA's command buffers on (default) and off
 # profile-fp8  profile_step.py with FP8 weights at batch 1 and 64, with a trace and the step's HLO summarized
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
-# bi-tests  the batch-invariance `gpu` test (tests/test_batch_invariance_gpu.py) and the MoE engine test
-# bench-bi  W1 with and without batch_invariant, one process
+# bi-tests  the `gpu` tests of batch_invariant's refusal (tests/test_batch_invariance_gpu.py) and of MoE
 # structured  benchmarks/structured.py: 1000 requests with a JSON schema vs unconstrained (Llama-3 tokenizer)
 # serving   benchmarks/serving.py at rates 1, 4, 16, inf against `pagedjax serve` (dummy Llama-3-8B, the
 #           Llama-3 tokenizer from .gpu/), start-up cold and warm, the offline engine beside it
@@ -120,8 +119,6 @@ for s in "$@"; do
     bi-tests)
       TAIL=30 stage bi-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py "tests/test_gpu_engine.py::test_moe_models_match_hf_with_each_expert_impl" tests/test_moe.py ;;
-    bench-bi) stage bench-bi $((2 * BUDGET + 120)) "$PY" benchmarks/throughput.py --model named:llama3-8b \
-        ${ENGINE[*]} --budget "$BUDGET" --quiet --workload "sharegpt:$N1" --variants bf16,bf16+bi --out "$OUTDIR/bench-bi.json" ;;
     structured) TAIL=30 stage structured 420 bash -c "cd benchmarks && $PY structured.py --model named:llama3-8b \
         --tokenizer ../.gpu/ggml-vocab-llama-bpe.gguf --num-prompts $N1 --max-len 4096 --max-num-seqs 256 \
         --max-num-batched-tokens 2048 --out '$(cd "$OUTDIR" && pwd)/structured.json'" ;;
