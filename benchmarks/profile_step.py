@@ -7,7 +7,10 @@ Four views of the same decode step (one token per running request, context --con
 - `host_ms`: the engine's host phases inside that step (schedule, the ragged batch, dispatch,
   waiting for the device, updates and outputs), timed by wrapping them;
 - `device_ms`: the jitted step called back to back on the same inputs, so the device never
-  waits for the host: its time per step is the device's;
+  waits for the host: its time per step is the device's (`dispatch_ms` is the launch's share
+  there, which includes waiting on PJRT's queue of in-flight executions once it is full);
+- `launch_idle_ms`: one step's launch (prepare, transfer, the model's and the sampler's
+  dispatch) onto an idle device: the host's own cost per launch;
 - a jax.profiler trace of a few engine steps (`--trace-dir`), with the GPU kernel time per step
   and the kernels that take it, read from the trace's perfetto JSON.
 """
@@ -62,8 +65,13 @@ def _decode_steps(engine, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def _device_time(runner, batch, n: int) -> tuple[float, float]:
-    """(seconds per step with the device never waiting, seconds to launch one step)."""
+def _device_time(runner, batch, n: int) -> tuple[float, float, float]:
+    """(seconds per step with the device never waiting, seconds to launch one step back to back,
+    seconds to launch one step onto an idle device).
+
+    Back to back, a launch blocks once PJRT's queue of in-flight executions is full, so that
+    figure approaches the device time and is not the host's cost; the idle launch is.
+    """
     import jax
 
     launched = runner.launch(batch)
@@ -75,7 +83,14 @@ def _device_time(runner, batch, n: int) -> tuple[float, float]:
         launched = runner.launch(batch)
         dispatch += time.perf_counter() - d0
     jax.block_until_ready((launched.next_tokens, runner.pages))
-    return (time.perf_counter() - t0) / n, dispatch / n
+    device = (time.perf_counter() - t0) / n
+    idle = []
+    for _ in range(min(n, 10)):
+        d0 = time.perf_counter()
+        launched = runner.launch(batch)
+        idle.append(time.perf_counter() - d0)
+        jax.block_until_ready((launched.next_tokens, runner.pages))
+    return device, dispatch / n, float(np.median(idle))
 
 
 def _kernel_summary(trace_dir: str, steps: int) -> dict:
@@ -131,7 +146,6 @@ def main(argv=None) -> int:
     import jax
 
     import pagedjax as pj
-    from pagedjax import model_runner as mr
     from pagedjax.scheduler import ScheduledRequest
 
     if args.dtype is None:
@@ -161,8 +175,20 @@ def main(argv=None) -> int:
     timers.wrap(engine.runner, "launch")
     timers.wrap(engine.runner, "fetch")
     timers.wrap(engine.outputs, "process", "outputs")
-    timers.wrap(mr, "_step", "dispatch (model)")
-    timers.wrap(mr, "_sample", "dispatch (sampler)")
+    compiled_for = engine.runner._compiled  # the runner calls its remembered executables
+
+    def timed_executable(key, get):  # the model's and the sampler's executable calls, timed
+        fn = compiled_for(key, get)
+
+        def call(*a):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                timers.total[f"call ({key[0]})"] += time.perf_counter() - t0
+        return call
+
+    engine.runner._compiled = timed_executable
     timers.wrap(jax, "device_get", "device_get (waits for the device)")
     timers.wrap(jax, "device_put")
     wrapped = _decode_steps(engine, args.steps)
@@ -181,7 +207,7 @@ def main(argv=None) -> int:
     # (re)computes each request's newest position: with a step in flight its pages end there
     batch = [ScheduledRequest(r.request_id, [1], r.num_computed_tokens - 1, r.block_table, True, r)
              for r in engine.scheduler.running]
-    device, dispatch = _device_time(engine.runner, batch, args.steps)
+    device, dispatch, dispatch_idle = _device_time(engine.runner, batch, args.steps)
 
     res = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
            "model": args.model, "dtype": args.dtype, "quantization": args.quantization,
@@ -190,6 +216,7 @@ def main(argv=None) -> int:
            "async_scheduling": not args.sync,
            "engine_step_ms": round(1000 * plain, 3), "engine_step_ms_timed": round(1000 * wrapped, 3),
            "device_ms": round(1000 * device, 3), "dispatch_ms": round(1000 * dispatch, 3),
+           "launch_idle_ms": round(1000 * dispatch_idle, 3),
            "host_phases_ms_per_step": host, "trace": trace}
     print(json.dumps(res, indent=1))
     if args.out:

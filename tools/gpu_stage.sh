@@ -21,6 +21,10 @@
 #           Llama-3 tokenizer from .gpu/), start-up cold and warm, the offline engine beside it
 # moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
 # family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
+# timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG), then
+#           benchmarks/trace_timeline.py on it: host events and GPU idle gaps of the last steps
+# profile-moe  profile_step.py on Qwen3-30B-A3B, decode at batch 256 with a trace, from the tree in $TREE
+#           (default .; TAG names the result: profile-moe-$TAG.json)
 # Knobs (env): N1 (W1 prompts, 1000), BUDGET (s per benchmark run, 240).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -63,6 +67,10 @@ setup() {
   if ! "$PY" -c 'import pagedjax._kernels as k; assert k.with_cuda' 2>/dev/null; then
     echo "building the extension here"
     "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUTDIR/build.log" 2>&1 || tail -30 "$OUTDIR/build.log"
+    # The extension into pagedjax/ and the editable install gone: its import hook would otherwise
+    # serve this tree's pagedjax to a baseline tree run from another folder (TREE=..., bench-old).
+    so="$("$PY" -c 'import pagedjax._kernels as k; print(k.__file__)')" && cp "$so" pagedjax/ && \
+      "$PY" -m pip uninstall -y -q pagedjax >> "$OUTDIR/build.log" 2>&1
   fi
   {
     date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
@@ -135,6 +143,21 @@ for s in "$@"; do
           ${ENGINE[*]} --budget "$BUDGET" --quiet --workload "sharegpt:$N1" --moe-impl "$impl" \
           --out "$OUTDIR/family-moe-$impl.json"
       done ;;
+    timeline)
+      tag="${TAG:-b${BATCH:-256}}"
+      rm -rf "/tmp/trace-$tag"
+      TAIL=4 stage "timeline-$tag" 200 "$PY" benchmarks/profile_step.py --model "${MODEL:-named:llama3-8b}" \
+        --batch-size "${BATCH:-256}" --context 512 --steps 20 --trace-dir "/tmp/trace-$tag" \
+        --out "$OUTDIR/timeline-$tag.json"
+      "$PY" benchmarks/trace_timeline.py "/tmp/trace-$tag" --steps 3 --min-ms "${MIN_MS:-0.2}" \
+        --out "$OUTDIR/timeline-$tag.txt" | head -c 6000 ;;
+    profile-moe)
+      tree="${TREE:-.}" tag="${TAG:-new}"
+      [ "$tree" != . ] && cp pagedjax/_kernels*.so "$tree/pagedjax/"
+      rm -rf "/tmp/trace-moe-$tag"
+      TAIL=6 stage "profile-moe-$tag" 200 bash -c "cd '$tree' && PYTHONPATH='$SITE:$PWD/$tree' $PY benchmarks/profile_step.py \
+        --model named:qwen3-30b-a3b --batch-size ${MOE_BATCH:-256} --context 512 --steps 10 \
+        --trace-dir /tmp/trace-moe-$tag --out '$(cd "$OUTDIR" && pwd)/profile-moe-$tag.json'" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -1,0 +1,92 @@
+"""A jax.profiler trace as a timeline of a few engine steps: where the host blocks, where the GPU idles.
+
+  python benchmarks/trace_timeline.py TRACE_DIR [--steps 3] [--min-ms 0.3] [--out timeline.txt]
+
+Reads the perfetto JSON the profiler wrote (`profile_step.py --trace-dir`). For the last --steps
+host events named like the engine's step (`engine.py:... step`), it prints, in time order from
+the step's start: the host events of at least --min-ms on every host thread (name, thread,
+start, duration), and the GPU's busy time and its idle gaps of at least --min-ms (the union of
+all kernels and copies on the GPU's streams). A launch that blocks shows as a long host event
+with the GPU busy under it; a gap shows what the host was doing while the GPU waited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+
+
+def load(trace_dir: str) -> list[dict]:
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+        raise SystemExit(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(max(files, key=os.path.getmtime)) as f:
+        trace = json.load(f)
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def timeline(events: list[dict], steps: int, min_ms: float, step_name: str = "step") -> str:
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu = {pid for pid, name in procs.items() if "gpu" in name.lower()}
+    spans = [e for e in events if e.get("ph") == "X"]
+    host = [e for e in spans if e["pid"] not in gpu]
+    busy = union([(e["ts"], e["ts"] + e.get("dur", 0.0)) for e in spans if e["pid"] in gpu])
+    engine_steps = sorted((e for e in host if e["name"].startswith("$engine.py") and e["name"].endswith(" " + step_name)),
+                          key=lambda e: e["ts"])
+    if not engine_steps:
+        return "no engine step events in the trace (was the engine's step traced?)"
+    lines = []
+    for st in engine_steps[-steps:]:
+        t0, t1 = st["ts"], st["ts"] + st["dur"]
+        inside = [(max(a, t0), min(b, t1)) for a, b in busy if b > t0 and a < t1]
+        on = sum(b - a for a, b in inside)
+        lines.append(f"== step at {t0 / 1000:.3f} ms: {st['dur'] / 1000:.3f} ms, GPU busy {on / 1000:.3f} ms "
+                     f"({on / st['dur']:.0%})")
+        rows = []
+        for e in host:
+            if e["ts"] + e.get("dur", 0) < t0 or e["ts"] > t1 or e.get("dur", 0) < 1000 * min_ms:
+                continue
+            th = threads.get((e["pid"], e["tid"]), str(e["tid"]))
+            rows.append((e["ts"], f"  host {(e['ts'] - t0) / 1000:8.3f} +{e['dur'] / 1000:7.3f}  [{th[:20]}] {e['name'][:90]}"))
+        prev = t0
+        for a, b in inside + [(t1, t1)]:
+            if a - prev >= 1000 * min_ms:
+                rows.append((prev, f"  GPU  {(prev - t0) / 1000:8.3f} +{(a - prev) / 1000:7.3f}  idle"))
+            prev = b
+        lines += [text for _, text in sorted(rows)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trace_dir")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--min-ms", type=float, default=0.3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    text = timeline(load(args.trace_dir), args.steps, args.min_ms)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
