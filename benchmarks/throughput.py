@@ -246,7 +246,8 @@ def main(argv=None) -> int:
                 results["runs"].append(hf)
                 save()
         del llm, params, r
-        gc.collect()  # the pool and weights go before the next variant sizes its pool
+        gc.unfreeze()  # the engine froze its heap (freeze_gc_heap), cycles and all
+        gc.collect()  # the pool and weights go before the next variant loads and sizes its pool
     e = next(iter(results["engines"].values()))
     print(f"\n{results['device']}, {results['model']}, {args.dtype}; weights {e['weights_s']:.1f} s, engine "
           f"start-up {e['startup_s']:.1f} s; copy {ceilings['copy_bw'] / 1e9:.0f} GB/s, matmul "

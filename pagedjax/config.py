@@ -63,9 +63,10 @@ class EngineConfig:
     batch_invariant: bool = False
     # After start-up, gc.collect() then gc.freeze(), as vLLM's engine core does: full collections
     # then skip the start-up heap (JAX, the model, the tokenizer), whose scan otherwise stalls a
-    # step now and then (~100 ms at batch 256 on the CPU, benchmarks/RESULTS.md). A process that
-    # builds engine after engine should pass False: frozen objects are never collected, and an
-    # engine holds reference cycles, so a dropped engine frozen in the heap would stay in memory.
+    # step now and then (~100 ms at batch 256 on the CPU, benchmarks/RESULTS.md). Frozen objects
+    # are never collected, and an engine holds reference cycles: a dropped engine stays in memory
+    # (its pool on the device too) until the next engine's start-up, which unfreezes and collects
+    # first, or until gc.unfreeze() and gc.collect(). Pass False to leave the collector alone.
     freeze_gc_heap: bool = True
 
     def __post_init__(self) -> None:

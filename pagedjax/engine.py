@@ -43,6 +43,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.params = params
         self.config = cfg = (config or EngineConfig()).resolve(params)
+        if cfg.freeze_gc_heap:  # an engine dropped since the last freeze goes now, before this one's pool
+            gc.unfreeze()
+            gc.collect()
         self.tokenizer = self._load_tokenizer(tokenizer)
         t1 = time.perf_counter()
         self.runner = ModelRunner(params, cfg, mesh=parallel.mesh_for(params, cfg.tensor_parallel_size))

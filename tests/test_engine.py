@@ -563,3 +563,23 @@ def test_the_gc_heap_is_frozen_after_start_up():
     assert gc.get_freeze_count() == 0
     LLMEngine(params, EngineConfig(max_num_seqs=4, max_model_len=64, precompile=False))
     assert gc.get_freeze_count() > 1000
+
+
+def test_a_dropped_frozen_engine_goes_when_the_next_one_starts():
+    """A frozen heap is never collected, so the next engine's start-up unfreezes and collects
+    before it sizes its pool: engine after engine in one process must not keep the old pools."""
+    import gc
+    import weakref
+
+    from pagedjax.dummy_weights import random_params
+    from pagedjax.models.named import NAMED_CONFIGS
+
+    params = random_params(NAMED_CONFIGS["tiny-llama"], dtype=jnp.float32)
+    config = EngineConfig(max_num_seqs=4, max_model_len=64, precompile=False)
+    first = LLMEngine(params, config)
+    pool = weakref.ref(first.runner)
+    del first
+    gc.collect()  # what a caller would try: the frozen engine survives it
+    assert pool() is not None
+    LLMEngine(params, config)
+    assert pool() is None
