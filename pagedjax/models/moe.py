@@ -9,9 +9,8 @@ Three exact implementations of the expert MLPs, chosen by a static `impl` (MOE_I
   "capacity"  the same sorted assignments scattered into a padded [E, C, D] buffer, one batched
               einsum per projection. C is static (`capacity`); an expert with more than C rows
               takes further rounds (a while loop up to the fullest expert's count), so no token is
-              ever dropped. C = T (any step of at most SINGLE_ROUND_TOKENS tokens: the decode
-              steps of up to 256 sequences) needs no loop at all; a loop's trip count is read
-              back by the host on a GPU, once per layer, which stalls the step's launch.
+              ever dropped. C = T (any step of at most MIN_CAPACITY tokens: every decode-sized
+              step) needs no loop at all; a loop's trip count is read back by the host on a GPU.
   "dense"     every token through every expert, weighted by a dense [T, E] combine matrix (E / k
               times the FLOPs: the baseline the other two are measured against).
 "auto" is "capacity": on the CPU it ran 1.5-40x faster than ragged_dot and 2-10x faster than
@@ -37,10 +36,6 @@ CAPACITY_FACTOR = 1.5  # capacity rows per expert and round, over the mean (T * 
 # Rows below which an expert's GEMM is bound by reading its weights (C is its arithmetic
 # intensity in FLOP/byte: ~166 is the H200's bf16 ridge): C never goes below this, unless T does.
 MIN_CAPACITY = 128
-# Steps of at most this many tokens run in one round (C = T): no while loop, whose trip count a
-# GPU reads back to the host at every MoE layer. At T = 256 on Qwen3-30B-A3B's shapes (E = 128,
-# k = 8) that is 2x the rows of C = MIN_CAPACITY, still near the weights' read time.
-SINGLE_ROUND_TOKENS = 256
 
 
 def resolve_impl(impl: str) -> str:
@@ -65,10 +60,7 @@ def route(router_logits: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None = None) -> int:
     """Static rows per expert and round: factor x the mean load, at least MIN_CAPACITY, at most T
-    (an expert gets each token at most once, so C = T always fits in one round); T itself for
-    steps of at most SINGLE_ROUND_TOKENS tokens."""
-    if num_tokens <= SINGLE_ROUND_TOKENS:
-        return num_tokens
+    (an expert gets each token at most once, so C = T always fits in one round)."""
     mean = num_tokens * top_k / num_experts
     factor = CAPACITY_FACTOR if factor is None else factor
     return min(num_tokens, max(MIN_CAPACITY, 8 * math.ceil(factor * mean / 8)))
