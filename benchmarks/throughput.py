@@ -148,6 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: as many as fit)")
     p.add_argument("--moe-impl", default=None, help="MoE models: ragged, capacity, dense or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-baseline", action="store_true",
@@ -187,6 +188,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         llm = pj.LLM(params, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                      max_model_len=args.max_len, attn_impl=args.attn_impl, moe_impl=args.moe_impl,
+                     num_pages=args.num_pages,
                      kv_cache_dtype=v.kv_cache_dtype, quantization=v.quantization,
                      batch_invariant=v.batch_invariant)
         startup = time.perf_counter() - t0
