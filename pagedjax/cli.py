@@ -133,7 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name, max_queue=args.max_queue, dtype=args.dtype,
         load_format=args.load_format, tokenizer=args.tokenizer, verbose=args.verbose,
         tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
-        engine=engine_options(args)))
+        engine_process=args.engine_process, engine=engine_options(args)))
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parse the model's tool calls for tool_choice 'auto' (the model family's format)")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="vLLM's flag, accepted: --tool-call-parser enables tool_choice 'auto'")
+    s.add_argument("--engine-process", action="store_true",
+                   help="run the engine in a process of its own, apart from the HTTP front end (its event "
+                        "loop, tokenization, SSE) and its GIL, as vLLM V1's engine core")
     _engine_args(s)
     s.set_defaults(func=cmd_serve)
 

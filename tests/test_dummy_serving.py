@@ -85,7 +85,10 @@ def test_dummy_weights_come_from_the_seed(config_dir):
             assert not np.array_equal(np.asarray(x), np.asarray(z))
 
 
-def test_server_gives_the_offline_outputs(offline, config_dir, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+def test_server_gives_the_offline_outputs(offline, config_dir, tmp_path, mode):
+    """Offline and through the server, in both process modes (the front end's tokenizer is then
+    a copy of the engine core's)."""
     import pagedjax as pj
 
     greedy = pj.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
@@ -96,7 +99,7 @@ def test_server_gives_the_offline_outputs(offline, config_dir, tmp_path):
     assert len({o.outputs[0].text for o in want_greedy}) == len(PROMPTS)  # not one degenerate output
     engine_args = [a for k, v in ENGINE.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     with serve(config_dir, tmp_path / "server.log", "--load-format", "dummy", "--tokenizer", str(_vocab_file()),
-               "--seed", str(SEED), *engine_args) as srv:
+               "--seed", str(SEED), *engine_args, *mode) as srv:
         client = srv.client()
         for i, prompt in enumerate(PROMPTS):
             ids = srv.http.post("/tokenize", json={"model": srv.model, "prompt": prompt}).json()["tokens"]

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from pagedjax.bundled import BUNDLED_MODEL_NAME
 from pagedjax.server import protocol as P
 from pagedjax.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from pagedjax.server.engine_core import EngineCoreClient, engine_info
 from pagedjax.server.metrics import ServerMetrics
 from pagedjax.server.serving import APIError, ClientDisconnected, OpenAIServing, bad_request
 
@@ -58,18 +59,23 @@ def _validation_error(e: ValidationError | RequestValidationError) -> APIError:
 def build_app(engine: Any, served_model_name: str, api_key: str | None = None, max_queue: int = 1024, *,
               max_body_bytes: int = MAX_BODY_BYTES, max_n: int = 16, model_root: str | None = None,
               tool_call_parser: str | None = None) -> FastAPI:
-    """The OpenAI-compatible app over `engine` (an LLMEngine); its engine loop runs while the app does.
+    """The OpenAI-compatible app over `engine`: an LLMEngine, whose loop then runs on a thread of
+    this process, or an EngineCoreClient (the engine in a process of its own); either runs while
+    the app does.
 
     `tool_call_parser` (hermes, llama3_json, mistral) parses tool calls for tool_choice "auto";
     the engine's reasoning parser, if any, fills chat responses' reasoning_content.
     """
     metrics = ServerMetrics()
-    async_engine = AsyncEngine(engine, max_queue=max_queue, metrics=metrics)
-    cfg = engine.config
-    serving = OpenAIServing(async_engine, model_name=served_model_name, tokenizer=engine.tokenizer,
-                            vocab_size=engine.params.config.vocab_size, max_model_len=cfg.max_model_len,
-                            max_logprobs=cfg.max_logprobs, max_n=max_n, tool_call_parser=tool_call_parser,
-                            reasoning_parser=getattr(cfg, "reasoning_parser", None))
+    if isinstance(engine, EngineCoreClient):
+        async_engine = engine
+        async_engine.max_queue, async_engine.metrics = max_queue, metrics
+    else:
+        async_engine = AsyncEngine(engine, max_queue=max_queue, metrics=metrics)
+    e = async_engine
+    serving = OpenAIServing(e, model_name=served_model_name, tokenizer=e.tokenizer, vocab_size=e.vocab_size,
+                            max_model_len=e.max_model_len, max_logprobs=e.max_logprobs, max_n=max_n,
+                            tool_call_parser=tool_call_parser, reasoning_parser=e.reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -166,7 +172,7 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None, m
 
     @api.get("/v1/models")
     async def models() -> Response:
-        card = P.ModelCard(id=served_model_name, root=model_root, max_model_len=cfg.max_model_len)
+        card = P.ModelCard(id=served_model_name, root=model_root, max_model_len=async_engine.max_model_len)
         return Response(P.ModelList(data=[card]).model_dump_json(), media_type="application/json")
 
     @api.post("/v1/completions")
@@ -204,6 +210,7 @@ class ServerOptions:
     tokenizer: str | None = None  # a HF tokenizer folder or .gguf file; default: the model's
     verbose: bool = False
     tool_call_parser: str | None = None  # hermes, llama3_json, mistral: tool_choice "auto"
+    engine_process: bool = False  # the engine in a process of its own (pagedjax/server/engine_core.py)
     enable_auto_tool_choice: bool = False  # vLLM's flag: accepted, needs tool_call_parser
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig options (reasoning_parser among them)
 
@@ -223,8 +230,16 @@ def run_server(options: ServerOptions) -> int:
         from pagedjax.tool_parsers import get_tool_parser
 
         get_tool_parser(o.tool_call_parser)  # an unknown name fails before the model loads
-    engine = LLM(o.model, dtype=resolve_dtype(o.dtype), load_format=o.load_format, tokenizer=o.tokenizer,
-                 **o.engine).engine  # loads as LLM does (TP shards included)
+    if o.engine_process:  # loaded there: this process never touches the accelerator
+        engine = EngineCoreClient(o)
+        info = engine.info
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")  # should anything here init JAX, not on the core's GPU
+    else:
+        engine = LLM(o.model, dtype=resolve_dtype(o.dtype), load_format=o.load_format, tokenizer=o.tokenizer,
+                     **o.engine).engine  # loads as LLM does (TP shards included)
+        info = engine_info(engine)
     name = o.served_model_name or o.model or BUNDLED_MODEL_NAME
     api_key = o.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
     app = build_app(engine, name, api_key=api_key, max_queue=o.max_queue,
@@ -238,10 +253,9 @@ def run_server(options: ServerOptions) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((o.host, o.port))
     port = sock.getsockname()[1]
-    quant = engine.params.config.quantization
     print(f"[pagedjax] serving {name!r} on http://{o.host}:{port} "
-          f"(max_model_len {engine.config.max_model_len}, {engine.runner.num_pages - 1} KV pages of "
-          f"{engine.runner.kv_dtype.name}, weights {quant.name if quant else engine.params.dtype.name})",
+          f"(max_model_len {info['max_model_len']}, {info['num_pages'] - 1} KV pages of {info['kv_dtype']}, "
+          f"weights {info['weights']}{', engine in its own process' if o.engine_process else ''})",
           file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     return 0 if server.started else 1

@@ -109,6 +109,33 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
+    # -- what the app reads of the engine ----------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.params.config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    @property
+    def max_logprobs(self) -> int:
+        return self.engine.config.max_logprobs
+
+    @property
+    def reasoning_parser(self) -> str | None:
+        return getattr(self.engine.config, "reasoning_parser", None)
+
+    @property
+    def structured(self) -> Any:
+        """The engine's grammar compiler (constraints are validated with it), if it has one."""
+        return getattr(self.engine, "structured", None)
+
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
@@ -132,7 +159,7 @@ class AsyncEngine:
             self._streams[rid] = stream
         self.num_waiting += len(ids)
         try:
-            await self._call(self._add_all, list(zip(ids, prompts)), params)
+            await self._send_add(list(zip(ids, prompts)), params)
         except BaseException:
             stream.close()
             raise
@@ -149,7 +176,7 @@ class AsyncEngine:
         self.num_waiting -= len(stream.waiting)
         stream.waiting.clear()
         if left:
-            self._submit(lambda: self._abort(left))
+            self._send_abort(left)
 
     def _deliver(self, outputs: list[RequestOutput], now: float) -> None:
         """On the event loop: each output to its stream (outputs of closed streams are dropped)."""
@@ -194,7 +221,14 @@ class AsyncEngine:
                 self.num_waiting -= 1
             stream.queue.put_nowait(error)
 
-    # -- crossing threads ----------------------------------------------------------------------
+    # -- crossing threads (EngineCoreClient crosses processes instead) --------------------------
+
+    def _send_add(self, requests: list[tuple[str, str | list[int]]], params: SamplingParams) -> asyncio.Future:
+        """Adds the requests on the loop thread (all or nothing); the outcome in a future."""
+        return self._call(self._add_all, requests, params)
+
+    def _send_abort(self, request_ids: list[str]) -> None:
+        self._submit(lambda: self._abort(request_ids))
 
     def _submit(self, command: Callable[[], None]) -> bool:
         """Queues a command for the loop thread; False if the loop has stopped (it never runs)."""

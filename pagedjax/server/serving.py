@@ -186,7 +186,7 @@ class OpenAIServing:
             constraint, param = tools.constraint, "tool_choice"
         if constraint is None:
             return None
-        structured = getattr(self.engine.engine, "structured", None)
+        structured = self.engine.structured
         if structured is None:
             raise bad_request("this engine does not support output constraints", param)
         try:

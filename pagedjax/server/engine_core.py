@@ -1,0 +1,363 @@
+"""The engine in a process of its own (`pagedjax serve --engine-process`), as vLLM V1's engine core.
+
+In one process the HTTP event loop (request parsing, chat templates, tokenization, SSE framing
+for every stream) and the engine loop share one GIL, so the front end's work delays the engine's
+steps under load. Here the engine core runs in a spawned child process: it loads the model, runs
+`engine.step()` whenever there is work and sends each step's RequestOutputs back; the front end
+keeps the HTTP side, a copy of the tokenizer and a grammar compiler to validate constraints.
+
+The two talk over a `multiprocessing` pipe (a Unix socket, pickled messages):
+  front end -> core: ("add", call_id, [(request_id, prompt)], params), ("abort", ids), ("stop",)
+  core -> front end: ("ready", info, tokenizer) once, ("result", call_id, error or None),
+                     ("outputs", outputs, stats, stepped) after each step (or batch of commands),
+                     ("fail", ids, error) when a step failed, ("dead", error) before it exits.
+A request's prompt and prompt token ids travel in its first output only; the front end puts them
+back in the later ones.
+
+`EngineCoreClient` has AsyncEngine's interface (streams, abort on close, overload and health), so
+the app serves either one. The core exits when told to stop or when its pipe closes (the front
+end is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import pickle
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pagedjax.server.async_engine import _MAX_STEP_FAILURES, AsyncEngine, EngineDead
+
+logger = logging.getLogger("pagedjax.server")
+
+
+def _sendable(error: BaseException) -> BaseException:
+    """The error itself if it pickles (ValueError: a 400 in the front end), else its text."""
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+class EngineCoreClient(AsyncEngine):
+    """AsyncEngine's interface over an engine core process built from ServerOptions `options`.
+
+    The constructor starts the process and waits until the model is loaded and compiled (raising
+    its error if that failed); `start()` (on the event loop) begins reading its outputs.
+    """
+
+    def __init__(self, options: Any, *, max_queue: int = 1024, metrics: Any = None):
+        super().__init__(None, max_queue=max_queue, metrics=metrics)
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked JAX state
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_core_main, args=(child, options, logging.getLogger().level),
+                                 name="pagedjax-engine-core", daemon=True)
+        self._proc.start()
+        child.close()
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"the engine core process exited with {self._proc.exitcode} before it was ready")
+        if message[0] != "ready":
+            self._proc.join(5)
+            raise message[1]
+        _, self.info, tokenizer = message
+        self._tokenizer = tokenizer
+        self._structured = None
+        self._send_lock = threading.Lock()
+        self._calls: dict[int, asyncio.Future] = {}
+        self._next_call = 0
+        self._prompts: dict[str, tuple[Any, list[int]]] = {}  # request id -> (prompt, token ids), reader side
+        self._reader: threading.Thread | None = None
+
+    # -- what the app reads (AsyncEngine's come from the engine object) --------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info["vocab_size"]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info["max_model_len"]
+
+    @property
+    def max_logprobs(self) -> int:
+        return self.info["max_logprobs"]
+
+    @property
+    def reasoning_parser(self) -> str | None:
+        return self.info["reasoning_parser"]
+
+    @property
+    def structured(self) -> Any:
+        """A grammar compiler of the front end's own: it validates constraints before they are
+        sent (the core compiles them again, from its cache after the first time)."""
+        if self._structured is None:
+            from pagedjax.structured_outputs.manager import CompileLimits, StructuredOutputManager
+
+            self._structured = StructuredOutputManager(
+                self._tokenizer, self.vocab_size, reasoning_parser=self.reasoning_parser,
+                enable_in_reasoning=self.info["enable_in_reasoning"],
+                limits=CompileLimits(time_limit_s=self.info["grammar_compile_timeout"]))
+        return self._structured
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._reader = threading.Thread(target=self._read, name="pagedjax-engine-core-reader", daemon=True)
+        self._reader.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        try:
+            self._send(("stop",))
+        except EngineDead:
+            pass
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+        if self._reader is not None:
+            self._reader.join(timeout)
+        self._conn.close()
+
+    @property
+    def is_running(self) -> bool:
+        return (self._proc.is_alive() and self.error is None and not self._stopping
+                and self._reader is not None and self._reader.is_alive())
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _send(self, message: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError) as e:  # a closed or broken pipe: the core is gone
+            raise EngineDead(f"the engine core process is gone: {e!r}") from None
+
+    def _send_add(self, requests: list[tuple[str, str | list[int]]], params: Any) -> asyncio.Future:
+        future = self._loop.create_future()
+        call, self._next_call = self._next_call, self._next_call + 1
+        self._calls[call] = future
+        try:
+            self._send(("add", call, requests, params))
+        except EngineDead as e:
+            del self._calls[call]
+            future.set_exception(e)
+        return future
+
+    def _send_abort(self, request_ids: list[str]) -> None:
+        try:
+            self._send(("abort", request_ids))
+        except EngineDead:
+            pass  # nothing left to abort
+
+    # -- the reader thread -----------------------------------------------------------------------
+
+    def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                message = self._conn.recv()
+                kind = message[0]
+                if kind == "outputs":
+                    self._outputs(*message[1:])
+                elif kind == "result":
+                    self._post(self._settle, message[1], message[2])
+                elif kind == "fail":
+                    self._post(self._fail, message[1], message[2])
+                elif kind == "dead":
+                    error = message[1]
+                    break
+        except (EOFError, OSError) as e:
+            if not self._stopping:
+                error = RuntimeError(f"the engine core process ended (exit code {self._proc.exitcode}): {e!r}")
+        if error is not None:
+            self.error = error
+            logger.error("the engine core stopped: %r", error)
+        dead = EngineDead(f"the engine loop stopped: {error!r}" if error else "the server is shutting down")
+        self._post(self._fail_all, dead)
+
+    def _outputs(self, outputs: list, stats: Any, stepped: bool) -> None:
+        now = time.monotonic()
+        for i, out in enumerate(outputs):
+            rid = out.request_id
+            if out.prompt_token_ids is None:
+                prompt, ids = self._prompts.get(rid, (None, []))
+                outputs[i] = out = dataclasses.replace(out, prompt=prompt, prompt_token_ids=ids)
+            else:
+                self._prompts[rid] = (out.prompt, out.prompt_token_ids)
+            if out.finished:
+                self._prompts.pop(rid, None)
+        if self.metrics is not None:  # as AsyncEngine's loop counts them (aborted requests' final outputs too)
+            if stepped:
+                self.metrics.engine_step([o for o in outputs if o.finished])
+            self.metrics.engine_stats(stats)
+        if outputs:
+            self._post(self._deliver, outputs, now)
+
+    def _settle(self, call: int, error: BaseException | None) -> None:
+        future = self._calls.pop(call, None)
+        if future is None or future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        calls, self._calls = self._calls, {}
+        for future in calls.values():
+            if not future.done():
+                future.set_exception(error)
+        self._fail(list(self._streams), error)
+
+
+# -- the core process --------------------------------------------------------------------------
+
+def engine_info(engine: Any) -> dict[str, Any]:
+    """What the front end needs of a built LLMEngine (and what `pagedjax serve` prints)."""
+    cfg = engine.config
+    quant = engine.params.config.quantization
+    return {"vocab_size": engine.params.config.vocab_size, "max_model_len": cfg.max_model_len,
+            "max_logprobs": cfg.max_logprobs, "reasoning_parser": cfg.reasoning_parser,
+            "enable_in_reasoning": cfg.enable_in_reasoning,
+            "grammar_compile_timeout": cfg.grammar_compile_timeout,
+            "num_pages": engine.runner.num_pages, "kv_dtype": engine.runner.kv_dtype.name,
+            "weights": quant.name if quant else engine.params.dtype.name}
+
+
+def _core_main(conn, options: Any, log_level: int) -> None:
+    """The child process: load the engine as `pagedjax serve` does, report ready, then serve."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end stops us
+    logging.basicConfig(level=log_level or logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
+    try:
+        from pagedjax.api import LLM, resolve_dtype
+
+        engine = LLM(options.model, dtype=resolve_dtype(options.dtype), load_format=options.load_format,
+                     tokenizer=options.tokenizer, **options.engine).engine
+        conn.send(("ready", engine_info(engine), engine.tokenizer))
+    except BaseException as e:
+        logging.getLogger("pagedjax.server").exception("the engine core failed to start")
+        conn.send(("error", _sendable(e)))
+        return
+    _Core(engine, conn).run()
+
+
+class _Core:
+    """The engine loop of the core process: commands from the pipe between steps."""
+
+    def __init__(self, engine: Any, conn: Any):
+        self.engine = engine
+        self.conn = conn
+        self.live: set[str] = set()  # request ids added and not finished
+        self.sent_prompt: set[str] = set()  # request ids whose first output went out
+        self.stopping = False
+
+    def run(self) -> None:
+        failures = 0
+        try:
+            while not self.stopping:
+                handled = False
+                if not self.engine.has_unfinished_requests():
+                    self._handle(self.conn.recv())  # idle: block until there is something to do
+                    handled = True
+                while not self.stopping and self.conn.poll():
+                    self._handle(self.conn.recv())
+                    handled = True
+                if self.stopping:
+                    break
+                outputs, stepped = [], self.engine.has_unfinished_requests()
+                if stepped:
+                    ok, outputs = self._step()
+                    failures = 0 if ok else failures + 1
+                    if failures >= _MAX_STEP_FAILURES:
+                        raise RuntimeError(f"{failures} engine steps failed in a row")
+                elif not handled:
+                    continue
+                self.conn.send(("outputs", self._strip(outputs), self.engine.stats(), stepped))
+        except EOFError:
+            pass  # the front end is gone
+        except BaseException as e:
+            logging.getLogger("pagedjax.server").exception("the engine loop stopped")
+            try:
+                self.conn.send(("dead", _sendable(e)))
+            except Exception:
+                pass
+        finally:
+            try:
+                self.engine.abort_request(sorted(self.live))
+            except Exception:
+                pass
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "add":
+            _, call, requests, params = message
+            try:
+                self._add_all(requests, params)
+                self.conn.send(("result", call, None))
+            except Exception as e:
+                self.conn.send(("result", call, _sendable(e)))
+        elif kind == "abort":
+            self.engine.abort_request(message[1])
+            self.live.difference_update(message[1])
+        elif kind == "stop":
+            self.stopping = True
+
+    def _add_all(self, requests: Sequence[tuple[str, Any]], params: Any) -> None:
+        added = []
+        try:
+            for rid, prompt in requests:
+                self.engine.add_request(rid, prompt, params)
+                added.append(rid)
+        except Exception:
+            self.engine.abort_request(added)  # all or nothing
+            raise
+        self.live.update(added)
+
+    def _step(self) -> tuple[bool, list]:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            logging.getLogger("pagedjax.server").exception("engine step failed; aborting the requests in flight")
+            ids = sorted(self.live)
+            self.live.clear()
+            try:
+                self.engine.abort_request(ids)
+            except Exception:
+                logging.getLogger("pagedjax.server").exception("abort after a failed step failed too")
+            self.conn.send(("fail", ids, RuntimeError(f"engine step failed: {e!r}")))
+            return False, []
+        self.live.difference_update(o.request_id for o in outputs if o.finished)
+        return True, outputs
+
+    def _strip(self, outputs: list) -> list:
+        """Each request's prompt and prompt ids go out with its first output only."""
+        sent = self.sent_prompt
+        stripped = []
+        for out in outputs:
+            rid = out.request_id
+            if rid in sent:
+                out = dataclasses.replace(out, prompt=None, prompt_token_ids=None)
+            else:
+                sent.add(rid)
+            if out.finished:
+                sent.discard(rid)
+            stripped.append(out)
+        return stripped

@@ -1,0 +1,128 @@
+"""The engine core process (pagedjax/server/engine_core.py) without HTTP: EngineCoreClient against
+an engine of the same model built in this process.
+
+A tiny random Llama (`--load-format dummy`, float32) runs in the spawned core. Its streamed greedy
+tokens must equal this process's `LLM.generate`; every output carries its request's prompt ids
+again (the core sends them once); bad input raises ValueError and nothing is left behind; a stream
+closed early aborts its request and the pool's pages all come back; a core that dies fails the open
+streams with EngineDead and turns the client unhealthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pagedjax.api import LLM
+from pagedjax.sampling_params import RequestOutputKind, SamplingParams
+from pagedjax.server.app import ServerOptions
+from pagedjax.server.async_engine import EngineDead
+from pagedjax.server.engine_core import EngineCoreClient
+
+ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96, num_pages=24, precompile=False)
+OPTIONS = ServerOptions(model="named:tiny-llama", load_format="dummy", dtype="float32", engine=ENGINE)
+
+
+class Stats:
+    """The metrics hooks the client calls; keeps the last pool stats."""
+
+    def __init__(self):
+        self.last = None
+        self.steps = 0
+
+    def engine_stats(self, stats):
+        self.last = stats
+
+    def engine_step(self, finished):
+        self.steps += 1
+
+    def first_token(self, *a): pass
+
+    def inter_token(self, *a): pass
+
+    def generated(self, *a): pass
+
+    def e2e_latency(self, *a): pass
+
+
+@pytest.fixture(scope="module")
+def client():
+    c = EngineCoreClient(OPTIONS)
+    yield c
+    c.shutdown()
+
+
+def _prompts(seed: int, n: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 200, size=int(rng.integers(4, 20))).tolist() for _ in range(n)]
+
+
+def test_streams_equal_generate_and_bad_input_and_abort(client):
+    prompts = _prompts(7, 3)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    local = LLM("named:tiny-llama", load_format="dummy", dtype="float32", **ENGINE)
+    want = [o.outputs[0].token_ids for o in local.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0,
+                                                                                        ignore_eos=True))]
+    stats = Stats()
+
+    async def run():
+        client.metrics = stats
+        client.start()
+        got = []
+        for i, p in enumerate(prompts):
+            stream = await client.add(f"r{i}", [p], params)
+            tokens = []
+            try:
+                async for _, out in stream:
+                    assert out.prompt_token_ids == p  # put back by the client after the first output
+                    tokens += out.outputs[0].token_ids
+            finally:
+                stream.close()
+            got.append(tokens)
+        with pytest.raises(ValueError, match="prompt token ids"):
+            await client.add("bad", [[10**9]], params)
+        assert client.is_running
+        # A stream closed after its first output aborts its request: every page comes back.
+        long = SamplingParams(max_tokens=70, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        stream = await client.add("cut", [prompts[0]], long)
+        async for _ in stream:
+            break
+        stream.close()
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if stats.last is not None and stats.last.num_free_pages == stats.last.num_usable_pages \
+                    and stats.last.num_running == 0:
+                break
+        return got
+
+    got = asyncio.run(run())
+    assert got == want
+    assert stats.steps > 0
+    assert stats.last.num_running == 0 and stats.last.num_free_pages == stats.last.num_usable_pages
+
+
+def test_a_dead_core_fails_open_streams_and_new_requests():
+    c = EngineCoreClient(OPTIONS)
+    params = SamplingParams(max_tokens=70, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    async def run():
+        c.start()
+        stream = await c.add("long", [_prompts(3, 1)[0]], params)
+        c._proc.kill()  # the core dies mid-request
+        with pytest.raises(EngineDead):
+            async for _ in stream:
+                pass
+        for _ in range(100):
+            if not c.is_running:
+                break
+            await asyncio.sleep(0.05)
+        assert not c.is_running
+        with pytest.raises(EngineDead):
+            await c.add("after", [[1, 2, 3]], params)
+
+    try:
+        asyncio.run(run())
+    finally:
+        c.shutdown(timeout=5)
