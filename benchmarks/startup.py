@@ -38,7 +38,7 @@ def child(args) -> int:
     import numpy as np
 
     import pagedjax as pj
-    from pagedjax.model_runner import compile_cache_dir
+    from pagedjax.compile_cache import compile_cache_dir
     from pagedjax.models.config import get_config
     from pagedjax.dummy_weights import random_params
 

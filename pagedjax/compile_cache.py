@@ -1,4 +1,5 @@
-"""Compiled steps kept across processes: a warm start skips tracing, lowering and compiling.
+"""Compiled steps (and other traced results) kept across processes: a warm start skips tracing,
+lowering and compiling.
 
 JAX's persistent compilation cache (turned on too) skips only XLA's compile; tracing and
 lowering a 32-layer step still take seconds per bucket. Here a compiled executable is stored
@@ -130,6 +131,44 @@ class ExecutableCache:
             os.replace(tmp, self._path(name, key))  # atomic: a reader sees all of it or nothing
         except Exception as e:  # a read-only or full disk costs the next start a compile, nothing else
             logger.warning("could not store compiled step %s: %s", name, e)
+
+
+def compile_cache_dir() -> str | None:
+    """Where compiled steps persist across processes (PAGEDJAX_COMPILE_CACHE; empty = off)."""
+    d = os.environ.get("PAGEDJAX_COMPILE_CACHE")
+    if d is None:
+        d = os.path.join(os.path.expanduser("~"), ".cache", "pagedjax", "jax-compile")
+    return d or None
+
+
+def traced(name: str, key: str, compute: Callable[[], Any]) -> Any:
+    """compute()'s result, pickled under the compile cache (`traced/`), so that a later process
+    skips the tracing it took. `key` must name everything the result depends on besides
+    pagedjax's code and the jax version, which the file's name covers; an unreadable entry is
+    computed again and rewritten."""
+    d = compile_cache_dir()
+    if not d:
+        return compute()
+    import jaxlib
+
+    digest = hashlib.sha256("\n".join([str(_FORMAT), name, key, jax.__version__, jaxlib.__version__,
+                                       source_fingerprint()]).encode()).hexdigest()[:32]
+    path = pathlib.Path(d) / "traced" / f"{name}-{digest}.pkl"
+    if path.exists():
+        try:
+            return pickle.loads(path.read_bytes())
+        except Exception as e:  # a stale or broken entry: compute it again
+            logger.warning("cache entry %s unusable (%s): recomputing", path.name, e)
+    value = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(pickle.dumps(value))
+        os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
+    except Exception as e:  # a read-only or full disk costs the next start the tracing, nothing else
+        logger.warning("could not store %s: %s", path.name, e)
+    return value
 
 
 _CACHES: dict[str | None, ExecutableCache] = {}

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagedjax import parallel, prompt_logprobs, sampler
-from pagedjax.compile_cache import executable_cache
+from pagedjax.compile_cache import compile_cache_dir, executable_cache
 from pagedjax.attention import AttentionMetadata
 from pagedjax.config import EngineConfig
 from pagedjax.kv_cache import kv_dtype, page_pool, pool_ops
@@ -82,14 +82,6 @@ def token_buckets(hi: int, factor: int = 4) -> list[int]:
         out.append(b)
         b *= factor
     return out + [hi]
-
-
-def compile_cache_dir() -> str | None:
-    """Where compiled steps persist across processes (PAGEDJAX_COMPILE_CACHE; empty = off)."""
-    d = os.environ.get("PAGEDJAX_COMPILE_CACHE")
-    if d is None:
-        d = os.path.join(os.path.expanduser("~"), ".cache", "pagedjax", "jax-compile")
-    return d or None
 
 
 def enable_compile_cache() -> None:

@@ -23,3 +23,38 @@ def test_a_stored_program_loads_onto_its_own_devices(tmp_path):
         np.testing.assert_array_equal(out, np.arange(6) * 2 + 1)
         assert out.devices() == {device}
     assert jnp.asarray(0).devices()  # the backend is still fine
+
+
+def test_abstract_params_come_from_disk_once_traced(tmp_path, monkeypatch):
+    """The model's abstract parameter tree (traced from its init: ~1 s for 30 layers) is stored
+    once and read back by a later process (here: with the in-process cache cleared and tracing
+    made to fail); a broken entry is traced again and rewritten."""
+    import pytest
+
+    from pagedjax import models
+    from pagedjax.models.config import get_config
+
+    monkeypatch.setenv("PAGEDJAX_COMPILE_CACHE", str(tmp_path))
+    cfg = get_config("tiny-qwen3")
+    models._abstract_params.cache_clear()
+    shapes, axes = models.abstract_params(cfg, jnp.bfloat16)
+    [entry] = (tmp_path / "traced").glob("abstract-params-*.pkl")
+
+    def no_tracing(config):
+        raise AssertionError("traced again")
+
+    models._abstract_params.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(models, "_trace_params", no_tracing)
+        again = models.abstract_params(cfg, jnp.bfloat16)
+        assert again == (shapes, axes)
+    models._abstract_params.cache_clear()
+    entry.write_bytes(b"not a pickle")
+    with pytest.raises(AssertionError, match="traced again"), monkeypatch.context() as m:
+        m.setattr(models, "_trace_params", no_tracing)
+        models.abstract_params(cfg, jnp.bfloat16)
+    models._abstract_params.cache_clear()
+    assert models.abstract_params(cfg, jnp.bfloat16) == (shapes, axes)  # traced and rewritten
+    leaves = jax.tree.leaves(shapes)
+    assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
+    models._abstract_params.cache_clear()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pagedjax.attention import AttentionMetadata
+from pagedjax.compile_cache import traced
 from pagedjax.models.config import ModelConfig, get_config
 from pagedjax.models.layers import head_logits
 from pagedjax.models.registry import FAMILIES, REGISTRY, family
@@ -41,6 +43,13 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32):
 
 @functools.lru_cache(maxsize=32)
 def _abstract_params(config: ModelConfig, dtype):
+    # Tracing the init took 0.7 s of the CLI's warm start (SmolLM2, 30 layers): a warm start reads it from disk.
+    key = f"{config!r} flax {flax.__version__}"
+    shapes, axes = traced("abstract-params", key, functools.partial(_trace_params, config))
+    return _with_dtype(shapes, dtype), axes
+
+
+def _trace_params(config: ModelConfig):
     model = get_model(config, attn_impl="reference")
     H, K = config.head_dim, config.num_kv_heads
     pool = jax.ShapeDtypeStruct((2, 1, K, H), jnp.float32)  # [P, B, K, H]: shapes only, nothing allocated
@@ -48,8 +57,7 @@ def _abstract_params(config: ModelConfig, dtype):
     z = np.zeros(1, np.int32)
     meta = AttentionMetadata(z, z, np.zeros((1, 1), np.int32), z + 1, np.array([0, 1], np.int32), z)
     boxed = jax.eval_shape(model.init, jax.random.key(0), z, pages, meta)["params"]
-    axes = nn.get_partition_spec(boxed)
-    return _with_dtype(nn.unbox(boxed), dtype), axes
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
 def _with_dtype(tree, dtype):
