@@ -27,6 +27,20 @@ logger = logging.getLogger("pagedjax.server")
 _MAX_STEP_FAILURES = 3  # consecutive failed steps before the loop gives up (health turns 503)
 
 
+def add_all(engine: Any, requests: Sequence[tuple[str, str | list[int]]], params: SamplingParams) -> list[str]:
+    """Adds every (request id, prompt) to `engine`, or none of them (a bad one aborts those
+    already added and raises); returns the ids added."""
+    added = []
+    try:
+        for rid, prompt in requests:
+            engine.add_request(rid, prompt, params)
+            added.append(rid)
+    except Exception:
+        engine.abort_request(added)
+        raise
+    return added
+
+
 class EngineOverloaded(Exception):
     """Too many requests are waiting: the client should retry later (HTTP 503)."""
 
@@ -274,15 +288,7 @@ class AsyncEngine:
     # -- the loop thread -----------------------------------------------------------------------
 
     def _add_all(self, requests: list[tuple[str, str | list[int]]], params: SamplingParams) -> None:
-        added = []
-        try:
-            for rid, prompt in requests:
-                self.engine.add_request(rid, prompt, params)
-                added.append(rid)
-        except Exception:
-            self.engine.abort_request(added)  # all or nothing
-            raise
-        self._live.update(added)
+        self._live.update(add_all(self.engine, requests, params))
 
     def _abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(request_ids)

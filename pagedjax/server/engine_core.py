@@ -28,10 +28,9 @@ import multiprocessing
 import pickle
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from pagedjax.server.async_engine import _MAX_STEP_FAILURES, AsyncEngine, EngineDead
+from pagedjax.server.async_engine import _MAX_STEP_FAILURES, AsyncEngine, EngineDead, add_all
 
 logger = logging.getLogger("pagedjax.server")
 
@@ -310,7 +309,7 @@ class _Core:
         if kind == "add":
             _, call, requests, params = message
             try:
-                self._add_all(requests, params)
+                self.live.update(add_all(self.engine, requests, params))
                 self.conn.send(("result", call, None))
             except Exception as e:
                 self.conn.send(("result", call, _sendable(e)))
@@ -320,16 +319,6 @@ class _Core:
         elif kind == "stop":
             self.stopping = True
 
-    def _add_all(self, requests: Sequence[tuple[str, Any]], params: Any) -> None:
-        added = []
-        try:
-            for rid, prompt in requests:
-                self.engine.add_request(rid, prompt, params)
-                added.append(rid)
-        except Exception:
-            self.engine.abort_request(added)  # all or nothing
-            raise
-        self.live.update(added)
 
     def _step(self) -> tuple[bool, list]:
         try:
