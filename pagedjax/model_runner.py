@@ -248,8 +248,12 @@ class ModelRunner:
         if not stats or "bytes_limit" not in stats:
             return int(min(need, max(2, self.options.cpu_kv_cache_bytes // self.page_bytes())))
         budget = stats["bytes_limit"] * self.options.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-        budget -= self._activation_bytes()
+        activations = self._activation_bytes()
+        budget -= activations
         per_device = self.page_bytes() // parallel.tp_size(self.mesh)  # the pool is split on kv heads
+        logger.info("KV pool sizing: device limit %.2f GiB x %.2f, in use %.2f GiB, the largest step's temporaries "
+                    "%.2f GiB: %.2f GiB for pages", stats["bytes_limit"] / 2**30, self.options.gpu_memory_utilization,
+                    stats.get("bytes_in_use", 0) / 2**30, activations / 2**30, max(0, budget) / 2**30)
         return int(min(need, max(0, budget) // per_device))
 
     def _activation_bytes(self) -> int:
@@ -264,7 +268,9 @@ class ModelRunner:
             compiled = _step.lower(cfg, self.attn_impl, self.params.variables, tiny, buf, self._no_prev,
                                    layout=layout, mesh=self.mesh).compile()
             return int(compiled.memory_analysis().temp_size_in_bytes) + sampling
-        except Exception:  # an estimate only: fall back to a generous guess
+        except Exception as e:  # an estimate only: fall back to a generous guess
+            logger.warning("could not compile the largest step to measure its temporaries (%s: %s); guessing",
+                           type(e).__name__, e)
             return T * cfg.vocab_size * 8 + sampling + (1 << 30)
 
     # -- the step ----------------------------------------------------------------------------
