@@ -129,10 +129,6 @@ class EngineConfig:
                 raise ValueError("batch_invariant=True is for float models without experts: "
                                  + (f"these weights are quantized ({held.name!r})" if held is not None
                                     else f"{params.config.architecture} routes tokens to experts"))
-            if gpu:
-                raise ValueError("batch_invariant=True runs on the CPU only: on the GPU the custom call's split-KV "
-                                 "count follows the batch, and the jnp attention, measured on an H200 in its "
-                                 "place, was neither invariant nor fast (benchmarks/RESULTS.md)")
         return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
                                    max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
 

@@ -158,20 +158,3 @@ def test_refused_where_not_supported():
                                                 rotary_dim=16, vocab_size=128)
     with pytest.raises(ValueError, match="batch_invariant"):
         pj.LLM(random_params(cfg, dtype=jnp.float32), batch_invariant=True, precompile=False)
-
-
-def test_refused_on_the_gpu(monkeypatch):
-    """On the GPU the mode is refused (not invariant there yet: tests/test_batch_invariance_gpu.py);
-    checked here by resolving the engine config as it would be on a GPU."""
-    import jax
-    import jax.numpy as jnp
-
-    from pagedjax.dummy_weights import random_params
-    from pagedjax.engine import EngineConfig
-    from pagedjax.models.named import NAMED_CONFIGS
-
-    params = random_params(NAMED_CONFIGS["tiny-llama"], dtype=jnp.float32)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    with pytest.raises(ValueError, match="batch_invariant=True runs on the CPU only"):
-        EngineConfig(batch_invariant=True).resolve(params)
-    assert EngineConfig(batch_invariant=False).resolve(params).max_num_seqs == 256  # the GPU default

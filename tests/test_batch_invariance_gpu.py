@@ -1,31 +1,99 @@
-"""batch_invariant=True is refused on the GPU, with a clear error.
+"""batch_invariant=True on the GPU: the checks of tests/test_batch_invariance.py at Llama-3-8B's
+widths (hidden 4096, MLP 14336, 32/8 heads of 128, vocabulary 128,256; 4 layers, random bf16
+weights), where XLA's GPU GEMMs and reductions choose their algorithms by shape and the custom
+call's tensor-core kernels and split-KV count follow the batch.
 
-On an H200 (2026-12-04, commit 1137093), the checks of tests/test_batch_invariance.py at
-Llama-3-8B's widths (4 layers, random bf16 weights) failed with the mode running the jnp attention
-in place of the custom call: the probe's logprobs moved beside 8, 64 and 255 strangers, with
-chunks of 64 and 256, after prefix hits and with async scheduling off (7 of 7 checks;
-benchmarks/results/2026-12-04-h200-batch-invariance-gpu-tests.log), and W1 ran at 0.65 req/s
-against 33.1 without the mode. Until an attention with a fixed KV split size exists for the GPU,
-the engine refuses the flag there rather than promise what it does not give. Marked `gpu`:
-skipped without CUDA.
+The probe (300 random token ids) runs alone on a fresh engine; then beside 8, 64 and 255 random
+strangers, with its prompt in chunks of 64 and 256, after prefix-cache hits, with async scheduling
+off and after preemption. Tokens and top-2 logprobs are compared with ==, greedy and seeded.
+Without the flag the same runs differ (the checks can fail). Marked `gpu`: skipped without CUDA.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import pagedjax as pj
 
+from tests.test_batch_invariance import run, same
+
 pytestmark = pytest.mark.gpu
 
+ENGINE = dict(max_num_seqs=256, max_model_len=1024, max_num_batched_tokens=512, precompile=False,
+              enable_prefix_caching=False)
 
-def test_refused_on_the_gpu():
+
+@pytest.fixture(scope="module")
+def params():
     import jax.numpy as jnp
 
     from pagedjax.dummy_weights import random_params
     from pagedjax.models.named import NAMED_CONFIGS
 
-    params = random_params(NAMED_CONFIGS["tiny-llama"], dtype=jnp.bfloat16)
-    with pytest.raises(ValueError, match="batch_invariant=True runs on the CPU only"):
-        pj.LLM(params, batch_invariant=True, precompile=False)
-    pj.LLM(params, batch_invariant=False, precompile=False)  # the default mode is unaffected
+    return random_params(NAMED_CONFIGS["llama3-8b"].replace(num_layers=4), dtype=jnp.bfloat16, seed=7)
+
+
+@pytest.fixture(scope="module")
+def probe() -> list[int]:
+    return np.random.default_rng(1).integers(100, 120000, 300).tolist()
+
+
+@pytest.fixture(scope="module")
+def alone(params, probe):
+    return {bi: run(pj.LLM(params, batch_invariant=bi, **ENGINE), probe) for bi in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def invariant(params):
+    return pj.LLM(params, batch_invariant=True, **ENGINE)
+
+
+@pytest.mark.parametrize("n", [8, 64, 255])
+def test_beside_strangers(invariant, probe, alone, n):
+    assert same(run(invariant, probe, n, seed=n), alone[True])
+
+
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_prompt_chunking(params, probe, alone, chunk):
+    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "long_prefill_token_threshold": chunk})
+    assert same(run(llm, probe, 8, seed=chunk), alone[True])
+
+
+def test_prefix_cache_hits(params, probe, alone):
+    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "enable_prefix_caching": True})
+    assert same(run(llm, probe), alone[True])
+    hits = llm.engine.stats().prefix_cache_hits
+    assert same(run(llm, probe, 8, seed=5), alone[True])
+    assert llm.engine.stats().prefix_cache_hits >= hits + 2 * 288
+
+
+def test_sync_scheduling(params, probe, alone):
+    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "async_scheduling": False})
+    assert same(run(llm, probe, 8, seed=11), alone[True])
+
+
+def test_preemption(params, probe):
+    """Recompute preemption on a pool too small for the probe and 8 growing strangers (as the CPU test)."""
+    short, out = probe[:64], 48
+    want = run(pj.LLM(params, batch_invariant=True, **ENGINE), short, max_tokens=out)
+    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "num_pages": 31})
+    preempted = []
+    schedule = llm.engine.scheduler.schedule
+
+    def recording_schedule(*args, **kwargs):
+        plan = schedule(*args, **kwargs)
+        preempted.extend(plan.preempted_ids)
+        return plan
+
+    llm.engine.scheduler.schedule = recording_schedule
+    got = run(llm, short, 8, seed=99, probe_last=True, max_tokens=out, stranger_tokens=(50, 70),
+              stranger_prompts=(4, 12))
+    assert preempted
+    assert same(got, want)
+
+
+def test_without_the_flag_the_numbers_change(params, probe, alone):
+    llm = pj.LLM(params, batch_invariant=False, **ENGINE)
+    runs = [run(llm, probe, n, seed=n) for n in (8, 64, 255)]
+    assert any(not same(r, alone[False]) for r in runs)

@@ -15,7 +15,8 @@
 # w3, w3-nocmdbuf: W3 latency alone, with XLA's command buffers on (default) and off
 # profile-fp8  profile_step.py with FP8 weights at batch 1 and 64, with a trace and the step's HLO summarized
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
-# bi-tests  the `gpu` tests of batch_invariant's refusal (tests/test_batch_invariance_gpu.py) and of MoE
+# bi-tests  the `gpu` tests of batch_invariant (tests/test_batch_invariance_gpu.py, the attention call's)
+# bench-bi  W3 and W1 with and without batch_invariant, in one process
 # structured  benchmarks/structured.py: 1000 requests with a JSON schema vs unconstrained (Llama-3 tokenizer)
 # serving   benchmarks/serving.py at rates 1, 4, 16, inf against `pagedjax serve` (dummy Llama-3-8B, the
 #           Llama-3 tokenizer from .gpu/), start-up cold and warm, the offline engine beside it
@@ -130,7 +131,8 @@ for s in "$@"; do
       done ;;
     bi-tests)
       TAIL=30 stage bi-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
-        tests/test_batch_invariance_gpu.py "tests/test_gpu_engine.py::test_moe_models_match_hf_with_each_expert_impl" tests/test_moe.py ;;
+        tests/test_batch_invariance_gpu.py "tests/test_paged_attention_ffi.py::test_gpu_batch_invariant_call" ;;
+    bench-bi) throughput . bench-bi --variants bf16,bf16+bi ;;
     structured) TAIL=30 stage structured 420 bash -c "cd benchmarks && $PY structured.py --model named:llama3-8b \
         --tokenizer ../.gpu/ggml-vocab-llama-bpe.gguf --num-prompts $N1 --max-len 4096 --max-num-seqs 256 \
         --max-num-batched-tokens 2048 --out '$(cd "$OUTDIR" && pwd)/structured.json'" ;;

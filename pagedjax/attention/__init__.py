@@ -56,6 +56,7 @@ def paged_attention(
     logit_softcap: float | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    batch_invariant: bool = False,
 ) -> jax.Array:
     """Attention of q [T, N, H] over pools [P, B, K, H] as `meta` says; returns [T, N, H].
 
@@ -64,6 +65,12 @@ def paged_attention(
     sliding_window (static): a query at position p sees keys p - W < k <= p; None: all.
     logit_softcap (static): scores s = scale * q.k become c * tanh(s / c); None: no cap.
     k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
+    batch_invariant (static): each token's output computed the same way whatever the batch, its
+    chunk or its neighbours. The custom call runs its SIMT kernel unsplit: one CTA per (token, kv
+    head) walks the token's own context in tiles of fixed positions from position 0, so a token's
+    sums run in the same order in a prefill chunk and as a decode, beside any batch (the tensor-core
+    kernels tile query rows by batch shape, and the split-KV count follows the batch). The CPU
+    call and the reference are per token already.
     """
     check_options(sliding_window, logit_softcap, "paged_attention")
     k_scale, v_scale = _kv_dtype.check_scales(k_scale, v_scale, k_pages.dtype, k_pages.shape[2], "paged_attention")
@@ -75,7 +82,8 @@ def paged_attention(
 
         # Under tensor parallelism the call runs per device in shard_map (heads split): a custom
         # call on sharded operands outside it would be all-gathered.
-        return ffi.paged_attention_ffi(q, k_pages, v_pages, meta, mesh=tp_mesh(), **opts)
+        fixed = dict(kernel="simt", num_splits=1) if batch_invariant else {}
+        return ffi.paged_attention_ffi(q, k_pages, v_pages, meta, mesh=tp_mesh(), **opts, **fixed)
     from pagedjax.attention import reference
 
     return reference.paged_attention(q, k_pages, v_pages, meta, **opts)

@@ -274,7 +274,8 @@ def paged_attention_ffi(
     Args:
       mesh / axis: when given, run under shard_map with heads split over `axis`.
       num_splits: split-KV partitions (CUDA); default chosen from static shapes.
-      kernel: "auto", "simt" (CUDA cores) or "tensor_core": which CUDA kernels run (for tests).
+      kernel: "auto", "simt" (CUDA cores) or "tensor_core": which CUDA kernels run (tests; simt
+        unsplit under batch_invariant).
       sliding_window / logit_softcap: as pagedjax.attention.paged_attention (static).
       k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
     Padding tokens (index >= query_start_loc[R]) get zeros.

@@ -40,15 +40,25 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-# Batch-invariant mode: rows per matmul tile. Every matmul of a row then has the same shape
-# ([INVARIANT_ROWS, K] @ [K, N]) whatever the batch, so the backend picks the same algorithm and
-# blocking, and a row's sums run in the same order next to any other rows.
-INVARIANT_ROWS = 16
+# Batch-invariant mode: rows per matmul tile, by backend. Every matmul of a row then has the same
+# shape ([rows, K] @ [K, N]) whatever the batch, so the backend picks the same algorithm and
+# blocking, and a row's sums run in the same order next to any other rows. On the GPU each tile
+# reads the whole weight, so its tile is as large as stays memory-bound on an H100/H200 (a
+# [128, 4096] @ [4096, 14336] GEMM moves its weight in about the time it takes to compute it):
+# a decode step of up to 128 rows then costs what an untiled one does.
+INVARIANT_ROWS = {"cpu": 16, "gpu": 128}
 
 
-def row_tiled(f: Callable[[jax.Array], jax.Array], x: jax.Array, rows: int = INVARIANT_ROWS) -> jax.Array:
-    """f over x [T, ...] in tiles of `rows` rows (zero-padded), one tile at a time: f(x) with
-    each row's result independent of T. f must be row-local (row i of f(x) reads row i of x)."""
+def invariant_rows() -> int:
+    """The batch-invariant row tile of the default backend."""
+    return INVARIANT_ROWS.get(jax.default_backend(), INVARIANT_ROWS["cpu"])
+
+
+def row_tiled(f: Callable[[jax.Array], jax.Array], x: jax.Array, rows: int | None = None) -> jax.Array:
+    """f over x [T, ...] in tiles of `rows` rows (zero-padded; default invariant_rows()), one tile
+    at a time: f(x) with each row's result independent of T. f must be row-local (row i of f(x)
+    reads row i of x)."""
+    rows = rows or invariant_rows()
     T = x.shape[0]
     n = -(-T // rows)
     tiles = jnp.pad(x, [(0, n * rows - T)] + [(0, 0)] * (x.ndim - 1)).reshape(n, rows, *x.shape[1:])
@@ -402,7 +412,8 @@ class Attention(nn.Module):
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= self.layer_idx + 1
             o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl, sliding_window=window,
-                                logit_softcap=cfg.attn_logit_softcap or None, **scales)  # [T, N, H]
+                                logit_softcap=cfg.attn_logit_softcap or None, batch_invariant=cfg.batch_invariant,
+                                **scales)  # [T, N, H]
             chex.assert_shape(o, (T, N, H))
             out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, cfg,
                          name="o_proj")(o)
