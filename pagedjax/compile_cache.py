@@ -60,11 +60,12 @@ class ExecutableCache:
         self.seconds = 0.0  # spent getting executables (compiling or loading)
 
     def get(self, name: str, jitted: Callable, args: tuple, *, static_args: tuple = (),
-            static_kwargs: dict[str, Any] | None = None) -> Any:
+            static_kwargs: dict[str, Any] | None = None, compiler_options: dict[str, Any] | None = None) -> Any:
         """The compiled `jitted(*static_args, *args, **static_kwargs)`, to be called as
-        `compiled(*args)`: from memory, from disk, or compiled (and stored)."""
+        `compiled(*args)`: from memory, from disk, or compiled (and stored). `compiler_options`:
+        XLA options of this compile only (e.g. {"xla_gpu_autotune_level": 0})."""
         static_kwargs = static_kwargs or {}
-        key = self._key(name, args, (static_args, sorted(static_kwargs.items())))
+        key = self._key(name, args, (static_args, sorted(static_kwargs.items()), sorted((compiler_options or {}).items())))
         compiled = self._memory.get(key)
         if compiled is not None:
             self.hits += 1
@@ -73,7 +74,7 @@ class ExecutableCache:
         compiled = self._load(name, key)
         if compiled is None:
             self.misses += 1
-            compiled = jitted.lower(*static_args, *args, **static_kwargs).compile()
+            compiled = jitted.lower(*static_args, *args, **static_kwargs).compile(compiler_options)
             self._store(name, key, compiled)
         else:
             self.disk_hits += 1

@@ -23,6 +23,7 @@ import itertools
 import logging
 import math
 import os
+import pathlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -177,6 +178,27 @@ def _sample(logits, buf, token_bitmask=None, *, layout, num_logprobs, flags, num
     return out, next_tokens
 
 
+def cuda_mem_info() -> tuple[int, int] | None:
+    """(free, total) bytes of the current CUDA device, from the CUDA runtime's cudaMemGetInfo
+    (the nvidia-cuda-runtime wheel JAX's CUDA plugin installs, else the system's); None without one."""
+    import ctypes
+    import importlib.util
+
+    names = []
+    spec = importlib.util.find_spec("nvidia.cuda_runtime") if importlib.util.find_spec("nvidia") else None
+    for folder in (spec and spec.submodule_search_locations) or []:
+        names += sorted(str(p) for p in pathlib.Path(folder, "lib").glob("libcudart.so*"))
+    for name in [*names, "libcudart.so.13", "libcudart.so.12", "libcudart.so"]:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        if lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+            return free.value, total.value
+    return None
+
+
 class ModelRunner:
     """Owns params, the page pool and the compiled steps; `launch` sends a step, `fetch` reads it back.
 
@@ -210,6 +232,11 @@ class ModelRunner:
         self.token_buckets = token_buckets(opts.max_num_batched_tokens)
         self.kv_dtype = kv_dtype.resolve_kv_cache_dtype(opts.kv_cache_dtype, params.dtype)
         self.attn_impl = opts.attn_impl
+        # Batch-invariant steps on the GPU: every GEMM through cuBLAS(Lt) with its heuristic's
+        # algorithm for the shape (XLA neither autotunes, which may pick differently in two
+        # compiles of the same tile shape, nor builds Triton GEMMs whose tiling follows the fusion).
+        self.step_compiler_options = ({"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
+                                      if cfg.batch_invariant and jax.default_backend() == "gpu" else None)
         self._rng = np.random.default_rng(opts.seed)
         self._no_prev = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self.input_sharding)
         self.num_pages = num_pages = opts.num_pages or self._auto_num_pages()
@@ -244,16 +271,25 @@ class ModelRunner:
         """Pages that fit: device memory x utilization, less weights and the largest step."""
         need = self.max_num_seqs * self.max_pages_per_req + 1  # enough for every sequence at full length
         device = jax.devices()[0]
-        stats = device.memory_stats() if device.platform == "gpu" else None
-        if not stats or "bytes_limit" not in stats:
+        if device.platform != "gpu":
             return int(min(need, max(2, self.options.cpu_kv_cache_bytes // self.page_bytes())))
-        budget = stats["bytes_limit"] * self.options.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:  # XLA's BFC allocator: its own limit and use
+            limit, in_use = stats["bytes_limit"], stats.get("bytes_in_use", 0)
+        else:  # other allocators (XLA's VMM one, which SKIP_TEMP command buffers need) report nothing
+            info = cuda_mem_info()
+            if info is None:
+                raise RuntimeError("cannot size the KV pool: the device reports no memory figures; "
+                                   "pass num_pages")
+            free, limit = info
+            in_use = limit - free
+        budget = limit * self.options.gpu_memory_utilization - in_use
         activations = self._activation_bytes()
         budget -= activations
         per_device = self.page_bytes() // parallel.tp_size(self.mesh)  # the pool is split on kv heads
         logger.info("KV pool sizing: device limit %.2f GiB x %.2f, in use %.2f GiB, the largest step's temporaries "
-                    "%.2f GiB: %.2f GiB for pages", stats["bytes_limit"] / 2**30, self.options.gpu_memory_utilization,
-                    stats.get("bytes_in_use", 0) / 2**30, activations / 2**30, max(0, budget) / 2**30)
+                    "%.2f GiB: %.2f GiB for pages", limit / 2**30, self.options.gpu_memory_utilization,
+                    in_use / 2**30, activations / 2**30, max(0, budget) / 2**30)
         return int(min(need, max(0, budget) // per_device))
 
     def _activation_bytes(self) -> int:
@@ -390,7 +426,8 @@ class ModelRunner:
         step = self._compiled(("step", mlayout, plp.num_logprobs if plp else 0, prev_tokens is None), lambda: (
             self.executables.get("step", _step, step_args, static_args=(self.config, self.attn_impl),
                                  static_kwargs=dict(layout=mlayout, mesh=self.mesh,
-                                                    num_prompt_logprobs=plp.num_logprobs if plp else 0))))
+                                                    num_prompt_logprobs=plp.num_logprobs if plp else 0),
+                                 compiler_options=self.step_compiler_options)))
         logits, scored, self.pages = step(*step_args)
         launched = Launched(None, None, scored, plp and plp.spans, rows, num_logprobs,
                             num_padded_rows=logits.shape[0],

@@ -26,8 +26,8 @@
 # timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG), then
 #           benchmarks/trace_timeline.py on it: host events and GPU idle gaps of the last steps
 # skip-temp XLA's command buffers with --xla_gpu_command_buffer_update_mode=SKIP_TEMP (no re-record when only
-#           the step's temp buffer moved): W3 and W1 with the pool sized by hand (NUM_PAGES, 51000; the flag
-#           left the automatic sizing 512 pages), then the engine's `gpu` tests under the flag
+#           the step's temp buffer moved): W3 and W1 (the pool sized automatically, or NUM_PAGES), then the
+#           engine's `gpu` tests under the flag
 # profile-moe  profile_step.py on Qwen3-30B-A3B, decode at batch 256 with a trace, from the tree in $TREE
 #           (default .; TAG names the result: profile-moe-$TAG.json)
 # Knobs (env): N1 (W1 prompts, 1000), BUDGET (s per benchmark run, 240).
@@ -161,7 +161,7 @@ for s in "$@"; do
         --out "$OUTDIR/timeline-$tag.txt" | head -c 6000 ;;
     skip-temp)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" throughput . skip-temp \
-        --num-pages "${NUM_PAGES:-51000}"
+        ${NUM_PAGES:+--num-pages "$NUM_PAGES"}
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" TAIL=20 stage skip-temp-tests 300 \
         env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_gpu_engine.py ;;
     profile-moe)

@@ -62,7 +62,10 @@ def row_tiled(f: Callable[[jax.Array], jax.Array], x: jax.Array, rows: int | Non
     T = x.shape[0]
     n = -(-T // rows)
     tiles = jnp.pad(x, [(0, n * rows - T)] + [(0, 0)] * (x.ndim - 1)).reshape(n, rows, *x.shape[1:])
-    y = jax.lax.map(f, tiles)  # a loop over tiles: XLA cannot merge them back into one matmul
+    # A loop over tiles: XLA cannot merge them back into one matmul. The barrier on each tile keeps
+    # its producers out of f's fusion (on the GPU a GEMM's prologue) and its consumers out of the
+    # epilogue, also where one tile drops the loop.
+    y = jax.lax.map(lambda t: jax.lax.optimization_barrier(f(jax.lax.optimization_barrier(t))), tiles)
     # The barrier keeps what follows out of the tile's computation: with one tile XLA drops the
     # loop, and would otherwise fold a following convert into the dot (bf16 -> f32 logits unrounded).
     y = jax.lax.optimization_barrier(y)
