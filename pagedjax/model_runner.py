@@ -232,11 +232,13 @@ class ModelRunner:
         self.token_buckets = token_buckets(opts.max_num_batched_tokens)
         self.kv_dtype = kv_dtype.resolve_kv_cache_dtype(opts.kv_cache_dtype, params.dtype)
         self.attn_impl = opts.attn_impl
-        # Batch-invariant steps on the GPU: every GEMM through cuBLAS(Lt) with its heuristic's
-        # algorithm for the shape (XLA neither autotunes, which may pick differently in two
-        # compiles of the same tile shape, nor builds Triton GEMMs whose tiling follows the fusion).
-        self.step_compiler_options = ({"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
-                                      if cfg.batch_invariant and jax.default_backend() == "gpu" else None)
+        # Batch-invariant steps and samplers on the GPU: every GEMM through cuBLAS(Lt) with its
+        # heuristic's algorithm for the shape (XLA neither autotunes, which may pick differently in
+        # two compiles of the same tile shape, nor builds Triton GEMMs whose tiling follows the
+        # fusion), and no atomics (XLA's run-to-run deterministic mode).
+        self.step_compiler_options = ({"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0,
+                                       "xla_gpu_deterministic_ops": True, "xla_gpu_exclude_nondeterministic_ops": True}
+                                      if opts.batch_invariant and jax.default_backend() == "gpu" else None)
         self._rng = np.random.default_rng(opts.seed)
         self._no_prev = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self.input_sharding)
         self.num_pages = num_pages = opts.num_pages or self._auto_num_pages()
@@ -453,7 +455,8 @@ class ModelRunner:
         args = (logits, sbuf, token_bitmask)
         sample = self._compiled(("sample", slayout, launched.num_logprobs, flags), lambda: self.executables.get(
             "sample", _sample, args, static_kwargs=dict(
-                layout=slayout, num_logprobs=launched.num_logprobs, flags=flags, num_slots=self.max_num_seqs)))
+                layout=slayout, num_logprobs=launched.num_logprobs, flags=flags, num_slots=self.max_num_seqs),
+            compiler_options=self.step_compiler_options))
         launched.out, launched.next_tokens = sample(*args)
 
     def _compiled(self, key: tuple, get):

@@ -49,6 +49,11 @@ def invariant(params):
     return pj.LLM(params, batch_invariant=True, **ENGINE)
 
 
+def test_run_to_run(params, probe, alone):
+    """A second fresh engine, the probe alone: the same bits (tells nondeterminism from batch effects)."""
+    assert same(run(pj.LLM(params, batch_invariant=True, **ENGINE), probe), alone[True])
+
+
 @pytest.mark.parametrize("n", [8, 64, 255])
 def test_beside_strangers(invariant, probe, alone, n):
     assert same(run(invariant, probe, n, seed=n), alone[True])

@@ -583,3 +583,24 @@ def test_a_dropped_frozen_engine_goes_when_the_next_one_starts():
     assert pool() is not None
     LLMEngine(params, config)
     assert pool() is None
+
+
+def test_xla_defaults_add_skip_temp_unless_set(monkeypatch):
+    """import pagedjax adds SKIP_TEMP command-buffer updates to XLA_FLAGS, keeps a mode the user
+    set, and adds nothing under PAGEDJAX_XLA_DEFAULTS=0."""
+    import pagedjax
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/dev/null")
+    monkeypatch.delenv("PAGEDJAX_XLA_DEFAULTS", raising=False)
+    pagedjax._xla_defaults()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/dev/null",
+                                               "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"]
+    pagedjax._xla_defaults()  # once only
+    assert os.environ["XLA_FLAGS"].count("update_mode") == 1
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_command_buffer_update_mode=ALWAYS")
+    pagedjax._xla_defaults()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_command_buffer_update_mode=ALWAYS"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("PAGEDJAX_XLA_DEFAULTS", "0")
+    pagedjax._xla_defaults()
+    assert os.environ["XLA_FLAGS"] == ""
