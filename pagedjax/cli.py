@@ -45,7 +45,7 @@ _ENGINE_FLAGS = (
     ("--structured-outputs-enable-in-reasoning", "enable_in_reasoning", True,
      "with a reasoning parser: apply output constraints to the reasoning too"),
     ("--batch-invariant", "batch_invariant", True,
-     "a request's tokens and logprobs independent of the rest of the batch (fixed-tile matmuls; CPU only)"),
+     "a request's tokens and logprobs independent of the rest of the batch (fixed-tile matmuls, unsplit attention)"),
     ("--grammar-compile-timeout", "grammar_compile_timeout", float,
      "seconds for compiling one output constraint (JSON schema, regex, grammar) before a 400"),
 )

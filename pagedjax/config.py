@@ -57,9 +57,10 @@ class EngineConfig:
     enable_in_reasoning: bool = False
     grammar_compile_timeout: float = 10.0  # seconds for compiling one constraint before a ValueError
     # A request's tokens and logprobs do not depend on the rest of the batch, its prompt's chunking
-    # or prefix-cache hits: every matmul on fixed row tiles (ModelConfig.batch_invariant), the CPU
-    # attention on KV blocks at fixed positions. Float models without experts, on the CPU
-    # (tests/test_batch_invariance.py); refused on the GPU (tests/test_batch_invariance_gpu.py).
+    # or prefix-cache hits: every matmul on fixed row tiles (ModelConfig.batch_invariant), the
+    # attention on KV blocks at fixed positions (the GPU's SIMT kernel, unsplit), on the GPU fixed
+    # GEMM algorithms and deterministic ops (ModelRunner.step_compiler_options). Float models
+    # without experts (tests/test_batch_invariance.py, tests/test_batch_invariance_gpu.py).
     batch_invariant: bool = False
     # After start-up, gc.collect() then gc.freeze(), as vLLM's engine core does: full collections
     # then skip the start-up heap (JAX, the model, the tokenizer), whose scan otherwise stalls a
@@ -124,11 +125,10 @@ class EngineConfig:
                              f"load_params(path, quantization=...), random_params(config, quantization=...))")
         tp = self.tensor_parallel_size or parallel.tp_size(parallel.mesh_of(params))
         parallel.check_tensor_parallel(self.model_config(params.config), tp)
-        if self.batch_invariant:
-            if held is not None or params.config.num_experts:
-                raise ValueError("batch_invariant=True is for float models without experts: "
-                                 + (f"these weights are quantized ({held.name!r})" if held is not None
-                                    else f"{params.config.architecture} routes tokens to experts"))
+        if self.batch_invariant and (held is not None or params.config.num_experts):
+            raise ValueError("batch_invariant=True is for float models without experts: "
+                             + (f"these weights are quantized ({held.name!r})" if held is not None
+                                else f"{params.config.architecture} routes tokens to experts"))
         return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
                                    max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
 

@@ -9,6 +9,7 @@ request, the pool updated in place.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import chex

@@ -43,9 +43,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # Batch-invariant mode: rows per matmul tile, by backend. Every matmul of a row then has the same
 # shape ([rows, K] @ [K, N]) whatever the batch, so the backend picks the same algorithm and
 # blocking, and a row's sums run in the same order next to any other rows. On the GPU each tile
-# reads the whole weight, so its tile is as large as stays memory-bound on an H100/H200 (a
-# [128, 4096] @ [4096, 14336] GEMM moves its weight in about the time it takes to compute it):
-# a decode step of up to 128 rows then costs what an untiled one does.
+# reads the whole weight, so its tiles are larger: a prefill of 2048 tokens reads the weights 16
+# times, and a decode step of few rows computes 128 (on an H200, Llama-3-8B's batch-1 decode step
+# took 10.3 ms against 5.5 untiled: benchmarks/RESULTS.md).
 INVARIANT_ROWS = {"cpu": 16, "gpu": 128}
 
 
