@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 import pagedjax as pj
-
-from tests.test_batch_invariance import run, same
+from tests.invariance_cases import run, same
 
 pytestmark = pytest.mark.gpu
 
