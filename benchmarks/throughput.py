@@ -180,7 +180,7 @@ def main(argv=None) -> int:
 
     specs = args.workload or [None]
     startup_est = 0.0
-    first_pool = None  # the first engine's KV pool (bytes, page size): later variants get as many bytes
+    first_pool = None  # the first engine's KV pool (pages, bytes a page): later variants get as many bytes
     for vi, v in enumerate(variants):  # one engine at a time: each takes the device's memory for its pool
         t0 = time.perf_counter()
         params = load(args, v.quantization)
@@ -192,9 +192,9 @@ def main(argv=None) -> int:
             # XLA's VMM allocator (SKIP_TEMP command buffers, pagedjax's GPU default) keeps the memory
             # of the engine just dropped, so the device would report it in use: the later variants'
             # pools get the first one's bytes (1 + that many pages: page 0 is the null page).
-            c, (pool_bytes, page_size) = params.config, first_pool
-            kv_itemsize = 1 if v.kv_cache_dtype == "fp8" else jax.numpy.dtype(args.dtype).itemsize
-            num_pages = 1 + pool_bytes // (2 * c.num_layers * page_size * c.num_kv_heads * c.head_dim * kv_itemsize)
+            # Same model and page size: a page's bytes scale with the KV dtype's.
+            pages, itemsize = first_pool
+            num_pages = 1 + pages * itemsize // (1 if v.kv_cache_dtype == "fp8" else jax.numpy.dtype(args.dtype).itemsize)
         llm = pj.LLM(params, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                      max_model_len=args.max_len, attn_impl=args.attn_impl, moe_impl=args.moe_impl,
                      num_pages=num_pages,
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         startup_est = max(startup_est, weights_s + startup)
         r = llm.engine.runner
         if first_pool is None:
-            first_pool = ((r.num_pages - 1) * r.page_bytes(), r.page_size)
+            first_pool = (r.num_pages - 1, r.kv_dtype.itemsize)
         cost = ModelCost.from_config(params.config, args.dtype, r.kv_dtype)
         results["engines"][v.name] = {
             "max_model_len": r.max_model_len, "max_num_seqs": r.max_num_seqs,

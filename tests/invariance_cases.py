@@ -44,3 +44,10 @@ def run(llm: pj.LLM, probe: list[int], n: int = 0, seed: int = 0, probe_last: bo
 def same(a: list, b: list) -> bool:
     """Bitwise: the same tokens and the same float logprobs (== on floats, no tolerance)."""
     return a == b
+
+
+def reference_runs(params, probe: list[int], engine: dict) -> dict[bool, list]:
+    """The probe alone on a fresh engine of options `engine`, with and without batch_invariant:
+    the references the checks compare with."""
+    return {bi: run(pj.LLM(params, batch_invariant=bi, **engine), probe) for bi in (True, False)}
+

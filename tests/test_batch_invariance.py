@@ -13,7 +13,7 @@ Without the flag the same runs differ from the reference (the test can fail).
 import pytest
 
 import pagedjax as pj
-from tests.invariance_cases import run, same
+from tests.invariance_cases import reference_runs, run, same
 
 ENGINE = dict(max_num_seqs=72, max_model_len=512, max_num_batched_tokens=256, precompile=False,
               enable_prefix_caching=False)
@@ -39,7 +39,7 @@ def probe(params) -> list[int]:
 
 @pytest.fixture(scope="module")
 def alone(params, probe):
-    return {bi: run(pj.LLM(params, batch_invariant=bi, **ENGINE), probe) for bi in (True, False)}
+    return reference_runs(params, probe, ENGINE)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import pagedjax as pj
-from tests.invariance_cases import run, same
+from tests.invariance_cases import reference_runs, run, same
 
 pytestmark = pytest.mark.gpu
 
@@ -40,7 +40,7 @@ def probe() -> list[int]:
 
 @pytest.fixture(scope="module")
 def alone(params, probe):
-    return {bi: run(pj.LLM(params, batch_invariant=bi, **ENGINE), probe) for bi in (True, False)}
+    return reference_runs(params, probe, ENGINE)
 
 
 @pytest.fixture(scope="module")

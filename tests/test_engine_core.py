@@ -5,7 +5,8 @@ A tiny random Llama (`--load-format dummy`, float32) runs in the spawned core. I
 tokens must equal this process's `LLM.generate`; every output carries its request's prompt ids
 again (the core sends them once); bad input raises ValueError and nothing is left behind; a stream
 closed early aborts its request and the pool's pages all come back; a core that dies fails the open
-streams with EngineDead and turns the client unhealthy.
+streams with EngineDead and turns the client unhealthy (an abort then is a no-op); a core whose front
+end is gone exits.
 """
 
 from __future__ import annotations
@@ -121,8 +122,22 @@ def test_a_dead_core_fails_open_streams_and_new_requests():
         assert not c.is_running
         with pytest.raises(EngineDead):
             await c.add("after", [[1, 2, 3]], params)
+        c._send_abort(["long"])  # an abort after the death (a disconnect) is a no-op, not an error
 
     try:
         asyncio.run(run())
     finally:
         c.shutdown(timeout=5)
+
+
+def test_the_core_exits_when_the_front_end_is_gone():
+    """The front end's end of the pipe closes without a "stop" (a killed front end): the core
+    reads EOF, aborts what it holds and exits, rather than live on as an orphan holding the device."""
+    c = EngineCoreClient(OPTIONS)
+    try:
+        c._conn.close()
+        c._proc.join(60)
+        assert not c._proc.is_alive() and c._proc.exitcode == 0
+    finally:
+        c.shutdown(timeout=5)
+

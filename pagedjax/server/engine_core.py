@@ -161,7 +161,9 @@ class EngineCoreClient(AsyncEngine):
         try:
             self._send(("abort", request_ids))
         except EngineDead:
-            pass  # nothing left to abort
+            # The core died with its requests: the reader fails their streams (EngineDead), so
+            # there is nothing left to abort (tests/test_engine_core.py, the dead-core test).
+            return
 
     # -- the reader thread -----------------------------------------------------------------------
 
@@ -291,18 +293,20 @@ class _Core:
                     continue
                 self.conn.send(("outputs", self._strip(outputs), self.engine.stats(), stepped))
         except EOFError:
-            pass  # the front end is gone
+            # The front end is gone without a "stop" (killed): no one reads outputs any more, so the
+            # core aborts its requests (below) and exits (tests/test_engine_core.py).
+            pass
         except BaseException as e:
             logging.getLogger("pagedjax.server").exception("the engine loop stopped")
             try:
                 self.conn.send(("dead", _sendable(e)))
-            except Exception:
-                pass
+            except Exception:  # the pipe broke too: the front end sees EOF and fails the streams itself
+                logging.getLogger("pagedjax.server").debug("could not report the engine's death", exc_info=True)
         finally:
-            try:
+            try:  # the pages back before the process ends (an engine in a bad state may refuse)
                 self.engine.abort_request(sorted(self.live))
             except Exception:
-                pass
+                logging.getLogger("pagedjax.server").warning("aborting the core's requests failed", exc_info=True)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
