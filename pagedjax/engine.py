@@ -242,16 +242,12 @@ class LLMEngine:
         """A step's results on the host: beam rows to the beam search, sampled tokens into the
         scheduler's requests, then outputs."""
         beam_rows = self._beams.take_rows(sched, out)
-        sampled = {s.request_id: int(out.token_ids[i]) for i, s in enumerate(sched.scheduled)
+        token_ids = out.token_ids.tolist()
+        sampled = {s.request_id: token_ids[i] for i, s in enumerate(sched.scheduled)
                    if s.sample and s.request_id not in beam_rows}
         updated = self.scheduler.update_from_output(sched, sampled, external=beam_rows)
         if self.structured.active:
             self._advance_grammars(updated)
-        now = time.time()
-        for req in updated:
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
         return self.outputs.process(sched.scheduled, out, updated) + self._beams.advance()
 
     def _advance_grammars(self, updated: Sequence[Request]) -> None:

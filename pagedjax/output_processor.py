@@ -39,7 +39,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.samples)
+        for s in self.samples:
+            if not s.is_finished:
+                return False
+        return True
 
 
 class OutputProcessor:
@@ -104,12 +107,14 @@ class OutputProcessor:
         """
         self._record_prompt_logprobs(scheduled, out)
         rows = {s.request_id: i for i, s in enumerate(scheduled)}
+        chosen = out.logprobs.tolist()  # the sampled tokens' logprobs, by row
         touched: dict[str, RequestState] = {}
         for req in updated:
             state = self._owner.get(req.request_id)
             if state is None:
                 continue
-            self._record_token(state, state.samples.index(req), req, out, rows[req.request_id])
+            row = rows[req.request_id]
+            self._record_token(state, state.samples.index(req), req, out, row, chosen[row])
             touched[state.request_id] = state
         return self.collect(list(touched.values()))
 
@@ -125,15 +130,16 @@ class OutputProcessor:
                 self._forget(state)
         return outputs
 
-    def _record_token(self, state: RequestState, i: int, req: Request, out: Any, row: int) -> None:
-        """Logprobs, detokenization and stop strings for the token just appended to sample i."""
+    def _record_token(self, state: RequestState, i: int, req: Request, out: Any, row: int, logprob: float) -> None:
+        """Logprobs, detokenization and stop strings for the token just appended to sample i
+        (`logprob`: the sampled token's, row `row` of `out`)."""
         token = req.output_token_ids[-1]
-        state.cum_logprob[i] += float(out.logprobs[row])
+        state.cum_logprob[i] += logprob
         k = state.params.logprobs
         if k is not None:
             top = out.top_token_ids is not None
             state.logprobs[i].append(logprob_entry(
-                token, float(out.logprobs[row]), int(out.ranks[row]) if out.ranks is not None else None,
+                token, logprob, int(out.ranks[row]) if out.ranks is not None else None,
                 out.top_token_ids[row, :k] if top else (), out.top_logprobs[row, :k] if top else (),
                 self.decode_token))
         detok = state.detok[i]
@@ -189,22 +195,23 @@ class OutputProcessor:
 
     def _output(self, state: RequestState, final: bool) -> RequestOutput:
         delta = state.params.output_kind is RequestOutputKind.DELTA
+        want_logprobs = state.params.logprobs is not None
         completions = []
         for i, req in enumerate(state.samples):
-            ids, text = req.output_token_ids, state.text[i]
-            logprobs = state.logprobs[i] if state.params.logprobs is not None else None
-            if delta:
+            text, logprobs = state.text[i], state.logprobs[i] if want_logprobs else None
+            if delta:  # slices: new lists
                 t0, c0 = state.sent_tokens[i], state.sent_text[i]
-                ids, text = ids[t0:], text[c0:]
-                logprobs = logprobs[t0:] if logprobs is not None else None
-                state.sent_tokens[i] += len(ids)
-                state.sent_text[i] += len(text)
-            reason = req.finish_reason
+                ids, text = req.output_token_ids[t0:], text[c0:]
+                logprobs = logprobs[t0:] if want_logprobs else None
+                state.sent_tokens[i] = t0 + len(ids)
+                state.sent_text[i] = c0 + len(text)
+            else:
+                ids = list(req.output_token_ids)
+            reason = req.status.finish_reason
             if reason is None and final:
                 reason = "abort"
-            completions.append(CompletionOutput(
-                index=req.index, text=text, token_ids=list(ids), cumulative_logprob=state.cum_logprob[i],
-                logprobs=logprobs, finish_reason=reason, stop_reason=req.stop_reason))
+            completions.append(CompletionOutput(req.index, text, ids, state.cum_logprob[i], logprobs, reason,
+                                                req.stop_reason))
         if final and len(completions) > state.params.n:  # best_of: keep the n most likely
             completions.sort(key=lambda c: -(c.cumulative_logprob or 0.0))
             completions = completions[:state.params.n]

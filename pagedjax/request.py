@@ -125,9 +125,12 @@ class Request:
         return self._all_token_ids
 
     def append_output_token_ids(self, token_ids: int | list[int]) -> None:
-        token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
-        self.output_token_ids.extend(token_ids)
-        self._all_token_ids.extend(token_ids)
+        if isinstance(token_ids, int):
+            self.output_token_ids.append(token_ids)
+            self._all_token_ids.append(token_ids)
+        else:
+            self.output_token_ids.extend(token_ids)
+            self._all_token_ids.extend(token_ids)
 
     def replace_last_output_token(self, token_id: int) -> None:
         """Beam search: swap the last sampled token (its K/V is not written yet)."""
@@ -161,16 +164,17 @@ class Request:
         EOS (unless ignore_eos) and stop_token_ids count once min_tokens are out; then max_tokens
         and max_model_len. Stop strings are the detokenizer's.
         """
-        last = self.output_token_ids[-1]
-        if self.num_output_tokens >= self.min_tokens:
-            if last == self.eos_token_id and not self.ignore_eos:
+        outputs, sp = self.output_token_ids, self.sampling_params
+        last, num_outputs = outputs[-1], len(outputs)
+        if num_outputs >= sp.min_tokens:
+            if last == self.eos_token_id and not sp.ignore_eos:
                 self.status = RequestStatus.FINISHED_STOPPED
                 return True
-            if last in self.stop_token_ids:
+            if last in sp.stop_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED
                 self.stop_reason = last
                 return True
-        if self.num_output_tokens >= self.max_tokens or len(self._all_token_ids) >= max_model_len:
+        if num_outputs >= self.max_tokens or len(self._all_token_ids) >= max_model_len:
             self.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         return False

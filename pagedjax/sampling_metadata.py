@@ -7,6 +7,7 @@ G logit_bias tokens per row.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,18 +27,32 @@ ROW_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("frequency_penalty", np.float32, 0.0),
     ("repetition_penalty", np.float32, 1.0),
 )
+_row_values = operator.attrgetter(*(name for name, _, _ in ROW_FIELDS))
+_NEUTRAL_ROW = (*(neutral for _, _, neutral in ROW_FIELDS), 0, False)
+
+
+def _host_row(sp: SamplingParams | BeamSearchParams) -> tuple:
+    """What a row's metadata takes from its params every step, worked out once per params object
+    (they are frozen): the ROW_FIELDS values, the seed mod 2**32 (-1: none, drawn each step),
+    and whether the row has token lists. Beam-search rows: the neutral values, seed 0, none."""
+    row = sp.__dict__.get("_host_row")  # cached beside the fields, as functools.cached_property does
+    if row is None:
+        if isinstance(sp, BeamSearchParams):
+            row = _NEUTRAL_ROW
+        else:
+            row = (*_row_values(sp), -1 if sp.seed is None else sp.seed % 2**32, sp.needs_token_lists)
+        sp.__dict__["_host_row"] = row
+    return row
 
 
 def has_penalties(sp: SamplingParams | BeamSearchParams) -> bool:
     """Whether a row has a repetition, frequency or presence penalty."""
-    return isinstance(sp, SamplingParams) and (
-        sp.presence_penalty != 0 or sp.frequency_penalty != 0 or sp.repetition_penalty != 1)
+    return isinstance(sp, SamplingParams) and sp.has_penalties
 
 
 def needs_token_history(sp: SamplingParams | BeamSearchParams) -> bool:
     """Whether a row's sampling reads its earlier tokens (penalties, bad words of several tokens)."""
-    return has_penalties(sp) or (isinstance(sp, SamplingParams) and any(
-        len(w) > 1 for w in sp._bad_words_token_ids or ()))
+    return isinstance(sp, SamplingParams) and sp.needs_token_history
 
 
 def bad_word_bans(bad_words_token_ids: Sequence[Sequence[int]], output_token_ids: Sequence[int]) -> list[int]:
@@ -100,29 +115,29 @@ def make_sampling_metadata(
     steps = np.zeros(R, np.int32)
     steps[:n] = step_list
     # Beam-search rows keep the neutral values: greedy, nothing banned.
-    sampled = [r for r, sp in enumerate(sampling_params) if not isinstance(sp, BeamSearchParams)]
     columns = {name: np.full(R, neutral, dtype) for name, dtype, neutral in ROW_FIELDS}
     seeds = np.zeros(R, np.uint32)
-    if sampled:
-        table = np.array([[getattr(sampling_params[r], name) for name, _, _ in ROW_FIELDS] for r in sampled],
-                         np.float64)  # exact for these floats and ints; each column cast once below
+    listed: list[int] = []
+    if n:
+        table = np.array([_host_row(sp) for sp in sampling_params], np.float64)  # exact for these floats and ints
         for j, (name, dtype, _) in enumerate(ROW_FIELDS):
-            columns[name][sampled] = table[:, j].astype(dtype)
-        unseeded = [r for r in sampled if sampling_params[r].seed is None]
-        if unseeded:
-            seeds[unseeded] = rng.integers(0, 2**32, size=len(unseeded))
+            columns[name][:n] = table[:, j].astype(dtype)
+        seed_column = table[:, len(ROW_FIELDS)]
+        unseeded = np.flatnonzero(seed_column < 0)
+        seeds[:n] = np.maximum(seed_column, 0).astype(np.uint32)
+        if unseeded.size:
+            seeds[unseeded] = rng.integers(0, 2**32, size=unseeded.size)
+        listed = np.flatnonzero(table[:, len(ROW_FIELDS) + 1]).tolist()
     # The rows with token lists (penalties, banned tokens, logit_bias): usually few or none.
     penalty_rows: dict[int, tuple[list[int], list[int]]] = {}  # row: (distinct prompt, output)
     banned_rows: dict[int, list[int]] = {}
     bias_rows: dict[int, dict[int, float]] = {}
-    for r in sampled:
+    for r in listed:
         sp = sampling_params[r]
-        if sp.seed is not None:
-            seeds[r] = sp.seed % 2**32
         out = output_token_ids[r]
-        if pending[r] and needs_token_history(sp):
+        if pending[r] and sp.needs_token_history:
             raise ValueError("a row with penalties or bad words needs all its output tokens (none pending)")
-        if has_penalties(sp):
+        if sp.has_penalties:
             prompt: list[int] = []
             if sp.repetition_penalty != 1:
                 if prompt_token_ids is None:

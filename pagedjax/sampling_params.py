@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -225,6 +226,24 @@ class SamplingParams:
             if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
                 ids.append(spaced)
         return dataclasses.replace(self, _bad_words_token_ids=ids)
+
+    # What the host reads for every row of every step, computed once (the params are frozen;
+    # `dataclasses.replace` makes a new object with its own values).
+    @functools.cached_property
+    def has_penalties(self) -> bool:
+        """A repetition, frequency or presence penalty is set."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @functools.cached_property
+    def needs_token_history(self) -> bool:
+        """Sampling reads the row's earlier tokens: penalties, or bad words of several tokens."""
+        return self.has_penalties or any(len(w) > 1 for w in self._bad_words_token_ids or ())
+
+    @functools.cached_property
+    def needs_token_lists(self) -> bool:
+        """The row's sampling metadata has token lists: penalties, tokens banned until
+        min_tokens, bad words, or a logit bias. Most rows have none."""
+        return self.has_penalties or self.min_tokens > 0 or bool(self._bad_words_token_ids) or bool(self.logit_bias)
 
     @property
     def sampling_type(self) -> SamplingType:

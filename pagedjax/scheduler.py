@@ -61,7 +61,7 @@ class SchedulerConfig:
             )
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step, the row the runner computes: token_ids[j] sits at position
     num_computed_tokens + j. A token sampled by a step still in flight is -1 here (async
@@ -318,9 +318,12 @@ class Scheduler:
         """
         updated = []
         in_flight = scheduler_output.in_flight
+        now, any_finished = time.time(), False
+        cache_pages = self.kv_cache.enable_prefix_caching and in_flight
         for s in scheduler_output.scheduled:
             req = s.request
-            if req.is_finished or (not in_flight and req.status != RequestStatus.RUNNING):
+            status = req.status
+            if status.is_finished or (not in_flight and status != RequestStatus.RUNNING):
                 continue
             if not in_flight:
                 req.num_computed_tokens += len(s.token_ids)
@@ -331,12 +334,13 @@ class Scheduler:
                 raise ValueError(f"no sampled token for {s.request_id!r}, whose chunk ended at its last token.")
             if in_flight:
                 req.num_pending -= 1
-            self._append_tokens(req, [token_ids] if isinstance(token_ids, int) else token_ids)
-            if in_flight and not req.is_finished and req.status == RequestStatus.RUNNING:
+            finished = self._append_tokens(req, [token_ids] if isinstance(token_ids, int) else token_ids, now)
+            any_finished |= finished
+            if cache_pages and not finished and req.status == RequestStatus.RUNNING:
                 self.kv_cache.cache_full_pages(  # a page its pending token filled
                     req, (len(req.all_token_ids) - 1) // self.page_size * self.page_size, req.num_computed_tokens)
             updated.append(req)
-        if any(req.is_finished for req in updated):
+        if any_finished:
             self.running = [req for req in self.running if not req.is_finished]
             self.waiting = deque(req for req in self.waiting if not req.is_finished)
         return updated
@@ -363,15 +367,17 @@ class Scheduler:
     # ------------------------------------------------------------------ schedule() helpers
 
     def _schedule_running(self, plan: _StepPlan) -> None:
-        i = 0
-        while i < len(self.running) and plan.token_budget > 0 and len(plan.scheduled) < self.config.max_num_seqs:
-            req = self.running[i]
-            if self._finishes_on_pending(req):
+        i, running, max_num_seqs = 0, self.running, self.config.max_num_seqs
+        window = self.kv_cache.sliding_window
+        while i < len(running) and plan.token_budget > 0 and len(plan.scheduled) < max_num_seqs:
+            req = running[i]
+            if req.num_pending and self._finishes_on_pending(req):
                 i += 1
                 continue
             num_new = self._num_new_tokens(req, req.num_computed_tokens, plan.token_budget)
             if num_new > 0:
-                self.kv_cache.remove_skipped_pages(req)  # a sliding window's passed pages go first
+                if window:
+                    self.kv_cache.remove_skipped_pages(req)  # a sliding window's passed pages go first
                 copies = self._allocate_or_preempt(req, num_new, plan)
                 if copies is None:
                     break  # `req` itself was preempted: it was the last running request
@@ -440,8 +446,9 @@ class Scheduler:
 
     def _finishes_on_pending(self, req: Request) -> bool:
         """Its pending token ends it by length, whatever the token: nothing more to compute."""
-        return req.num_pending > 0 and (
-            req.num_output_tokens + req.num_pending >= req.max_tokens or req.num_tokens >= self.config.max_model_len)
+        pending = req.num_pending
+        return pending > 0 and (len(req.output_token_ids) + pending >= req.max_tokens
+                                or len(req.all_token_ids) + pending >= self.config.max_model_len)
 
     def _waits_for_fork_source(self, req: Request) -> bool:
         src = req.fork_source  # a source swapped out has the tokens, not the pages: wait for it too
@@ -476,27 +483,28 @@ class Scheduler:
 
     def _measure_waste(self, plan: _StepPlan) -> None:
         """Allocated slots that hold no K/V once this step has run, over the running requests."""
-        scheduled = {s.request_id: len(s.token_ids) for s in plan.scheduled}
-        self.kv_waste_slots = sum(
-            len(r.block_table) * self.page_size - r.num_computed_tokens - scheduled.get(r.request_id, 0)
-            for r in self.running
-        )
+        # Every scheduled request is running (a preempted one left before it was scheduled).
+        num_scheduled = self.config.max_num_batched_tokens - plan.token_budget
+        self.kv_waste_slots = (sum(len(r.block_table) for r in self.running) * self.page_size
+                               - sum(r.num_computed_tokens for r in self.running) - num_scheduled)
         if self.running:
             ratio = self.kv_waste_slots / (len(self.running) * self.page_size)
             self.peak_waste_pages_per_request = max(self.peak_waste_pages_per_request, ratio)
 
     # ------------------------------------------------------------------ tokens, stops, release
 
-    def _append_tokens(self, req: Request, token_ids: list[int]) -> None:
-        now = time.time()
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        req.metrics.last_token_time = now
+    def _append_tokens(self, req: Request, token_ids: list[int], now: float) -> bool:
+        """Appends sampled tokens to `req` up to the first that stops it; True if one did (its pages are back)."""
+        metrics = req.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
         for token_id in token_ids:  # more than one only with speculative decoding
             req.append_output_token_ids(token_id)
             if req.check_stop(self.config.max_model_len):
                 self._release(req)
-                break
+                return True
+        return False
 
     def _remove_from_queues(self, req: Request) -> None:
         if req.status == RequestStatus.RUNNING:

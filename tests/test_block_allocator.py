@@ -45,12 +45,15 @@ def test_fork_shares_pages_and_copy_on_write_gives_a_private_copy():
     assert child == parent and child is not parent
     assert all(a.ref_count(p) == 2 for p in parent)
     assert a.num_free_pages == 6  # sharing takes no page
+    assert not a.all_private(child, 2, 3) and not a.all_private(parent, 0, 3)
 
     copy = a.ensure_writable(child, 2)  # the child writes its partial last page
     assert copy is not None
     src, dst = copy
     assert src == parent[2] and dst == child[2] and dst not in parent
     assert a.ref_count(src) == 1 and a.ref_count(dst) == 1
+    assert a.all_private(child, 2, 3) and a.all_private(parent, 2, 3)
+    assert not a.all_private(child, 1, 3) and not a.all_private(child, 0, 2)
     assert a.ensure_writable(parent, 2) is None  # now private to the parent: no copy
     assert a.ensure_writable(child, 2) is None
 

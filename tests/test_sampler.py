@@ -305,3 +305,42 @@ def test_make_sampling_metadata_pads_and_buckets():
         meta_for([params(presence_penalty=1.0)], [[1] * 20], penalty_width=16)
     with pytest.raises(ValueError, match="rows"):
         meta_for([params()] * 3, num_rows=2)
+
+
+def test_make_sampling_metadata_mixed_rows_column_by_column():
+    """Every column of a batch mixing beam-search, seeded, unseeded, min_tokens and logit_bias
+    rows, written out by hand; unseeded rows draw from the rng in row order; a params object
+    used twice, and one derived from it by for_sample, each give their own values."""
+    from pagedjax.sampling_params import BeamSearchParams
+
+    seeded = params(temperature=0.7, top_p=0.9, seed=-3 + 2**40)
+    ps = [
+        BeamSearchParams(beam_width=2, max_tokens=8),
+        seeded,
+        params(temperature=1.0, top_k=5, min_p=0.1),  # unseeded
+        params(temperature=0.0, min_tokens=3, stop_token_ids=[9]),  # greedy, bans 9 and EOS for now
+        params(temperature=1.0, logit_bias={4: 2.5}),  # unseeded
+        seeded,
+        seeded.for_sample(2),
+    ]
+    outputs = [[1], [1, 2], [], [5], [], [6], [7]]
+    rng = np.random.default_rng(11)
+    meta = make_sampling_metadata(ps, outputs, num_rows=8, num_pending=[0, 1, 0, 1, 0, 0, 0], eos_token_id=2,
+                                  rng=np.random.default_rng(11))
+    draws = rng.integers(0, 2**32, size=3)  # rows 2, 3 (greedy rows draw too: unused) and 4
+    np.testing.assert_allclose(meta.temperature, [0, 0.7, 1, 0, 1, 0.7, 0.7, 0], rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(meta.top_k, [0, 0, 5, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(meta.top_p, [1, 0.9, 1, 1, 1, 0.9, 0.9, 1], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(meta.min_p, [0, 0, 0.1, 0, 0, 0, 0, 0], rtol=0, atol=1e-7)
+    seed = (2**40 - 3) % 2**32
+    np.testing.assert_array_equal(meta.seeds, [0, seed, *draws, seed, (seed + 2) % 2**32, 0])
+    np.testing.assert_array_equal(meta.steps, [1, 3, 0, 2, 0, 1, 1, 0])
+    assert meta.banned_token_ids.shape == (8, 16)
+    assert sorted(meta.banned_token_ids[3][meta.banned_token_ids[3] >= 0].tolist()) == [2, 9]
+    assert (np.delete(meta.banned_token_ids, 3, axis=0) == -1).all()
+    assert meta.bias_token_ids[4, 0] == 4 and meta.bias_values[4, 0] == 2.5
+    assert (np.delete(meta.bias_token_ids, 4, axis=0) == -1).all()
+    assert meta.penalty_token_ids.shape == (8, 0)
+    # Once min_tokens are out (3 outputs with the pending one), nothing is banned.
+    later = make_sampling_metadata(ps[3:4], [[5, 6]], num_rows=1, num_pending=[1], eos_token_id=2)
+    assert later.banned_token_ids.shape == (1, 0)

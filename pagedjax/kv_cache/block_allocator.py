@@ -115,6 +115,13 @@ class BlockAllocator:
     def ref_count(self, page: int) -> int:
         return self._ref_counts[page]
 
+    def all_private(self, block_table: Sequence[int], start: int, stop: int) -> bool:
+        """Whether block_table[start:stop] are all held by one table only (writable in place)."""
+        counts = self._ref_counts
+        if stop - start == 1:  # a decode's page
+            return counts[block_table[start]] == 1
+        return all(counts[page] == 1 for page in block_table[start:stop])
+
     # -- allocate / free / share
     def allocate(self, num: int) -> list[int]:
         """`num` fresh pages with count 1; raises if fewer are free (check `num_free_pages`)."""

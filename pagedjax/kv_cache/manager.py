@@ -89,6 +89,11 @@ class KVCacheManager:
         ps, table = self.page_size, req.block_table
         num_computed = req.num_computed_tokens if num_computed_tokens is None else num_computed_tokens
         end = num_computed + num_new_tokens
+        last = -(-end // ps)
+        if not shared and not num_lookahead_tokens and last <= len(table) and self.allocator.all_private(
+                table, num_computed // ps, last):
+            self.cache_full_pages(req, num_computed, end)  # the usual decode: its page is there and its own
+            return []
         num_pages = len(table) + len(shared)
         num_new_pages = max(_cdiv(end + num_lookahead_tokens, ps) - num_pages, 0)
         # Pages written this step that exist already: copy them if shared (every taken one is).
@@ -108,9 +113,11 @@ class KVCacheManager:
         """Registers in the prefix cache the pages that positions [num_computed, end) fill (before
         they are written: see SchedulerOutput). A page holding a pending token (async scheduling)
         is registered once the token is known."""
+        if not self.enable_prefix_caching:
+            return
         ps = self.page_size
         first, num_full = num_computed // ps, min(end, req.num_tokens - req.num_pending) // ps
-        if self.enable_prefix_caching and num_full > first:
+        if num_full > first:
             extend_page_hashes(req.page_hashes, req.all_token_ids, ps, num_full)
             self.allocator.cache_pages(req.block_table, req.page_hashes, start=first, stop=num_full)
 
