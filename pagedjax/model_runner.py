@@ -398,10 +398,10 @@ class ModelRunner:
         logits_indices[:num_rows] = starts[1:num_rows + 1] - 1
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=tables,
                                  seq_lens=seq_lens, query_start_loc=starts, logits_indices=logits_indices)
+        reqs = [s.request for s in batch]
         smeta = make_sampling_metadata(
-            [s.sampling_params for s in batch], [s.output_token_ids for s in batch], num_rows=R,
-            num_pending=[s.request.num_pending for s in batch],
-            prompt_token_ids=[s.prompt_token_ids for s in batch],
+            [r.sampling_params for r in reqs], [r.output_token_ids for r in reqs], num_rows=R,
+            num_pending=[r.num_pending for r in reqs], prompt_token_ids=[r.prompt_token_ids for r in reqs],
             eos_token_id=(self.config.eos_token_ids or (None,))[0], rng=self._rng)
         plp = prompt_logprobs.plan(batch, T)
         return (tokens, src_rows, meta, plp and plp.metadata), smeta, plp

@@ -28,19 +28,23 @@ ROW_FIELDS: tuple[tuple[str, type, float], ...] = (
     ("repetition_penalty", np.float32, 1.0),
 )
 _row_values = operator.attrgetter(*(name for name, _, _ in ROW_FIELDS))
-_NEUTRAL_ROW = (*(neutral for _, _, neutral in ROW_FIELDS), 0, False)
+_ROW_WIDTH = len(ROW_FIELDS) + 2
+_NEUTRAL_ROW = np.array([*(neutral for _, _, neutral in ROW_FIELDS), 0, 0], np.float64).tobytes()
 
 
-def _host_row(sp: SamplingParams | BeamSearchParams) -> tuple:
+def _host_row(sp: SamplingParams | BeamSearchParams) -> bytes:
     """What a row's metadata takes from its params every step, worked out once per params object
-    (they are frozen): the ROW_FIELDS values, the seed mod 2**32 (-1: none, drawn each step),
-    and whether the row has token lists. Beam-search rows: the neutral values, seed 0, none."""
+    (they are frozen): the ROW_FIELDS values, the seed mod 2**32 (-1: none, drawn each step) and
+    1 if the row has token lists, as float64 bytes (exact for these floats and ints), so that a
+    step's rows become one array by joining bytes. Beam-search rows: the neutral values, seed 0,
+    no lists."""
     row = sp.__dict__.get("_host_row")  # cached beside the fields, as functools.cached_property does
     if row is None:
         if isinstance(sp, BeamSearchParams):
             row = _NEUTRAL_ROW
         else:
-            row = (*_row_values(sp), -1 if sp.seed is None else sp.seed % 2**32, sp.needs_token_lists)
+            seed = -1 if sp.seed is None else sp.seed % 2**32
+            row = np.array([*_row_values(sp), seed, sp.needs_token_lists], np.float64).tobytes()
         sp.__dict__["_host_row"] = row
     return row
 
@@ -119,7 +123,7 @@ def make_sampling_metadata(
     seeds = np.zeros(R, np.uint32)
     listed: list[int] = []
     if n:
-        table = np.array([_host_row(sp) for sp in sampling_params], np.float64)  # exact for these floats and ints
+        table = np.frombuffer(b"".join([_host_row(sp) for sp in sampling_params]), np.float64).reshape(n, _ROW_WIDTH)
         for j, (name, dtype, _) in enumerate(ROW_FIELDS):
             columns[name][:n] = table[:, j].astype(dtype)
         seed_column = table[:, len(ROW_FIELDS)]

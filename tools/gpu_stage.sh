@@ -11,6 +11,8 @@
 # bench     W3 latency and W1 ShareGPT-like throughput on Llama-3-8B (random bf16), this tree
 # bench-old the same with the baseline tree carried in .gpu/old (its own pagedjax/ and benchmarks/)
 # profile   benchmarks/profile_step.py at batch 256, 64 and 1 (decode, context 512)
+# host      benchmarks/host_step.py: the engine's host work per decode step at batch 256 with no device in the
+#           loop, W1's sampling and the server's delta outputs (this machine's Python speed)
 # bench-fp8, bench-fp8kv, bench-qwen3: bench with FP8 weights, + FP8 KV cache, on Qwen3-8B
 # w3, w3-nocmdbuf: W3 latency alone, with XLA's command buffers on (default) and off
 # profile-fp8  profile_step.py with FP8 weights at batch 1 and 64, with a trace and the step's HLO summarized
@@ -103,6 +105,9 @@ for s in "$@"; do
         -n "${GPU_TEST_WORKERS:-6}" --maxfail=20 -p no:cacheprovider -rfE tests/test_kv_write.py tests/test_paged_attention_ffi.py \
         tests/test_paged_attention_variants.py tests/test_quantization_kernels.py tests/test_quantization_matmul.py \
         tests/test_gpu_engine.py ;;
+    host)
+      stage host-w1 120 "$PY" benchmarks/host_step.py --temperature 1.0 --output-kind final_only --out "$OUTDIR/host-w1.json"
+      stage host-delta 120 "$PY" benchmarks/host_step.py --temperature 1.0 --output-kind delta --out "$OUTDIR/host-delta.json" ;;
     probe) stage probe 120 "$PY" benchmarks/dispatch_probe.py --out "$OUTDIR/probe.json" ;;
     quant) TAIL=40 stage quant 240 "$PY" benchmarks/kernels/quant_matmul.py --shapes "${QUANT_SHAPES:-gate_up,down}" \
              --rows "${QUANT_ROWS:-1,16,256,2048}" --out "$OUTDIR/quant_matmul.json" ;;
