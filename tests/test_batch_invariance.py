@@ -4,9 +4,10 @@ else is in the batch, however its prompt is chunked, after prefix-cache hits and
 The bundled SmolLM2-135M-Instruct in bf16 on the CPU. A probe prompt (~300 tokens) runs alone on
 a fresh engine: that is the reference. Then it runs beside 2 to 64 random strangers (random
 prompts, lengths, output lengths, greedy and seeded sampling), with the prompt split into chunks
-of 16, 64 and 256 tokens, again after its prefix was cached, with async scheduling off, and in a
-pool small enough that it is preempted (recompute and swap). The probe is checked twice each
-time: greedy, and seeded sampling (temperature 0.8, top-p 0.95), with its top-2 logprobs.
+of 16, 64 and 256 tokens, again after its prefix was cached, with async scheduling off, in a pool
+small enough that it is preempted (recompute and swap), and at tensor-parallel size 3 on fake CPU
+devices. The probe is checked twice each time: greedy, and seeded sampling (temperature 0.8,
+top-p 0.95), with its top-2 logprobs.
 Without the flag the same runs differ from the reference (the test can fail).
 """
 
@@ -109,6 +110,23 @@ def test_without_the_flag_the_numbers_change(params, probe, alone):
     llm = pj.LLM(params, batch_invariant=False, **ENGINE)
     runs = [run(llm, probe, n, seed=n) for n in (8, 32)]
     assert any(not same(r, alone[False]) for r in runs)
+
+
+def test_tensor_parallel(params, probe):
+    """At tensor_parallel_size 3 (SmolLM2's 9 heads and 3 kv heads split over 3 of the 8 fake CPU
+    devices): alone, beside 8 and 32 strangers and in chunks of 72 tokens, the same numbers with
+    the flag and different ones without. The reference is the probe alone at the same size:
+    across sizes the partial sums are added in another order, which the mode does not promise."""
+    tp = dict(ENGINE, tensor_parallel_size=3)
+    for bi in (True, False):
+        alone = run(pj.LLM(params, batch_invariant=bi, **tp), probe)
+        llm = pj.LLM(params, batch_invariant=bi, **tp)
+        runs = [run(llm, probe, n, seed=n) for n in (8, 32)]
+        runs.append(run(pj.LLM(params, batch_invariant=bi, **{**tp, "max_num_batched_tokens": 72}), probe, 8, seed=3))
+        if bi:
+            assert all(same(r, alone) for r in runs)
+        else:
+            assert not all(same(r, alone) for r in runs)
 
 
 def test_refused_where_not_supported():
