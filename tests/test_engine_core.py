@@ -141,3 +141,29 @@ def test_the_core_exits_when_the_front_end_is_gone():
     finally:
         c.shutdown(timeout=5)
 
+
+
+def test_outputs_cross_the_pipe_whole():
+    """encode_output / decode_output, through pickle as the pipe does: every field of a request
+    with two samples, logprobs, prompt logprobs and metrics comes back equal; a later output sent
+    without its prompt gets the one given back."""
+    import pickle
+
+    from pagedjax.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+    from pagedjax.server.engine_core import decode_output, encode_output
+
+    rng = np.random.default_rng(7)
+    lps = [{int(t): Logprob(float(rng.normal()), int(r), "x") for r, t in enumerate(rng.integers(0, 99, 3))}
+           for _ in range(2)]
+    out = RequestOutput(
+        request_id="cmpl-1", prompt="a prompt", prompt_token_ids=[5, 6, 7],
+        prompt_logprobs=[None, {6: Logprob(-1.5, 2, "b")}, {7: Logprob(-0.25, 1, None)}],
+        outputs=[CompletionOutput(0, "hi", [11, 12], -3.5, lps, "stop", "</s>"),
+                 CompletionOutput(1, "ho", [13], -1.25, lps[:1], None, None)],
+        finished=True, metrics=RequestMetrics(1.0, 2.0, 3.0, 4.0, 5.0), num_cached_tokens=2)
+    back = decode_output(pickle.loads(pickle.dumps(encode_output(out))))
+    assert back == out and back.outputs[0].logprobs[1] == lps[1]
+    later = pickle.loads(pickle.dumps(encode_output(out, with_prompt=False)))
+    assert later[1] is None and later[2] is None
+    assert decode_output(later, "a prompt", [5, 6, 7]) == out
+    assert decode_output(later).prompt_token_ids == []
