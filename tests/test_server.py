@@ -513,3 +513,30 @@ def test_metrics(server):
     assert m["pagedjax_time_to_first_token_seconds_count"] >= 1
     assert m["pagedjax_inter_token_latency_seconds_count"] >= 3
     assert m["pagedjax_kv_pages_in_use"] == 0
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_text_chunks_are_the_models_bytes(kind):
+    """A stream's plain text chunks, spliced into a pre-rendered event, are byte for byte what the
+    pydantic models render, for texts with quotes, backslashes, control characters, non-ASCII
+    and the marker's own characters; and the splice is what runs (the template is cached)."""
+    from pagedjax.server import protocol as P
+    from pagedjax.server.serving import _event, _TextChunks
+
+    def render(i, text):
+        if kind == "chat":
+            choice = P.ChatChunkChoice(index=i, delta=P.Delta(content=text))
+            return _event(P.ChatCompletionChunk(id="chatcmpl-x\"y", created=17, model="m/ü", choices=[choice]))
+        choice = P.CompletionChoice(index=i, text=text)
+        return _event(P.CompletionResponse(id="cmpl-1", created=17, model="m", choices=[choice]))
+
+    chunks = _TextChunks(render)
+    rng = random.Random(3)
+    alphabet = ['"', "\\", "\n", "\t", "\r", "\b", "\f", "\x00", "\x1f", "\x7f", "\u2028", "é", "😀", "\ufffd",
+                "/", "<", " ", "a", "Z", "0", "pagedjax-text"]
+    texts = ["", " word", "\x00pagedjax-text\x00"] + ["".join(rng.choices(alphabet, k=rng.randint(1, 12)))
+                                                     for _ in range(300)]
+    for text in texts:
+        for i in (0, 3):
+            assert chunks(i, text) == render(i, text), repr(text)
+    assert sorted(chunks._parts) == [0, 3]  # the splice ran, for each index

@@ -19,7 +19,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,6 +292,16 @@ class OpenAIServing:
         include_usage = bool(req.stream_options and req.stream_options.include_usage) or usage_every
         finished: set[int] = set()
         prompt_lps: dict[int, list] = {}  # echo + logprobs: each prompt's, from its first output
+
+        def event(i: int, text: str, lp=None, finish_reason=None, stop_reason=None) -> str:
+            choice = P.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish_reason,
+                                        stop_reason=stop_reason)
+            chunk = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice])
+            if usage_every:
+                chunk.usage = _usage(prompt_tokens, completion_tokens)
+            return _event(chunk)
+
+        text_chunk = _TextChunks(event)
         try:
             async for p, out in stream:
                 if p not in seen:
@@ -320,12 +330,10 @@ class OpenAIServing:
                         offsets[i] = start + sum(len(t) for t in lp.tokens)
                     if c.finish_reason is not None:
                         finished.add(i)
-                    choice = P.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                                                stop_reason=c.stop_reason)
-                    chunk = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice])
-                    if usage_every:
-                        chunk.usage = _usage(prompt_tokens, completion_tokens)
-                    yield _event(chunk)
+                    if lp is None and c.finish_reason is None and not usage_every:
+                        yield text_chunk(i, text)
+                        continue
+                    yield event(i, text, lp, c.finish_reason, c.stop_reason)
             if include_usage:
                 yield _event(P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
                                                   usage=_usage(prompt_tokens, completion_tokens)))
@@ -460,6 +468,7 @@ class OpenAIServing:
                 body.usage = _usage(prompt_tokens, completion_tokens)
             return _event(body)
 
+        text_chunk = _TextChunks(lambda i, text: chunk(i, P.Delta(content=text)))
         parsers: dict[int, ChoiceParser] = {}
         try:
             for i in range(params.n):
@@ -487,7 +496,12 @@ class OpenAIServing:
                         lp = None  # the step's logprobs go out once, with its first delta
                     if c.finish_reason is not None:
                         finished.add(c.index)
-                    yield chunk(c.index, deltas[-1], lp, parser.finish_reason(c.finish_reason), c.stop_reason)
+                    last = deltas[-1]
+                    if (lp is None and c.finish_reason is None and not usage_every and last.content is not None
+                            and last.role is None and last.reasoning_content is None and last.tool_calls is None):
+                        yield text_chunk(c.index, last.content)
+                        continue
+                    yield chunk(c.index, last, lp, parser.finish_reason(c.finish_reason), c.stop_reason)
             if include_usage:
                 yield _event(P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
                                                    usage=_usage(prompt_tokens, completion_tokens)))
@@ -585,6 +599,31 @@ def _json(body: Any, status: int = 200) -> Response:
 
 def _event(body: Any) -> str:
     return f"data: {body.model_dump_json()}\n\n"
+
+
+class _TextChunks:
+    """Server-sent events of one stream's plain text chunks (no logprobs, finish reason or usage):
+    most of a stream's chunks. Each is the event the pydantic models give for it, rendered once
+    per choice index with a marker for the text, which is then spliced in as a JSON string: about
+    1 us a chunk where the models take about 7 at 256 streams (tests/test_server.py checks the
+    bytes are the same)."""
+
+    _MARK = "\x00pagedjax-text\x00"
+
+    def __init__(self, render: Callable[[int, str], str]):
+        self._render = render  # (choice index, text) -> the event, through the models
+        self._parts: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        parts = self._parts.get(index)
+        if parts is None:
+            marked = self._render(index, self._MARK)
+            quoted = json.dumps(self._MARK)
+            if marked.count(quoted) != 1:  # not a plain splice: always render
+                return self._render(index, text)
+            head, tail = marked.split(quoted)
+            parts = self._parts[index] = (head, tail)
+        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
 
 
 def _error_event(e: Exception) -> str:

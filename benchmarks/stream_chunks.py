@@ -1,0 +1,59 @@
+"""The server's streamed chunks: one step's plain text chunks for N streams (a few characters of
+text each), rendered through the pydantic models and by `_TextChunks`' splice, timed in the same
+run (ms per step, best of 5 repeats of --calls), for chat and for completions.
+
+  python benchmarks/stream_chunks.py --streams 256 --out chunks.json
+
+With the engine on a thread (the default server) this work shares the engine's GIL; with
+`--engine-process` it is the front end's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import timeit
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, default=256)
+    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    from pagedjax.server import protocol as P
+    from pagedjax.server.serving import _event, _TextChunks
+
+    def chat(rid):
+        def render(i, text):
+            choice = P.ChatChunkChoice(index=i, delta=P.Delta(content=text))
+            return _event(P.ChatCompletionChunk(id=rid, created=1796400000, model="llama3", choices=[choice]))
+        return render
+
+    def completion(rid):
+        def render(i, text):
+            choice = P.CompletionChoice(index=i, text=text)
+            return _event(P.CompletionResponse(id=rid, created=1796400000, model="llama3", choices=[choice]))
+        return render
+
+    def ms(fn) -> float:
+        return round(min(timeit.repeat(fn, number=args.calls, repeat=5)) / args.calls * 1000, 3)
+
+    res = {"date": time.strftime("%Y-%m-%d"), "streams": args.streams}
+    for name, make in (("chat", chat), ("completion", completion)):
+        renders = [make(f"chatcmpl-{i:032x}") for i in range(args.streams)]
+        splices = [_TextChunks(r) for r in renders]
+        res[name] = {"models_ms": ms(lambda: [r(0, " word") for r in renders]),
+                     "splice_ms": ms(lambda: [s(0, " word") for s in splices])}
+    print(json.dumps(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
