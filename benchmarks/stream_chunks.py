@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     for name, make in (("chat", chat), ("completion", completion)):
         renders = [make(f"chatcmpl-{i:032x}") for i in range(args.streams)]
         splices = [_TextChunks(r) for r in renders]
-        res[name] = {"models_ms": ms(lambda: [r(0, " word") for r in renders]),
-                     "splice_ms": ms(lambda: [s(0, " word") for s in splices])}
+        res[name] = {"models_ms": ms(lambda renders=renders: [r(0, " word") for r in renders]),
+                     "splice_ms": ms(lambda splices=splices: [s(0, " word") for s in splices])}
     print(json.dumps(res))
     if args.out:
         with open(args.out, "w") as f:
