@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--quantization", default=None, help="weights quantized at load (fp8, awq, gptq)")
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--batch-invariant", action="store_true")
+    p.add_argument("--output-kind", default="cumulative", choices=("cumulative", "delta", "final_only"),
+                   help="the requests' output_kind: final_only is LLM.generate's and W1's, delta the server's")
     p.add_argument("--trace-dir", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -159,7 +161,10 @@ def main(argv=None) -> int:
                  batch_invariant=args.batch_invariant)
     engine = llm.engine
     rng = np.random.default_rng(args.seed)
-    sp = pj.SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
+    from pagedjax.sampling_params import RequestOutputKind
+
+    sp = pj.SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True,
+                           output_kind=RequestOutputKind[args.output_kind.upper()])
     for i in range(B):
         engine.add_request(str(i), rng.integers(16, params.config.vocab_size, size=S).tolist(), sp)
     while any(r.num_computed_tokens < S for r in engine.scheduler.running) or engine.scheduler.waiting:
@@ -212,7 +217,7 @@ def main(argv=None) -> int:
     res = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
            "model": args.model, "dtype": args.dtype, "quantization": args.quantization,
            "kv_cache_dtype": args.kv_cache_dtype, "batch_invariant": args.batch_invariant,
-           "batch_size": B, "context": S,
+           "batch_size": B, "context": S, "output_kind": args.output_kind,
            "async_scheduling": not args.sync,
            "engine_step_ms": round(1000 * plain, 3), "engine_step_ms_timed": round(1000 * wrapped, 3),
            "device_ms": round(1000 * device, 3), "dispatch_ms": round(1000 * dispatch, 3),

@@ -25,7 +25,8 @@
 #           (serving-proc: the same with --engine-process; RATES overrides the rates)
 # moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
 # family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
-# timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG), then
+# timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG; OUTPUT_KIND,
+#           default final_only as in W1), then
 #           benchmarks/trace_timeline.py on it: host events and GPU idle gaps of the last steps
 # skip-temp XLA's command buffers with --xla_gpu_command_buffer_update_mode=SKIP_TEMP (no re-record when only
 #           the step's temp buffer moved): W3 and W1 (the pool sized automatically, or NUM_PAGES), then the
@@ -161,6 +162,7 @@ for s in "$@"; do
       rm -rf "/tmp/trace-$tag"
       TAIL=4 stage "timeline-$tag" 200 "$PY" benchmarks/profile_step.py --model "${MODEL:-named:llama3-8b}" \
         --batch-size "${BATCH:-256}" --context 512 --steps 20 --trace-dir "/tmp/trace-$tag" \
+        --output-kind "${OUTPUT_KIND:-final_only}" \
         --out "$OUTDIR/timeline-$tag.json"
       "$PY" benchmarks/trace_timeline.py "/tmp/trace-$tag" --steps 3 --min-ms "${MIN_MS:-0.2}" \
         --out "$OUTDIR/timeline-$tag.txt" | head -c 6000 ;;
