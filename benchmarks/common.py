@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 import numpy as np
 
@@ -193,3 +194,12 @@ def variant_table(runs: list[dict], latency: dict[str, dict]) -> str:
                         f"{ratio(e2e, lb.get('e2e_mean_ms'))} | {m['tpot_mean_ms']} | {step} | "
                         f"{ratio(step, lb.get('batch1_decode_step_ms'))} |")
     return "\n".join(r for r in rows if r is not None)
+
+
+def emit(res: dict, out: str | None) -> int:
+    """Prints a result as one JSON line and writes it to `out` when given; returns 0 (the exit code)."""
+    print(json.dumps(res))
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pickle
 import sys
 import time
 import timeit
+
+from common import emit
 
 
 def main(argv=None) -> int:
@@ -54,11 +55,7 @@ def main(argv=None) -> int:
            "tuples": {"core_ms": ms(new_send),
                       "front_end_ms": ms(lambda: [decode_output(w, "p", [1]) for w in pickle.loads(new_bytes)]),
                       "bytes": len(new_bytes)}}
-    print(json.dumps(res))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return emit(res, args.out)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import statistics
 import sys
 import time
 import types
 
 import numpy as np
+from common import emit
 
 
 def _median_ms(fn, calls: int) -> float:
@@ -138,11 +138,7 @@ def main(argv=None) -> int:
                        "p90": round(steps_ms[int(0.9 * (len(steps_ms) - 1))], 3), "max": round(steps_ms[-1], 3)},
            "host_only_ms": host_only,
            "gen2_collections": gc.get_stats()[2]["collections"] - full0, "gc_frozen_objects": gc.get_freeze_count()}
-    print(json.dumps(res))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return emit(res, args.out)
 
 
 if __name__ == "__main__":

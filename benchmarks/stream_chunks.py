@@ -11,10 +11,11 @@ With the engine on a thread (the default server) this work shares the engine's G
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import timeit
+
+from common import emit
 
 
 def main(argv=None) -> int:
@@ -48,11 +49,7 @@ def main(argv=None) -> int:
         splices = [_TextChunks(r) for r in renders]
         res[name] = {"models_ms": ms(lambda renders=renders: [r(0, " word") for r in renders]),
                      "splice_ms": ms(lambda splices=splices: [s(0, " word") for s in splices])}
-    print(json.dumps(res))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return emit(res, args.out)
 
 
 if __name__ == "__main__":
