@@ -16,7 +16,8 @@ vLLM (it uses vLLM's `continuous_usage_stats`).
         --num-prompts 200 --input-len 256 --output-len 128 --out serving.json
 
 With `--launch "SERVE ARGS"` it starts `pagedjax serve SERVE ARGS` itself and times its start-up
-(launch to the first successful /health; `--startup-runs 2` starts it twice, and with
+(launch to the first successful /health, and the phases the server's line reports: weights,
+tokenizer, engine, compiling, the rest as "other"; `--startup-runs 2` starts it twice, and with
 `--fresh-compile-cache` the first start compiles into an empty cache: cold, then warm). With
 `--offline` it then runs the last rate's requests on the offline engine those arguments build, in
 this process after the server has exited, so the serving and offline figures come from one run:
@@ -241,6 +242,7 @@ async def main_async(args: argparse.Namespace) -> tuple[list[dict], list[tuple[P
 
 
 _SERVING = re.compile(r"\[pagedjax\] serving .* on (http://\S+:\d+)")
+_PHASE = re.compile(r"(\w+) ([\d.]+) s")
 
 
 class Launched:
@@ -252,12 +254,14 @@ class Launched:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.url = None
+        self.url, self.phases = None, {}
         for line in self.proc.stdout:  # the line with the bound port (stderr) comes before serving starts
             self.log.write(line)
             m = _SERVING.search(line)
             if m:
                 self.url = m.group(1)
+                _, _, startup = line.partition("start-up: ")
+                self.phases = {k: float(v) for k, v in _PHASE.findall(startup)}  # weights, tokenizer, engine, ...
                 break
         if self.url is None:
             raise SystemExit(f"the server exited ({self.proc.wait()}) before serving; see {log_path}")
@@ -273,6 +277,8 @@ class Launched:
                 raise SystemExit(f"the server did not come up; see {log_path}")
             time.sleep(0.05)
         self.startup_s = time.perf_counter() - t0
+        # The rest: Python and imports, the model's config, uvicorn, the first /health.
+        self.phases["other"] = round(self.startup_s - sum(self.phases.values()), 2)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -348,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.offline and not args.launch:
         p.error("--offline needs --launch (the engine options to build offline)")
     serve_args = shlex.split(args.launch) if args.launch else []
-    startups, server = [], None
+    startups, startup_phases, server = [], [], None
     if args.fresh_compile_cache:
         import tempfile
 
@@ -359,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         server = Launched(serve_args, os.path.join(out_dir, f"serving-server-{i}.log"), args.timeout)
         startups.append(round(server.startup_s, 2))
-        print(f"server start-up {i}: {server.startup_s:.1f} s", file=sys.stderr)
+        startup_phases.append(server.phases)
+        print(f"server start-up {i}: {server.startup_s:.1f} s ({server.phases})", file=sys.stderr)
         args.base_url = server.url
     try:
         rows, requests = asyncio.run(main_async(args))
@@ -381,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                   for k, v in vars(args).items() if k != "api_key"}
         with open(args.out, "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "config": config,
-                       "startup_s": startups, "results": rows, "offline": offline}, f, indent=2)
+                       "startup_s": startups, "startup_phases_s": startup_phases, "results": rows,
+                       "offline": offline}, f, indent=2)
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 

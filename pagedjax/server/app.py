@@ -215,6 +215,11 @@ class ServerOptions:
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig options (reasoning_parser among them)
 
 
+def startup_phases(seconds: dict[str, float]) -> str:
+    """`LLM.startup_seconds` as the serving line prints it: "weights 6.1 s, tokenizer 0.2 s, ..."."""
+    return ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) or "not reported"
+
+
 def run_server(options: ServerOptions) -> int:
     """`pagedjax serve`: loads the model, builds the engine (compiling its steps), serves until stopped."""
     import socket
@@ -237,9 +242,10 @@ def run_server(options: ServerOptions) -> int:
 
         jax.config.update("jax_platforms", "cpu")  # should anything here init JAX, not on the core's GPU
     else:
-        engine = LLM(o.model, dtype=resolve_dtype(o.dtype), load_format=o.load_format, tokenizer=o.tokenizer,
-                     **o.engine).engine  # loads as LLM does (TP shards included)
-        info = engine_info(engine)
+        llm = LLM(o.model, dtype=resolve_dtype(o.dtype), load_format=o.load_format, tokenizer=o.tokenizer,
+                  **o.engine)  # loads as LLM does (TP shards included)
+        engine = llm.engine
+        info = engine_info(engine, llm.startup_seconds)
     name = o.served_model_name or o.model or BUNDLED_MODEL_NAME
     api_key = o.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
     app = build_app(engine, name, api_key=api_key, max_queue=o.max_queue,
@@ -255,7 +261,7 @@ def run_server(options: ServerOptions) -> int:
     port = sock.getsockname()[1]
     print(f"[pagedjax] serving {name!r} on http://{o.host}:{port} "
           f"(max_model_len {info['max_model_len']}, {info['num_pages'] - 1} KV pages of {info['kv_dtype']}, "
-          f"weights {info['weights']}{', engine in its own process' if o.engine_process else ''})",
-          file=sys.stderr, flush=True)
+          f"weights {info['weights']}{', engine in its own process' if o.engine_process else ''}; "
+          f"start-up: {startup_phases(info['startup_seconds'])})", file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     return 0 if server.started else 1

@@ -256,11 +256,13 @@ class EngineCoreClient(AsyncEngine):
 
 # -- the core process --------------------------------------------------------------------------
 
-def engine_info(engine: Any) -> dict[str, Any]:
-    """What the front end needs of a built LLMEngine (and what `pagedjax serve` prints)."""
+def engine_info(engine: Any, startup_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """What the front end needs of a built LLMEngine (and what `pagedjax serve` prints, with where
+    its start-up went: `LLM.startup_seconds`)."""
     cfg = engine.config
     quant = engine.params.config.quantization
-    return {"vocab_size": engine.params.config.vocab_size, "max_model_len": cfg.max_model_len,
+    return {"startup_seconds": dict(startup_seconds or {}),
+            "vocab_size": engine.params.config.vocab_size, "max_model_len": cfg.max_model_len,
             "max_logprobs": cfg.max_logprobs, "reasoning_parser": cfg.reasoning_parser,
             "enable_in_reasoning": cfg.enable_in_reasoning,
             "grammar_compile_timeout": cfg.grammar_compile_timeout,
@@ -278,9 +280,10 @@ def _core_main(conn, options: Any, log_level: int) -> None:
     try:
         from pagedjax.api import LLM, resolve_dtype
 
-        engine = LLM(options.model, dtype=resolve_dtype(options.dtype), load_format=options.load_format,
-                     tokenizer=options.tokenizer, **options.engine).engine
-        conn.send(("ready", engine_info(engine), engine.tokenizer))
+        llm = LLM(options.model, dtype=resolve_dtype(options.dtype), load_format=options.load_format,
+                  tokenizer=options.tokenizer, **options.engine)
+        engine = llm.engine
+        conn.send(("ready", engine_info(engine, llm.startup_seconds), engine.tokenizer))
     except BaseException as e:
         logging.getLogger("pagedjax.server").exception("the engine core failed to start")
         conn.send(("error", _sendable(e)))
