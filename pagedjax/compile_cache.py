@@ -5,7 +5,8 @@ JAX's persistent compilation cache (turned on too) skips only XLA's compile; tra
 lowering a 32-layer step still take seconds per bucket. Here a compiled executable is stored
 serialized (`jax.experimental.serialize_executable`) under a key made of everything that
 decides the program: the function, its static arguments, the shapes, dtypes and shardings of
-its inputs, the jax/jaxlib versions, the backend and its devices, XLA_FLAGS, and a hash of
+its inputs, the jax/jaxlib versions, the backend and its devices, XLA_FLAGS (and PROGRAM_ENV's
+other variables), and a hash of
 pagedjax's own source and compiled extension (a code change is a different program even when
 every shape is the same). A load that fails for any reason recompiles and rewrites the entry.
 """
@@ -28,6 +29,8 @@ import jax
 logger = logging.getLogger("pagedjax")
 
 _FORMAT = 2  # bump when the stored payload changes
+# Environment variables that change a traced program (beside its code, shapes and options)
+PROGRAM_ENV = ("XLA_FLAGS", "PAGEDJAX_BATCH_INVARIANT_MATMUL")
 
 
 @functools.cache
@@ -89,7 +92,7 @@ class ExecutableCache:
         device = jax.devices()[0]
         parts = [str(_FORMAT), name, jax.__version__, jaxlib.__version__, device.platform,
                  getattr(device, "device_kind", ""), str(jax.device_count()), device.client.platform_version,
-                 os.environ.get("XLA_FLAGS", ""), source_fingerprint(), str(treedef),
+                 *(os.environ.get(v, "") for v in PROGRAM_ENV), source_fingerprint(), str(treedef),
                  ";".join(_aval(x) for x in leaves), repr(static)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 

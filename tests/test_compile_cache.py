@@ -25,6 +25,26 @@ def test_a_stored_program_loads_onto_its_own_devices(tmp_path):
     assert jnp.asarray(0).devices()  # the backend is still fine
 
 
+def test_a_program_changed_by_the_environment_is_compiled_again(tmp_path, monkeypatch):
+    """Variables that change the traced program (the batch-invariant GEMM's choice, XLA_FLAGS)
+    are part of the key: the program stored under one value is not loaded under another."""
+    from pagedjax import compile_cache
+
+    fn = jax.jit(lambda x: x + 1)
+    x = np.zeros(3, np.float32)
+    for name in compile_cache.PROGRAM_ENV:
+        monkeypatch.delenv(name, raising=False)
+        ExecutableCache(tmp_path).get("fn", fn, (x,))
+        monkeypatch.setenv(name, "mosaic" if name.startswith("PAGEDJAX") else "--xla_cpu_enable_fast_math=false")
+        other = ExecutableCache(tmp_path)
+        other.get("fn", fn, (x,))
+        assert other.misses == 1 and other.disk_hits == 0, name
+        again = ExecutableCache(tmp_path)
+        again.get("fn", fn, (x,))
+        assert again.disk_hits == 1, name
+    assert "PAGEDJAX_BATCH_INVARIANT_MATMUL" in compile_cache.PROGRAM_ENV
+
+
 def test_abstract_params_come_from_disk_once_traced(tmp_path, monkeypatch):
     """The model's abstract parameter tree (traced from its init: ~1 s for 30 layers) is stored
     once and read back by a later process (here: with the in-process cache cleared and tracing

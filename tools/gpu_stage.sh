@@ -19,6 +19,8 @@
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
 # bi-tests  the `gpu` tests of batch_invariant (tests/test_batch_invariance_gpu.py, the attention call's)
 # bench-bi  W3 and W1 with and without batch_invariant, in one process
+# bi-mosaic batch_invariant on one Mosaic GPU GEMM launch (PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic):
+#           benchmarks/kernels/invariant_matmul.py (speed and invariance by tile), the bi `gpu` tests, bench-bi
 # structured  benchmarks/structured.py: 1000 requests with a JSON schema vs unconstrained (Llama-3 tokenizer)
 # serving   benchmarks/serving.py at rates 1, 4, 16, inf against `pagedjax serve` (dummy Llama-3-8B, the
 #           Llama-3 tokenizer from .gpu/), start-up cold and warm, the offline engine beside it
@@ -139,6 +141,13 @@ for s in "$@"; do
       TAIL=30 stage bi-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py "tests/test_paged_attention_ffi.py::test_gpu_batch_invariant_call" ;;
     bench-bi) throughput . bench-bi --variants bf16,bf16+bi ;;
+    bi-mosaic)  # batch_invariant with the one-launch GEMM: the kernel sweep, the gpu tests, W3 and W1
+      TAIL=45 stage bi-matmul 240 "$PY" benchmarks/kernels/invariant_matmul.py --out "$OUTDIR/invariant-matmul.json"
+      export PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic
+      TAIL=30 stage bi-mosaic-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        tests/test_batch_invariance_gpu.py
+      throughput . bench-bi-mosaic --variants bf16,bf16+bi
+      unset PAGEDJAX_BATCH_INVARIANT_MATMUL ;;
     structured) TAIL=30 stage structured 420 bash -c "cd benchmarks && $PY structured.py --model named:llama3-8b \
         --tokenizer ../.gpu/ggml-vocab-llama-bpe.gguf --num-prompts $N1 --max-len 4096 --max-num-seqs 256 \
         --max-num-batched-tokens 2048 --out '$(cd "$OUTDIR" && pwd)/structured.json'" ;;

@@ -31,12 +31,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_time  # noqa: E402
 
 from pagedjax.models import get_config, moe  # noqa: E402
 
@@ -51,22 +51,6 @@ def shapes(name: str) -> dict:
         return TINY[name]
     c = get_config(name)
     return dict(D=c.hidden_size, F=c.moe_intermediate_size, E=c.num_experts, k=c.num_experts_per_tok)
-
-
-def median_time(fn, args, reps: int, repeats: int = 5, target_s: float = 0.05) -> float:
-    """Median seconds per call of fn(*args), which makes `reps` calls; after compile and warm-up."""
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    iters = int(min(max(target_s / max(time.perf_counter() - t, 1e-6), 1), 50))
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t) / iters / reps)
-    return statistics.median(samples)
 
 
 def device_ceilings(on_gpu: bool) -> tuple[float, float]:

@@ -26,12 +26,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_time  # noqa: E402
 
 from pagedjax.attention import ffi, reference  # noqa: E402
 from pagedjax.attention.metadata import AttentionMetadata  # noqa: E402
@@ -39,23 +39,6 @@ from pagedjax.attention.metadata import AttentionMetadata  # noqa: E402
 N, K, H, PAGE = 32, 8, 128, 16
 DTYPE = jnp.bfloat16
 REPS = 10  # calls per jitted function (independent inputs), so dispatch is not what is timed
-
-
-def median_time(fn, args, reps: int, target_s: float = 0.02, repeats: int = 5) -> float:
-    """Median seconds per call of fn(*args), which makes `reps` calls; after compile and warm-up."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    iters = int(min(max(target_s / max(time.perf_counter() - t, 1e-6), 1), 100))
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t) / iters / reps)
-    return statistics.median(samples)
 
 
 def copy_bandwidth(nbytes: int) -> float:

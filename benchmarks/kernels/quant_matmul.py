@@ -33,13 +33,12 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_time  # noqa: E402
 
 import pagedjax  # noqa: E402,F401  (registers the FFI targets)
 from pagedjax.quantization import kernels, quantize_fp8, quantized_matmul  # noqa: E402
@@ -58,20 +57,9 @@ FFI_METHODS = {"fp8_ffi", "fp8_gemm", "fp8_block_ffi", "int4_kernel"}
 GROUP = 128
 
 
-def median_ms(fn, args, calls: int, target_s: float = 0.03, samples: int = 7) -> float:
+def median_ms(fn, args, calls: int) -> float:
     """Median ms per call of fn(*args), which makes `calls` calls; after compile and warm-up."""
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    iters = int(min(max(target_s / max(time.perf_counter() - t, 1e-6), 1), 200))
-    out = []
-    for _ in range(samples):
-        t = time.perf_counter()
-        for _ in range(iters):
-            r = fn(*args)
-        jax.block_until_ready(r)
-        out.append((time.perf_counter() - t) / iters / calls * 1e3)
-    return statistics.median(out)
+    return 1e3 * median_time(fn, args, calls, repeats=7, target_s=0.03, max_iters=200)
 
 
 def copies_for(nbytes: int, cap: int = 16) -> int:

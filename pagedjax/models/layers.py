@@ -23,7 +23,7 @@ import numpy as np
 from pagedjax.attention import AttentionMetadata, paged_attention, resolve_impl
 from pagedjax.kv_cache.kv_dtype import is_fp8
 from pagedjax.kv_cache.page_pool import write_kv
-from pagedjax.models import moe, quantized
+from pagedjax.models import invariant_matmul, moe, quantized
 from pagedjax.models.config import ModelConfig, RopeScaling
 
 INIT_STD = 0.02
@@ -73,9 +73,11 @@ def row_tiled(f: Callable[[jax.Array], jax.Array], x: jax.Array, rows: int | Non
 
 
 def rows_matmul(cfg: ModelConfig | None, eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """jnp.einsum(eqn, x, w) for an eqn whose first x dim is the rows; row-tiled under cfg.batch_invariant."""
+    """jnp.einsum(eqn, x, w) for an eqn whose first x dim is the rows; under cfg.batch_invariant
+    row-tiled, or one fixed-tile kernel where PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic applies."""
     if cfg is not None and cfg.batch_invariant:
-        return row_tiled(lambda t: jnp.einsum(eqn, t, w), x)
+        y = invariant_matmul.einsum(eqn, x, w) if invariant_matmul.impl() == "mosaic" else None
+        return row_tiled(lambda t: jnp.einsum(eqn, t, w), x) if y is None else y
     return jnp.einsum(eqn, x, w)
 
 

@@ -1,0 +1,135 @@
+"""Batch-invariant GEMMs on the GPU: XLA's dot vs the row tiles vs one Mosaic GPU launch.
+
+Llama-3-8B's projections (K -> N) at M = 1, 8, 64, 256, 2048 rows, bf16. Methods:
+- `dot`: jnp.dot, what the default mode runs (cuBLAS picks its algorithm by M: not invariant);
+- `tiles128`, `tiles64`: layers.row_tiled, one cuBLAS GEMM per tile of that many rows (the
+  batch-invariant mode today, 128 rows on the GPU);
+- `mosaic_nN`: models/invariant_matmul.py, JAX's Hopper matmul in one launch, tile_n = N
+  (tiles_for's choice is marked).
+
+For each: ms per call (median of samples; each sample many calls inside one jitted scan over
+weight copies larger than L2, so weights come from HBM), the weight bytes per second, TFLOP/s, the
+largest error against a float32 dot, and whether it is batch-invariant: each M's rows, drawn
+at random from a 2048-row input, must equal those rows of the 2048-row result bit for bit.
+
+    python benchmarks/kernels/invariant_matmul.py --out results.json
+    python benchmarks/kernels/invariant_matmul.py --dry-run     # tiny shapes, the XLA methods, any backend
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from timing import median_time  # noqa: E402
+
+from pagedjax.models import invariant_matmul as im  # noqa: E402
+from pagedjax.models.layers import row_tiled  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import emit  # noqa: E402
+
+L2_BYTES = 60 << 20
+SHAPES = {"q": (4096, 4096), "kv": (4096, 1024), "gate": (4096, 14336), "down": (14336, 4096),
+          "lm_head": (4096, 128256)}
+ROWS = (1, 8, 64, 256, 2048)
+DRY_SHAPES = {"q": (128, 192), "down": (192, 128)}
+DRY_ROWS = (1, 8, 40)
+
+
+def methods(k: int, n: int, on_hopper: bool) -> dict:
+    """name -> f(x [M, K], w [K, N]) -> [M, N]."""
+    out = {"dot": lambda x, w: x @ w,
+           "tiles128": lambda x, w: row_tiled(lambda t: t @ w, x, 128),
+           "tiles64": lambda x, w: row_tiled(lambda t: t @ w, x, 64)}
+    if on_hopper:
+        chosen = im.tiles_for(k, n)
+        for tile_n in (16, 32, 64, 128):
+            if n % tile_n == 0:
+                tiles = im.Tiles(tile_n=tile_n)
+                if tiles.smem_bytes(2) <= im.SMEM_BYTES:
+                    name = f"mosaic_n{tile_n}" + ("*" if tiles == chosen else "")
+                    out[name] = functools.partial(lambda x, w, t: im.matmul(x, w, t), t=tiles)
+    return out
+
+
+def run_shape(name: str, k: int, n: int, rows: tuple[int, ...], on_hopper: bool, rng) -> list[dict]:
+    big = max(rows)
+    x_all = jnp.asarray(rng.standard_normal((big, k)), jnp.bfloat16)  # [big, K]
+    w = jnp.asarray(rng.standard_normal((k, n)) / math.sqrt(k), jnp.bfloat16)  # [K, N]
+    copies = max(2, min(8, math.ceil(3 * L2_BYTES / (k * n * 2))))
+    ws = jnp.stack([w] * copies)  # [C, K, N]
+    ref = np.asarray(jnp.dot(x_all.astype(jnp.float32), w.astype(jnp.float32),
+                             precision=jax.lax.Precision.HIGHEST))  # [big, N]
+    results = []
+    for mname, f in methods(k, n, on_hopper).items():
+        try:
+            y_big = np.asarray(jax.jit(f)(x_all, w).astype(jnp.float32))
+        except Exception as e:  # noqa: BLE001  (a kernel that does not build for a shape is a result too)
+            results.append(dict(shape=name, K=k, N=n, method=mname, error=f"{type(e).__name__}: {e}"[:400]))
+            traceback.print_exc()
+            continue
+        loop = jax.jit(lambda x, ws, f=f: jax.lax.scan(lambda c, w: (c, f(x, w)), 0, ws)[1])
+        for m in rows:
+            idx = np.sort(rng.choice(big, m, replace=False))
+            x = x_all[idx]
+            y = np.asarray(jax.jit(f)(x, w).astype(jnp.float32))
+            ms = 1e3 * median_time(loop, (x, ws), copies, repeats=7)
+            results.append(dict(
+                shape=name, K=k, N=n, method=mname, M=m, ms=round(ms, 4),
+                weight_GBps=round(k * n * 2 / ms / 1e6, 1), tflops=round(2 * m * k * n / ms / 1e9, 2),
+                max_rel_err=float(np.abs(y - ref[idx]).max() / np.abs(ref[idx]).max()),
+                invariant=bool(np.array_equal(y, y_big[idx]))))
+            print(results[-1], flush=True)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| shape | method | " + " | ".join(f"M={m}" for m in sorted({r['M'] for r in results if 'M' in r}))
+            + " | invariant |", None]
+    rows[1] = "|" + "---|" * (rows[0].count("|") - 1)
+    keys = dict.fromkeys((r["shape"], r["method"]) for r in results)
+    for shape, method in keys:
+        rs = [r for r in results if r["shape"] == shape and r["method"] == method]
+        if "error" in rs[0]:
+            rows.append(f"| {shape} | {method} | {rs[0]['error'][:80]} |")
+            continue
+        cells = " | ".join(f"{r['ms']:.3f}" for r in rs)
+        rows.append(f"| {shape} | {method} | {cells} | {all(r['invariant'] for r in rs)} |")
+    return "ms per call\n" + "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes; no kernel (any backend)")
+    p.add_argument("--shapes", default=None, help="comma-separated names from SHAPES")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = jax.devices()[0]
+    on_hopper = device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+    shapes = DRY_SHAPES if args.dry_run else SHAPES
+    if args.shapes:
+        shapes = {k: shapes[k] for k in args.shapes.split(",")}
+    rows = DRY_ROWS if args.dry_run else ROWS
+    rng = np.random.default_rng(0)
+    results = []
+    for name, (k, n) in shapes.items():
+        results += run_shape(name, k, n, rows, on_hopper and not args.dry_run, rng)
+    print(table(results))
+    return emit(dict(benchmark="invariant_matmul", date=datetime.date.today().isoformat(),
+                     device=device.device_kind, jax=jax.__version__, results=results), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Batch-invariant matmuls on Hopper in one launch: JAX's Mosaic GPU matmul with fixed tiles.
+
+Dims: T rows (tokens), K contracted, N output features.
+
+The batch-invariant mode's default GEMM (`layers.row_tiled`) runs one cuBLAS call per tile of
+128 rows, so every call has the same shape and algorithm. Each call reads the whole weight:
+a 2048-token prefill chunk reads it 16 times. The kernel here
+(`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) covers all row tiles in one persistent
+launch. Its tile shape, K loop and wgmma sequence are fixed per (K, N), with no split-K, so a row's
+sums run in the same order whatever T is. The row tiles of one weight column block run side by
+side, so the weight is read from HBM about once and the other tiles find it in L2.
+
+Experimental: `PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic` turns it on for batch-invariant engines on
+sm_90 GPUs at tensor-parallel size 1; "tiles" (the default) keeps the row tiles. Weights laid out
+[N, K] (a tied embedding as the LM head), float32 models and shapes the kernel cannot tile keep
+the row tiles. Its speed and invariance are measured by `benchmarks/kernels/invariant_matmul.py`
+and `tests/test_batch_invariance_gpu.py` on the GPU (`bash tools/gpu_stage.sh bi-mosaic`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+IMPL_ENV = "PAGEDJAX_BATCH_INVARIANT_MATMUL"
+IMPLS = ("tiles", "mosaic")
+SMEM_BYTES = 227 * 1024  # shared memory a block can use on sm_90
+
+
+def impl() -> str:
+    """The batch-invariant GEMM chosen by PAGEDJAX_BATCH_INVARIANT_MATMUL ("tiles" unless set)."""
+    name = os.environ.get(IMPL_ENV, "tiles")
+    if name not in IMPLS:
+        raise ValueError(f"{IMPL_ENV}={name!r}: expected one of {', '.join(IMPLS)}")
+    return name
+
+
+def check(tensor_parallel_size: int) -> None:
+    """A ValueError unless the chosen GEMM can run here (mosaic: an sm_90 GPU, one device)."""
+    if impl() != "mosaic":
+        return
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or capability != "9.0":
+        raise ValueError(f"{IMPL_ENV}=mosaic needs a Hopper GPU (compute capability 9.0); this device "
+                         f"is {device.device_kind!r} ({device.platform}, capability {capability})")
+    if tensor_parallel_size != 1:
+        raise ValueError(f"{IMPL_ENV}=mosaic runs at tensor_parallel_size 1, got {tensor_parallel_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One launch's fixed tiling. Each CTA owns a (2 * tile_m) x tile_n block of the output (two
+    warpgroups of tile_m rows) and walks K in steps of tile_k, `stages` of them in flight."""
+
+    tile_m: int = 64
+    tile_n: int = 64
+    tile_k: int = 64
+    stages: int = 4
+
+    @property
+    def rows(self) -> int:
+        """Rows per CTA: T is padded to a multiple of this."""
+        return 2 * self.tile_m
+
+    def smem_bytes(self, itemsize: int) -> int:
+        """Shared memory of a CTA: the pipeline's A and B slots plus the epilogue's two slots."""
+        pipeline = self.stages * (self.rows * self.tile_k + self.tile_k * self.tile_n) * itemsize
+        epilogue = 2 * 2 * 64 * min(64, self.tile_n) * itemsize
+        return pipeline + epilogue
+
+
+def tiles_for(k: int, n: int, dtype=jnp.bfloat16) -> Tiles | None:
+    """The tiling for a [T, k] @ [k, n] matmul, fixed per (k, n); None where the kernel does not
+    apply (the caller keeps the row tiles): a float32 model (Hopper's tensor cores would round it
+    to tf32), or k or n not a multiple of the tiles."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return None
+    tile_n = next((t for t in (64, 32, 16) if n % t == 0), None)
+    if tile_n is None or k % 64:
+        return None
+    return Tiles(tile_n=tile_n)
+
+
+def _kernel_config(tiles: Tiles):
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu
+
+    return mgpu.TuningConfig(tile_m=tiles.tile_m, tile_n=tiles.tile_n, tile_k=tiles.tile_k,
+                             max_concurrent_steps=tiles.stages, epi_tile_m=64, epi_tile_n=min(64, tiles.tile_n),
+                             wg_dimension=mgpu.MatmulDimension.M, grid_minor_dim=mgpu.MatmulDimension.M)
+
+
+def _mosaic_matmul(x: jax.Array, w: jax.Array, tiles: Tiles) -> jax.Array:
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu
+
+    return mgpu.matmul(x, w, None, _kernel_config(tiles))
+
+
+def matmul(x: jax.Array, w: jax.Array, tiles: Tiles, kernel=_mosaic_matmul) -> jax.Array:
+    """x [T, K] @ w [K, N] -> [T, N] on `tiles`, T zero-padded to whole CTA rows."""
+    T = x.shape[0]
+    padded = -(-T // tiles.rows) * tiles.rows
+    y = kernel(jnp.pad(x, [(0, padded - T), (0, 0)]), w, tiles)  # [padded, N]
+    return y[:T]
+
+
+def einsum(eqn: str, x: jax.Array, w: jax.Array, kernel=_mosaic_matmul) -> jax.Array | None:
+    """jnp.einsum(eqn, x, w) through the kernel, for an eqn whose x is rows then contracted dims
+    and whose w is those contracted dims then output dims ("td,dnh->tnh", "tnh,nhd->td",
+    "se,ev->sv"); None for any other eqn or shape (the caller keeps the row tiles)."""
+    inputs, out = eqn.split("->")
+    xs, ws = inputs.split(",")
+    row, contracted = xs[0], xs[1:]
+    if not contracted or ws[: len(contracted)] != contracted or out != row + ws[len(contracted):]:
+        return None
+    k = math.prod(x.shape[1:])
+    out_dims = w.shape[len(contracted):]
+    n = math.prod(out_dims)
+    tiles = tiles_for(k, n, x.dtype)
+    if tiles is None or w.dtype != x.dtype:
+        return None
+    y = matmul(x.reshape(x.shape[0], k), w.reshape(k, n), tiles, kernel)  # [T, N]
+    return y.reshape(x.shape[0], *out_dims)

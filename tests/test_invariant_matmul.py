@@ -1,0 +1,129 @@
+"""The batch-invariant mode's one-launch GEMM (models/invariant_matmul.py), on the CPU.
+
+The kernel itself runs on sm_90 GPUs only; here the wrapper's views of each model eqn are checked
+against numpy with a stand-in 2-D matmul, the tiling of every real architecture's projections
+is checked against the kernel's limits, and the model's matmul is lowered for an abstract H200
+to show that it reaches JAX's Mosaic GPU kernel. Its run on the GPU, invariance and speed:
+`bash tools/gpu_stage.sh bi-mosaic`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src import mesh as mesh_lib
+
+from pagedjax.models import invariant_matmul as im
+from pagedjax.models.layers import rows_matmul
+from pagedjax.models.named import NAMED_CONFIGS
+
+# (eqn, x shape, w shape): every eqn the models send through rows_matmul
+EQNS = [
+    ("td,dnh->tnh", (5, 128), (128, 4, 16)),  # q/k/v projections
+    ("tnh,nhd->td", (5, 4, 16), (4, 16, 128)),  # the attention output projection
+    ("td,df->tf", (130, 64), (64, 192)),  # gate/up/fc_in, past one CTA's rows
+    ("se,ev->sv", (1, 192), (192, 320)),  # an untied LM head
+]
+
+
+def _int_values(rng, shape):
+    """bf16 arrays of -1, 0 and 1: every sum below is an integer under 256, exact in bf16."""
+    return jnp.asarray(rng.integers(-1, 2, shape), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("eqn,x_shape,w_shape", EQNS)
+def test_views_match_numpy(eqn, x_shape, w_shape):
+    rng = np.random.default_rng(abs(hash(eqn)) % 2**32)
+    x, w = _int_values(rng, x_shape), _int_values(rng, w_shape)
+    seen = []
+
+    def stand_in(a, b, tiles):  # the kernel's contract: [M, K] @ [K, N], M whole CTAs of rows
+        seen.append((a.shape, b.shape, tiles))
+        assert a.shape[0] % tiles.rows == 0 and a.shape[1] == b.shape[0]
+        assert b.shape[0] % tiles.tile_k == 0 and b.shape[1] % tiles.tile_n == 0
+        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+    y = im.einsum(eqn, x, w, kernel=stand_in)
+    expected = np.einsum(eqn, np.asarray(x, np.float64), np.asarray(w, np.float64))
+    assert y.shape == expected.shape and y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float64), expected)
+    assert len(seen) == 1
+    # padded rows are zeros and sliced away: the first row alone gives the same first row
+    alone = im.einsum(eqn, x[:1], w, kernel=stand_in)
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(y[:1]))
+
+
+@pytest.mark.parametrize("eqn,x_shape,w_shape,dtype,why", [
+    ("se,ve->sv", (3, 64), (128, 64), jnp.bfloat16, "weights laid out [N, K] (a tied head)"),
+    ("td,df->tf", (3, 64), (64, 128), jnp.float32, "float32 would be rounded to tf32"),
+    ("td,df->tf", (3, 96), (96, 128), jnp.bfloat16, "K not a multiple of 64"),
+    ("td,df->tf", (3, 64), (64, 72), jnp.bfloat16, "N not a multiple of 16"),
+])
+def test_falls_back_to_row_tiles(eqn, x_shape, w_shape, dtype, why):
+    def never(*_):
+        raise AssertionError(f"the kernel ran: {why}")
+
+    x, w = jnp.ones(x_shape, dtype), jnp.ones(w_shape, dtype)
+    assert im.einsum(eqn, x, w, kernel=never) is None, why
+
+
+def _projections(cfg):
+    """(name, K, N) of every matmul of a dense model that goes through rows_matmul."""
+    D, H, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes = [("q_proj", D, cfg.num_heads * H), ("k_proj", D, cfg.num_kv_heads * H),
+              ("o_proj", cfg.num_heads * H, D), ("gate_up", D, F), ("down_proj", F, D)]
+    if not cfg.tie_word_embeddings:
+        shapes.append(("lm_head", D, cfg.vocab_size))
+    return shapes
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in NAMED_CONFIGS.items()
+                                        if not n.startswith("tiny") and not c.num_experts))
+def test_every_projection_of_real_models_is_tiled(name):
+    for proj, k, n in _projections(NAMED_CONFIGS[name]):
+        tiles = im.tiles_for(k, n)
+        assert tiles is not None, (name, proj, k, n)
+        assert k % tiles.tile_k == 0 and n % tiles.tile_n == 0
+        assert tiles.smem_bytes(2) <= im.SMEM_BYTES, (name, proj, tiles)
+
+
+def _lower_for_h200(f, *args) -> str:
+    """StableHLO of jit(f)(*args) lowered for CUDA on an abstract H200 (no GPU needed)."""
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("impl,eqn,w_shape,kernels", [
+    ("mosaic", "td,df->tf", (576, 1536), 1),
+    ("mosaic", "tnh,nhd->td", (9, 64, 576), 1),
+    ("mosaic", "se,ve->sv", (1024, 576), 0),  # a tied head keeps the row tiles
+    ("tiles", "td,df->tf", (576, 1536), 0),
+])
+def test_model_matmul_lowers_to_the_kernel(monkeypatch, impl, eqn, w_shape, kernels):
+    monkeypatch.setenv(im.IMPL_ENV, impl)
+    cfg = NAMED_CONFIGS["smollm2-135m"].replace(batch_invariant=True)
+    x_dims = eqn.split(",")[0]
+    x_shape = (200,) + tuple(w_shape[eqn.split(",")[1].index(c)] for c in x_dims[1:])
+    x = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16)
+    w = jax.ShapeDtypeStruct(w_shape, jnp.bfloat16)
+    hlo = _lower_for_h200(lambda a, b: rows_matmul(cfg, eqn, a, b), x, w)
+    assert hlo.count("stablehlo.custom_call @mosaic_gpu") == kernels
+    assert ("stablehlo.dot_general" in hlo) == (kernels == 0)  # the row tiles' cuBLAS dots
+    if kernels:  # 200 rows padded to two CTAs of 128
+        assert "tensor<256x" in hlo
+
+
+def test_choice_is_checked(monkeypatch):
+    monkeypatch.setenv(im.IMPL_ENV, "cutlass")
+    with pytest.raises(ValueError, match=im.IMPL_ENV):
+        im.impl()
+    monkeypatch.setenv(im.IMPL_ENV, "mosaic")
+    with pytest.raises(ValueError, match="Hopper"):  # this machine has no sm_90 GPU
+        im.check(1)
+    monkeypatch.delenv(im.IMPL_ENV)
+    assert im.impl() == "tiles"
+    im.check(4)  # the row tiles run anywhere
