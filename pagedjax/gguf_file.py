@@ -63,6 +63,17 @@ def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict[str, A
     return GGUFFile(path, prefix=prefix, tensors=False).metadata
 
 
+def _read_strings(buf, pos: int, n: int, e: str) -> tuple[list[str], int]:
+    """n GGUF strings (u64 length, utf-8 bytes) from byte pos; returns them and the next pos."""
+    length = struct.Struct(e + "Q").unpack_from
+    out = []
+    for _ in range(n):
+        (m,) = length(buf, pos)
+        pos += 8 + m
+        out.append(buf[pos - m : pos].decode("utf-8", errors="replace"))
+    return out, pos
+
+
 def _parse(buf, path: Path, prefix: str, with_tensors: bool):
     if buf[:4] != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file")
@@ -93,6 +104,9 @@ def _parse(buf, path: Path, prefix: str, with_tensors: bool):
                 raise ValueError(f"{path}: unknown GGUF value type {ty} at byte {pos}")
             return read(_SCALAR[ty])
         item_ty, n = read("I"), read("Q")
+        if item_ty == 8:  # a vocabulary or merges: hundreds of thousands of strings
+            strings, pos = _read_strings(buf, pos, n, e)
+            return strings
         if item_ty in _SCALAR:
             dt = np.dtype(e + _SCALAR[item_ty]) if item_ty != 7 else np.dtype(bool)
             arr = np.frombuffer(buf, dt, n, pos).tolist()

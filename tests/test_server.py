@@ -540,3 +540,22 @@ def test_text_chunks_are_the_models_bytes(kind):
         for i in (0, 3):
             assert chunks(i, text) == render(i, text), repr(text)
     assert sorted(chunks._parts) == [0, 3]  # the splice ran, for each index
+    assert all(chunks._parts.values())
+
+
+def test_text_chunks_without_a_splice_render_each_time():
+    """An event where the text does not come out as one JSON string (here twice) is rendered for
+    every chunk, and the template is tried once per index, not at every chunk."""
+    from pagedjax.server.serving import _TextChunks
+
+    calls = []
+
+    def render(i, text):
+        calls.append(text)
+        return f"data: {json.dumps([i, text, text])}\n\n"
+
+    chunks = _TextChunks(render)
+    for text in ("a", 'b"', "c"):
+        assert chunks(1, text) == render(1, text)
+    assert chunks._parts == {1: None}
+    assert len(calls) == 1 + 2 * 3  # the template once, then each chunk and its check

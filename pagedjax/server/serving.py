@@ -612,17 +612,16 @@ class _TextChunks:
 
     def __init__(self, render: Callable[[int, str], str]):
         self._render = render  # (choice index, text) -> the event, through the models
-        self._parts: dict[int, tuple[str, str]] = {}
+        self._parts: dict[int, tuple[str, str] | None] = {}  # None: this index always renders
 
     def __call__(self, index: int, text: str) -> str:
-        parts = self._parts.get(index)
-        if parts is None:
+        if index not in self._parts:
             marked = self._render(index, self._MARK)
             quoted = json.dumps(self._MARK)
-            if marked.count(quoted) != 1:  # not a plain splice: always render
-                return self._render(index, text)
-            head, tail = marked.split(quoted)
-            parts = self._parts[index] = (head, tail)
+            self._parts[index] = tuple(marked.split(quoted)) if marked.count(quoted) == 1 else None
+        parts = self._parts[index]
+        if parts is None:  # the marker did not come out as one JSON string: no splice
+            return self._render(index, text)
         return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
 
 
