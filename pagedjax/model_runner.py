@@ -336,15 +336,28 @@ class ModelRunner:
         smeta = make_sampling_metadata([], [], num_rows=R)
         return (np.zeros(T, np.int32), np.full(T, -1, np.int32), meta, None), smeta
 
-    def precompile(self) -> float:
-        """Compiles (and runs once, on padding) every token bucket, with the greedy and the plain
-        random sampler (top-k / top-p variants compile on first use); returns the seconds spent."""
+    def precompile(self, run: bool | None = None) -> float:
+        """Compiles (or loads) every token bucket's step, with the greedy and the plain random
+        sampler (top-k / top-p variants compile on first use); returns the seconds spent.
+
+        run: also run each once on padding (default: on accelerators, where a first run loads the
+        kernels and records the step's CUDA graph, which the first requests would otherwise wait
+        for; on the CPU nothing is left to do, and the runs were a quarter of a warm start).
+        """
+        run = jax.default_backend() != "cpu" if run is None else run
         t0 = time.perf_counter()
         for T in self.token_buckets:
             model_inputs, smeta = self._dummy_inputs(T)
             for flags in (sampler.SampleFlags(random=False, top_k=False, top_p=False),
                           sampler.SampleFlags(random=True, top_k=False, top_p=False)):
-                self._launch(model_inputs, smeta, None, {}, flags=flags)
+                if run:
+                    self._launch(model_inputs, smeta, None, {}, flags=flags)
+                    continue
+                (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
+                mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
+                step = self._step_executable((self.params.variables, self.pages, mbuf, self._no_prev), mlayout, 0, True)
+                logits = step.out_info[0]  # the logits' shape, dtype and placement: what the sampler's key needs
+                self._sample_executable((logits, sbuf, None), slayout, 0, flags._replace(bitmask=False))
         jax.block_until_ready(self.pages)
         dt = time.perf_counter() - t0
         c = self.executables
@@ -425,11 +438,7 @@ class ModelRunner:
         (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
         mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
         step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
-        step = self._compiled(("step", mlayout, plp.num_logprobs if plp else 0, prev_tokens is None), lambda: (
-            self.executables.get("step", _step, step_args, static_args=(self.config, self.attn_impl),
-                                 static_kwargs=dict(layout=mlayout, mesh=self.mesh,
-                                                    num_prompt_logprobs=plp.num_logprobs if plp else 0),
-                                 compiler_options=self.step_compiler_options)))
+        step = self._step_executable(step_args, mlayout, plp.num_logprobs if plp else 0, prev_tokens is None)
         logits, scored, self.pages = step(*step_args)
         launched = Launched(None, None, scored, plp and plp.spans, rows, num_logprobs,
                             num_padded_rows=logits.shape[0],
@@ -453,11 +462,22 @@ class ModelRunner:
                                  f"got {token_bitmask.dtype} {list(token_bitmask.shape)}")
             token_bitmask = jax.device_put(token_bitmask, self.input_sharding)
         args = (logits, sbuf, token_bitmask)
-        sample = self._compiled(("sample", slayout, launched.num_logprobs, flags), lambda: self.executables.get(
-            "sample", _sample, args, static_kwargs=dict(
-                layout=slayout, num_logprobs=launched.num_logprobs, flags=flags, num_slots=self.max_num_seqs),
-            compiler_options=self.step_compiler_options))
+        sample = self._sample_executable(args, slayout, launched.num_logprobs, flags)
         launched.out, launched.next_tokens = sample(*args)
+
+    def _step_executable(self, step_args: tuple, mlayout, num_prompt_logprobs: int, first: bool):
+        """The model step's executable for these arguments (first: no previous step's tokens)."""
+        return self._compiled(("step", mlayout, num_prompt_logprobs, first), lambda: self.executables.get(
+            "step", _step, step_args, static_args=(self.config, self.attn_impl),
+            static_kwargs=dict(layout=mlayout, mesh=self.mesh, num_prompt_logprobs=num_prompt_logprobs),
+            compiler_options=self.step_compiler_options))
+
+    def _sample_executable(self, args: tuple, slayout, num_logprobs: int, flags: sampler.SampleFlags):
+        """The sampler's executable for (logits, sampling buffer, token bitmask or None)."""
+        return self._compiled(("sample", slayout, num_logprobs, flags), lambda: self.executables.get(
+            "sample", _sample, args, static_kwargs=dict(
+                layout=slayout, num_logprobs=num_logprobs, flags=flags, num_slots=self.max_num_seqs),
+            compiler_options=self.step_compiler_options))
 
     def _compiled(self, key: tuple, get):
         """The executable for `key`, remembered by this runner: everything else that decides it

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pagedjax as pj
 from pagedjax.compile_cache import ExecutableCache
 
 
@@ -78,3 +79,33 @@ def test_abstract_params_come_from_disk_once_traced(tmp_path, monkeypatch):
     leaves = jax.tree.leaves(shapes)
     assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
     models._abstract_params.cache_clear()
+
+
+def test_precompile_without_running_fetches_the_programs_a_run_does(tmp_path, monkeypatch):
+    """On the CPU, start-up fetches (loads or compiles) every bucket's step and sampler without
+    running them on padding. The programs must be the very ones a run fetches: the sampler's key
+    is built from the step's output info rather than its output, so both ways must store the same
+    entries. Then the engine serves greedy and random requests on what it fetched."""
+    from pagedjax.dummy_weights import random_params
+    from pagedjax.models.named import NAMED_CONFIGS
+
+    params = random_params(NAMED_CONFIGS["tiny-llama"], dtype=jnp.float32)
+    options = dict(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=32, precompile=False)
+    stored = {}
+    for run in (True, False):
+        monkeypatch.setenv("PAGEDJAX_COMPILE_CACHE", str(tmp_path / str(run)))
+        llm = pj.LLM(params, **options)
+        runner = llm.engine.runner
+        runner.precompile(run=run)
+        stored[run] = sorted(p.name for p in (tmp_path / str(run)).rglob("*.bin"))
+        assert runner.executables.misses == len(stored[run]) > 0
+    assert stored[True] == stored[False]
+    names = [n.split("-")[0] for n in stored[False]]
+    # a step per token bucket; a greedy and a random sampler per row count (buckets may share one)
+    assert names.count("step") == len(runner.token_buckets) and names.count("sample") >= 2
+
+    fetched = dict(runner._executables)
+    outs = llm.generate([[1, 2, 3], [4, 5, 6, 7]], [pj.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                                                     pj.SamplingParams(max_tokens=4, seed=1, ignore_eos=True)])
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]
+    assert all(runner._executables[k] is v for k, v in fetched.items())  # used as they were, none replaced
