@@ -340,23 +340,29 @@ class ModelRunner:
         """Compiles (or loads) every token bucket's step, with the greedy and the plain random
         sampler (top-k / top-p variants compile on first use); returns the seconds spent.
 
-        run: also run each once on padding (default: on accelerators, where a first run loads the
-        kernels and records the step's CUDA graph, which the first requests would otherwise wait
-        for; on the CPU nothing is left to do, and the runs were a quarter of a warm start).
+        run: also run each bucket's step once on padding, and both samplers on its logits. The
+        default runs on accelerators, where a first run loads the kernels and records the step's
+        CUDA graph, which the first requests would otherwise wait for. On the CPU nothing is left
+        to do, and the runs were a quarter of a warm start.
         """
         run = jax.default_backend() != "cpu" if run is None else run
         t0 = time.perf_counter()
         for T in self.token_buckets:
             model_inputs, smeta = self._dummy_inputs(T)
-            for flags in (sampler.SampleFlags(random=False, top_k=False, top_p=False),
-                          sampler.SampleFlags(random=True, top_k=False, top_p=False)):
-                if run:
-                    self._launch(model_inputs, smeta, None, {}, flags=flags)
-                    continue
-                (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
-                mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
-                step = self._step_executable((self.params.variables, self.pages, mbuf, self._no_prev), mlayout, 0, True)
-                logits = step.out_info[0]  # the logits' shape, dtype and placement: what the sampler's key needs
+            samplers = (sampler.SampleFlags(random=False, top_k=False, top_p=False),
+                        sampler.SampleFlags(random=True, top_k=False, top_p=False))
+            if run:  # the model once, both samplers on its logits
+                launched = self._launch(model_inputs, smeta, None, {}, sample=False)
+                logits, sbuf, slayout, _ = launched.pending_sample
+                for flags in samplers:
+                    launched.pending_sample = (logits, sbuf, slayout, flags)
+                    self.sample(launched)
+                continue
+            (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
+            mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
+            step = self._step_executable((self.params.variables, self.pages, mbuf, self._no_prev), mlayout, 0, True)
+            logits = step.out_info[0]  # the logits' shape, dtype and placement: what the sampler's key needs
+            for flags in samplers:
                 self._sample_executable((logits, sbuf, None), slayout, 0, flags._replace(bitmask=False))
         jax.block_until_ready(self.pages)
         dt = time.perf_counter() - t0

@@ -5,8 +5,8 @@ call's tensor-core kernels and split-KV count follow the batch.
 
 The probe (300 random token ids) runs alone on a fresh engine; then beside 8, 64 and 255 random
 strangers, with its prompt in chunks of 64 and 256, after prefix-cache hits, with async scheduling
-off and after preemption. Tokens and top-2 logprobs are compared with ==, greedy and seeded.
-Without the flag the same runs differ (the checks can fail). Marked `gpu`: skipped without CUDA.
+off and after preemption (recompute and swap). Tokens and top-2 logprobs are compared with ==,
+greedy and seeded. Without the flag the same runs differ (the checks can fail). Marked `gpu`: skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -77,23 +77,35 @@ def test_sync_scheduling(params, probe, alone):
     assert same(run(llm, probe, 8, seed=11), alone[True])
 
 
-def test_preemption(params, probe):
-    """Recompute preemption on a pool too small for the probe and 8 growing strangers (as the CPU test)."""
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption(params, probe, mode):
+    """A pool too small for the probe and 8 growing strangers (as the CPU test): the probe,
+    admitted last, is preempted and resumes (recomputed, or swapped back in from host memory:
+    16 MiB holds 64 of these pages) with the same numbers."""
     short, out = probe[:64], 48
     want = run(pj.LLM(params, batch_invariant=True, **ENGINE), short, max_tokens=out)
-    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "num_pages": 31})
-    preempted = []
-    schedule = llm.engine.scheduler.schedule
+    llm = pj.LLM(params, batch_invariant=True, **{**ENGINE, "num_pages": 31, "preemption_mode": mode,
+                                                    "swap_space": 2**-6})
+    preempted, probe_ids = [], []
+    schedule, add_request = llm.engine.scheduler.schedule, llm.engine.add_request
 
     def recording_schedule(*args, **kwargs):
         plan = schedule(*args, **kwargs)
         preempted.extend(plan.preempted_ids)
         return plan
 
+    def recording_add_request(request_id, prompt, *args, **kwargs):
+        if prompt == short:
+            probe_ids.append(request_id)
+        return add_request(request_id, prompt, *args, **kwargs)
+
     llm.engine.scheduler.schedule = recording_schedule
+    llm.engine.add_request = recording_add_request
     got = run(llm, short, 8, seed=99, probe_last=True, max_tokens=out, stranger_tokens=(50, 70),
               stranger_prompts=(4, 12))
-    assert preempted
+    assert len(probe_ids) == 2 and set(probe_ids) <= set(preempted), (probe_ids, preempted)
+    if mode == "swap":
+        assert llm.engine.stats().num_swapped_in > 0
     assert same(got, want)
 
 
