@@ -51,6 +51,23 @@ def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str], nam
         num_experts_per_tok=int(meta["llama.expert_used_count"]), moe_intermediate_size=dense.intermediate_size)
 
 
+# Expert weights already stacked [X, ...], shared by every MoE family's map:
+STACKED_EXPERTS_WEIGHT_MAP = {
+    # transformers 5's in-memory layout (gate|up fused), should a file hold it
+    "model.layers.{}.mlp.experts.gate_up_proj": (
+        ("layers_{}.mlp.experts_gate_proj", "layers_{}.mlp.experts_up_proj"), "experts_gate_up"),
+    "model.layers.{}.mlp.experts.down_proj": ("layers_{}.mlp.experts_down_proj", "experts_linear"),
+    # stacked per projection [X, out, in]: what GGUF's ffn_*_exps tensors are named here
+    "model.layers.{}.mlp.experts.gate_proj": ("layers_{}.mlp.experts_gate_proj", "experts_linear"),
+    "model.layers.{}.mlp.experts.up_proj": ("layers_{}.mlp.experts_up_proj", "experts_linear"),
+}
+# llama.cpp's stacked expert tensors -> those names
+GGUF_EXPERTS_TENSOR_MAP = {
+    "blk.{}.ffn_gate_exps.weight": "model.layers.{}.mlp.experts.gate_proj",
+    "blk.{}.ffn_up_exps.weight": "model.layers.{}.mlp.experts.up_proj",
+    "blk.{}.ffn_down_exps.weight": "model.layers.{}.mlp.experts.down_proj",
+}
+
 _DENSE_MLP = {k for k in llama.HF_WEIGHT_MAP if ".mlp." in k}
 HF_WEIGHT_MAP = {
     **{k: v for k, v in llama.HF_WEIGHT_MAP.items() if k not in _DENSE_MLP},
@@ -59,23 +76,15 @@ HF_WEIGHT_MAP = {
     "model.layers.{}.block_sparse_moe.experts.{e}.w1.weight": ("layers_{}.mlp.experts_gate_proj[{e}]", "linear"),
     "model.layers.{}.block_sparse_moe.experts.{e}.w3.weight": ("layers_{}.mlp.experts_up_proj[{e}]", "linear"),
     "model.layers.{}.block_sparse_moe.experts.{e}.w2.weight": ("layers_{}.mlp.experts_down_proj[{e}]", "linear"),
-    # transformers 5's in-memory layout (experts stacked, gate|up fused), should a file hold it
     "model.layers.{}.mlp.gate.weight": ("layers_{}.mlp.gate.kernel", "linear"),
-    "model.layers.{}.mlp.experts.gate_up_proj": (
-        ("layers_{}.mlp.experts_gate_proj", "layers_{}.mlp.experts_up_proj"), "experts_gate_up"),
-    "model.layers.{}.mlp.experts.down_proj": ("layers_{}.mlp.experts_down_proj", "experts_linear"),
-    # stacked per projection [X, out, in]: what GGUF's ffn_*_exps tensors are named here
-    "model.layers.{}.mlp.experts.gate_proj": ("layers_{}.mlp.experts_gate_proj", "experts_linear"),
-    "model.layers.{}.mlp.experts.up_proj": ("layers_{}.mlp.experts_up_proj", "experts_linear"),
+    **STACKED_EXPERTS_WEIGHT_MAP,
 }
 
 GGUF_TENSOR_MAP = {
     **{k: v for k, v in llama.GGUF_TENSOR_MAP.items() if not k.startswith(("blk.{}.ffn_gate", "blk.{}.ffn_up",
                                                                            "blk.{}.ffn_down"))},
     "blk.{}.ffn_gate_inp.weight": "model.layers.{}.block_sparse_moe.gate.weight",
-    "blk.{}.ffn_gate_exps.weight": "model.layers.{}.mlp.experts.gate_proj",
-    "blk.{}.ffn_up_exps.weight": "model.layers.{}.mlp.experts.up_proj",
-    "blk.{}.ffn_down_exps.weight": "model.layers.{}.mlp.experts.down_proj",
+    **GGUF_EXPERTS_TENSOR_MAP,
     # GGUF files written before llama.cpp stacked the experts (early 2024)
     "blk.{}.ffn_gate.{e}.weight": "model.layers.{}.block_sparse_moe.experts.{e}.w1.weight",
     "blk.{}.ffn_up.{e}.weight": "model.layers.{}.block_sparse_moe.experts.{e}.w3.weight",

@@ -64,21 +64,13 @@ HF_WEIGHT_MAP = {
     # HF checkpoints: one tensor per expert, each stacked into slot {e} of our [X, ...] array
     **{f"model.layers.{{}}.mlp.experts.{{e}}.{p}_proj.weight": (f"layers_{{}}.mlp.experts_{p}_proj[{{e}}]", "linear")
        for p in ("gate", "up", "down")},
-    # transformers 5's in-memory layout (experts stacked, gate|up fused), should a file hold it
-    "model.layers.{}.mlp.experts.gate_up_proj": (
-        ("layers_{}.mlp.experts_gate_proj", "layers_{}.mlp.experts_up_proj"), "experts_gate_up"),
-    "model.layers.{}.mlp.experts.down_proj": ("layers_{}.mlp.experts_down_proj", "experts_linear"),
-    # stacked per projection [X, out, in]: what GGUF's ffn_*_exps tensors are named here
-    "model.layers.{}.mlp.experts.gate_proj": ("layers_{}.mlp.experts_gate_proj", "experts_linear"),
-    "model.layers.{}.mlp.experts.up_proj": ("layers_{}.mlp.experts_up_proj", "experts_linear"),
+    **mixtral.STACKED_EXPERTS_WEIGHT_MAP,
 }
 
 GGUF_TENSOR_MAP = {
     **qwen3.GGUF_TENSOR_MAP,  # a dense layer's ffn_gate / ffn_up / ffn_down included
     "blk.{}.ffn_gate_inp.weight": "model.layers.{}.mlp.gate.weight",
-    "blk.{}.ffn_gate_exps.weight": "model.layers.{}.mlp.experts.gate_proj",
-    "blk.{}.ffn_up_exps.weight": "model.layers.{}.mlp.experts.up_proj",
-    "blk.{}.ffn_down_exps.weight": "model.layers.{}.mlp.experts.down_proj",
+    **mixtral.GGUF_EXPERTS_TENSOR_MAP,
 }
 
 
