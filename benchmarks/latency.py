@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                      max_num_batched_tokens=max(args.batch_size * args.input_len, 16),
                      max_model_len=args.input_len + args.output_len + 16, attn_impl=args.attn_impl,
                      moe_impl=args.moe_impl, kv_cache_dtype=v.kv_cache_dtype, quantization=v.quantization,
-                     batch_invariant=v.batch_invariant)
+                     batch_invariant=v.batch_invariant, token_buckets=v.token_buckets)
         startup = time.perf_counter() - t0
         cost = ModelCost.from_config(params.config, args.dtype, llm.engine.runner.kv_dtype)
         by_variant[v.name] = {"startup_s": round(startup, 2), "quantization": v.quantization,

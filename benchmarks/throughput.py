@@ -199,7 +199,7 @@ def main(argv=None) -> int:
                      max_model_len=args.max_len, attn_impl=args.attn_impl, moe_impl=args.moe_impl,
                      num_pages=num_pages,
                      kv_cache_dtype=v.kv_cache_dtype, quantization=v.quantization,
-                     batch_invariant=v.batch_invariant)
+                     batch_invariant=v.batch_invariant, token_buckets=v.token_buckets)
         startup = time.perf_counter() - t0
         startup_est = max(startup_est, weights_s + startup)
         r = llm.engine.runner
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
             "max_model_len": r.max_model_len, "max_num_seqs": r.max_num_seqs,
             "max_num_batched_tokens": r.max_num_batched_tokens, "num_pages": r.num_pages, "page_size": r.page_size,
             "attn_impl": r.attn_impl, "quantization": v.quantization, "kv_cache_dtype": r.kv_dtype.name,
-            "batch_invariant": v.batch_invariant,
+            "batch_invariant": v.batch_invariant, "token_buckets": r.token_buckets,
             "weight_GB": round(cost.weight_bytes / 1e9, 3), "weights_s": round(weights_s, 2),
             "startup_s": round(startup, 2)}
         if vi == 0:  # the figures of one engine, where they always were

@@ -13,6 +13,17 @@ import time
 
 from pagedjax.config import ATTN_IMPLS, KV_CACHE_DTYPES, MOE_IMPLS, QUANTIZATION_METHODS, EngineConfig
 
+
+def _token_buckets(text: str) -> str | tuple[int, ...]:
+    """--token-buckets: coarse, fine, or a comma list of token counts."""
+    if text in ("coarse", "fine"):
+        return text
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected coarse, fine or a comma list of token counts, got {text!r}") from None
+
+
 # (flag, EngineConfig field, type, help); None type = a boolean switch that turns the field off,
 # True type = one that turns it on
 _ENGINE_FLAGS = (
@@ -46,6 +57,9 @@ _ENGINE_FLAGS = (
      "with a reasoning parser: apply output constraints to the reasoning too"),
     ("--batch-invariant", "batch_invariant", True,
      "a request's tokens and logprobs independent of the rest of the batch (fixed-tile matmuls, unsplit attention)"),
+    ("--token-buckets", "token_buckets", _token_buckets,
+     "step sizes compiled and padded to: coarse (1, 4, 16, ...), fine (also 384, 512, 768, 1024, 1536, ... "
+     "where prefills run), or a comma list of token counts"),
     ("--grammar-compile-timeout", "grammar_compile_timeout", float,
      "seconds for compiling one output constraint (JSON schema, regex, grammar) before a 400"),
 )

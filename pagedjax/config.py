@@ -47,6 +47,11 @@ class EngineConfig:
     moe_impl: str | None = None  # MoE models: "ragged" | "capacity" | "dense" | "auto"; None: the model's
     max_logprobs: int = 20
     precompile: bool = True  # compile every token bucket at start-up
+    # The token counts a step is padded to (each compiled once): "coarse" (1, 4, 16, ... and
+    # max_num_batched_tokens), "fine" (the same up to 256, then 2^k and 1.5 * 2^k: a prefill-heavy
+    # step padded by < 1.5x, not up to 4x, for 4 more compiled steps at 2048), or the counts
+    # themselves (those >= max_num_batched_tokens dropped, it added)
+    token_buckets: str | tuple[int, ...] = "coarse"
     seed: int = 0
     async_scheduling: bool = True  # schedule and launch step n+1 before step n's tokens reach the host
     preemption_mode: str = "recompute"  # "recompute" | "swap": a preempted request's pages go to host memory
@@ -90,6 +95,14 @@ class EngineConfig:
                 or not 0 < self.grammar_compile_timeout < float("inf")):
             raise ValueError(f"grammar_compile_timeout must be a positive number of seconds, "
                              f"got {self.grammar_compile_timeout!r}")
+        if isinstance(self.token_buckets, list):
+            object.__setattr__(self, "token_buckets", tuple(self.token_buckets))
+        if self.token_buckets not in ("coarse", "fine") and not (
+                isinstance(self.token_buckets, tuple) and self.token_buckets
+                and all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in self.token_buckets)
+                and list(self.token_buckets) == sorted(set(self.token_buckets))):
+            raise ValueError(f"token_buckets must be 'coarse', 'fine' or increasing positive token counts, "
+                             f"got {self.token_buckets!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         for name in ("page_size", "max_logprobs", "cpu_kv_cache_bytes"):

@@ -198,6 +198,41 @@ def test_chunked_prefill_under_small_budget(llama):
     assert_clean(engine, outs)
 
 
+def test_fine_token_buckets_pad_less_and_match_hf(llama):
+    """token_buckets="fine": steps of 257-384 tokens are padded to 384, not 512, and the answers
+    are HF's; an explicit list keeps the counts below the budget and adds the budget."""
+    from pagedjax.model_runner import fine_token_buckets
+
+    hf, params = llama
+    assert fine_token_buckets(2048) == [1, 4, 16, 64, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert fine_token_buckets(100) == [1, 4, 16, 64, 100]
+    rng = np.random.default_rng(12)
+    prompts = hf_models.random_prompts(rng, 4, 70, 90)  # one step of 280-360 prompt tokens
+    sp = pj.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine = make_engine(params, max_num_batched_tokens=512, max_model_len=128, token_buckets="fine")
+    assert engine.runner.token_buckets == [1, 4, 16, 64, 256, 384, 512]
+    padded, bucket = [], engine.runner.bucket
+    engine.runner.bucket = lambda n: padded.append((n, bucket(n)[0])) or bucket(n)
+    outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
+    for i, p in enumerate(prompts):
+        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 6), f"request r{i}"
+    assert_clean(engine, outs)
+    assert (sum(map(len, prompts)), 384) in padded
+    explicit = make_engine(params, max_num_batched_tokens=64, token_buckets=(8, 32, 64, 128), precompile=False)
+    assert explicit.runner.token_buckets == [8, 32, 64]
+    for bad in ("x2", (), (4, 4), (0, 8), (16, 8), (4.0,), (True,)):
+        with pytest.raises(ValueError, match="token_buckets"):
+            EngineConfig(token_buckets=bad)
+    from pagedjax.cli import build_parser, engine_options
+
+    parse = build_parser().parse_args
+    assert engine_options(parse(["serve", "--token-buckets", "fine"]))["token_buckets"] == "fine"
+    assert engine_options(parse(["serve", "--token-buckets", "1,16,300"]))["token_buckets"] == (1, 16, 300)
+    assert engine_options(parse(["serve"]))["token_buckets"] == "coarse"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--token-buckets", "1,a"])
+
+
 def test_prefix_cache_hits(llama):
     """Many prompts share a long prefix: its pages are reused (counted) and outputs still match."""
     hf, params = llama

@@ -10,6 +10,7 @@
 # quant     benchmarks/kernels/quant_matmul.py on Llama-3-8B's linear shapes
 # bench     W3 latency and W1 ShareGPT-like throughput on Llama-3-8B (random bf16), this tree
 # bench-old the same with the baseline tree carried in .gpu/old (its own pagedjax/ and benchmarks/)
+# bench-tokens  bench with a larger step budget (TOKENS, default 8192; vLLM runs 8192-16384 on Hopper)
 # profile   benchmarks/profile_step.py at batch 256, 64 and 1 (decode, context 512)
 # host      benchmarks/host_step.py: the engine's host work per decode step at batch 256 with no device in the
 #           loop, W1's sampling and the server's delta outputs (this machine's Python speed)
@@ -19,6 +20,7 @@
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
 # bi-tests  the `gpu` tests of batch_invariant (tests/test_batch_invariance_gpu.py, the attention call's)
 # bench-bi  W3 and W1 with and without batch_invariant, in one process
+# bench-fine  W3 and W1 with the coarse and the fine token buckets (EngineConfig.token_buckets), in one process
 # bi-mosaic batch_invariant on one Mosaic GPU GEMM launch (PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic):
 #           benchmarks/kernels/invariant_matmul.py (speed and invariance by tile), the bi `gpu` tests, bench-bi
 # structured  benchmarks/structured.py: 1000 requests with a JSON schema vs unconstrained (Llama-3 tokenizer)
@@ -115,6 +117,7 @@ for s in "$@"; do
     quant) TAIL=40 stage quant 240 "$PY" benchmarks/kernels/quant_matmul.py --shapes "${QUANT_SHAPES:-gate_up,down}" \
              --rows "${QUANT_ROWS:-1,16,256,2048}" --out "$OUTDIR/quant_matmul.json" ;;
     bench) throughput . bench-new ;;
+    bench-tokens) throughput . "bench-tokens-${TOKENS:-8192}" --max-num-batched-tokens "${TOKENS:-8192}" ;;
     bench-fp8) throughput . bench-fp8 --quantization fp8 ;;
     bench-fp8kv) throughput . bench-fp8kv --quantization fp8 --kv-cache-dtype fp8 ;;
     bench-qwen3) throughput . bench-qwen3 --model named:qwen3-8b ;;
@@ -141,6 +144,7 @@ for s in "$@"; do
       TAIL=30 stage bi-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py "tests/test_paged_attention_ffi.py::test_gpu_batch_invariant_call" ;;
     bench-bi) throughput . bench-bi --variants bf16,bf16+bi ;;
+    bench-fine) throughput . bench-fine --variants bf16,bf16+fine ;;
     bi-mosaic)  # batch_invariant with the one-launch GEMM: the kernel sweep, the gpu tests, W3 and W1
       TAIL=45 stage bi-matmul 240 "$PY" benchmarks/kernels/invariant_matmul.py --out "$OUTDIR/invariant-matmul.json"
       export PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic
