@@ -47,9 +47,9 @@ def step_tokens(args) -> list[int]:
 
     rng = np.random.default_rng(args.seed)
     ins, outs = sharegpt_lengths(rng, args.num_prompts, args.max_len)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                      max_model_len=args.max_len),
-                      CacheConfig(page_size=16, num_pages=args.num_pages, enable_prefix_caching=False))
+    limits = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                             max_model_len=args.max_len)
+    sched = Scheduler(limits, CacheConfig(page_size=16, num_pages=args.num_pages, enable_prefix_caching=False))
     for i, (n_in, n_out) in enumerate(zip(ins, outs)):
         prompt = rng.integers(16, 32000, int(n_in)).tolist()
         sched.add_request(Request(str(i), prompt, SamplingParams(max_tokens=int(n_out), ignore_eos=True)))

@@ -21,7 +21,8 @@ def _token_buckets(text: str) -> str | tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected coarse, fine or a comma list of token counts, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected coarse, fine or a comma list of token counts, got {text!r}") from None
 
 
 # (flag, EngineConfig field, type, help); None type = a boolean switch that turns the field off,
