@@ -378,9 +378,8 @@ class ModelRunner:
                     launched.pending_sample = (logits, sbuf, slayout, flags)
                     self.sample(launched)
                 continue
-            (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
-            mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
-            step = self._step_executable((self.params.variables, self.pages, mbuf, self._no_prev), mlayout, 0, True)
+            step_args, mlayout, sbuf, slayout = self._step_inputs(model_inputs, smeta, None)
+            step = self._step_executable(step_args, mlayout, 0, True)
             logits = step.out_info[0]  # the logits' shape, dtype and placement: what the sampler's key needs
             for flags in samplers:
                 self._sample_executable((logits, sbuf, None), slayout, 0, flags._replace(bitmask=False))
@@ -461,9 +460,7 @@ class ModelRunner:
 
     def _launch(self, model_inputs, smeta, plp, rows: dict[str, int], *, num_logprobs: int = 0,
                 prev_tokens=None, flags: sampler.SampleFlags | None = None, sample: bool = True) -> Launched:
-        (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
-        mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
-        step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
+        step_args, mlayout, sbuf, slayout = self._step_inputs(model_inputs, smeta, prev_tokens)
         step = self._step_executable(step_args, mlayout, plp.num_logprobs if plp else 0, prev_tokens is None)
         logits, scored, self.pages = step(*step_args)
         launched = Launched(None, None, scored, plp and plp.spans, rows, num_logprobs,
@@ -490,6 +487,14 @@ class ModelRunner:
         args = (logits, sbuf, token_bitmask)
         sample = self._sample_executable(args, slayout, launched.num_logprobs, flags)
         launched.out, launched.next_tokens = sample(*args)
+
+    def _step_inputs(self, model_inputs, smeta, prev_tokens):
+        """The step's arguments on the device (one buffer each for the model and the sampler):
+        (step args, model layout, sampling buffer, sampling layout)."""
+        (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
+        mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
+        step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
+        return step_args, mlayout, sbuf, slayout
 
     def _step_executable(self, step_args: tuple, mlayout, num_prompt_logprobs: int, first: bool):
         """The model step's executable for these arguments (first: no previous step's tokens)."""

@@ -288,8 +288,7 @@ class OpenAIServing:
         echo = set(range(len(texts) * n)) if req.echo else set()
         offsets: dict[int, int] = {}
         prompt_tokens, completion_tokens, seen = 0, 0, set()
-        usage_every = bool(req.stream_options and req.stream_options.continuous_usage_stats)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage) or usage_every
+        usage_every, include_usage = _usage_options(req)
         finished: set[int] = set()
         prompt_lps: dict[int, list] = {}  # echo + logprobs: each prompt's, from its first output
 
@@ -455,8 +454,7 @@ class OpenAIServing:
     async def _chat_stream(self, rid: str, req: P.ChatCompletionRequest, stream: RequestStream,
                            params: SamplingParams, k: int | None, new_parser) -> AsyncIterator[str]:
         created = int(time.time())
-        usage_every = bool(req.stream_options and req.stream_options.continuous_usage_stats)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage) or usage_every
+        usage_every, include_usage = _usage_options(req)
         prompt_tokens, completion_tokens = 0, 0
         finished: set[int] = set()
 
@@ -623,6 +621,12 @@ class _TextChunks:
         if parts is None:  # the marker did not come out as one JSON string: no splice
             return self._render(index, text)
         return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+
+
+def _usage_options(req) -> tuple[bool, bool]:
+    """A streamed request's stream_options: (usage on every chunk, usage at the end)."""
+    every = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    return every, bool(req.stream_options and req.stream_options.include_usage) or every
 
 
 def _error_event(e: Exception) -> str:
