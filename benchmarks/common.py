@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import timeit
 
 import numpy as np
 
@@ -198,6 +199,20 @@ def variant_table(runs: list[dict], latency: dict[str, dict]) -> str:
                         f"{ratio(e2e, lb.get('e2e_mean_ms'))} | {m['tpot_mean_ms']} | {step} | "
                         f"{ratio(step, lb.get('batch1_decode_step_ms'))} |")
     return "\n".join(r for r in rows if r is not None)
+
+
+def per_stream_args(doc: str, argv=None) -> argparse.Namespace:
+    """The arguments of the per-step host micro-benchmarks: --streams, --calls, --out."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, default=256)
+    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def best_ms(fn, calls: int) -> float:
+    """ms per call of `fn`: the best of 5 repeats of `calls` calls."""
+    return round(min(timeit.repeat(fn, number=calls, repeat=5)) / calls * 1000, 3)
 
 
 def emit(res: dict, out: str | None) -> int:

@@ -13,22 +13,16 @@ decode) is in the other process.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pickle
 import sys
 import time
-import timeit
 
-from common import emit
+from common import best_ms, emit, per_stream_args
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--streams", type=int, default=256)
-    p.add_argument("--calls", type=int, default=50)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = per_stream_args(__doc__, argv)
 
     from pagedjax.request import CompletionOutput, RequestMetrics, RequestOutput
     from pagedjax.server.engine_core import decode_output, encode_output
@@ -40,7 +34,7 @@ def main(argv=None) -> int:
         for i in range(args.streams)]
 
     def ms(fn) -> float:
-        return round(min(timeit.repeat(fn, number=args.calls, repeat=5)) / args.calls * 1000, 3)
+        return best_ms(fn, args.calls)
 
     def old_send():
         return pickle.dumps([dataclasses.replace(o, prompt=None, prompt_token_ids=None) for o in outputs])

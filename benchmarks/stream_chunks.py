@@ -10,20 +10,14 @@ With the engine on a thread (the default server) this work shares the engine's G
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-import timeit
 
-from common import emit
+from common import best_ms, emit, per_stream_args
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--streams", type=int, default=256)
-    p.add_argument("--calls", type=int, default=50)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = per_stream_args(__doc__, argv)
 
     from pagedjax.server import protocol as P
     from pagedjax.server.serving import _event, _TextChunks
@@ -41,7 +35,7 @@ def main(argv=None) -> int:
         return render
 
     def ms(fn) -> float:
-        return round(min(timeit.repeat(fn, number=args.calls, repeat=5)) / args.calls * 1000, 3)
+        return best_ms(fn, args.calls)
 
     res = {"date": time.strftime("%Y-%m-%d"), "streams": args.streams}
     for name, make in (("chat", chat), ("completion", completion)):

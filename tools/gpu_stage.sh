@@ -35,6 +35,8 @@
 # skip-temp XLA's command buffers with --xla_gpu_command_buffer_update_mode=SKIP_TEMP (no re-record when only
 #           the step's temp buffer moved): W3 and W1 (the pool sized automatically, or NUM_PAGES), then the
 #           engine's `gpu` tests under the flag
+# hf        benchmarks/hf_baseline.py: HF transformers on the same GPU, static `generate` (batches of 64) and
+#           `generate_batch` on W1 (HF_T seconds each, default 60; jax kept off the GPU's memory)
 # profile-moe  profile_step.py on Qwen3-30B-A3B, decode at batch 256 with a trace, from the tree in $TREE
 #           (default .; TAG names the result: profile-moe-$TAG.json)
 # Knobs (env): N1 (W1 prompts, 1000), BUDGET (s per benchmark run, 240).
@@ -191,6 +193,10 @@ for s in "$@"; do
       TAIL=6 stage "profile-moe-$tag" 200 bash -c "cd '$tree' && PYTHONPATH='$SITE:$PWD/$tree' $PY benchmarks/profile_step.py \
         --model named:qwen3-30b-a3b --batch-size ${MOE_BATCH:-256} --context 512 --steps 10 \
         --trace-dir /tmp/trace-moe-$tag --out '$(cd "$OUTDIR" && pwd)/profile-moe-$tag.json'" ;;
+    hf) TAIL=30 stage hf $((4 * ${HF_T:-60} + 150)) env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.05 \
+          "$PY" benchmarks/hf_baseline.py --model named:llama3-8b --max-len 4096 --engines generate,generate_batch \
+          --batch-size 64 --time-limit "${HF_T:-60}" --cb-kv-gb 24 --workload "sharegpt:$N1" \
+          --workload "random:1000:512:128@generate" --out "$OUTDIR/hf.json" ;;
     *) echo "unknown stage $s" ;;
   esac
 done
