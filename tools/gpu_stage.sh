@@ -31,7 +31,7 @@
 # family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
 # timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG; OUTPUT_KIND,
 #           default final_only as in W1), then
-#           benchmarks/trace_timeline.py on it: host events and GPU idle gaps of the last steps
+#           benchmarks/trace_timeline.py on it: host events, GPU idle gaps and GPU time by op class of the last steps
 # skip-temp XLA's command buffers with --xla_gpu_command_buffer_update_mode=SKIP_TEMP (no re-record when only
 #           the step's temp buffer moved): W3 and W1 (the pool sized automatically, or NUM_PAGES), then the
 #           engine's `gpu` tests under the flag
@@ -179,7 +179,7 @@ for s in "$@"; do
         --batch-size "${BATCH:-256}" --context 512 --steps 20 --trace-dir "/tmp/trace-$tag" \
         --output-kind "${OUTPUT_KIND:-final_only}" \
         --out "$OUTDIR/timeline-$tag.json"
-      "$PY" benchmarks/trace_timeline.py "/tmp/trace-$tag" --steps 3 --min-ms "${MIN_MS:-0.2}" \
+      "$PY" benchmarks/trace_timeline.py "/tmp/trace-$tag" --steps 3 --min-ms "${MIN_MS:-0.2}" --kernels 25 \
         --out "$OUTDIR/timeline-$tag.txt" | head -c 6000 ;;
     skip-temp)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" throughput . skip-temp \
