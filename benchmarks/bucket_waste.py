@@ -10,9 +10,9 @@ steps, and over the steps above 256 tokens, where compute dominates), and the st
     python benchmarks/bucket_waste.py --out waste.json
     python benchmarks/bucket_waste.py --max-num-batched-tokens 8192
 
-Grids: `x4` is the engine's (`model_runner.token_buckets`: 1, 4, 16, ... below the budget, and the
-budget), `x2` doubles, `x4+512` adds every multiple of 512 above 512, and `fine` is x4 up to 256
-and then 2^k and 1.5 * 2^k (`model_runner.fine_token_buckets`).
+Grids: `x4` is the engine's "coarse" (`model_runner.token_buckets`: 1, 4, 16, ... below the budget,
+and the budget), `x2` doubles, `x4+512` adds every multiple of 512 above 512, and `fine`, the
+engine's default, is x4 up to 256 and then 2^k and 1.5 * 2^k (`model_runner.fine_token_buckets`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ class Variant:
     quantization: str | None  # None: the weights in --dtype
     kv_cache_dtype: str  # "auto" or "fp8"
     batch_invariant: bool = False  # EngineConfig.batch_invariant ("+bi")
-    token_buckets: str = "coarse"  # EngineConfig.token_buckets ("+fine": "fine")
+    token_buckets: str = "fine"  # EngineConfig.token_buckets ("+coarse": "coarse")
 
 
 def add_variant_args(p: argparse.ArgumentParser) -> None:
@@ -31,9 +31,9 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the weights at load (named: configs: random weights quantized on the device)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="the KV pool's dtype")
     p.add_argument("--variants", default=None,
-                   help="comma list of engines to run in turn in this process, each WEIGHTS[+fp8kv][+bi][+fine] "
-                        f"with WEIGHTS in {WEIGHTS} (+bi: batch_invariant; +fine: token_buckets='fine'), e.g. "
-                        "bf16,fp8,fp8+fp8kv,awq,bf16+bi,bf16+fine "
+                   help="comma list of engines to run in turn in this process, each WEIGHTS[+fp8kv][+bi][+coarse] "
+                        f"with WEIGHTS in {WEIGHTS} (+bi: batch_invariant; +coarse: token_buckets='coarse'), e.g. "
+                        "bf16,fp8,fp8+fp8kv,awq,bf16+bi,bf16+coarse "
                         "(overrides --quantization/--kv-cache-dtype)")
     p.add_argument("--no-baseline", action="store_true",
                    help="with --quantization / --kv-cache-dtype: skip the bf16 baseline run before it")
@@ -45,12 +45,12 @@ def parse_variants(args) -> list[Variant]:
         out = []
         for name in args.variants.split(","):
             weights, *suffixes = name.split("+")
-            if (weights not in WEIGHTS or not set(suffixes) <= {"fp8kv", "bi", "fine"}
+            if (weights not in WEIGHTS or not set(suffixes) <= {"fp8kv", "bi", "coarse"}
                     or len(set(suffixes)) < len(suffixes)):
-                raise SystemExit(f"--variants {name!r}: expected WEIGHTS[+fp8kv][+bi][+fine], WEIGHTS in {WEIGHTS}")
+                raise SystemExit(f"--variants {name!r}: expected WEIGHTS[+fp8kv][+bi][+coarse], WEIGHTS in {WEIGHTS}")
             out.append(Variant(name, None if weights == "bf16" else weights,
                                "fp8" if "fp8kv" in suffixes else "auto", "bi" in suffixes,
-                               "fine" if "fine" in suffixes else "coarse"))
+                               "coarse" if "coarse" in suffixes else "fine"))
         return out
     asked = Variant((args.quantization or "bf16") + ("+fp8kv" if args.kv_cache_dtype == "fp8" else ""),
                     args.quantization, args.kv_cache_dtype)

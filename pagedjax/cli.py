@@ -59,8 +59,8 @@ _ENGINE_FLAGS = (
     ("--batch-invariant", "batch_invariant", True,
      "a request's tokens and logprobs independent of the rest of the batch (fixed-tile matmuls, unsplit attention)"),
     ("--token-buckets", "token_buckets", _token_buckets,
-     "step sizes compiled and padded to: coarse (1, 4, 16, ...), fine (also 384, 512, 768, 1024, 1536, ... "
-     "where prefills run), or a comma list of token counts"),
+     "step sizes compiled and padded to: fine (the default: 1, 4, 16, 64, 256, 384, 512, 768, 1024, 1536, ...), "
+     "coarse (1, 4, 16, 64, 256, 1024, ...: fewer compiles), or a comma list of token counts"),
     ("--grammar-compile-timeout", "grammar_compile_timeout", float,
      "seconds for compiling one output constraint (JSON schema, regex, grammar) before a 400"),
 )

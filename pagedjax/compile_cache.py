@@ -63,16 +63,26 @@ class ExecutableCache:
         self.seconds = 0.0  # spent getting executables (compiling or loading)
 
     def get(self, name: str, jitted: Callable, args: tuple, *, static_args: tuple = (),
-            static_kwargs: dict[str, Any] | None = None, compiler_options: dict[str, Any] | None = None) -> Any:
+            static_kwargs: dict[str, Any] | None = None, compiler_options: dict[str, Any] | None = None,
+            copy: int = 0) -> Any:
         """The compiled `jitted(*static_args, *args, **static_kwargs)`, to be called as
         `compiled(*args)`: from memory, from disk, or compiled (and stored). `compiler_options`:
-        XLA options of this compile only (e.g. {"xla_gpu_autotune_level": 0})."""
+        XLA options of this compile only (e.g. {"xla_gpu_autotune_level": 0}). `copy` > 0: a
+        separately loaded instance of the same program (one per copy number), compiled once."""
         static_kwargs = static_kwargs or {}
         key = self._key(name, args, (static_args, sorted(static_kwargs.items()), sorted((compiler_options or {}).items())))
-        compiled = self._memory.get(key)
+        compiled = self._memory.get(key if not copy else f"{key}#{copy}")
         if compiled is not None:
             self.hits += 1
             return compiled
+        if copy:  # another loaded instance of the same program: its own runtime state (its CUDA graph)
+            original = self.get(name, jitted, args, static_args=static_args, static_kwargs=static_kwargs,
+                                compiler_options=compiler_options)
+            t0 = time.perf_counter()
+            twin = self._load(name, key) or self._reload(original)
+            self.seconds += time.perf_counter() - t0
+            self._memory[f"{key}#{copy}"] = twin
+            return twin
         t0 = time.perf_counter()
         compiled = self._load(name, key)
         if compiled is None:
@@ -119,6 +129,14 @@ class ExecutableCache:
         except Exception as e:  # a stale or broken entry: compile again
             logger.warning("compiled-step cache entry %s unusable (%s): recompiling", path.name, e)
             return None
+
+    @staticmethod
+    def _reload(compiled: Any) -> Any:
+        """A second loaded instance of a freshly compiled executable (serialized and loaded again)."""
+        from jax.experimental.serialize_executable import deserialize_and_load, serialize
+
+        devices = list(compiled.runtime_executable().local_devices())
+        return deserialize_and_load(*serialize(compiled), execution_devices=devices)
 
     def _store(self, name: str, key: str, compiled: Any) -> None:
         if self.directory is None:

@@ -219,6 +219,22 @@ def cuda_mem_info() -> tuple[int, int] | None:
     return None
 
 
+ALTERNATE_STEPS_ENV = "PAGEDJAX_ALTERNATE_STEPS"
+
+
+def client_memory_fraction() -> float:
+    """The share of a GPU that JAX's client may take: XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's
+    default 0.75), or all of it under XLA_PYTHON_CLIENT_ALLOCATOR=platform."""
+    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+        return 1.0
+    text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+    try:
+        fraction = float(text) if text else 0.75
+    except ValueError:
+        return 0.75
+    return fraction if 0.0 < fraction <= 1.0 else 0.75
+
+
 class ModelRunner:
     """Owns params, the page pool and the compiled steps; `launch` sends a step, `fetch` reads it back.
 
@@ -259,6 +275,11 @@ class ModelRunner:
         self.step_compiler_options = ({"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0,
                                        "xla_gpu_deterministic_ops": True, "xla_gpu_exclude_nondeterministic_ops": True}
                                       if opts.batch_invariant and jax.default_backend() == "gpu" else None)
+        # Experimental (PAGEDJAX_ALTERNATE_STEPS=1): successive steps alternate between two loaded
+        # instances of each step program, so that preparing one's CUDA graph for a launch (XLA's
+        # command-buffer update) need not wait for the other's run still in flight.
+        self.step_copies = 2 if os.environ.get(ALTERNATE_STEPS_ENV, "") == "1" else 1
+        self._step_launches = 0
         self._rng = np.random.default_rng(opts.seed)
         self._no_prev = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self.input_sharding)
         self.num_pages = num_pages = opts.num_pages or self._auto_num_pages()
@@ -303,8 +324,11 @@ class ModelRunner:
             if info is None:
                 raise RuntimeError("cannot size the KV pool: the device reports no memory figures; "
                                    "pass num_pages")
-            free, limit = info
-            in_use = limit - free
+            free, total = info
+            # The client's own cap (its physical allocation budget) is the same fraction of the
+            # device as the BFC allocator's limit: a pool sized on the whole device leaves no room
+            # to compile the next step (RESOURCE_EXHAUSTED: not enough PA budget).
+            limit, in_use = int(total * client_memory_fraction()), total - free
         budget = limit * self.options.gpu_memory_utilization - in_use
         activations = self._activation_bytes()
         budget -= activations
@@ -371,14 +395,17 @@ class ModelRunner:
             model_inputs, smeta = self._dummy_inputs(T)
             samplers = (sampler.SampleFlags(random=False, top_k=False, top_p=False),
                         sampler.SampleFlags(random=True, top_k=False, top_p=False))
-            if run:  # the model once, both samplers on its logits
-                launched = self._launch(model_inputs, smeta, None, {}, sample=False)
+            if run:  # the model once (on each loaded copy), both samplers on its logits
+                for _ in range(self.step_copies):
+                    launched = self._launch(model_inputs, smeta, None, {}, sample=False)
                 logits, sbuf, slayout, _ = launched.pending_sample
                 for flags in samplers:
                     launched.pending_sample = (logits, sbuf, slayout, flags)
                     self.sample(launched)
                 continue
             step_args, mlayout, sbuf, slayout = self._step_inputs(model_inputs, smeta, None)
+            for copy in range(1, self.step_copies):
+                self._step_executable(step_args, mlayout, 0, True, copy)
             step = self._step_executable(step_args, mlayout, 0, True)
             logits = step.out_info[0]  # the logits' shape, dtype and placement: what the sampler's key needs
             for flags in samplers:
@@ -461,7 +488,8 @@ class ModelRunner:
     def _launch(self, model_inputs, smeta, plp, rows: dict[str, int], *, num_logprobs: int = 0,
                 prev_tokens=None, flags: sampler.SampleFlags | None = None, sample: bool = True) -> Launched:
         step_args, mlayout, sbuf, slayout = self._step_inputs(model_inputs, smeta, prev_tokens)
-        step = self._step_executable(step_args, mlayout, plp.num_logprobs if plp else 0, prev_tokens is None)
+        copy, self._step_launches = self._step_launches % self.step_copies, self._step_launches + 1
+        step = self._step_executable(step_args, mlayout, plp.num_logprobs if plp else 0, prev_tokens is None, copy)
         logits, scored, self.pages = step(*step_args)
         launched = Launched(None, None, scored, plp and plp.spans, rows, num_logprobs,
                             num_padded_rows=logits.shape[0],
@@ -496,12 +524,13 @@ class ModelRunner:
         step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
         return step_args, mlayout, sbuf, slayout
 
-    def _step_executable(self, step_args: tuple, mlayout, num_prompt_logprobs: int, first: bool):
-        """The model step's executable for these arguments (first: no previous step's tokens)."""
-        return self._compiled(("step", mlayout, num_prompt_logprobs, first), lambda: self.executables.get(
+    def _step_executable(self, step_args: tuple, mlayout, num_prompt_logprobs: int, first: bool, copy: int = 0):
+        """The model step's executable for these arguments (first: no previous step's tokens;
+        copy: which loaded instance, see step_copies)."""
+        return self._compiled(("step", mlayout, num_prompt_logprobs, first, copy), lambda: self.executables.get(
             "step", _step, step_args, static_args=(self.config, self.attn_impl),
             static_kwargs=dict(layout=mlayout, mesh=self.mesh, num_prompt_logprobs=num_prompt_logprobs),
-            compiler_options=self.step_compiler_options))
+            compiler_options=self.step_compiler_options, copy=copy))
 
     def _sample_executable(self, args: tuple, slayout, num_logprobs: int, flags: sampler.SampleFlags):
         """The sampler's executable for (logits, sampling buffer, token bitmask or None)."""

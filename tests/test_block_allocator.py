@@ -304,3 +304,37 @@ def test_randomized_against_a_naive_model(seed):
     for table, _ in tables:
         a.free(table)
     assert a.num_free_pages == P - 1
+
+
+@pytest.mark.parametrize("env, fraction", [({}, 0.75), ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92"}, 0.92),
+                                           ({"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}, 1.0)])
+def test_gpu_pool_sizing_without_allocator_stats_stays_inside_the_clients_cap(monkeypatch, env, fraction):
+    """On a GPU whose allocator reports no figures (XLA's VMM one), the pool is sized from
+    cudaMemGetInfo within the share JAX's client may take (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by
+    default), not the whole device: the pool, what is in use and the largest step's temporaries
+    must fit under that cap, or the next compile fails for want of memory."""
+    import types
+
+    import jax
+
+    import pagedjax.model_runner as mr
+
+    for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    GiB = 2**30
+    total, free, temporaries, page = 140 * GiB, 124 * GiB, 3 * GiB, 2 * 2**20
+    gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: None)
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
+    monkeypatch.setattr(mr, "cuda_mem_info", lambda: (free, total))
+    runner = types.SimpleNamespace(max_num_seqs=256, max_pages_per_req=256, mesh=None,
+                                   options=EngineConfig(gpu_memory_utilization=0.9),
+                                   page_bytes=lambda: page, _activation_bytes=lambda: temporaries)
+    pages = mr.ModelRunner._auto_num_pages(runner)
+    cap = total * fraction
+    assert pages * page + (total - free) + temporaries <= cap * 0.9
+    assert (pages + 1) * page + (total - free) + temporaries > cap * 0.9  # and no smaller than that
+    monkeypatch.setattr(mr, "cuda_mem_info", lambda: None)
+    with pytest.raises(RuntimeError, match="num_pages"):
+        mr.ModelRunner._auto_num_pages(runner)

@@ -199,7 +199,7 @@ def test_chunked_prefill_under_small_budget(llama):
 
 
 def test_fine_token_buckets_pad_less_and_match_hf(llama):
-    """token_buckets="fine": steps of 257-384 tokens are padded to 384, not 512, and the answers
+    """token_buckets="fine" (the default): steps of 257-384 tokens are padded to 384, not 512, and the answers
     are HF's; an explicit list keeps the counts below the budget and adds the budget."""
     from pagedjax.model_runner import fine_token_buckets
 
@@ -218,6 +218,10 @@ def test_fine_token_buckets_pad_less_and_match_hf(llama):
         assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 6), f"request r{i}"
     assert_clean(engine, outs)
     assert (sum(map(len, prompts)), 384) in padded
+    assert make_engine(params, max_num_batched_tokens=512, precompile=False).runner.token_buckets == \
+        [1, 4, 16, 64, 256, 384, 512]  # the default
+    assert make_engine(params, max_num_batched_tokens=512, token_buckets="coarse",
+                       precompile=False).runner.token_buckets == [1, 4, 16, 64, 256, 512]
     explicit = make_engine(params, max_num_batched_tokens=64, token_buckets=(8, 32, 64, 128), precompile=False)
     assert explicit.runner.token_buckets == [8, 32, 64]
     for bad in ("x2", (), (4, 4), (0, 8), (16, 8), (4.0,), (True,)):
@@ -228,9 +232,38 @@ def test_fine_token_buckets_pad_less_and_match_hf(llama):
     parse = build_parser().parse_args
     assert engine_options(parse(["serve", "--token-buckets", "fine"]))["token_buckets"] == "fine"
     assert engine_options(parse(["serve", "--token-buckets", "1,16,300"]))["token_buckets"] == (1, 16, 300)
-    assert engine_options(parse(["serve"]))["token_buckets"] == "coarse"
+    assert engine_options(parse(["serve", "--token-buckets", "coarse"]))["token_buckets"] == "coarse"
+    assert engine_options(parse(["serve"]))["token_buckets"] == "fine"
     with pytest.raises(SystemExit):
         parse(["serve", "--token-buckets", "1,a"])
+
+
+def test_alternating_step_copies_serve_the_same_answers(llama, monkeypatch):
+    """PAGEDJAX_ALTERNATE_STEPS=1: successive steps alternate between two loaded instances of each
+    step program (distinct objects, both used), and the answers are still HF's."""
+    from pagedjax.model_runner import ALTERNATE_STEPS_ENV
+
+    hf, params = llama
+    monkeypatch.setenv(ALTERNATE_STEPS_ENV, "1")
+    rng = np.random.default_rng(13)
+    prompts = hf_models.random_prompts(rng, 3, 5, 20)
+    sp = pj.SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    engine = make_engine(params, max_num_batched_tokens=64, max_model_len=64)
+    runner = engine.runner
+    assert runner.step_copies == 2
+    used, real = [], runner._step_executable
+    monkeypatch.setattr(runner, "_step_executable", lambda *a: used.append(real(*a)) or used[-1])
+    outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
+    for i, p in enumerate(prompts):
+        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 7), f"request r{i}"
+    assert_clean(engine, outs)
+    steps = {k: v for k, v in runner._executables.items() if k[0] == "step"}
+    copies = {k[-1] for k in steps}
+    assert copies == {0, 1}
+    for k, v in steps.items():
+        if k[-1] == 1:
+            assert v is not steps[(*k[:-1], 0)]
+    assert len({id(e) for e in used}) >= 2 and all(used[i] is not used[i + 1] for i in range(len(used) - 1))
 
 
 def test_prefix_cache_hits(llama):

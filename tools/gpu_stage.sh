@@ -20,7 +20,8 @@
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
 # bi-tests  the `gpu` tests of batch_invariant (tests/test_batch_invariance_gpu.py, the attention call's)
 # bench-bi  W3 and W1 with and without batch_invariant, in one process
-# bench-fine  W3 and W1 with the coarse and the fine token buckets (EngineConfig.token_buckets), in one process
+# bench-coarse  W3 and W1 with the coarse and the fine (default) token buckets (EngineConfig.token_buckets), in one
+#           process (BUDGET of at least 240 s: the budget is the whole process's, its first engine's start-up included)
 # bi-mosaic batch_invariant on one Mosaic GPU GEMM launch (PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic):
 #           benchmarks/kernels/invariant_matmul.py (speed and invariance by tile), the bi `gpu` tests, bench-bi
 # structured  benchmarks/structured.py: 1000 requests with a JSON schema vs unconstrained (Llama-3 tokenizer)
@@ -35,6 +36,11 @@
 # skip-temp XLA's command buffers with --xla_gpu_command_buffer_update_mode=SKIP_TEMP (no re-record when only
 #           the step's temp buffer moved): W3 and W1 (the pool sized automatically, or NUM_PAGES), then the
 #           engine's `gpu` tests under the flag
+# small-batch  the small-batch decode step under XLA options, each in its own process: W3 (latency.py) and the
+#           batch-1 timeline with its GPU time by op class, per entry of FLAGSETS (';'-separated XLA_FLAGS additions;
+#           default: none, Triton GEMMs off (cuBLAS for every dot), the dot merger's threshold raised to 256 MB)
+# alternate W1 and W3 with and without PAGEDJAX_ALTERNATE_STEPS=1 (two loaded copies of each step program used in
+#           turn), each in its own process, then the batch-256 timeline with it (does the GPU still idle in the launch?)
 # hf        benchmarks/hf_baseline.py: HF transformers on the same GPU, static `generate` (batches of 64) and
 #           `generate_batch` on W1 (HF_T seconds each, default 60; jax kept off the GPU's memory)
 # profile-moe  profile_step.py on Qwen3-30B-A3B, decode at batch 256 with a trace, from the tree in $TREE
@@ -146,7 +152,7 @@ for s in "$@"; do
       TAIL=30 stage bi-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py "tests/test_paged_attention_ffi.py::test_gpu_batch_invariant_call" ;;
     bench-bi) throughput . bench-bi --variants bf16,bf16+bi ;;
-    bench-fine) throughput . bench-fine --variants bf16,bf16+fine ;;
+    bench-coarse) throughput . bench-coarse --variants bf16+coarse,bf16 ;;
     bi-mosaic)  # batch_invariant with the one-launch GEMM: the kernel sweep, the gpu tests, W3 and W1
       TAIL=45 stage bi-matmul 240 "$PY" benchmarks/kernels/invariant_matmul.py --out "$OUTDIR/invariant-matmul.json"
       export PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic
@@ -193,6 +199,22 @@ for s in "$@"; do
       TAIL=6 stage "profile-moe-$tag" 200 bash -c "cd '$tree' && PYTHONPATH='$SITE:$PWD/$tree' $PY benchmarks/profile_step.py \
         --model named:qwen3-30b-a3b --batch-size ${MOE_BATCH:-256} --context 512 --steps 10 \
         --trace-dir /tmp/trace-moe-$tag --out '$(cd "$OUTDIR" && pwd)/profile-moe-$tag.json'" ;;
+    alternate)
+      for alt in 0 1; do
+        PAGEDJAX_ALTERNATE_STEPS=$alt throughput . "alternate-$alt"
+      done
+      PAGEDJAX_ALTERNATE_STEPS=1 BATCH=256 TAG=b256-alternate MIN_MS=1 bash tools/gpu_stage.sh timeline \
+        | grep -B2 -A12 "GPU time per step" ;;
+    small-batch)
+      IFS=';' read -r -a sets <<< "${FLAGSETS:-;--xla_gpu_enable_triton_gemm=false;--xla_gpu_dot_merger_threshold_mb=256}"
+      i=0
+      for f in "${sets[@]}"; do
+        echo "== flag set $i: '${f:-none}'"
+        XLA_FLAGS="${XLA_FLAGS:-} $f" stage "w3-flags$i" 200 "$PY" benchmarks/latency.py --model named:llama3-8b \
+          --batch-size 8 --input-len 32 --output-len 128 --out "$OUTDIR/w3-flags$i.json"
+        XLA_FLAGS="${XLA_FLAGS:-} $f" BATCH=1 TAG="b1-flags$i" MIN_MS=1 bash tools/gpu_stage.sh timeline | grep -A12 "GPU time per step"
+        i=$((i + 1))
+      done ;;
     hf) TAIL=30 stage hf $((4 * ${HF_T:-60} + 150)) env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.05 \
           "$PY" benchmarks/hf_baseline.py --model named:llama3-8b --max-len 4096 --engines generate,generate_batch \
           --batch-size 64 --time-limit "${HF_T:-60}" --cb-kv-gb 24 --workload "sharegpt:$N1" \

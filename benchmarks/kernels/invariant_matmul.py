@@ -2,10 +2,10 @@
 
 Llama-3-8B's projections (K -> N) at M = 1, 8, 64, 256, 2048 rows, bf16. Methods:
 - `dot`: jnp.dot, what the default mode runs (cuBLAS picks its algorithm by M: not invariant);
-- `tiles128`, `tiles64`: layers.row_tiled, one cuBLAS GEMM per tile of that many rows (the
-  batch-invariant mode today, 128 rows on the GPU);
-- `mosaic_nN`: models/invariant_matmul.py, JAX's Hopper matmul in one launch, tile_n = N
-  (tiles_for's choice is marked).
+- `tiles128`: layers.row_tiled, one cuBLAS GEMM per tile of 128 rows (the batch-invariant mode's
+  default on the GPU);
+- `mosaic_nN`: models/invariant_matmul.py, JAX's Hopper matmul in one launch, tile_n = N of 64
+  and 128 (tiles_for's choice is marked).
 
 For each: ms per call (median of samples; each sample many calls inside one jitted scan over
 weight copies larger than L2, so weights come from HBM), the weight bytes per second, TFLOP/s, the
@@ -51,11 +51,10 @@ DRY_ROWS = (1, 8, 40)
 def methods(k: int, n: int, on_hopper: bool) -> dict:
     """name -> f(x [M, K], w [K, N]) -> [M, N]."""
     out = {"dot": lambda x, w: x @ w,
-           "tiles128": lambda x, w: row_tiled(lambda t: t @ w, x, 128),
-           "tiles64": lambda x, w: row_tiled(lambda t: t @ w, x, 64)}
+           "tiles128": lambda x, w: row_tiled(lambda t: t @ w, x, 128)}
     if on_hopper:
         chosen = im.tiles_for(k, n)
-        for tile_n in (16, 32, 64, 128):
+        for tile_n in (64, 128):  # narrower tiles do not lower (Mosaic's 128-byte swizzle)
             if n % tile_n == 0:
                 tiles = im.Tiles(tile_n=tile_n)
                 if tiles.smem_bytes(2) <= im.SMEM_BYTES:
