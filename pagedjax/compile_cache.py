@@ -71,7 +71,8 @@ class ExecutableCache:
         separately loaded instance of the same program (one per copy number), compiled once."""
         static_kwargs = static_kwargs or {}
         key = self._key(name, args, (static_args, sorted(static_kwargs.items()), sorted((compiler_options or {}).items())))
-        compiled = self._memory.get(key if not copy else f"{key}#{copy}")
+        memory_key = f"{key}#{copy}" if copy else key
+        compiled = self._memory.get(memory_key)
         if compiled is not None:
             self.hits += 1
             return compiled
@@ -79,9 +80,8 @@ class ExecutableCache:
             original = self.get(name, jitted, args, static_args=static_args, static_kwargs=static_kwargs,
                                 compiler_options=compiler_options)
             t0 = time.perf_counter()
-            twin = self._load(name, key) or self._reload(original)
+            twin = self._memory[memory_key] = self._load(name, key) or self._reload(original)
             self.seconds += time.perf_counter() - t0
-            self._memory[f"{key}#{copy}"] = twin
             return twin
         t0 = time.perf_counter()
         compiled = self._load(name, key)

@@ -404,9 +404,7 @@ class ModelRunner:
                     self.sample(launched)
                 continue
             step_args, mlayout, sbuf, slayout = self._step_inputs(model_inputs, smeta, None)
-            for copy in range(1, self.step_copies):
-                self._step_executable(step_args, mlayout, 0, True, copy)
-            step = self._step_executable(step_args, mlayout, 0, True)
+            step, *_ = (self._step_executable(step_args, mlayout, 0, True, c) for c in range(self.step_copies))
             logits = step.out_info[0]  # the logits' shape, dtype and placement: what the sampler's key needs
             for flags in samplers:
                 self._sample_executable((logits, sbuf, None), slayout, 0, flags._replace(bitmask=False))
