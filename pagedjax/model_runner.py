@@ -148,8 +148,21 @@ def unpack(buf: jax.Array, layout: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
+def stage_inputs(buf: jax.Array) -> jax.Array:
+    """A copy of the step's packed inputs made by one kernel, for every other kernel to read.
+
+    `buf`'s last entry is a 0 from the host (`_step_inputs`); XLA cannot know that, so the add
+    stays a kernel, and the optimization barrier keeps it from being fused into the consumers. The
+    copy lives in the step's temporary buffer, whose address XLA's SKIP_TEMP command buffers keep:
+    when the next step's inputs arrive at another address, XLA re-records only the commands that
+    read the step's parameters, rather than each one that reads an input (the positions, slots and
+    page tables of every layer).
+    """
+    return jax.lax.optimization_barrier(buf + buf[-1])
+
+
 def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, *, layout, mesh=None,
-             num_prompt_logprobs=0):
+             num_prompt_logprobs=0, staged=False):
     """The model's part of an engine step on device: logits [R, V] of each request (pool in, pool out).
 
     `buf` holds the step's inputs (`pack`ed): tokens [T], src_rows [T], the attention metadata
@@ -159,8 +172,11 @@ def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, *, layout, m
     shard_map uses), the logits are gathered once for sampling and the pool stays split.
     Steps that score prompt tokens (a variant of their own: static num_prompt_logprobs > 0)
     have the model sow every token's head input and return the scored rows as a third output
-    (pagedjax/prompt_logprobs.py); the others return None there.
+    (pagedjax/prompt_logprobs.py); the others return None there. `staged`: the inputs are read
+    through `stage_inputs` (an experiment, PAGEDJAX_STAGED_INPUTS=1).
     """
+    if staged:
+        buf = stage_inputs(buf)
     tokens, src_rows, meta, prompt_meta = unpack(buf, layout)
     tokens = jnp.where(src_rows >= 0, prev_tokens[jnp.maximum(src_rows, 0)], tokens)
     model = get_model(config, attn_impl=attn_impl)
@@ -182,7 +198,7 @@ def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, *, layout, m
 # One jit for every runner: engines of the same model share compiled steps. The pool is donated,
 # so XLA updates it in place.
 _step = jax.jit(_step_fn, static_argnums=(0, 1), donate_argnums=(3,),
-                static_argnames=("layout", "mesh", "num_prompt_logprobs"))
+                static_argnames=("layout", "mesh", "num_prompt_logprobs", "staged"))
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "num_logprobs", "flags", "num_slots"))
@@ -220,6 +236,7 @@ def cuda_mem_info() -> tuple[int, int] | None:
 
 
 ALTERNATE_STEPS_ENV = "PAGEDJAX_ALTERNATE_STEPS"
+STAGED_INPUTS_ENV = "PAGEDJAX_STAGED_INPUTS"
 
 
 def client_memory_fraction() -> float:
@@ -280,6 +297,10 @@ class ModelRunner:
         # command-buffer update) need not wait for the other's run still in flight.
         self.step_copies = 2 if os.environ.get(ALTERNATE_STEPS_ENV, "") == "1" else 1
         self._step_launches = 0
+        # Experimental (PAGEDJAX_STAGED_INPUTS=1): the step reads its inputs from a copy made by its
+        # first kernel (stage_inputs), so that a new step's input buffer touches one command of
+        # the step's CUDA graph.
+        self.staged_inputs = os.environ.get(STAGED_INPUTS_ENV, "") == "1"
         self._rng = np.random.default_rng(opts.seed)
         self._no_prev = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self.input_sharding)
         self.num_pages = num_pages = opts.num_pages or self._auto_num_pages()
@@ -518,6 +539,8 @@ class ModelRunner:
         """The step's arguments on the device (one buffer each for the model and the sampler):
         (step args, model layout, sampling buffer, sampling layout)."""
         (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
+        if self.staged_inputs:  # the 0 stage_inputs adds (after the layout's last entry)
+            mbuf = np.append(mbuf, np.int32(0))
         mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
         step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
         return step_args, mlayout, sbuf, slayout
@@ -527,7 +550,8 @@ class ModelRunner:
         copy: which loaded instance, see step_copies)."""
         return self._compiled(("step", mlayout, num_prompt_logprobs, first, copy), lambda: self.executables.get(
             "step", _step, step_args, static_args=(self.config, self.attn_impl),
-            static_kwargs=dict(layout=mlayout, mesh=self.mesh, num_prompt_logprobs=num_prompt_logprobs),
+            static_kwargs=dict(layout=mlayout, mesh=self.mesh, num_prompt_logprobs=num_prompt_logprobs,
+                               staged=self.staged_inputs),
             compiler_options=self.step_compiler_options, copy=copy))
 
     def _sample_executable(self, args: tuple, slayout, num_logprobs: int, flags: sampler.SampleFlags):

@@ -10,6 +10,7 @@ request, the pool updated in place.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import chex
@@ -264,6 +265,41 @@ def test_alternating_step_copies_serve_the_same_answers(llama, monkeypatch):
         if k[-1] == 1:
             assert v is not steps[(*k[:-1], 0)]
     assert len({id(e) for e in used}) >= 2 and all(used[i] is not used[i + 1] for i in range(len(used) - 1))
+
+
+def _input_buffer_users(step) -> int:
+    """How many instructions of a compiled step's entry computation read its `buf` parameter."""
+    entry = step.as_text().split("\nENTRY ", 1)[1].split("\n}", 1)[0]
+    (name,) = re.findall(r'(%[\w.]+) = s32\[\d+\]\{0\} parameter\(\d+\), metadata=\{op_name="buf"', entry)
+    return len(re.findall(re.escape(name) + r"[,)]", entry))
+
+
+def test_staged_inputs_serve_the_same_answers(llama, monkeypatch):
+    """PAGEDJAX_STAGED_INPUTS=1: the step reads its packed inputs through one copy (stage_inputs,
+    fed by a 0 the host appends). The answers are still HF's; in the compiled step one instruction
+    reads the input buffer, where without it the embedding, every layer's rotary and the logits'
+    gather each read it (what makes XLA re-record those commands of a CUDA graph)."""
+    from pagedjax.model_runner import STAGED_INPUTS_ENV, stage_inputs
+
+    hf, params = llama
+    monkeypatch.setenv(STAGED_INPUTS_ENV, "1")
+    rng = np.random.default_rng(17)
+    prompts = hf_models.random_prompts(rng, 3, 5, 20)
+    sp = pj.SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    engine = make_engine(params, max_num_batched_tokens=64, max_model_len=64)
+    assert engine.runner.staged_inputs
+    outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
+    for i, p in enumerate(prompts):
+        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 7), f"request r{i}"
+    assert_clean(engine, outs)
+    steps = [v for k, v in engine.runner._executables.items() if k[0] == "step"]
+    assert steps and all(_input_buffer_users(step) == 1 for step in steps)
+    monkeypatch.setenv(STAGED_INPUTS_ENV, "0")
+    plain = make_engine(params, max_num_batched_tokens=64, max_model_len=64, token_buckets=(64,))
+    (step,) = [v for k, v in plain.runner._executables.items() if k[0] == "step"]
+    assert _input_buffer_users(step) > params.config.num_layers
+    buf = jnp.asarray(rng.integers(-2**31, 2**31 - 1, 9, dtype=np.int64).astype(np.int32)).at[-1].set(0)
+    np.testing.assert_array_equal(jax.jit(stage_inputs)(buf), np.asarray(buf))
 
 
 def test_prefix_cache_hits(llama):

@@ -41,6 +41,11 @@
 #           default: none, Triton GEMMs off (cuBLAS for every dot), the dot merger's threshold raised to 256 MB)
 # alternate W1 and W3 with and without PAGEDJAX_ALTERNATE_STEPS=1 (two loaded copies of each step program used in
 #           turn), each in its own process, then the batch-256 timeline with it (does the GPU still idle in the launch?)
+# cmdbuf-log  which commands of the step's CUDA graph XLA re-records before each launch, from XLA's log
+#           (benchmarks/cmdbuf_log.py), decode at batch 256 and 1, with PAGEDJAX_STAGED_INPUTS 0 and 1
+# staged    W1 and W3 with and without PAGEDJAX_STAGED_INPUTS=1 (the step reads its inputs through one copy,
+#           so a new input buffer should touch one command of its graph), each in its own process, then
+#           the batch-256 and batch-1 timelines with it (is command_buffer::update gone?)
 # hf        benchmarks/hf_baseline.py: HF transformers on the same GPU, static `generate` (batches of 64) and
 #           `generate_batch` on W1 (HF_T seconds each, default 60; jax kept off the GPU's memory)
 # profile-moe  profile_step.py on Qwen3-30B-A3B, decode at batch 256 with a trace, from the tree in $TREE
@@ -205,6 +210,26 @@ for s in "$@"; do
       done
       PAGEDJAX_ALTERNATE_STEPS=1 BATCH=256 TAG=b256-alternate MIN_MS=1 bash tools/gpu_stage.sh timeline \
         | grep -B2 -A12 "GPU time per step" ;;
+    cmdbuf-log)
+      for staged in 0 1; do
+        for b in 256 1; do
+          name="cmdbuf-b$b-staged$staged"
+          PAGEDJAX_STAGED_INPUTS=$staged TF_CPP_MIN_LOG_LEVEL=0 \
+            TF_CPP_VMODULE="${VMODULE:-command_buffer_thunk=3,command_executor=5,command_buffer_cmd=5,command_buffer_cmd_executor=5}" \
+            TAIL=3 stage "$name" 150 "$PY" benchmarks/profile_step.py --model named:llama3-8b --batch-size "$b" \
+            --context 512 --steps 5 --output-kind final_only --out "$OUTDIR/$name.json"
+          "$PY" benchmarks/cmdbuf_log.py "$OUTDIR/$name.log" --out "$OUTDIR/$name-summary.json" | head -c 2500
+          gzip -f "$OUTDIR/$name.log"
+        done
+      done ;;
+    staged)
+      for staged in 0 1; do
+        PAGEDJAX_STAGED_INPUTS=$staged throughput . "staged-$staged"
+      done
+      for b in 256 1; do
+        PAGEDJAX_STAGED_INPUTS=1 BATCH=$b TAG="b$b-staged" MIN_MS=1 bash tools/gpu_stage.sh timeline \
+          | grep -B2 -A12 "GPU time per step"
+      done ;;
     small-batch)
       IFS=';' read -r -a sets <<< "${FLAGSETS:-;--xla_gpu_enable_triton_gemm=false;--xla_gpu_dot_merger_threshold_mb=256}"
       i=0
