@@ -3,8 +3,9 @@
 For benchmarks and serving at the size of real models where no checkpoint exists.
 
 Nothing passes through the host: each leaf is drawn by a jitted function straight into its
-sharding (norm scales 1, biases 0, everything else normal(0, 0.02)). The jitted drawers are
-cached by (shape, dtype, kind, sharding), so an 80-layer model compiles a handful of them.
+sharding (norm scales 1, biases 0, everything else normal(0, 0.02)). The drawers are compiled
+once per (shape, dtype, kind, sharding), so an 80-layer model compiles a handful of them, and
+kept in pagedjax's executable cache, so that a warm start compiles none.
 
 With `quantization`, each quantized linear is drawn as a float weight in `dtype` (bf16 on a GPU) and quantized
 on the device as a checkpoint would be at load: "fp8" online (e4m3, per-channel scales),
@@ -50,32 +51,43 @@ def quant_config(method: str | None, config: ModelConfig | None = None) -> Quant
     raise ValueError(f"random weights quantized with {method!r}: supported 'fp8', 'awq', 'gptq'")
 
 
+def _draw_weight(shape: tuple[int, ...], dtype: str, kind: str, sharding_key: str, raw_key):
+    """One leaf: norm scales 1, biases 0, other weights normal(0, INIT_STD), from uint32 key data.
+    `sharding_key` names the output's placement for the executable cache (the jit holds it)."""
+    del sharding_key
+    if kind == "scale":
+        return jnp.ones(shape, dtype)
+    if kind == "bias":
+        return jnp.zeros(shape, dtype)
+    return INIT_STD * jax.random.normal(jax.random.wrap_key_data(raw_key), shape, dtype)
+
+
+def _draw_quantized_linear(qcfg: QuantConfig, K: int, N: int, dtype: str, names: tuple[str, ...],
+                           sharding_key: str, raw_key):
+    """The params of one random [N, K] linear (by `names`), quantized on device as at load."""
+    del sharding_key
+    w = INIT_STD * jax.random.normal(jax.random.wrap_key_data(raw_key), (N, K), dtype)  # [N, K]
+    if qcfg.weight_dtype == "fp8":
+        q = quantize_fp8(w, strategy=qcfg.weight_strategy, block_size=qcfg.block_size)
+    else:
+        q = quantize_int4_jax(w, K if qcfg.group_size == -1 else qcfg.group_size)
+    return tuple(q.params()[n] for n in names)
+
+
 @functools.cache
-def _drawer(shape: tuple[int, ...], dtype, kind: str, sharding):
-    def draw(key):
-        if kind == "scale":
-            return jnp.ones(shape, dtype)
-        if kind == "bias":
-            return jnp.zeros(shape, dtype)
-        return INIT_STD * jax.random.normal(key, shape, dtype)
-
-    return jax.jit(draw, out_shardings=sharding)
+def _jitted(fn, num_static: int, out_shardings):
+    return jax.jit(fn, static_argnums=tuple(range(num_static)), out_shardings=out_shardings)
 
 
-@functools.cache
-def _quantized_drawer(qcfg: QuantConfig, K: int, N: int, dtype, shardings: tuple):
-    """key -> the params of one random [N, K] linear, quantized on device, in `shardings` (by name)."""
-    names = [n for n, _ in shardings]
+def _drawn(name: str, fn, static: tuple, out_shardings, key) -> Any:
+    """fn(*static, key data) on device, its executable from pagedjax's executable cache: a warm
+    start (the cache on disk) skips tracing and compiling the drawers, seconds on a GPU."""
+    from pagedjax.compile_cache import compile_cache_dir, executable_cache
 
-    def draw(key):
-        w = INIT_STD * jax.random.normal(key, (N, K), dtype)  # [N, K]
-        if qcfg.weight_dtype == "fp8":
-            q = quantize_fp8(w, strategy=qcfg.weight_strategy, block_size=qcfg.block_size)
-        else:
-            q = quantize_int4_jax(w, K if qcfg.group_size == -1 else qcfg.group_size)
-        return tuple(q.params()[n] for n in names)
-
-    return jax.jit(draw, out_shardings=tuple(s for _, s in shardings))
+    static = (*static, repr(out_shardings))
+    raw = jax.random.key_data(key)
+    jitted = _jitted(fn, len(static), out_shardings)
+    return executable_cache(compile_cache_dir()).get(name, jitted, (raw,), static_args=static)(raw)
 
 
 def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int = 0, shardings: Any = None,
@@ -102,7 +114,8 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int =
             arrays.append(drawn[module][keys[-1]])
             continue
         kind = keys[-1] if keys[-1] in ("scale", "bias") else "weight"
-        arrays.append(_drawer(s.shape, dtype, kind, sharding)(jax.random.fold_in(key, i)))
+        arrays.append(_drawn("draw", _draw_weight, (tuple(s.shape), dtype.name, kind), sharding,
+                             jax.random.fold_in(key, i)))
     return Params({"params": jax.tree_util.tree_unflatten(treedef, arrays)}, config, tokenizer=None)
 
 
@@ -114,8 +127,10 @@ def _draw_quantized(qcfg: QuantConfig, module: str, leaves, axes_leaves, shardin
         if ".".join(keys[:-1]) == module:
             mine[keys[-1]] = (s, resolve_sharding(shardings, ".".join(keys), keys, a, s))
     K, N = linear_features(qcfg.weight_dtype, mine["qvalue"][0].shape)
-    draw = _quantized_drawer(qcfg, K, N, dtype, tuple((n, sh) for n, (_, sh) in sorted(mine.items())))
-    return dict(zip(sorted(mine), draw(key)))
+    names = tuple(sorted(mine))
+    draw = _drawn("draw_quantized", _draw_quantized_linear, (qcfg, K, N, jnp.dtype(dtype).name, names),
+                  tuple(mine[n][1] for n in names), key)
+    return dict(zip(names, draw))
 
 
 def dummy_params(model: str | None, *, dtype: Any = jnp.bfloat16, seed: int = 0, shardings: Any = None,

@@ -105,18 +105,6 @@ def resolve_token_buckets(spec: str | Sequence[int], hi: int) -> list[int]:
     return [t for t in spec if t < hi] + [hi]
 
 
-def enable_compile_cache() -> None:
-    """Turns on JAX's persistent compilation cache (once; keeps a directory set elsewhere)."""
-    d = compile_cache_dir()
-    if d and not jax.config.jax_compilation_cache_dir:
-        try:
-            os.makedirs(d, exist_ok=True)
-        except OSError:
-            return
-        jax.config.update("jax_compilation_cache_dir", d)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def pack(tree: Any) -> tuple[np.ndarray, Any]:
     """A pytree of 4-byte numpy arrays -> one int32 buffer and its (static, hashable) layout.
 

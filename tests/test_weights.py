@@ -348,3 +348,26 @@ def test_random_params_on_device():
     meta = build_metadata([3], [3], [[2]], page_size=4, num_pages=4)
     logits, _ = get_model(cfg).apply(p.variables, np.array([1, 2, 3], np.int32), pages, meta)
     assert logits.shape == (1, cfg.vocab_size) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_random_params_drawers_come_from_the_executable_cache(tmp_path, monkeypatch):
+    """The drawers are kept in pagedjax's executable cache: a later process (a fresh in-memory
+    cache over the same directory) loads every one of them and compiles none, and draws the
+    same weights; quantized linears too."""
+    from pagedjax import compile_cache
+
+    monkeypatch.setenv("PAGEDJAX_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(compile_cache, "_CACHES", {})
+    cfg = get_config("tiny-llama").replace(vocab_size=32, hidden_size=64, num_heads=2, num_kv_heads=2,
+                                           intermediate_size=64, num_layers=2)
+    first = random_params(cfg, dtype=jnp.bfloat16, seed=3)
+    fp8 = random_params(cfg, dtype=jnp.bfloat16, seed=3, quantization="fp8")
+    cold = compile_cache.executable_cache(str(tmp_path))
+    assert cold.misses >= 5 and cold.disk_hits == 0  # one per distinct leaf kind, shared by the layers
+    monkeypatch.setattr(compile_cache, "_CACHES", {})  # as a new process would start
+    again = random_params(cfg, dtype=jnp.bfloat16, seed=3)
+    fp8_again = random_params(cfg, dtype=jnp.bfloat16, seed=3, quantization="fp8")
+    warm = compile_cache.executable_cache(str(tmp_path))
+    assert warm.misses == 0 and warm.disk_hits == cold.misses
+    assert_same_params(again, first)
+    assert_same_params(fp8_again, fp8)
