@@ -57,10 +57,13 @@ class Timers:
         return {k: round(1000 * v / steps, 3) for k, v in sorted(self.total.items())}
 
 
-def _decode_steps(engine, n: int) -> float:
-    """Seconds per engine step over n steps (the batch stays in decode throughout)."""
+def _decode_steps(engine, n: int, feed=None) -> float:
+    """Seconds per engine step over n steps (the batch stays in decode throughout; `feed()`, when
+    given, adds a prompt before each step: the mixed steps of --prefill-chunk)."""
     t0 = time.perf_counter()
     for _ in range(n):
+        if feed is not None:
+            feed()
         engine.step()
     return (time.perf_counter() - t0) / n
 
@@ -131,6 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--context", type=int, default=512, help="prompt length of each request")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="N > 0: mixed steps, each the decode batch plus a new N-token prompt (W1's steps while "
+                        "requests arrive; one output token each, so each leaves after its prefill)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -153,10 +159,11 @@ def main(argv=None) -> int:
     if args.dtype is None:
         args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     params = load(args, quantization=args.quantization)
-    B, S = args.batch_size, args.context
-    total = 3 * args.steps + 8
-    llm = pj.LLM(params, max_num_seqs=max(B, 1), enable_prefix_caching=False,
-                 max_num_batched_tokens=args.max_num_batched_tokens or max(B * 16, S, 16), max_model_len=S + total + 16,
+    B, S, C = args.batch_size, args.context, args.prefill_chunk
+    total = 3 * args.steps + 8 + (10 if args.trace_dir else 0)
+    llm = pj.LLM(params, max_num_seqs=max(B, 1) + (2 if C else 0), enable_prefix_caching=False,
+                 max_num_batched_tokens=args.max_num_batched_tokens or max(B * 16, S, 16) + C,
+                 max_model_len=max(S + total, C) + 16,
                  attn_impl=args.attn_impl, async_scheduling=not args.sync, kv_cache_dtype=args.kv_cache_dtype,
                  batch_invariant=args.batch_invariant)
     engine = llm.engine
@@ -169,9 +176,18 @@ def main(argv=None) -> int:
         engine.add_request(str(i), rng.integers(16, params.config.vocab_size, size=S).tolist(), sp)
     while any(r.num_computed_tokens < S for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill
-    _decode_steps(engine, 3)  # warm
+    feed = None
+    if C:
+        chunk_sp = pj.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True,
+                                     output_kind=RequestOutputKind.FINAL_ONLY)
+        fed = iter(range(10**9))
 
-    plain = _decode_steps(engine, args.steps)
+        def feed():  # a new C-token prompt for the next step, which then carries it whole
+            engine.add_request(f"prefill-{next(fed)}", rng.integers(16, params.config.vocab_size, size=C).tolist(),
+                               chunk_sp)
+    _decode_steps(engine, 3, feed)  # warm
+
+    plain = _decode_steps(engine, args.steps, feed)
 
     timers = Timers()
     timers.wrap(engine.scheduler, "schedule")
@@ -196,13 +212,13 @@ def main(argv=None) -> int:
     engine.runner._compiled = timed_executable
     timers.wrap(jax, "device_get", "device_get (waits for the device)")
     timers.wrap(jax, "device_put")
-    wrapped = _decode_steps(engine, args.steps)
+    wrapped = _decode_steps(engine, args.steps, feed)
     host = timers.per_call_ms(args.steps)
 
     trace = {}
     if args.trace_dir:
         with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
-            _decode_steps(engine, 10)
+            _decode_steps(engine, 10, feed)
         try:
             trace = _kernel_summary(args.trace_dir, 10)
         except Exception as e:  # the summary is a convenience; the trace itself is the record
@@ -210,6 +226,8 @@ def main(argv=None) -> int:
 
     # The device alone: the same decode batch, back to back.
     # (re)computes each request's newest position: with a step in flight its pages end there
+    while any(r.request_id.startswith("prefill-") for r in engine.scheduler.running):
+        engine.step()  # the last fed prompts leave; the device time below is the decode batch's alone
     batch = [ScheduledRequest(r.request_id, [1], r.num_computed_tokens - 1, r.block_table, True, r)
              for r in engine.scheduler.running]
     device, dispatch, dispatch_idle = _device_time(engine.runner, batch, args.steps)
@@ -217,7 +235,7 @@ def main(argv=None) -> int:
     res = {"date": time.strftime("%Y-%m-%d"), "device": str(jax.devices()[0].device_kind),
            "model": args.model, "dtype": args.dtype, "quantization": args.quantization,
            "kv_cache_dtype": args.kv_cache_dtype, "batch_invariant": args.batch_invariant,
-           "batch_size": B, "context": S, "output_kind": args.output_kind,
+           "batch_size": B, "context": S, "prefill_chunk": C, "output_kind": args.output_kind,
            "async_scheduling": not args.sync,
            "engine_step_ms": round(1000 * plain, 3), "engine_step_ms_timed": round(1000 * wrapped, 3),
            "device_ms": round(1000 * device, 3), "dispatch_ms": round(1000 * dispatch, 3),

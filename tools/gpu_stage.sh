@@ -31,7 +31,8 @@
 # moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
 # family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
 # timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG; OUTPUT_KIND,
-#           default final_only as in W1), then
+#           default final_only as in W1; PREFILL: a new prompt of that many tokens in every step; TOKENS: the
+#           step budget), then
 #           benchmarks/trace_timeline.py on it: host events, GPU idle gaps and GPU time by op class of the last steps
 # skip-temp XLA's command buffers with --xla_gpu_command_buffer_update_mode=SKIP_TEMP (no re-record when only
 #           the step's temp buffer moved): W3 and W1 (the pool sized automatically, or NUM_PAGES), then the
@@ -41,6 +42,7 @@
 #           default: none, Triton GEMMs off (cuBLAS for every dot), the dot merger's threshold raised to 256 MB)
 # alternate W1 and W3 with and without PAGEDJAX_ALTERNATE_STEPS=1 (two loaded copies of each step program used in
 #           turn), each in its own process, then the batch-256 timeline with it (does the GPU still idle in the launch?)
+# mixed     the timeline of W1's mixed steps: 256 decodes plus a new 1792-token prompt in each (budget 2048)
 # cmdbuf-log  which commands of the step's CUDA graph XLA re-records before each launch, from XLA's log
 #           (benchmarks/cmdbuf_log.py), decode at batch 256 and 1, with PAGEDJAX_STAGED_INPUTS 0 and 1
 # staged    W1 and W3 with and without PAGEDJAX_STAGED_INPUTS=1 (the step reads its inputs through one copy,
@@ -188,7 +190,8 @@ for s in "$@"; do
       rm -rf "/tmp/trace-$tag"
       TAIL=4 stage "timeline-$tag" 200 "$PY" benchmarks/profile_step.py --model "${MODEL:-named:llama3-8b}" \
         --batch-size "${BATCH:-256}" --context 512 --steps 20 --trace-dir "/tmp/trace-$tag" \
-        --output-kind "${OUTPUT_KIND:-final_only}" \
+        --output-kind "${OUTPUT_KIND:-final_only}" --prefill-chunk "${PREFILL:-0}" \
+        ${TOKENS:+--max-num-batched-tokens "$TOKENS"} \
         --out "$OUTDIR/timeline-$tag.json"
       "$PY" benchmarks/trace_timeline.py "/tmp/trace-$tag" --steps 3 --min-ms "${MIN_MS:-0.2}" --kernels 25 \
         --out "$OUTDIR/timeline-$tag.txt" | head -c 6000 ;;
@@ -210,6 +213,9 @@ for s in "$@"; do
       done
       PAGEDJAX_ALTERNATE_STEPS=1 BATCH=256 TAG=b256-alternate MIN_MS=1 bash tools/gpu_stage.sh timeline \
         | grep -B2 -A12 "GPU time per step" ;;
+    mixed)  # W1's mixed steps: 256 decodes and a new 1792-token prompt each (budget 2048), on a timeline
+      BATCH="${BATCH:-256}" PREFILL="${PREFILL:-1792}" TOKENS=2048 TAG="mixed-b${BATCH:-256}" MIN_MS=1 \
+        bash tools/gpu_stage.sh timeline | grep -B2 -A14 "GPU time per step" ;;
     cmdbuf-log)
       for staged in 0 1; do
         for b in 256 1; do
