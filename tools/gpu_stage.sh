@@ -223,7 +223,8 @@ for s in "$@"; do
           PAGEDJAX_STAGED_INPUTS=$staged TF_CPP_MIN_LOG_LEVEL=0 \
             TF_CPP_VMODULE="${VMODULE:-command_buffer_thunk=3,command_executor=5,command_buffer_cmd=5,command_buffer_cmd_executor=5}" \
             TAIL=3 stage "$name" 150 "$PY" benchmarks/profile_step.py --model named:llama3-8b --batch-size "$b" \
-            --context 512 --steps 5 --output-kind final_only --out "$OUTDIR/$name.json"
+            --context 64 --max-num-batched-tokens $(( b > 64 ? b : 64 )) --steps 5 --output-kind final_only \
+            --out "$OUTDIR/$name.json"
           "$PY" benchmarks/cmdbuf_log.py "$OUTDIR/$name.log" --out "$OUTDIR/$name-summary.json" | head -c 2500
           gzip -f "$OUTDIR/$name.log"
         done
