@@ -20,6 +20,7 @@ import os
 import pathlib
 import pickle
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,7 +61,8 @@ class ExecutableCache:
         self.directory = pathlib.Path(directory) / "executables" if directory else None
         self._memory: dict[str, Any] = {}
         self.hits = self.misses = self.disk_hits = 0
-        self.seconds = 0.0  # spent getting executables (compiling or loading)
+        self.seconds = 0.0  # spent getting executables (compiling or loading), summed over threads
+        self._lock = threading.Lock()  # the counters: precompile gets several programs at once
 
     def get(self, name: str, jitted: Callable, args: tuple, *, static_args: tuple = (),
             static_kwargs: dict[str, Any] | None = None, compiler_options: dict[str, Any] | None = None,
@@ -74,26 +76,30 @@ class ExecutableCache:
         memory_key = f"{key}#{copy}" if copy else key
         compiled = self._memory.get(memory_key)
         if compiled is not None:
-            self.hits += 1
+            self._count("hits")
             return compiled
         if copy:  # another loaded instance of the same program: its own runtime state (its CUDA graph)
             original = self.get(name, jitted, args, static_args=static_args, static_kwargs=static_kwargs,
                                 compiler_options=compiler_options)
             t0 = time.perf_counter()
             twin = self._memory[memory_key] = self._load(name, key) or self._reload(original)
-            self.seconds += time.perf_counter() - t0
+            self._count("seconds", time.perf_counter() - t0)
             return twin
         t0 = time.perf_counter()
         compiled = self._load(name, key)
         if compiled is None:
-            self.misses += 1
+            self._count("misses")
             compiled = jitted.lower(*static_args, *args, **static_kwargs).compile(compiler_options)
             self._store(name, key, compiled)
         else:
-            self.disk_hits += 1
-        self.seconds += time.perf_counter() - t0
+            self._count("disk_hits")
+        self._count("seconds", time.perf_counter() - t0)
         self._memory[key] = compiled
         return compiled
+
+    def _count(self, name: str, amount: float = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
 
     def _key(self, name: str, args: tuple, static: Any) -> str:
         import jaxlib

@@ -224,6 +224,30 @@ def cuda_mem_info() -> tuple[int, int] | None:
 
 
 ALTERNATE_STEPS_ENV = "PAGEDJAX_ALTERNATE_STEPS"
+COMPILE_WORKERS_ENV = "PAGEDJAX_COMPILE_WORKERS"
+
+
+def compile_workers() -> int:
+    """How many programs precompile gets at once: PAGEDJAX_COMPILE_WORKERS, else the CPUs this
+    process may use, at most 8 (each compile holds its own memory)."""
+    text = os.environ.get(COMPILE_WORKERS_ENV, "")
+    if text:
+        try:
+            n = int(text)
+        except ValueError:
+            raise ValueError(f"{COMPILE_WORKERS_ENV} must be a positive integer, got {text!r}") from None
+        if n < 1:
+            raise ValueError(f"{COMPILE_WORKERS_ENV} must be a positive integer, got {text!r}")
+        return n
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
+
+
+def _compile_pool(jobs: int):
+    """A thread pool for compiling `jobs` programs (`compile_workers()` threads at most)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=max(1, min(jobs, compile_workers())), thread_name_prefix="pagedjax-compile")
 STAGED_INPUTS_ENV = "PAGEDJAX_STAGED_INPUTS"
 
 
@@ -393,6 +417,9 @@ class ModelRunner:
         """Compiles (or loads) every token bucket's step, with the greedy and the plain random
         sampler (top-k / top-p variants compile on first use); returns the seconds spent.
 
+        The programs are compiled several at a time (`compile_workers`): XLA compiles without
+        the GIL, so one bucket's compile overlaps another's tracing and compile.
+
         run: also run each bucket's step once on padding, and both samplers on its logits. The
         default runs on accelerators, where a first run loads the kernels and records the step's
         CUDA graph, which the first requests would otherwise wait for. On the CPU nothing is left
@@ -400,23 +427,27 @@ class ModelRunner:
         """
         run = jax.default_backend() != "cpu" if run is None else run
         t0 = time.perf_counter()
-        for T in self.token_buckets:
-            model_inputs, smeta = self._dummy_inputs(T)
-            samplers = (sampler.SampleFlags(random=False, top_k=False, top_p=False),
-                        sampler.SampleFlags(random=True, top_k=False, top_p=False))
-            if run:  # the model once (on each loaded copy), both samplers on its logits
-                for _ in range(self.step_copies):
-                    launched = self._launch(model_inputs, smeta, None, {}, sample=False)
-                logits, sbuf, slayout, _ = launched.pending_sample
+        samplers = (sampler.SampleFlags(random=False, top_k=False, top_p=False),
+                    sampler.SampleFlags(random=True, top_k=False, top_p=False))
+        plans = [(self._dummy_inputs(T), self._step_inputs(*self._dummy_inputs(T), None)) for T in self.token_buckets]
+        with _compile_pool(len(plans)) as pool:
+            steps = list(pool.map(lambda plan: self._step_executable(plan[1][0], plan[1][1], 0, True), plans))
+            for (_, (step_args, mlayout, _, _)) in plans:  # further loaded copies (step_copies > 1)
+                for c in range(1, self.step_copies):
+                    self._step_executable(step_args, mlayout, 0, True, c)
+            sampling = {}  # buckets with the same rows share a sampler: each compiled once
+            for (_, (_, _, sbuf, slayout)), step in zip(plans, steps):
+                logits = step.out_info[0]  # the logits' shape, dtype and placement: what its key needs
                 for flags in samplers:
-                    launched.pending_sample = (logits, sbuf, slayout, flags)
-                    self.sample(launched)
-                continue
-            step_args, mlayout, sbuf, slayout = self._step_inputs(model_inputs, smeta, None)
-            step, *_ = (self._step_executable(step_args, mlayout, 0, True, c) for c in range(self.step_copies))
-            logits = step.out_info[0]  # the logits' shape, dtype and placement: what the sampler's key needs
+                    sampling.setdefault((slayout, flags), ((logits, sbuf, None), slayout, flags))
+            list(pool.map(lambda job: self._sample_executable(job[0], job[1], 0, job[2]), sampling.values()))
+        for (model_inputs, smeta), _ in plans if run else ():  # the model once (on each loaded copy), both
+            for _ in range(self.step_copies):                     # samplers on its logits
+                launched = self._launch(model_inputs, smeta, None, {}, sample=False)
+            logits, sbuf, slayout, _ = launched.pending_sample
             for flags in samplers:
-                self._sample_executable((logits, sbuf, None), slayout, 0, flags._replace(bitmask=False))
+                launched.pending_sample = (logits, sbuf, slayout, flags)
+                self.sample(launched)
         jax.block_until_ready(self.pages)
         dt = time.perf_counter() - t0
         c = self.executables

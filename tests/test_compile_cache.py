@@ -5,6 +5,7 @@ devices (conftest's 8 fake CPU devices) -- jax's loader would otherwise spread i
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import pagedjax as pj
 from pagedjax.compile_cache import ExecutableCache
@@ -85,22 +86,24 @@ def test_precompile_without_running_fetches_the_programs_a_run_does(tmp_path, mo
     """On the CPU, start-up fetches (loads or compiles) every bucket's step and sampler without
     running them on padding. The programs must be the very ones a run fetches: the sampler's key
     is built from the step's output info rather than its output, so both ways must store the same
-    entries. Then the engine serves greedy and random requests on what it fetched."""
+    entries, whether one program is compiled at a time or several (PAGEDJAX_COMPILE_WORKERS), and
+    each exactly once. Then the engine serves greedy and random requests on what it fetched."""
     from pagedjax.dummy_weights import random_params
     from pagedjax.models.named import NAMED_CONFIGS
 
     params = random_params(NAMED_CONFIGS["tiny-llama"], dtype=jnp.float32)
     options = dict(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=32, precompile=False)
     stored = {}
-    for run in (True, False):
-        monkeypatch.setenv("PAGEDJAX_COMPILE_CACHE", str(tmp_path / str(run)))
+    for run, workers in ((True, "1"), (False, "1"), (False, "3")):
+        monkeypatch.setenv("PAGEDJAX_COMPILE_CACHE", str(tmp_path / f"{run}{workers}"))
+        monkeypatch.setenv("PAGEDJAX_COMPILE_WORKERS", workers)
         llm = pj.LLM(params, **options)
         runner = llm.engine.runner
         runner.precompile(run=run)
-        stored[run] = sorted(p.name for p in (tmp_path / str(run)).rglob("*.bin"))
-        assert runner.executables.misses == len(stored[run]) > 0
-    assert stored[True] == stored[False]
-    names = [n.split("-")[0] for n in stored[False]]
+        stored[run, workers] = sorted(p.name for p in (tmp_path / f"{run}{workers}").rglob("*.bin"))
+        assert runner.executables.misses == len(stored[run, workers]) > 0
+    assert stored[True, "1"] == stored[False, "1"] == stored[False, "3"]
+    names = [n.split("-")[0] for n in stored[False, "3"]]
     # a step per token bucket; a greedy and a random sampler per row count (buckets may share one)
     assert names.count("step") == len(runner.token_buckets) and names.count("sample") >= 2
 
@@ -109,3 +112,16 @@ def test_precompile_without_running_fetches_the_programs_a_run_does(tmp_path, mo
                                                      pj.SamplingParams(max_tokens=4, seed=1, ignore_eos=True)])
     assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]
     assert all(runner._executables[k] is v for k, v in fetched.items())  # used as they were, none replaced
+
+
+def test_compile_workers_come_from_the_environment(monkeypatch):
+    from pagedjax.model_runner import COMPILE_WORKERS_ENV, compile_workers
+
+    monkeypatch.setenv(COMPILE_WORKERS_ENV, "5")
+    assert compile_workers() == 5
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(COMPILE_WORKERS_ENV, bad)
+        with pytest.raises(ValueError, match=COMPILE_WORKERS_ENV):
+            compile_workers()
+    monkeypatch.delenv(COMPILE_WORKERS_ENV)
+    assert 1 <= compile_workers() <= 8
