@@ -72,7 +72,7 @@ class ExecutableCache:
         XLA options of this compile only (e.g. {"xla_gpu_autotune_level": 0}). `copy` > 0: a
         separately loaded instance of the same program (one per copy number), compiled once."""
         static_kwargs = static_kwargs or {}
-        key = self._key(name, args, (static_args, sorted(static_kwargs.items()), sorted((compiler_options or {}).items())))
+        key = self.key(name, args, (static_args, sorted(static_kwargs.items()), sorted((compiler_options or {}).items())))
         memory_key = f"{key}#{copy}" if copy else key
         compiled = self._memory.get(memory_key)
         if compiled is not None:
@@ -101,7 +101,9 @@ class ExecutableCache:
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
 
-    def _key(self, name: str, args: tuple, static: Any) -> str:
+    def key(self, name: str, args: tuple, static: Any) -> str:
+        """The entry's name for program `name` of `args` (their shapes, dtypes and placement) and
+        `static` (its repr): with the versions, the devices, PROGRAM_ENV and pagedjax's source."""
         import jaxlib
 
         leaves, treedef = jax.tree.flatten(args)

@@ -372,17 +372,29 @@ class ModelRunner:
         return int(min(need, max(0, budget) // per_device))
 
     def _activation_bytes(self) -> int:
-        """Temporary memory of the largest step, from XLA's own analysis of a tiny-pool compile."""
+        """Temporary memory of the largest step, from XLA's own analysis of a tiny-pool compile.
+
+        The figure is kept in the compile cache (`traced`), keyed as the executables are (the
+        program, its arguments' shapes and placement, versions, XLA_FLAGS, pagedjax's source):
+        a warm start skips that compile, one of the largest step with its GEMM autotuning.
+        """
+        from pagedjax.compile_cache import traced
+
         cfg = self.config
         tiny = [(jax.ShapeDtypeStruct((2, self.page_size, cfg.num_kv_heads, cfg.head_dim), self.kv_dtype),) * 2
                 for _ in range(cfg.num_layers)]
         T = self.token_buckets[-1]
         buf, layout = pack(self._dummy_inputs(T, num_pages=2)[0])
         sampling = 4 * min(T, self.max_num_seqs) * cfg.vocab_size * 4  # logits and a few [R, V] f32 temporaries
+        args = (self.params.variables, tiny, buf, self._no_prev)
+
+        def measure() -> int:
+            compiled = _step.lower(cfg, self.attn_impl, *args, layout=layout, mesh=self.mesh).compile()
+            return int(compiled.memory_analysis().temp_size_in_bytes)
+
+        key = self.executables.key("step-temporaries", args, (cfg, self.attn_impl, layout, repr(self.mesh)))
         try:
-            compiled = _step.lower(cfg, self.attn_impl, self.params.variables, tiny, buf, self._no_prev,
-                                   layout=layout, mesh=self.mesh).compile()
-            return int(compiled.memory_analysis().temp_size_in_bytes) + sampling
+            return traced("step-temporaries", key, measure) + sampling
         except Exception as e:  # an estimate only: fall back to a generous guess
             logger.warning("could not compile the largest step to measure its temporaries (%s: %s); guessing",
                            type(e).__name__, e)

@@ -125,3 +125,32 @@ def test_compile_workers_come_from_the_environment(monkeypatch):
             compile_workers()
     monkeypatch.delenv(COMPILE_WORKERS_ENV)
     assert 1 <= compile_workers() <= 8
+
+
+def test_the_largest_steps_temporaries_are_measured_once(tmp_path, monkeypatch):
+    """Pool sizing on a GPU compiles the largest step with a tiny pool to read its temporaries'
+    size. The figure is kept with the compiled steps: a later start reads it without compiling
+    (here the compile would fail and fall back to a guess), and another largest step gets its own."""
+    from pagedjax import model_runner as mr
+    from pagedjax.dummy_weights import random_params
+    from pagedjax.models.named import NAMED_CONFIGS
+
+    monkeypatch.setenv("PAGEDJAX_COMPILE_CACHE", str(tmp_path))
+    params = random_params(NAMED_CONFIGS["tiny-llama"], dtype=jnp.float32)
+    runner = pj.LLM(params, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=32, precompile=False).engine.runner
+    first = runner._activation_bytes()
+    entries = list((tmp_path / "traced").glob("step-temporaries-*.pkl"))
+    assert len(entries) == 1 and first > 0
+
+    class Unlowerable:
+        def lower(self, *a, **k):
+            raise AssertionError("compiled again")
+
+    real = mr._step
+    monkeypatch.setattr(mr, "_step", Unlowerable())
+    assert runner._activation_bytes() == first
+    other = pj.LLM(params, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, precompile=False).engine.runner
+    assert other._activation_bytes() > first  # not in the cache: the guess, which is generous
+    monkeypatch.setattr(mr, "_step", real)
+    measured = other._activation_bytes()
+    assert measured != first and len(list((tmp_path / "traced").glob("step-temporaries-*.pkl"))) == 2
