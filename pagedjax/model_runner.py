@@ -228,8 +228,10 @@ COMPILE_WORKERS_ENV = "PAGEDJAX_COMPILE_WORKERS"
 
 
 def compile_workers() -> int:
-    """How many programs precompile gets at once: PAGEDJAX_COMPILE_WORKERS, else the CPUs this
-    process may use, at most 8 (each compile holds its own memory)."""
+    """How many programs precompile gets at once: PAGEDJAX_COMPILE_WORKERS, else on the CPU the
+    CPUs this process may use, at most 8 (each compile holds its own memory), and on a GPU 1: XLA
+    times GEMM candidates on the device while it compiles, and two compiles timing at once would
+    skew each other's choice (a speed-up there is for PAGEDJAX_COMPILE_WORKERS to measure)."""
     text = os.environ.get(COMPILE_WORKERS_ENV, "")
     if text:
         try:
@@ -239,6 +241,8 @@ def compile_workers() -> int:
         if n < 1:
             raise ValueError(f"{COMPILE_WORKERS_ENV} must be a positive integer, got {text!r}")
         return n
+    if jax.default_backend() != "cpu":
+        return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cpus))
 
@@ -248,6 +252,8 @@ def _compile_pool(jobs: int):
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(max_workers=max(1, min(jobs, compile_workers())), thread_name_prefix="pagedjax-compile")
+
+
 STAGED_INPUTS_ENV = "PAGEDJAX_STAGED_INPUTS"
 
 
@@ -441,20 +447,21 @@ class ModelRunner:
         t0 = time.perf_counter()
         samplers = (sampler.SampleFlags(random=False, top_k=False, top_p=False),
                     sampler.SampleFlags(random=True, top_k=False, top_p=False))
-        plans = [(self._dummy_inputs(T), self._step_inputs(*self._dummy_inputs(T), None)) for T in self.token_buckets]
-        with _compile_pool(len(plans)) as pool:
-            steps = list(pool.map(lambda plan: self._step_executable(plan[1][0], plan[1][1], 0, True), plans))
-            for (_, (step_args, mlayout, _, _)) in plans:  # further loaded copies (step_copies > 1)
+        dummies = [self._dummy_inputs(T) for T in self.token_buckets]  # (model inputs, smeta) of each
+        inputs = [self._step_inputs(model_inputs, smeta, None) for model_inputs, smeta in dummies]
+        with _compile_pool(len(inputs)) as pool:
+            steps = list(pool.map(lambda i: self._step_executable(i[0], i[1], 0, True), inputs))
+            for step_args, mlayout, _, _ in inputs:  # further loaded copies (step_copies > 1)
                 for c in range(1, self.step_copies):
                     self._step_executable(step_args, mlayout, 0, True, c)
             sampling = {}  # buckets with the same rows share a sampler: each compiled once
-            for (_, (_, _, sbuf, slayout)), step in zip(plans, steps):
+            for (_, _, sbuf, slayout), step in zip(inputs, steps):
                 logits = step.out_info[0]  # the logits' shape, dtype and placement: what its key needs
                 for flags in samplers:
                     sampling.setdefault((slayout, flags), ((logits, sbuf, None), slayout, flags))
-            list(pool.map(lambda job: self._sample_executable(job[0], job[1], 0, job[2]), sampling.values()))
-        for (model_inputs, smeta), _ in plans if run else ():  # the model once (on each loaded copy), both
-            for _ in range(self.step_copies):                     # samplers on its logits
+            list(pool.map(lambda job: self._sample_executable(*job[:2], 0, job[2]), sampling.values()))
+        for model_inputs, smeta in dummies if run else ():  # the model once (on each loaded copy), both
+            for _ in range(self.step_copies):                # samplers on its logits
                 launched = self._launch(model_inputs, smeta, None, {}, sample=False)
             logits, sbuf, slayout, _ = launched.pending_sample
             for flags in samplers:

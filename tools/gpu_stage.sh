@@ -42,6 +42,7 @@
 #           default: none, Triton GEMMs off (cuBLAS for every dot), the dot merger's threshold raised to 256 MB)
 # alternate W1 and W3 with and without PAGEDJAX_ALTERNATE_STEPS=1 (two loaded copies of each step program used in
 #           turn), each in its own process, then the batch-256 timeline with it (does the GPU still idle in the launch?)
+# startup   benchmarks/startup.py cold and warm (Llama-3-8B, random weights) with PAGEDJAX_COMPILE_WORKERS 1 and 4
 # mixed     the timeline of W1's mixed steps: 256 decodes plus a new 1792-token prompt in each (budget 2048)
 # cmdbuf-log  which commands of the step's CUDA graph XLA re-records before each launch, from XLA's log
 #           (benchmarks/cmdbuf_log.py), decode at batch 256 and 1, with PAGEDJAX_STAGED_INPUTS 0 and 1
@@ -213,6 +214,11 @@ for s in "$@"; do
       done
       PAGEDJAX_ALTERNATE_STEPS=1 BATCH=256 TAG=b256-alternate MIN_MS=1 bash tools/gpu_stage.sh timeline \
         | grep -B2 -A12 "GPU time per step" ;;
+    startup)  # a fresh process to its first token, cold and warm, compiling one bucket at a time and four
+      for w in ${WORKERS:-1 4}; do
+        TAIL=20 stage "startup-w$w" 400 env PAGEDJAX_COMPILE_WORKERS="$w" "$PY" benchmarks/startup.py \
+          --model named:llama3-8b --modes cold,warm --out "$OUTDIR/startup-w$w.json"
+      done ;;
     mixed)  # W1's mixed steps: 256 decodes and a new 1792-token prompt each (budget 2048), on a timeline
       BATCH="${BATCH:-256}" PREFILL="${PREFILL:-1792}" TOKENS=2048 TAG="mixed-b${BATCH:-256}" MIN_MS=1 \
         bash tools/gpu_stage.sh timeline | grep -B2 -A14 "GPU time per step" ;;
