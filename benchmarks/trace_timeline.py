@@ -105,6 +105,35 @@ def kernels(events: list[dict], steps: int, top: int, step_name: str = "step") -
     return "\n".join(lines)
 
 
+LAUNCH_EVENTS = ("command_buffer::update", "command_buffer::record", "cuGraphLaunch")
+
+
+def launch_summary(events: list[dict], steps: int, step_name: str = "step") -> str:
+    """One line, means over the last `steps` engine steps: the step's length, the GPU's busy time
+    in it, and the host's time in XLA's command-buffer update (re-recording the step's CUDA graph)
+    and graph launches: what an experiment on the launch path moves."""
+    gpu = _gpu_pids(events)
+    spans = [e for e in events if e.get("ph") == "X"]
+    host = [e for e in spans if e["pid"] not in gpu]
+    chosen = _engine_steps(host, step_name)[-steps:]
+    if not chosen:
+        return "== launch path: no engine step events in the trace"
+    busy = union([(e["ts"], e["ts"] + e.get("dur", 0.0)) for e in spans if e["pid"] in gpu])
+    totals = dict.fromkeys(("step", "gpu busy", *LAUNCH_EVENTS), 0.0)
+    for st in chosen:
+        t0, t1 = st["ts"], st["ts"] + st["dur"]
+        totals["step"] += st["dur"]
+        totals["gpu busy"] += sum(min(b, t1) - max(a, t0) for a, b in busy if b > t0 and a < t1)
+        for e in host:
+            if t0 <= e["ts"] < t1:
+                for name in LAUNCH_EVENTS:
+                    if e["name"].startswith(name):
+                        totals[name] += e.get("dur", 0.0)
+    n = len(chosen)
+    return ("== launch path, ms per step over the last %d steps: " % n
+            + ", ".join(f"{k} {v / n / 1000:.3f}" for k, v in totals.items()))
+
+
 def timeline(events: list[dict], steps: int, min_ms: float, step_name: str = "step") -> str:
     threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
@@ -146,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     events = load(args.trace_dir)
-    text = timeline(events, args.steps, args.min_ms)
+    text = timeline(events, args.steps, args.min_ms) + "\n" + launch_summary(events, args.steps)
     if args.kernels:
         text += "\n" + kernels(events, args.steps, args.kernels)
     print(text)

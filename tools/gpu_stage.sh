@@ -213,7 +213,7 @@ for s in "$@"; do
         PAGEDJAX_ALTERNATE_STEPS=$alt throughput . "alternate-$alt"
       done
       PAGEDJAX_ALTERNATE_STEPS=1 BATCH=256 TAG=b256-alternate MIN_MS=1 bash tools/gpu_stage.sh timeline \
-        | grep -B2 -A12 "GPU time per step" ;;
+        | grep -A14 "== launch path" ;;
     startup)  # a fresh process to its first token, cold and warm, compiling one bucket at a time and four
       for w in ${WORKERS:-1 4}; do
         TAIL=20 stage "startup-w$w" 400 env PAGEDJAX_COMPILE_WORKERS="$w" "$PY" benchmarks/startup.py \
@@ -221,7 +221,7 @@ for s in "$@"; do
       done ;;
     mixed)  # W1's mixed steps: 256 decodes and a new 1792-token prompt each (budget 2048), on a timeline
       BATCH="${BATCH:-256}" PREFILL="${PREFILL:-1792}" TOKENS=2048 TAG="mixed-b${BATCH:-256}" MIN_MS=1 \
-        bash tools/gpu_stage.sh timeline | grep -B2 -A14 "GPU time per step" ;;
+        bash tools/gpu_stage.sh timeline | grep -A14 "== launch path" ;;
     cmdbuf-log)
       for staged in 0 1; do
         for b in 256 1; do
@@ -241,7 +241,7 @@ for s in "$@"; do
       done
       for b in 256 1; do
         PAGEDJAX_STAGED_INPUTS=1 BATCH=$b TAG="b$b-staged" MIN_MS=1 bash tools/gpu_stage.sh timeline \
-          | grep -B2 -A12 "GPU time per step"
+          | grep -A14 "== launch path"
       done ;;
     small-batch)
       IFS=';' read -r -a sets <<< "${FLAGSETS:-;--xla_gpu_enable_triton_gemm=false;--xla_gpu_dot_merger_threshold_mb=256}"
@@ -250,7 +250,7 @@ for s in "$@"; do
         echo "== flag set $i: '${f:-none}'"
         XLA_FLAGS="${XLA_FLAGS:-} $f" stage "w3-flags$i" 200 "$PY" benchmarks/latency.py --model named:llama3-8b \
           --batch-size 8 --input-len 32 --output-len 128 --out "$OUTDIR/w3-flags$i.json"
-        XLA_FLAGS="${XLA_FLAGS:-} $f" BATCH=1 TAG="b1-flags$i" MIN_MS=1 bash tools/gpu_stage.sh timeline | grep -A12 "GPU time per step"
+        XLA_FLAGS="${XLA_FLAGS:-} $f" BATCH=1 TAG="b1-flags$i" MIN_MS=1 bash tools/gpu_stage.sh timeline | grep -A14 "== launch path"
         i=$((i + 1))
       done ;;
     hf) TAIL=30 stage hf $((4 * ${HF_T:-60} + 150)) env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.05 \
