@@ -195,7 +195,8 @@ for s in "$@"; do
         ${TOKENS:+--max-num-batched-tokens "$TOKENS"} \
         --out "$OUTDIR/timeline-$tag.json"
       "$PY" benchmarks/trace_timeline.py "/tmp/trace-$tag" --steps 3 --min-ms "${MIN_MS:-0.2}" --kernels 25 \
-        --out "$OUTDIR/timeline-$tag.txt" | head -c 6000 ;;
+        --out "$OUTDIR/timeline-$tag.txt" | head -c 4000
+      echo; sed -n '/^== launch path/,$p' "$OUTDIR/timeline-$tag.txt" | head -40 ;;
     skip-temp)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" throughput . skip-temp \
         ${NUM_PAGES:+--num-pages "$NUM_PAGES"}
