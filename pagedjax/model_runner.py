@@ -319,6 +319,9 @@ class ModelRunner:
         # first kernel (stage_inputs), so that a new step's input buffer touches one command of
         # the step's CUDA graph.
         self.staged_inputs = os.environ.get(STAGED_INPUTS_ENV, "") == "1"
+        # On accelerators the sampled tokens start their copy to the host as soon as the sampler
+        # ends (vLLM's non-blocking copy), not when fetch asks; a CPU's arrays are in host memory.
+        self._copy_ahead = jax.default_backend() != "cpu"
         self._rng = np.random.default_rng(opts.seed)
         self._no_prev = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self.input_sharding)
         self.num_pages = num_pages = opts.num_pages or self._auto_num_pages()
@@ -572,6 +575,9 @@ class ModelRunner:
         args = (logits, sbuf, token_bitmask)
         sample = self._sample_executable(args, slayout, launched.num_logprobs, flags)
         launched.out, launched.next_tokens = sample(*args)
+        if self._copy_ahead:  # the copy to the host starts when the sampler ends, so that fetch
+            for x in self._fetched(launched):  # (after the next step's launch) finds it there
+                x.copy_to_host_async()
 
     def _step_inputs(self, model_inputs, smeta, prev_tokens):
         """The step's arguments on the device (one buffer each for the model and the sampler):
@@ -608,18 +614,25 @@ class ModelRunner:
             compiled = self._executables[key] = get()
         return compiled
 
+    @staticmethod
+    def _fetched(launched: Launched) -> tuple:
+        """The sampler's outputs that fetch brings to the host."""
+        out = launched.out
+        if launched.num_logprobs:
+            return out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids, out.ranks
+        return out.token_ids, out.logprobs
+
     def fetch(self, launched: Launched) -> StepOutput:
         """Waits for a launched step and brings its sampled tokens (and logprobs) to the host."""
         if launched.out is None:
             raise ValueError("fetch before the step's sampling was launched (runner.sample)")
-        out, n = launched.out, launched.num_rows
+        n = launched.num_rows
         prompt = prompt_logprobs.fetch(launched.scored, launched.spans)
+        host = [x[:n] for x in jax.device_get(self._fetched(launched))]
         if launched.num_logprobs:
-            host = jax.device_get((out.token_ids, out.logprobs, out.top_logprobs,
-                                   out.top_token_ids, out.ranks))
-            return StepOutput(*(x[:n] for x in host), prompt_logprobs=prompt)
-        token_ids, logprobs = jax.device_get((out.token_ids, out.logprobs))
-        return StepOutput(token_ids=token_ids[:n], logprobs=logprobs[:n], prompt_logprobs=prompt)
+            return StepOutput(*host, prompt_logprobs=prompt)
+        token_ids, logprobs = host
+        return StepOutput(token_ids=token_ids, logprobs=logprobs, prompt_logprobs=prompt)
 
     # -- preemption by swap ------------------------------------------------------------------
 

@@ -302,6 +302,28 @@ def test_staged_inputs_serve_the_same_answers(llama, monkeypatch):
     np.testing.assert_array_equal(jax.jit(stage_inputs)(buf), np.asarray(buf))
 
 
+def test_copy_ahead_of_fetch_gives_the_same_outputs(llama):
+    """On accelerators the sampler's outputs start their copy to the host when it ends
+    (runner._copy_ahead). Forced on here: greedy tokens are still HF's, and logprobs come back
+    for the same requests as without it."""
+    hf, params = llama
+    rng = np.random.default_rng(19)
+    prompts = hf_models.random_prompts(rng, 3, 5, 20)
+    results = {}
+    for ahead in (False, True):
+        engine = make_engine(params, max_num_batched_tokens=64, max_model_len=64)
+        engine.runner._copy_ahead = ahead
+        reqs = [(f"r{i}", p, pj.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2 if i else None))
+                for i, p in enumerate(prompts)]
+        results[ahead] = outs = run_all(engine, {0: reqs})
+        assert_clean(engine, outs)
+    for i, p in enumerate(prompts):
+        assert results[True][f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 6), f"request r{i}"
+        a, b = results[True][f"r{i}"].outputs[0], results[False][f"r{i}"].outputs[0]
+        assert a.token_ids == b.token_ids and a.cumulative_logprob == b.cumulative_logprob
+        assert a.logprobs == b.logprobs
+
+
 def test_prefix_cache_hits(llama):
     """Many prompts share a long prefix: its pages are reused (counted) and outputs still match."""
     hf, params = llama
