@@ -20,6 +20,7 @@
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
 # bi-tests  the `gpu` tests of batch_invariant (tests/test_batch_invariance_gpu.py, the attention call's)
 # bench-bi  W3 and W1 with and without batch_invariant, in one process
+# bench-seqs  W3 and W1 with max_num_seqs SEQS (512) and max_num_batched_tokens TOKENS (4096), later flags winning
 # bench-coarse  W3 and W1 with the coarse and the fine (default) token buckets (EngineConfig.token_buckets), in one
 #           process (BUDGET of at least 240 s: the budget is the whole process's, its first engine's start-up included)
 # bi-mosaic batch_invariant on one Mosaic GPU GEMM launch (PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic):
@@ -134,6 +135,9 @@ for s in "$@"; do
              --rows "${QUANT_ROWS:-1,16,256,2048}" --out "$OUTDIR/quant_matmul.json" ;;
     bench) throughput . bench-new ;;
     bench-tokens) throughput . "bench-tokens-${TOKENS:-8192}" --max-num-batched-tokens "${TOKENS:-8192}" ;;
+    bench-seqs)  # more requests at once and a larger step budget (vLLM V1's defaults on a large GPU are higher)
+      throughput . "bench-seqs-${SEQS:-512}-${TOKENS:-4096}" --max-num-seqs "${SEQS:-512}" \
+        --max-num-batched-tokens "${TOKENS:-4096}" ;;
     bench-fp8) throughput . bench-fp8 --quantization fp8 ;;
     bench-fp8kv) throughput . bench-fp8kv --quantization fp8 --kv-cache-dtype fp8 ;;
     bench-qwen3) throughput . bench-qwen3 --model named:qwen3-8b ;;
