@@ -239,6 +239,17 @@ def test_fine_token_buckets_pad_less_and_match_hf(llama):
         parse(["serve", "--token-buckets", "1,a"])
 
 
+def _serves_hf_greedy(engine, hf, seed: int) -> None:
+    """Three random prompts through `engine`, greedy: each request's tokens are HF's, and the
+    engine ends clean."""
+    prompts = hf_models.random_prompts(np.random.default_rng(seed), 3, 5, 20)
+    sp = pj.SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
+    for i, p in enumerate(prompts):
+        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 7), f"request r{i}"
+    assert_clean(engine, outs)
+
+
 def test_alternating_step_copies_serve_the_same_answers(llama, monkeypatch):
     """PAGEDJAX_ALTERNATE_STEPS=1: successive steps alternate between two loaded instances of each
     step program (distinct objects, both used), and the answers are still HF's."""
@@ -246,18 +257,12 @@ def test_alternating_step_copies_serve_the_same_answers(llama, monkeypatch):
 
     hf, params = llama
     monkeypatch.setenv(ALTERNATE_STEPS_ENV, "1")
-    rng = np.random.default_rng(13)
-    prompts = hf_models.random_prompts(rng, 3, 5, 20)
-    sp = pj.SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
     engine = make_engine(params, max_num_batched_tokens=64, max_model_len=64)
     runner = engine.runner
     assert runner.step_copies == 2
     used, real = [], runner._step_executable
     monkeypatch.setattr(runner, "_step_executable", lambda *a: used.append(real(*a)) or used[-1])
-    outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
-    for i, p in enumerate(prompts):
-        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 7), f"request r{i}"
-    assert_clean(engine, outs)
+    _serves_hf_greedy(engine, hf, 13)
     steps = {k: v for k, v in runner._executables.items() if k[0] == "step"}
     copies = {k[-1] for k in steps}
     assert copies == {0, 1}
@@ -283,22 +288,16 @@ def test_staged_inputs_serve_the_same_answers(llama, monkeypatch):
 
     hf, params = llama
     monkeypatch.setenv(STAGED_INPUTS_ENV, "1")
-    rng = np.random.default_rng(17)
-    prompts = hf_models.random_prompts(rng, 3, 5, 20)
-    sp = pj.SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
     engine = make_engine(params, max_num_batched_tokens=64, max_model_len=64)
     assert engine.runner.staged_inputs
-    outs = run_all(engine, {0: [(f"r{i}", p, sp) for i, p in enumerate(prompts)]})
-    for i, p in enumerate(prompts):
-        assert outs[f"r{i}"].outputs[0].token_ids == hf_models.hf_greedy(hf, p, 7), f"request r{i}"
-    assert_clean(engine, outs)
+    _serves_hf_greedy(engine, hf, 17)
     steps = [v for k, v in engine.runner._executables.items() if k[0] == "step"]
     assert steps and all(_input_buffer_users(step) == 1 for step in steps)
     monkeypatch.setenv(STAGED_INPUTS_ENV, "0")
     plain = make_engine(params, max_num_batched_tokens=64, max_model_len=64, token_buckets=(64,))
     (step,) = [v for k, v in plain.runner._executables.items() if k[0] == "step"]
     assert _input_buffer_users(step) > params.config.num_layers
-    buf = jnp.asarray(rng.integers(-2**31, 2**31 - 1, 9, dtype=np.int64).astype(np.int32)).at[-1].set(0)
+    buf = jnp.asarray(np.random.default_rng(17).integers(-2**31, 2**31 - 1, 9, dtype=np.int64).astype(np.int32)).at[-1].set(0)
     np.testing.assert_array_equal(jax.jit(stage_inputs)(buf), np.asarray(buf))
 
 
