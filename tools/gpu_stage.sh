@@ -240,14 +240,13 @@ for s in "$@"; do
           gzip -f "$OUTDIR/$name.log"
         done
       done ;;
-    staged)
-      for staged in 0 1; do
+    staged)  # the batch-1 timeline first (is command_buffer::update gone?), then W1/W3 with and without
+      PAGEDJAX_STAGED_INPUTS=1 BATCH=1 TAG="b1-staged" MIN_MS=1 bash tools/gpu_stage.sh timeline | grep -A14 "== launch path"
+      for staged in 1 0; do
         PAGEDJAX_STAGED_INPUTS=$staged throughput . "staged-$staged"
       done
-      for b in 256 1; do
-        PAGEDJAX_STAGED_INPUTS=1 BATCH=$b TAG="b$b-staged" MIN_MS=1 bash tools/gpu_stage.sh timeline \
-          | grep -A14 "== launch path"
-      done ;;
+      PAGEDJAX_STAGED_INPUTS=1 BATCH=256 TAG="b256-staged" MIN_MS=1 bash tools/gpu_stage.sh timeline \
+        | grep -A14 "== launch path" ;;
     small-batch)
       IFS=';' read -r -a sets <<< "${FLAGSETS:-;--xla_gpu_enable_triton_gemm=false;--xla_gpu_dot_merger_threshold_mb=256}"
       i=0
