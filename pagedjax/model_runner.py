@@ -149,7 +149,7 @@ def stage_inputs(buf: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(buf + buf[-1])
 
 
-def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, *, layout, mesh=None,
+def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, logits_slot=None, *, layout, mesh=None,
              num_prompt_logprobs=0, staged=False):
     """The model's part of an engine step on device: logits [R, V] of each request (pool in, pool out).
 
@@ -162,6 +162,13 @@ def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, *, layout, m
     have the model sow every token's head input and return the scored rows as a third output
     (pagedjax/prompt_logprobs.py); the others return None there. `staged`: the inputs are read
     through `stage_inputs` (an experiment, PAGEDJAX_STAGED_INPUTS=1).
+
+    `logits_slot` [R, V] f32 (donated; its contents are never read): the logits are written into
+    it. XLA then aliases the logits with a parameter, whose allocation no other value may share.
+    Without it the logits are an output allocation of their own, fresh at every call, and XLA's
+    buffer assignment packs the step's earlier temporaries into it (it is the largest buffer
+    defined last): nearly every kernel of the step then reads or writes memory that moves at
+    each call, and XLA re-records those commands of the step's CUDA graph before each launch.
     """
     if staged:
         buf = stage_inputs(buf)
@@ -180,12 +187,14 @@ def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, *, layout, m
                 scored = prompt_logprobs.compute(lambda x: head_logits(config, variables, x), hidden,
                                                  prompt_meta, num_logprobs=num_prompt_logprobs)
         logits, pages = parallel.constrain_step(logits, pages, mesh)
+    if logits_slot is not None:  # a full overwrite: XLA writes the logits in the slot's memory
+        logits = jax.lax.dynamic_update_slice(logits_slot, logits, (0, 0))
     return logits, scored, pages
 
 
 # One jit for every runner: engines of the same model share compiled steps. The pool is donated,
-# so XLA updates it in place.
-_step = jax.jit(_step_fn, static_argnums=(0, 1), donate_argnums=(3,),
+# so XLA updates it in place; so is the logits slot, which the logits overwrite.
+_step = jax.jit(_step_fn, static_argnums=(0, 1), donate_argnums=(3, 6),
                 static_argnames=("layout", "mesh", "num_prompt_logprobs", "staged"))
 
 
@@ -255,6 +264,7 @@ def _compile_pool(jobs: int):
 
 
 STAGED_INPUTS_ENV = "PAGEDJAX_STAGED_INPUTS"
+LOGITS_SLOT_ENV = "PAGEDJAX_LOGITS_SLOT"
 
 
 def client_memory_fraction() -> float:
@@ -319,6 +329,11 @@ class ModelRunner:
         # first kernel (stage_inputs), so that a new step's input buffer touches one command of
         # the step's CUDA graph.
         self.staged_inputs = os.environ.get(STAGED_INPUTS_ENV, "") == "1"
+        # The step writes its logits into a donated slot (see _step_fn): the last step's logits
+        # of the same rows, once its sampler is launched, else new zeros. PAGEDJAX_LOGITS_SLOT=0
+        # turns it off (the logits then get an allocation of their own at every step).
+        self.logits_slots = os.environ.get(LOGITS_SLOT_ENV, "1") != "0"
+        self._free_slots: dict[int, jax.Array] = {}  # R -> logits [R, V] whose sampler was launched
         # On accelerators the sampled tokens start their copy to the host as soon as the sampler
         # ends (vLLM's non-blocking copy), not when fetch asks; a CPU's arrays are in host memory.
         self._copy_ahead = jax.default_backend() != "cpu"
@@ -394,8 +409,12 @@ class ModelRunner:
                 for _ in range(cfg.num_layers)]
         T = self.token_buckets[-1]
         buf, layout = pack(self._dummy_inputs(T, num_pages=2)[0])
-        sampling = 4 * min(T, self.max_num_seqs) * cfg.vocab_size * 4  # logits and a few [R, V] f32 temporaries
+        rows = sorted({min(t, self.max_num_seqs) for t in self.token_buckets})
+        sampling = 4 * rows[-1] * cfg.vocab_size * 4  # logits and a few [R, V] f32 temporaries
         args = (self.params.variables, tiny, buf, self._no_prev)
+        if self.logits_slots:  # one kept per bucket's rows, and the largest step's in its args
+            sampling += sum(rows) * cfg.vocab_size * 4
+            args += (jax.ShapeDtypeStruct((rows[-1], cfg.vocab_size), jnp.float32, sharding=self.input_sharding),)
 
         def measure() -> int:
             compiled = _step.lower(cfg, self.attn_impl, *args, layout=layout, mesh=self.mesh).compile()
@@ -451,7 +470,7 @@ class ModelRunner:
         samplers = (sampler.SampleFlags(random=False, top_k=False, top_p=False),
                     sampler.SampleFlags(random=True, top_k=False, top_p=False))
         dummies = [self._dummy_inputs(T) for T in self.token_buckets]  # (model inputs, smeta) of each
-        inputs = [self._step_inputs(model_inputs, smeta, None) for model_inputs, smeta in dummies]
+        inputs = [self._step_inputs(model_inputs, smeta, None, abstract_slot=True) for model_inputs, smeta in dummies]
         with _compile_pool(len(inputs)) as pool:
             steps = list(pool.map(lambda i: self._step_executable(i[0], i[1], 0, True), inputs))
             for step_args, mlayout, _, _ in inputs:  # further loaded copies (step_copies > 1)
@@ -575,19 +594,34 @@ class ModelRunner:
         args = (logits, sbuf, token_bitmask)
         sample = self._sample_executable(args, slayout, launched.num_logprobs, flags)
         launched.out, launched.next_tokens = sample(*args)
+        if self.logits_slots:  # the next step of these rows overwrites them (after this sampler: one stream)
+            self._free_slots[logits.shape[0]] = logits
         if self._copy_ahead:  # the copy to the host starts when the sampler ends, so that fetch
             for x in self._fetched(launched):  # (after the next step's launch) finds it there
                 x.copy_to_host_async()
 
-    def _step_inputs(self, model_inputs, smeta, prev_tokens):
+    def _step_inputs(self, model_inputs, smeta, prev_tokens, abstract_slot: bool = False):
         """The step's arguments on the device (one buffer each for the model and the sampler):
-        (step args, model layout, sampling buffer, sampling layout)."""
+        (step args, model layout, sampling buffer, sampling layout). `abstract_slot`: the logits
+        slot as its shape only (for compiling)."""
         (mbuf, mlayout), (sbuf, slayout) = pack(model_inputs), pack(smeta)
         if self.staged_inputs:  # the 0 stage_inputs adds (after the layout's last entry)
             mbuf = np.append(mbuf, np.int32(0))
         mbuf, sbuf = jax.device_put((mbuf, sbuf), self.input_sharding)
         step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
+        if self.logits_slots:
+            rows = model_inputs[2].logits_indices.shape[0]
+            step_args += (jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=self.input_sharding)
+                          if abstract_slot else self._logits_slot(rows),)
         return step_args, mlayout, sbuf, slayout
+
+    def _logits_slot(self, rows: int) -> jax.Array:
+        """A donated buffer for the step's logits [rows, V] f32: the last ones of these rows, once
+        sampled, else zeros (XLA aliases the output to it only if shape, dtype and placement match)."""
+        slot = self._free_slots.pop(rows, None)
+        if slot is None:  # a copy from the host, once per rows: jnp.zeros would compile a program per shape
+            slot = jax.device_put(np.zeros((rows, self.config.vocab_size), np.float32), self.input_sharding)
+        return slot
 
     def _step_executable(self, step_args: tuple, mlayout, num_prompt_logprobs: int, first: bool, copy: int = 0):
         """The model step's executable for these arguments (first: no previous step's tokens;

@@ -301,6 +301,45 @@ def test_staged_inputs_serve_the_same_answers(llama, monkeypatch):
     np.testing.assert_array_equal(jax.jit(stage_inputs)(buf), np.asarray(buf))
 
 
+def _logits_alias(step) -> str | None:
+    """The parameter number that a compiled step's logits (its output {0}) alias, if any."""
+    header = step.as_text().split("\n", 1)[0]
+    found = re.search(r"input_output_alias=\{.*?\{0\}: \((\d+), \{\}", header)
+    return found and found.group(1)
+
+
+def test_logits_are_written_into_a_donated_slot(llama, monkeypatch):
+    """The step writes its logits into a donated slot [R, V] (the last sampled logits of the same
+    rows): XLA aliases them with the step's last parameter, so its temporaries cannot share their
+    allocation, which moves at every call without the slot. Steps after the first reuse the
+    same memory; the answers are still HF's. PAGEDJAX_LOGITS_SLOT=0 gives logits of their own."""
+    from pagedjax.model_runner import LOGITS_SLOT_ENV
+
+    hf, params = llama
+    engine = make_engine(params, max_num_batched_tokens=64, max_model_len=64, token_buckets=(64,))
+    runner = engine.runner
+    assert runner.logits_slots
+    pointers, real = [], runner.sample
+
+    def sample(launched, *args):
+        pointers.append(launched.pending_sample[0].unsafe_buffer_pointer())
+        return real(launched, *args)
+
+    monkeypatch.setattr(runner, "sample", sample)
+    _serves_hf_greedy(engine, hf, 23)
+    steps = [v for k, v in runner._executables.items() if k[0] == "step"]
+    for step in steps:  # the first step of a batch and the later ones (reading the last step's tokens)
+        entry = step.as_text().split("\nENTRY ", 1)[1].split("\n}", 1)[0]
+        assert _logits_alias(step) == str(len(re.findall(r" parameter\(\d+\)", entry)) - 1)
+    assert len(steps) == 2 and len(pointers) >= 7 and len(set(pointers[1:])) == 1, pointers
+    monkeypatch.setenv(LOGITS_SLOT_ENV, "0")
+    plain = make_engine(params, max_num_batched_tokens=64, max_model_len=64, token_buckets=(64,))
+    assert not plain.runner.logits_slots
+    _serves_hf_greedy(plain, hf, 23)
+    steps = [v for k, v in plain.runner._executables.items() if k[0] == "step"]
+    assert steps and all(_logits_alias(step) is None for step in steps)
+
+
 def test_copy_ahead_of_fetch_gives_the_same_outputs(llama):
     """On accelerators the sampler's outputs start their copy to the host when it ends
     (runner._copy_ahead). Forced on here: greedy tokens are still HF's, and logprobs come back

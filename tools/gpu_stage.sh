@@ -47,6 +47,9 @@
 # mixed     the timeline of W1's mixed steps: 256 decodes plus a new 1792-token prompt in each (budget 2048)
 # cmdbuf-log  which commands of the step's CUDA graph XLA re-records before each launch, from XLA's log
 #           (benchmarks/cmdbuf_log.py), decode at batch 256 and 1, with PAGEDJAX_STAGED_INPUTS 0 and 1
+# slots     the step's logits written into a donated slot (PAGEDJAX_LOGITS_SLOT) with the staged inputs: the
+#           batch-1 and batch-256 timelines, then W1 and W3 for each (slot, staged) pair of SLOTS (1:1 1:0 0:0),
+#           each in its own process
 # staged    W1 and W3 with and without PAGEDJAX_STAGED_INPUTS=1 (the step reads its inputs through one copy,
 #           so a new input buffer should touch one command of its graph), each in its own process, then
 #           the batch-256 and batch-1 timelines with it (is command_buffer::update gone?)
@@ -228,8 +231,8 @@ for s in "$@"; do
       BATCH="${BATCH:-256}" PREFILL="${PREFILL:-1792}" TOKENS=2048 TAG="mixed-b${BATCH:-256}" MIN_MS=1 \
         bash tools/gpu_stage.sh timeline | grep -A14 "== launch path" ;;
     cmdbuf-log)
-      for staged in 0 1; do
-        for b in 256 1; do
+      for staged in ${CMDBUF_STAGED:-0 1}; do
+        for b in ${CMDBUF_BATCHES:-256 1}; do
           name="cmdbuf-b$b-staged$staged"
           PAGEDJAX_STAGED_INPUTS=$staged TF_CPP_MIN_LOG_LEVEL=0 \
             TF_CPP_VMODULE="${VMODULE:-command_buffer_thunk=3,command_executor=5,command_buffer_cmd=5,command_buffer_cmd_executor=5}" \
@@ -247,6 +250,15 @@ for s in "$@"; do
       done
       PAGEDJAX_STAGED_INPUTS=1 BATCH=256 TAG="b256-staged" MIN_MS=1 bash tools/gpu_stage.sh timeline \
         | grep -A14 "== launch path" ;;
+    slots)  # the logits written into a donated slot (PAGEDJAX_LOGITS_SLOT, on by default), with and without the
+      # staged inputs: the batch-1 and batch-256 timelines with both, then W1/W3 for (slot, staged) in SLOTS
+      for b in 1 256; do
+        PAGEDJAX_STAGED_INPUTS=1 BATCH=$b TAG="b$b-slot-staged" MIN_MS=1 bash tools/gpu_stage.sh timeline \
+          | grep -A14 "== launch path"
+      done
+      for pair in ${SLOTS:-1:1 1:0 0:0}; do
+        PAGEDJAX_LOGITS_SLOT=${pair%:*} PAGEDJAX_STAGED_INPUTS=${pair#*:} throughput . "slots-${pair/:/-staged}"
+      done ;;
     small-batch)
       IFS=';' read -r -a sets <<< "${FLAGSETS:-;--xla_gpu_enable_triton_gemm=false;--xla_gpu_dot_merger_threshold_mb=256}"
       i=0
