@@ -414,7 +414,7 @@ class ModelRunner:
         args = (self.params.variables, tiny, buf, self._no_prev)
         if self.logits_slots:  # one kept per bucket's rows, and the largest step's in its args
             sampling += sum(rows) * cfg.vocab_size * 4
-            args += (jax.ShapeDtypeStruct((rows[-1], cfg.vocab_size), jnp.float32, sharding=self.input_sharding),)
+            args += (self._logits_slot_shape(rows[-1]),)
 
         def measure() -> int:
             compiled = _step.lower(cfg, self.attn_impl, *args, layout=layout, mesh=self.mesh).compile()
@@ -611,16 +611,20 @@ class ModelRunner:
         step_args = (self.params.variables, self.pages, mbuf, self._no_prev if prev_tokens is None else prev_tokens)
         if self.logits_slots:
             rows = model_inputs[2].logits_indices.shape[0]
-            step_args += (jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=self.input_sharding)
-                          if abstract_slot else self._logits_slot(rows),)
+            step_args += (self._logits_slot_shape(rows) if abstract_slot else self._logits_slot(rows),)
         return step_args, mlayout, sbuf, slayout
 
+    def _logits_slot_shape(self, rows: int) -> jax.ShapeDtypeStruct:
+        """The logits slot of a step with `rows` rows: [rows, V] f32, placed as the step's inputs
+        (XLA aliases the logits with it only if shape, dtype and placement match)."""
+        return jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=self.input_sharding)
+
     def _logits_slot(self, rows: int) -> jax.Array:
-        """A donated buffer for the step's logits [rows, V] f32: the last ones of these rows, once
-        sampled, else zeros (XLA aliases the output to it only if shape, dtype and placement match)."""
+        """A donated buffer for the step's logits: the last ones of these rows, once sampled, else zeros."""
         slot = self._free_slots.pop(rows, None)
         if slot is None:  # a copy from the host, once per rows: jnp.zeros would compile a program per shape
-            slot = jax.device_put(np.zeros((rows, self.config.vocab_size), np.float32), self.input_sharding)
+            shape = self._logits_slot_shape(rows)
+            slot = jax.device_put(np.zeros(shape.shape, shape.dtype), shape.sharding)
         return slot
 
     def _step_executable(self, step_args: tuple, mlayout, num_prompt_logprobs: int, first: bool, copy: int = 0):

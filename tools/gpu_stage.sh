@@ -46,13 +46,14 @@
 # startup   benchmarks/startup.py cold and warm (Llama-3-8B, random weights) with PAGEDJAX_COMPILE_WORKERS 1 and 4
 # mixed     the timeline of W1's mixed steps: 256 decodes plus a new 1792-token prompt in each (budget 2048)
 # cmdbuf-log  which commands of the step's CUDA graph XLA re-records before each launch, from XLA's log
-#           (benchmarks/cmdbuf_log.py), decode at batch 256 and 1, with PAGEDJAX_STAGED_INPUTS 0 and 1
+#           (benchmarks/cmdbuf_log.py), decode at batch 256 and 1 (CMDBUF_BATCHES), with PAGEDJAX_STAGED_INPUTS 0
+#           and 1 (CMDBUF_STAGED)
 # slots     the step's logits written into a donated slot (PAGEDJAX_LOGITS_SLOT) with the staged inputs: the
 #           batch-1 and batch-256 timelines, then W1 and W3 for each (slot, staged) pair of SLOTS (1:1 1:0 0:0),
 #           each in its own process
 # staged    W1 and W3 with and without PAGEDJAX_STAGED_INPUTS=1 (the step reads its inputs through one copy,
-#           so a new input buffer should touch one command of its graph), each in its own process, then
-#           the batch-256 and batch-1 timelines with it (is command_buffer::update gone?)
+#           so a new input buffer should touch one command of its graph), each in its own process, between
+#           the batch-1 and the batch-256 timelines with it (is command_buffer::update gone?)
 # hf        benchmarks/hf_baseline.py: HF transformers on the same GPU, static `generate` (batches of 64) and
 #           `generate_batch` on W1 (HF_T seconds each, default 60; jax kept off the GPU's memory)
 # profile-moe  profile_step.py on Qwen3-30B-A3B, decode at batch 256 with a trace, from the tree in $TREE
