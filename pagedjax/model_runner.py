@@ -96,12 +96,22 @@ def fine_token_buckets(hi: int) -> list[int]:
     return out + [hi]
 
 
-def resolve_token_buckets(spec: str | Sequence[int], hi: int) -> list[int]:
-    """EngineConfig.token_buckets for a budget of hi tokens a step: the padded step sizes."""
-    if spec == "coarse":
-        return token_buckets(hi)
-    if spec == "fine":
-        return fine_token_buckets(hi)
+# The smallest preset bucket on a GPU. XLA's GPU compiler rewrites a matmul of one row by a weight
+# of fewer than 10M elements as a multiply and a reduction (its dot strength reduction: a one-row
+# operand is a vector once its unit dim is dropped). Llama-3-8B's K and V projections at one token
+# then wrote [4096, 8, 128] products and reduced them: 30 us a layer, 0.96 ms of a 5.9 ms batch-1
+# step on the H200 (benchmarks/RESULTS.md), where a GEMM reads the 16 MB in 4 us. Two rows are a
+# matrix, which stays a GEMM, and cost a memory-bound step nothing more.
+GPU_SMALLEST_BUCKET = 2
+
+
+def resolve_token_buckets(spec: str | Sequence[int], hi: int, smallest: int = 1) -> list[int]:
+    """EngineConfig.token_buckets for a budget of hi tokens a step: the padded step sizes.
+    `smallest`: the presets' first bucket (1 on the CPU, GPU_SMALLEST_BUCKET on a GPU); an
+    explicit list is taken as it is."""
+    if spec in ("coarse", "fine"):
+        out = token_buckets(hi) if spec == "coarse" else fine_token_buckets(hi)
+        return sorted({min(max(t, smallest), hi) for t in out})
     return [t for t in spec if t < hi] + [hi]
 
 
@@ -310,7 +320,8 @@ class ModelRunner:
         self.max_num_seqs = opts.max_num_seqs
         self.max_num_batched_tokens = opts.max_num_batched_tokens
         self.max_pages_per_req = math.ceil(opts.max_model_len / opts.page_size)  # M
-        self.token_buckets = resolve_token_buckets(opts.token_buckets, opts.max_num_batched_tokens)
+        self.token_buckets = resolve_token_buckets(opts.token_buckets, opts.max_num_batched_tokens,
+                                                   GPU_SMALLEST_BUCKET if jax.default_backend() == "gpu" else 1)
         self.kv_dtype = kv_dtype.resolve_kv_cache_dtype(opts.kv_cache_dtype, params.dtype)
         self.attn_impl = opts.attn_impl
         # Batch-invariant steps and samplers on the GPU: every GEMM through cuBLAS(Lt) with its
@@ -616,8 +627,12 @@ class ModelRunner:
 
     def _logits_slot_shape(self, rows: int) -> jax.ShapeDtypeStruct:
         """The logits slot of a step with `rows` rows: [rows, V] f32, placed as the step's inputs
-        (XLA aliases the logits with it only if shape, dtype and placement match)."""
-        return jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=self.input_sharding)
+        (XLA aliases the logits with it only if shape, dtype and placement match). Without a mesh
+        the placement is named too, the default device: the executable cache keys a program by its
+        arguments' placement, and the slot start-up compiles with must key as the arrays a run
+        passes do, else every bucket's later steps compile again while serving."""
+        sharding = self.input_sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=sharding)
 
     def _logits_slot(self, rows: int) -> jax.Array:
         """A donated buffer for the step's logits: the last ones of these rows, once sampled, else zeros."""

@@ -87,7 +87,8 @@ def test_precompile_without_running_fetches_the_programs_a_run_does(tmp_path, mo
     running them on padding. The programs must be the very ones a run fetches: the sampler's key
     is built from the step's output info rather than its output, so both ways must store the same
     entries, whether one program is compiled at a time or several (PAGEDJAX_COMPILE_WORKERS), and
-    each exactly once. Then the engine serves greedy and random requests on what it fetched."""
+    each exactly once. Then the engine serves greedy and random requests on what it fetched, and
+    compiles nothing more."""
     from pagedjax.dummy_weights import random_params
     from pagedjax.models.named import NAMED_CONFIGS
 
@@ -107,11 +108,14 @@ def test_precompile_without_running_fetches_the_programs_a_run_does(tmp_path, mo
     # a step per token bucket; a greedy and a random sampler per row count (buckets may share one)
     assert names.count("step") == len(runner.token_buckets) and names.count("sample") >= 2
 
-    fetched = dict(runner._executables)
+    fetched, compiled = dict(runner._executables), runner.executables.misses
     outs = llm.generate([[1, 2, 3], [4, 5, 6, 7]], [pj.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
                                                      pj.SamplingParams(max_tokens=4, seed=1, ignore_eos=True)])
     assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]
     assert all(runner._executables[k] is v for k, v in fetched.items())  # used as they were, none replaced
+    # Nothing compiled while serving: the later steps (which read the last step's tokens on the
+    # device) are the same programs, found by the same key, as the first ones start-up compiled.
+    assert runner.executables.misses == compiled
 
 
 def test_compile_workers_come_from_the_environment(monkeypatch):

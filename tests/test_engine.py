@@ -201,12 +201,18 @@ def test_chunked_prefill_under_small_budget(llama):
 
 def test_fine_token_buckets_pad_less_and_match_hf(llama):
     """token_buckets="fine" (the default): steps of 257-384 tokens are padded to 384, not 512, and the answers
-    are HF's; an explicit list keeps the counts below the budget and adds the budget."""
-    from pagedjax.model_runner import fine_token_buckets
+    are HF's; an explicit list keeps the counts below the budget and adds the budget; a GPU's presets
+    start at 2 tokens."""
+    from pagedjax.model_runner import fine_token_buckets, resolve_token_buckets
 
     hf, params = llama
     assert fine_token_buckets(2048) == [1, 4, 16, 64, 256, 384, 512, 768, 1024, 1536, 2048]
     assert fine_token_buckets(100) == [1, 4, 16, 64, 100]
+    # On a GPU the presets start at 2 (a one-row matmul would be no GEMM there); lists stay as given.
+    assert resolve_token_buckets("fine", 2048, 2) == [2, 4, 16, 64, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert resolve_token_buckets("coarse", 64, 2) == [2, 4, 16, 64]
+    assert resolve_token_buckets("fine", 1, 2) == [1] and resolve_token_buckets("fine", 2, 2) == [2]
+    assert resolve_token_buckets((1, 8), 64, 2) == [1, 8, 64]
     rng = np.random.default_rng(12)
     prompts = hf_models.random_prompts(rng, 4, 70, 90)  # one step of 280-360 prompt tokens
     sp = pj.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

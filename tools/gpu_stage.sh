@@ -9,6 +9,7 @@
 # probe     benchmarks/dispatch_probe.py: the host cost of a jitted call by argument count
 # quant     benchmarks/kernels/quant_matmul.py on Llama-3-8B's linear shapes
 # bench     W3 latency and W1 ShareGPT-like throughput on Llama-3-8B (random bf16), this tree
+# bench-merger  bench with --xla_gpu_dot_merger_threshold_mb=256 (the merged GEMMs: q/k/v, gate/up)
 # bench-old the same with the baseline tree carried in .gpu/old (its own pagedjax/ and benchmarks/)
 # bench-tokens  bench with a larger step budget (TOKENS, default 8192; vLLM runs 8192-16384 on Hopper)
 # profile   benchmarks/profile_step.py at batch 256, 64 and 1 (decode, context 512)
@@ -35,12 +36,14 @@
 #           default final_only as in W1; PREFILL: a new prompt of that many tokens in every step; TOKENS: the
 #           step budget), then
 #           benchmarks/trace_timeline.py on it: host events, GPU idle gaps and GPU time by op class of the last steps
+#           (HLO_DUMP=1: the step's optimized HLO dumped, and its top XLA kernels' fusions summarized)
 # skip-temp XLA's command buffers with --xla_gpu_command_buffer_update_mode=SKIP_TEMP (no re-record when only
 #           the step's temp buffer moved): W3 and W1 (the pool sized automatically, or NUM_PAGES), then the
 #           engine's `gpu` tests under the flag
 # small-batch  the small-batch decode step under XLA options, each in its own process: W3 (latency.py) and the
 #           batch-1 timeline with its GPU time by op class, per entry of FLAGSETS (';'-separated XLA_FLAGS additions;
-#           default: none, Triton GEMMs off (cuBLAS for every dot), the dot merger's threshold raised to 256 MB)
+#           default: none, Triton GEMMs off (cuBLAS for every dot), the dot merger's threshold raised to 256 MB),
+#           the timeline's top XLA kernels described from the step's optimized HLO (hlo-b1-flagsN.json)
 # alternate W1 and W3 with and without PAGEDJAX_ALTERNATE_STEPS=1 (two loaded copies of each step program used in
 #           turn), each in its own process, then the batch-256 timeline with it (does the GPU still idle in the launch?)
 # startup   benchmarks/startup.py cold and warm (Llama-3-8B, random weights) with PAGEDJAX_COMPILE_WORKERS 1 and 4
@@ -51,6 +54,7 @@
 # slots     the step's logits written into a donated slot (PAGEDJAX_LOGITS_SLOT) with the staged inputs: the
 #           batch-1 and batch-256 timelines, then W1 and W3 for each (slot, staged) pair of SLOTS (1:1 1:0 0:0),
 #           each in its own process
+# slot-w1   the mixed steps' timeline with the slot, then W1 with it off, and on with a pool of SLOT_PAGES (30000)
 # staged    W1 and W3 with and without PAGEDJAX_STAGED_INPUTS=1 (the step reads its inputs through one copy,
 #           so a new input buffer should touch one command of its graph), each in its own process, between
 #           the batch-1 and the batch-256 timelines with it (is command_buffer::update gone?)
@@ -138,6 +142,8 @@ for s in "$@"; do
     quant) TAIL=40 stage quant 240 "$PY" benchmarks/kernels/quant_matmul.py --shapes "${QUANT_SHAPES:-gate_up,down}" \
              --rows "${QUANT_ROWS:-1,16,256,2048}" --out "$OUTDIR/quant_matmul.json" ;;
     bench) throughput . bench-new ;;
+    bench-merger)  # bench with XLA's dot merger up to 256 MB (q/k/v and gate/up each one GEMM)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_dot_merger_threshold_mb=256" throughput . bench-merger256 ;;
     bench-tokens) throughput . "bench-tokens-${TOKENS:-8192}" --max-num-batched-tokens "${TOKENS:-8192}" ;;
     bench-seqs)  # more requests at once and a larger step budget (vLLM V1's defaults on a large GPU are higher)
       throughput . "bench-seqs-${SEQS:-512}-${TOKENS:-4096}" --max-num-seqs "${SEQS:-512}" \
@@ -196,7 +202,10 @@ for s in "$@"; do
       done ;;
     timeline)
       tag="${TAG:-b${BATCH:-256}}"
-      rm -rf "/tmp/trace-$tag"
+      rm -rf "/tmp/trace-$tag" "/tmp/hlo-$tag"
+      dump=""
+      [ -n "${HLO_DUMP:-}" ] && dump="--xla_dump_to=/tmp/hlo-$tag --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*"
+      XLA_FLAGS="${XLA_FLAGS:-} $dump" \
       TAIL=4 stage "timeline-$tag" 200 "$PY" benchmarks/profile_step.py --model "${MODEL:-named:llama3-8b}" \
         --batch-size "${BATCH:-256}" --context 512 --steps 20 --trace-dir "/tmp/trace-$tag" \
         --output-kind "${OUTPUT_KIND:-final_only}" --prefill-chunk "${PREFILL:-0}" \
@@ -204,6 +213,13 @@ for s in "$@"; do
         --out "$OUTDIR/timeline-$tag.json"
       "$PY" benchmarks/trace_timeline.py "/tmp/trace-$tag" --steps 3 --min-ms "${MIN_MS:-0.2}" --kernels 25 \
         --out "$OUTDIR/timeline-$tag.txt" | head -c 4000
+      if [ -n "${HLO_DUMP:-}" ]; then  # what the step's top XLA kernels are (fusion bodies, Triton tiles)
+        names=$("$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(','.join(k[0] for k in \
+          d['trace']['top_kernels_ms_per_step'][:${HLO_KERNELS:-14}] if not k[0].startswith(('void', 'nvjet', 'Memcpy'))))" \
+          "$OUTDIR/timeline-$tag.json")
+        "$PY" benchmarks/hlo_summary.py "/tmp/hlo-$tag" --match step_fn --fusions "$names" --out "$OUTDIR/hlo-$tag.json" \
+          > /dev/null && echo "fusions of $names: $OUTDIR/hlo-$tag.json"
+      fi
       echo; sed -n '/^== launch path/,$p' "$OUTDIR/timeline-$tag.txt" | head -40 ;;
     skip-temp)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" throughput . skip-temp \
@@ -260,6 +276,11 @@ for s in "$@"; do
       for pair in ${SLOTS:-1:1 1:0 0:0}; do
         PAGEDJAX_LOGITS_SLOT=${pair%:*} PAGEDJAX_STAGED_INPUTS=${pair#*:} throughput . "slots-${pair/:/-staged}"
       done ;;
+    slot-w1)  # W1 with the logits slot off, and on with a smaller pool (is it the memory?), after the mixed
+      # steps' timeline with it on
+      BATCH=256 PREFILL=1792 TOKENS=2048 TAG="mixed-slot" MIN_MS=1 bash tools/gpu_stage.sh timeline | grep -A14 "== launch path"
+      PAGEDJAX_LOGITS_SLOT=0 throughput . slot-w1-0
+      PAGEDJAX_LOGITS_SLOT=1 throughput . "slot-w1-1-p${SLOT_PAGES:-30000}" --num-pages "${SLOT_PAGES:-30000}" ;;
     small-batch)
       IFS=';' read -r -a sets <<< "${FLAGSETS:-;--xla_gpu_enable_triton_gemm=false;--xla_gpu_dot_merger_threshold_mb=256}"
       i=0
@@ -267,7 +288,8 @@ for s in "$@"; do
         echo "== flag set $i: '${f:-none}'"
         XLA_FLAGS="${XLA_FLAGS:-} $f" stage "w3-flags$i" 200 "$PY" benchmarks/latency.py --model named:llama3-8b \
           --batch-size 8 --input-len 32 --output-len 128 --out "$OUTDIR/w3-flags$i.json"
-        XLA_FLAGS="${XLA_FLAGS:-} $f" BATCH=1 TAG="b1-flags$i" MIN_MS=1 bash tools/gpu_stage.sh timeline | grep -A14 "== launch path"
+        XLA_FLAGS="${XLA_FLAGS:-} $f" BATCH=1 TAG="b1-flags$i" MIN_MS=1 HLO_DUMP=1 bash tools/gpu_stage.sh timeline \
+          | grep -A14 -e "== launch path" -e "^fusions of"
         i=$((i + 1))
       done ;;
     hf) TAIL=30 stage hf $((4 * ${HF_T:-60} + 150)) env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.05 \
