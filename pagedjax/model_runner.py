@@ -171,7 +171,7 @@ def _step_fn(config, attn_impl, variables, pages, buf, prev_tokens, logits_slot=
     Steps that score prompt tokens (a variant of their own: static num_prompt_logprobs > 0)
     have the model sow every token's head input and return the scored rows as a third output
     (pagedjax/prompt_logprobs.py); the others return None there. `staged`: the inputs are read
-    through `stage_inputs` (an experiment, PAGEDJAX_STAGED_INPUTS=1).
+    through `stage_inputs` (the default; PAGEDJAX_STAGED_INPUTS=0 turns it off).
 
     `logits_slot` [R, V] f32 (donated; its contents are never read): the logits are written into
     it. XLA then aliases the logits with a parameter, whose allocation no other value may share.
@@ -336,10 +336,12 @@ class ModelRunner:
         # command-buffer update) need not wait for the other's run still in flight.
         self.step_copies = 2 if os.environ.get(ALTERNATE_STEPS_ENV, "") == "1" else 1
         self._step_launches = 0
-        # Experimental (PAGEDJAX_STAGED_INPUTS=1): the step reads its inputs from a copy made by its
-        # first kernel (stage_inputs), so that a new step's input buffer touches one command of
-        # the step's CUDA graph.
-        self.staged_inputs = os.environ.get(STAGED_INPUTS_ENV, "") == "1"
+        # The step reads its inputs from a copy made by its first kernel (stage_inputs), so that a
+        # new step's input buffer touches one command of the step's CUDA graph: with the logits
+        # slot, what XLA re-records before a launch at batch 256 fell from 69 commands (1.84 ms a
+        # step, H100) to one (0.07 ms, H200; benchmarks/RESULTS.md). PAGEDJAX_STAGED_INPUTS=0
+        # turns it off.
+        self.staged_inputs = os.environ.get(STAGED_INPUTS_ENV, "1") != "0"
         # The step writes its logits into a donated slot (see _step_fn): the last step's logits
         # of the same rows, once its sampler is launched, else new zeros. PAGEDJAX_LOGITS_SLOT=0
         # turns it off (the logits then get an allocation of their own at every step).

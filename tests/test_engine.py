@@ -286,14 +286,14 @@ def _input_buffer_users(step) -> int:
 
 
 def test_staged_inputs_serve_the_same_answers(llama, monkeypatch):
-    """PAGEDJAX_STAGED_INPUTS=1: the step reads its packed inputs through one copy (stage_inputs,
-    fed by a 0 the host appends). The answers are still HF's; in the compiled step one instruction
-    reads the input buffer, where without it the embedding, every layer's rotary and the logits'
-    gather each read it (what makes XLA re-record those commands of a CUDA graph)."""
+    """By default the step reads its packed inputs through one copy (stage_inputs, fed by a 0 the
+    host appends). The answers are still HF's; in the compiled step one instruction reads the input
+    buffer, where without it (PAGEDJAX_STAGED_INPUTS=0) the embedding, every layer's rotary and the
+    logits' gather each read it (what makes XLA re-record those commands of a CUDA graph)."""
     from pagedjax.model_runner import STAGED_INPUTS_ENV, stage_inputs
 
     hf, params = llama
-    monkeypatch.setenv(STAGED_INPUTS_ENV, "1")
+    monkeypatch.delenv(STAGED_INPUTS_ENV, raising=False)
     engine = make_engine(params, max_num_batched_tokens=64, max_model_len=64)
     assert engine.runner.staged_inputs
     _serves_hf_greedy(engine, hf, 17)
