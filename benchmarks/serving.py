@@ -8,7 +8,9 @@ benchmarks/throughput.py, prompts sent as text). Prompts are windows of a tokeni
 (via the server's /tokenize, and /detokenize for text); outputs run to their length (ignore_eos).
 Measures per request: TTFT (time to the first token), TPOT (time per output token after the
 first), ITL (gaps between streamed chunks that carry tokens) and end-to-end latency; per rate:
-throughput in requests/s and tokens/s. Prints a table and writes JSON. Works against pagedjax or
+throughput in requests/s and tokens/s, and the busiest client process's CPU share (requests go
+round-robin to `--client-procs` processes, so that the client is not what sets the pace). Prints
+a table and writes JSON. Works against pagedjax or
 vLLM (it uses vLLM's `continuous_usage_stats`).
 
     pagedjax serve MODEL --port 8000 &
@@ -106,6 +108,18 @@ async def _make_prompts(http: httpx.AsyncClient, model: str | None, args: argpar
     return out
 
 
+async def _sse_lines(r: httpx.Response):
+    """The response's lines as server-sent events define them (ended by LF, CR LF or CR), not as
+    str.splitlines does (httpx's aiter_lines), which also splits JSON text at U+2028 and the like."""
+    buf = ""
+    async for piece in r.aiter_text():
+        *lines, buf = (buf + piece).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        for line in lines:
+            yield line
+    if buf:
+        yield buf
+
+
 async def _one(http: httpx.AsyncClient, model: str | None, prompt: Prompt, output_len: int
                ) -> RequestResult:
     body = {"prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0.0,
@@ -120,7 +134,7 @@ async def _one(http: httpx.AsyncClient, model: str | None, prompt: Prompt, outpu
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
-            async for line in r.aiter_lines():
+            async for line in _sse_lines(r):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -147,25 +161,82 @@ async def _one(http: httpx.AsyncClient, model: str | None, prompt: Prompt, outpu
     return res
 
 
-async def run_rate(http: httpx.AsyncClient, model: str | None, requests: list[tuple[Prompt, int]],
-                   rate: float, max_concurrency: int | None, rng: random.Random) -> dict:
-    """Sends every request with Poisson arrivals at `rate` requests/s; returns the summary."""
+async def _client_jobs(base_url: str, headers: dict, timeout: float, model: str | None,
+                       jobs: list[tuple[float, Prompt, int]], t_start: float, max_concurrency: int | None
+                       ) -> tuple[list[RequestResult], float, float]:
+    """Sends each (offset s, prompt, output length) at wall time t_start + offset on a client of its
+    own; returns the results, the wall time the last one ended and this process's CPU seconds."""
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits,
+                                 trust_env=False) as http:
+        async def send(offset: float, p: Prompt, o: int) -> RequestResult:
+            delay = t_start + offset - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if limit is None:
+                return await _one(http, model, p, o)
+            async with limit:
+                return await _one(http, model, p, o)
 
-    async def send(p: Prompt, o: int) -> RequestResult:
-        if limit is None:
-            return await _one(http, model, p, o)
-        async with limit:
-            return await _one(http, model, p, o)
+        cpu0 = time.process_time()
+        results = await asyncio.gather(*(send(*job) for job in jobs))
+        return list(results), time.time(), time.process_time() - cpu0
 
-    tasks = []
-    t0 = time.perf_counter()
-    for p, o in requests:
-        tasks.append(asyncio.create_task(send(p, o)))
-        if math.isfinite(rate):
-            await asyncio.sleep(rng.expovariate(rate))
-    results = await asyncio.gather(*tasks)
-    return summarize(results, time.perf_counter() - t0, rate)
+
+def _client_process(*args) -> tuple[list[RequestResult], float, float]:
+    return asyncio.run(_client_jobs(*args))
+
+
+def _occupy(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+class Clients:
+    """The benchmark's client: `procs` processes (each an asyncio loop with its own connections), so
+    that parsing thousands of streamed chunks a second does not make the client the bottleneck."""
+
+    def __init__(self, args: argparse.Namespace, headers: dict, model: str | None):
+        self.args, self.headers, self.model = args, headers, model
+        self.procs = max(1, args.client_procs)
+        self.pool = None
+        if self.procs > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(self.procs, mp_context=multiprocessing.get_context("spawn"))
+            pids = set(self.pool.map(_occupy, [0.3] * self.procs))  # every worker started and imported
+            self.procs = len(pids)
+
+    async def run_rate(self, requests: list[tuple[Prompt, int]], rate: float, rng: random.Random) -> dict:
+        """Sends every request with Poisson arrivals at `rate` requests/s (round-robin over the
+        processes); returns the summary."""
+        offsets, t = [], 0.0
+        for _ in requests:
+            offsets.append(t)
+            if math.isfinite(rate):
+                t += rng.expovariate(rate)
+        jobs = [(t, p, o) for t, (p, o) in zip(offsets, requests)]
+        a = self.args
+        each = -(-a.max_concurrency // self.procs) if a.max_concurrency else None  # the limit split evenly
+        t_start = time.time() + 0.2
+        if self.pool is None:
+            parts = [await _client_jobs(a.base_url, self.headers, a.timeout, self.model, jobs, t_start, each)]
+        else:
+            loop = asyncio.get_running_loop()
+            parts = await asyncio.gather(*(
+                loop.run_in_executor(self.pool, _client_process, a.base_url, self.headers, a.timeout, self.model,
+                                     jobs[i::self.procs], t_start, each) for i in range(self.procs)))
+        results = [r for rs, _, _ in parts for r in rs]
+        duration = max(end for _, end, _ in parts) - t_start
+        # The busiest client process's CPU share: near 1.0 means the client, not the server, set the pace.
+        cpu = max(c for _, _, c in parts) / duration
+        return {**summarize(results, duration, rate), "client_procs": self.procs, "client_cpu_frac": cpu}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _stats(values: list[float], scale: float = 1000.0) -> dict:
@@ -209,7 +280,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{str(r['request_rate']):>6} {r['completed']:>5} {r['failed']:>4} {r['request_throughput']:>7.2f} "
               f"{r['output_throughput']:>10.1f} | {f(t['mean']):>9} {f(t['p50']):>7} {f(t['p99']):>7} | "
               f"{f(p['mean']):>9} {f(p['p50']):>7} {f(p['p99']):>7} | {f(i['mean']):>8} {f(i['p50']):>7} "
-              f"{f(i['p99']):>7}")
+              f"{f(i['p99']):>7}  client CPU {r.get('client_cpu_frac', 0):.0%}")
 
 
 async def main_async(args: argparse.Namespace) -> tuple[list[dict], list[tuple[Prompt, int]]]:
@@ -227,17 +298,21 @@ async def main_async(args: argparse.Namespace) -> tuple[list[dict], list[tuple[P
         if args.warmup:
             warm = await _make_prompts(http, model, args, random.Random(f"{args.seed}-warmup"))
             await asyncio.gather(*(_one(http, model, p, min(o, 8)) for p, o in warm[:args.warmup]))
-        rows = []
-        for rate in args.request_rates:
-            # the same lengths at every rate; with --dataset sharegpt, other prompts at each (no prefix hits
-            # from an earlier rate's run)
-            requests = await _make_prompts(http, model, args, random.Random(f"{args.seed}-{rate}"))
-            if args.max_duration and math.isfinite(rate):  # the first rate * D requests: about D s of arrivals
-                requests = requests[:max(1, math.ceil(rate * args.max_duration))]
-            row = await run_rate(http, model, requests, rate, args.max_concurrency, rng)
-            rows.append(row)
-            print(f"rate {row['request_rate']}: {row['completed']} ok, {row['failed']} failed in "
-                  f"{row['duration_s']:.1f} s", file=sys.stderr)
+        rows, requests = [], []
+        clients = Clients(args, headers, model)
+        try:
+            for rate in args.request_rates:
+                # the same lengths at every rate; with --dataset sharegpt, other prompts at each (no prefix
+                # hits from an earlier rate's run)
+                requests = await _make_prompts(http, model, args, random.Random(f"{args.seed}-{rate}"))
+                if args.max_duration and math.isfinite(rate):  # the first rate * D requests: D s of arrivals
+                    requests = requests[:max(1, math.ceil(rate * args.max_duration))]
+                row = await clients.run_rate(requests, rate, rng)
+                rows.append(row)
+                print(f"rate {row['request_rate']}: {row['completed']} ok, {row['failed']} failed in "
+                      f"{row['duration_s']:.1f} s", file=sys.stderr)
+        finally:
+            clients.close()
         return rows, requests
 
 
@@ -343,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
                         "cold, the next ones warm)")
     p.add_argument("--offline", action="store_true",
                    help="with --launch: then run the same requests on the offline engine of SERVE_ARGS")
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (split evenly "
+                   "over the client processes)")
+    p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
+                   help="client processes sending the requests (default: a quarter of the cores, at most 4)")
     p.add_argument("--warmup", type=int, default=4, help="short requests before measuring")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)

@@ -532,7 +532,7 @@ def test_text_chunks_are_the_models_bytes(kind):
 
     chunks = _TextChunks(render)
     rng = random.Random(3)
-    alphabet = ['"', "\\", "\n", "\t", "\r", "\b", "\f", "\x00", "\x1f", "\x7f", "\u2028", "é", "😀", "\ufffd",
+    alphabet = ['"', "\\", "\n", "\t", "\r", "\b", "\f", "\x00", "\x1f", "\x7f", "\x85", "\u2028", "\u2029", "é", "😀", "\ufffd",
                 "/", "<", " ", "a", "Z", "0", "pagedjax-text"]
     texts = ["", " word", "\x00pagedjax-text\x00"] + ["".join(rng.choices(alphabet, k=rng.randint(1, 12)))
                                                      for _ in range(300)]
@@ -541,6 +541,30 @@ def test_text_chunks_are_the_models_bytes(kind):
             assert chunks(i, text) == render(i, text), repr(text)
     assert sorted(chunks._parts) == [0, 3]  # the splice ran, for each index
     assert all(chunks._parts.values())
+
+
+@pytest.mark.parametrize("text", ["a\u2028b", "\x85", "x\u2029\u2028y\x85z", "\n\r\x0b\x0c\x1c\x1d\x1e"])
+def test_events_are_one_line_for_any_line_reader(text):
+    """Every SSE event is `data: <json>` and a blank line for a reader that splits lines as
+    str.splitlines does (httpx's aiter_lines: also at U+0085, U+2028, U+2029, which JSON may leave
+    raw), and its JSON gives the text back: for the models' events, the spliced text chunks and
+    the error events."""
+    from pagedjax.server import protocol as P
+    from pagedjax.server.serving import APIError, _error_event, _event, _TextChunks
+
+    def render(i, t):
+        return _event(P.CompletionResponse(id="cmpl-1", created=17, model="m",
+                                           choices=[P.CompletionChoice(index=i, text=t)]))
+
+    spliced = _TextChunks(render)
+    spliced(0, "warm")  # the template cached: the next call splices
+    events = {"model": (render(0, text), lambda d: d["choices"][0]["text"]),
+              "spliced": (spliced(0, text), lambda d: d["choices"][0]["text"]),
+              "error": (_error_event(APIError(400, text)), lambda d: d["error"]["message"])}
+    for name, (event, field) in events.items():
+        lines = event.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("data: ") and lines[1] == "", (name, lines)
+        assert field(json.loads(lines[0][6:])) == text, name
 
 
 def test_text_chunks_without_a_splice_render_each_time():

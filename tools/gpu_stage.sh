@@ -30,7 +30,8 @@
 # structured  benchmarks/structured.py: 1000 requests with a JSON schema vs unconstrained (Llama-3 tokenizer)
 # serving   benchmarks/serving.py at rates 1, 4, 16, inf against `pagedjax serve` (dummy Llama-3-8B, the
 #           Llama-3 tokenizer from .gpu/), start-up cold and warm, the offline engine beside it
-#           (serving-proc: the same with --engine-process; RATES overrides the rates)
+#           (serving-proc: the same with --engine-process; RATES overrides the rates, SERVE_SECONDS the
+#           window, STARTUP_RUNS the start-ups timed, SERVE_FRESH=0 keeps the compile cache)
 # moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
 # family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
 # timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG; OUTPUT_KIND,
@@ -199,7 +200,7 @@ for s in "$@"; do
       TAIL=30 stage "$s" 560 bash -c "cd benchmarks && $PY serving.py --launch 'named:llama3-8b \
         --load-format dummy --tokenizer $PWD/.gpu/ggml-vocab-llama-bpe.gguf --max-model-len 4096 --max-num-seqs 256 \
         --max-num-batched-tokens 2048 $extra' --dataset sharegpt --num-prompts $N1 --request-rates ${RATES:-1,4,16,inf} \
-        --max-duration ${SERVE_SECONDS:-45} --startup-runs 2 --fresh-compile-cache --offline --timeout 300 \
+        --max-duration ${SERVE_SECONDS:-45} --startup-runs ${STARTUP_RUNS:-2} $([ "${SERVE_FRESH:-1}" = 1 ] && echo --fresh-compile-cache) --offline --timeout 300 \
         --out '$(cd "$OUTDIR" && pwd)/$s.json'" ;;
     moe-kernels) TAIL=40 stage moe-kernels 200 "$PY" benchmarks/kernels/moe.py --out "$OUTDIR/moe-kernels.json" ;;
     family-qwen3) throughput . family-qwen3 --model named:qwen3-8b ;;

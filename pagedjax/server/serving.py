@@ -595,8 +595,18 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(content, status_code=status, media_type="application/json")
 
 
+# Characters that JSON leaves raw but that some line readers split on (Python's str.splitlines,
+# as httpx's aiter_lines uses): escaped in every event, so an event is one line for any reader.
+_LINE_BREAKS = re.compile("[\x85\u2028\u2029]")
+
+
+def _line_safe(text: str) -> str:
+    """JSON text with U+0085, U+2028 and U+2029 written as \\u escapes (the same JSON value)."""
+    return _LINE_BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _event(body: Any) -> str:
-    return f"data: {body.model_dump_json()}\n\n"
+    return f"data: {_line_safe(body.model_dump_json())}\n\n"
 
 
 class _TextChunks:
@@ -620,7 +630,7 @@ class _TextChunks:
         parts = self._parts[index]
         if parts is None:  # the marker did not come out as one JSON string: no splice
             return self._render(index, text)
-        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+        return parts[0] + _line_safe(json.dumps(text, ensure_ascii=False)) + parts[1]
 
 
 def _usage_options(req) -> tuple[bool, bool]:
@@ -631,7 +641,7 @@ def _usage_options(req) -> tuple[bool, bool]:
 
 def _error_event(e: Exception) -> str:
     err = e if isinstance(e, APIError) else APIError(500, str(e), type="InternalServerError")
-    return f"data: {json.dumps(err.body(), ensure_ascii=False)}\n\n"
+    return f"data: {_line_safe(json.dumps(err.body(), ensure_ascii=False))}\n\n"
 
 
 class _EventStream(StreamingResponse):
