@@ -45,6 +45,8 @@ _ENGINE_FLAGS = (
      "MoE models: split whole experts over the tensor-parallel devices, not each expert's MLP"),
     ("--moe-impl", "moe_impl", MOE_IMPLS, "MoE models: how the experts run (default: the model's, auto)"),
     ("--max-logprobs", "max_logprobs", int, "most logprobs a request may ask for"),
+    ("--stream-interval", "stream_interval", int,
+     "streamed outputs: send a request's new tokens once this many are in (its first token and its end at once)"),
     ("--seed", "seed", int, "seed of the random draws of requests that bring no seed"),
     ("--preemption-mode", "preemption_mode", ("recompute", "swap"),
      "what a preempted request's pages become: recomputed later, or swapped to host memory"),

@@ -46,6 +46,10 @@ class EngineConfig:
     enable_expert_parallel: bool | None = None
     moe_impl: str | None = None  # MoE models: "ragged" | "capacity" | "dense" | "auto"; None: the model's
     max_logprobs: int = 20
+    # Streamed (DELTA) outputs: a request's output goes out with its first token, then once at
+    # least this many new tokens are in, and when it finishes (vLLM's --stream-interval): fewer,
+    # larger chunks, less host work per token at high concurrency. 1: every token.
+    stream_interval: int = 1
     precompile: bool = True  # compile every token bucket at start-up
     # The token counts a step is padded to (each compiled once): "fine" (1, 4, 16, 64, 256, then 2^k
     # and 1.5 * 2^k up to max_num_batched_tokens: a prefill-heavy step padded by < 1.5x; W1 on the
@@ -106,7 +110,7 @@ class EngineConfig:
                              f"got {self.token_buckets!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("page_size", "max_logprobs", "cpu_kv_cache_bytes"):
+        for name in ("page_size", "max_logprobs", "cpu_kv_cache_bytes", "stream_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_logprobs" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

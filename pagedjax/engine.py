@@ -59,7 +59,8 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.scheduler_config(), cfg.cache_config(
             self.runner.num_pages, num_host_pages, sliding_window=params.config.kv_sliding_window))
         self.outputs = OutputProcessor(
-            self.tokenizer, stop=lambda rid, s: self.scheduler.finish_request(rid, "stop", stop_reason=s))
+            self.tokenizer, stop=lambda rid, s: self.scheduler.finish_request(rid, "stop", stop_reason=s),
+            stream_interval=cfg.stream_interval)
         self._beams = BeamSearch(self.scheduler, eos_token_id=self.eos_token_id,
                                  vocab_size=params.config.vocab_size, tokenizer=self.tokenizer)
         self.structured = StructuredOutputManager(

@@ -49,12 +49,15 @@ class OutputProcessor:
     """Turns each step's sampled tokens into RequestOutputs, per each request's output_kind.
 
     `stop(request_id, stop_str)` is called when a stop string ends a sample (the scheduler's
-    finish_request: its pages go back before the output is collected).
+    finish_request: its pages go back before the output is collected). With `stream_interval`
+    n > 1, an unfinished DELTA request's output waits until one of its samples has n tokens not
+    yet sent (its first output goes at once); the delta then carries all of them.
     """
 
-    def __init__(self, tokenizer: Any, stop: Callable[[str, str], None]):
+    def __init__(self, tokenizer: Any, stop: Callable[[str, str], None], stream_interval: int = 1):
         self.tokenizer = tokenizer
         self._stop = stop
+        self.stream_interval = stream_interval
         self._states: dict[str, RequestState] = {}  # by user request id
         self._owner: dict[str, RequestState] = {}  # scheduler request id (a sample) -> its user request
 
@@ -123,12 +126,25 @@ class OutputProcessor:
         outputs = []
         for state in list(self._states.values()) if states is None else states:
             final = state.finished
-            if state.params.output_kind is RequestOutputKind.FINAL_ONLY and not final:
+            kind = state.params.output_kind
+            if not final and (kind is RequestOutputKind.FINAL_ONLY or (
+                    kind is RequestOutputKind.DELTA and self.stream_interval > 1 and not self._due(state))):
                 continue
             outputs.append(self._output(state, final=final))
             if final:
                 self._forget(state)
         return outputs
+
+    def _due(self, state: RequestState) -> bool:
+        """A DELTA request's output is due: nothing sent yet, or a sample with stream_interval
+        tokens unsent."""
+        sent = state.sent_tokens
+        if not any(sent):
+            return True
+        for i, req in enumerate(state.samples):
+            if len(req.output_token_ids) - sent[i] >= self.stream_interval:
+                return True
+        return False
 
     def _record_token(self, state: RequestState, i: int, req: Request, out: Any, row: int, logprob: float) -> None:
         """Logprobs, detokenization and stop strings for the token just appended to sample i

@@ -593,3 +593,40 @@ def test_out_of_range_parameters_are_rejected(engine):
                           (dict(max_tokens=0), "max_tokens")]:
         with pytest.raises(ValueError, match=field):
             BeamSearchParams(**{"beam_width": 2, "max_tokens": 4, **kwargs})
+
+
+def test_stream_interval_sends_deltas_of_that_many_tokens(model, engine):
+    """With stream_interval=4 a streamed (DELTA) request's outputs carry its first token, then 4
+    new tokens each, then the rest with the final one; joined, their tokens, text and logprobs are
+    those of the same requests streamed token by token (greedy, and seeded sampling with n=2).
+    CUMULATIVE outputs are not held back.
+    The option reaches the engine from the CLI and is checked."""
+    from pagedjax.cli import build_parser, engine_options
+
+    assert engine_options(build_parser().parse_args(["generate", "m", "--stream-interval", "4"]))[
+        "stream_interval"] == 4
+    with pytest.raises(ValueError, match="stream_interval"):
+        EngineConfig(stream_interval=0)
+    delta = dict(output_kind=RequestOutputKind.DELTA, max_tokens=11, ignore_eos=True, logprobs=2)
+    requests = [("greedy", prompts(3, 1, 5, 9)[0], pj.SamplingParams(temperature=0.0, **delta)),
+                ("sampled", prompts(4, 1, 5, 9)[0], pj.SamplingParams(temperature=1.0, seed=11, n=2, **delta)),
+                ("cumulative", prompts(5, 1, 5, 9)[0],
+                 pj.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                   output_kind=RequestOutputKind.CUMULATIVE))]
+    by_token: dict[str, list[pj.RequestOutput]] = {}
+    run(engine, {0: requests}, by_token)
+    chunked: dict[str, list[pj.RequestOutput]] = {}
+    run(LLMEngine(model[1], EngineConfig(**OPTS, stream_interval=4)), {0: requests}, chunked)
+    assert [len(o.outputs[0].token_ids) for o in by_token["greedy"]] == [1] * 11
+    assert [len(o.outputs[0].token_ids) for o in chunked["cumulative"]] == [1, 2, 3, 4, 5, 6]
+    for rid, n in (("greedy", 1), ("sampled", 2)):
+        outs = chunked[rid]
+        assert [o.finished for o in outs] == [False, False, False, True], rid
+        for i in range(n):
+            def joined(outs, i=i):
+                cs = [next(c for c in o.outputs if c.index == i) for o in outs]
+                return ([len(c.token_ids) for c in cs], sum((c.token_ids for c in cs), []), "".join(c.text for c in cs),
+                        [e for c in cs for e in c.logprobs], cs[-1].finish_reason)
+            sizes, *rest = joined(outs)
+            assert sizes == [1, 4, 4, 2], (rid, i, sizes)
+            assert rest == list(joined(by_token[rid])[1:]), (rid, i)
