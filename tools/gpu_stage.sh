@@ -31,7 +31,8 @@
 # serving   benchmarks/serving.py at rates 1, 4, 16, inf against `pagedjax serve` (dummy Llama-3-8B, the
 #           Llama-3 tokenizer from .gpu/), start-up cold and warm, the offline engine beside it
 #           (serving-proc: the same with --engine-process; RATES overrides the rates, SERVE_SECONDS the
-#           window, STARTUP_RUNS the start-ups timed, SERVE_FRESH=0 keeps the compile cache)
+#           window, STARTUP_RUNS the start-ups timed, SERVE_FRESH=0 keeps the compile cache, SERVE_EXTRA
+#           adds server options, e.g. --stream-interval 4, and SERVE_TAG names the result)
 # moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
 # family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
 # timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG; OUTPUT_KIND,
@@ -196,12 +197,13 @@ for s in "$@"; do
         --tokenizer ../.gpu/ggml-vocab-llama-bpe.gguf --num-prompts $N1 --max-len 4096 --max-num-seqs 256 \
         --max-num-batched-tokens 2048 --out '$(cd "$OUTDIR" && pwd)/structured.json'" ;;
     serving|serving-proc)  # serving-proc: the engine in its own process (--engine-process)
-      extra=""; [ "$s" = serving-proc ] && extra="--engine-process"
-      TAIL=30 stage "$s" 560 bash -c "cd benchmarks && $PY serving.py --launch 'named:llama3-8b \
+      extra="${SERVE_EXTRA:-}"; [ "$s" = serving-proc ] && extra="$extra --engine-process"
+      name="$s${SERVE_TAG:+-$SERVE_TAG}"
+      TAIL=30 stage "$name" 560 bash -c "cd benchmarks && $PY serving.py --launch 'named:llama3-8b \
         --load-format dummy --tokenizer $PWD/.gpu/ggml-vocab-llama-bpe.gguf --max-model-len 4096 --max-num-seqs 256 \
         --max-num-batched-tokens 2048 $extra' --dataset sharegpt --num-prompts $N1 --request-rates ${RATES:-1,4,16,inf} \
         --max-duration ${SERVE_SECONDS:-45} --startup-runs ${STARTUP_RUNS:-2} $([ "${SERVE_FRESH:-1}" = 1 ] && echo --fresh-compile-cache) --offline --timeout 300 \
-        --out '$(cd "$OUTDIR" && pwd)/$s.json'" ;;
+        --out '$(cd "$OUTDIR" && pwd)/$name.json'" ;;
     moe-kernels) TAIL=40 stage moe-kernels 200 "$PY" benchmarks/kernels/moe.py --out "$OUTDIR/moe-kernels.json" ;;
     family-qwen3) throughput . family-qwen3 --model named:qwen3-8b ;;
     family-moe)
