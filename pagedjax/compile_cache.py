@@ -46,8 +46,13 @@ def source_fingerprint() -> str:
 
 
 def _aval(x: Any) -> str:
-    """Shape, dtype and placement (the devices, in order, and the partitioning) of an argument."""
+    """Shape, dtype and placement (the devices, in order, and the partitioning) of an argument.
+    One without a placement (a numpy array, a ShapeDtypeStruct without a sharding) runs on the
+    default device, so it keys as an array there does: else a program compiled from abstract
+    arguments would be compiled again for the arrays a run passes."""
     sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     spec = getattr(sharding, "spec", None)
     mesh = getattr(sharding, "mesh", None)
     devices = [d.id for d in (mesh.devices.flat if mesh is not None else getattr(sharding, "device_set", ()))]

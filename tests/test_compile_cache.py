@@ -27,6 +27,21 @@ def test_a_stored_program_loads_onto_its_own_devices(tmp_path):
     assert jnp.asarray(0).devices()  # the backend is still fine
 
 
+def test_arguments_without_a_placement_key_as_the_default_devices_arrays(tmp_path):
+    """A program compiled from abstract arguments without a sharding (or numpy arrays) is the one a
+    run with arrays on the default device fetches, not compiled again; on another device it is
+    another program."""
+    fn = jax.jit(lambda x: x + 1)
+    cache = ExecutableCache(tmp_path)
+    cache.get("fn", fn, (jax.ShapeDtypeStruct((4,), jnp.float32),))
+    cache.get("fn", fn, (np.zeros(4, np.float32),))
+    compiled = cache.get("fn", fn, (jax.device_put(np.zeros(4, np.float32), jax.devices()[0]),))
+    assert (cache.misses, cache.hits) == (1, 2)
+    np.testing.assert_array_equal(compiled(jnp.arange(4.0)), np.arange(4.0) + 1)
+    cache.get("fn", fn, (jax.device_put(np.zeros(4, np.float32), jax.devices()[-1]),))
+    assert cache.misses == 2
+
+
 def test_a_program_changed_by_the_environment_is_compiled_again(tmp_path, monkeypatch):
     """Variables that change the traced program (the batch-invariant GEMM's choice, XLA_FLAGS)
     are part of the key: the program stored under one value is not loaded under another."""
