@@ -204,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parse the model's tool calls for tool_choice 'auto' (the model family's format)")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="vLLM's flag, accepted: --tool-call-parser enables tool_choice 'auto'")
-    s.add_argument("--engine-process", action="store_true",
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="run the engine in a process of its own, apart from the HTTP front end (its event "
-                        "loop, tokenization, SSE) and its GIL, as vLLM V1's engine core")
+                        "loop, tokenization, SSE) and its GIL, as vLLM V1's engine core (the default); "
+                        "--no-engine-process runs its loop on a thread of the server's process")
     _engine_args(s)
     s.set_defaults(func=cmd_serve)
 

@@ -85,7 +85,7 @@ def test_dummy_weights_come_from_the_seed(config_dir):
             assert not np.array_equal(np.asarray(x), np.asarray(z))
 
 
-@pytest.mark.parametrize("mode", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+@pytest.mark.parametrize("mode", [["--no-engine-process"], []], ids=["engine-thread", "engine-process"])
 def test_server_gives_the_offline_outputs(offline, config_dir, tmp_path, mode):
     """Offline and through the server, in both process modes (the front end's tokenizer is then
     a copy of the engine core's)."""

@@ -92,7 +92,7 @@ class Server:
 def server(request, model_dir, tmp_path_factory):
     """`pagedjax serve --port 0` (the server takes a free port and prints it); killed at the end
     whatever happens. Every test runs against both process modes: the engine loop on a thread of
-    the server's process, and (--engine-process) the engine in a process of its own."""
+    the server's process (--no-engine-process), and the engine in a process of its own (the default)."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets it here: same numerics, same compile cache
@@ -104,8 +104,8 @@ def server(request, model_dir, tmp_path_factory):
            "--max-num-seqs", str(ENGINE["max_num_seqs"]),
            "--max-num-batched-tokens", str(ENGINE["max_num_batched_tokens"]),
            "--num-pages", str(ENGINE["num_pages"]), "--max-model-len", str(ENGINE["max_model_len"])]
-    if request.param == "engine-process":
-        cmd.append("--engine-process")
+    if request.param == "engine-thread":  # the engine process is the default
+        cmd.append("--no-engine-process")
     if shutil.which("setpriv"):  # Linux: the server gets SIGTERM even if this process is killed
         cmd = ["setpriv", "--pdeathsig", "TERM", *cmd]
     with open(log, "wb") as out:

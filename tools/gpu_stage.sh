@@ -30,7 +30,8 @@
 # structured  benchmarks/structured.py: 1000 requests with a JSON schema vs unconstrained (Llama-3 tokenizer)
 # serving   benchmarks/serving.py at rates 1, 4, 16, inf against `pagedjax serve` (dummy Llama-3-8B, the
 #           Llama-3 tokenizer from .gpu/), start-up cold and warm, the offline engine beside it
-#           (serving-proc: the same with --engine-process; RATES overrides the rates, SERVE_SECONDS the
+#           (serving-thread: the same with --no-engine-process, the engine loop on a thread of the
+#           server's process; RATES overrides the rates, SERVE_SECONDS the
 #           window, STARTUP_RUNS the start-ups timed, SERVE_FRESH=0 keeps the compile cache, SERVE_EXTRA
 #           adds server options, e.g. --stream-interval 4, and SERVE_TAG names the result)
 # moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
@@ -196,8 +197,8 @@ for s in "$@"; do
     structured) TAIL=30 stage structured 420 bash -c "cd benchmarks && $PY structured.py --model named:llama3-8b \
         --tokenizer ../.gpu/ggml-vocab-llama-bpe.gguf --num-prompts $N1 --max-len 4096 --max-num-seqs 256 \
         --max-num-batched-tokens 2048 --out '$(cd "$OUTDIR" && pwd)/structured.json'" ;;
-    serving|serving-proc)  # serving-proc: the engine in its own process (--engine-process)
-      extra="${SERVE_EXTRA:-}"; [ "$s" = serving-proc ] && extra="$extra --engine-process"
+    serving|serving-thread)  # serving-thread: the engine loop on a thread of the server (--no-engine-process)
+      extra="${SERVE_EXTRA:-}"; [ "$s" = serving-thread ] && extra="$extra --no-engine-process"
       name="$s${SERVE_TAG:+-$SERVE_TAG}"
       TAIL=30 stage "$name" 560 bash -c "cd benchmarks && $PY serving.py --launch 'named:llama3-8b \
         --load-format dummy --tokenizer $PWD/.gpu/ggml-vocab-llama-bpe.gguf --max-model-len 4096 --max-num-seqs 256 \

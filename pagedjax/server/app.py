@@ -210,7 +210,10 @@ class ServerOptions:
     tokenizer: str | None = None  # a HF tokenizer folder or .gguf file; default: the model's
     verbose: bool = False
     tool_call_parser: str | None = None  # hermes, llama3_json, mistral: tool_choice "auto"
-    engine_process: bool = False  # the engine in a process of its own (pagedjax/server/engine_core.py)
+    # The engine in a process of its own (pagedjax/server/engine_core.py), as vLLM V1 runs it; False:
+    # its loop on a thread of this process, sharing the front end's GIL (on the H200 its steps were
+    # then 30% slower under load: benchmarks/RESULTS.md, 2026-12-05)
+    engine_process: bool = True
     enable_auto_tool_choice: bool = False  # vLLM's flag: accepted, needs tool_call_parser
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig options (reasoning_parser among them)
 
