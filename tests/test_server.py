@@ -93,7 +93,17 @@ def server(request, model_dir, tmp_path_factory):
     """`pagedjax serve --port 0` (the server takes a free port and prints it); killed at the end
     whatever happens. Every test runs against both process modes: the engine loop on a thread of
     the server's process (--no-engine-process), and the engine in a process of its own (the default)."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    extra = ["--no-engine-process"] if request.param == "engine-thread" else []
+    yield from _serve(model_dir, tmp_path_factory.mktemp("server") / "server.log", extra)
+
+
+@pytest.fixture(scope="module")
+def interval_server(model_dir, tmp_path_factory):
+    """The server with --stream-interval 3 (the engine in its own process)."""
+    yield from _serve(model_dir, tmp_path_factory.mktemp("server") / "server.log", ["--stream-interval", "3"])
+
+
+def _serve(model_dir: Path, log: Path, extra: list[str]):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets it here: same numerics, same compile cache
            # The server imports pagedjax exactly as this process does (under Bazel: the runfiles,
@@ -104,8 +114,7 @@ def server(request, model_dir, tmp_path_factory):
            "--max-num-seqs", str(ENGINE["max_num_seqs"]),
            "--max-num-batched-tokens", str(ENGINE["max_num_batched_tokens"]),
            "--num-pages", str(ENGINE["num_pages"]), "--max-model-len", str(ENGINE["max_model_len"])]
-    if request.param == "engine-thread":  # the engine process is the default
-        cmd.append("--no-engine-process")
+    cmd += extra
     if shutil.which("setpriv"):  # Linux: the server gets SIGTERM even if this process is killed
         cmd = ["setpriv", "--pdeathsig", "TERM", *cmd]
     with open(log, "wb") as out:
@@ -264,6 +273,47 @@ def test_echo_stop_best_of_and_chat_logprobs(server):
         tops = [t.logprob for t in entry.top_logprobs]
         assert len(tops) == 2 and tops == sorted(tops, reverse=True) and entry.logprob <= tops[0] + 1e-6
         assert entry.logprob == pytest.approx(tops[0], abs=1e-5)  # greedy: the sampled token is the top one
+
+
+def test_stream_interval_chunks_and_their_sum(interval_server):
+    """--stream-interval 3: a stream's first chunk carries one token, the next ones three, the last
+    the rest (the usage on every chunk counts them); joined, the chunks' text and logprobs are the
+    non-streamed response's, for a completion and for a chat with n=2."""
+    srv = interval_server
+    base = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 11, "ignore_eos": True, "temperature": 0,
+            "logprobs": 1}
+    full = srv.http.post("/v1/completions", json=base).json()["choices"][0]
+    body = {**base, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with srv.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        raw = r.read().decode()
+    chunks = [json.loads(e[len("data: "):]) for e in raw.split("\n\n") if e and e != "data: [DONE]"]
+    counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert [b - a for a, b in zip([0, *counts], counts)] == [1, 3, 3, 3, 1], counts
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert "".join(c["text"] for c in choices) == full["text"]
+    # (the second run of a prompt reads its prefix from the cache: logprobs equal to float32's noise)
+    assert sum((c["logprobs"]["tokens"] for c in choices), []) == full["logprobs"]["tokens"]
+    assert sum((c["logprobs"]["token_logprobs"] for c in choices), []) == pytest.approx(
+        full["logprobs"]["token_logprobs"], abs=1e-4)
+    assert choices[-1]["finish_reason"] == full["finish_reason"] == "length"
+
+    client = srv.client()
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=10,
+              temperature=0.8, seed=99, n=2, logprobs=True, top_logprobs=2)
+    full = client.chat.completions.create(**kw)
+    texts, tokens = {0: "", 1: ""}, {0: [], 1: []}
+    with client.chat.completions.create(**kw, stream=True) as stream:
+        for chunk in stream:
+            for ch in chunk.choices:
+                texts[ch.index] += ch.delta.content or ""
+                tokens[ch.index] += ch.logprobs.content if ch.logprobs else []
+    assert texts == {ch.index: ch.message.content for ch in full.choices}
+    for ch in full.choices:
+        assert [e.token for e in tokens[ch.index]] == [e.token for e in ch.logprobs.content]
+        assert [e.logprob for e in tokens[ch.index]] == pytest.approx([e.logprob for e in ch.logprobs.content],
+                                                                      abs=1e-4)
+    _assert_healthy(srv)
 
 
 def test_stream_wire_format(server):
