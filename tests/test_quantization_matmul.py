@@ -103,6 +103,38 @@ def test_fp8_xla_path_matches_float64(strategy, activation, x_dtype):
     assert y.dtype == jnp.dtype(x_dtype)
 
 
+@pytest.mark.parametrize("strategy,activation", [("tensor", "token"), ("channel", "token"), ("channel", "static")])
+@pytest.mark.parametrize("x_dtype", [np.float32, ml_dtypes.bfloat16])
+def test_fp8_weight_only_path_matches_float64(strategy, activation, x_dtype, monkeypatch):
+    """impl="w8a16": y against float64 x @ (w codes * w scales).T, x as given (no activation
+    quantization, a static input scale ignored); "auto" takes it on a GPU up to
+    $PAGEDJAX_FP8_WEIGHT_ONLY_ROWS rows only, and it refuses block weights."""
+    from pagedjax.quantization.linear import resolve_impl
+
+    rng, seed = rng_for("w8a16", strategy, activation, np.dtype(x_dtype).name)
+    M, N, K = 5, 48, 320
+    w = random_fp8_weight(rng, N, K, strategy, activation)
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 4, (M, 1))).astype(x_dtype)
+    s = f64(w.scale)[:, None] if strategy == "channel" else f64(w.scale)
+    wd = f64(w.qvalue) * s  # [N, K]
+    want, mag = f64(x) @ wd.T, np.abs(f64(x)) @ np.abs(wd).T
+    got = f64(jax.jit(lambda x, w: quantized_matmul(x, w, impl="w8a16", out_dtype=jnp.float32))(jnp.asarray(x), w))
+    err = np.abs(got - want)
+    rel = 4e-6 if jax.default_backend() == "cpu" else 1e-4  # f32 accumulation (a GPU's: fewer bits)
+    assert (err <= rel * mag).all(), f"max err / sum|x||w| {(err / mag).max():.3g} (seed {seed})"
+    assert quantized_matmul(jnp.asarray(x), w, impl="w8a16").dtype == jnp.dtype(x_dtype)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", raising=False)
+    assert resolve_impl("auto", w, x.dtype, 1) != "w8a16"
+    monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", "16")
+    assert [resolve_impl("auto", w, x.dtype, m) == "w8a16" for m in (1, 16, 17)] == [True, True, False]
+    block = random_fp8_weight(rng, N, K, "block", "group", block=(32, 128))
+    assert resolve_impl("auto", block, x.dtype, 1) != "w8a16"
+    with pytest.raises(ValueError, match="w8a16"):
+        quantized_matmul(jnp.asarray(x), block, impl="w8a16")
+
+
 # --- int4 ----------------------------------------------------------------------------------
 
 

@@ -103,6 +103,17 @@ def dequantize_fp8(w: QuantizedWeight) -> jax.Array:
     return w.qvalue.astype(jnp.float32) * s
 
 
+def fp8_weight_only_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """f32 y [M, N] = x [M, K] @ (w.qvalue * w.scale).T for per-tensor / per-channel fp8 weights,
+    x unquantized: the e4m3 weights converted to x's dtype (exactly: e4m3 fits in bf16, f16 and
+    f32) inside the dot, f32 accumulation, the scale on the result."""
+    if w.weight_strategy not in ("tensor", "channel"):
+        raise ValueError(f"fp8_weight_only_matmul: per-tensor or per-channel weights, got {w.weight_strategy!r}")
+    acc = jax.lax.dot_general(x, w.qvalue.astype(x.dtype), (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)  # [M, N]
+    return acc * w.scale  # scale: [] or [N]
+
+
 def fp8_matmul_xla(x_q: jax.Array, x_scale: jax.Array, w: QuantizedWeight) -> jax.Array:
     """f32 y [M, N] from quantized activations and weights, with XLA ops only (any backend).
 

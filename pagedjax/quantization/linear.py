@@ -3,6 +3,11 @@
 Dims: M rows of x (tokens), K in_features, N out_features.
 
 impl:
+  "w8a16" fp8 weights only (per-tensor or per-channel scales): bf16 activations, the e4m3 weights
+          converted in the dot's operand, the scales on the f32 result; no activation quantization.
+          Experimental, for decode (a step at small M reads the weights' bytes and runs few kernels
+          per linear): "auto" picks it up to $PAGEDJAX_FP8_WEIGHT_ONLY_ROWS rows (default 0: never)
+          on a GPU, until benchmarks/kernels/quant_matmul.py and the engine's W3 show it faster.
   "xla"   XLA ops only, any backend (CPU tests check it against float64). fp8: activations
           quantized, then an e4m3 x e4m3 dot with f32 accumulation (both operands dequantized to
           f32 for block weights); int4: dequantize to x's dtype, then one dot.
@@ -17,15 +22,18 @@ impl:
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
 from pagedjax.quantization import kernels
-from pagedjax.quantization.fp8 import dequantize_fp8, fp8_matmul_xla, quantize_activation
+from pagedjax.quantization.fp8 import dequantize_fp8, fp8_matmul_xla, fp8_weight_only_matmul, quantize_activation
 from pagedjax.quantization.int4 import dequantize_int4, int4_matmul_xla
 from pagedjax.quantization.weight import QuantizedWeight
 
-IMPLS = ("auto", "xla", "ffi")
+IMPLS = ("auto", "xla", "ffi", "w8a16")
+WEIGHT_ONLY_ENV = "PAGEDJAX_FP8_WEIGHT_ONLY_ROWS"  # listed in compile_cache.PROGRAM_ENV
 INT4_KERNEL_MAX_ROWS = 16  # "auto": the int4 kernel up to this M, dequantize + XLA's GEMM above
 FP8_XLA_MAX_ROWS = 256  # "auto": XLA's e4m3 dot up to this M, cuBLASLt's FP8 GEMM above
 
@@ -34,10 +42,15 @@ def resolve_impl(impl: str, w: QuantizedWeight, x_dtype, num_rows: int) -> str:
     """"xla" or "ffi" for this call ("auto" decided from the backend, the weight and M)."""
     if impl not in IMPLS:
         raise ValueError(f"quantized_matmul: unknown impl {impl!r} (expected one of {IMPLS})")
+    if impl == "w8a16" and not weight_only_supported(w):
+        raise ValueError(f"quantized_matmul: impl 'w8a16' needs fp8 weights with per-tensor or per-channel "
+                         f"scales, got {w.kind} ({w.weight_strategy})")
     if impl != "auto":
         return impl
     if jax.default_backend() != "gpu":
         return "xla"
+    if weight_only_supported(w) and num_rows <= int(os.environ.get(WEIGHT_ONLY_ENV, "0") or 0):
+        return "w8a16"
     if w.kind == "fp8":
         ok = (num_rows > FP8_XLA_MAX_ROWS and kernels.has_handler(kernels.FP8_TARGET)
               and kernels.fp8_scale_mode(w) is not None)
@@ -59,6 +72,8 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight, *, impl: str = "auto", ou
     out_dtype = x.dtype if out_dtype is None else out_dtype
     impl = resolve_impl(impl, w, x.dtype, x.shape[0])
     with jax.named_scope(f"quant_matmul_{w.kind}"):
+        if impl == "w8a16":
+            return fp8_weight_only_matmul(x, w).astype(out_dtype)
         if w.kind == "fp8":
             x_q, x_scale = quantize_activation(x, w)
             if impl == "ffi":
@@ -69,6 +84,10 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight, *, impl: str = "auto", ou
                 return kernels.int4_gemm(x, w).astype(out_dtype)
             return int4_matmul_xla(x, w).astype(out_dtype)
     raise ValueError(f"quantized_matmul: unknown weight kind {w.kind!r}")
+
+
+def weight_only_supported(w: QuantizedWeight) -> bool:
+    return w.kind == "fp8" and w.weight_strategy in ("tensor", "channel")
 
 
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
