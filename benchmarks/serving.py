@@ -188,9 +188,8 @@ def _client_process(*args) -> tuple[list[RequestResult], float, float]:
     return asyncio.run(_client_jobs(*args))
 
 
-def _occupy(seconds: float) -> int:
+def _occupy(seconds: float) -> None:
     time.sleep(seconds)
-    return os.getpid()
 
 
 class Clients:
@@ -206,8 +205,7 @@ class Clients:
             import multiprocessing
 
             self.pool = concurrent.futures.ProcessPoolExecutor(self.procs, mp_context=multiprocessing.get_context("spawn"))
-            pids = set(self.pool.map(_occupy, [0.3] * self.procs))  # every worker started and imported
-            self.procs = len(pids)
+            list(self.pool.map(_occupy, [1.0] * self.procs))  # the workers started and imported before timing
 
     async def run_rate(self, requests: list[tuple[Prompt, int]], rate: float, rng: random.Random) -> dict:
         """Sends every request with Poisson arrivals at `rate` requests/s (round-robin over the
