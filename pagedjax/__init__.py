@@ -33,6 +33,28 @@ def _xla_defaults() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_command_buffer_update_mode" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_command_buffer_update_mode=SKIP_TEMP".strip()
+    # JAX's client takes 75% of a GPU unless told otherwise, and the KV pool is sized within it
+    # (gpu_memory_utilization of that share): 0.92, as every benchmark in benchmarks/RESULTS.md
+    # ran, unless the variable is set or a client already started with JAX's default.
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ and not _jax_backends_started():
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = DEFAULT_CLIENT_MEM_FRACTION
+
+
+DEFAULT_CLIENT_MEM_FRACTION = "0.92"
+
+
+def _jax_backends_started() -> bool:
+    """Whether JAX has started its clients in this process (then their memory share is fixed)."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:  # no way to tell: leave JAX's own default alone
+        return True
 
 
 _xla_defaults()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 
 import chex
@@ -775,3 +776,31 @@ def test_xla_defaults_add_skip_temp_unless_set(monkeypatch):
     monkeypatch.setenv("PAGEDJAX_XLA_DEFAULTS", "0")
     pagedjax._xla_defaults()
     assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_import_sets_the_clients_memory_share_unless_set_or_started():
+    """A fresh process's `import pagedjax` sets XLA_PYTHON_CLIENT_MEM_FRACTION to 0.92 (JAX's own
+    default, 0.75, would hold the KV pool to 0.75 x gpu_memory_utilization of a GPU); a value the
+    user set stays, and so does JAX's default once a client has started (its share is then fixed,
+    and the pool must be sized within it)."""
+    import subprocess
+
+    probe = ("import os, sys\n"
+             "if sys.argv[1] == 'started':\n"
+             "    import jax; jax.devices()\n"
+             "import pagedjax\n"
+             "from pagedjax.model_runner import client_memory_fraction\n"
+             "print(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'), client_memory_fraction())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "PAGEDJAX_XLA_DEFAULTS")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+
+    def run(mode, **extra):
+        out = subprocess.run([sys.executable, "-c", probe, mode], env={**env, **extra}, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    assert run("fresh") == ["0.92", "0.92"]
+    assert run("fresh", XLA_PYTHON_CLIENT_MEM_FRACTION="0.5") == ["0.5", "0.5"]
+    assert run("started") == ["None", "0.75"]
+    assert run("fresh", PAGEDJAX_XLA_DEFAULTS="0") == ["None", "0.75"]
