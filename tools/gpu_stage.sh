@@ -38,6 +38,7 @@
 #           adds server options, e.g. --stream-interval 4, and SERVE_TAG names the result)
 # moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
 # family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
+# step-memory  benchmarks/step_memory.py: the temporaries of Qwen3-30B-A3B's largest step (capacity, ragged)
 # timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG; OUTPUT_KIND,
 #           default final_only as in W1; PREFILL: a new prompt of that many tokens in every step; TOKENS: the
 #           step budget), then
@@ -216,6 +217,11 @@ for s in "$@"; do
         --max-num-batched-tokens 2048 $extra' --dataset sharegpt --num-prompts $N1 --request-rates ${RATES:-1,4,16,inf} \
         --max-duration ${SERVE_SECONDS:-45} --startup-runs ${STARTUP_RUNS:-2} $([ "${SERVE_FRESH:-1}" = 1 ] && echo --fresh-compile-cache) --offline --timeout 300 \
         --out '$(cd "$OUTDIR" && pwd)/$name.json'" ;;
+    step-memory)  # the largest step's temporaries on this GPU, compiled from abstract weights
+      for impl in ${MOE_IMPLS:-capacity ragged}; do
+        stage "step-memory-$impl" 200 "$PY" benchmarks/step_memory.py --model named:qwen3-30b-a3b --moe-impl "$impl" \
+          --attn-impl auto --out "$OUTDIR/step-memory-$impl.json"
+      done ;;
     moe-kernels) TAIL=40 stage moe-kernels 200 "$PY" benchmarks/kernels/moe.py --out "$OUTDIR/moe-kernels.json" ;;
     family-qwen3) throughput . family-qwen3 --model named:qwen3-8b ;;
     family-moe)
