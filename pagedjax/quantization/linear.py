@@ -39,7 +39,7 @@ FP8_XLA_MAX_ROWS = 256  # "auto": XLA's e4m3 dot up to this M, cuBLASLt's FP8 GE
 
 
 def resolve_impl(impl: str, w: QuantizedWeight, x_dtype, num_rows: int) -> str:
-    """"xla" or "ffi" for this call ("auto" decided from the backend, the weight and M)."""
+    """"xla", "ffi" or "w8a16" for this call ("auto" decided from the backend, the weight and M)."""
     if impl not in IMPLS:
         raise ValueError(f"quantized_matmul: unknown impl {impl!r} (expected one of {IMPLS})")
     if impl == "w8a16" and not weight_only_supported(w):
@@ -49,7 +49,7 @@ def resolve_impl(impl: str, w: QuantizedWeight, x_dtype, num_rows: int) -> str:
         return impl
     if jax.default_backend() != "gpu":
         return "xla"
-    if weight_only_supported(w) and num_rows <= int(os.environ.get(WEIGHT_ONLY_ENV, "0") or 0):
+    if weight_only_supported(w) and num_rows <= _weight_only_rows():
         return "w8a16"
     if w.kind == "fp8":
         ok = (num_rows > FP8_XLA_MAX_ROWS and kernels.has_handler(kernels.FP8_TARGET)
@@ -88,6 +88,13 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight, *, impl: str = "auto", ou
 
 def weight_only_supported(w: QuantizedWeight) -> bool:
     return w.kind == "fp8" and w.weight_strategy in ("tensor", "channel")
+
+
+def _weight_only_rows() -> int:
+    text = os.environ.get(WEIGHT_ONLY_ENV, "").strip() or "0"
+    if not text.isdigit():
+        raise ValueError(f"{WEIGHT_ONLY_ENV} must be a number of rows (0: off), got {text!r}")
+    return int(text)
 
 
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
