@@ -278,15 +278,19 @@ def test_echo_stop_best_of_and_chat_logprobs(server):
 def test_stream_interval_chunks_and_their_sum(interval_server):
     """--stream-interval 3: a stream's first chunk carries one token, the next ones three, the last
     the rest (the usage on every chunk counts them); joined, the chunks' text and logprobs are the
-    non-streamed response's, for a completion and for a chat with n=2."""
+    non-streamed response's, for a completion and for a chat with n=2. /metrics still counts one
+    inter-token latency a token."""
     srv = interval_server
     base = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 11, "ignore_eos": True, "temperature": 0,
             "logprobs": 1}
+    itl = srv.metrics()["pagedjax_inter_token_latency_seconds_count"]
     full = srv.http.post("/v1/completions", json=base).json()["choices"][0]
     body = {**base, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     with srv.http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         raw = r.read().decode()
+    # the metrics count a gap between every two tokens, however many a chunk carried
+    assert srv.metrics()["pagedjax_inter_token_latency_seconds_count"] - itl == 2 * 10
     chunks = [json.loads(e[len("data: "):]) for e in raw.split("\n\n") if e and e != "data: [DONE]"]
     counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
     assert [b - a for a, b in zip([0, *counts], counts)] == [1, 3, 3, 3, 1], counts

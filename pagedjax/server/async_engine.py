@@ -216,8 +216,10 @@ class AsyncEngine:
             last = stream.last_token_time.get(rid)
             if last is None:
                 self.metrics.first_token(now - stream.arrival, len(out.prompt_token_ids))
-            else:
-                self.metrics.inter_token(now - last)
+            else:  # an output of k tokens a sample (stream_interval): k gaps of a k-th of the wait
+                k = max(len(c.token_ids) for c in out.outputs)
+                for _ in range(k):
+                    self.metrics.inter_token((now - last) / k)
             stream.last_token_time[rid] = now
             self.metrics.generated(new_tokens, now)
         if out.finished:
