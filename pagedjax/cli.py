@@ -140,17 +140,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Runs the OpenAI-compatible HTTP server."""
-    from pagedjax.server.app import ServerOptions, run_server
+    from pagedjax.server.options import ServerOptions
 
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         print("pagedjax serve: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
         return 2
-    return run_server(ServerOptions(
+    options = ServerOptions(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_queue=args.max_queue, dtype=args.dtype,
         load_format=args.load_format, tokenizer=args.tokenizer, verbose=args.verbose,
         tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
-        engine_process=args.engine_process, engine=engine_options(args)))
+        engine_process=args.engine_process, engine=engine_options(args))
+    core = None
+    if options.engine_process:  # the core loads while this process imports the web stack
+        from pagedjax.server.engine_core import spawn_core
+
+        core = spawn_core(options)
+    from pagedjax.server.app import run_server
+
+    return run_server(options, core=core)
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -30,6 +29,7 @@ from pagedjax.server import protocol as P
 from pagedjax.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from pagedjax.server.engine_core import EngineCoreClient, engine_info
 from pagedjax.server.metrics import ServerMetrics
+from pagedjax.server.options import ServerOptions
 from pagedjax.server.serving import APIError, ClientDisconnected, OpenAIServing, bad_request
 
 logger = logging.getLogger("pagedjax.server")
@@ -195,36 +195,14 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None, m
     return app
 
 
-@dataclass(frozen=True)
-class ServerOptions:
-    """What `pagedjax serve` runs: the model, the HTTP side, and the engine's options."""
-
-    model: str | None = None  # HF folder or .gguf; None: the bundled SmolLM2
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0: any free port (the one taken is printed)
-    api_key: str | None = None  # else $PAGEDJAX_API_KEY, else none
-    served_model_name: str | None = None
-    max_queue: int = 1024  # waiting requests before 503
-    dtype: str = "auto"  # weights dtype: "auto" (bfloat16 on GPU, float32 on CPU), or a dtype name
-    load_format: str = "auto"  # "dummy": random weights of the model's config (vLLM's --load-format dummy)
-    tokenizer: str | None = None  # a HF tokenizer folder or .gguf file; default: the model's
-    verbose: bool = False
-    tool_call_parser: str | None = None  # hermes, llama3_json, mistral: tool_choice "auto"
-    # The engine in a process of its own (pagedjax/server/engine_core.py), as vLLM V1 runs it; False:
-    # its loop on a thread of this process, sharing the front end's GIL (on the H200 its steps were
-    # then 30% slower under load: benchmarks/RESULTS.md, 2026-12-05)
-    engine_process: bool = True
-    enable_auto_tool_choice: bool = False  # vLLM's flag: accepted, needs tool_call_parser
-    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig options (reasoning_parser among them)
-
-
 def startup_phases(seconds: dict[str, float]) -> str:
     """`LLM.startup_seconds` as the serving line prints it: "weights 6.1 s, tokenizer 0.2 s, ..."."""
     return ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) or "not reported"
 
 
-def run_server(options: ServerOptions) -> int:
-    """`pagedjax serve`: loads the model, builds the engine (compiling its steps), serves until stopped."""
+def run_server(options: ServerOptions, core: Any = None) -> int:
+    """`pagedjax serve`: loads the model, builds the engine (compiling its steps), serves until stopped.
+    `core`: the engine core process already started for these options (`engine_core.spawn_core`)."""
     import socket
 
     import uvicorn
@@ -239,7 +217,7 @@ def run_server(options: ServerOptions) -> int:
 
         get_tool_parser(o.tool_call_parser)  # an unknown name fails before the model loads
     if o.engine_process:  # loaded there: this process never touches the accelerator
-        engine = EngineCoreClient(o)
+        engine = EngineCoreClient(o, core=core)
         info = engine.info
         import jax
 

@@ -70,21 +70,31 @@ def _sendable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
+def spawn_core(options: Any) -> tuple[Any, Any]:
+    """Starts the engine core process for ServerOptions `options`: (its pipe, the process). The CLI
+    calls it first thing, so that the core loads and compiles while the front end imports its
+    web stack; EngineCoreClient(options, core=...) then waits for it."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked JAX state
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_core_main, args=(child, options, logging.getLogger().level),
+                       name="pagedjax-engine-core", daemon=True)
+    proc.start()
+    child.close()
+    return conn, proc
+
+
 class EngineCoreClient(AsyncEngine):
     """AsyncEngine's interface over an engine core process built from ServerOptions `options`.
 
-    The constructor starts the process and waits until the model is loaded and compiled (raising
-    its error if that failed); `start()` (on the event loop) begins reading its outputs.
+    The constructor starts the process (or takes one `spawn_core` started) and waits until the
+    model is loaded and compiled (raising its error if that failed); `start()` (on the event
+    loop) begins reading its outputs.
     """
 
-    def __init__(self, options: Any, *, max_queue: int = 1024, metrics: Any = None):
+    def __init__(self, options: Any, *, max_queue: int = 1024, metrics: Any = None,
+                 core: tuple[Any, Any] | None = None):
         super().__init__(None, max_queue=max_queue, metrics=metrics)
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked JAX state
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_core_main, args=(child, options, logging.getLogger().level),
-                                 name="pagedjax-engine-core", daemon=True)
-        self._proc.start()
-        child.close()
+        self._conn, self._proc = core or spawn_core(options)
         try:
             message = self._conn.recv()
         except EOFError:
