@@ -629,12 +629,9 @@ class ModelRunner:
 
     def _logits_slot_shape(self, rows: int) -> jax.ShapeDtypeStruct:
         """The logits slot of a step with `rows` rows: [rows, V] f32, placed as the step's inputs
-        (XLA aliases the logits with it only if shape, dtype and placement match). Without a mesh
-        the placement is named too, the default device: the executable cache keys a program by its
-        arguments' placement, and the slot start-up compiles with must key as the arrays a run
-        passes do, else every bucket's later steps compile again while serving."""
-        sharding = self.input_sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=sharding)
+        (XLA aliases the logits with it only if shape, dtype and placement match; without a mesh,
+        the executable cache keys it as an array on the default device, as a run's slot is)."""
+        return jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=self.input_sharding)
 
     def _logits_slot(self, rows: int) -> jax.Array:
         """A donated buffer for the step's logits: the last ones of these rows, once sampled, else zeros."""
