@@ -108,7 +108,7 @@ def test_fp8_xla_path_matches_float64(strategy, activation, x_dtype):
 def test_fp8_weight_only_path_matches_float64(strategy, activation, x_dtype, monkeypatch):
     """impl="w8a16": y against float64 x @ (w codes * w scales).T, x as given (no activation
     quantization, a static input scale ignored); "auto" takes it on a GPU up to
-    $PAGEDJAX_FP8_WEIGHT_ONLY_ROWS rows only, and it refuses block weights."""
+    $PAGEDJAX_FP8_WEIGHT_ONLY_ROWS rows only (64 when unset, 0: never), and it refuses block weights."""
     from pagedjax.quantization.linear import resolve_impl
 
     rng, seed = rng_for("w8a16", strategy, activation, np.dtype(x_dtype).name)
@@ -126,9 +126,14 @@ def test_fp8_weight_only_path_matches_float64(strategy, activation, x_dtype, mon
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.delenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", raising=False)
+    assert [resolve_impl("auto", w, x.dtype, m) == "w8a16" for m in (1, 64, 65, 256)] == [True, True, False, False]
+    monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", "0")
     assert resolve_impl("auto", w, x.dtype, 1) != "w8a16"
     monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", "16")
     assert [resolve_impl("auto", w, x.dtype, m) == "w8a16" for m in (1, 16, 17)] == [True, True, False]
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.delenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", raising=False)
+    assert resolve_impl("auto", w, x.dtype, 1) == "xla"  # CPU: the W8A8 XLA dot (checked above)
     block = random_fp8_weight(rng, N, K, "block", "group", block=(32, 128))
     assert resolve_impl("auto", block, x.dtype, 1) != "w8a16"
     with pytest.raises(ValueError, match="w8a16"):

@@ -17,8 +17,9 @@
 # host      benchmarks/host_step.py: the engine's host work per decode step at batch 256 with no device in the
 #           loop, W1's sampling and the server's delta outputs (this machine's Python speed)
 # bench-fp8, bench-fp8kv, bench-qwen3: bench with FP8 weights, + FP8 KV cache, on Qwen3-8B
-# fp8-small W3 and the batch-1 step of bf16 and fp8, with the fp8 linears W8A8 (default) and weight-only up
-#           to 16 rows (PAGEDJAX_FP8_WEIGHT_ONLY_ROWS=16), then quant_matmul.py at M 1 and 16
+# fp8-small W3 and the batch-1 step of bf16 and fp8, with the fp8 linears W8A8 at every size
+#           (PAGEDJAX_FP8_WEIGHT_ONLY_ROWS=0) and weight-only up to 64 rows (the default), then quant_matmul.py
+#           at M 1 and 16
 # w3, w3-nocmdbuf: W3 latency alone, with XLA's command buffers on (default) and off
 # profile-fp8  profile_step.py with FP8 weights at batch 1 and 64, with a trace and the step's HLO summarized
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
@@ -167,8 +168,8 @@ for s in "$@"; do
     bench-fp8kv) throughput . bench-fp8kv --quantization fp8 --kv-cache-dtype fp8 ;;
     bench-qwen3) throughput . bench-qwen3 --model named:qwen3-8b ;;
     fp8-small)  # FP8 at small batch: W3 and the batch-1 step of bf16 and fp8 in one process, with the fp8
-      # linears W8A8 (the default), then weight-only (W8A16) up to 16 rows; then the matmul sweep at M 1, 16
-      for rows in 0 16; do
+      # linears W8A8 at every size, then weight-only (W8A16) up to 64 rows (the default); then the matmul sweep
+      for rows in 0 64; do
         PAGEDJAX_FP8_WEIGHT_ONLY_ROWS=$rows stage "fp8-small-w$rows" 300 "$PY" benchmarks/throughput.py \
           --model named:llama3-8b ${ENGINE[*]} --budget 240 --quiet --latency 8:32:128 --variants bf16,fp8 \
           --workload random:64:32:32 --out "$OUTDIR/fp8-small-w$rows.json"

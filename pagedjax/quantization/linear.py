@@ -5,15 +5,19 @@ Dims: M rows of x (tokens), K in_features, N out_features.
 impl:
   "w8a16" fp8 weights only (per-tensor or per-channel scales): bf16 activations, the e4m3 weights
           converted in the dot's operand, the scales on the f32 result; no activation quantization.
-          Experimental, for decode (a step at small M reads the weights' bytes and runs few kernels
-          per linear): "auto" picks it up to $PAGEDJAX_FP8_WEIGHT_ONLY_ROWS rows (default 0: never)
-          on a GPU, until benchmarks/kernels/quant_matmul.py and the engine's W3 show it faster.
+          For decode (a step at small M reads the weights' bytes and runs few kernels per linear):
+          "auto" picks it on a GPU up to $PAGEDJAX_FP8_WEIGHT_ONLY_ROWS rows (default
+          WEIGHT_ONLY_MAX_ROWS; 0 turns it off). On the H100 (2026-12-05, quant_matmul.py on
+          Llama-3-8B's qkv, gate_up and down) it ran 1.4-1.8x bf16 at M 1-32, ahead of the W8A8
+          dot (1.0-1.7x), 6% ahead of it over the three at M 64 and behind at M >= 128; the
+          engine's batch-1 step fell from 1.33x bf16's (W8A8) to 0.66x with it (RESULTS.md).
   "xla"   XLA ops only, any backend (CPU tests check it against float64). fp8: activations
           quantized, then an e4m3 x e4m3 dot with f32 accumulation (both operands dequantized to
           f32 for block weights); int4: dequantize to x's dtype, then one dot.
   "ffi"   the CUDA custom calls (kernels.py): cuBLASLt's FP8 GEMM; the int4 tensor-core kernel.
   "auto"  by M, from benchmarks/kernels/quant_matmul.py on the H200 (2026-12-04, Llama-3-8B's
-          gate_up and down shapes, results/2026-12-04-h200-quant_matmul.json): fp8 runs XLA's own
+          gate_up and down shapes, results/2026-12-04-h200-quant_matmul.json): fp8 above the
+          weight-only rows runs XLA's own
           e4m3 dot up to FP8_XLA_MAX_ROWS rows (1.3-1.5x bf16 at M = 1 and 16, where cuBLASLt's
           call was 0.8-1.1x) and cuBLASLt's GEMM above (1.3-1.8x bf16 at M = 2048, XLA 1.3-1.5x);
           int4 runs the kernel up to INT4_KERNEL_MAX_ROWS rows (1.3-1.4x bf16 at M = 1, 0.8x at
@@ -34,6 +38,7 @@ from pagedjax.quantization.weight import QuantizedWeight
 
 IMPLS = ("auto", "xla", "ffi", "w8a16")
 WEIGHT_ONLY_ENV = "PAGEDJAX_FP8_WEIGHT_ONLY_ROWS"  # listed in compile_cache.PROGRAM_ENV
+WEIGHT_ONLY_MAX_ROWS = 64  # "auto": fp8 weight-only (w8a16) up to this M on a GPU, unless the variable says
 INT4_KERNEL_MAX_ROWS = 16  # "auto": the int4 kernel up to this M, dequantize + XLA's GEMM above
 FP8_XLA_MAX_ROWS = 256  # "auto": XLA's e4m3 dot up to this M, cuBLASLt's FP8 GEMM above
 
@@ -91,7 +96,9 @@ def weight_only_supported(w: QuantizedWeight) -> bool:
 
 
 def _weight_only_rows() -> int:
-    text = os.environ.get(WEIGHT_ONLY_ENV, "").strip() or "0"
+    text = os.environ.get(WEIGHT_ONLY_ENV, "").strip()
+    if not text:
+        return WEIGHT_ONLY_MAX_ROWS
     if not text.isdigit():
         raise ValueError(f"{WEIGHT_ONLY_ENV} must be a number of rows (0: off), got {text!r}")
     return int(text)
