@@ -5,7 +5,7 @@
 #
 # setup     the extension: a prebuilt one carried in .gpu/kernels/ (`bash tools/gpu_prebuild.sh` on a machine
 #           with nvcc; used only if built from these kernel sources), else built here (about 45 s);
-#           wheels from .whl/; SmolLM2's halves from .smol1/.smol2/
+#           wheels from .whl/; SmolLM2's halves from .smol1/.smol2/ (`bash tools/gpu_carry.sh` makes all three)
 # tests     the `gpu` tests (kernels, KV write, quantized matmuls, the engine on the GPU)
 # probe     benchmarks/dispatch_probe.py: the host cost of a jitted call by argument count
 # quant     benchmarks/kernels/quant_matmul.py on Llama-3-8B's linear shapes
