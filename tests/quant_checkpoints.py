@@ -12,7 +12,8 @@ of pagedjax.
 Layouts, as the tools write them:
   compressed-tensors float-quantized (llm-compressor; compressed_tensors/quantization/lifecycle,
     vLLM's CompressedTensorsW8A8Fp8): `weight` e4m3 [out, in], `weight_scale` f32 [out, 1]
-    (channel) or [1] (tensor), `input_scale` f32 [1] (static activations); w = weight * scale
+    (channel) or [1] (tensor), `input_scale` f32 [1] (static activations); w = weight * scale.
+    Weight-only (vLLM's CompressedTensorsW8A16Fp8): the same tensors, `input_activations` null
   HF fine-grained FP8 (transformers integrations/finegrained_fp8.py, DeepSeek-V3): `weight` e4m3
     [out, in], `weight_scale_inv` f32 [ceil(out/128), ceil(in/128)] multiplying its block
   AutoAWQ GEMM (awq/modules/linear/gemm.py WQLinear_GEMM.from_linear): `qweight` int32 [in, out/8],
@@ -54,6 +55,10 @@ CONFIGS = {  # quantization_config blocks, as each tool writes them
             **CT_GROUP, "weights": {**CT_GROUP["weights"], "strategy": "tensor"},
             "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
                                   "dynamic": False}}}},
+    "ct-fp8-channel-w8a16": {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {
+            **CT_GROUP, "weights": {**CT_GROUP["weights"], "strategy": "channel"}, "input_activations": None}}},
     "hf-fp8-block": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                      "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
@@ -177,6 +182,7 @@ def _gptq(w: torch.Tensor, group: int):
 
 
 QUANTIZERS = {"ct-fp8-channel": _fp8_channel, "ct-fp8-tensor-static": _fp8_tensor, "hf-fp8-block": _fp8_block,
+              "ct-fp8-channel-w8a16": _fp8_channel,
               "awq": lambda w: _awq(w, 128), "awq-g64": lambda w: _awq(w, 64), "gptq": lambda w: _gptq(w, 128)}
 ACTIVATIONS = {"ct-fp8-channel": "token", "ct-fp8-tensor-static": "static", "hf-fp8-block": "group"}
 

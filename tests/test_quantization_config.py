@@ -66,6 +66,8 @@ def test_fp8_per_tensor_static():
     ({"strategy": "channel"}, {"strategy": "tensor", "dynamic": False}, ("channel", "static", None)),
     ({"strategy": "block", "block_structure": [128, 128]}, {"strategy": "group", "group_size": 128},
      ("block", "group", (128, 128))),
+    ({}, False, ("channel", "none", None)),  # weight-only (W8A16): no input_activations
+    ({"strategy": "tensor"}, False, ("tensor", "none", None)),
 ])
 def test_compressed_tensors_fp8(weights, acts, want):
     c = cfg(ct(weights, acts))
@@ -123,7 +125,8 @@ def test_ignore_patterns():
     (ct(weights={"type": "int", "num_bits": 4}), "compressed-tensors", "weights"),
     (ct(weights={"strategy": "group", "group_size": 128}), "compressed-tensors", "strategy"),
     (ct(acts={"strategy": "tensor", "dynamic": True}), "compressed-tensors", "input_activations"),
-    (ct(acts=False), "compressed-tensors", "input_activations"),
+    (ct(weights={"strategy": "block", "block_structure": [128, 128]}, acts=False), "compressed-tensors",
+     "input_activations"),
     (ct(format="pack-quantized"), "compressed-tensors", "format"),
     (ct(kv_cache_scheme={"num_bits": 8, "type": "float"}), "compressed-tensors", "kv_cache_scheme"),
     ({**CT_CHANNEL_TOKEN, "config_groups": {"a": {}, "b": {}}}, "compressed-tensors", "config_groups"),

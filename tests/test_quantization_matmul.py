@@ -140,6 +140,35 @@ def test_fp8_weight_only_path_matches_float64(strategy, activation, x_dtype, mon
         quantized_matmul(jnp.asarray(x), block, impl="w8a16")
 
 
+@pytest.mark.parametrize("strategy", ["tensor", "channel"])
+def test_weight_only_checkpoint_weights_run_w8a16_at_every_size(strategy, monkeypatch):
+    """A weight-only fp8 weight (activation "none", compressed-tensors W8A16) has no activation
+    scheme: "auto" runs w8a16 on every backend and at any M, even with the weight-only bound at 0,
+    and the W8A8 impls refuse it by name."""
+    from pagedjax.quantization.linear import resolve_impl
+
+    rng, seed = rng_for("w8a16-only", strategy)
+    M, N, K = 300, 32, 256
+    w = random_fp8_weight(rng, N, K, strategy, "none")
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    s = f64(w.scale)[:, None] if strategy == "channel" else f64(w.scale)
+    wd = f64(w.qvalue) * s
+    want, mag = f64(x) @ wd.T, np.abs(f64(x)) @ np.abs(wd).T
+    got = f64(jax.jit(quantized_matmul)(jnp.asarray(x), w))
+    assert (np.abs(got - want) <= 4e-6 * mag).all(), f"seed {seed}"
+    monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", "0")
+    for backend in ("cpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert [resolve_impl("auto", w, x.dtype, m) for m in (1, 4096)] == ["w8a16", "w8a16"]
+    for impl in ("xla", "ffi"):
+        with pytest.raises(ValueError, match="weight-only"):
+            resolve_impl(impl, w, x.dtype, 1)
+    block = random_fp8_weight(rng, N, K, "block", "group", block=(32, 128))
+    with pytest.raises(ValueError, match="weight-only"):
+        QuantizedWeight(block.qvalue, block.scale, None, None, "fp8", K, N, block_size=(32, 128),
+                        activation="none").check()
+
+
 # --- int4 ----------------------------------------------------------------------------------
 
 
@@ -265,17 +294,21 @@ def test_fp8_cublaslt_matches_float64(strategy, activation, M, out_dtype):
 
 
 @pytest.mark.gpu
-def test_fp8_auto_runs_cublaslt_on_gpu():
-    """"auto" by M (quantization/linear.py): XLA's e4m3 dot for decode-sized M, cuBLASLt above."""
+def test_fp8_auto_runs_cublaslt_on_gpu(monkeypatch):
+    """"auto" by M (quantization/linear.py): weight-only up to the weight-only bound (x not quantized),
+    XLA's e4m3 dot above it and up to FP8_XLA_MAX_ROWS, our cuBLASLt call above."""
     from pagedjax.quantization.linear import FP8_XLA_MAX_ROWS
 
     rng, _ = rng_for("fp8-hlo")
     w = jax.device_put(random_fp8_weight(rng, 256, 512, "channel", "token"))
-    for M, want_call in ((16, False), (2 * FP8_XLA_MAX_ROWS, True)):
+    for M, rows, want in ((16, "", "w8a16"), (16, "0", "xla"), (2 * FP8_XLA_MAX_ROWS, "", "ffi")):
+        monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", rows)
         x = jnp.asarray(rng.standard_normal((M, 512)), jnp.bfloat16)
         text = jax.jit(lambda x, w: quantized_matmul(x, w)).lower(x, w).compile().as_text()
-        assert ("pagedjax_fp8_gemm" in text) == want_call, M
-        assert "f8e4m3fn" in text, M  # an FP8 GEMM either way
+        assert ("pagedjax_fp8_gemm" in text) == (want == "ffi"), (M, rows)
+        # W8A8 quantizes x into an e4m3 [M, K]; weight-only has none (only the [N, K] weight is fp8)
+        assert (f"f8e4m3fn[{M},512]" in text) == (want != "w8a16"), (M, rows)
+        assert "f8e4m3fn[256,512]" in text, (M, rows)  # the weights stay fp8 in memory every way
 
 
 @pytest.mark.gpu

@@ -1,11 +1,11 @@
-"""Pre-quantized checkpoints end to end: FP8 (compressed-tensors, HF block-wise), AWQ and GPTQ.
+"""Pre-quantized checkpoints end to end: FP8 (compressed-tensors W8A8 and W8A16, HF block-wise), AWQ and GPTQ.
 
 Each format is written by tests/quant_checkpoints.py from one tiny random HF Llama (its own
 quantizers, the independent packers of tests/quant_oracle.py, the published layouts), loaded
 with load_params (the method detected from config.json), and run through the paged model: a
 ragged prefill of three prompts, then one decode token each. The logits must match the float64
 reference: the HF model with the dequantized weights, its W8A8 activations fake-quantized by
-torch's own e4m3 cast in forward hooks. Tensor parallelism (2 and 4 fake CPU devices, kv heads
+torch's own e4m3 cast in forward hooks (none for weight-only checkpoints). Tensor parallelism (2 and 4 fake CPU devices, kv heads
 replicated at 4, weights loaded straight into their shards) must give one device's logits.
 
 Tolerances, per position: the worst logit error over the logit scale. Our forward runs in
@@ -37,7 +37,8 @@ from tests import quant_checkpoints
 
 SEED = 20261205
 V, PAGE, NUM_PAGES = 256, 8, 32
-FORMATS = ("awq", "awq-g64", "gptq", "ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block")
+FORMATS = ("awq", "awq-g64", "gptq", "ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block",
+           "ct-fp8-channel-w8a16")
 W8A8 = ("ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block")
 TIGHT = 3e-5  # per-position error of float32 rounding (measured: int4 <= 8e-6, W8A8 ~5e-7)
 FLIP = 0.1  # W8A8: a position where an activation rounded to the neighbouring e4m3 code (measured <= 0.02)
@@ -144,7 +145,7 @@ def test_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
 
 
 @pytest.mark.parametrize("fmt,tp", [("awq", 2), ("awq-g64", 4), ("gptq", 2), ("ct-fp8-channel", 4),
-                                    ("ct-fp8-tensor-static", 2), ("hf-fp8-block", 4)])
+                                    ("ct-fp8-tensor-static", 2), ("hf-fp8-block", 4), ("ct-fp8-channel-w8a16", 2)])
 def test_tensor_parallel_matches_one_device(fmt, tp, base, checkpoint):
     _, prompts = base
     folder, _ = checkpoint(fmt)

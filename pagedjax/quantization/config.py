@@ -7,7 +7,8 @@ Supported, as vLLM reads them:
   quant_method "compressed-tensors"  llm-compressor FP8 ("float-quantized"): `weight` e4m3 +
                                      `weight_scale` per tensor / channel / 128x128 block, activations
                                      dynamic per token (or per 128-group for blocks) or static per tensor
-                                     (`input_scale`)
+                                     (`input_scale`); or weight-only (W8A16: no `input_activations`,
+                                     per-tensor or per-channel weights, as vLLM's CompressedTensorsW8A16Fp8)
   quant_method "awq"                 AutoAWQ GEMM, 4 bits, zero point, any group size
   quant_method "gptq"                4 bits, group size or -1, no act-order; "gptq" (v1: stored zeros
                                      are zero - 1) or "gptq_v2" checkpoints
@@ -28,7 +29,7 @@ WEIGHT_DTYPES = ("fp8", "int4")
 # fp8: one scale per tensor, per output channel, or per (block_n x block_k) block; int4: per K-group
 WEIGHT_STRATEGIES = ("tensor", "channel", "block", "group")
 # fp8 activations: dynamic per token, dynamic per (token, block_k group), static per tensor
-# (`input_scale` from the checkpoint); "none": weight-only (int4 W4A16)
+# (`input_scale` from the checkpoint); "none": weight-only (int4 W4A16, fp8 W8A16)
 ACTIVATION_SCHEMES = ("token", "group", "static", "none")
 # where the tensors come from (and so how formats.py reads them)
 CHECKPOINT_FORMATS = ("hf-fp8", "compressed-tensors", "awq", "gptq", "gptq_v2", "online")
@@ -71,8 +72,8 @@ class QuantConfig:
                 bad("block_size goes with weight_strategy 'block' and only with it")
             if self.block_size is not None and (len(self.block_size) != 2 or min(self.block_size) <= 0):
                 bad(f"block_size {self.block_size} must be two positive ints")
-            if self.activation == "none":
-                bad("fp8 weights need an activation scheme (W8A8)")
+            if self.activation == "none" and self.weight_strategy == "block":
+                bad("weight-only fp8 (W8A16) takes per-tensor or per-channel weight scales, not blocks")
             if self.activation == "group" and self.weight_strategy != "block":
                 bad("per-group activation scales go with block weights")
 
@@ -276,8 +277,11 @@ def _parse_compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:
         block = tuple(block)
     elif strategy not in ("tensor", "channel"):
         _fail(m, f"{where}.strategy", strategy, "tensor, channel or block")
-    if a is None:
-        _fail(m, f"config_groups.{name}.input_activations", None, "weight-only FP8 (W8A16) is not supported")
+    if a is None:  # weight-only (W8A16): bf16 activations, the e4m3 weights converted in the dot
+        if block is not None:
+            _fail(m, f"config_groups.{name}.input_activations", None,
+                  "weight-only FP8 (W8A16) with block weight scales is not supported")
+        return QuantConfig(m, "compressed-tensors", "fp8", strategy, "none", ignore=_ignore_list(q, "ignore"))
     where = f"config_groups.{name}.input_activations"
     if a.get("type") != "float" or a.get("num_bits") != 8:
         _fail(m, where, {k: a.get(k) for k in ("type", "num_bits")}, "only 8-bit float activations")

@@ -5,6 +5,7 @@ Dims: M rows of x (tokens), K in_features, N out_features.
 impl:
   "w8a16" fp8 weights only (per-tensor or per-channel scales): bf16 activations, the e4m3 weights
           converted in the dot's operand, the scales on the f32 result; no activation quantization.
+          The only impl of weight-only checkpoints (activation "none": compressed-tensors W8A16).
           For decode (a step at small M reads the weights' bytes and runs few kernels per linear):
           "auto" picks it on a GPU up to $PAGEDJAX_FP8_WEIGHT_ONLY_ROWS rows (default
           WEIGHT_ONLY_MAX_ROWS; 0 turns it off). On the H100 (2026-12-05, quant_matmul.py on
@@ -50,6 +51,11 @@ def resolve_impl(impl: str, w: QuantizedWeight, x_dtype, num_rows: int) -> str:
     if impl == "w8a16" and not weight_only_supported(w):
         raise ValueError(f"quantized_matmul: impl 'w8a16' needs fp8 weights with per-tensor or per-channel "
                          f"scales, got {w.kind} ({w.weight_strategy})")
+    if w.kind == "fp8" and w.activation == "none":  # a weight-only checkpoint: no activation scheme to run W8A8
+        if impl not in ("auto", "w8a16"):
+            raise ValueError(f"quantized_matmul: a weight-only fp8 weight (W8A16) runs impl 'w8a16' or 'auto', "
+                             f"not {impl!r}")
+        return "w8a16"
     if impl != "auto":
         return impl
     if jax.default_backend() != "gpu":

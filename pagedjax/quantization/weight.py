@@ -6,7 +6,7 @@ NB = ceil(N / block_n), KB = ceil(K / block_k) (fp8 blocks).
 The arrays are plain pytree leaves (jit, donate, shard them like any param); the layout
 description (kind, K, N, block, group size, activation scheme) is static aux data.
 
-fp8 (e4m3fn, W8A8), dequantized w[n, k] = qvalue[n, k] * scale[...]:
+fp8 (e4m3fn, W8A8; W8A16 with activation "none"), dequantized w[n, k] = qvalue[n, k] * scale[...]:
   qvalue       [N, K] float8_e4m3fn  K contiguous: HF's nn.Linear [out, in] as stored, and the
                                       K-major ("TN") operand cuBLASLt's FP8 GEMM wants
   scale        [] f32 ("tensor") | [N] f32 ("channel") | [NB, KB] f32 ("block": 128x128 in HF's
@@ -54,7 +54,7 @@ class QuantizedWeight:
     out_features: int  # N
     block_size: tuple[int, int] | None = None  # fp8 block weights: (block_n, block_k)
     group_size: int = 0  # int4: K per group (the whole K for one group)
-    activation: str = "none"  # fp8: "token" | "group" | "static"; int4: "none"
+    activation: str = "none"  # fp8: "token" | "group" | "static" | "none" (weight-only); int4: "none"
 
     @property
     def weight_strategy(self) -> str:
@@ -81,8 +81,10 @@ class QuantizedWeight:
         extra = [n for n, a in got.items() if a is not None and n not in want]
         if extra:
             raise ValueError(f"{self.kind} weight [{N}, {K}]: unexpected {extra}")
-        if self.kind == "fp8" and self.activation not in ("token", "group", "static"):
+        if self.kind == "fp8" and self.activation not in ("token", "group", "static", "none"):
             raise ValueError(f"fp8 weight: unknown activation scheme {self.activation!r}")
+        if self.kind == "fp8" and self.activation == "none" and self.block_size is not None:
+            raise ValueError("fp8 weight: weight-only (activation 'none') takes per-tensor or per-channel scales")
         if (self.activation == "static") != (self.input_scale is not None):
             raise ValueError("fp8 weight: a static activation scheme needs input_scale, and only it")
         if self.activation == "group" and self.block_size is None:
