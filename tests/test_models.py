@@ -94,6 +94,17 @@ CASES = {
         **_GEMMA, num_key_value_heads=4, head_dim=24, sliding_window=7, tie_word_embeddings=False,
         attention_bias=True, hidden_activation="gelu", attn_logit_softcapping=None, final_logit_softcapping=None,
         layer_types=["full_attention", "sliding_attention", "sliding_attention"], query_pre_attn_scalar=16)),
+    # YaRN (Qwen3's long-context setting): a ramp across the dims, cos and sin scaled by 0.1 ln 4 + 1
+    "qwen3-yarn-factor4-gqa-headdim16": (Qwen3ForCausalLM, Qwen3Config(
+        **_QWEN2, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                         "rope_theta": 1e4})),
+    # YaRN as DeepSeek writes it (mscale / mscale_all_dim), other betas, an untruncated ramp
+    "llama-yarn-mscale-betas-notruncate": (LlamaForCausalLM, LlamaConfig(
+        **_LLAMA, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        rope_parameters={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                         "rope_theta": 5000.0, "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16.0,
+                         "beta_slow": 2.0, "truncate": False})),
     # q/k norm, local and global layers with rotary bases of their own (linear scaling: global only)
     "gemma3-local-global-linearrope": (Gemma3ForCausalLM, Gemma3TextConfig(
         **{**_GEMMA, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=16, sliding_window=4,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # HF activation names we implement (pagedjax.models.layers.ACTIVATIONS holds the functions)
 ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu")
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 # RMSNorm (LLaMA's: x * w), Gemma's RMSNorm (x * (1 + w), in float32) or LayerNorm
 NORMS = ("rms", "rms_unit_offset", "layer")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's `layer_types` values
@@ -31,23 +31,31 @@ MOE_IMPLS = ("auto", "ragged", "capacity", "dense")
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """HF rope_scaling: "default", "linear" (positions / factor), "llama3" or "longrope" (Phi-3)."""
+    """HF rope_scaling: "default", "linear" (positions / factor), "llama3", "longrope" (Phi-3) or
+    "yarn" (Qwen2.5/3 long context, DeepSeek: frequencies ramped between the interpolated and the
+    original ones, cos and sin scaled)."""
 
     type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3, longrope
+    original_max_position_embeddings: int = 8192  # llama3, longrope, yarn
     # longrope: per-frequency divisors [rotary_dim / 2] for sequences up to / past
-    # original_max_position_embeddings, and the factor on cos and sin (HF's attention_factor)
+    # original_max_position_embeddings; longrope and yarn: the factor on cos and sin (HF's attention_factor)
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    # yarn: the ramp between the rotation counts beta_fast and beta_slow over the original context
+    # (its dims floored / ceiled unless truncate is False)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     def __post_init__(self):
         if self.type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_scaling type {self.type!r} (supported: {ROPE_TYPES})")
-        if self.factor <= 0 or (self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor):
+        if self.factor <= 0 or (self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor) or (
+                self.type == "yarn" and (self.factor < 1 or self.beta_fast <= 0 or self.beta_slow <= 0)):
             raise ValueError(f"invalid rope_scaling {self}")
         longrope = self.type == "longrope"
         if longrope != bool(self.short_factor) or longrope != bool(self.long_factor) or (
@@ -258,7 +266,8 @@ def hf_rope(hf: Mapping[str, Any], head_dim: int, default_partial: float) -> dic
     partial = p.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial)))
     needs = {"linear": {"factor"}, "llama3": {"factor", "low_freq_factor", "high_freq_factor",
                                               "original_max_position_embeddings"},
-             "longrope": {"short_factor", "long_factor", "original_max_position_embeddings"}}.get(kind, set())
+             "longrope": {"short_factor", "long_factor", "original_max_position_embeddings"},
+             "yarn": {"original_max_position_embeddings"}}.get(kind, set())
     if not needs <= p.keys():
         raise ValueError(f"rope_scaling {kind!r} lacks {sorted(needs - p.keys())}")
     fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"type"}
@@ -269,6 +278,17 @@ def hf_rope(hf: Mapping[str, Any], head_dim: int, default_partial: float) -> dic
         kw["factor"] = 1.0
         if p.get("attention_factor") is None:
             kw["attention_factor"] = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    if kind == "yarn":  # transformers' _compute_yarn_parameters
+        factor = p.get("factor") or hf.get("max_position_embeddings") / p["original_max_position_embeddings"]
+        kw["factor"] = float(factor)
+        if p.get("attention_factor") is None:
+            def mscale(scale, m=1.0):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+            m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+            kw["attention_factor"] = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        kw["beta_fast"] = float(p.get("beta_fast") or 32)
+        kw["beta_slow"] = float(p.get("beta_slow") or 1)
+        kw["truncate"] = bool(p.get("truncate", True))
     scaling = RopeScaling(kind, **kw) if kind != "default" else RopeScaling()
     return dict(rotary_dim=int(head_dim * partial), rope_theta=float(theta), rope_scaling=scaling)
 

@@ -11,6 +11,7 @@ keep the parameters' dtype; norms, softmax, routing and logits are computed in f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -277,7 +278,27 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> 
         inv = np.where(wavelen > low_wavelen, inv / s.factor, np.where(wavelen < high_wavelen, inv, medium))
     elif s.type == "longrope":
         inv = inv / np.asarray(s.long_factor if long else s.short_factor, np.float64)
+    elif s.type == "yarn":
+        keep = _yarn_extrapolation(s, dim, theta)
+        inv = inv / s.factor * (1 - keep) + inv * keep
     return inv.astype(np.float32)
+
+
+def _yarn_extrapolation(s: RopeScaling, dim: int, theta: float) -> np.ndarray:
+    """YaRN's weight [dim / 2] of each frequency's original (extrapolated) value against its
+    interpolated one (inv / factor): 1 for the high frequencies that turn more than beta_fast times
+    over the original context, 0 for those under beta_slow, a linear ramp between."""
+    def dim_of(rotations):  # the dim whose frequency turns `rotations` times in the original context
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers does: no zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    return 1 - ramp
 
 
 def rope_angles(cfg: ModelConfig, meta: AttentionMetadata, local: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -292,6 +313,8 @@ def rope_angles(cfg: ModelConfig, meta: AttentionMetadata, local: bool = False) 
     s = cfg.rope_scaling
     if s.type != "longrope" or (local and cfg.rope_local_theta):
         angles = pos * rope_inv_freq(cfg, local)[None, :]  # [T, rot/2]
+        if s.type == "yarn" and not (local and cfg.rope_local_theta) and s.attention_factor != 1:
+            return jnp.cos(angles) * s.attention_factor, jnp.sin(angles) * s.attention_factor
         return jnp.cos(angles), jnp.sin(angles)
     T, R = meta.positions.shape[0], meta.seq_lens.shape[0]
     req = jnp.clip(jnp.searchsorted(meta.query_start_loc, jnp.arange(T), side="right") - 1, 0, R - 1)  # [T]
