@@ -279,7 +279,8 @@ def hf_rope(hf: Mapping[str, Any], head_dim: int, default_partial: float) -> dic
         if p.get("attention_factor") is None:
             kw["attention_factor"] = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
     if kind == "yarn":  # transformers' _compute_yarn_parameters
-        factor = p.get("factor") or hf.get("max_position_embeddings") / p["original_max_position_embeddings"]
+        orig = p["original_max_position_embeddings"]
+        factor = p.get("factor") or hf.get("max_position_embeddings", orig) / orig
         kw["factor"] = float(factor)
         if p.get("attention_factor") is None:
             def mscale(scale, m=1.0):

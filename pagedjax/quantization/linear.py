@@ -17,10 +17,10 @@ impl:
           f32 for block weights); int4: dequantize to x's dtype, then one dot.
   "ffi"   the CUDA custom calls (kernels.py): cuBLASLt's FP8 GEMM; the int4 tensor-core kernel.
   "auto"  by M, from benchmarks/kernels/quant_matmul.py on the H200 (2026-12-04, Llama-3-8B's
-          gate_up and down shapes, results/2026-12-04-h200-quant_matmul.json): fp8 above the
-          weight-only rows runs XLA's own
-          e4m3 dot up to FP8_XLA_MAX_ROWS rows (1.3-1.5x bf16 at M = 1 and 16, where cuBLASLt's
-          call was 0.8-1.1x) and cuBLASLt's GEMM above (1.3-1.8x bf16 at M = 2048, XLA 1.3-1.5x);
+          gate_up and down shapes, results/2026-12-04-h200-quant_matmul.json): fp8 runs "w8a16"
+          up to the weight-only rows (above), XLA's own e4m3 dot up to FP8_XLA_MAX_ROWS rows
+          (1.3-1.5x bf16 at M = 1 and 16, where cuBLASLt's call was 0.8-1.1x) and cuBLASLt's
+          GEMM above (1.3-1.8x bf16 at M = 2048, XLA 1.3-1.5x);
           int4 runs the kernel up to INT4_KERNEL_MAX_ROWS rows (1.3-1.4x bf16 at M = 1, 0.8x at
           16) and dequantize + one GEMM above (the kernel falls to 0.1x at M >= 256).
 """
