@@ -310,10 +310,10 @@ def rope_angles(cfg: ModelConfig, meta: AttentionMetadata, local: bool = False) 
     which is what HF sees when it runs that request alone with the same chunks.
     """
     pos = meta.positions.astype(jnp.float32)[:, None]  # [T, 1]
-    s = cfg.rope_scaling
-    if s.type != "longrope" or (local and cfg.rope_local_theta):
+    s = RopeScaling() if local and cfg.rope_local_theta else cfg.rope_scaling  # as rope_inv_freq
+    if s.type != "longrope":
         angles = pos * rope_inv_freq(cfg, local)[None, :]  # [T, rot/2]
-        if s.type == "yarn" and not (local and cfg.rope_local_theta) and s.attention_factor != 1:
+        if s.type == "yarn" and s.attention_factor != 1:
             return jnp.cos(angles) * s.attention_factor, jnp.sin(angles) * s.attention_factor
         return jnp.cos(angles), jnp.sin(angles)
     T, R = meta.positions.shape[0], meta.seq_lens.shape[0]
