@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
-from pagedjax.models.layers import INIT_STD
+from pagedjax.models.layers import INIT_STD, KV_SCALES
 from pagedjax.models.quantized import quantized_linears
 from pagedjax.params import Params
 from pagedjax.quantization import QuantConfig
@@ -113,8 +113,8 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int =
                                                 jax.random.fold_in(key, i), dtype)
             arrays.append(drawn[module][keys[-1]])
             continue
-        kind = keys[-1] if keys[-1] in ("scale", "bias") else "weight"
-        arrays.append(_drawn("draw", _draw_weight, (tuple(s.shape), dtype.name, kind), sharding,
+        kind = "scale" if keys[-1] in ("scale", *KV_SCALES) else "bias" if keys[-1] == "bias" else "weight"
+        arrays.append(_drawn("draw", _draw_weight, (tuple(s.shape), s.dtype.name, kind), sharding,
                              jax.random.fold_in(key, i)))
     return Params({"params": jax.tree_util.tree_unflatten(treedef, arrays)}, config, tokenizer=None)
 

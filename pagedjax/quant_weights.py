@@ -27,7 +27,7 @@ import numpy as np
 
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
-from pagedjax.models.quantized import quantized_linears
+from pagedjax.models.quantized import kv_scale_tensors, quantized_linears
 from pagedjax.quantization import QuantizedWeight, convert_checkpoint_linear, repeat_out_heads
 from pagedjax.quantization.weight import linear_features
 
@@ -48,8 +48,10 @@ class QuantizedLinears:
     def __init__(self, config: ModelConfig, kv_repeat: int, desc: str):
         self.config, self.qcfg, self.desc, self.kv_repeat = config, config.quantization, desc, kv_repeat
         self.modules = quantized_linears(config)  # our module path -> HF module name
+        self.kv_scales = kv_scale_tensors(config)  # our param path -> its checkpoint names
         shapes, axes = abstract_params(config)
-        self.shapes = {t: v for t, v in flat(shapes).items() if t.rsplit(".", 1)[0] in self.modules}
+        self.shapes = {t: v for t, v in flat(shapes).items()
+                       if t.rsplit(".", 1)[0] in self.modules or t in self.kv_scales}
         self.axes = {t: a for t, (_, a) in flat(axes, lambda x: isinstance(x, jax.sharding.PartitionSpec)).items()
                      if t in self.shapes}
         # module -> (K, N); our float kernel of it reshapes to [K, N] (contracted dims first)
@@ -81,6 +83,28 @@ class QuantizedLinears:
                         break
             taken[m] = tensors
         return taken
+
+    def take_kv_scales(self, source: dict[str, Callable[[], np.ndarray]], prefix: str) -> dict[str, Callable]:
+        """Removes each attention's FP8 KV-cache scale from `source`: {our param: reader}."""
+        taken = {}
+        for t, names in self.kv_scales.items():
+            for name in (n for hf in names for n in (hf, hf.removeprefix(prefix))):
+                if name in source:
+                    taken[t] = source.pop(name)
+                    break
+            else:
+                raise ValueError(f"{self.desc}: checkpoint lacks the KV-cache scale {names[0]} (its "
+                                 f"quantization_config has a kv_cache_scheme)")
+        return taken
+
+    def load_kv_scales(self, taken: dict[str, Callable], place: Callable[[str, np.ndarray], None]) -> None:
+        """Places each per-tensor KV-cache scale as an f32 scalar, once checked finite and > 0."""
+        for t, read in taken.items():
+            a = np.asarray(read(), np.float32)
+            if a.size != 1 or not np.isfinite(a).all() or not (a > 0).all():
+                raise ValueError(f"{self.desc}: KV-cache scale {self.kv_scales[t][0]} must be one finite value > 0 "
+                                 f"(per-tensor kv_cache_scheme), got shape {list(a.shape)}: {a.ravel()[:4].tolist()}")
+            place(t, a.reshape(()))
 
     def load(self, taken: dict[str, dict[str, Callable]], place: Callable[[str, np.ndarray], None]) -> None:
         """Converts each module's tensors (the published layout -> ours) and places its params."""

@@ -367,6 +367,7 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
     prefix = fam.base_prefix
     # pre-quantized linears: their tensors leave the plan, their float kernels count as filled
     taken = quant.take(source, prefix) if quant is not None and not quant.online else {}
+    kv_scales = quant.take_kv_scales(source, prefix) if quant is not None else {}  # FP8 KV-cache scales
     prefilled = quant.kernels() if taken else set()
 
     def targets(hf):
@@ -456,6 +457,8 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
             del w
         if taken:
             quant.load(taken, place_quantized)
+        if kv_scales:
+            quant.load_kv_scales(kv_scales, place_quantized)
     except BaseException:
         if writer is not None:
             writer.abandon()

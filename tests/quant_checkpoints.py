@@ -16,6 +16,10 @@ Layouts, as the tools write them:
     Weight-only (vLLM's CompressedTensorsW8A16Fp8): the same tensors, `input_activations` null
   HF fine-grained FP8 (transformers integrations/finegrained_fp8.py, DeepSeek-V3): `weight` e4m3
     [out, in], `weight_scale_inv` f32 [ceil(out/128), ceil(in/128)] multiplying its block
+  compressed-tensors FP8 KV cache (llm-compressor's kv_cache_scheme, strategy "tensor"; vLLM's
+    BaseKVCacheMethod): each attention's `k_scale` / `v_scale` f32 [1], K (after rotary) and V
+    stored as e4m3(x / scale); here the scales of each layer are half its amax / 448 over the
+    calibration prompts, so the largest K and V saturate and a scale left unread shows
   AutoAWQ GEMM (awq/modules/linear/gemm.py WQLinear_GEMM.from_linear): `qweight` int32 [in, out/8],
     `qzeros` int32 [in/group, out/8] (both with AWQ's nibble order), `scales` f16 [in/group, out]
   AutoGPTQ (nn_modules/qlinear/qlinear_cuda_old.py QuantLinear.pack): `qweight` int32 [in/8, out],
@@ -49,6 +53,14 @@ CONFIGS = {  # quantization_config blocks, as each tool writes them
             **CT_GROUP, "weights": {**CT_GROUP["weights"], "strategy": "channel"},
             "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
                                   "dynamic": True, "group_size": None}}}},
+    "ct-fp8-channel-kv": {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {
+            **CT_GROUP, "weights": {**CT_GROUP["weights"], "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                                  "dynamic": True, "group_size": None}}},
+        "kv_cache_scheme": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                            "dynamic": False, "group_size": None, "observer": "minmax"}},
     "ct-fp8-tensor-static": {
         "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
         "ignore": ["lm_head"], "config_groups": {"group_0": {
@@ -78,6 +90,7 @@ class Reference:
     model: torch.nn.Module
     activation: str | None = None  # "token", "group", "static", or None (weight-only)
     input_scales: dict[str, float] = field(default_factory=dict)
+    kv_scales: list[tuple[float, float]] | None = None  # per layer (k_scale, v_scale): an FP8 KV cache
     hooks: list = field(default_factory=list)
 
     def hook(self, row_shards: int = 1) -> Reference:
@@ -97,9 +110,67 @@ class Reference:
         return self
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        """float64 logits [len(ids), V] of one sequence."""
+        """float64 logits [len(ids), V] of one sequence (K and V fake-quantized while it runs, for
+        an FP8 KV cache: the rotary patch is module-wide, so it is in place for this call only)."""
+        kv = []
+        if self.kv_scales is not None:
+            one = lambda x, s: fake_quant(x.to(torch.float64), torch.tensor(s, dtype=torch.float64))  # noqa: E731
+            kv = _kv_hooks(self.model, lambda i, k: one(k, self.kv_scales[i][0]),
+                           lambda i, v: one(v, self.kv_scales[i][1]))
+        try:
+            with torch.no_grad():
+                return self.model(torch.tensor([ids])).logits[0].numpy()
+        finally:
+            for h in kv:
+                h.remove()
+
+
+class _Hook:
+    """A removable patch of modeling_llama.apply_rotary_pos_emb: K after rotary through on_k(layer, k)."""
+
+    def __init__(self, model, on_k):
+        from transformers.models.llama import modeling_llama
+
+        self.module, self.rope, self.layer = modeling_llama, modeling_llama.apply_rotary_pos_emb, [0]
+        self.pre = [layer.self_attn.register_forward_pre_hook(lambda m, a, i=i: self.layer.__setitem__(0, i))
+                    for i, layer in enumerate(model.model.layers)]
+
+        def rope(q, k, *args, **kwargs):
+            q, k = self.rope(q, k, *args, **kwargs)
+            return q, on_k(self.layer[0], k)
+        modeling_llama.apply_rotary_pos_emb = rope
+
+    def remove(self):
+        self.module.apply_rotary_pos_emb = self.rope
+        for h in self.pre:
+            h.remove()
+
+
+def _kv_hooks(model, on_k, on_v) -> list:
+    """Hooks passing each layer's K (after rotary) and V, as the KV cache stores them, through
+    on_k(layer, k) / on_v(layer, v), whose results the attention then reads."""
+    hooks = [_Hook(model, on_k)]
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.self_attn.v_proj.register_forward_hook(lambda m, a, out, i=i: on_v(i, out)))
+    return hooks
+
+
+def calibrate_kv(model, prompts: list[list[int]]) -> list[tuple[float, float]]:
+    """Each layer's (amax K after rotary, amax V) over the prompts (the float model)."""
+    amax = [[0.0, 0.0] for _ in model.model.layers]
+
+    def seen(i, j, x):
+        amax[i][j] = max(amax[i][j], float(x.abs().max()))
+        return x
+    hooks = _kv_hooks(model, lambda i, k: seen(i, 0, k), lambda i, v: seen(i, 1, v))
+    try:
         with torch.no_grad():
-            return self.model(torch.tensor([ids])).logits[0].numpy()
+            for p in prompts:
+                model(torch.tensor([p]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [tuple(a) for a in amax]
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -182,9 +253,9 @@ def _gptq(w: torch.Tensor, group: int):
 
 
 QUANTIZERS = {"ct-fp8-channel": _fp8_channel, "ct-fp8-tensor-static": _fp8_tensor, "hf-fp8-block": _fp8_block,
-              "ct-fp8-channel-w8a16": _fp8_channel,
+              "ct-fp8-channel-w8a16": _fp8_channel, "ct-fp8-channel-kv": _fp8_channel,
               "awq": lambda w: _awq(w, 128), "awq-g64": lambda w: _awq(w, 64), "gptq": lambda w: _gptq(w, 128)}
-ACTIVATIONS = {"ct-fp8-channel": "token", "ct-fp8-tensor-static": "static", "hf-fp8-block": "group"}
+ACTIVATIONS = {"ct-fp8-channel": "token", "ct-fp8-channel-kv": "token", "ct-fp8-tensor-static": "static", "hf-fp8-block": "group"}
 
 
 def calibrate(model, prompts: list[list[int]]) -> dict[str, float]:
@@ -220,9 +291,16 @@ def write(fmt: str, folder: Path, model, calibration: list[list[int]] | None = N
             ref.get_submodule(module).weight.data = deq.to(torch.float64)
         else:
             tensors[name] = t.detach().contiguous()
+    kv_scales = None
+    if CONFIGS[fmt].get("kv_cache_scheme"):  # half the calibration amax / 448: the largest K, V saturate
+        kv_scales = []
+        for i, amax in enumerate(calibrate_kv(model, calibration)):
+            pair = [torch.tensor([a / 448 / 2], dtype=torch.float32) for a in amax]
+            tensors.update({f"model.layers.{i}.self_attn.{n}": t for n, t in zip(("k_scale", "v_scale"), pair)})
+            kv_scales.append(tuple(float(t) for t in pair))  # as saved
     save_file(tensors, str(folder / "model.safetensors"))
     config = model.config.to_dict()
     config["quantization_config"] = CONFIGS[fmt]
     (folder / "config.json").write_text(json.dumps(config))
     stored = {k: float(torch.tensor(v, dtype=torch.float32)) for k, v in input_scales.items()}  # as saved
-    return Reference(ref, act, stored).hook()
+    return Reference(ref, act, stored, kv_scales).hook()

@@ -53,6 +53,21 @@ def test_hf_fine_grained_fp8():
     assert not c.is_quantized("lm_head") and c.is_quantized("model.layers.0.mlp.down_proj")
 
 
+# llm-compressor's FP8 KV-cache recipe (kv_cache_scheme as neuralmagic's *-FP8-KV checkpoints write it)
+KV_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False,
+             "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax"}
+
+
+def test_compressed_tensors_kv_cache_scheme():
+    assert cfg(CT_CHANNEL_TOKEN).kv_cache_scheme is None
+    c = cfg(ct(kv_cache_scheme=KV_SCHEME))
+    assert (c.kv_cache_scheme, c.weight_strategy, c.activation) == ("tensor", "channel", "token")
+    assert cfg(ct(acts=False, kv_cache_scheme=KV_SCHEME)).kv_cache_scheme == "tensor"  # W8A16 + FP8 KV
+    assert "k_scale" not in c.tensor_names()  # the attention's, not a linear's
+    with pytest.raises(ValueError, match="kv_cache_scheme"):
+        QuantConfig("awq", "awq", "int4", "group", "none", group_size=128, kv_cache_scheme="head")
+
+
 def test_fp8_per_tensor_static():
     c = cfg(FP8_PER_TENSOR_STATIC)
     assert (c.weight_strategy, c.activation, c.block_size) == ("tensor", "static", None)
@@ -128,7 +143,11 @@ def test_ignore_patterns():
     (ct(weights={"strategy": "block", "block_structure": [128, 128]}, acts=False), "compressed-tensors",
      "input_activations"),
     (ct(format="pack-quantized"), "compressed-tensors", "format"),
-    (ct(kv_cache_scheme={"num_bits": 8, "type": "float"}), "compressed-tensors", "kv_cache_scheme"),
+    (ct(kv_cache_scheme={**KV_SCHEME, "strategy": "attn_head"}), "compressed-tensors", "kv_cache_scheme.strategy"),
+    (ct(kv_cache_scheme={**KV_SCHEME, "dynamic": True}), "compressed-tensors", "kv_cache_scheme.dynamic"),
+    (ct(kv_cache_scheme={**KV_SCHEME, "type": "int"}), "compressed-tensors", "kv_cache_scheme"),
+    (ct(kv_cache_scheme={**KV_SCHEME, "num_bits": 4}), "compressed-tensors", "kv_cache_scheme"),
+    (ct(kv_cache_scheme={**KV_SCHEME, "symmetric": False}), "compressed-tensors", "kv_cache_scheme.symmetric"),
     ({**CT_CHANNEL_TOKEN, "config_groups": {"a": {}, "b": {}}}, "compressed-tensors", "config_groups"),
 ])
 def test_unsupported_raises_naming_method_and_field(q, method, field):

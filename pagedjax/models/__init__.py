@@ -19,7 +19,7 @@ import numpy as np
 from pagedjax.attention import AttentionMetadata
 from pagedjax.compile_cache import traced
 from pagedjax.models.config import ModelConfig, get_config
-from pagedjax.models.layers import head_logits
+from pagedjax.models.layers import KV_SCALES, head_logits
 from pagedjax.models.registry import FAMILIES, REGISTRY, family
 
 __all__ = ["FAMILIES", "REGISTRY", "ModelConfig", "abstract_params", "family", "get_config", "get_model",
@@ -61,8 +61,9 @@ def _trace_params(config: ModelConfig):
 
 
 def _with_dtype(tree, dtype):
-    """ShapeDtypeStructs in `dtype`, but in the subtrees of quantized linears (their own dtypes)."""
+    """ShapeDtypeStructs in `dtype`, but in the subtrees of quantized linears and for the FP8
+    KV-cache scales of a checkpoint (their own dtypes: f32 scales)."""
     if "qvalue" in tree:
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree.items()}
-    return {k: _with_dtype(v, dtype) if isinstance(v, dict) else jax.ShapeDtypeStruct(v.shape, dtype)
-            for k, v in tree.items()}
+    return {k: _with_dtype(v, dtype) if isinstance(v, dict)
+            else jax.ShapeDtypeStruct(v.shape, v.dtype if k in KV_SCALES else dtype) for k, v in tree.items()}

@@ -82,6 +82,9 @@ def rows_matmul(cfg: ModelConfig | None, eqn: str, x: jax.Array, w: jax.Array) -
     return jnp.einsum(eqn, x, w)
 
 
+KV_SCALES = ("k_scale", "v_scale")  # an attention's FP8 KV-cache scales from a checkpoint: f32 scalars
+
+
 def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str | None, ...]):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
@@ -418,10 +421,17 @@ class Attention(nn.Module):
         T = x.shape[0]
         chex.assert_shape(x, (T, D))
         impl = resolve_impl(self.attn_impl, head_dim=cfg.head_dim, kv_dtype=kv[0].dtype)
-        # An fp8 pool (kv_cache_dtype="fp8") is written and read with per-kv-head scales: 1.0, as
-        # vLLM without calibrated scales (e4m3 keeps ~2 significant digits over 2^-9..448).
-        scales = dict(k_scale=jnp.ones((K,), jnp.float32), v_scale=jnp.ones((K,), jnp.float32)) \
-            if is_fp8(kv[0].dtype) else {}
+        # An fp8 pool (kv_cache_dtype="fp8") is written and read with per-kv-head scales: the
+        # checkpoint's calibrated per-tensor k_scale / v_scale where it has them (a quantization
+        # with kv_cache_scheme; unused by other pools, as in vLLM), else 1.0, as vLLM without
+        # calibrated scales (e4m3 keeps ~2 significant digits over 2^-9..448).
+        q_cfg = cfg.quantization
+        if q_cfg is not None and q_cfg.kv_cache_scheme == "tensor":
+            ones = nn.initializers.ones
+            kv_scales = [jnp.broadcast_to(_param(self, n, ones, (), ()), (K,)) for n in KV_SCALES]
+        else:
+            kv_scales = [jnp.ones((K,), jnp.float32)] * 2
+        scales = dict(zip(KV_SCALES, kv_scales)) if is_fp8(kv[0].dtype) else {}
         with jax.named_scope("attention"):
             q = Einsum("td,dnh->tnh", (D, N, H), ("embed", "heads", "head_dim"), b, cfg, name="q_proj")(x)
             k = Einsum("td,dkh->tkh", (D, K, H), ("embed", "kv_heads", "head_dim"), b, cfg, name="k_proj")(x)

@@ -53,6 +53,34 @@ def quantized_linears(config) -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def kv_scale_tensors(config) -> dict[str, tuple[str, ...]]:
+    """{our param ("layers_0.attn.k_scale"): its checkpoint names} of each attention's FP8 KV-cache
+    scale, for a quantization with a kv_cache_scheme; {} otherwise.
+
+    llm-compressor saves them as "<attention>.k_scale" / ".v_scale"; older checkpoints as the
+    k/v projections' "output_scale" (vLLM reads both). The attention is the module holding the
+    family's k_proj / v_proj."""
+    q = config.quantization
+    if q is None or q.kv_cache_scheme is None:
+        return {}
+    from pagedjax.models.registry import family  # late: the registry imports the model files
+
+    out = {}
+    for hf, (ours, how) in family(config.architecture).weight_map.items():
+        for proj, name in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+            if how == "linear" and isinstance(ours, str) and ours.endswith(f".{proj}.kernel") \
+                    and hf.endswith(f".{proj}.weight"):
+                attn_hf, attn = hf.removesuffix(f".{proj}.weight"), ours.removesuffix(f".{proj}.kernel")
+                for i in range(config.num_layers) if "{}" in hf else (0,):
+                    out[f"{attn}.{name}".replace("{}", str(i))] = tuple(
+                        n.replace("{}", str(i)) for n in (f"{attn_hf}.{name}", f"{attn_hf}.{proj}.output_scale"))
+    if len(out) != 2 * config.num_layers:
+        raise ValueError(f"{config.architecture}: checkpoint KV-cache scales (kv_cache_scheme) need separate "
+                         f"k_proj / v_proj linears in every layer")
+    return out
+
+
 def linear_quantization(config, path: tuple[str, ...]) -> QuantConfig | None:
     """The QuantConfig of the linear at module `path` (Flax's Module.path), None if it is not quantized."""
     if config is None or config.quantization is None:

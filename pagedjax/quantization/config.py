@@ -8,7 +8,9 @@ Supported, as vLLM reads them:
                                      `weight_scale` per tensor / channel / 128x128 block, activations
                                      dynamic per token (or per 128-group for blocks) or static per tensor
                                      (`input_scale`); or weight-only (W8A16: no `input_activations`,
-                                     per-tensor or per-channel weights, as vLLM's CompressedTensorsW8A16Fp8)
+                                     per-tensor or per-channel weights, as vLLM's CompressedTensorsW8A16Fp8);
+                                     with a static per-tensor FP8 `kv_cache_scheme`, each attention's
+                                     `k_scale` / `v_scale`, read by an FP8 KV cache (kv_cache_dtype="fp8")
   quant_method "awq"                 AutoAWQ GEMM, 4 bits, zero point, any group size
   quant_method "gptq"                4 bits, group size or -1, no act-order; "gptq" (v1: stored zeros
                                      are zero - 1) or "gptq_v2" checkpoints
@@ -47,6 +49,9 @@ class QuantConfig:
     block_size: tuple[int, int] | None = None  # fp8 "block": (block_n, block_k), e.g. (128, 128)
     group_size: int = 0  # int4: K per group; -1: one group spans the whole K
     ignore: tuple[str, ...] = ()  # modules kept unquantized: names, dotted suffixes, or "re:<regex>"
+    # "tensor": the checkpoint holds static per-tensor FP8 KV-cache scales (each attention's k_scale,
+    # v_scale), used by an fp8 pool; None: none (an fp8 pool then has unit scales, as in vLLM)
+    kv_cache_scheme: str | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -60,6 +65,8 @@ class QuantConfig:
             bad(f"unknown weight_strategy {self.weight_strategy!r}")
         if self.activation not in ACTIVATION_SCHEMES:
             bad(f"unknown activation scheme {self.activation!r}")
+        if self.kv_cache_scheme not in (None, "tensor"):
+            bad(f"unknown kv_cache_scheme {self.kv_cache_scheme!r} (supported: None, 'tensor')")
         if self.weight_dtype == "int4":
             if self.weight_strategy != "group" or self.activation != "none":
                 bad("int4 weights are group-quantized and weight-only")
@@ -238,9 +245,7 @@ def _parse_gptq(q: Mapping[str, Any]) -> QuantConfig:
 
 def _parse_compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:
     m = "compressed-tensors"
-    if q.get("kv_cache_scheme"):
-        _fail(m, "kv_cache_scheme", q["kv_cache_scheme"], "checkpoint-calibrated KV-cache scales are not "
-              "supported; kv_cache_dtype='fp8' serves an FP8 pool with unit scales from a checkpoint without them")
+    kv = _kv_cache_scheme(m, q.get("kv_cache_scheme"))
     if q.get("sparsity_config"):
         _fail(m, "sparsity_config", q["sparsity_config"])
     if q.get("transform_config"):
@@ -281,7 +286,8 @@ def _parse_compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:
         if block is not None:
             _fail(m, f"config_groups.{name}.input_activations", None,
                   "weight-only FP8 (W8A16) with block weight scales is not supported")
-        return QuantConfig(m, "compressed-tensors", "fp8", strategy, "none", ignore=_ignore_list(q, "ignore"))
+        return QuantConfig(m, "compressed-tensors", "fp8", strategy, "none", ignore=_ignore_list(q, "ignore"),
+                           kv_cache_scheme=kv)
     where = f"config_groups.{name}.input_activations"
     if a.get("type") != "float" or a.get("num_bits") != 8:
         _fail(m, where, {k: a.get(k) for k in ("type", "num_bits")}, "only 8-bit float activations")
@@ -300,7 +306,25 @@ def _parse_compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:
     if act == "token" and strategy == "block":
         _fail(m, where, a_strategy, "block weights take per-group activations")
     return QuantConfig(m, "compressed-tensors", "fp8", strategy, act, block_size=block,
-                       ignore=_ignore_list(q, "ignore"))
+                       ignore=_ignore_list(q, "ignore"), kv_cache_scheme=kv)
+
+
+def _kv_cache_scheme(m: str, kv: Any) -> str | None:
+    """llm-compressor's kv_cache_scheme: None, or "tensor" for static per-tensor 8-bit float K/V
+    scales (each attention's `k_scale`, `v_scale`), the scheme vLLM's FP8 KV cache reads."""
+    if not kv:
+        return None
+    if not isinstance(kv, Mapping):
+        _fail(m, "kv_cache_scheme", kv, "expected a dict")
+    if kv.get("type") != "float" or kv.get("num_bits") != 8:
+        _fail(m, "kv_cache_scheme", {k: kv.get(k) for k in ("type", "num_bits")}, "only 8-bit float (e4m3) K/V")
+    if kv.get("strategy", "tensor") != "tensor":
+        _fail(m, "kv_cache_scheme.strategy", kv.get("strategy"), "only per-tensor K/V scales")
+    if kv.get("dynamic"):
+        _fail(m, "kv_cache_scheme.dynamic", kv["dynamic"], "only static scales stored in the checkpoint")
+    if kv.get("symmetric") is False:
+        _fail(m, "kv_cache_scheme.symmetric", False)
+    return "tensor"
 
 
 _PARSERS = {"fp8": _parse_fp8, "awq": _parse_awq, "gptq": _parse_gptq, "compressed-tensors": _parse_compressed_tensors}
