@@ -81,6 +81,13 @@ CASES = {
     "qwen3-bias-tied-theta1e6": (Qwen3ForCausalLM, Qwen3Config(
         **_QWEN2, num_key_value_heads=4, head_dim=16, attention_bias=True, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # Qwen's optional window: on the layers from max_window_layers on (some, or all: pages released)
+    "qwen2-window5-from-layer1-gqa": (Qwen2ForCausalLM, Qwen2Config(
+        **{**_QWEN2, "num_hidden_layers": 3}, num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
+        max_window_layers=1)),
+    "qwen3-window4-every-layer-headdim16": (Qwen3ForCausalLM, Qwen3Config(
+        **_QWEN2, num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=4,
+        max_window_layers=0)),
     # windows shorter than the prompts, across page boundaries (pages of 4)
     "mistral-window6-gqa-headdim24": (MistralForCausalLM, MistralConfig(
         **_QWEN2, num_key_value_heads=2, head_dim=24, sliding_window=6)),
@@ -320,8 +327,6 @@ _ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Ge
 
 
 @pytest.mark.parametrize("config,changes,match", [
-    (Qwen2Config(**_QWEN2, use_sliding_window=True, sliding_window=8), {}, "use_sliding_window"),
-    (Qwen3Config(**_QWEN2, use_sliding_window=True, sliding_window=8), {}, "use_sliding_window"),
     (Phi3Config(**_QWEN2), {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling type 'dynamic'"),
     (Phi3Config(**_QWEN2), {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 8}},
      r"lacks \['long_factor'"),

@@ -256,6 +256,18 @@ def hf_common(hf: Mapping[str, Any], architecture: str, name: str) -> dict[str, 
     )
 
 
+def hf_qwen_window(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen2/Qwen3's optional sliding window (`use_sliding_window`, off in the released checkpoints):
+    on the layers from `max_window_layers` on, as transformers' `layer_types` (written in
+    config.json by transformers 5, else derived the same way); {} when off."""
+    W, n = hf.get("sliding_window"), hf["num_hidden_layers"]
+    if not hf.get("use_sliding_window") or not W:
+        return {}
+    first = hf.get("max_window_layers", n)
+    types = tuple(hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)])
+    return {"sliding_window": int(W), "layer_types": types} if "sliding_attention" in types else {}
+
+
 def hf_rope(hf: Mapping[str, Any], head_dim: int, default_partial: float) -> dict[str, Any]:
     """rope fields from transformers 5 `rope_parameters` or the older rope_theta / rope_scaling."""
     p = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}

@@ -3,7 +3,7 @@
 Dims: D hidden, N query heads, K kv heads, H head dim (its own config key: N * H need not be D).
 The module is LLaMA's (`llama.Llama`); q/k norm is the shared `qk_norm` feature of
 `layers.Attention`. Qwen3's optional sliding window (`use_sliding_window`, off in every released
-checkpoint) is refused.
+checkpoint) is the shared `sliding_window` feature, on the layers from `max_window_layers` on.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from pagedjax.models import llama
-from pagedjax.models.config import ModelConfig, f32, hf_rope
+from pagedjax.models.config import ModelConfig, f32, hf_qwen_window, hf_rope
 from pagedjax.models.family import ModelFamily
 
 
 def config_from_hf(hf: Mapping[str, Any], common: dict[str, Any]) -> ModelConfig:
-    if hf.get("use_sliding_window"):
-        raise ValueError("qwen3: use_sliding_window=True is not supported (no released Qwen3 checkpoint sets it)")
     N = hf["num_attention_heads"]
     H = hf.get("head_dim") or 128  # Qwen3Config's default
     bias = hf.get("attention_bias", False)
@@ -29,7 +27,7 @@ def config_from_hf(hf: Mapping[str, Any], common: dict[str, Any]) -> ModelConfig
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
         norm_eps=hf.get("rms_norm_eps", 1e-6), activation=hf.get("hidden_act", "silu"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=bias, o_bias=bias, qk_norm=True,
-        **hf_rope(hf, H, 1.0),
+        **hf_rope(hf, H, 1.0), **hf_qwen_window(hf),
     )
 
 
@@ -85,7 +83,7 @@ FAMILY = ModelFamily(
     weight_map=HF_WEIGHT_MAP,
     base_prefix="model.",
     options=frozenset({"qkv_bias", "o_bias", "qk_norm", "rotary_dim", "rope_theta", "rope_scaling",
-                       "quantization"}),
+                       "quantization", "sliding_window", "layer_types"}),
     check=check,
     gguf_architectures=("qwen3",),
     config_from_gguf=config_from_gguf,
