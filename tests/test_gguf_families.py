@@ -34,6 +34,14 @@ CASES = {  # name: (HF class, config, GGUF arch, transformers reads it)
         **_BASE, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen2", True),
     "qwen3-headdim24-untied": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
         **_BASE, head_dim=24, tie_word_embeddings=False), "qwen3", False),
+    # YaRN as llama.cpp's converter writes it (rope.scaling.type yarn, factor, original context, betas)
+    "qwen3-yarn-factor4-betas": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
+        **_BASE, head_dim=16, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                               "original_max_position_embeddings": 16, "beta_fast": 16.0,
+                                               "beta_slow": 2.0}), "qwen3", False),
+    "qwen2-yarn-factor2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+        **_BASE, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                                  "original_max_position_embeddings": 32}), "qwen2", False),
     # llama.cpp's gemma2: sliding layers first, alternating; the window and both soft-caps in the file
     "gemma2-softcaps": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
         **_GEMMA, sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=3.0), "gemma2", True),
@@ -66,6 +74,13 @@ def write_gguf(model, arch: str, path) -> None:
     w.add_vocab_size(cfg.vocab_size)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
     w.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key in ("beta_fast", "beta_slow"):
+            if key in rope:
+                getattr(w, f"add_rope_scaling_yarn_{key}")(rope[key])
     if arch == "phi3":
         w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if getattr(cfg, "sliding_window", None):
@@ -116,3 +131,23 @@ def test_gguf_matches_the_hf_model(case, tmp_path):
         theirs = cls.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).state_dict()
         for name, t in hf.state_dict().items():
             np.testing.assert_allclose(theirs[name].numpy(), t.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_gguf_yarn_overrides_with_other_meanings_are_refused(tmp_path):
+    cls, config, arch, _ = CASES["qwen3-yarn-factor4-betas"]
+    hf = build_hf(cls, config, tmp_path / "hf")
+    path = tmp_path / "yarn.gguf"
+    write_gguf(hf, arch, path)
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["qwen3.rope.scaling.type"].contents() == "yarn"
+    from pagedjax.models.config import gguf_rope_scaling
+
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("qwen3.rope")}
+    assert gguf_rope_scaling(meta, "qwen3").factor == 4.0
+    for key, value in (("yarn_attn_factor", 0.5), ("yarn_ext_factor", 1.0), ("yarn_log_multiplier", 0.1)):
+        with pytest.raises(ValueError, match=key):
+            gguf_rope_scaling({**meta, f"qwen3.rope.scaling.{key}": value}, "qwen3")
+    with pytest.raises(ValueError, match="original_context_length"):
+        gguf_rope_scaling({k: v for k, v in meta.items() if "original" not in k}, "qwen3")
+    with pytest.raises(ValueError, match="'longrope'"):
+        gguf_rope_scaling({**meta, "qwen3.rope.scaling.type": "longrope"}, "qwen3")

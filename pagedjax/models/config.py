@@ -306,6 +306,30 @@ def hf_rope(hf: Mapping[str, Any], head_dim: int, default_partial: float) -> dic
     return dict(rotary_dim=int(head_dim * partial), rope_theta=float(theta), rope_scaling=scaling)
 
 
+def gguf_rope_scaling(meta: Mapping[str, Any], arch: str) -> RopeScaling:
+    """RopeScaling from llama.cpp's `<arch>.rope.scaling.*` keys: none, linear, or yarn (factor and
+    original context, optional betas; its attention factor computed as transformers does). The
+    YaRN overrides llama.cpp reads with other meanings (attn_factor, ext_factor, log multiplier)
+    are refused rather than guessed."""
+    g = lambda key, default=None: meta.get(f"{arch}.rope.scaling.{key}", default)  # noqa: E731
+    kind = g("type", "none")
+    if kind == "none":
+        return RopeScaling()
+    if kind == "linear":
+        return RopeScaling("linear", float(g("factor")))
+    if kind != "yarn":
+        raise ValueError(f"unsupported GGUF rope scaling type {kind!r} for {arch} (supported: none, linear, yarn)")
+    for key, neutral in (("yarn_attn_factor", 1.0), ("yarn_ext_factor", None), ("yarn_log_multiplier", 0.0)):
+        if g(key) is not None and g(key) != neutral:
+            raise ValueError(f"{arch}: GGUF YaRN with rope.scaling.{key}={g(key)} is not supported")
+    if g("factor") is None or g("original_context_length") is None:
+        raise ValueError(f"{arch}: GGUF YaRN needs rope.scaling.factor and rope.scaling.original_context_length")
+    p = {"rope_type": "yarn", "factor": float(g("factor")),
+         "original_max_position_embeddings": int(g("original_context_length"))}
+    p.update({b: float(g(f"yarn_{b}")) for b in ("beta_fast", "beta_slow") if g(f"yarn_{b}") is not None})
+    return hf_rope({"rope_parameters": p}, 2, 1.0)["rope_scaling"]
+
+
 def get_config(name: str) -> ModelConfig:
     """A named config (tiny ones for tests, real ones for benchmarks): see models/named.py."""
     from pagedjax.models.named import NAMED_CONFIGS

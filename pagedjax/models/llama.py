@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 
 from pagedjax.attention import AttentionMetadata
-from pagedjax.models.config import ModelConfig, RopeScaling, f32, hf_rope
+from pagedjax.models.config import ModelConfig, f32, gguf_rope_scaling, hf_rope
 from pagedjax.models.family import ModelFamily
 from pagedjax.models.layers import DecoderBlock, DecoderLM, feed_forward, norm
 
@@ -65,10 +65,7 @@ def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str], nam
         return mixtral.config_from_gguf(meta, tensor_names, name)
     if "rope_freqs.weight" in tensor_names:
         raise ValueError("GGUF rope_freqs tensors (llama3 rope scaling) are not supported")
-    scaling = g("rope.scaling.type", "none")
-    if scaling not in ("none", "linear"):
-        raise ValueError(f"unsupported GGUF rope scaling type {scaling!r}")
-    rope = RopeScaling("linear", float(g("rope.scaling.factor"))) if scaling == "linear" else RopeScaling()
+    rope = gguf_rope_scaling(meta, "llama")
     D, N = int(g("embedding_length")), int(g("attention.head_count"))
     H = int(g("attention.key_length", D // N))
     if int(g("rope.dimension_count", H)) != H:

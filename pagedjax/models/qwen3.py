@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from pagedjax.models import llama
-from pagedjax.models.config import ModelConfig, f32, hf_qwen_window, hf_rope
+from pagedjax.models.config import ModelConfig, f32, gguf_rope_scaling, hf_qwen_window, hf_rope
 from pagedjax.models.family import ModelFamily
 
 
@@ -34,8 +34,6 @@ def config_from_hf(hf: Mapping[str, Any], common: dict[str, Any]) -> ModelConfig
 def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str], name: str = "") -> ModelConfig:
     """llama.cpp's `qwen3.*` keys (half-split rotary: q/k rows are not permuted)."""
     g = lambda key, default=None: meta.get(f"qwen3.{key}", default)
-    if g("rope.scaling.type", "none") not in ("none",):
-        raise ValueError(f"unsupported GGUF rope scaling type {g('rope.scaling.type')!r} for qwen3")
     D, N = int(g("embedding_length")), int(g("attention.head_count"))
     H = int(g("attention.key_length", D // N))
     eos = meta.get("tokenizer.ggml.eos_token_id")
@@ -48,6 +46,7 @@ def config_from_gguf(meta: Mapping[str, Any], tensor_names: Collection[str], nam
         tie_word_embeddings="output.weight" not in tensor_names, qk_norm=True,
         qkv_bias="blk.0.attn_q.bias" in tensor_names, o_bias="blk.0.attn_output.bias" in tensor_names,
         rotary_dim=H, rope_theta=f32(g("rope.freq_base", 1000000.0)),
+        rope_scaling=gguf_rope_scaling(meta, "qwen3"),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=() if eos is None else (int(eos),),
         name=name,
     )
