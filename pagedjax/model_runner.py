@@ -363,11 +363,17 @@ class ModelRunner:
         logger.info("KV cache: %d pages of %d tokens = %d tokens, %.1f MiB (%s, %d bytes a token)", num_pages - 1,
                     self.page_size, (num_pages - 1) * self.page_size, page_pool.pages_bytes(self.pages) / 2**20,
                     self.kv_dtype.name, self.page_bytes() // self.page_size)
+        calibrated = cfg.quantization is not None and cfg.quantization.kv_cache_scheme is not None
         if kv_dtype.is_fp8(self.kv_dtype):
             ratio = params.dtype.itemsize // self.kv_dtype.itemsize
-            logger.info("KV cache in fp8 (e4m3, per-kv-head scales): the pool holds %dx the pages of a %s pool in "
-                        "the same memory (%d pages, a %s pool of these bytes: %d)", ratio, params.dtype.name,
-                        num_pages - 1, params.dtype.name, (num_pages - 1) // ratio)
+            logger.info("KV cache in fp8 (e4m3, %s): the pool holds %dx the pages of a %s pool in "
+                        "the same memory (%d pages, a %s pool of these bytes: %d)",
+                        "the checkpoint's k_scale / v_scale" if calibrated else "unit scales", ratio,
+                        params.dtype.name, num_pages - 1, params.dtype.name, (num_pages - 1) // ratio)
+        elif calibrated:
+            logger.info("the checkpoint's FP8 KV-cache scales (kv_cache_scheme) go unused by a %s pool: "
+                        "kv_cache_dtype='fp8' (--kv-cache-dtype fp8) stores the pool in e4m3 with them",
+                        self.kv_dtype.name)
         seconds = self.executables.seconds
         if opts.precompile:
             self.precompile()

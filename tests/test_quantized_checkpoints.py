@@ -25,6 +25,7 @@ zero point or block moves every position by a good fraction of the scale.
 from __future__ import annotations
 
 import copy
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -209,7 +210,7 @@ def test_tensor_parallel_shard_map_path(fmt, tp, base, checkpoint, monkeypatch):
     assert np.median(position_errs(one, per_shard)) > 100 * TIGHT  # the per-shard reference differs
 
 
-def test_engine_greedy_from_the_checkpoints_kv_scales(base, checkpoint):
+def test_engine_greedy_from_the_checkpoints_kv_scales(base, checkpoint, caplog):
     """The engine (kv_cache_dtype="fp8": the pool in e4m3 with the checkpoint's k_scale / v_scale,
     prefix caching on) decodes greedily what the float64 reference picks: each token is the
     reference's argmax over the sequence so far, unless the reference's top two are within TIE
@@ -221,9 +222,13 @@ def test_engine_greedy_from_the_checkpoints_kv_scales(base, checkpoint):
     _, prompts = base
     folder, ref = checkpoint("ct-fp8-channel-kv")
     params = load_params(folder, dtype=np.float32, progress=False)
-    engine = LLMEngine(params, EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
-                                            page_size=PAGE, num_pages=NUM_PAGES, attn_impl="reference",
-                                            kv_cache_dtype="fp8"))
+    options = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=PAGE,
+                   num_pages=NUM_PAGES, attn_impl="reference", precompile=False)
+    with caplog.at_level(logging.INFO, logger="pagedjax"):
+        LLMEngine(params, EngineConfig(**options))
+        assert "FP8 KV-cache scales (kv_cache_scheme) go unused by a float32 pool" in caplog.text, caplog.text
+        engine = LLMEngine(params, EngineConfig(**options, kv_cache_dtype="fp8"))
+        assert "KV cache in fp8 (e4m3, the checkpoint's k_scale / v_scale)" in caplog.text, caplog.text
     assert engine.stats().num_usable_pages > 0
     sp = pj.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
