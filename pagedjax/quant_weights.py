@@ -36,6 +36,15 @@ _QUANT_SUFFIX = re.compile(r"\.(qweight|qzeros|scales|g_idx|weight_scale|weight_
                            r"k_scale|v_scale|output_scale)$")
 
 
+def _pop_first(source: dict[str, Callable], names, prefix: str) -> Callable | None:
+    """Removes and returns the reader of the first of `names` in `source`, each name tried as
+    given and without the base model's prefix (as the loader allows for every tensor)."""
+    for name in (n for hf in names for n in (hf, hf.removeprefix(prefix))):
+        if name in source:
+            return source.pop(name)
+    return None
+
+
 def flat(tree, is_leaf=None) -> dict[str, tuple[tuple[str, ...], Any]]:
     """{dotted path: (keys, leaf)} of a nested dict."""
     return {".".join(k.key for k in p): (tuple(k.key for k in p), x)
@@ -77,10 +86,9 @@ class QuantizedLinears:
         for m, hf in self.modules.items():
             tensors = {}
             for sfx in self.qcfg.tensor_names():
-                for name in (f"{hf}.{sfx}", f"{hf.removeprefix(prefix)}.{sfx}"):
-                    if name in source:
-                        tensors[sfx] = source.pop(name)
-                        break
+                read = _pop_first(source, [f"{hf}.{sfx}"], prefix)
+                if read is not None:
+                    tensors[sfx] = read
             taken[m] = tensors
         return taken
 
@@ -88,11 +96,8 @@ class QuantizedLinears:
         """Removes each attention's FP8 KV-cache scale from `source`: {our param: reader}."""
         taken = {}
         for t, names in self.kv_scales.items():
-            for name in (n for hf in names for n in (hf, hf.removeprefix(prefix))):
-                if name in source:
-                    taken[t] = source.pop(name)
-                    break
-            else:
+            taken[t] = _pop_first(source, names, prefix)
+            if taken[t] is None:
                 raise ValueError(f"{self.desc}: checkpoint lacks the KV-cache scale {names[0]} (its "
                                  f"quantization_config has a kv_cache_scheme)")
         return taken

@@ -8,8 +8,8 @@ impl:
           The only impl of weight-only checkpoints (activation "none": compressed-tensors W8A16).
           For decode (a step at small M reads the weights' bytes and runs few kernels per linear):
           "auto" picks it on a GPU up to $PAGEDJAX_FP8_WEIGHT_ONLY_ROWS rows (default
-          WEIGHT_ONLY_MAX_ROWS; 0 turns it off), elsewhere only where the variable is set. On the H100 (2026-12-05, quant_matmul.py on
-          Llama-3-8B's qkv, gate_up and down) it ran 1.4-1.8x bf16 at M 1-32, ahead of the W8A8
+          WEIGHT_ONLY_MAX_ROWS; 0 turns it off), elsewhere only where the variable is set. On
+          the H100 (2026-12-05, quant_matmul.py on Llama-3-8B's qkv, gate_up and down) it ran 1.4-1.8x bf16 at M 1-32, ahead of the W8A8
           dot (1.0-1.7x), 6% ahead of it over the three at M 64 and behind at M >= 128; the
           engine's batch-1 step fell from 1.33x bf16's (W8A8) to 0.66x with it (RESULTS.md).
   "xla"   XLA ops only, any backend (CPU tests check it against float64). fp8: activations
@@ -58,12 +58,11 @@ def resolve_impl(impl: str, w: QuantizedWeight, x_dtype, num_rows: int) -> str:
         return "w8a16"
     if impl != "auto":
         return impl
-    explicit = bool(os.environ.get(WEIGHT_ONLY_ENV, "").strip())
-    if jax.default_backend() != "gpu" and not explicit:
-        return "xla"
-    if weight_only_supported(w) and num_rows <= _weight_only_rows():
-        return "w8a16"
-    if jax.default_backend() != "gpu":
+    gpu = jax.default_backend() == "gpu"
+    if (gpu or os.environ.get(WEIGHT_ONLY_ENV, "").strip()) and weight_only_supported(w) \
+            and num_rows <= _weight_only_rows():
+        return "w8a16"  # a GPU by default; elsewhere only where the variable is set
+    if not gpu:
         return "xla"
     if w.kind == "fp8":
         ok = (num_rows > FP8_XLA_MAX_ROWS and kernels.has_handler(kernels.FP8_TARGET)
