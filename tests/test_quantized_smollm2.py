@@ -1,11 +1,15 @@
 """FP8 weights and the FP8 KV cache on the real bundled SmolLM2-135M-Instruct (float32 on the CPU).
 
-Against the float32 model, through the engine: greedy answers to chat questions (chat template
-applied) must agree for their first tokens (8 on average for the FP8 KV cache and for FP8 weights
-run weight-only, 6 over 24 questions for FP8 weights run W8A8: see AGREE_FP8_WEIGHTS); on a fixed text, the mean KL divergence of the
-next-token distributions (float32 model || quantized) must stay under a bound measured here with
-margin. Each KL bound is shown to catch a planted bug: FP8 weight scales applied to the wrong
-output channels (shifted by one), and FP8 pages written to the wrong kv heads.
+Through the engine, greedy answers to chat questions (chat template applied) must agree for their
+first tokens with the unquantized model's:
+- the issue's comparison, bf16 vs FP8 weights with bf16 activations, run as a GPU runs them: 8 on
+  average over 48 questions;
+- against the float32 model: 8 over 24 for FP8 weights run weight-only and for the FP8 KV cache,
+  6 over 24 for FP8 weights run W8A8 at every size (see AGREE_FP8_WEIGHTS).
+On a fixed text, the mean KL divergence of the next-token distributions (float32 model ||
+quantized) must stay under a bound measured here with margin. Each KL bound is shown to catch a
+planted bug: FP8 weight scales applied to the wrong output channels (shifted by one), and FP8
+pages written to the wrong kv heads.
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ MORE_QUESTIONS = ["What is the largest planet in the solar system?", "Translate 
                   "What language is spoken in Brazil?", "What do bees make?", "How many continents are there?",
                   "What is the freezing point of water in Celsius?", "Write one sentence about autumn.",
                   "What is the capital of Japan?"]
+# 24 more for the comparison the issue names, bf16 vs fp8 (both with bf16 activations): over 48 the
+# mean moves by 1/3 with one answer's flip at its first token
+BF16_QUESTIONS = ["What is the tallest mountain on Earth?", "Name an animal that lives in the ocean.",
+                  "What is the main ingredient of guacamole?", "How many hours are in a day?",
+                  "What is the capital of Italy?", "Who painted the Mona Lisa?",
+                  "What gas do plants absorb from the air?", "Name a musical instrument with strings.",
+                  "What is 15 plus 27?", "Give me an antonym for fast.", "What is the capital of Canada?",
+                  "How many sides does a hexagon have?", "What is the longest river in Africa?",
+                  "Name a vegetable that is green.", "What do you call a baby cat?",
+                  "Write a short greeting for a birthday card.", "What planet is known as the Red Planet?",
+                  "What is the currency of the United Kingdom?", "Name two mammals that can fly or glide.",
+                  "What is H2O commonly called?", "Who discovered penicillin?", "What is the capital of Australia?",
+                  "How many minutes are in an hour?", "Describe the color of grass in one word."]
+N24 = len(QUESTIONS) + len(MORE_QUESTIONS)
 MAX_NEW = 16
 AGREE = 8  # mean common prefix of the greedy answers, in tokens (of MAX_NEW): the FP8 KV cache's
 # FP8 weights (W8A8: activations quantized per token too) over all 24 questions. Measured on the
@@ -78,8 +96,13 @@ def fp8():
 @pytest.fixture(scope="module")
 def prompts(f32):
     engine = LLMEngine(f32, EngineConfig(max_model_len=128, precompile=False))
-    return ([engine.chat_prompt([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS + MORE_QUESTIONS],
-            engine.tokenizer)
+    return ([engine.chat_prompt([{"role": "user", "content": q}], tokenize=True)
+             for q in QUESTIONS + MORE_QUESTIONS + BF16_QUESTIONS], engine.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    return pj.load_params(dtype=jnp.bfloat16, progress=False)
 
 
 def greedy(params, prompts, **options) -> list[list[int]]:
@@ -122,6 +145,7 @@ def mean_kl(ref: np.ndarray, got: np.ndarray) -> float:
 
 def test_fp8_weights_greedy_chat_answers_agree(f32, fp8, prompts):
     ids, tok = prompts
+    ids = ids[:N24]
     ref, got = greedy(f32, ids), greedy(fp8, ids)
     agree = [common_prefix(a, b) for a, b in zip(ref, got)]
     answers = [(tok.decode(a), tok.decode(b)) for a, b in zip(ref, got)]
@@ -134,6 +158,7 @@ def test_fp8_weights_weight_only_greedy_chat_answers_agree(f32, fp8, prompts, mo
     """The same FP8 weights run weight-only at every size (W8A16: activations unquantized, as a GPU
     runs decode up to 64 rows): the answers agree for AGREE tokens on average (measured 9.9)."""
     ids, tok = prompts
+    ids = ids[:N24]
     ref = greedy(f32, ids)
     monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", "1000000")  # part of the compile cache's key
     jax.clear_caches()  # the steps are traced again under the variable, and after it
@@ -145,6 +170,31 @@ def test_fp8_weights_weight_only_greedy_chat_answers_agree(f32, fp8, prompts, mo
     agree = [common_prefix(a, b) for a, b in zip(ref, got)]
     print("fp8 weights, weight-only: common prefixes", agree)
     assert np.mean(agree) >= AGREE, f"common prefixes {agree}: {[tok.decode(g) for g in got]}"
+
+
+def test_bf16_vs_fp8_greedy_chat_answers_agree_as_a_gpu_runs_them(bf16, prompts, monkeypatch):
+    """The issue's comparison: the model in bf16 vs its FP8 weights (bf16 activations), run as a
+    GPU runs them by default (weight-only up to 64 rows, so decode; W8A8 above, so the batched
+    prefills), over 48 chat questions: the greedy answers agree for AGREE tokens on average.
+    Measured on the 2-core CPUs: 8.73 with the CPU attention custom call, 8.71 with the jnp
+    reference attention. W8A8 at every size (the CPU's "auto") measures 8.77 and 7.65: the first
+    24 questions alone 10.5 and 8.2, so the mean moves by more than a token with the order of an
+    attention's float sums; the bf16 model itself agrees with float32 for 14 tokens."""
+    ids, tok = prompts
+    fp8 = pj.load_params(dtype=jnp.bfloat16, progress=False, quantization="fp8")
+    assert fp8.variables["params"]["layers_0"]["mlp"]["down_proj"]["qvalue"].dtype == jnp.float8_e4m3fn
+    ref = greedy(bf16, ids)
+    monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", "64")  # the GPU's default (part of the compile cache's key)
+    jax.clear_caches()
+    try:
+        got = greedy(fp8, ids)
+    finally:
+        monkeypatch.delenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS")
+        jax.clear_caches()
+    agree = [common_prefix(a, b) for a, b in zip(ref, got)]
+    print("bf16 vs fp8 weights: common prefixes", agree)
+    assert np.mean(agree) >= AGREE, f"common prefixes {agree}: {[tok.decode(g) for g in got]}"
+    assert "Paris" in tok.decode(got[0]), tok.decode(got[0])
 
 
 def test_fp8_weights_kl_is_small_and_catches_a_wrong_scale_axis(f32, fp8, prompts):
