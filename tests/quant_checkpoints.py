@@ -24,6 +24,11 @@ Layouts, as the tools write them:
     `qzeros` int32 [in/group, out/8] (both with AWQ's nibble order), `scales` f16 [in/group, out]
   AutoGPTQ (nn_modules/qlinear/qlinear_cuda_old.py QuantLinear.pack): `qweight` int32 [in/8, out],
     `qzeros` int32 [in/group, out/8] storing zero - 1 (v1), `scales` f16, `g_idx` int32 [in]
+    With desc_act (auto_gptq/quantization/gptq.py GPTQ.fasterquant, actorder=True): the input
+    rows are quantized in the order perm (descending Hessian diagonal), group i covering perm's
+    positions [i * group, (i + 1) * group); the codes are put back in the rows' own order before
+    packing, and g_idx[perm[j]] = j // group, so a group's rows are scattered over `in`. Here perm
+    is a random permutation of each linear (no Hessian), which exercises the same layout.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ CONFIGS = {  # quantization_config blocks, as each tool writes them
     "awq-g64": {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": False,
              "checkpoint_format": "gptq"},
+    "gptq-act-order": {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": False,
+                       "static_groups": False, "checkpoint_format": "gptq"},
 }
 
 
@@ -252,9 +259,26 @@ def _gptq(w: torch.Tensor, group: int):
     return {k: torch.from_numpy(v) for k, v in t.items()}, torch.from_numpy(deq)
 
 
+def _gptq_act_order(w: torch.Tensor, group: int):
+    """GPTQ with desc_act: rows quantized in a random order perm, put back before packing."""
+    wn = w.double().numpy()  # [N, K]
+    K = wn.shape[1]
+    perm = np.random.default_rng([K, wn.shape[0], int(abs(wn).sum() * 1e6) % 2**31]).permutation(K)
+    q_p, z, s, deq_p = _int4_rtn(wn[:, perm], group, zmin=1)  # codes [K, N] in perm's order
+    q = np.empty_like(q_p)
+    q[perm] = q_p  # row perm[j] of the weight is the j-th quantized
+    deq = np.empty_like(deq_p)
+    deq[:, perm] = deq_p
+    g_idx = np.empty(K, np.int32)
+    g_idx[perm] = np.arange(K) // group
+    t = {"qweight": gptq_pack_qweight(q), "qzeros": gptq_pack_qzeros(z, v1=True), "scales": s, "g_idx": g_idx}
+    return {k: torch.from_numpy(v) for k, v in t.items()}, torch.from_numpy(deq)
+
+
 QUANTIZERS = {"ct-fp8-channel": _fp8_channel, "ct-fp8-tensor-static": _fp8_tensor, "hf-fp8-block": _fp8_block,
               "ct-fp8-channel-w8a16": _fp8_channel, "ct-fp8-channel-kv": _fp8_channel,
-              "awq": lambda w: _awq(w, 128), "awq-g64": lambda w: _awq(w, 64), "gptq": lambda w: _gptq(w, 128)}
+              "awq": lambda w: _awq(w, 128), "awq-g64": lambda w: _awq(w, 64), "gptq": lambda w: _gptq(w, 128),
+              "gptq-act-order": lambda w: _gptq_act_order(w, 64)}
 ACTIVATIONS = {"ct-fp8-channel": "token", "ct-fp8-channel-kv": "token", "ct-fp8-tensor-static": "static", "hf-fp8-block": "group"}
 
 

@@ -1,5 +1,7 @@
 """QuantConfig.from_hf on the quantization_config blocks real checkpoints carry, and its refusals."""
 
+import dataclasses
+
 import pytest
 
 from pagedjax.quantization import QuantConfig
@@ -101,7 +103,11 @@ def test_awq_and_gptq():
     assert cfg({**GPTQ, "checkpoint_format": "gptq_v2", "group_size": -1}).checkpoint_format == "gptq_v2"
     assert cfg({**GPTQ, "group_size": -1}).group_size == -1
     assert cfg({**GPTQ, "sym": False}).checkpoint_format == "gptq"
-    assert "g_idx" in g.tensor_names()
+    assert "g_idx" in g.tensor_names() and not g.act_order
+    assert cfg({**GPTQ, "desc_act": True}).act_order  # each row's group from g_idx
+    assert not cfg({**GPTQ, "desc_act": True, "group_size": -1}).act_order  # one group: nothing to reorder
+    with pytest.raises(ValueError, match="act_order is for int4"):
+        dataclasses.replace(QuantConfig.online("fp8"), act_order=True)
 
 
 def test_online_fp8():
@@ -125,7 +131,8 @@ def test_ignore_patterns():
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes", "quant_method"),
     ({"quant_method": "marlin"}, "marlin", "quant_method"),
     ({**GPTQ, "bits": 8}, "gptq", "bits"),
-    ({**GPTQ, "desc_act": True}, "gptq", "desc_act"),
+    ({**GPTQ, "desc_act": "yes"}, "gptq", "desc_act"),
+    ({**GPTQ, "desc_act": True, "act_group_aware": True}, "gptq", "act_group_aware"),
     ({**GPTQ, "checkpoint_format": "marlin"}, "gptq", "checkpoint_format"),
     ({**GPTQ, "is_marlin_format": True}, "gptq", "is_marlin_format"),
     ({**GPTQ, "group_size": 100}, "gptq", "group_size"),

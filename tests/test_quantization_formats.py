@@ -82,14 +82,39 @@ def test_gptq_symmetric_zero_is_eight():
     np.testing.assert_array_equal(np.asarray(dequantize(w)), (q.astype(np.float32) - 8).T)
 
 
-def test_gptq_act_order_g_idx_raises():
+def test_gptq_act_order_g_idx_raises_without_desc_act():
     K, N, gs = 128, 16, 64
     g_idx = np.random.default_rng(0).permutation(np.arange(K) // gs).astype(np.int32)
-    with pytest.raises(ValueError, match="act-order"):
+    with pytest.raises(ValueError, match="desc_act"):
         from_gptq(np.zeros((K // 8, N), np.int32), np.zeros((2, N // 8), np.int32), np.ones((2, N), np.float16),
                   gs, g_idx=g_idx)
 
 
+@pytest.mark.parametrize("K,N,gs", [(128, 32, 64), (256, 48, 32)])
+def test_gptq_act_order(K, N, gs):
+    """desc_act: row k's group is g_idx[k] (a permutation's rank // gs): the weight keeps g_idx and
+    dequantizes each row with its own group's zero and scale; an out-of-range g_idx and a missing
+    one are errors."""
+    rng, seed = rng_for("gptq-act-order", K, N, gs)
+    G = K // gs
+    g_idx = np.empty(K, np.int32)
+    g_idx[rng.permutation(K)] = np.arange(K) // gs  # GPTQ: g_idx[perm[j]] = j // gs
+    q = rng.integers(0, 16, (K, N)).astype(np.uint8)
+    z = rng.integers(1, 17, (G, N)).astype(np.uint8)
+    s = rng.uniform(0.002, 0.05, (G, N)).astype(np.float16)
+    w_truth = (q.astype(np.float64) - z[g_idx].astype(np.float64)) * s[g_idx].astype(np.float64)  # [K, N]
+    cfg = QuantConfig.from_hf({"quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": gs, "desc_act": True, "sym": False}})
+    assert cfg.act_order
+    tensors = {"qweight": gptq_pack_qweight(q), "qzeros": gptq_pack_qzeros(z, True), "scales": s, "g_idx": g_idx}
+    w = convert_checkpoint_linear(cfg, tensors)
+    assert w.act_order and np.asarray(w.g_idx).dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(w.g_idx), g_idx)
+    check_int4(w, q, z, s, w_truth.astype(np.float64), seed)
+    with pytest.raises(ValueError, match="g_idx"):
+        convert_checkpoint_linear(cfg, {**tensors, "g_idx": np.where(g_idx == 0, G, g_idx).astype(np.int32)})
+    with pytest.raises(ValueError, match="lacks g_idx"):
+        convert_checkpoint_linear(cfg, {k: v for k, v in tensors.items() if k != "g_idx"})
 def test_int4_tile_layout_matches_its_documented_formula():
     """qvalue[nt, kt, lane, s] nibble b = 4h + 2c + r holds q[n, k], n = 16 nt + 8 r + lane // 4,
     k = 64 kt + 16 (lane % 4) + 4 s + 2 c + h (weight.py): checked element by element."""

@@ -172,21 +172,26 @@ def test_weight_only_checkpoint_weights_run_w8a16_at_every_size(strategy, monkey
 # --- int4 ----------------------------------------------------------------------------------
 
 
-def random_int4_weight(rng, K, N, gs, scale_dtype=np.float16):
+def random_int4_weight(rng, K, N, gs, scale_dtype=np.float16, act_order=False):
+    """act_order: row k in group g_idx[k], a random permutation's rank // gs (GPTQ desc_act)."""
     gsz = K if gs == -1 else gs
     G = K // gsz
     q = rng.integers(0, 16, (K, N)).astype(np.uint8)
     z = rng.integers(0, 17, (G, N)).astype(np.uint8)  # 16 occurs in GPTQ v1 checkpoints
     s = rng.uniform(0.002, 0.05, (G, N)).astype(scale_dtype)
-    w64 = (q.astype(np.float64) - np.repeat(z, gsz, 0)) * np.repeat(f64(s), gsz, 0)  # [K, N]
-    return int4_weight(q, z, s, gs), w64
+    g_idx = np.arange(K) // gsz
+    if act_order:
+        g_idx[rng.permutation(K)] = np.arange(K) // gsz
+    w64 = (q.astype(np.float64) - z[g_idx]) * f64(s)[g_idx]  # [K, N]
+    return int4_weight(q, z, s, gs, g_idx=g_idx.astype(np.int32) if act_order else None), w64
 
 
-@pytest.mark.parametrize("K,N,gs", [(256, 48, 64), (384, 32, 128), (192, 80, -1)])
+@pytest.mark.parametrize("K,N,gs,act_order", [(256, 48, 64, False), (384, 32, 128, False), (192, 80, -1, False),
+                                              (256, 32, 64, True)])
 @pytest.mark.parametrize("M", [1, 7])
-def test_int4_xla_path_matches_float64(K, N, gs, M):
-    rng, seed = rng_for("int4", K, N, gs, M)
-    w, w64 = random_int4_weight(rng, K, N, gs)
+def test_int4_xla_path_matches_float64(K, N, gs, act_order, M):
+    rng, seed = rng_for("int4", K, N, gs, M, act_order)
+    w, w64 = random_int4_weight(rng, K, N, gs, act_order=act_order)
     x = rng.standard_normal((M, K)).astype(np.float32)
     want, mag = f64(x) @ w64, np.abs(f64(x)) @ np.abs(w64)
     got = f64(jax.jit(lambda x, w: quantized_matmul(x, w, impl="xla"))(jnp.asarray(x), jax.device_put(w)))
@@ -335,6 +340,18 @@ def test_int4_kernel_matches_float64(M, K, N, gs, splits, x_dtype, scale_dtype):
     again = kernels.int4_gemm(x, w, num_splits=splits)
     np.testing.assert_array_equal(np.asarray(again.astype(jnp.float32)), got.astype(np.float32))
     assert why_not is None, why_not
+
+
+def test_int4_act_order_runs_xla_not_the_kernel():
+    """The kernel reads a group's scales per K-tile in K's order: act-order weights take the XLA path."""
+    rng, _ = rng_for("int4-act-order")
+    w, _ = random_int4_weight(rng, 256, 32, 64, act_order=True)
+    from pagedjax.quantization.linear import resolve_impl
+
+    assert w.act_order and not kernels.int4_supported(w, jnp.bfloat16)
+    assert resolve_impl("auto", w, jnp.bfloat16, 1) == "xla"
+    with pytest.raises(ValueError, match="act-order"):
+        kernels.int4_gemm(jnp.zeros((1, 256), jnp.bfloat16), w)
 
 
 @pytest.mark.gpu

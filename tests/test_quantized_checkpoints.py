@@ -44,7 +44,7 @@ from tests import quant_checkpoints
 
 SEED = 20261205
 V, PAGE, NUM_PAGES = 256, 8, 32
-FORMATS = ("awq", "awq-g64", "gptq", "ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block",
+FORMATS = ("awq", "awq-g64", "gptq", "gptq-act-order", "ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block",
            "ct-fp8-channel-w8a16", "ct-fp8-channel-kv")
 W8A8 = ("ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block", "ct-fp8-channel-kv")
 FP8_KV = ("ct-fp8-channel-kv",)  # with the checkpoint's KV-cache scales: served from an fp8 pool
@@ -158,6 +158,10 @@ def test_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
     # the float model is far from the quantized one at every position: these checks can fail
     plain = [quant_checkpoints.Reference(copy.deepcopy(base[0]).double()).logits(p) for p in prompts]
     assert np.median(position_errs(plain, want)) > 100 * TIGHT
+    if fmt == "gptq-act-order":  # each linear keeps its g_idx, groups scattered over K
+        down = params.variables["params"]["layers_0"]["mlp"]["down_proj"]
+        assert down["g_idx"].shape == (512,) and down["g_idx"].dtype == np.int32
+        assert not np.array_equal(np.asarray(down["g_idx"]), np.arange(512) // 64)
     if fmt in FP8_KV:  # the checkpoint's scales, as saved, are the ones the pool reads
         for i, (k, v) in enumerate(ref.kv_scales):
             attn = params.variables["params"][f"layers_{i}"]["attn"]
@@ -168,7 +172,7 @@ def test_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
         assert np.median(position_errs(got, want)) > 2 * FLIP  # unit scales: no saturation (measured 0.24)
 
 
-@pytest.mark.parametrize("fmt,tp", [("awq", 2), ("awq-g64", 4), ("gptq", 2), ("ct-fp8-channel", 4),
+@pytest.mark.parametrize("fmt,tp", [("awq", 2), ("awq-g64", 4), ("gptq", 2), ("gptq-act-order", 4), ("ct-fp8-channel", 4),
                                     ("ct-fp8-tensor-static", 2), ("hf-fp8-block", 4), ("ct-fp8-channel-w8a16", 2),
                                     ("ct-fp8-channel-kv", 4)])
 def test_tensor_parallel_matches_one_device(fmt, tp, base, checkpoint):
@@ -183,7 +187,7 @@ def test_tensor_parallel_matches_one_device(fmt, tp, base, checkpoint):
     check_logits(f"{fmt} tp={tp} against one device", forward(params, prompts, mesh), one)
 
 
-@pytest.mark.parametrize("fmt,tp", [("awq", 2), ("awq-g64", 4), ("ct-fp8-channel", 2)])
+@pytest.mark.parametrize("fmt,tp", [("awq", 2), ("awq-g64", 4), ("gptq-act-order", 4), ("ct-fp8-channel", 2)])
 def test_tensor_parallel_shard_map_path(fmt, tp, base, checkpoint, monkeypatch):
     """The GPU's layout of a tp step, on the CPU: each linear per shard in shard_map (the XLA path
     inside), row-parallel ones all-reduced. Int4 gives one device's logits. W8A8 row-parallel

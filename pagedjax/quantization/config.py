@@ -12,8 +12,9 @@ Supported, as vLLM reads them:
                                      with a static per-tensor FP8 `kv_cache_scheme`, each attention's
                                      `k_scale` / `v_scale`, read by an FP8 KV cache (kv_cache_dtype="fp8")
   quant_method "awq"                 AutoAWQ GEMM, 4 bits, zero point, any group size
-  quant_method "gptq"                4 bits, group size or -1, no act-order; "gptq" (v1: stored zeros
-                                     are zero - 1) or "gptq_v2" checkpoints
+  quant_method "gptq"                4 bits, group size or -1, act-order (desc_act: each input row's
+                                     group from `g_idx`) or not; "gptq" (v1: stored zeros are
+                                     zero - 1) or "gptq_v2" checkpoints
 and `QuantConfig.online("fp8")`: bf16/f16 weights quantized at load time (e4m3, per-output-channel
 scales, dynamic per-token activations).
 
@@ -52,6 +53,8 @@ class QuantConfig:
     # "tensor": the checkpoint holds static per-tensor FP8 KV-cache scales (each attention's k_scale,
     # v_scale), used by an fp8 pool; None: none (an fp8 pool then has unit scales, as in vLLM)
     kv_cache_scheme: str | None = None
+    # int4 GPTQ desc_act: each input row's group read from the checkpoint's g_idx (layer param "g_idx")
+    act_order: bool = False
 
     def __post_init__(self):
         def bad(msg):
@@ -72,7 +75,11 @@ class QuantConfig:
                 bad("int4 weights are group-quantized and weight-only")
             if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
                 bad(f"group_size {self.group_size} must be -1 or a positive multiple of 8")
+            if self.act_order and self.group_size == -1:
+                bad("act_order needs groups (group_size -1 is one group)")
         else:
+            if self.act_order:
+                bad("act_order is for int4 (GPTQ) weights")
             if self.weight_strategy == "group":
                 bad("fp8 weights are quantized per tensor, channel or block, not per group")
             if (self.weight_strategy == "block") != (self.block_size is not None):
@@ -218,10 +225,10 @@ def _parse_gptq(q: Mapping[str, Any]) -> QuantConfig:
     m = "gptq"
     if q.get("bits") != 4:
         _fail(m, "bits", q.get("bits"), "only 4")
-    if q.get("desc_act"):
-        _fail(m, "desc_act", q["desc_act"], "act-order checkpoints are not supported")
+    if q.get("desc_act") not in (None, True, False):
+        _fail(m, "desc_act", q["desc_act"], "expected true or false")
     if q.get("act_group_aware"):
-        _fail(m, "act_group_aware", q["act_group_aware"], "act-order checkpoints are not supported")
+        _fail(m, "act_group_aware", q["act_group_aware"], "group-aware act-order checkpoints are not supported")
     if q.get("is_marlin_format") or q.get("use_marlin"):
         _fail(m, "is_marlin_format", True, "Marlin-packed checkpoints are not supported")
     if q.get("lm_head"):
@@ -238,9 +245,11 @@ def _parse_gptq(q: Mapping[str, Any]) -> QuantConfig:
     group = q.get("group_size", 128)
     if not isinstance(group, int) or not (group == -1 or (group > 0 and group % 8 == 0)):
         _fail(m, "group_size", group)
-    # sym only changes the stored zeros (all 8); the math reads them either way.
+    # sym only changes the stored zeros (all 8); the math reads them either way. desc_act with one
+    # group (-1) reorders nothing: every row is in group 0.
     return QuantConfig(m, fmt, "int4", "group", "none", group_size=group,
-                       ignore=_ignore_list(q, "modules_to_not_convert"))
+                       ignore=_ignore_list(q, "modules_to_not_convert"),
+                       act_order=bool(q.get("desc_act")) and group != -1)
 
 
 def _parse_compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:

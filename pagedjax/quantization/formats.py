@@ -13,7 +13,9 @@ Layouts read (the sources they are taken from):
     qzeros  [G, N/8] int32  nibble j of column c holds out-column 8c + j; the v1 format ("gptq")
                             stores zero - 1 (pack does `zeros -= 1`, the kernels add 1 back),
                             "gptq_v2" stores the zero itself
-    scales  [G, N] f16;  g_idx [K] int32 (k // group_size without act-order);  w = (q - z) * s
+    scales  [G, N] f16;  g_idx [K] int32, the group of each input row: k // group_size, or with
+                            act-order (desc_act) the row's rank in GPTQ's quantization order
+                            (columns by descending Hessian diagonal) // group_size;  w = (q - z[g_idx]) * s[g_idx]
   HF fine-grained FP8 (transformers integrations/finegrained_fp8.py, DeepSeek-V3's layout):
     weight [N, K] float8_e4m3fn;  weight_scale_inv [ceil(N/bn), ceil(K/bk)] f32, a multiplier:
     w = weight * weight_scale_inv[n // bn, k // bk]
@@ -51,7 +53,8 @@ def convert_checkpoint_linear(config: QuantConfig, tensors: Mapping[str, np.ndar
         return from_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], config.group_size)
     if fmt in ("gptq", "gptq_v2"):
         return from_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"], config.group_size,
-                         g_idx=tensors.get("g_idx"), zero_offset=1 if fmt == "gptq" else 0)
+                         g_idx=tensors.get("g_idx"), zero_offset=1 if fmt == "gptq" else 0,
+                         act_order=config.act_order)
     if fmt == "online":
         from pagedjax.quantization.fp8 import quantize_fp8  # jnp: runs on the default device
 
@@ -109,10 +112,11 @@ def from_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group_
 
 
 def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group_size: int, *,
-              g_idx: np.ndarray | None = None, zero_offset: int = 1) -> QuantizedWeight:
+              g_idx: np.ndarray | None = None, zero_offset: int = 1, act_order: bool = False) -> QuantizedWeight:
     """GPTQ tensors (qweight [K/8, N], qzeros [G, N/8], scales [G, N], g_idx [K]) -> QuantizedWeight.
 
     zero_offset: 1 for the v1 "gptq" format (stored zero = zero - 1), 0 for "gptq_v2".
+    act_order (desc_act checkpoints): g_idx is required and kept on the weight, whatever its order.
     """
     qweight = np.asarray(qweight)
     if qweight.ndim != 2:
@@ -124,11 +128,13 @@ def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group
     scales = _check("gptq scales", scales, (G, N), _SCALES)
     if g_idx is not None:
         g_idx = _check("gptq g_idx", g_idx, (K,), (np.int32, np.int64))
-        if not np.array_equal(g_idx, np.arange(K) // gs):
-            raise ValueError("gptq g_idx is not k // group_size: act-order (desc_act) checkpoints are not supported")
+        if not act_order and not np.array_equal(g_idx, np.arange(K) // gs):
+            raise ValueError("gptq g_idx is not k // group_size, and the quantization_config does not say desc_act")
+    elif act_order:
+        raise ValueError("gptq act-order (desc_act) linear: checkpoint lacks g_idx")
     q = _nibbles(qweight.T).reshape(N, K).T  # [K, N]: word row r, nibble j -> in-row 8r + j
     z = _nibbles(qzeros).reshape(G, N) + np.uint8(zero_offset)  # [G, N]
-    return int4_weight(q, z, scales, gs)
+    return int4_weight(q, z, scales, gs, g_idx=g_idx if act_order else None)
 
 
 # --- fp8 -----------------------------------------------------------------------------------

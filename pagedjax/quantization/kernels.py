@@ -136,8 +136,9 @@ def fp8_gemm(x_q: jax.Array, x_scale: jax.Array, w: QuantizedWeight, out_dtype) 
 
 
 def int4_supported(w: QuantizedWeight, x_dtype) -> bool:
-    """Whether the int4 kernel serves w for inputs of x_dtype (else: the XLA path)."""
-    return (jnp.dtype(x_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    """Whether the int4 kernel serves w for inputs of x_dtype (else: the XLA path). Not act-order
+    weights: the kernel reads a group's scales once per K-tile, in K's order."""
+    return (not w.act_order and jnp.dtype(x_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and (w.group_size % INT4_TILE_K == 0 or w.group_size == w.in_features))
 
 
@@ -152,7 +153,8 @@ def int4_gemm(x: jax.Array, w: QuantizedWeight, num_splits: int | None = None) -
     """y [M, N] in x's dtype = x [M, K] @ dequantized w.T, with the CUDA kernel (bf16/f16 x)."""
     if not int4_supported(w, x.dtype):
         raise ValueError(f"pagedjax_int4_gemm: needs bf16/f16 x and a group size that is a multiple of "
-                         f"{INT4_TILE_K} (or the whole K); got {jnp.dtype(x.dtype).name}, group {w.group_size}")
+                         f"{INT4_TILE_K} (or the whole K), without act-order; got {jnp.dtype(x.dtype).name}, "
+                         f"group {w.group_size}{', act-order' if w.act_order else ''}")
     _ffi.require(INT4_TARGET, jax.default_backend())
     M, K = x.shape
     N = w.out_features

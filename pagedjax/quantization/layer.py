@@ -4,7 +4,7 @@ replicas, and the tensor-parallel matmul.
 Dims: T tokens, K in_features, N out_features (heads x H when the layer's kernel keeps heads as
 their own dim: q_proj [D, N, H] quantizes as one [N * H, D] weight), H head dim.
 
-A layer holds its quantized weight as plain params ({"qvalue", "scale"[, "zero"][, "input_scale"]},
+A layer holds its quantized weight as plain params ({"qvalue", "scale"[, "zero"][, "input_scale"][, "g_idx"]},
 each with logical axis names), so Params, abstract_params, the loader's dotted paths and the
 sharding rules see ordinary arrays; `weight_from_params` rebuilds the QuantizedWeight (static
 layout from the QuantConfig) right where `quantized_matmul` needs it.
@@ -47,9 +47,9 @@ def param_specs(config: QuantConfig, in_features: int, out_features: int, *, in_
     static = config.activation == "static"
     shapes = expected_shapes(config.weight_dtype, in_features, out_features, weight_strategy=config.weight_strategy,
                              block_size=config.block_size, group_size=_group_size(config, in_features),
-                             static_input=static)
+                             static_input=static, act_order=config.act_order)
     axes = logical_axes(config.weight_dtype, out_axis, in_axis, weight_strategy=config.weight_strategy,
-                        static_input=static)
+                        static_input=static, act_order=config.act_order)
     out = {}
     for name, (shape, dtypes) in shapes.items():
         dtype = scale_dtype if (config.weight_dtype, name) == ("int4", "scale") else dtypes[0]
@@ -63,7 +63,7 @@ def weight_from_params(config: QuantConfig, params: Mapping[str, Any], in_featur
     return QuantizedWeight(params["qvalue"], params["scale"], params.get("zero"), params.get("input_scale"),
                            config.weight_dtype, in_features, out_features, block_size=config.block_size,
                            group_size=_group_size(config, in_features) if config.weight_dtype == "int4" else 0,
-                           activation=config.activation)
+                           activation=config.activation, g_idx=params.get("g_idx"))
 
 
 def repeat_out_heads(w: QuantizedWeight, num_heads: int, repeat: int) -> QuantizedWeight:
@@ -122,11 +122,14 @@ def quantized_matmul_tp(x: jax.Array, w: QuantizedWeight, mesh: Mesh, *, split: 
         raise ValueError(f"quantized_matmul_tp: {split}_features {N if split == 'out' else K} do not divide "
                          f"over {tp} devices")
     axes = logical_axes(w.kind, axis if split == "out" else None, axis if split == "in" else None,
-                        weight_strategy=w.weight_strategy, static_input=w.input_scale is not None)
+                        weight_strategy=w.weight_strategy, static_input=w.input_scale is not None,
+                        act_order=w.act_order)
     specs = dataclasses.replace(w, **{name: P(*a) for name, a in axes.items()})
     local = dataclasses.replace(w, in_features=local_k, out_features=local_n)
     expected_shapes(w.kind, local_k, local_n, weight_strategy=w.weight_strategy, block_size=w.block_size,
-                    group_size=w.group_size)  # raises unless a shard holds whole tiles and groups
+                    group_size=w.group_size, act_order=w.act_order,
+                    num_groups=w.scale.shape[0] if w.act_order else None)  # raises unless a shard holds whole
+    # tiles and groups (act-order: whole tiles; every shard holds all the groups)
     if w.block_size is not None and (local_n % w.block_size[0] or local_k % w.block_size[1]):
         raise ValueError(f"quantized_matmul_tp: a shard [{local_n}, {local_k}] splits fp8 blocks {w.block_size}")
 
