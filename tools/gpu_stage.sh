@@ -17,6 +17,9 @@
 # host      benchmarks/host_step.py: the engine's host work per decode step at batch 256 with no device in the
 #           loop, W1's sampling and the server's delta outputs (this machine's Python speed)
 # bench-fp8, bench-fp8kv, bench-qwen3: bench with FP8 weights, + FP8 KV cache, on Qwen3-8B
+# quant-w2  W3, the batch-1 step and W2 (1000 x 512/128) for bf16, fp8, fp8+fp8kv and awq weights (VARIANTS), one process
+# kv-1024   bf16 and FP8 KV caches (bf16 weights) at 1024/1024, 500 prompts: page counts and throughput
+#           (WORKLOADS overrides any throughput stage's workloads, space-separated)
 # fp8-small W3 and the batch-1 step of bf16 and fp8, with the fp8 linears W8A8 at every size
 #           (PAGEDJAX_FP8_WEIGHT_ONLY_ROWS=0) and weight-only up to 64 rows (the default), then quant_matmul.py
 #           at M 1 and 16
@@ -137,8 +140,10 @@ throughput() {  # throughput DIR NAME [ARGS...]: W3 then W1 on Llama-3-8B (or AR
   local dir="$1" name="$2"
   shift 2
   local out; out="$(cd "$OUTDIR" && pwd)/$name.json"
+  local workloads="" w
+  for w in ${WORKLOADS:-sharegpt:$N1}; do workloads+=" --workload $w"; done
   stage "$name" $((BUDGET + 120)) bash -c "cd '$dir' && PYTHONPATH='$SITE:$PWD/$dir' $PY benchmarks/throughput.py \
-    --model named:llama3-8b ${ENGINE[*]} --budget $BUDGET --quiet --latency 8:32:128 --workload sharegpt:$N1 \
+    --model named:llama3-8b ${ENGINE[*]} --budget $BUDGET --quiet --latency 8:32:128 $workloads \
     $* --out '$out'"
 }
 
@@ -165,6 +170,12 @@ for s in "$@"; do
       throughput . "bench-seqs-${SEQS:-512}-${TOKENS:-4096}" --max-num-seqs "${SEQS:-512}" \
         --max-num-batched-tokens "${TOKENS:-4096}" ;;
     bench-fp8) throughput . bench-fp8 --quantization fp8 ;;
+    quant-w2)  # W3, the batch-1 step and W2 (1000 x 512/128) for each of VARIANTS, one process
+      WORKLOADS="${WORKLOADS:-random:1000:512:128}" throughput . "quant-w2${TAG:+-$TAG}" \
+        --variants "${VARIANTS:-bf16,fp8,fp8+fp8kv,awq}" ;;
+    kv-1024)  # the FP8 KV cache beside bf16's at 1024/1024 (500 prompts): its pages (twice) and throughput
+      WORKLOADS="${WORKLOADS:-random:500:1024:1024}" throughput . "kv-1024${TAG:+-$TAG}" \
+        --variants "${VARIANTS:-bf16,bf16+fp8kv}" ;;
     bench-fp8kv) throughput . bench-fp8kv --quantization fp8 --kv-cache-dtype fp8 ;;
     bench-qwen3) throughput . bench-qwen3 --model named:qwen3-8b ;;
     fp8-small)  # FP8 at small batch: W3 and the batch-1 step of bf16 and fp8 in one process, with the fp8
