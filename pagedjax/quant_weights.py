@@ -103,13 +103,18 @@ class QuantizedLinears:
         return taken
 
     def load_kv_scales(self, taken: dict[str, Callable], place: Callable[[str, np.ndarray], None]) -> None:
-        """Places each per-tensor KV-cache scale as an f32 scalar, once checked finite and > 0."""
+        """Places each KV-cache scale as f32, once checked finite and > 0: a scalar per tensor, or
+        [kv heads] per head ("attn_head"; each head repeated as the kv heads are under tp)."""
+        per_head = self.qcfg.kv_cache_scheme == "attn_head"
+        n = self.config.num_kv_heads if per_head else 1
         for t, read in taken.items():
             a = np.asarray(read(), np.float32)
-            if a.size != 1 or not np.isfinite(a).all() or not (a > 0).all():
-                raise ValueError(f"{self.desc}: KV-cache scale {self.kv_scales[t][0]} must be one finite value > 0 "
-                                 f"(per-tensor kv_cache_scheme), got shape {list(a.shape)}: {a.ravel()[:4].tolist()}")
-            place(t, a.reshape(()))
+            if a.size != n or not np.isfinite(a).all() or not (a > 0).all():
+                what = f"{n} finite values > 0 (one per kv head" if per_head else "one finite value > 0 (per tensor"
+                raise ValueError(f"{self.desc}: KV-cache scale {self.kv_scales[t][0]} must be {what}: "
+                                 f"kv_cache_scheme {self.qcfg.kv_cache_scheme!r}), got shape {list(a.shape)}: "
+                                 f"{a.ravel()[:4].tolist()}")
+            place(t, np.repeat(a.reshape(n), self.kv_repeat) if per_head else a.reshape(()))
 
     def load(self, taken: dict[str, dict[str, Callable]], place: Callable[[str, np.ndarray], None]) -> None:
         """Converts each module's tensors (the published layout -> ours) and places its params."""

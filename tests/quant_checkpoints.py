@@ -19,7 +19,10 @@ Layouts, as the tools write them:
   compressed-tensors FP8 KV cache (llm-compressor's kv_cache_scheme, strategy "tensor"; vLLM's
     BaseKVCacheMethod): each attention's `k_scale` / `v_scale` f32 [1], K (after rotary) and V
     stored as e4m3(x / scale); here the scales of each layer are half its amax / 448 over the
-    calibration prompts, so the largest K and V saturate and a scale left unread shows
+    calibration prompts, so the largest K and V saturate and a scale left unread shows.
+    Strategy "attn_head" (compressed-tensors' QuantizationStrategy.ATTN_HEAD, whose scales are
+    [num heads, 1, 1] over K and V [batch, kv heads, seq, head_dim]): one scale per kv head, each
+    half its head's amax / 448
   AutoAWQ GEMM (awq/modules/linear/gemm.py WQLinear_GEMM.from_linear): `qweight` int32 [in, out/8],
     `qzeros` int32 [in/group, out/8] (both with AWQ's nibble order), `scales` f16 [in/group, out]
   AutoGPTQ (nn_modules/qlinear/qlinear_cuda_old.py QuantLinear.pack): `qweight` int32 [in/8, out],
@@ -36,6 +39,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +69,14 @@ CONFIGS = {  # quantization_config blocks, as each tool writes them
             "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
                                   "dynamic": True, "group_size": None}}},
         "kv_cache_scheme": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                            "dynamic": False, "group_size": None, "observer": "minmax"}},
+    "ct-fp8-channel-kv-head": {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {
+            **CT_GROUP, "weights": {**CT_GROUP["weights"], "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                                  "dynamic": True, "group_size": None}}},
+        "kv_cache_scheme": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "attn_head",
                             "dynamic": False, "group_size": None, "observer": "minmax"}},
     "ct-fp8-tensor-static": {
         "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
@@ -97,7 +109,8 @@ class Reference:
     model: torch.nn.Module
     activation: str | None = None  # "token", "group", "static", or None (weight-only)
     input_scales: dict[str, float] = field(default_factory=dict)
-    kv_scales: list[tuple[float, float]] | None = None  # per layer (k_scale, v_scale): an FP8 KV cache
+    # per layer (k_scale, v_scale), each a float or one per kv head: an FP8 KV cache
+    kv_scales: list[tuple[Any, Any]] | None = None
     hooks: list = field(default_factory=list)
 
     def hook(self, row_shards: int = 1) -> Reference:
@@ -121,9 +134,16 @@ class Reference:
         an FP8 KV cache: the rotary patch is module-wide, so it is in place for this call only)."""
         kv = []
         if self.kv_scales is not None:
-            one = lambda x, s: fake_quant(x.to(torch.float64), torch.tensor(s, dtype=torch.float64))  # noqa: E731
-            kv = _kv_hooks(self.model, lambda i, k: one(k, self.kv_scales[i][0]),
-                           lambda i, v: one(v, self.kv_scales[i][1]))
+            def one(x, s, head_axis):  # K [B, kv heads, T, H] (head axis 1), V [B, T, kv heads * H] (2)
+                s = torch.tensor(s, dtype=torch.float64)
+                if s.ndim == 0:
+                    return fake_quant(x.to(torch.float64), s)
+                heads = x.unflatten(-1, (len(s), -1)) if head_axis == 2 else x  # V: [B, T, kv heads, H]
+                shape = [1] * heads.ndim
+                shape[head_axis] = len(s)
+                return fake_quant(heads.to(torch.float64), s.reshape(shape)).reshape(x.shape)
+            kv = _kv_hooks(self.model, lambda i, k: one(k, self.kv_scales[i][0], 1),
+                           lambda i, v: one(v, self.kv_scales[i][1], 2))
         try:
             with torch.no_grad():
                 return self.model(torch.tensor([ids])).logits[0].numpy()
@@ -162,14 +182,21 @@ def _kv_hooks(model, on_k, on_v) -> list:
     return hooks
 
 
-def calibrate_kv(model, prompts: list[list[int]]) -> list[tuple[float, float]]:
-    """Each layer's (amax K after rotary, amax V) over the prompts (the float model)."""
-    amax = [[0.0, 0.0] for _ in model.model.layers]
+def calibrate_kv(model, prompts: list[list[int]], per_head: bool = False) -> list[tuple[Any, Any]]:
+    """Each layer's (amax K after rotary, amax V) over the prompts (the float model): floats, or
+    per_head arrays [kv heads]."""
+    heads = model.config.num_key_value_heads
+    amax = [[np.zeros(heads) if per_head else 0.0] * 2 for _ in model.model.layers]
 
-    def seen(i, j, x):
-        amax[i][j] = max(amax[i][j], float(x.abs().max()))
+    def seen(i, j, x, head_axis):
+        if per_head:  # K [B, kv heads, T, H], V [B, T, kv heads * H]
+            h = x.unflatten(-1, (heads, -1)) if head_axis == 2 else x
+            dims = [d for d in range(h.ndim) if d != head_axis]
+            amax[i][j] = np.maximum(amax[i][j], h.abs().amax(dim=dims).double().numpy())
+        else:
+            amax[i][j] = max(amax[i][j], float(x.abs().max()))
         return x
-    hooks = _kv_hooks(model, lambda i, k: seen(i, 0, k), lambda i, v: seen(i, 1, v))
+    hooks = _kv_hooks(model, lambda i, k: seen(i, 0, k, 1), lambda i, v: seen(i, 1, v, 2))
     try:
         with torch.no_grad():
             for p in prompts:
@@ -277,9 +304,10 @@ def _gptq_act_order(w: torch.Tensor, group: int):
 
 QUANTIZERS = {"ct-fp8-channel": _fp8_channel, "ct-fp8-tensor-static": _fp8_tensor, "hf-fp8-block": _fp8_block,
               "ct-fp8-channel-w8a16": _fp8_channel, "ct-fp8-channel-kv": _fp8_channel,
+              "ct-fp8-channel-kv-head": _fp8_channel,
               "awq": lambda w: _awq(w, 128), "awq-g64": lambda w: _awq(w, 64), "gptq": lambda w: _gptq(w, 128),
               "gptq-act-order": lambda w: _gptq_act_order(w, 64)}
-ACTIVATIONS = {"ct-fp8-channel": "token", "ct-fp8-channel-kv": "token", "ct-fp8-tensor-static": "static", "hf-fp8-block": "group"}
+ACTIVATIONS = {"ct-fp8-channel": "token", "ct-fp8-channel-kv": "token", "ct-fp8-channel-kv-head": "token", "ct-fp8-tensor-static": "static", "hf-fp8-block": "group"}
 
 
 def calibrate(model, prompts: list[list[int]]) -> dict[str, float]:
@@ -318,10 +346,15 @@ def write(fmt: str, folder: Path, model, calibration: list[list[int]] | None = N
     kv_scales = None
     if CONFIGS[fmt].get("kv_cache_scheme"):  # half the calibration amax / 448: the largest K, V saturate
         kv_scales = []
-        for i, amax in enumerate(calibrate_kv(model, calibration)):
-            pair = [torch.tensor([a / 448 / 2], dtype=torch.float32) for a in amax]
+        per_head = CONFIGS[fmt]["kv_cache_scheme"]["strategy"] == "attn_head"
+        for i, amax in enumerate(calibrate_kv(model, calibration, per_head)):
+            if per_head:  # [kv heads, 1, 1]
+                pair = [torch.tensor(a / 448 / 2, dtype=torch.float32).reshape(-1, 1, 1) for a in amax]
+                kv_scales.append(tuple(t.flatten().tolist() for t in pair))  # as saved
+            else:
+                pair = [torch.tensor([a / 448 / 2], dtype=torch.float32) for a in amax]
+                kv_scales.append(tuple(float(t) for t in pair))  # as saved
             tensors.update({f"model.layers.{i}.self_attn.{n}": t for n, t in zip(("k_scale", "v_scale"), pair)})
-            kv_scales.append(tuple(float(t) for t in pair))  # as saved
     save_file(tensors, str(folder / "model.safetensors"))
     config = model.config.to_dict()
     config["quantization_config"] = CONFIGS[fmt]

@@ -66,6 +66,7 @@ def test_compressed_tensors_kv_cache_scheme():
     assert (c.kv_cache_scheme, c.weight_strategy, c.activation) == ("tensor", "channel", "token")
     assert cfg(ct(acts=False, kv_cache_scheme=KV_SCHEME)).kv_cache_scheme == "tensor"  # W8A16 + FP8 KV
     assert "k_scale" not in c.tensor_names()  # the attention's, not a linear's
+    assert cfg(ct(kv_cache_scheme={**KV_SCHEME, "strategy": "attn_head"})).kv_cache_scheme == "attn_head"
     with pytest.raises(ValueError, match="kv_cache_scheme"):
         QuantConfig("awq", "awq", "int4", "group", "none", group_size=128, kv_cache_scheme="head")
 
@@ -150,7 +151,8 @@ def test_ignore_patterns():
     (ct(weights={"strategy": "block", "block_structure": [128, 128]}, acts=False), "compressed-tensors",
      "input_activations"),
     (ct(format="pack-quantized"), "compressed-tensors", "format"),
-    (ct(kv_cache_scheme={**KV_SCHEME, "strategy": "attn_head"}), "compressed-tensors", "kv_cache_scheme.strategy"),
+    (ct(kv_cache_scheme={**KV_SCHEME, "strategy": "channel"}), "compressed-tensors", "kv_cache_scheme.strategy"),
+    (ct(kv_cache_scheme={**KV_SCHEME, "strategy": "token"}), "compressed-tensors", "kv_cache_scheme.strategy"),
     (ct(kv_cache_scheme={**KV_SCHEME, "dynamic": True}), "compressed-tensors", "kv_cache_scheme.dynamic"),
     (ct(kv_cache_scheme={**KV_SCHEME, "type": "int"}), "compressed-tensors", "kv_cache_scheme"),
     (ct(kv_cache_scheme={**KV_SCHEME, "num_bits": 4}), "compressed-tensors", "kv_cache_scheme"),

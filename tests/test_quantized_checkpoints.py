@@ -1,4 +1,5 @@
-"""Pre-quantized checkpoints end to end: FP8 (compressed-tensors W8A8 and W8A16, HF block-wise), AWQ and GPTQ.
+"""Pre-quantized checkpoints end to end: FP8 (compressed-tensors W8A8 and W8A16, HF block-wise), AWQ and GPTQ
+(act-order too).
 
 Each format is written by tests/quant_checkpoints.py from one tiny random HF Llama (its own
 quantizers, the independent packers of tests/quant_oracle.py, the published layouts), loaded
@@ -8,9 +9,9 @@ reference: the HF model with the dequantized weights, its W8A8 activations fake-
 torch's own e4m3 cast in forward hooks (none for weight-only checkpoints). Tensor parallelism (2 and 4 fake CPU devices, kv heads
 replicated at 4, weights loaded straight into their shards) must give one device's logits.
 
-A compressed-tensors checkpoint with an FP8 KV-cache scheme runs from an e4m3 pool with its
-own k_scale / v_scale; its reference stores K (after rotary) and V through the same saturating
-e4m3 cast, with those scales.
+A compressed-tensors checkpoint with an FP8 KV-cache scheme (scales per tensor, or per kv head)
+runs from an e4m3 pool with its own k_scale / v_scale; its reference stores K (after rotary) and
+V through the same saturating e4m3 cast, with those scales.
 
 Tolerances, per position: the worst logit error over the logit scale. Our forward runs in
 float32 against float64, so an int4 model is off by float32 rounding (~1e-5 at most). So is a
@@ -45,9 +46,10 @@ from tests import quant_checkpoints
 SEED = 20261205
 V, PAGE, NUM_PAGES = 256, 8, 32
 FORMATS = ("awq", "awq-g64", "gptq", "gptq-act-order", "ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block",
-           "ct-fp8-channel-w8a16", "ct-fp8-channel-kv")
-W8A8 = ("ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block", "ct-fp8-channel-kv")
-FP8_KV = ("ct-fp8-channel-kv",)  # with the checkpoint's KV-cache scales: served from an fp8 pool
+           "ct-fp8-channel-w8a16", "ct-fp8-channel-kv", "ct-fp8-channel-kv-head")
+W8A8 = ("ct-fp8-channel", "ct-fp8-tensor-static", "hf-fp8-block", "ct-fp8-channel-kv", "ct-fp8-channel-kv-head")
+# with the checkpoint's KV-cache scales (per tensor, per kv head): served from an fp8 pool
+FP8_KV = ("ct-fp8-channel-kv", "ct-fp8-channel-kv-head")
 TIGHT = 3e-5  # per-position error of float32 rounding (measured: int4 <= 8e-6, W8A8 ~5e-7)
 FLIP = 0.1  # W8A8: a position where an activation rounded to the neighbouring e4m3 code (measured <= 0.02)
 MAX_FLIPPED = 0.2  # W8A8: share of positions allowed past TIGHT
@@ -165,16 +167,22 @@ def test_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
     if fmt in FP8_KV:  # the checkpoint's scales, as saved, are the ones the pool reads
         for i, (k, v) in enumerate(ref.kv_scales):
             attn = params.variables["params"][f"layers_{i}"]["attn"]
-            assert attn["k_scale"].dtype == np.float32 and (float(attn["k_scale"]), float(attn["v_scale"])) == (k, v)
+            assert attn["k_scale"].dtype == np.float32
+            assert (np.asarray(attn["k_scale"]).tolist(), np.asarray(attn["v_scale"]).tolist()) == (k, v)
         unit = jax.tree_util.tree_map_with_path(
             lambda p, x: np.ones_like(x) if p[-1].key in ("k_scale", "v_scale") else x, params.variables)
         got = forward(Params(unit, params.config), prompts)
         assert np.median(position_errs(got, want)) > 2 * FLIP  # unit scales: no saturation (measured 0.24)
+        if fmt == "ct-fp8-channel-kv-head":  # each head its own scale: swapped heads' scales show
+            swapped = jax.tree_util.tree_map_with_path(
+                lambda p, x: x[::-1] if p[-1].key in ("k_scale", "v_scale") else x, params.variables)
+            got = forward(Params(swapped, params.config), prompts)
+            assert np.median(position_errs(got, want)) > FLIP  # measured 0.16
 
 
 @pytest.mark.parametrize("fmt,tp", [("awq", 2), ("awq-g64", 4), ("gptq", 2), ("gptq-act-order", 4), ("ct-fp8-channel", 4),
                                     ("ct-fp8-tensor-static", 2), ("hf-fp8-block", 4), ("ct-fp8-channel-w8a16", 2),
-                                    ("ct-fp8-channel-kv", 4)])
+                                    ("ct-fp8-channel-kv", 4), ("ct-fp8-channel-kv-head", 4)])
 def test_tensor_parallel_matches_one_device(fmt, tp, base, checkpoint):
     _, prompts = base
     folder, _ = checkpoint(fmt)
@@ -214,7 +222,8 @@ def test_tensor_parallel_shard_map_path(fmt, tp, base, checkpoint, monkeypatch):
     assert np.median(position_errs(one, per_shard)) > 100 * TIGHT  # the per-shard reference differs
 
 
-def test_engine_greedy_from_the_checkpoints_kv_scales(base, checkpoint, caplog):
+@pytest.mark.parametrize("fmt", FP8_KV)
+def test_engine_greedy_from_the_checkpoints_kv_scales(fmt, base, checkpoint, caplog):
     """The engine (kv_cache_dtype="fp8": the pool in e4m3 with the checkpoint's k_scale / v_scale,
     prefix caching on) decodes greedily what the float64 reference picks: each token is the
     reference's argmax over the sequence so far, unless the reference's top two are within TIE
@@ -224,7 +233,7 @@ def test_engine_greedy_from_the_checkpoints_kv_scales(base, checkpoint, caplog):
     from pagedjax.engine import EngineConfig, LLMEngine
 
     _, prompts = base
-    folder, ref = checkpoint("ct-fp8-channel-kv")
+    folder, ref = checkpoint(fmt)
     params = load_params(folder, dtype=np.float32, progress=False)
     options = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=PAGE,
                    num_pages=NUM_PAGES, attn_impl="reference", precompile=False)

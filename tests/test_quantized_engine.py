@@ -207,7 +207,7 @@ def test_unsupported_quantized_checkpoints_raise(tmp_path):
     llama = tmp_path / "llama"
     hf_models.build("llama", llama, seed=0)
     ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {},
-          "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "attn_head", "dynamic": False}}
+          "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False}}
     with pytest.raises(ValueError, match="kv_cache_scheme.strategy"):
         load_params(_with_config(llama, tmp_path / "ct", quantization_config=ct), progress=False)
     with pytest.raises(ValueError, match="quantization method 'bitsandbytes' is not supported"):

@@ -422,13 +422,16 @@ class Attention(nn.Module):
         chex.assert_shape(x, (T, D))
         impl = resolve_impl(self.attn_impl, head_dim=cfg.head_dim, kv_dtype=kv[0].dtype)
         # An fp8 pool (kv_cache_dtype="fp8") is written and read with per-kv-head scales: the
-        # checkpoint's calibrated per-tensor k_scale / v_scale where it has them (a quantization
-        # with kv_cache_scheme; unused by other pools, as in vLLM), else 1.0, as vLLM without
-        # calibrated scales (e4m3 keeps ~2 significant digits over 2^-9..448).
+        # checkpoint's calibrated k_scale / v_scale, per tensor or per kv head, where it has them
+        # (a quantization with kv_cache_scheme; unused by other pools, as in vLLM), else 1.0, as
+        # vLLM without calibrated scales (e4m3 keeps ~2 significant digits over 2^-9..448).
         q_cfg = cfg.quantization
-        if q_cfg is not None and q_cfg.kv_cache_scheme == "tensor":
+        scheme = q_cfg.kv_cache_scheme if q_cfg is not None else None
+        if scheme == "tensor":
             ones = nn.initializers.ones
             kv_scales = [jnp.broadcast_to(_param(self, n, ones, (), ()), (K,)) for n in KV_SCALES]
+        elif scheme == "attn_head":  # [K], sharded (and replicated) with the pool's kv heads
+            kv_scales = [_param(self, n, nn.initializers.ones, (K,), ("kv_heads",)) for n in KV_SCALES]
         else:
             kv_scales = [jnp.ones((K,), jnp.float32)] * 2
         scales = dict(zip(KV_SCALES, kv_scales)) if is_fp8(kv[0].dtype) else {}

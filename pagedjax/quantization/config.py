@@ -9,8 +9,9 @@ Supported, as vLLM reads them:
                                      dynamic per token (or per 128-group for blocks) or static per tensor
                                      (`input_scale`); or weight-only (W8A16: no `input_activations`,
                                      per-tensor or per-channel weights, as vLLM's CompressedTensorsW8A16Fp8);
-                                     with a static per-tensor FP8 `kv_cache_scheme`, each attention's
-                                     `k_scale` / `v_scale`, read by an FP8 KV cache (kv_cache_dtype="fp8")
+                                     with a static FP8 `kv_cache_scheme` (per tensor, or per kv head:
+                                     strategy "attn_head"), each attention's `k_scale` / `v_scale`,
+                                     read by an FP8 KV cache (kv_cache_dtype="fp8")
   quant_method "awq"                 AutoAWQ GEMM, 4 bits, zero point, any group size
   quant_method "gptq"                4 bits, group size or -1, act-order (desc_act: each input row's
                                      group from `g_idx`) or not; "gptq" (v1: stored zeros are
@@ -36,6 +37,8 @@ WEIGHT_STRATEGIES = ("tensor", "channel", "block", "group")
 ACTIVATION_SCHEMES = ("token", "group", "static", "none")
 # where the tensors come from (and so how formats.py reads them)
 CHECKPOINT_FORMATS = ("hf-fp8", "compressed-tensors", "awq", "gptq", "gptq_v2", "online")
+# static FP8 KV-cache scales in the checkpoint: none, one per tensor, or one per kv head
+KV_CACHE_SCHEMES = (None, "tensor", "attn_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,8 @@ class QuantConfig:
     group_size: int = 0  # int4: K per group; -1: one group spans the whole K
     ignore: tuple[str, ...] = ()  # modules kept unquantized: names, dotted suffixes, or "re:<regex>"
     # "tensor": the checkpoint holds static per-tensor FP8 KV-cache scales (each attention's k_scale,
-    # v_scale), used by an fp8 pool; None: none (an fp8 pool then has unit scales, as in vLLM)
+    # v_scale), used by an fp8 pool; "attn_head": one per kv head ([kv heads, 1, 1] each);
+    # None: none (an fp8 pool then has unit scales, as in vLLM)
     kv_cache_scheme: str | None = None
     # int4 GPTQ desc_act: each input row's group read from the checkpoint's g_idx (layer param "g_idx")
     act_order: bool = False
@@ -68,8 +72,8 @@ class QuantConfig:
             bad(f"unknown weight_strategy {self.weight_strategy!r}")
         if self.activation not in ACTIVATION_SCHEMES:
             bad(f"unknown activation scheme {self.activation!r}")
-        if self.kv_cache_scheme not in (None, "tensor"):
-            bad(f"unknown kv_cache_scheme {self.kv_cache_scheme!r} (supported: None, 'tensor')")
+        if self.kv_cache_scheme not in KV_CACHE_SCHEMES:
+            bad(f"unknown kv_cache_scheme {self.kv_cache_scheme!r} (supported: {KV_CACHE_SCHEMES})")
         if self.weight_dtype == "int4":
             if self.weight_strategy != "group" or self.activation != "none":
                 bad("int4 weights are group-quantized and weight-only")
@@ -319,21 +323,23 @@ def _parse_compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:
 
 
 def _kv_cache_scheme(m: str, kv: Any) -> str | None:
-    """llm-compressor's kv_cache_scheme: None, or "tensor" for static per-tensor 8-bit float K/V
-    scales (each attention's `k_scale`, `v_scale`), the scheme vLLM's FP8 KV cache reads."""
+    """llm-compressor's kv_cache_scheme: None, or "tensor" / "attn_head" for static 8-bit float K/V
+    scales per tensor / per kv head (each attention's `k_scale`, `v_scale`: [1] / [kv heads, 1, 1]),
+    the schemes vLLM's FP8 KV cache reads."""
     if not kv:
         return None
     if not isinstance(kv, Mapping):
         _fail(m, "kv_cache_scheme", kv, "expected a dict")
     if kv.get("type") != "float" or kv.get("num_bits") != 8:
         _fail(m, "kv_cache_scheme", {k: kv.get(k) for k in ("type", "num_bits")}, "only 8-bit float (e4m3) K/V")
-    if kv.get("strategy", "tensor") != "tensor":
-        _fail(m, "kv_cache_scheme.strategy", kv.get("strategy"), "only per-tensor K/V scales")
+    strategy = kv.get("strategy", "tensor")
+    if strategy not in ("tensor", "attn_head"):
+        _fail(m, "kv_cache_scheme.strategy", strategy, "only per-tensor or per-head ('attn_head') K/V scales")
     if kv.get("dynamic"):
         _fail(m, "kv_cache_scheme.dynamic", kv["dynamic"], "only static scales stored in the checkpoint")
     if kv.get("symmetric") is False:
         _fail(m, "kv_cache_scheme.symmetric", False)
-    return "tensor"
+    return strategy
 
 
 _PARSERS = {"fp8": _parse_fp8, "awq": _parse_awq, "gptq": _parse_gptq, "compressed-tensors": _parse_compressed_tensors}
