@@ -100,7 +100,8 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int =
     shapes, axes = abstract_params(config, dtype)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     axes_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    quantized = quantized_linears(config)
+    candidates = quantized_linears(config)  # those the model has hold a qvalue (an MoE router never does)
+    quantized = {".".join(k.key for k in p[:-1]) for p, _ in leaves if p[-1].key == "qvalue"} & set(candidates)
     key = jax.random.key(seed)
     arrays, drawn = [], {}
     for i, ((path, s), a) in enumerate(zip(leaves, axes_leaves)):

@@ -258,12 +258,12 @@ def _repeat_quantized_kv(variables, cfg: ModelConfig, num_kv_heads: int, repeat:
     from pagedjax.quantization.weight import linear_features
 
     out = jax.tree.map(lambda x: x, variables)  # a copy of the containers
-    for module in quantized_linears(cfg):
+    for module in quantized_linears(cfg):  # candidates: an MoE family's map names modules some layers lack
         keys = module.split(".")
         node, ax = out["params"], axes["params"]
         for k in keys:
-            node, ax = node[k], ax[k]
-        if "kv_heads" not in tuple(ax["qvalue"]):
+            node, ax = node.get(k, {}), ax.get(k, {})
+        if "qvalue" not in node or "kv_heads" not in tuple(ax["qvalue"]):
             continue
         K, N = linear_features(cfg.quantization.weight_dtype, node["qvalue"].shape)
         w = repeat_out_heads(weight_from_params(cfg.quantization, node, K, N), num_kv_heads, repeat)

@@ -9,6 +9,10 @@ over for the linears the config quantizes (models/quantized.py says which):
                  quantization.convert_checkpoint_linear, as the published layout says
   online FP8     the float kernel, converted to our layout as usual (and cached, for GGUF), is
                  read back as HF's [out, in] weight and quantized on the default device
+  dequantized    a pre-quantized linear the model keeps in its dtype (an MoE model's experts,
+                 whose matmuls have no quantized form yet, and its routers): its tensors are
+                 converted as above, dequantized on the host CPU, and enter the plan as the
+                 float "<module>.weight" HF would have saved
 
 Either way the QuantizedWeight's params land at "<module>.qvalue", "<module>.scale", ... in their
 own dtypes, kv heads repeated whole (repeat_out_heads) when the mesh has more devices than kv
@@ -18,6 +22,7 @@ heads, each array straight into its sharding. Dims: K in_features, N out_feature
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +33,7 @@ import numpy as np
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
 from pagedjax.models.quantized import kv_scale_tensors, quantized_linears
-from pagedjax.quantization import QuantizedWeight, convert_checkpoint_linear, repeat_out_heads
+from pagedjax.quantization import QuantizedWeight, convert_checkpoint_linear, dequantize, repeat_out_heads
 from pagedjax.quantization.weight import linear_features
 
 # suffixes of quantized tensors, to say so when a checkpoint holds some we have no place for
@@ -56,10 +61,13 @@ class QuantizedLinears:
 
     def __init__(self, config: ModelConfig, kv_repeat: int, desc: str):
         self.config, self.qcfg, self.desc, self.kv_repeat = config, config.quantization, desc, kv_repeat
-        self.modules = quantized_linears(config)  # our module path -> HF module name
         self.kv_scales = kv_scale_tensors(config)  # our param path -> its checkpoint names
         shapes, axes = abstract_params(config)
-        self.shapes = {t: v for t, v in flat(shapes).items()
+        leaves = flat(shapes)
+        # our module path -> HF module name, of the linears this model has (an MoE family's map
+        # names a dense MLP and a router for every layer; the router is never quantized)
+        self.modules = {m: hf for m, hf in quantized_linears(config).items() if f"{m}.qvalue" in leaves}
+        self.shapes = {t: v for t, v in leaves.items()
                        if t.rsplit(".", 1)[0] in self.modules or t in self.kv_scales}
         self.axes = {t: a for t, (_, a) in flat(axes, lambda x: isinstance(x, jax.sharding.PartitionSpec)).items()
                      if t in self.shapes}
@@ -91,6 +99,29 @@ class QuantizedLinears:
                     tensors[sfx] = read
             taken[m] = tensors
         return taken
+
+    def take_dequantized(self, source: dict[str, Callable[[], np.ndarray]]) -> list[str]:
+        """Replaces the quantized tensors of each linear the model keeps in its dtype (any left in
+        `source` after `take`: MoE experts, routers) by one reader of its dequantized float weight
+        [out, in] (f32) under "<module>.weight"; returns those modules. A module is found by its
+        format's own tensor (`weight_scale`, `weight_scale_inv` or `qweight`)."""
+        if self.online:
+            return []
+        names = self.qcfg.tensor_names()
+        marker = next(n for n in names if n not in ("weight", "input_scale", "g_idx"))
+        modules = [name.removesuffix(f".{marker}") for name in source if name.endswith(f".{marker}")]
+        for m in modules:
+            tensors = {sfx: source.pop(f"{m}.{sfx}") for sfx in names if f"{m}.{sfx}" in source}
+            source[f"{m}.weight"] = functools.partial(self._dequantized, m, tensors)
+        return modules
+
+    def _dequantized(self, module: str, tensors: dict[str, Callable]) -> np.ndarray:
+        try:
+            w = convert_checkpoint_linear(self.qcfg, {sfx: read() for sfx, read in tensors.items()})
+        except ValueError as e:
+            raise ValueError(f"{self.desc}: {module} ({self.qcfg.name}): {e}") from None
+        with jax.default_device(jax.devices("cpu")[0]):  # on the host, one linear at a time
+            return np.asarray(dequantize(w), np.float32)  # [out, in]
 
     def take_kv_scales(self, source: dict[str, Callable[[], np.ndarray]], prefix: str) -> dict[str, Callable]:
         """Removes each attention's FP8 KV-cache scale from `source`: {our param: reader}."""

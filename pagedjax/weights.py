@@ -367,6 +367,8 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
     prefix = fam.base_prefix
     # pre-quantized linears: their tensors leave the plan, their float kernels count as filled
     taken = quant.take(source, prefix) if quant is not None and not quant.online else {}
+    if taken:  # pre-quantized linears the model keeps in its dtype (MoE experts): dequantized float weights
+        quant.take_dequantized(source)
     kv_scales = quant.take_kv_scales(source, prefix) if quant is not None else {}  # FP8 KV-cache scales
     prefilled = quant.kernels() if taken else set()
 

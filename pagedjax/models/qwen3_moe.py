@@ -91,7 +91,7 @@ FAMILY = ModelFamily(
     weight_map=HF_WEIGHT_MAP,
     base_prefix="model.",
     options=frozenset({"qkv_bias", "o_bias", "qk_norm", "sliding_window", "rotary_dim", "rope_theta",
-                       "rope_scaling", "norm_topk_prob", "dense_layers"}) | mixtral.MOE_OPTIONS,
+                       "rope_scaling", "norm_topk_prob", "dense_layers", "quantization"}) | mixtral.MOE_OPTIONS,
     check=check,
     gguf_architectures=("qwen3moe",),
     config_from_gguf=config_from_gguf,

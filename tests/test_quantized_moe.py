@@ -1,0 +1,158 @@
+"""Pre-quantized mixture-of-experts checkpoints (Qwen3-MoE): HF block FP8 (as Qwen3-30B-A3B-FP8 is
+published), compressed-tensors FP8 W8A8 (its router quantized too) and GPTQ int4.
+
+Each is written from one tiny random HF Qwen3-MoE (8 experts, top 2, one dense layer) with the
+quantizers and packers of tests/quant_checkpoints.py, every expert's gate / up / down saved as
+its own tensors under "mlp.experts.{e}.<proj>", as the published MoE checkpoints are. pagedjax
+runs the attention and dense MLP linears quantized and keeps the experts (and a quantized
+router) in its dtype, dequantized at load; the float64 reference is the HF model with every
+quantized weight replaced by its dequantized value and, for W8A8 formats, the inputs of the
+attention and dense MLP linears fake-quantized by torch's e4m3 cast.
+
+Tolerances, per position, the worst logit error over the logit scale, as in
+tests/test_quantized_checkpoints.py: int4 within float32 rounding everywhere. W8A8: a float32
+computation rounds the odd activation to the neighbouring e4m3 code (per 128-group for the block
+format), and every later position of that prompt then moves a little through its K and V: here
+the block format moves 12 of 33 positions by at most 0.037 (the HF model itself in float32 with
+the same hooks: 7, at most 0.021). So W8A8 must be within float32 rounding at the median position
+and within FLIP (0.1) at every one; a wrong layout, scale or expert moves every position by a good
+fraction of the scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from pagedjax import parallel
+from pagedjax.weights import load_params
+from tests import quant_checkpoints
+from tests.test_quantized_checkpoints import FLIP, TIGHT, forward, position_errs
+
+SEED = 20261206
+V = 256
+EXPERTS = 8
+IGNORED_ROUTERS = {"modules_to_not_convert": ["lm_head", "re:.*mlp\\.gate$"]}
+FORMATS = {  # quantization_config of each, and whether it quantizes the router too
+    "hf-fp8-block": ({**quant_checkpoints.CONFIGS["hf-fp8-block"], **IGNORED_ROUTERS}, False),
+    "ct-fp8-channel": (quant_checkpoints.CONFIGS["ct-fp8-channel"], True),
+    "gptq": ({**quant_checkpoints.CONFIGS["gptq"], "group_size": 64}, False),
+}
+QUANTIZE = {"hf-fp8-block": quant_checkpoints.QUANTIZERS["hf-fp8-block"],
+            "ct-fp8-channel": quant_checkpoints.QUANTIZERS["ct-fp8-channel"],
+            "gptq": lambda w: quant_checkpoints._gptq(w, 64)}
+
+
+def hf_qwen3_moe(seed: int):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=V, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=128, num_experts=EXPERTS, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[1], max_position_embeddings=128, initializer_range=0.2,
+        bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    cfg._experts_implementation = "eager"  # a loop over experts: float64 works (torch's grouped mm is not)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))  # norms away from 1
+    return model
+
+
+def write(fmt: str, folder, model) -> quant_checkpoints.Reference:
+    """The checkpoint (per-expert tensors) and its float64 reference."""
+    qcfg, router = FORMATS[fmt]
+    quantize = QUANTIZE[fmt]
+    folder.mkdir(parents=True, exist_ok=True)
+    ref = copy.deepcopy(model).double().eval()
+    tensors = {}
+
+    def put(module: str, w: torch.Tensor) -> torch.Tensor:  # HF [out, in] -> its tensors; the dequantized weight
+        q, deq = quantize(w.detach().float())
+        tensors.update({f"{module}.{k}": v.contiguous() for k, v in q.items()})
+        return deq.to(torch.float64)
+
+    F = model.config.moe_intermediate_size
+    for name, t in model.state_dict().items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and (module.endswith(quant_checkpoints.LINEARS)
+                                         or (router and module.endswith(".mlp.gate"))):
+            ref.get_submodule(module).weight.data = put(module, t)
+        elif name.endswith(".experts.gate_up_proj"):  # [X, 2F, D]: gate rows, then up rows
+            base = name.removesuffix(".gate_up_proj")
+            for e in range(t.shape[0]):
+                gate, up = put(f"{base}.{e}.gate_proj", t[e, :F]), put(f"{base}.{e}.up_proj", t[e, F:])
+                ref.get_submodule(base).gate_up_proj.data[e] = torch.cat([gate, up])
+        elif name.endswith(".experts.down_proj"):  # [X, D, F]
+            base = name.removesuffix(".down_proj")
+            for e in range(t.shape[0]):
+                ref.get_submodule(base).down_proj.data[e] = put(f"{base}.{e}.down_proj", t[e])
+        else:
+            tensors[name] = t.detach().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = model.config.to_dict()
+    config["quantization_config"] = qcfg
+    (folder / "config.json").write_text(json.dumps(config))
+    return quant_checkpoints.Reference(ref, quant_checkpoints.ACTIVATIONS.get(fmt)).hook()
+
+
+@pytest.fixture(scope="module")
+def base():
+    rng = np.random.default_rng(SEED)
+    prompts = [rng.integers(2, V, n).tolist() for n in (11, 5, 17)]
+    return hf_qwen3_moe(SEED), prompts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(base, tmp_path_factory):
+    made = {}
+
+    def get(fmt):
+        if fmt not in made:
+            folder = tmp_path_factory.mktemp(fmt)
+            made[fmt] = folder, write(fmt, folder, base[0])
+        return made[fmt]
+    return get
+
+
+def check(what: str, fmt: str, got, want) -> None:
+    errs = position_errs(got, want)
+    where = f"{what} (seed {SEED}): errors per position {np.round(errs, 7).tolist()}"
+    if quant_checkpoints.ACTIVATIONS.get(fmt) is None:
+        assert errs.max() < TIGHT, where
+    else:
+        assert errs.max() < FLIP and np.median(errs) < TIGHT, where
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_moe_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
+    model, prompts = base
+    folder, ref = checkpoint(fmt)
+    params = load_params(folder, dtype=np.float32, progress=False)
+    assert params.config.architecture == "qwen3_moe" and params.config.quantization is not None
+    layer0, layer1 = params.variables["params"]["layers_0"], params.variables["params"]["layers_1"]
+    assert "qvalue" in layer0["attn"]["q_proj"] and "qvalue" in layer1["mlp"]["down_proj"]  # run quantized
+    assert layer0["mlp"]["experts_down_proj"].dtype == np.float32  # experts: dequantized at load
+    assert "kernel" in layer0["mlp"]["gate"]  # the router: float (dequantized where quantized)
+    want = [ref.logits(p) for p in prompts]
+    assert np.abs(want[2]).std() > 0.5, "logits too flat for a meaningful comparison"
+    check(fmt, fmt, forward(params, prompts), want)
+    # the float model is far from the quantized one at every position: the check can fail
+    plain = [quant_checkpoints.Reference(copy.deepcopy(model).double()).logits(p) for p in prompts]
+    assert np.median(position_errs(plain, want)) > 100 * TIGHT
+
+
+@pytest.mark.parametrize("fmt,tp,ep", [("hf-fp8-block", 2, False), ("gptq", 2, True)])
+def test_moe_tensor_parallel_matches_one_device(fmt, tp, ep, base, checkpoint):
+    _, prompts = base
+    folder, _ = checkpoint(fmt)
+    one = forward(load_params(folder, dtype=np.float32, progress=False), prompts)
+    mesh = parallel.make_mesh(tp)
+    params = load_params(folder, dtype=np.float32, mesh=mesh, enable_expert_parallel=ep, progress=False)
+    check(f"{fmt} tp={tp} ep={ep} against one device", fmt, forward(params, prompts, mesh), one)
