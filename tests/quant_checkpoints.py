@@ -42,13 +42,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from pagedjax import parallel
+from pagedjax.attention import build_metadata
+from pagedjax.kv_cache.page_pool import init_pages
+from pagedjax.models import get_model
 from tests.quant_oracle import awq_pack, gptq_pack_qweight, gptq_pack_qzeros
 
 E4M3 = torch.float8_e4m3fn
+PAGE, NUM_PAGES = 8, 32  # the pool `forward` runs through
+TIGHT = 3e-5  # per-position error of float32 rounding (measured: int4 <= 8e-6, W8A8 ~5e-7)
+FLIP = 0.1  # W8A8: a position where an activation rounded to the neighbouring e4m3 code (measured <= 0.02)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 
@@ -361,3 +370,48 @@ def write(fmt: str, folder: Path, model, calibration: list[list[int]] | None = N
     (folder / "config.json").write_text(json.dumps(config))
     stored = {k: float(torch.tensor(v, dtype=torch.float32)) for k, v in input_scales.items()}  # as saved
     return Reference(ref, act, stored, kv_scales).hook()
+
+
+# --- pagedjax's side: the logits of a loaded checkpoint through the paged model ---------------
+
+
+def forward(params, prompts: list[list[int]], mesh=None) -> list[np.ndarray]:
+    """Logits [len(p), V] of each prompt: all but its last token in one ragged prefill, then one
+    decode step of the last tokens, through the paged pool (pages in a scattered order; in e4m3
+    for a checkpoint with KV-cache scales, as kv_cache_dtype="fp8" makes it)."""
+    cfg = params.config
+    fp8 = cfg.quantization is not None and cfg.quantization.kv_cache_scheme is not None
+    pages = init_pages(cfg.num_layers, NUM_PAGES, PAGE, cfg.num_kv_heads, cfg.head_dim,
+                       jnp.float8_e4m3fn if fp8 else np.float32,
+                       sharding=mesh and parallel.pool_sharding(cfg, mesh))
+    model = get_model(cfg, attn_impl="reference")
+
+    def f(variables, pages, tokens, meta):
+        with parallel.use_mesh(mesh):
+            logits, pages = model.apply(variables, tokens, pages, meta)
+            return parallel.constrain_step(logits, pages, mesh)
+
+    step = jax.jit(f, donate_argnums=1)
+    free = list(np.random.default_rng(len(prompts)).permutation(np.arange(1, NUM_PAGES)))
+    tables = [[int(free.pop()) for _ in range(-(-len(p) // PAGE))] for p in prompts]
+    out = [[] for _ in prompts]
+    for chunks, seq_lens in (([p[:-1] for p in prompts], [len(p) - 1 for p in prompts]),
+                             ([p[-1:] for p in prompts], [len(p) for p in prompts])):
+        q = [len(c) for c in chunks]
+        T = 48
+        meta = build_metadata(q, seq_lens, tables, page_size=PAGE, num_pages=NUM_PAGES, num_tokens=T,
+                              num_reqs=4, max_pages=4, logits_indices=range(T))
+        tokens = np.zeros(T, np.int32)
+        tokens[:sum(q)] = [t for c in chunks for t in c]
+        rep = mesh and parallel.replicated(mesh)
+        logits, pages = step(params.variables, pages, *jax.device_put((tokens, meta), rep))
+        logits, start = np.asarray(logits), 0
+        for i, n in enumerate(q):
+            out[i].append(logits[start:start + n])
+            start += n
+    return [np.concatenate(o) for o in out]
+
+
+def position_errs(got: list[np.ndarray], want: list[np.ndarray]) -> np.ndarray:
+    """Each position's worst logit error over its prompt's logit scale."""
+    return np.concatenate([np.abs(g - w).max(-1) / np.abs(w).max() for g, w in zip(got, want)])

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from pagedjax import parallel
 from pagedjax.weights import load_params
 from tests import quant_checkpoints
-from tests.test_quantized_checkpoints import FLIP, TIGHT, forward, position_errs
+from tests.quant_checkpoints import FLIP, TIGHT, forward, position_errs
 
 SEED = 20261206
 V = 256
