@@ -59,7 +59,8 @@ def _draw_weight(shape: tuple[int, ...], dtype: str, kind: str, sharding_key: st
         return jnp.ones(shape, dtype)
     if kind == "bias":
         return jnp.zeros(shape, dtype)
-    return INIT_STD * jax.random.normal(jax.random.wrap_key_data(raw_key), shape, dtype)
+    draw_dtype = jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn) else dtype  # FP8 experts: codes
+    return (INIT_STD * jax.random.normal(jax.random.wrap_key_data(raw_key), shape, draw_dtype)).astype(dtype)
 
 
 def _draw_quantized_linear(qcfg: QuantConfig, K: int, N: int, dtype: str, names: tuple[str, ...],
@@ -114,7 +115,8 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int =
                                                 jax.random.fold_in(key, i), dtype)
             arrays.append(drawn[module][keys[-1]])
             continue
-        kind = "scale" if keys[-1] in ("scale", *KV_SCALES) else "bias" if keys[-1] == "bias" else "weight"
+        kind = ("scale" if keys[-1] in ("scale", *KV_SCALES) or keys[-1].endswith("_scale")
+                else "bias" if keys[-1] == "bias" else "weight")
         arrays.append(_drawn("draw", _draw_weight, (tuple(s.shape), s.dtype.name, kind), sharding,
                              jax.random.fold_in(key, i)))
     return Params({"params": jax.tree_util.tree_unflatten(treedef, arrays)}, config, tokenizer=None)

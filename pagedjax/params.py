@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from pagedjax.models.config import ModelConfig
 
@@ -42,8 +43,11 @@ class Params:
         def first(tree):
             if "qvalue" in tree:  # a quantized linear: its params keep their own dtypes
                 return None
-            for v in tree.values():
-                d = first(v) if isinstance(v, dict) else v.dtype
+            for k, v in tree.items():
+                if isinstance(v, dict):
+                    d = first(v)
+                else:  # FP8 experts' codes and scales, FP8 KV-cache scales: their own dtypes
+                    d = None if k.endswith("_scale") or v.dtype == jnp.float8_e4m3fn else v.dtype
                 if d is not None:
                     return d
             return None

@@ -28,12 +28,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
+from pagedjax.models.moe import SCALE_SUFFIX
 from pagedjax.models.quantized import kv_scale_tensors, quantized_linears
 from pagedjax.quantization import QuantizedWeight, convert_checkpoint_linear, dequantize, repeat_out_heads
+from pagedjax.quantization.fp8 import quantize_experts_fp8
 from pagedjax.quantization.weight import linear_features
 
 # suffixes of quantized tensors, to say so when a checkpoint holds some we have no place for
@@ -67,8 +70,12 @@ class QuantizedLinears:
         # our module path -> HF module name, of the linears this model has (an MoE family's map
         # names a dense MLP and a router for every layer; the router is never quantized)
         self.modules = {m: hf for m, hf in quantized_linears(config).items() if f"{m}.qvalue" in leaves}
+        # online FP8 of an MoE model: each stacked expert leaf (e4m3) and its scales
+        self.experts = {t for t, (_, s) in leaves.items()
+                        if t.rsplit(".", 1)[-1].startswith("experts_") and s.dtype == jnp.float8_e4m3fn}
         self.shapes = {t: v for t, v in leaves.items()
-                       if t.rsplit(".", 1)[0] in self.modules or t in self.kv_scales}
+                       if t.rsplit(".", 1)[0] in self.modules or t in self.kv_scales
+                       or t in self.experts or t.removesuffix(SCALE_SUFFIX) in self.experts}
         self.axes = {t: a for t, (_, a) in flat(axes, lambda x: isinstance(x, jax.sharding.PartitionSpec)).items()
                      if t in self.shapes}
         # module -> (K, N); our float kernel of it reshapes to [K, N] (contracted dims first)
@@ -160,6 +167,11 @@ class QuantizedLinears:
 
     def place_kernel(self, t: str, arr: np.ndarray, place: Callable[[str, np.ndarray], None]) -> bool:
         """Quantizes a float kernel in our layout (online FP8) and places it; False if `t` is not one."""
+        if self.online and t in self.experts:  # [E, in, out]: per expert and output channel
+            q, s = quantize_experts_fp8(jnp.asarray(arr))
+            place(t, np.asarray(q))
+            place(t + SCALE_SUFFIX, np.asarray(s))
+            return True
         m = t.removesuffix(".kernel")
         if not self.online or m == t or m not in self.modules:
             return False

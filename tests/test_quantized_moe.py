@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -31,9 +32,11 @@ import transformers
 from safetensors.torch import save_file
 
 from pagedjax import parallel
+from pagedjax.params import Params
 from pagedjax.weights import load_params
 from tests import quant_checkpoints
 from tests.quant_checkpoints import FLIP, TIGHT, forward, position_errs
+from tests.quant_oracle import check_e4m3_codes
 
 SEED = 20261206
 V = 256
@@ -156,3 +159,83 @@ def test_moe_tensor_parallel_matches_one_device(fmt, tp, ep, base, checkpoint):
     mesh = parallel.make_mesh(tp)
     params = load_params(folder, dtype=np.float32, mesh=mesh, enable_expert_parallel=ep, progress=False)
     check(f"{fmt} tp={tp} ep={ep} against one device", fmt, forward(params, prompts, mesh), one)
+
+
+@pytest.fixture(scope="module")
+def online(base, tmp_path_factory):
+    """The float checkpoint (saved by transformers), loaded with quantization="fp8"."""
+    model, _ = base
+    folder = tmp_path_factory.mktemp("online")
+    model.save_pretrained(folder)
+    return folder, load_params(folder, dtype=np.float32, quantization="fp8", progress=False)
+
+
+def checked_codes(codes, scale, w: torch.Tensor, what: str) -> torch.Tensor:
+    """The float64 weight [out, in] that e4m3 `codes` [out, in] with one `scale` per output
+    channel stand for, once both are checked against the float weight w: each scale its row's
+    amax / 448, each code w / scale rounded to nearest even on the e4m3 grid (either neighbour at
+    a near-tie, where float32 division may land on either side)."""
+    w = w.detach().double().numpy()
+    scale = np.asarray(scale, np.float64)
+    np.testing.assert_allclose(scale, np.abs(w).max(1) / 448, rtol=1e-6, err_msg=f"{what} scales")
+    check_e4m3_codes(np.asarray(codes), w / scale[:, None], what)
+    return torch.from_numpy(np.asarray(codes, np.float64) * scale[:, None])
+
+
+def online_reference(model, params) -> quant_checkpoints.Reference:
+    """The float64 HF model with each weight online FP8 holds (codes and scales checked against
+    the float weights): the attention and dense MLP linears W8A8 (activation hooks per token), each
+    expert's gate / up / down weight-only (its scales per output channel)."""
+    ref = copy.deepcopy(model).double().eval()
+    F = model.config.moe_intermediate_size
+    ours = params.variables["params"]
+    for i, layer in enumerate(model.model.layers):
+        mine = ours[f"layers_{i}"]
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            q = mine["attn"][proj]
+            mod = ref.model.layers[i].self_attn.get_submodule(proj)
+            mod.weight.data = checked_codes(q["qvalue"], q["scale"], mod.weight, f"layer {i} {proj}")
+        if "experts_gate_proj" not in mine["mlp"]:  # the dense layer
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                q = mine["mlp"][proj]
+                mod = ref.model.layers[i].mlp.get_submodule(proj)
+                mod.weight.data = checked_codes(q["qvalue"], q["scale"], mod.weight, f"layer {i} {proj}")
+            continue
+        experts = ref.model.layers[i].mlp.experts
+        codes = {n: np.asarray(mine["mlp"][f"experts_{n}"]) for n in ("gate_proj", "up_proj", "down_proj")}
+        scales = {n: np.asarray(mine["mlp"][f"experts_{n}_scale"]) for n in codes}
+        for e in range(experts.gate_up_proj.shape[0]):  # ours [E, in, out], HF's [out, in]
+            gate_up = layer.mlp.experts.gate_up_proj[e]
+            gate = checked_codes(codes["gate_proj"][e].T, scales["gate_proj"][e], gate_up[:F], f"layer {i} gate {e}")
+            up = checked_codes(codes["up_proj"][e].T, scales["up_proj"][e], gate_up[F:], f"layer {i} up {e}")
+            experts.gate_up_proj.data[e] = torch.cat([gate, up])
+            experts.down_proj.data[e] = checked_codes(codes["down_proj"][e].T, scales["down_proj"][e],
+                                                      layer.mlp.experts.down_proj[e], f"layer {i} down {e}")
+    return quant_checkpoints.Reference(ref, "token").hook()
+
+
+@pytest.mark.parametrize("impl", ["capacity", "ragged", "dense"])
+def test_online_fp8_moe_experts_are_e4m3_and_match_the_reference(impl, base, online):
+    model, prompts = base
+    _, params = online
+    ref = online_reference(model, params)
+    mlp = params.variables["params"]["layers_0"]["mlp"]
+    assert mlp["experts_gate_proj"].dtype == jnp.float8_e4m3fn and mlp["experts_gate_proj"].shape == (EXPERTS, 256, 128)
+    assert mlp["experts_down_proj_scale"].shape == (EXPERTS, 256) and mlp["experts_down_proj_scale"].dtype == np.float32
+    assert "kernel" in mlp["gate"] and params.dtype == np.float32  # the router stays float
+    params = Params(params.variables, params.config.replace(moe_impl=impl), params.tokenizer)
+    want = [ref.logits(p) for p in prompts]
+    check(f"online fp8 moe_impl={impl}", "ct-fp8-channel", forward(params, prompts), want)
+    plain = [quant_checkpoints.Reference(copy.deepcopy(model).double()).logits(p) for p in prompts]
+    assert np.median(position_errs(plain, want)) > 100 * TIGHT
+
+
+@pytest.mark.parametrize("tp,ep", [(2, False), (4, True)])
+def test_online_fp8_moe_tensor_parallel_matches_one_device(tp, ep, base, online):
+    _, prompts = base
+    folder, _ = online
+    one = forward(load_params(folder, dtype=np.float32, quantization="fp8", progress=False), prompts)
+    mesh = parallel.make_mesh(tp)
+    params = load_params(folder, dtype=np.float32, quantization="fp8", mesh=mesh, enable_expert_parallel=ep,
+                         progress=False)
+    check(f"online fp8 tp={tp} ep={ep} against one device", "ct-fp8-channel", forward(params, prompts, mesh), one)

@@ -42,6 +42,7 @@
 #           adds server options, e.g. --stream-interval 4, and SERVE_TAG names the result)
 # moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
 # family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
+# moe-fp8   Qwen3-30B-A3B in bf16 and with quantization fp8 (e4m3 experts), one process: W3, batch-1 step, W1
 # step-memory  benchmarks/step_memory.py: the temporaries of Qwen3-30B-A3B's largest step (capacity, ragged)
 # timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG; OUTPUT_KIND,
 #           default final_only as in W1; PREFILL: a new prompt of that many tokens in every step; TOKENS: the
@@ -242,6 +243,10 @@ for s in "$@"; do
           ${ENGINE[*]} --budget "$BUDGET" --quiet --workload "sharegpt:$N1" --moe-impl "$impl" \
           --out "$OUTDIR/family-moe-$impl.json"
       done ;;
+    moe-fp8)  # Qwen3-30B-A3B bf16 then FP8 (e4m3 experts, weight-only) in one process: W3, the batch-1 step, W1
+      stage moe-fp8 $((BUDGET + 150)) "$PY" benchmarks/throughput.py --model named:qwen3-30b-a3b ${ENGINE[*]} \
+        --budget "$BUDGET" --quiet --latency 8:32:128 --workload "sharegpt:$N1" --moe-impl "${MOE_IMPL:-capacity}" \
+        --variants bf16,fp8 --out "$OUTDIR/moe-fp8.json" ;;
     timeline)
       tag="${TAG:-b${BATCH:-256}}"
       rm -rf "/tmp/trace-$tag" "/tmp/hlo-$tag"

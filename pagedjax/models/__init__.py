@@ -20,6 +20,7 @@ from pagedjax.attention import AttentionMetadata
 from pagedjax.compile_cache import traced
 from pagedjax.models.config import ModelConfig, get_config
 from pagedjax.models.layers import KV_SCALES, head_logits
+from pagedjax.models.moe import SCALE_SUFFIX
 from pagedjax.models.registry import FAMILIES, REGISTRY, family
 
 __all__ = ["FAMILIES", "REGISTRY", "ModelConfig", "abstract_params", "family", "get_config", "get_model",
@@ -66,4 +67,10 @@ def _with_dtype(tree, dtype):
     if "qvalue" in tree:
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree.items()}
     return {k: _with_dtype(v, dtype) if isinstance(v, dict)
-            else jax.ShapeDtypeStruct(v.shape, v.dtype if k in KV_SCALES else dtype) for k, v in tree.items()}
+            else jax.ShapeDtypeStruct(v.shape, v.dtype if _own_dtype(k, v) else dtype) for k, v in tree.items()}
+
+
+def _own_dtype(name: str, leaf) -> bool:
+    """FP8 KV-cache scales, and FP8 experts' codes and scales, keep their dtypes."""
+    return name in KV_SCALES or jnp.dtype(leaf.dtype) == jnp.dtype(jnp.float8_e4m3fn) or (
+        name.startswith("experts_") and name.endswith(SCALE_SUFFIX))

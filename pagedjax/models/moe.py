@@ -78,28 +78,36 @@ def expert_mlp(
     activation: Callable[[jax.Array], jax.Array],
     impl: str,
     capacity_rows: int | None = None,
+    scales: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """sum_k weights[t, k] * down(act(gate(x_t)) * up(x_t)) of expert ids[t, k]: [T, D] float32.
 
     SwiGLU experts in x's dtype, combined in float32; `impl` is "ragged", "capacity" or "dense";
     capacity_rows: the capacity layout's C (default `capacity(T, k, E)`; any C >= 1 is exact).
+    scales: FP8 experts (weight-only): the weights are e4m3 codes, converted to x's dtype in the
+    matmuls, and each projection's output column of expert e is multiplied by its scale
+    (s_gate [E, F], s_up [E, F], s_down [E, D], f32), as the dense FP8 weight-only path does.
     """
     T, k = ids.shape
     E = w_gate.shape[0]
     w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
+    if scales is None:
+        scales = (None, None, None)
     weights = jnp.where(keep, weights, 0.0)
     if impl == "dense":
-        return _dense(x, weights, jnp.where(keep, ids, E), w_gate, w_up, w_down, activation)
+        return _dense(x, weights, jnp.where(keep, ids, E), w_gate, w_up, w_down, activation, scales)
     flat = jnp.where(keep, ids, E).reshape(T * k)  # [A]; dropped assignments sort last, as expert E
     order = jnp.argsort(flat, stable=True)  # [A] assignment at each sorted row
     expert = flat[order]  # [A] non-decreasing
     counts = jnp.bincount(flat, length=E + 1)[:E].astype(jnp.int32)  # [E] rows of each expert
     xs = x[order // k]  # [A, D] the token of each sorted row
     if impl == "ragged":
-        y = _ragged(xs, counts, w_gate, w_up, w_down, activation)
+        rows = [None if s is None else s[jnp.minimum(expert, E - 1)] for s in scales]  # [A, out] each
+        y = _ragged(xs, counts, w_gate, w_up, w_down, activation, rows)
     elif impl == "capacity":
         C = capacity_rows or capacity(T, k, E)
-        y = _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C, single=C >= T)
+        y = _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C, single=C >= T,
+                      scales=[None if s is None else s[:, None, :] for s in scales])  # [E, 1, out] each
     else:
         raise ValueError(f"unknown moe impl {impl!r} (have {MOE_IMPLS[1:]})")
     y = jnp.where((expert < E)[:, None], y, 0)  # rows of dropped assignments: whatever came out
@@ -113,14 +121,21 @@ def _swiglu(h_gate: jax.Array, h_up: jax.Array, activation) -> jax.Array:
     return activation(h_gate) * h_up
 
 
-def _ragged(xs, counts, w_gate, w_up, w_down, activation) -> jax.Array:
+def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """y times an FP8 weight's output-channel scales (broadcast to y), in f32; y itself without."""
+    return y if scale is None else (y.astype(jnp.float32) * scale).astype(y.dtype)
+
+
+def _ragged(xs, counts, w_gate, w_up, w_down, activation, scales=(None, None, None)) -> jax.Array:
     """Grouped GEMMs over the sorted rows xs [A, D]: rows past sum(counts) are not computed."""
-    gate = jax.lax.ragged_dot(xs, w_gate, counts)  # [A, F]
-    up = jax.lax.ragged_dot(xs, w_up, counts)  # [A, F]
-    return jax.lax.ragged_dot(_swiglu(gate, up, activation), w_down, counts)  # [A, D]
+    s_gate, s_up, s_down = scales
+    gate = _scaled(jax.lax.ragged_dot(xs, w_gate, counts), s_gate)  # [A, F]
+    up = _scaled(jax.lax.ragged_dot(xs, w_up, counts), s_up)  # [A, F]
+    return _scaled(jax.lax.ragged_dot(_swiglu(gate, up, activation), w_down, counts), s_down)  # [A, D]
 
 
-def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, single: bool) -> jax.Array:
+def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, single: bool,
+              scales=(None, None, None)) -> jax.Array:
     """Batched einsums over a padded [E, C, D] layout; round r takes rows r*C.. of each expert.
 
     single (static): C is at least the most rows an expert can get (T: each token picks an
@@ -137,8 +152,10 @@ def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, sing
         e = jnp.where(sel, expert, E)  # out of range: dropped by the scatter, filled by the gather
         slot = jnp.where(sel, slot, 0)
         buf = jnp.zeros((E, C, D), xs.dtype).at[e, slot].set(xs, mode="drop")  # [E, C, D]
-        h = _swiglu(jnp.einsum("ecd,edf->ecf", buf, w_gate), jnp.einsum("ecd,edf->ecf", buf, w_up), activation)
-        y = jnp.einsum("ecf,efd->ecd", h, w_down)  # [E, C, D]
+        s_gate, s_up, s_down = scales
+        h = _swiglu(_scaled(jnp.einsum("ecd,edf->ecf", buf, w_gate), s_gate),
+                    _scaled(jnp.einsum("ecd,edf->ecf", buf, w_up), s_up), activation)
+        y = _scaled(jnp.einsum("ecf,efd->ecd", h, w_down), s_down)  # [E, C, D]
         return y.at[e, slot].get(mode="fill", fill_value=0)  # [A, D]; zero for rows of other rounds
 
     y = run(0)
@@ -153,12 +170,14 @@ def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, sing
     return jax.lax.while_loop(lambda c: c[0] < rounds, body, (jnp.int32(1), y))[1]
 
 
-def _dense(x, weights, ids, w_gate, w_up, w_down, activation) -> jax.Array:
+def _dense(x, weights, ids, w_gate, w_up, w_down, activation, scales=(None, None, None)) -> jax.Array:
     """Every expert on every token; the combine matrix [T, E] holds each token's k weights."""
     E = w_gate.shape[0]
+    s_gate, s_up, s_down = (None if s is None else s[:, None, :] for s in scales)  # [E, 1, out]
     combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(ids, E, dtype=jnp.float32), weights)  # [T, E]
-    h = _swiglu(jnp.einsum("td,edf->etf", x, w_gate), jnp.einsum("td,edf->etf", x, w_up), activation)  # [E, T, F]
-    y = jnp.einsum("etf,efd->etd", h, w_down)  # [E, T, D]
+    h = _swiglu(_scaled(jnp.einsum("td,edf->etf", x, w_gate), s_gate),
+                _scaled(jnp.einsum("td,edf->etf", x, w_up), s_up), activation)  # [E, T, F]
+    y = _scaled(jnp.einsum("etf,efd->etd", h, w_down), s_down)  # [E, T, D]
     return jnp.einsum("etd,te->td", y.astype(jnp.float32), combine)
 
 
@@ -171,22 +190,26 @@ EXPERT_AXES = {
     "up_proj": ("experts", "embed", "moe_mlp"),  # [E, D, F]
     "down_proj": ("experts", "moe_mlp", "embed"),  # [E, F, D]
 }
+# FP8 experts' scales, one per expert and output channel: [E, F] for gate / up, [E, D] for down
+SCALE_SUFFIX = "_scale"  # the param "experts_<proj>_scale" beside the e4m3 "experts_<proj>"
+EXPERT_SCALE_AXES = {n: (a[0], a[2]) for n, a in EXPERT_AXES.items()}
 
 
 def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_parallel: bool,
-                       **opts) -> jax.Array:
+                       scales: tuple[jax.Array, jax.Array, jax.Array] | None = None, **opts) -> jax.Array:
     """`expert_mlp` per device when the step is traced under a tensor-parallel mesh: [T, D] in x's dtype.
 
     Each device computes its slice of the experts (its F columns of every expert, or, under
     expert parallelism, whole experts of its own, skipping the assignments of the others) on
     the replicated tokens and routing; one all-reduce of [T, D] sums the slices, as after a
-    dense MLP. Without a mesh it is `expert_mlp` itself.
+    dense MLP. Without a mesh it is `expert_mlp` itself. FP8 experts' `scales` split with their
+    experts and output columns.
     """
     from pagedjax.mesh import match_spec, tp_mesh
 
     mesh = tp_mesh()
     if mesh is None:
-        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, **opts).astype(x.dtype)
+        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales, **opts).astype(x.dtype)
     from pagedjax import parallel  # late: parallel imports the models
 
     rules = parallel.axis_rules(expert_parallel)
@@ -194,18 +217,24 @@ def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_pa
              for n, w in (("gate_proj", w_gate), ("up_proj", w_up), ("down_proj", w_down))]
     split = tuple(sorted({a for s in specs for a in s if a is not None}))
     if not split:
-        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, **opts).astype(x.dtype)
+        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales, **opts).astype(x.dtype)
     experts_axis = specs[0][0]  # the mesh axis whole experts are split over, or None
     w_gate, w_up, w_down = (match_spec(w, mesh, s) for w, s in zip((w_gate, w_up, w_down), specs))
+    scale_specs = ()
+    if scales is not None:
+        scale_specs = tuple(parallel.logical_spec(EXPERT_SCALE_AXES[n], s.shape, mesh, rules)
+                            for n, s in zip(("gate_proj", "up_proj", "down_proj"), scales))
+        scales = tuple(match_spec(s, mesh, p) for s, p in zip(scales, scale_specs))
 
-    def body(x, weights, ids, keep, w_gate, w_up, w_down):
+    def body(x, weights, ids, keep, w_gate, w_up, w_down, *scales):
         if experts_axis is not None:  # this device's experts are [first, first + E_local)
             first = jax.lax.axis_index(experts_axis) * w_gate.shape[0]
             ids = ids - first
             keep = keep & (ids >= 0) & (ids < w_gate.shape[0])
-        y = expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, **opts).astype(x.dtype)
+        y = expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales or None, **opts).astype(x.dtype)
         return jax.lax.psum(y, split)
 
     rep = jax.sharding.PartitionSpec()
-    return jax.shard_map(body, mesh=mesh, in_specs=(rep,) * 4 + tuple(specs), out_specs=rep,
-                         axis_names=set(split), check_vma=False)(x, weights, ids, keep, w_gate, w_up, w_down)
+    return jax.shard_map(body, mesh=mesh, in_specs=(rep,) * 4 + tuple(specs) + scale_specs, out_specs=rep,
+                         axis_names=set(split), check_vma=False)(x, weights, ids, keep, w_gate, w_up, w_down,
+                                                                 *(scales or ()))

@@ -127,6 +127,12 @@ class QuantConfig:
         """vLLM's name of the method (its `--quantization` value): "fp8" for online FP8 too."""
         return "fp8" if self.method == "online" else self.method
 
+    @property
+    def quantizes_experts(self) -> bool:
+        """Whether an MoE model's experts are held in FP8 (weight-only, per expert and output
+        channel): online FP8. A pre-quantized checkpoint's experts are dequantized at load."""
+        return self.method == "online"
+
     def is_quantized(self, module: str) -> bool:
         """Whether the linear `module` (HF dotted name, e.g. "model.layers.0.mlp.up_proj") is quantized."""
         for pat in self.ignore:

@@ -66,6 +66,14 @@ def quantize_fp8(w: jax.Array, strategy: str = "channel", block_size: tuple[int,
                            block_size=tuple(block_size) if strategy == "block" else None, activation=activation)
 
 
+@jax.jit
+def quantize_experts_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Stacked expert weights w [E, K, N] (our kernels' [experts, in, out]) -> (e4m3 codes [E, K, N],
+    f32 scales [E, N]): one amax / 448 scale per expert and output channel, as online FP8 linears."""
+    scale = _amax_scale(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=1))  # [E, N]
+    return to_e4m3(w, scale[:, None, :]), scale
+
+
 def expand_block_scale(scale: jax.Array, N: int, K: int, block_size: tuple[int, int]) -> jax.Array:
     """Block scales [NB, KB] -> one scale per weight element [N, K]."""
     bn, bk = block_size
