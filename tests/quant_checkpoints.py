@@ -79,14 +79,6 @@ CONFIGS = {  # quantization_config blocks, as each tool writes them
                                   "dynamic": True, "group_size": None}}},
         "kv_cache_scheme": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
                             "dynamic": False, "group_size": None, "observer": "minmax"}},
-    "ct-fp8-channel-kv-head": {
-        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-        "ignore": ["lm_head"], "config_groups": {"group_0": {
-            **CT_GROUP, "weights": {**CT_GROUP["weights"], "strategy": "channel"},
-            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
-                                  "dynamic": True, "group_size": None}}},
-        "kv_cache_scheme": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "attn_head",
-                            "dynamic": False, "group_size": None, "observer": "minmax"}},
     "ct-fp8-tensor-static": {
         "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
         "ignore": ["lm_head"], "config_groups": {"group_0": {
@@ -106,6 +98,8 @@ CONFIGS = {  # quantization_config blocks, as each tool writes them
     "gptq-act-order": {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": False,
                        "static_groups": False, "checkpoint_format": "gptq"},
 }
+CONFIGS["ct-fp8-channel-kv-head"] = {**CONFIGS["ct-fp8-channel-kv"], "kv_cache_scheme": {
+    **CONFIGS["ct-fp8-channel-kv"]["kv_cache_scheme"], "strategy": "attn_head"}}
 
 
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # split along K under tensor parallelism

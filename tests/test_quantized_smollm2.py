@@ -119,6 +119,18 @@ def greedy(params, prompts, **options) -> list[list[int]]:
     return [done[f"q{i}"] for i in range(len(prompts))]
 
 
+def greedy_weight_only_up_to(rows: int, params, prompts, monkeypatch) -> list[list[int]]:
+    """greedy() with the FP8 linears weight-only up to `rows` rows (W8A8 above), as
+    $PAGEDJAX_FP8_WEIGHT_ONLY_ROWS says; the steps traced again under the variable, and after it."""
+    monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", str(rows))  # part of the compile cache's key
+    jax.clear_caches()
+    try:
+        return greedy(params, prompts)
+    finally:
+        monkeypatch.delenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS")
+        jax.clear_caches()
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -160,13 +172,7 @@ def test_fp8_weights_weight_only_greedy_chat_answers_agree(f32, fp8, prompts, mo
     ids, tok = prompts
     ids = ids[:N24]
     ref = greedy(f32, ids)
-    monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", "1000000")  # part of the compile cache's key
-    jax.clear_caches()  # the steps are traced again under the variable, and after it
-    try:
-        got = greedy(fp8, ids)
-    finally:
-        monkeypatch.delenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS")
-        jax.clear_caches()
+    got = greedy_weight_only_up_to(1000000, fp8, ids, monkeypatch)
     agree = [common_prefix(a, b) for a, b in zip(ref, got)]
     print("fp8 weights, weight-only: common prefixes", agree)
     assert np.mean(agree) >= AGREE, f"common prefixes {agree}: {[tok.decode(g) for g in got]}"
@@ -184,13 +190,7 @@ def test_bf16_vs_fp8_greedy_chat_answers_agree_as_a_gpu_runs_them(bf16, prompts,
     fp8 = pj.load_params(dtype=jnp.bfloat16, progress=False, quantization="fp8")
     assert fp8.variables["params"]["layers_0"]["mlp"]["down_proj"]["qvalue"].dtype == jnp.float8_e4m3fn
     ref = greedy(bf16, ids)
-    monkeypatch.setenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS", "64")  # the GPU's default (part of the compile cache's key)
-    jax.clear_caches()
-    try:
-        got = greedy(fp8, ids)
-    finally:
-        monkeypatch.delenv("PAGEDJAX_FP8_WEIGHT_ONLY_ROWS")
-        jax.clear_caches()
+    got = greedy_weight_only_up_to(64, fp8, ids, monkeypatch)  # 64: the GPU's default
     agree = [common_prefix(a, b) for a, b in zip(ref, got)]
     print("bf16 vs fp8 weights: common prefixes", agree)
     assert np.mean(agree) >= AGREE, f"common prefixes {agree}: {[tok.decode(g) for g in got]}"
