@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-impl", default="auto")
-    p.add_argument("--moe-impl", default=None, help="MoE models: ragged, capacity, dense or auto")
+    p.add_argument("--moe-impl", default=None, help="MoE models: ragged, capacity, dense, gather or auto")
     p.add_argument("--out", default=None)
     add_variant_args(p)
     args = p.parse_args(argv)

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--num-pages", type=int, default=None, help="KV pages (default: as many as fit)")
-    p.add_argument("--moe-impl", default=None, help="MoE models: ragged, capacity, dense or auto")
+    p.add_argument("--moe-impl", default=None, help="MoE models: ragged, capacity, dense, gather or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-baseline", action="store_true",
                    help="also run HF generate on the same prompts (HF folders only; named: configs: hf_baseline.py)")

@@ -15,7 +15,7 @@ from pagedjax.kv_cache.block_allocator import CacheConfig
 from pagedjax.scheduler import SchedulerConfig
 
 ATTN_IMPLS = ("auto", "reference", "ffi")
-MOE_IMPLS = ("auto", "ragged", "capacity", "dense")  # pagedjax.models.moe: how an MoE layer's experts run
+MOE_IMPLS = ("auto", "ragged", "capacity", "dense", "gather")  # pagedjax.models.moe: how an MoE layer's experts run
 # vLLM's names ("auto": the weights' dtype; "fp8" = "fp8_e4m3": e4m3 pages with per-kv-head scales)
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3")
 # vLLM's `quantization` names we serve: "fp8" (FP8 checkpoints, or online FP8 of a float one) and
@@ -44,7 +44,7 @@ class EngineConfig:
     # MoE models: split whole experts over the tp devices instead of each expert's MLP columns
     # (vLLM's --enable-expert-parallel); None: as the params were loaded (off unless load_params had it)
     enable_expert_parallel: bool | None = None
-    moe_impl: str | None = None  # MoE models: "ragged" | "capacity" | "dense" | "auto"; None: the model's
+    moe_impl: str | None = None  # MoE models: "ragged" | "capacity" | "dense" | "gather" | "auto"; None: the model's
     max_logprobs: int = 20
     # Streamed (DELTA) outputs: a request's output goes out with its first token, then once at
     # least this many new tokens are in, and when it finishes (vLLM's --stream-interval): fewer,

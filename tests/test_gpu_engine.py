@@ -86,6 +86,6 @@ def test_moe_models_match_hf_with_each_expert_impl(arch, tmp_path):
     want = [hf_models.hf_greedy(hf, p, 12) for p in prompts]
     # The custom call where it serves the head dim (the tiny Qwen3-MoE's 24 is not a compiled one).
     attn = "ffi" if cfg.head_dim in FFI_HEAD_DIMS else "reference"
-    for impl in ("capacity", "ragged", "dense"):
+    for impl in ("capacity", "ragged", "dense", "gather", "auto"):
         got = _greedy(params, prompts, attn, 12, moe_impl=impl, max_num_batched_tokens=256)
         assert got == want, (arch, impl)

@@ -234,10 +234,11 @@ def test_matches_hf(case, tmp_path):
     check_against_hf(case, tmp_path)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "dense", "capacity-rounds"])
+@pytest.mark.parametrize("impl", ["ragged", "dense", "capacity", "gather", "capacity-rounds"])
 def test_moe_impls_match_hf(impl, tmp_path, monkeypatch):
-    """Every expert implementation (the default, "capacity", runs above); "capacity-rounds" has
-    8 rows per expert and round, so the fuller experts take several rounds."""
+    """Every expert implementation (the default, "auto", is "capacity" at this file's 32-token steps
+    above); "capacity-rounds" has 8 rows per expert and round, so the fuller experts take several
+    rounds."""
     from pagedjax.models import moe
 
     if impl == "capacity-rounds":

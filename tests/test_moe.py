@@ -2,8 +2,9 @@
 
 Random inputs with deliberately uneven routing (one expert gets most tokens, some get none),
 every implementation (ragged_dot, the padded capacity layout in one round and in many, the dense
-all-experts einsum), padding tokens that must contribute nothing, and the Flax block as the models
-use it. Seeds are in the failure messages.
+all-experts einsum, the per-assignment gather of expert weights), "auto" at each step size,
+padding tokens that must contribute nothing, and the Flax block as the models use it. Seeds are
+in the failure messages.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pagedjax.models import get_config, moe
 from pagedjax.models.config import ModelConfig
 from pagedjax.models.layers import SparseMoeBlock
 
-IMPLS = ("ragged", "capacity", "dense")
+IMPLS = ("ragged", "capacity", "dense", "gather")
 TOL = 1e-5  # max |ours - reference| / max |reference| (float32 against float64)
 
 
@@ -73,7 +74,7 @@ def rel_err(got, ref) -> float:
 
 
 @pytest.mark.parametrize("impl,capacity_rows", [("ragged", None), ("dense", None), ("capacity", None),
-                                                ("capacity", 4), ("capacity", 7)])
+                                                ("capacity", 4), ("capacity", 7), ("gather", None)])
 @pytest.mark.parametrize("k,renormalize", [(2, True), (3, False)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_expert_mlp_matches_float64(impl, capacity_rows, k, renormalize, seed):
@@ -116,6 +117,46 @@ def test_route_is_hf_softmax_topk_renormalize():
             want /= want.sum(-1, keepdims=True)
         np.testing.assert_array_equal(np.asarray(ids), want_ids)
         np.testing.assert_allclose(np.asarray(w), want, rtol=1e-5)
+
+
+def test_auto_picks_by_the_step_size():
+    """"auto" gathers while T * k * GATHER_RATIO <= E, runs every expert up to DENSE_MAX_TOKENS,
+    the capacity layout above, and only that under batch-invariant numerics (the implementation
+    may not depend on the step's size)."""
+    assert (moe.GATHER_RATIO, moe.DENSE_MAX_TOKENS) == (4, 64)
+    assert moe.resolve_impl("auto", 1, 8, 128) == "gather"  # Qwen3-30B-A3B's batch-1 decode step
+    assert moe.resolve_impl("auto", 4, 8, 128) == "gather"
+    assert moe.resolve_impl("auto", 5, 8, 128) == "dense"
+    assert moe.resolve_impl("auto", 64, 8, 128) == "dense"
+    assert moe.resolve_impl("auto", 65, 8, 128) == "capacity"
+    assert moe.resolve_impl("auto", 1, 2, 8) == "gather"  # Mixtral: one token
+    assert moe.resolve_impl("auto", 2, 2, 8) == "dense"
+    assert moe.resolve_impl("auto", 2048, 2, 8) == "capacity"
+    for T in (1, 16, 2048):
+        assert moe.resolve_impl("auto", T, 8, 128, batch_invariant=True) == "capacity"
+    assert moe.resolve_impl("auto") == "capacity"
+    for impl in IMPLS:
+        assert moe.resolve_impl(impl, 1, 8, 128) == impl
+    with pytest.raises(ValueError, match="moe_impl"):
+        moe.resolve_impl("grouped")
+
+
+@pytest.mark.parametrize("T", [1, 2, 40, 80])
+def test_auto_block_matches_float64(T):
+    """The Flax block with moe_impl "auto" at a step that gathers (T = 1: 1 * 2 * 4 <= 8 experts), a
+    padded one (T = 2 with one real token), one that runs every expert (T = 40) and one that runs
+    the capacity layout (T = 80)."""
+    seed = 5
+    x, router, wg, wu, wd = uneven_case(seed, T=T)
+    cfg = get_config("tiny-mixtral").replace(hidden_size=32, num_experts=8, num_experts_per_tok=2,
+                                             moe_intermediate_size=24, moe_impl="auto")
+    variables = {"params": {"gate": {"kernel": router}, "experts_gate_proj": wg, "experts_up_proj": wu,
+                            "experts_down_proj": wd}}
+    valid = 1 if T == 2 else T
+    ref, _ = reference(x, router, wg, wu, wd, 2, True, valid=valid)
+    got = np.asarray(jax.jit(SparseMoeBlock(cfg).apply)(variables, x, valid))
+    assert np.all(got[valid:] == 0), (seed, T)
+    assert rel_err(got[:valid], ref[:valid]) < TOL, (seed, T, rel_err(got[:valid], ref[:valid]))
 
 
 def test_capacity_sizes():
@@ -166,7 +207,7 @@ def test_moe_options_are_checked():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,capacity_rows", [("ragged", None), ("dense", None), ("capacity", None),
-                                                ("capacity", 4)])
+                                                ("capacity", 4), ("gather", None)])
 def test_expert_mlp_on_the_gpu(impl, capacity_rows):
     """The same float64 comparison on the GPU (float32 at the conftest's highest matmul precision),
     and bfloat16 within its rounding."""

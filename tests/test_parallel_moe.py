@@ -106,7 +106,8 @@ def _err(got, ref) -> float:
 @pytest.mark.parametrize("arch,tp,ep,impl", [
     ("mixtral", 2, False, "auto"), ("mixtral", 4, True, "auto"), ("mixtral", 8, False, "auto"),
     ("mixtral", 8, True, "auto"), ("mixtral", 4, True, "ragged"), ("mixtral", 2, False, "dense"),
-    ("qwen3_moe", 4, False, "auto"), ("qwen3_moe", 8, True, "auto"),
+    ("qwen3_moe", 4, False, "auto"), ("qwen3_moe", 8, True, "auto"), ("mixtral", 4, True, "gather"),
+    ("qwen3_moe", 2, False, "gather"),
     pytest.param("qwen3_moe", 8, False, "ragged", marks=slow), pytest.param("qwen3_moe", 2, True, "dense", marks=slow),
 ])
 def test_logits_match_tp1(folder, arch, tp, ep, impl):
@@ -176,17 +177,21 @@ def _collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
     return out
 
 
-@pytest.mark.parametrize("ep,T", [(False, 16), (True, 16), (False, 256)])
+@pytest.mark.parametrize("ep,T", [(False, 16), (True, 16), (False, 256), (True, 1)])
 def test_step_collectives(folder, ep, T):
     """One all-reduce [T, D] per attention and per MLP (MoE or dense) and one for the embedding;
     only the logits gathered: no weight, no pool all-gathered. (T = 256: the capacity layout's
-    rounds loop inside the per-device computation, still one all-reduce after it.)"""
+    rounds loop inside the per-device computation, still one all-reduce after it; T = 16: "auto"
+    runs every expert on every token; T = 1: it gathers each assignment's expert weights, on the
+    device holding them.)"""
     tp = 4
     params = _load(folder("qwen3_moe"), tp, ep)
     cfg = params.config
     runner = ModelRunner(params, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=T,
                          num_pages=16, precompile=False, mesh=parallel.mesh_of(params))
     assert runner.config.expert_parallel == ep
+    want = {1: "gather", 16: "dense", 256: "capacity"}[T]
+    assert moe.resolve_impl("auto", T, cfg.num_experts_per_tok, cfg.num_experts) == want
     buf, layout = pack(runner._dummy_inputs(T)[0])
     buf = jax.device_put(buf, runner.input_sharding)
     compiled = _step.lower(runner.config, "reference", runner.params.variables, runner.pages, buf, runner._no_prev,

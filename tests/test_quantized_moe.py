@@ -214,7 +214,7 @@ def online_reference(model, params) -> quant_checkpoints.Reference:
     return quant_checkpoints.Reference(ref, "token").hook()
 
 
-@pytest.mark.parametrize("impl", ["capacity", "ragged", "dense"])
+@pytest.mark.parametrize("impl", ["capacity", "ragged", "dense", "gather"])
 def test_online_fp8_moe_experts_are_e4m3_and_match_the_reference(impl, base, online):
     model, prompts = base
     _, params = online

@@ -42,6 +42,9 @@
 #           adds server options, e.g. --stream-interval 4, and SERVE_TAG names the result)
 # moe-kernels  benchmarks/kernels/moe.py: ragged_dot vs capacity vs dense on Mixtral's and Qwen3-MoE's shapes
 # family-qwen3, family-moe: W3 and W1 on Qwen3-8B; W1 on Qwen3-30B-A3B (capacity and ragged experts)
+# moe-small  benchmarks/kernels/moe.py at 1-64 tokens: gather vs capacity vs ragged vs dense, bf16 and e4m3 experts
+# moe-tests the gpu tests of tests/test_moe.py and the engine's MoE test (every expert implementation)
+# moe-b1    Qwen3-30B-A3B with FP8 experts and MOE_IMPL (default auto): W3, the batch-1 step, a short W1
 # moe-fp8   Qwen3-30B-A3B in bf16 and with quantization fp8 (e4m3 experts), one process: W3, batch-1 step, W1
 # step-memory  benchmarks/step_memory.py: the temporaries of Qwen3-30B-A3B's largest step (capacity, ragged)
 # timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG; OUTPUT_KIND,
@@ -236,6 +239,22 @@ for s in "$@"; do
           --attn-impl auto --out "$OUTDIR/step-memory-$impl.json"
       done ;;
     moe-kernels) TAIL=40 stage moe-kernels 200 "$PY" benchmarks/kernels/moe.py --out "$OUTDIR/moe-kernels.json" ;;
+    moe-small)  # MoE layers at decode sizes: gather vs capacity vs ragged, bf16 and e4m3 experts
+      for v in bf16 fp8; do
+        TAIL=12 stage "moe-small-$v" 150 "$PY" benchmarks/kernels/moe.py --models qwen3-30b-a3b,mixtral-8x7b \
+          --tokens 1,2,4,8,16,64 --impls gather,capacity,ragged,dense $([ $v = fp8 ] && echo --fp8) \
+          --out "$OUTDIR/moe-small-$v.json"
+      done ;;
+    moe-tests)  # the MoE layer's and engine's gpu tests: every expert implementation, "auto" included
+      TAIL=20 stage moe-tests 240 env PAGEDJAX_TEST_GPU=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 "$PY" -m pytest -q -m gpu \
+        -p no:cacheprovider -rfE tests/test_moe.py \
+        "tests/test_gpu_engine.py::test_moe_models_match_hf_with_each_expert_impl" ;;
+    moe-b1)  # Qwen3-30B-A3B with FP8 experts, moe_impl MOE_IMPL (auto: gather at decode sizes): W3, the
+             # batch-1 step and a short W1, steps of at most 512 tokens (fewer buckets to compile)
+      stage "moe-b1-${MOE_IMPL:-auto}" $((BUDGET + 200)) "$PY" benchmarks/throughput.py --model named:qwen3-30b-a3b \
+        --max-len 4096 --max-num-seqs 256 --max-num-batched-tokens 512 --budget "$BUDGET" --quiet \
+        --latency 8:32:128 --workload "sharegpt:$N1" --moe-impl "${MOE_IMPL:-auto}" --variants "${VARIANTS:-fp8}" \
+        --out "$OUTDIR/moe-b1-${MOE_IMPL:-auto}.json" ;;
     family-qwen3) throughput . family-qwen3 --model named:qwen3-8b ;;
     family-moe)
       for impl in ${MOE_IMPLS:-capacity ragged}; do

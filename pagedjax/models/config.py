@@ -26,7 +26,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 NORMS = ("rms", "rms_unit_offset", "layer")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's `layer_types` values
 # How the experts of an MoE layer run (pagedjax.models.moe)
-MOE_IMPLS = ("auto", "ragged", "capacity", "dense")
+MOE_IMPLS = ("auto", "ragged", "capacity", "dense", "gather")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -387,7 +387,8 @@ class SparseMoeBlock(nn.Module):
             return moe.sharded_expert_mlp(
                 x, weights, ids, keep, w["gate_proj"], w["up_proj"], w["down_proj"], scales=scales,
                 expert_parallel=cfg.expert_parallel, activation=ACTIVATIONS[cfg.activation],
-                impl=moe.resolve_impl(cfg.moe_impl))  # [T, D]
+                impl=moe.resolve_impl(cfg.moe_impl, x.shape[0], cfg.num_experts_per_tok, X,
+                                      cfg.batch_invariant))  # [T, D]
 
 
 def feed_forward(cfg: ModelConfig, layer_idx: int, x: jax.Array, meta: AttentionMetadata,

@@ -3,7 +3,7 @@
 Dims: T tokens in the flat batch, D hidden, E experts (on this device), k experts per token,
 F expert MLP width, A = T * k (token, expert) assignments, C capacity (rows per expert and round).
 
-Three exact implementations of the expert MLPs, chosen by a static `impl` (MOE_IMPLS):
+Four exact implementations of the expert MLPs, chosen by a static `impl` (MOE_IMPLS):
   "ragged"    the assignments sorted by expert, `jax.lax.ragged_dot` with the group sizes
               (a grouped GEMM: each expert multiplies only its own rows), unsorted, combined.
   "capacity"  the same sorted assignments scattered into a padded [E, C, D] buffer, one batched
@@ -12,11 +12,22 @@ Three exact implementations of the expert MLPs, chosen by a static `impl` (MOE_I
               ever dropped. C = T (any step of at most MIN_CAPACITY tokens: every decode-sized
               step) needs no loop at all; a loop's trip count is read back by the host on a GPU.
   "dense"     every token through every expert, weighted by a dense [T, E] combine matrix (E / k
-              times the FLOPs: the baseline the other two are measured against).
-"auto" is "capacity": on the CPU it ran 1.5-40x faster than ragged_dot and 2-10x faster than
-"dense" from 256 tokens (8 and 32 experts); on the H200 a first probe measured a capacity layout
-2.6-7.5x faster than ragged_dot (notes/h200_probes.md). benchmarks/kernels/moe.py measures all
-three on the real shapes.
+              times the FLOPs: the baseline the others are measured against).
+  "gather"    each assignment's own expert weights gathered ([A, D, F]: the weights of at most A
+              experts, where the others read all E) and applied to its token: for steps of a few
+              tokens, where reading every expert's weights is the whole cost of the layer.
+"auto" picks by the step's size T (static: a step's size is its bucket), as measured on an H100
+(benchmarks/RESULTS.md, benchmarks/kernels/moe.py, bf16 and e4m3 experts):
+  T * k * GATHER_RATIO <= E   "gather": a batch-1 decode step of Qwen3-30B-A3B reads 8 of its 128
+                              experts' weights, not all of them (0.078 against 0.41-0.55 ms a layer)
+  T <= DENSE_MAX_TOKENS       "dense": at these sizes the capacity layout's C is T, the same FLOPs
+                              as dense, plus its scatter and gather (dense 2-18% faster at T 2-64,
+                              both models, bf16 and e4m3 experts)
+  above                       "capacity": on the CPU 1.5-40x faster than ragged_dot and 2-10x
+                              faster than dense from 256 tokens (8 and 32 experts); on the H200
+                              2.6-7.5x faster than ragged_dot (notes/h200_probes.md)
+Under batch-invariant numerics "auto" is always "capacity": the implementation may not depend on
+the step's size.
 
 Assignments that are not computed here (padding tokens; under expert parallelism the tokens
 routed to another device's experts) are masked by `keep` and contribute zero.
@@ -36,13 +47,29 @@ CAPACITY_FACTOR = 1.5  # capacity rows per expert and round, over the mean (T * 
 # Rows below which an expert's GEMM is bound by reading its weights (C is its arithmetic
 # intensity in FLOP/byte: ~166 is the H200's bf16 ridge): C never goes below this, unless T does.
 MIN_CAPACITY = 128
+# "auto" gathers while the step's assignments, times this, are at most the experts: the gathered
+# [A, D, F] weights are read, written and read again by the GEMMs (~3 A experts' bytes), where the
+# capacity layout reads each of the E experts once.
+GATHER_RATIO = 4
+DENSE_MAX_TOKENS = 64  # "auto" runs every expert on every token up to this many tokens
 
 
-def resolve_impl(impl: str) -> str:
-    """"auto" -> the implementation measured fastest ("capacity"); others are checked."""
+def resolve_impl(impl: str, num_tokens: int | None = None, top_k: int = 1, num_experts: int = 1,
+                 batch_invariant: bool = False) -> str:
+    """The implementation a step of num_tokens runs (static: a step's size is its bucket).
+
+    "auto" -> "gather" for a step of few enough tokens (num_tokens * top_k * GATHER_RATIO <= E),
+    "dense" up to DENSE_MAX_TOKENS, else "capacity"; always "capacity" under batch_invariant or
+    without num_tokens. Others are checked and kept."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
-    return "capacity" if impl == "auto" else impl
+    if impl != "auto":
+        return impl
+    if num_tokens is None or batch_invariant:
+        return "capacity"
+    if num_tokens * top_k * GATHER_RATIO <= num_experts:
+        return "gather"
+    return "dense" if num_tokens <= DENSE_MAX_TOKENS else "capacity"
 
 
 def route(router_logits: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -82,7 +109,8 @@ def expert_mlp(
 ) -> jax.Array:
     """sum_k weights[t, k] * down(act(gate(x_t)) * up(x_t)) of expert ids[t, k]: [T, D] float32.
 
-    SwiGLU experts in x's dtype, combined in float32; `impl` is "ragged", "capacity" or "dense";
+    SwiGLU experts in x's dtype, combined in float32; `impl` is one of MOE_IMPLS ("auto" picks by
+    T, resolve_impl);
     capacity_rows: the capacity layout's C (default `capacity(T, k, E)`; any C >= 1 is exact).
     scales: FP8 experts (weight-only): the weights are e4m3 codes, converted to x's dtype in the
     matmuls, and each projection's output column of expert e is multiplied by its scale
@@ -90,10 +118,13 @@ def expert_mlp(
     """
     T, k = ids.shape
     E = w_gate.shape[0]
-    w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
+    impl = resolve_impl(impl, T, k, E)
     if scales is None:
         scales = (None, None, None)
     weights = jnp.where(keep, weights, 0.0)
+    if impl == "gather":  # before any conversion: FP8 codes are gathered as they are, then converted
+        return _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales)
+    w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     if impl == "dense":
         return _dense(x, weights, jnp.where(keep, ids, E), w_gate, w_up, w_down, activation, scales)
     flat = jnp.where(keep, ids, E).reshape(T * k)  # [A]; dropped assignments sort last, as expert E
@@ -168,6 +199,21 @@ def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, sing
         return r + 1, acc + run(r)
 
     return jax.lax.while_loop(lambda c: c[0] < rounds, body, (jnp.int32(1), y))[1]
+
+
+def _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales=(None, None, None)) -> jax.Array:
+    """Each assignment's expert weights gathered and applied to its token alone: [T, D] float32.
+
+    An assignment not computed here takes token 0's expert in its slot (its weight is zero), so a
+    padded step gathers no expert that its real tokens do not; ids are clipped into [0, E) (under
+    expert parallelism, another device's expert)."""
+    E = w_gate.shape[0]
+    ids = jnp.clip(jnp.where(keep, ids, ids[:1]), 0, E - 1)  # [T, k]
+    s_gate, s_up, s_down = (None if s is None else s[ids] for s in scales)  # [T, k, out] each
+    h = _swiglu(_scaled(jnp.einsum("td,tkdf->tkf", x, w_gate[ids].astype(x.dtype)), s_gate),
+                _scaled(jnp.einsum("td,tkdf->tkf", x, w_up[ids].astype(x.dtype)), s_up), activation)  # [T, k, F]
+    y = _scaled(jnp.einsum("tkf,tkfd->tkd", h, w_down[ids].astype(x.dtype)), s_down)  # [T, k, D]
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
 
 
 def _dense(x, weights, ids, w_gate, w_up, w_down, activation, scales=(None, None, None)) -> jax.Array:
