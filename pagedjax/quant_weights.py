@@ -9,10 +9,16 @@ over for the linears the config quantizes (models/quantized.py says which):
                  quantization.convert_checkpoint_linear, as the published layout says
   online FP8     the float kernel, converted to our layout as usual (and cached, for GGUF), is
                  read back as HF's [out, in] weight and quantized on the default device
-  dequantized    a pre-quantized linear the model keeps in its dtype (an MoE model's experts,
-                 whose matmuls have no quantized form yet, and its routers): its tensors are
-                 converted as above, dequantized on the host CPU, and enter the plan as the
-                 float "<module>.weight" HF would have saved
+  dequantized    a pre-quantized linear the model keeps in its dtype (an MoE model's routers,
+                 and its experts but for per-channel FP8): its tensors are converted as above,
+                 dequantized on the host CPU, and enter the plan as the float "<module>.weight"
+                 HF would have saved
+  FP8 experts    online FP8, or a per-channel FP8 checkpoint: each stacked expert leaf [E, in,
+                 out] is quantized per expert and output channel (scale amax / 448). From a
+                 checkpoint the leaf holds its dequantized weights, so the codes and scales are
+                 the checkpoint's own wherever a channel's scale is its amax / 448 (llm-compressor's
+                 min-max observer: the channel's largest weight is code 448); a channel saved with
+                 a larger scale is rescaled to that and rounded again
 
 Either way the QuantizedWeight's params land at "<module>.qvalue", "<module>.scale", ... in their
 own dtypes, kv heads repeated whole (repeat_out_heads) when the mesh has more devices than kv
@@ -70,7 +76,7 @@ class QuantizedLinears:
         # our module path -> HF module name, of the linears this model has (an MoE family's map
         # names a dense MLP and a router for every layer; the router is never quantized)
         self.modules = {m: hf for m, hf in quantized_linears(config).items() if f"{m}.qvalue" in leaves}
-        # online FP8 of an MoE model: each stacked expert leaf (e4m3) and its scales
+        # FP8 experts of an MoE model (QuantConfig.quantizes_experts): each stacked expert leaf (e4m3)
         self.experts = {t for t, (_, s) in leaves.items()
                         if t.rsplit(".", 1)[-1].startswith("experts_") and s.dtype == jnp.float8_e4m3fn}
         self.shapes = {t: v for t, v in leaves.items()
@@ -163,11 +169,12 @@ class QuantizedLinears:
                 raise ValueError(f"{self.desc}: {self.modules[m]} ({self.qcfg.name}): {e}") from None
             self.place(m, w, place)
 
-    # --- online FP8 -----------------------------------------------------------------------------
+    # --- online FP8, FP8 experts ----------------------------------------------------------------
 
     def place_kernel(self, t: str, arr: np.ndarray, place: Callable[[str, np.ndarray], None]) -> bool:
-        """Quantizes a float kernel in our layout (online FP8) and places it; False if `t` is not one."""
-        if self.online and t in self.experts:  # [E, in, out]: per expert and output channel
+        """Quantizes a float kernel in our layout (online FP8, or an FP8 expert leaf, whose float
+        weights a checkpoint's codes and scales dequantized to) and places it; False if `t` is not one."""
+        if t in self.experts:  # [E, in, out]: per expert and output channel
             q, s = quantize_experts_fp8(jnp.asarray(arr))
             place(t, np.asarray(q))
             place(t + SCALE_SUFFIX, np.asarray(s))

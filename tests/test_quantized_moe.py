@@ -4,8 +4,10 @@ published), compressed-tensors FP8 W8A8 (its router quantized too) and GPTQ int4
 Each is written from one tiny random HF Qwen3-MoE (8 experts, top 2, one dense layer) with the
 quantizers and packers of tests/quant_checkpoints.py, every expert's gate / up / down saved as
 its own tensors under "mlp.experts.{e}.<proj>", as the published MoE checkpoints are. pagedjax
-runs the attention and dense MLP linears quantized and keeps the experts (and a quantized
-router) in its dtype, dequantized at load; the float64 reference is the HF model with every
+runs the attention and dense MLP linears quantized; it holds the per-channel FP8 checkpoint's
+experts in e4m3 (the checkpoint's own codes and scales, checked exactly, run weight-only) and
+keeps the other formats' experts (and a quantized router) in its dtype, dequantized at load; the
+float64 reference is the HF model with every
 quantized weight replaced by its dequantized value and, for W8A8 formats, the inputs of the
 attention and dense MLP linears fake-quantized by torch's e4m3 cast.
 
@@ -133,6 +135,25 @@ def check(what: str, fmt: str, got, want) -> None:
         assert errs.max() < FLIP and np.median(errs) < TIGHT, where
 
 
+def check_checkpoint_experts(folder, mlp) -> None:
+    """Layer 0's stacked e4m3 experts [E, in, out] and scales [E, out] against the checkpoint's
+    per-expert codes [out, in] and weight_scale [out, 1]: the same codes, bit for bit, and the
+    same scales to float32 rounding (amax / 448 of the dequantized channel, whose amax is code 448)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "model.safetensors"))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        codes, scales = np.asarray(mlp[f"experts_{proj}"]), np.asarray(mlp[f"experts_{proj}_scale"])
+        assert codes.dtype == jnp.float8_e4m3fn and codes.shape[0] == EXPERTS, (proj, codes.dtype, codes.shape)
+        for e in range(EXPERTS):
+            name = f"model.layers.0.mlp.experts.{e}.{proj}"
+            want = saved[f"{name}.weight"]
+            assert want.dtype == torch.float8_e4m3fn and want.float().abs().amax(1).min() == 448, name
+            np.testing.assert_array_equal(codes[e].T.view(np.uint8), want.view(torch.uint8).numpy(), err_msg=name)
+            np.testing.assert_allclose(scales[e], saved[f"{name}.weight_scale"].float().numpy().reshape(-1),
+                                       rtol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_moe_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
     model, prompts = base
@@ -141,7 +162,10 @@ def test_moe_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
     assert params.config.architecture == "qwen3_moe" and params.config.quantization is not None
     layer0, layer1 = params.variables["params"]["layers_0"], params.variables["params"]["layers_1"]
     assert "qvalue" in layer0["attn"]["q_proj"] and "qvalue" in layer1["mlp"]["down_proj"]  # run quantized
-    assert layer0["mlp"]["experts_down_proj"].dtype == np.float32  # experts: dequantized at load
+    if fmt == "ct-fp8-channel":  # experts: the checkpoint's e4m3 codes and per-channel scales
+        check_checkpoint_experts(folder, layer0["mlp"])
+    else:  # dequantized at load
+        assert layer0["mlp"]["experts_down_proj"].dtype == np.float32
     assert "kernel" in layer0["mlp"]["gate"]  # the router: float (dequantized where quantized)
     want = [ref.logits(p) for p in prompts]
     assert np.abs(want[2]).std() > 0.5, "logits too flat for a meaningful comparison"
@@ -151,7 +175,7 @@ def test_moe_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
     assert np.median(position_errs(plain, want)) > 100 * TIGHT
 
 
-@pytest.mark.parametrize("fmt,tp,ep", [("hf-fp8-block", 2, False), ("gptq", 2, True)])
+@pytest.mark.parametrize("fmt,tp,ep", [("hf-fp8-block", 2, False), ("gptq", 2, True), ("ct-fp8-channel", 4, True)])
 def test_moe_tensor_parallel_matches_one_device(fmt, tp, ep, base, checkpoint):
     _, prompts = base
     folder, _ = checkpoint(fmt)

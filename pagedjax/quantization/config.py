@@ -130,8 +130,10 @@ class QuantConfig:
     @property
     def quantizes_experts(self) -> bool:
         """Whether an MoE model's experts are held in FP8 (weight-only, per expert and output
-        channel): online FP8. A pre-quantized checkpoint's experts are dequantized at load."""
-        return self.method == "online"
+        channel): online FP8, and FP8 checkpoints with per-channel weight scales (their codes and
+        scales, once converted: quant_weights.py). Other pre-quantized checkpoints' experts
+        (block or per-tensor FP8, int4) are dequantized at load."""
+        return self.method == "online" or (self.weight_dtype == "fp8" and self.weight_strategy == "channel")
 
     def is_quantized(self, module: str) -> bool:
         """Whether the linear `module` (HF dotted name, e.g. "model.layers.0.mlp.up_proj") is quantized."""
