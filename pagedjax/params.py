@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from pagedjax.models.config import ModelConfig
 
@@ -40,6 +39,8 @@ class Params:
     @property
     def dtype(self):
         """The dtype of the unquantized weights (the model's activations run in it)."""
+        from pagedjax.models import own_dtype
+
         def first(tree):
             if "qvalue" in tree:  # a quantized linear: its params keep their own dtypes
                 return None
@@ -47,7 +48,7 @@ class Params:
                 if isinstance(v, dict):
                     d = first(v)
                 else:  # FP8 experts' codes and scales, FP8 KV-cache scales: their own dtypes
-                    d = None if k.endswith("_scale") or v.dtype == jnp.float8_e4m3fn else v.dtype
+                    d = None if own_dtype(k, v) else v.dtype
                 if d is not None:
                     return d
             return None

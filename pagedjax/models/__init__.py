@@ -67,10 +67,12 @@ def _with_dtype(tree, dtype):
     if "qvalue" in tree:
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree.items()}
     return {k: _with_dtype(v, dtype) if isinstance(v, dict)
-            else jax.ShapeDtypeStruct(v.shape, v.dtype if _own_dtype(k, v) else dtype) for k, v in tree.items()}
+            else jax.ShapeDtypeStruct(v.shape, v.dtype if own_dtype(k, v) else dtype) for k, v in tree.items()}
 
 
-def _own_dtype(name: str, leaf) -> bool:
-    """FP8 KV-cache scales, and FP8 experts' codes and scales, keep their dtypes."""
+def own_dtype(name: str, leaf) -> bool:
+    """Whether the param `name` (a leaf outside the quantized linears, whose params all keep
+    theirs) keeps its own dtype rather than the model's: FP8 KV-cache scales, and FP8 experts'
+    codes and scales. Params.dtype and the abstract params in a dtype both follow it."""
     return name in KV_SCALES or jnp.dtype(leaf.dtype) == jnp.dtype(jnp.float8_e4m3fn) or (
         name.startswith("experts_") and name.endswith(SCALE_SUFFIX))
