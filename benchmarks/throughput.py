@@ -211,13 +211,15 @@ def main(argv=None) -> int:
             "max_num_batched_tokens": r.max_num_batched_tokens, "num_pages": r.num_pages, "page_size": r.page_size,
             "attn_impl": r.attn_impl, "quantization": v.quantization, "kv_cache_dtype": r.kv_dtype.name,
             "batch_invariant": v.batch_invariant, "token_buckets": r.token_buckets,
-            "weight_GB": round(cost.weight_bytes / 1e9, 3), "weights_s": round(weights_s, 2),
+            "weight_GB": round(cost.weight_bytes / 1e9, 3), "expert_GB": round(cost.expert_bytes / 1e9, 3),
+            "weights_s": round(weights_s, 2),
             "startup_s": round(startup, 2)}
         if vi == 0:  # the figures of one engine, where they always were
             results.update(engine=results["engines"][v.name], weights_s=round(weights_s, 2),
                            startup_s=round(startup, 2))
         print(f"[{v.name}] weights {weights_s:.1f} s, engine start-up {startup:.1f} s, {r.num_pages} KV pages of "
-              f"{r.kv_dtype.name}, weights {cost.weight_bytes / 1e9:.2f} GB", flush=True)
+              f"{r.kv_dtype.name}, weights {cost.weight_bytes / 1e9:.2f} GB"
+              + (f" + experts {cost.expert_bytes / 1e9:.2f} GB" if cost.expert_bytes else ""), flush=True)
         if args.latency:
             from latency import measure
 
