@@ -128,9 +128,11 @@ class EngineConfig:
 
         gpu = jax.default_backend() == "gpu"
         max_len = self.max_model_len or min(params.config.max_position_embeddings, 4096)
-        if max_len > params.config.max_position_embeddings:
-            raise ValueError(f"max_model_len {max_len} exceeds the model's "
-                             f"{params.config.max_position_embeddings} positions")
+        rope = params.config.rope_scaling
+        # dynamic NTK rope is made to run past max_position_embeddings: up to factor times it (vLLM's bound)
+        limit = int(params.config.max_position_embeddings * (rope.factor if rope.type == "dynamic" else 1))
+        if max_len > limit:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's {limit} positions")
         seqs = self.max_num_seqs or (256 if gpu else 32)
         tokens = self.max_num_batched_tokens or (2048 if gpu else 256)
         if not self.enable_chunked_prefill:

@@ -462,3 +462,61 @@ def test_custom_call_matches_hf(case, tmp_path):
     for r, lg in got.items():
         err = rel_err(lg, hf_logits(hf, prompts[r]))
         assert err < TOL, f"{case} (seed {seed}) request {r}: relative error {err:.2e}"
+
+
+def _hf_reset_dynamic_rope(model) -> None:
+    """A one-token forward: transformers' dynamic rope returns to the original frequencies when it
+    sees a sequence inside max_position_embeddings (its state otherwise keeps the longest seen)."""
+    with torch.no_grad():
+        model(torch.tensor([[3]]))
+
+
+def test_dynamic_ntk_rope_follows_hf_rule(tmp_path):
+    """Dynamic NTK rope (rope_type "dynamic") with max_position_embeddings = 8 the prompts cross: a
+    forward of a sequence of L > 8 tokens rotates with base theta * (2 L / 8 - 1) ** (dim / (dim - 2)),
+    K/V cached as computed (transformers' rule). Compared with HF fed the same chunks, each request
+    from HF's original frequencies; then the engine's greedy tokens against HF `generate`, whose
+    every decode step past 8 tokens changes the base."""
+    import pagedjax as pj
+    from pagedjax.sampling_params import SamplingParams
+
+    config = LlamaConfig(**{**_LLAMA, "max_position_embeddings": 8}, num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 100.0})
+    hf = build_hf(LlamaForCausalLM, config, tmp_path)
+    params = load_params(tmp_path, dtype=jnp.float32, progress=False)
+    s = params.config.rope_scaling
+    assert (s.type, s.factor, s.original_max_position_embeddings) == ("dynamic", 2.0, 8)
+    seed = 12
+    rng = np.random.default_rng(seed)
+    schedules = {"short": [7], "long": [13], "across": [5, 4, 4], "decode": [6] + [1] * 8, "ragged": [3, 6, 1, 5]}
+    prompts = {r: [int(t) for t in rng.integers(0, V, sum(c))] for r, c in schedules.items()}
+    refs = {}
+    for r, c in schedules.items():
+        _hf_reset_dynamic_rope(hf)
+        refs[r] = hf_logits_chunked(hf, prompts[r], c)
+    # the growth matters: a first chunk of 5 (original base) is not the same 5 tokens of a 13-token pass
+    _hf_reset_dynamic_rope(hf)
+    assert rel_err(refs["across"][:5], hf_logits(hf, prompts["across"])[:5]) > 0.05
+    runner = PagedRunner(params, seed=seed)
+    got = run_schedule(runner, {r: prompts[r] for r in ("short", "long")}, [{"short": 7, "long": 13}])
+    got |= run_schedule(runner, {"across": prompts["across"]}, [{"across": n} for n in schedules["across"]])
+    steps = [dict(zip(("decode", "ragged"), ns)) for ns in zip(schedules["decode"], schedules["ragged"])]
+    steps += [{"decode": 1}] * (len(schedules["decode"]) - len(steps))
+    got |= run_schedule(runner, {r: prompts[r] for r in ("decode", "ragged")}, steps)
+    for r, lg in got.items():
+        assert rel_err(lg, refs[r]) < TOL, f"seed {seed} request {r}: relative error {rel_err(lg, refs[r]):.2e}"
+
+    gen = [[int(t) for t in rng.integers(3, V, n)] for n in (5, 9)]
+    want = []
+    for p in gen:
+        _hf_reset_dynamic_rope(hf)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=16 - len(p), do_sample=False, eos_token_id=None, pad_token_id=1)
+        want.append(out[0, len(p):].tolist())
+    got = [pj.generate(params, [p], SamplingParams(max_tokens=16 - len(p), temperature=0.0, ignore_eos=True),
+                       max_model_len=16, num_pages=16, page_size=4, use_tqdm=False)[0].outputs[0].token_ids
+           for p in gen]
+    assert got == want
+    with pytest.raises(ValueError, match="exceeds the model's 16 positions"):  # factor x 8
+        pj.LLM(params, max_model_len=17)

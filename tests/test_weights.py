@@ -209,7 +209,8 @@ def test_not_a_safetensors_file(llama_dir, tmp_path):
 @pytest.mark.parametrize("changes,match", [
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
      r"rope_scaling 'yarn' lacks \['original_max_position_embeddings'\]"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "'dynamic'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, r"rope_scaling 'dynamic' lacks \['factor'\]"),
+    ({"rope_parameters": {"rope_type": "mrope", "factor": 2.0, "rope_theta": 1e4}}, "rope_scaling type 'mrope'"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, "lacks"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantization method .gptq.: unsupported bits"),
     ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization method .bitsandbytes. is not supported"),
@@ -268,7 +269,9 @@ def test_config_self_checks():
     with pytest.raises(ValueError, match="grouped-query attention"):
         get_config("tiny-gpt2").replace(num_kv_heads=2)
     with pytest.raises(ValueError, match="rope_scaling type"):
-        RopeScaling("dynamic")
+        RopeScaling("mrope")
+    with pytest.raises(ValueError, match="invalid rope_scaling"):  # dynamic NTK only extends too
+        RopeScaling("dynamic", factor=0.5)
     with pytest.raises(ValueError, match="invalid rope_scaling"):  # yarn only extends
         RopeScaling("yarn", factor=0.5)
     with pytest.raises(ValueError, match="longrope"):  # its factors are needed

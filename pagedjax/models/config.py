@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # HF activation names we implement (pagedjax.models.layers.ACTIVATIONS holds the functions)
 ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu")
-ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn", "dynamic")
 # RMSNorm (LLaMA's: x * w), Gemma's RMSNorm (x * (1 + w), in float32) or LayerNorm
 NORMS = ("rms", "rms_unit_offset", "layer")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's `layer_types` values
@@ -31,15 +31,17 @@ MOE_IMPLS = ("auto", "ragged", "capacity", "dense", "gather")
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """HF rope_scaling: "default", "linear" (positions / factor), "llama3", "longrope" (Phi-3) or
+    """HF rope_scaling: "default", "linear" (positions / factor), "llama3", "longrope" (Phi-3),
     "yarn" (Qwen2.5/3 long context, DeepSeek: frequencies ramped between the interpolated and the
-    original ones, cos and sin scaled)."""
+    original ones, cos and sin scaled) or "dynamic" (dynamic NTK: past the model's
+    max_position_embeddings, kept here as original_max_position_embeddings, the base grows with
+    the sequence's length)."""
 
     type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3, longrope, yarn
+    original_max_position_embeddings: int = 8192  # llama3, longrope, yarn, dynamic
     # longrope: per-frequency divisors [rotary_dim / 2] for sequences up to / past
     # original_max_position_embeddings; longrope and yarn: the factor on cos and sin (HF's attention_factor)
     short_factor: tuple[float, ...] = ()
@@ -55,7 +57,8 @@ class RopeScaling:
         if self.type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_scaling type {self.type!r} (supported: {ROPE_TYPES})")
         if self.factor <= 0 or (self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor) or (
-                self.type == "yarn" and (self.factor < 1 or self.beta_fast <= 0 or self.beta_slow <= 0)):
+                self.type == "yarn" and (self.factor < 1 or self.beta_fast <= 0 or self.beta_slow <= 0)) or (
+                self.type == "dynamic" and self.factor < 1):
             raise ValueError(f"invalid rope_scaling {self}")
         longrope = self.type == "longrope"
         if longrope != bool(self.short_factor) or longrope != bool(self.long_factor) or (
@@ -279,7 +282,7 @@ def hf_rope(hf: Mapping[str, Any], head_dim: int, default_partial: float) -> dic
     needs = {"linear": {"factor"}, "llama3": {"factor", "low_freq_factor", "high_freq_factor",
                                               "original_max_position_embeddings"},
              "longrope": {"short_factor", "long_factor", "original_max_position_embeddings"},
-             "yarn": {"original_max_position_embeddings"}}.get(kind, set())
+             "yarn": {"original_max_position_embeddings"}, "dynamic": {"factor"}}.get(kind, set())
     if not needs <= p.keys():
         raise ValueError(f"rope_scaling {kind!r} lacks {sorted(needs - p.keys())}")
     fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"type"}
@@ -302,6 +305,10 @@ def hf_rope(hf: Mapping[str, Any], head_dim: int, default_partial: float) -> dic
         kw["beta_fast"] = float(p.get("beta_fast") or 32)
         kw["beta_slow"] = float(p.get("beta_slow") or 1)
         kw["truncate"] = bool(p.get("truncate", True))
+    if kind == "dynamic":  # transformers' _compute_dynamic_ntk_parameters: the config's max_position_embeddings
+        if "max_position_embeddings" not in hf:
+            raise ValueError("rope_scaling 'dynamic' needs the config's max_position_embeddings")
+        kw["original_max_position_embeddings"] = int(hf["max_position_embeddings"])
     scaling = RopeScaling(kind, **kw) if kind != "default" else RopeScaling()
     return dict(rotary_dim=int(head_dim * partial), rope_theta=float(theta), rope_scaling=scaling)
 

@@ -309,22 +309,35 @@ def rope_angles(cfg: ModelConfig, meta: AttentionMetadata, local: bool = False) 
 
     longrope (Phi-3) follows transformers' rule: a forward whose sequence is longer than
     original_max_position_embeddings (max position + 1) uses the long factors, else the short
-    ones. A request's sequence here is its context up to this step's last token (seq_lens),
-    which is what HF sees when it runs that request alone with the same chunks.
+    ones. Dynamic NTK too: such a forward's base is theta * (factor * L / M - (factor - 1)) **
+    (dim / (dim - 2)) for a sequence of L > M = max_position_embeddings tokens, float32 as HF
+    computes it. A request's sequence here is its context up to this step's last token
+    (seq_lens), which is what HF sees when it runs that request alone with the same chunks.
     """
     pos = meta.positions.astype(jnp.float32)[:, None]  # [T, 1]
     s = RopeScaling() if local and cfg.rope_local_theta else cfg.rope_scaling  # as rope_inv_freq
+    if s.type == "dynamic":
+        M, dim = s.original_max_position_embeddings, cfg.rotary_dim
+        seq = jnp.maximum(meta.seq_lens[_token_requests(meta)], M).astype(jnp.float32)  # [T]
+        base = cfg.rope_theta * (s.factor * seq / M - (s.factor - 1)) ** (dim / (dim - 2))  # [T]
+        inv = 1.0 / base[:, None] ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)[None, :]  # [T, rot/2]
+        angles = pos * inv
+        return jnp.cos(angles), jnp.sin(angles)
     if s.type != "longrope":
         angles = pos * rope_inv_freq(cfg, local)[None, :]  # [T, rot/2]
         if s.type == "yarn" and s.attention_factor != 1:
             return jnp.cos(angles) * s.attention_factor, jnp.sin(angles) * s.attention_factor
         return jnp.cos(angles), jnp.sin(angles)
-    T, R = meta.positions.shape[0], meta.seq_lens.shape[0]
-    req = jnp.clip(jnp.searchsorted(meta.query_start_loc, jnp.arange(T), side="right") - 1, 0, R - 1)  # [T]
-    long = (meta.seq_lens[req] > s.original_max_position_embeddings)[:, None]  # [T, 1]
+    long = (meta.seq_lens[_token_requests(meta)] > s.original_max_position_embeddings)[:, None]  # [T, 1]
     inv = jnp.where(long, rope_inv_freq(cfg, long=True)[None, :], rope_inv_freq(cfg, long=False)[None, :])
     angles = pos * inv  # [T, rot/2]
     return jnp.cos(angles) * s.attention_factor, jnp.sin(angles) * s.attention_factor
+
+
+def _token_requests(meta: AttentionMetadata) -> jax.Array:
+    """The request of each token [T] (padding tokens: the last request's)."""
+    T, R = meta.positions.shape[0], meta.seq_lens.shape[0]
+    return jnp.clip(jnp.searchsorted(meta.query_start_loc, jnp.arange(T), side="right") - 1, 0, R - 1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
