@@ -426,12 +426,21 @@ def test_phi3_longrope_follows_hf_rule(tmp_path):
     hf = build_hf(Phi3ForCausalLM, config, tmp_path)
     params = load_params(tmp_path, dtype=jnp.float32, progress=False)
     assert params.config.rope_scaling.attention_factor == pytest.approx(2**0.5)  # max_pos 64 / 8
-    seed = 11
-    rng = np.random.default_rng(seed)
+    check_threshold_schedules(hf, params, np.random.default_rng(11), 11)
+
+
+def check_threshold_schedules(hf, params, rng: np.random.Generator, seed: int, fresh=lambda: None) -> None:
+    """Our logits against HF fed the same chunks, for a rope whose frequencies depend on the
+    sequence's length past a threshold of 8 tokens: under it, one pass across it, chunks across it,
+    decode, and a ragged batch. `fresh()` runs before each HF reference (HF's rope state)."""
     schedules = {"short": [7], "long": [13], "across": [5, 4, 4], "decode": [6] + [1] * 8, "ragged": [3, 6, 1, 5]}
     prompts = {r: [int(t) for t in rng.integers(0, V, sum(c))] for r, c in schedules.items()}
-    refs = {r: hf_logits_chunked(hf, prompts[r], c) for r, c in schedules.items()}
-    # the threshold matters: a first chunk of 5 (short factors) is not the same 5 tokens of a 13-token pass
+    refs = {}
+    for r, c in schedules.items():
+        fresh()
+        refs[r] = hf_logits_chunked(hf, prompts[r], c)
+    # the threshold matters: a first chunk of 5 is not the same 5 tokens of a 13-token pass
+    fresh()
     assert rel_err(refs["across"][:5], hf_logits(hf, prompts["across"])[:5]) > 0.05
     runner = PagedRunner(params, seed=seed)
     got = run_schedule(runner, {r: prompts[r] for r in ("short", "long")}, [{"short": 7, "long": 13}])
@@ -486,25 +495,8 @@ def test_dynamic_ntk_rope_follows_hf_rule(tmp_path):
     params = load_params(tmp_path, dtype=jnp.float32, progress=False)
     s = params.config.rope_scaling
     assert (s.type, s.factor, s.original_max_position_embeddings) == ("dynamic", 2.0, 8)
-    seed = 12
-    rng = np.random.default_rng(seed)
-    schedules = {"short": [7], "long": [13], "across": [5, 4, 4], "decode": [6] + [1] * 8, "ragged": [3, 6, 1, 5]}
-    prompts = {r: [int(t) for t in rng.integers(0, V, sum(c))] for r, c in schedules.items()}
-    refs = {}
-    for r, c in schedules.items():
-        _hf_reset_dynamic_rope(hf)
-        refs[r] = hf_logits_chunked(hf, prompts[r], c)
-    # the growth matters: a first chunk of 5 (original base) is not the same 5 tokens of a 13-token pass
-    _hf_reset_dynamic_rope(hf)
-    assert rel_err(refs["across"][:5], hf_logits(hf, prompts["across"])[:5]) > 0.05
-    runner = PagedRunner(params, seed=seed)
-    got = run_schedule(runner, {r: prompts[r] for r in ("short", "long")}, [{"short": 7, "long": 13}])
-    got |= run_schedule(runner, {"across": prompts["across"]}, [{"across": n} for n in schedules["across"]])
-    steps = [dict(zip(("decode", "ragged"), ns)) for ns in zip(schedules["decode"], schedules["ragged"])]
-    steps += [{"decode": 1}] * (len(schedules["decode"]) - len(steps))
-    got |= run_schedule(runner, {r: prompts[r] for r in ("decode", "ragged")}, steps)
-    for r, lg in got.items():
-        assert rel_err(lg, refs[r]) < TOL, f"seed {seed} request {r}: relative error {rel_err(lg, refs[r]):.2e}"
+    rng = np.random.default_rng(12)
+    check_threshold_schedules(hf, params, rng, 12, fresh=lambda: _hf_reset_dynamic_rope(hf))
 
     gen = [[int(t) for t in rng.integers(3, V, n)] for n in (5, 9)]
     want = []
