@@ -160,6 +160,13 @@ def check_tensor_parallel(config: ModelConfig, tensor_parallel_size: int) -> Non
     if moe_layers and not config.expert_parallel and config.moe_intermediate_size % tp:
         raise ValueError(f"{name}: expert MLP width {config.moe_intermediate_size} does not divide over "
                          f"tensor_parallel_size {tp} (try expert parallelism)")
+    block = config.quantization.expert_block_size if config.quantization is not None else None
+    F = config.moe_intermediate_size
+    if moe_layers and not config.expert_parallel and block and tp > 1 and any((F // tp) % b for b in block):
+        raise ValueError(f"{name}: block-FP8 experts ({block[0]} x {block[1]} blocks) split over "
+                         f"tensor_parallel_size {tp} give each device {F // tp} of the {F} expert MLP columns, "
+                         f"not whole blocks (try expert parallelism, or a tensor_parallel_size that splits "
+                         f"the width into multiples of the block)")
 
 
 def tp_config(config: ModelConfig, tensor_parallel_size: int) -> ModelConfig:

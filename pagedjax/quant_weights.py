@@ -10,15 +10,16 @@ over for the linears the config quantizes (models/quantized.py says which):
   online FP8     the float kernel, converted to our layout as usual (and cached, for GGUF), is
                  read back as HF's [out, in] weight and quantized on the default device
   dequantized    a pre-quantized linear the model keeps in its dtype (an MoE model's routers,
-                 and its experts but for per-channel FP8): its tensors are converted as above,
-                 dequantized on the host CPU, and enter the plan as the float "<module>.weight"
-                 HF would have saved
-  FP8 experts    online FP8, or a per-channel FP8 checkpoint: each stacked expert leaf [E, in,
-                 out] is quantized per expert and output channel (scale amax / 448). From a
-                 checkpoint the leaf holds its dequantized weights, so the codes and scales are
-                 the checkpoint's own wherever a channel's scale is its amax / 448 (llm-compressor's
-                 min-max observer: the channel's largest weight is code 448); a channel saved with
-                 a larger scale is rescaled to that and rounded again
+                 and its experts but for per-channel and block FP8): its tensors are converted as
+                 above, dequantized on the host CPU, and enter the plan as the float
+                 "<module>.weight" HF would have saved
+  FP8 experts    online FP8, or a per-channel or block FP8 checkpoint: each stacked expert leaf
+                 [E, in, out] is quantized per expert and output channel (scale amax / 448), or per
+                 expert and block for a block checkpoint. From a checkpoint the leaf holds its
+                 dequantized weights, so the codes and scales are the checkpoint's own wherever a
+                 channel's (block's) scale is its amax / 448 (llm-compressor's min-max observer,
+                 and the published block-FP8 checkpoints': the largest weight is code 448); one
+                 saved with a larger scale is rescaled to that and rounded again
 
 Either way the QuantizedWeight's params land at "<module>.qvalue", "<module>.scale", ... in their
 own dtypes, kv heads repeated whole (repeat_out_heads) when the mesh has more devices than kv
@@ -174,8 +175,8 @@ class QuantizedLinears:
     def place_kernel(self, t: str, arr: np.ndarray, place: Callable[[str, np.ndarray], None]) -> bool:
         """Quantizes a float kernel in our layout (online FP8, or an FP8 expert leaf, whose float
         weights a checkpoint's codes and scales dequantized to) and places it; False if `t` is not one."""
-        if t in self.experts:  # [E, in, out]: per expert and output channel
-            q, s = quantize_experts_fp8(jnp.asarray(arr))
+        if t in self.experts:  # [E, in, out]: per expert and output channel, or per expert and block
+            q, s = quantize_experts_fp8(jnp.asarray(arr), self.qcfg.expert_block_size)
             place(t, np.asarray(q))
             place(t + SCALE_SUFFIX, np.asarray(s))
             return True

@@ -220,3 +220,67 @@ def test_expert_mlp_on_the_gpu(impl, capacity_rows):
         bf = [jnp.asarray(a, jnp.bfloat16) for a in (x, router, wg, wu, wd)]
         got16 = ours(*bf, 200, k=2, renormalize=True, impl=impl, capacity_rows=capacity_rows)
         assert rel_err(got16, ref) < 5e-2, (seed, impl, rel_err(got16, ref))
+
+
+def block_fp8_case(seed: int, D=40, X=8, F=24, block=(16, 16)):
+    """e4m3 expert codes [X, in, out] and random block scales [X, KB, NB] (partial blocks at the
+    edges: D and F are not multiples of the block), with their float64 dequantized weights."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    bn, bk = block
+    codes, deq = [], []
+    for K, N in ((D, F), (D, F), (F, D)):
+        c = np.clip(rng.standard_normal((X, K, N)) * 100, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        s = rng.uniform(0.2, 2.0, (X, -(-K // bk), -(-N // bn))) / (100 * np.sqrt(K))
+        full = np.repeat(np.repeat(s, bk, axis=1)[:, :K], bn, axis=2)[:, :, :N]
+        codes.append((jnp.asarray(c), jnp.asarray(s, jnp.float32)))
+        deq.append(c.astype(np.float64) * full.astype(np.float32))
+    return codes, deq
+
+
+@pytest.mark.parametrize("impl,capacity_rows", [("ragged", None), ("dense", None), ("capacity", None),
+                                                ("capacity", 4), ("gather", None)])
+def test_block_fp8_experts_match_float64(impl, capacity_rows):
+    """FP8 experts with per-block scales (as block-FP8 checkpoints hold them) against the float64
+    block with the dequantized weights: every implementation, partial edge blocks included."""
+    seed = 3
+    x, router, *_ = uneven_case(seed, D=40)
+    T = x.shape[0]
+    (g, sg), (u, su), (d, sd) = (codes := block_fp8_case(seed))[0]
+    ref, _ = reference(x, router, *codes[1], 2, True)
+
+    @jax.jit
+    def run(x, router, g, u, d, sg, su, sd):
+        weights, ids = moe.route(x @ router, 2, True)
+        keep = jnp.ones(ids.shape, bool)
+        return moe.expert_mlp(x, weights, ids, keep, g, u, d, activation=jax.nn.silu, impl=impl,
+                              capacity_rows=capacity_rows, scales=(sg, su, sd), block_size=(16, 16))
+
+    err = rel_err(run(x, router, g, u, d, sg, su, sd), ref)
+    assert err < TOL, f"seed {seed} impl {impl} C={capacity_rows}: relative error {err:.2e}"
+    # the block scales matter: one block's scale changed moves the result
+    bumped = sg.at[:, 1, 0].multiply(2.0)
+    assert rel_err(run(x, router, g, u, d, bumped, su, sd), ref) > 100 * TOL
+
+
+def test_quantize_experts_fp8_blocks_match_numpy():
+    """quantize_experts_fp8 with block_size: each scale its block's amax / 448 (partial blocks
+    too), each code the weight over its block's scale rounded to nearest even on the e4m3 grid."""
+    from pagedjax.quantization.fp8 import quantize_experts_fp8
+    from tests.quant_oracle import check_e4m3_codes
+
+    rng = np.random.default_rng(11)
+    E, K, N, (bn, bk) = 3, 40, 24, (16, 8)
+    w = rng.standard_normal((E, K, N)) * rng.uniform(0.01, 3.0, (E, 1, N))
+    q, s = quantize_experts_fp8(jnp.asarray(w, jnp.float32), (bn, bk))
+    KB, NB = -(-K // bk), -(-N // bn)
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == (E, K, N) and s.shape == (E, KB, NB)
+    w32 = w.astype(np.float32).astype(np.float64)
+    want = np.zeros((E, KB, NB))
+    for kb in range(KB):
+        for nb in range(NB):
+            want[:, kb, nb] = np.abs(w32[:, kb * bk:(kb + 1) * bk, nb * bn:(nb + 1) * bn]).max(axis=(1, 2)) / 448
+    np.testing.assert_allclose(np.asarray(s), want, rtol=1e-6)
+    full = np.repeat(np.repeat(np.asarray(s, np.float64), bk, axis=1)[:, :K], bn, axis=2)[:, :, :N]
+    check_e4m3_codes(np.asarray(q), w32 / full, "expert block codes")

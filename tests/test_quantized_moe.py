@@ -4,10 +4,10 @@ published), compressed-tensors FP8 W8A8 (its router quantized too) and GPTQ int4
 Each is written from one tiny random HF Qwen3-MoE (8 experts, top 2, one dense layer) with the
 quantizers and packers of tests/quant_checkpoints.py, every expert's gate / up / down saved as
 its own tensors under "mlp.experts.{e}.<proj>", as the published MoE checkpoints are. pagedjax
-runs the attention and dense MLP linears quantized; it holds the per-channel FP8 checkpoint's
-experts in e4m3 (the checkpoint's own codes and scales, checked exactly, run weight-only) and
-keeps the other formats' experts (and a quantized router) in its dtype, dequantized at load; the
-float64 reference is the HF model with every
+runs the attention and dense MLP linears quantized; it holds the FP8 checkpoints' experts in e4m3
+(the checkpoint's own codes and per-channel or per-block scales, checked exactly, run
+weight-only) and keeps the int4 experts (and a quantized router) in its dtype, dequantized at
+load; the float64 reference is the HF model with every
 quantized weight replaced by its dequantized value and, for W8A8 formats, the inputs of the
 attention and dense MLP linears fake-quantized by torch's e4m3 cast.
 
@@ -54,10 +54,11 @@ QUANTIZE = {"hf-fp8-block": quant_checkpoints.QUANTIZERS["hf-fp8-block"],
             "gptq": lambda w: quant_checkpoints._gptq(w, 64)}
 
 
-def hf_qwen3_moe(seed: int):
+def hf_qwen3_moe(seed: int, moe_intermediate_size: int = 128):
     torch.manual_seed(seed)
     cfg = transformers.Qwen3MoeConfig(
-        vocab_size=V, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+        vocab_size=V, hidden_size=256, intermediate_size=512, moe_intermediate_size=moe_intermediate_size,
+        num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=128, num_experts=EXPERTS, num_experts_per_tok=2,
         norm_topk_prob=True, mlp_only_layers=[1], max_position_embeddings=128, initializer_range=0.2,
         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
@@ -135,10 +136,12 @@ def check(what: str, fmt: str, got, want) -> None:
         assert errs.max() < FLIP and np.median(errs) < TIGHT, where
 
 
-def check_checkpoint_experts(folder, mlp) -> None:
-    """Layer 0's stacked e4m3 experts [E, in, out] and scales [E, out] against the checkpoint's
-    per-expert codes [out, in] and weight_scale [out, 1]: the same codes, bit for bit, and the
-    same scales to float32 rounding (amax / 448 of the dequantized channel, whose amax is code 448)."""
+def check_checkpoint_experts(folder, mlp, fmt: str) -> None:
+    """Layer 0's stacked e4m3 experts [E, in, out] and scales against the checkpoint's per-expert
+    codes [out, in] and scales: the same codes, bit for bit, and the same scales to float32
+    rounding (amax / 448 of the dequantized channel or block, whose amax is code 448).
+    ct-fp8-channel: weight_scale [out, 1], ours [E, out]; hf-fp8-block: weight_scale_inv [NB, KB]
+    (128 x 128 blocks of [out, in]), ours [E, KB, NB]."""
     from safetensors.torch import load_file
 
     saved = load_file(str(folder / "model.safetensors"))
@@ -148,10 +151,14 @@ def check_checkpoint_experts(folder, mlp) -> None:
         for e in range(EXPERTS):
             name = f"model.layers.0.mlp.experts.{e}.{proj}"
             want = saved[f"{name}.weight"]
-            assert want.dtype == torch.float8_e4m3fn and want.float().abs().amax(1).min() == 448, name
+            assert want.dtype == torch.float8_e4m3fn and want.float().abs().amax().item() == 448, name
             np.testing.assert_array_equal(codes[e].T.view(np.uint8), want.view(torch.uint8).numpy(), err_msg=name)
-            np.testing.assert_allclose(scales[e], saved[f"{name}.weight_scale"].float().numpy().reshape(-1),
-                                       rtol=1e-6, err_msg=name)
+            if fmt == "hf-fp8-block":
+                want_scale = saved[f"{name}.weight_scale_inv"].float().numpy().T  # [KB, NB]
+            else:
+                want_scale = saved[f"{name}.weight_scale"].float().numpy().reshape(-1)
+            assert scales[e].shape == want_scale.shape, (name, scales[e].shape, want_scale.shape)
+            np.testing.assert_allclose(scales[e], want_scale, rtol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -162,8 +169,8 @@ def test_moe_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
     assert params.config.architecture == "qwen3_moe" and params.config.quantization is not None
     layer0, layer1 = params.variables["params"]["layers_0"], params.variables["params"]["layers_1"]
     assert "qvalue" in layer0["attn"]["q_proj"] and "qvalue" in layer1["mlp"]["down_proj"]  # run quantized
-    if fmt == "ct-fp8-channel":  # experts: the checkpoint's e4m3 codes and per-channel scales
-        check_checkpoint_experts(folder, layer0["mlp"])
+    if fmt != "gptq":  # experts: the checkpoint's e4m3 codes and per-channel or block scales
+        check_checkpoint_experts(folder, layer0["mlp"], fmt)
     else:  # dequantized at load
         assert layer0["mlp"]["experts_down_proj"].dtype == np.float32
     assert "kernel" in layer0["mlp"]["gate"]  # the router: float (dequantized where quantized)
@@ -175,7 +182,19 @@ def test_moe_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
     assert np.median(position_errs(plain, want)) > 100 * TIGHT
 
 
-@pytest.mark.parametrize("fmt,tp,ep", [("hf-fp8-block", 2, False), ("gptq", 2, True), ("ct-fp8-channel", 4, True)])
+@pytest.mark.parametrize("impl", ["capacity", "ragged", "dense", "gather"])
+def test_block_fp8_moe_experts_with_each_impl(impl, base, checkpoint):
+    """The block-FP8 checkpoint's e4m3 experts (dequantized by blocks in the step, only the chosen
+    experts' weights with "gather") through every expert implementation, against float64."""
+    model, prompts = base
+    folder, ref = checkpoint("hf-fp8-block")
+    params = load_params(folder, dtype=np.float32, progress=False)
+    assert params.variables["params"]["layers_0"]["mlp"]["experts_up_proj_scale"].shape == (EXPERTS, 2, 1)
+    params = Params(params.variables, params.config.replace(moe_impl=impl), params.tokenizer)
+    check(f"hf-fp8-block moe_impl={impl}", "hf-fp8-block", forward(params, prompts), [ref.logits(p) for p in prompts])
+
+
+@pytest.mark.parametrize("fmt,tp,ep", [("hf-fp8-block", 2, True), ("gptq", 2, True), ("ct-fp8-channel", 4, True)])
 def test_moe_tensor_parallel_matches_one_device(fmt, tp, ep, base, checkpoint):
     _, prompts = base
     folder, _ = checkpoint(fmt)
@@ -183,6 +202,23 @@ def test_moe_tensor_parallel_matches_one_device(fmt, tp, ep, base, checkpoint):
     mesh = parallel.make_mesh(tp)
     params = load_params(folder, dtype=np.float32, mesh=mesh, enable_expert_parallel=ep, progress=False)
     check(f"{fmt} tp={tp} ep={ep} against one device", fmt, forward(params, prompts, mesh), one)
+
+
+def test_block_fp8_experts_split_by_whole_blocks(base, checkpoint, tmp_path):
+    """Tensor parallelism splits block-FP8 experts' columns by whole 128-column blocks: 256
+    columns over 2 devices run and match one device; 128 columns over 2 (64 each) are refused
+    with a clear error, where expert parallelism (whole experts) runs."""
+    _, prompts = base
+    wide = tmp_path / "wide"
+    write("hf-fp8-block", wide, hf_qwen3_moe(SEED + 1, moe_intermediate_size=256))
+    one = forward(load_params(wide, dtype=np.float32, progress=False), prompts)
+    mesh = parallel.make_mesh(2)
+    params = load_params(wide, dtype=np.float32, mesh=mesh, progress=False)
+    assert params.variables["params"]["layers_0"]["mlp"]["experts_down_proj_scale"].shape == (EXPERTS, 2, 2)
+    check("hf-fp8-block (256 columns) tp=2 against one device", "hf-fp8-block", forward(params, prompts, mesh), one)
+    narrow, _ = checkpoint("hf-fp8-block")
+    with pytest.raises(ValueError, match=r"block-FP8 experts \(128 x 128 blocks\).*64 of the 128"):
+        load_params(narrow, dtype=np.float32, mesh=mesh, progress=False)
 
 
 @pytest.fixture(scope="module")

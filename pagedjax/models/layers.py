@@ -386,19 +386,22 @@ class SparseMoeBlock(nn.Module):
             weights, ids = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, k] each
             keep = jnp.broadcast_to((jnp.arange(x.shape[0]) < num_valid)[:, None], ids.shape)  # [T, k]
             shapes = {"gate_proj": (X, D, F), "up_proj": (X, D, F), "down_proj": (X, F, D)}
-            scales = None
-            if cfg.quantization is not None and cfg.quantization.quantizes_experts:  # e4m3, per-channel scales
+            scales = block = None
+            if cfg.quantization is not None and cfg.quantization.quantizes_experts:  # e4m3 codes and scales
+                block = cfg.quantization.expert_block_size  # (bn, bk): [X, KB, NB] scales, else [X, out]
                 w = {n: self.param(f"experts_{n}", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                                moe.EXPERT_AXES[n]),
                                    shapes[n], jnp.float8_e4m3fn) for n in shapes}
+                scale_shapes = {n: (X, shapes[n][2]) if block is None else
+                                (X, -(-shapes[n][1] // block[1]), -(-shapes[n][2] // block[0])) for n in shapes}
                 scales = tuple(self.param(f"experts_{n}{moe.SCALE_SUFFIX}",
                                           nn.with_logical_partitioning(nn.initializers.ones,
-                                                                       moe.EXPERT_SCALE_AXES[n]),
-                                          (X, shapes[n][2]), jnp.float32) for n in shapes)
+                                                                       moe.expert_scale_axes(n, block is not None)),
+                                          scale_shapes[n], jnp.float32) for n in shapes)
             else:
                 w = {n: _param(self, f"experts_{n}", init, shapes[n], moe.EXPERT_AXES[n]) for n in shapes}
             return moe.sharded_expert_mlp(
-                x, weights, ids, keep, w["gate_proj"], w["up_proj"], w["down_proj"], scales=scales,
+                x, weights, ids, keep, w["gate_proj"], w["up_proj"], w["down_proj"], scales=scales, block_size=block,
                 expert_parallel=cfg.expert_parallel, activation=ACTIVATIONS[cfg.activation],
                 impl=moe.resolve_impl(cfg.moe_impl, x.shape[0], cfg.num_experts_per_tok, X,
                                       cfg.batch_invariant))  # [T, D]

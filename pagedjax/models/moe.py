@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from pagedjax.models.config import MOE_IMPLS
+from pagedjax.quantization.fp8 import expand_expert_block_scale
 
 CAPACITY_FACTOR = 1.5  # capacity rows per expert and round, over the mean (T * k / E)
 # Rows below which an expert's GEMM is bound by reading its weights (C is its arithmetic
@@ -106,6 +107,7 @@ def expert_mlp(
     impl: str,
     capacity_rows: int | None = None,
     scales: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    block_size: tuple[int, int] | None = None,
 ) -> jax.Array:
     """sum_k weights[t, k] * down(act(gate(x_t)) * up(x_t)) of expert ids[t, k]: [T, D] float32.
 
@@ -115,6 +117,9 @@ def expert_mlp(
     scales: FP8 experts (weight-only): the weights are e4m3 codes, converted to x's dtype in the
     matmuls, and each projection's output column of expert e is multiplied by its scale
     (s_gate [E, F], s_up [E, F], s_down [E, D], f32), as the dense FP8 weight-only path does.
+    With block_size (block_n, block_k) the scales are per expert and block instead ([E, KB, NB]
+    each, over the weight's [in, out]) and each weight is dequantized to x's dtype before its
+    matmul: only the gathered experts' weights with "gather", every expert's otherwise.
     """
     T, k = ids.shape
     E = w_gate.shape[0]
@@ -123,7 +128,11 @@ def expert_mlp(
         scales = (None, None, None)
     weights = jnp.where(keep, weights, 0.0)
     if impl == "gather":  # before any conversion: FP8 codes are gathered as they are, then converted
-        return _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales)
+        return _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales, block_size)
+    if block_size is not None:
+        w_gate, w_up, w_down = (dequantize_block(w, s, block_size, x.dtype)
+                                for w, s in zip((w_gate, w_up, w_down), scales))
+        scales = (None, None, None)
     w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     if impl == "dense":
         return _dense(x, weights, jnp.where(keep, ids, E), w_gate, w_up, w_down, activation, scales)
@@ -150,6 +159,12 @@ def expert_mlp(
 
 def _swiglu(h_gate: jax.Array, h_up: jax.Array, activation) -> jax.Array:
     return activation(h_gate) * h_up
+
+
+def dequantize_block(w: jax.Array, scale: jax.Array, block_size: tuple[int, int], dtype) -> jax.Array:
+    """e4m3 expert weights [..., K, N] times their block scales [..., KB, NB], in f32, as `dtype`."""
+    K, N = w.shape[-2:]
+    return (w.astype(jnp.float32) * expand_expert_block_scale(scale, K, N, block_size)).astype(dtype)
 
 
 def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -201,18 +216,25 @@ def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, sing
     return jax.lax.while_loop(lambda c: c[0] < rounds, body, (jnp.int32(1), y))[1]
 
 
-def _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales=(None, None, None)) -> jax.Array:
+def _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales=(None, None, None),
+            block_size=None) -> jax.Array:
     """Each assignment's expert weights gathered and applied to its token alone: [T, D] float32.
 
     An assignment not computed here takes token 0's expert in its slot (its weight is zero), so a
     padded step gathers no expert that its real tokens do not; ids are clipped into [0, E) (under
-    expert parallelism, another device's expert)."""
+    expert parallelism, another device's expert). Block-scaled FP8 weights are dequantized once
+    gathered."""
     E = w_gate.shape[0]
     ids = jnp.clip(jnp.where(keep, ids, ids[:1]), 0, E - 1)  # [T, k]
-    s_gate, s_up, s_down = (None if s is None else s[ids] for s in scales)  # [T, k, out] each
-    h = _swiglu(_scaled(jnp.einsum("td,tkdf->tkf", x, w_gate[ids].astype(x.dtype)), s_gate),
-                _scaled(jnp.einsum("td,tkdf->tkf", x, w_up[ids].astype(x.dtype)), s_up), activation)  # [T, k, F]
-    y = _scaled(jnp.einsum("tkf,tkfd->tkd", h, w_down[ids].astype(x.dtype)), s_down)  # [T, k, D]
+    w_gate, w_up, w_down = (w[ids] for w in (w_gate, w_up, w_down))  # [T, k, in, out] each
+    s_gate, s_up, s_down = (None if s is None else s[ids] for s in scales)  # [T, k, out] or [T, k, KB, NB]
+    if block_size is not None:
+        w_gate, w_up, w_down = (dequantize_block(w, s, block_size, x.dtype)
+                                for w, s in zip((w_gate, w_up, w_down), (s_gate, s_up, s_down)))
+        s_gate = s_up = s_down = None
+    h = _swiglu(_scaled(jnp.einsum("td,tkdf->tkf", x, w_gate.astype(x.dtype)), s_gate),
+                _scaled(jnp.einsum("td,tkdf->tkf", x, w_up.astype(x.dtype)), s_up), activation)  # [T, k, F]
+    y = _scaled(jnp.einsum("tkf,tkfd->tkd", h, w_down.astype(x.dtype)), s_down)  # [T, k, D]
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
 
 
@@ -236,9 +258,15 @@ EXPERT_AXES = {
     "up_proj": ("experts", "embed", "moe_mlp"),  # [E, D, F]
     "down_proj": ("experts", "moe_mlp", "embed"),  # [E, F, D]
 }
-# FP8 experts' scales, one per expert and output channel: [E, F] for gate / up, [E, D] for down
+# FP8 experts' scales, one per expert and output channel: [E, F] for gate / up, [E, D] for down;
+# block scales [E, KB, NB] take their weights' axes (EXPERT_AXES), whole blocks on each device
 SCALE_SUFFIX = "_scale"  # the param "experts_<proj>_scale" beside the e4m3 "experts_<proj>"
 EXPERT_SCALE_AXES = {n: (a[0], a[2]) for n, a in EXPERT_AXES.items()}
+
+
+def expert_scale_axes(name: str, blocks: bool) -> tuple[str | None, ...]:
+    """The logical axes of expert projection `name`'s FP8 scales (per block, or per channel)."""
+    return EXPERT_AXES[name] if blocks else EXPERT_SCALE_AXES[name]
 
 
 def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_parallel: bool,
@@ -268,7 +296,8 @@ def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_pa
     w_gate, w_up, w_down = (match_spec(w, mesh, s) for w, s in zip((w_gate, w_up, w_down), specs))
     scale_specs = ()
     if scales is not None:
-        scale_specs = tuple(parallel.logical_spec(EXPERT_SCALE_AXES[n], s.shape, mesh, rules)
+        blocks = opts.get("block_size") is not None
+        scale_specs = tuple(parallel.logical_spec(expert_scale_axes(n, blocks), s.shape, mesh, rules)
                             for n, s in zip(("gate_proj", "up_proj", "down_proj"), scales))
         scales = tuple(match_spec(s, mesh, p) for s, p in zip(scales, scale_specs))
 

@@ -129,11 +129,18 @@ class QuantConfig:
 
     @property
     def quantizes_experts(self) -> bool:
-        """Whether an MoE model's experts are held in FP8 (weight-only, per expert and output
-        channel): online FP8, and FP8 checkpoints with per-channel weight scales (their codes and
-        scales, once converted: quant_weights.py). Other pre-quantized checkpoints' experts
-        (block or per-tensor FP8, int4) are dequantized at load."""
-        return self.method == "online" or (self.weight_dtype == "fp8" and self.weight_strategy == "channel")
+        """Whether an MoE model's experts are held in FP8, weight-only: online FP8 and per-channel
+        FP8 checkpoints with one scale per expert and output channel, block FP8 checkpoints with
+        their block scales (expert_block_size). From a checkpoint they are its own codes and scales
+        (quant_weights.py). Other pre-quantized checkpoints' experts (per-tensor FP8, int4) are
+        dequantized at load."""
+        return self.method == "online" or (self.weight_dtype == "fp8"
+                                           and self.weight_strategy in ("channel", "block"))
+
+    @property
+    def expert_block_size(self) -> tuple[int, int] | None:
+        """(block_n, block_k) of FP8 experts held with block scales, None for per-channel ones."""
+        return self.block_size if self.quantizes_experts and self.weight_strategy == "block" else None
 
     def is_quantized(self, module: str) -> bool:
         """Whether the linear `module` (HF dotted name, e.g. "model.layers.0.mlp.up_proj") is quantized."""

@@ -66,12 +66,27 @@ def quantize_fp8(w: jax.Array, strategy: str = "channel", block_size: tuple[int,
                            block_size=tuple(block_size) if strategy == "block" else None, activation=activation)
 
 
-@jax.jit
-def quantize_experts_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def quantize_experts_fp8(w: jax.Array, block_size: tuple[int, int] | None = None) -> tuple[jax.Array, jax.Array]:
     """Stacked expert weights w [E, K, N] (our kernels' [experts, in, out]) -> (e4m3 codes [E, K, N],
-    f32 scales [E, N]): one amax / 448 scale per expert and output channel, as online FP8 linears."""
-    scale = _amax_scale(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=1))  # [E, N]
-    return to_e4m3(w, scale[:, None, :]), scale
+    f32 scales): one amax / 448 scale per expert and output channel ([E, N]), as online FP8
+    linears, or with block_size (block_n, block_k) per expert and block ([E, KB, NB])."""
+    wf = jnp.abs(w.astype(jnp.float32))
+    if block_size is None:
+        scale = _amax_scale(jnp.max(wf, axis=1))  # [E, N]
+        return to_e4m3(w, scale[:, None, :]), scale
+    E, K, N = w.shape
+    bn, bk = block_size
+    KB, NB = -(-K // bk), -(-N // bn)
+    padded = jnp.pad(wf, ((0, 0), (0, KB * bk - K), (0, NB * bn - N)))  # zeros never raise an amax
+    scale = _amax_scale(padded.reshape(E, KB, bk, NB, bn).max(axis=(2, 4)))  # [E, KB, NB]
+    return to_e4m3(w, expand_expert_block_scale(scale, K, N, block_size)), scale
+
+
+def expand_expert_block_scale(scale: jax.Array, K: int, N: int, block_size: tuple[int, int]) -> jax.Array:
+    """Expert block scales [..., KB, NB] -> one scale per weight element [..., K, N]."""
+    bn, bk = block_size
+    return jnp.repeat(jnp.repeat(scale, bk, axis=-2)[..., :K, :], bn, axis=-1)[..., :N]
 
 
 def expand_block_scale(scale: jax.Array, N: int, K: int, block_size: tuple[int, int]) -> jax.Array:
