@@ -246,7 +246,6 @@ def test_block_fp8_experts_match_float64(impl, capacity_rows):
     block with the dequantized weights: every implementation, partial edge blocks included."""
     seed = 3
     x, router, *_ = uneven_case(seed, D=40)
-    T = x.shape[0]
     (g, sg), (u, su), (d, sd) = (codes := block_fp8_case(seed))[0]
     ref, _ = reference(x, router, *codes[1], 2, True)
 

@@ -186,7 +186,7 @@ def test_moe_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
 def test_block_fp8_moe_experts_with_each_impl(impl, base, checkpoint):
     """The block-FP8 checkpoint's e4m3 experts (dequantized by blocks in the step, only the chosen
     experts' weights with "gather") through every expert implementation, against float64."""
-    model, prompts = base
+    _, prompts = base
     folder, ref = checkpoint("hf-fp8-block")
     params = load_params(folder, dtype=np.float32, progress=False)
     assert params.variables["params"]["layers_0"]["mlp"]["experts_up_proj_scale"].shape == (EXPERTS, 2, 1)
