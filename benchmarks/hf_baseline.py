@@ -35,32 +35,62 @@ import time
 from common import figures, make_requests, parse_workload, stats_ms, summary_table
 
 
-def hf_model(name: str, device: str):
-    """A random-weight transformers model with the architecture of our named config."""
-    import torch
+# our architecture -> (HF model_type, its config's extra fields from our config)
+HF_FAMILIES = {
+    "llama": ("llama", lambda c: {}),
+    "mistral": ("mistral", lambda c: {"sliding_window": c.sliding_window}),
+    "qwen3": ("qwen3", lambda c: {}),
+    "qwen3_moe": ("qwen3_moe", lambda c: {
+        "num_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok,
+        "moe_intermediate_size": c.moe_intermediate_size, "norm_topk_prob": c.norm_topk_prob,
+        "decoder_sparse_step": 1, "mlp_only_layers": []}),
+    "mixtral": ("mixtral", lambda c: {"num_local_experts": c.num_experts,
+                                      "num_experts_per_tok": c.num_experts_per_tok}),
+    "gemma2": ("gemma2", lambda c: {
+        "hidden_activation": c.activation, "query_pre_attn_scalar": int(c.query_pre_attn_scalar),
+        "sliding_window": c.sliding_window, "attn_logit_softcapping": c.attn_logit_softcap,
+        "final_logit_softcapping": c.final_logit_softcap, "layer_types": list(c.layer_types)}),
+}
+
+
+def hf_config(name: str):
+    """The transformers config of one of our named configs (the families HF_FAMILIES maps)."""
     import transformers
 
     from pagedjax.models.config import get_config
 
     c = get_config(name)
-    if c.architecture != "llama":
-        raise SystemExit(f"hf_baseline: only llama configs are mapped, not {c.architecture}")
+    if c.architecture not in HF_FAMILIES:
+        raise SystemExit(f"hf_baseline: {c.architecture} configs are not mapped (have {sorted(HF_FAMILIES)})")
+    model_type, extra = HF_FAMILIES[c.architecture]
+    if c.architecture == "qwen3_moe" and any(not c.is_moe_layer(i) for i in range(c.num_layers)):
+        raise SystemExit(f"hf_baseline: {name} has dense layers, which this mapping does not say")
     scaling = None
     if c.rope_scaling.type == "llama3":
         s = c.rope_scaling
         scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                    "high_freq_factor": s.high_freq_factor,
                    "original_max_position_embeddings": s.original_max_position_embeddings}
-    cfg = transformers.LlamaConfig(
+    elif c.rope_scaling.type not in (None, "none", "default"):
+        raise SystemExit(f"hf_baseline: rope scaling {c.rope_scaling.type!r} is not mapped")
+    return transformers.CONFIG_MAPPING[model_type](
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
         num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
         rope_theta=c.rope_theta, rope_scaling=scaling, tie_word_embeddings=c.tie_word_embeddings,
-        torch_dtype="bfloat16")
+        torch_dtype="bfloat16", **extra(c))
+
+
+def hf_model(name: str, device: str):
+    """A random-weight transformers model with the architecture of our named config."""
+    import torch
+    import transformers
+
+    cfg = hf_config(name)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
-        model = transformers.LlamaForCausalLM(cfg)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
     return model.eval()
 
 

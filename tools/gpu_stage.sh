@@ -74,7 +74,8 @@
 #           so a new input buffer should touch one command of its graph), each in its own process, between
 #           the batch-1 and the batch-256 timelines with it (is command_buffer::update gone?)
 # hf        benchmarks/hf_baseline.py: HF transformers on the same GPU, static `generate` (batches of 64) and
-#           `generate_batch` on W1 (HF_T seconds each, default 60; jax kept off the GPU's memory)
+#           `generate_batch` on W1 (HF_T seconds each, default 60; jax kept off the GPU's memory; HF_MODEL,
+#           default named:llama3-8b: qwen3, qwen3_moe, mixtral, mistral and gemma2 configs map too)
 # profile-moe  profile_step.py on Qwen3-30B-A3B, decode at batch 256 with a trace, from the tree in $TREE
 #           (default .; TAG names the result: profile-moe-$TAG.json)
 # Knobs (env): N1 (W1 prompts, 1000), BUDGET (s per benchmark run, 240).
@@ -359,7 +360,7 @@ for s in "$@"; do
         i=$((i + 1))
       done ;;
     hf) TAIL=30 stage hf $((4 * ${HF_T:-60} + 150)) env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.05 \
-          "$PY" benchmarks/hf_baseline.py --model named:llama3-8b --max-len 4096 --engines generate,generate_batch \
+          "$PY" benchmarks/hf_baseline.py --model "${HF_MODEL:-named:llama3-8b}" --max-len 4096 --engines generate,generate_batch \
           --batch-size 64 --time-limit "${HF_T:-60}" --cb-kv-gb 24 --workload "sharegpt:$N1" \
           --workload "random:1000:512:128@generate" --out "$OUTDIR/hf.json" ;;
     *) echo "unknown stage $s" ;;
