@@ -162,11 +162,13 @@ class LLM:
                 self.engine.abort_request(list(pending))
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], sampling_params=None,
-             *, use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to one conversation (or many) and generates."""
+             *, use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Applies the chat template to one conversation (or many) and generates: the tokenizer's,
+        or `chat_template` (a Jinja template's text, as vLLM's LLM.chat takes it)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.engine.chat_prompt(c, add_generation_prompt=add_generation_prompt,
-                                           tokenize=True) for c in convs]
+                                           tokenize=True, chat_template=chat_template) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 

@@ -105,15 +105,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pagedjax.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
+    template = None
+    if args.chat_template is not None:
+        from pagedjax.tokenizer import load_chat_template
+
+        try:
+            template = load_chat_template(args.chat_template)
+        except ValueError as e:
+            print(f"pagedjax generate: --chat-template: {e}", file=sys.stderr)
+            return 2
     # One prompt: compile the step buckets it uses, when it uses them (from the cache when warm).
     llm = LLM(args.model, dtype=resolve_dtype(args.dtype), load_format=args.load_format, tokenizer=args.tokenizer,
               **{"precompile": False, **engine_options(args)})
     tok = llm.tokenizer
     prompt = args.prompt
-    if not args.no_chat and tok is not None and tok.has_chat_template:
+    if not args.no_chat and tok is not None and (template or tok.has_chat_template):
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
-        prompt = llm.engine.chat_prompt(messages, tokenize=True)
+        prompt = llm.engine.chat_prompt(messages, tokenize=True, chat_template=template)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k)
     phases = ", ".join(f"{k} {v:.1f}" for k, v in llm.startup_seconds.items())
@@ -145,11 +154,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         print("pagedjax serve: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
         return 2
+    template = None
+    if args.chat_template is not None:
+        from pagedjax.tokenizer import load_chat_template
+
+        try:
+            template = load_chat_template(args.chat_template)
+        except ValueError as e:
+            print(f"pagedjax serve: --chat-template: {e}", file=sys.stderr)
+            return 2
     options = ServerOptions(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_queue=args.max_queue, dtype=args.dtype,
         load_format=args.load_format, tokenizer=args.tokenizer, verbose=args.verbose,
         tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+        chat_template=template,
         engine_process=args.engine_process, engine=engine_options(args))
     core = None
     if options.engine_process:  # the core loads while this process imports the web stack
@@ -196,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--system", default=None, help="system message for chat models")
     g.add_argument("--no-chat", action="store_true", help="send the prompt without the chat template")
+    g.add_argument("--chat-template", default=None,
+                   help="a chat template (a .jinja file, or the template's text) used in place of the tokenizer's")
     _engine_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -208,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None)
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503")
+    s.add_argument("--chat-template", default=None,
+                   help="a chat template (a .jinja file, or the template's text) used in place of the tokenizer's")
     s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral"], default=None,
                    help="parse the model's tool calls for tool_choice 'auto' (the model family's format)")
     s.add_argument("--enable-auto-tool-choice", action="store_true",

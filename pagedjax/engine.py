@@ -94,18 +94,19 @@ class LLMEngine:
         return eos[0] if eos else None
 
     def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                    tokenize: bool = False) -> str | list[int]:
-        """The chat template applied to messages: text, or token ids with tokenize=True.
+                    tokenize: bool = False, chat_template: str | None = None) -> str | list[int]:
+        """The chat template (`chat_template`'s text, else the tokenizer's) applied to messages:
+        text, or token ids with tokenize=True.
 
         Use the ids as the prompt: encoding the text again would add a second BOS on models
         whose tokenizer adds one.
         """
-        if self.tokenizer is None or not self.tokenizer.has_chat_template:
-            raise ValueError("this model's tokenizer has no chat template")
+        if self.tokenizer is None or not (chat_template or self.tokenizer.has_chat_template):
+            raise ValueError("this model's tokenizer has no chat template (pass chat_template=)")
         if not messages:
             raise ValueError("messages must not be empty")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=tokenize)
+                                                  tokenize=tokenize, chat_template=chat_template)
 
     # -- requests in -------------------------------------------------------------------------
 

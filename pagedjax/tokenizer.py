@@ -166,6 +166,22 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def load_chat_template(value: str) -> str:
+    """A chat template given as vLLM's `--chat-template` takes it: the path of a file holding one
+    (a .jinja file), or the Jinja text itself. Checked here: it must parse."""
+    path = Path(value).expanduser()
+    is_text = any(tag in value for tag in ("{{", "{%"))
+    if not is_text:
+        if not path.is_file():
+            raise ValueError(f"chat template {value!r}: no such file, and not a Jinja template either")
+        value = path.read_text(encoding="utf-8")
+    try:
+        _compile_chat_template(value)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template {'' if is_text else str(path) + ' '}does not parse: {e}") from None
+    return value
+
+
 @functools.lru_cache(maxsize=32)
 def _compile_chat_template(template: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(

@@ -97,10 +97,18 @@ def server(request, model_dir, tmp_path_factory):
     yield from _serve(model_dir, tmp_path_factory.mktemp("server") / "server.log", extra)
 
 
+# a chat template of the server's own (--chat-template), in place of the model's ChatML one
+OWN_TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<<assistant>> {% endif %}")
+
+
 @pytest.fixture(scope="module")
 def interval_server(model_dir, tmp_path_factory):
-    """The server with --stream-interval 3 (the engine in its own process)."""
-    yield from _serve(model_dir, tmp_path_factory.mktemp("server") / "server.log", ["--stream-interval", "3"])
+    """The server with --stream-interval 3 and --chat-template (a file) (the engine in its own process)."""
+    folder = tmp_path_factory.mktemp("server")
+    (folder / "own.jinja").write_text(OWN_TEMPLATE)
+    yield from _serve(model_dir, folder / "server.log",
+                      ["--stream-interval", "3", "--chat-template", str(folder / "own.jinja")])
 
 
 def _serve(model_dir: Path, log: Path, extra: list[str]):
@@ -318,6 +326,18 @@ def test_stream_interval_chunks_and_their_sum(interval_server):
         assert [e.logprob for e in tokens[ch.index]] == pytest.approx([e.logprob for e in ch.logprobs.content],
                                                                       abs=1e-4)
     _assert_healthy(srv)
+
+
+def test_chat_template_option(interval_server, hf):
+    """--chat-template renders every chat (/tokenize, chat completions) in place of the model's
+    template: the prompt ids are transformers' tokens of the text that template gives."""
+    srv = interval_server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    want = hf[1].encode("<<system>> Be brief.\n<<user>> Hi there\n<<assistant>> ", add_special_tokens=False)
+    assert srv.http.post("/tokenize", json={"messages": messages, "add_special_tokens": False}).json()["tokens"] == want
+    assert want != hf_chat_ids(hf, messages)  # not the model's own template
+    r = srv.http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want), r.text
 
 
 def test_stream_wire_format(server):

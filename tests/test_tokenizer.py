@@ -568,3 +568,32 @@ def test_stop_string_inside_split_character(smollm):
     deltas.append(detok.add_tokens([ids[len(head) + 3]]))  # the rocket's last byte
     assert detok.finished and detok.stop_str == "🚀"
     assert "".join(deltas) == detok.text == "go "
+
+
+def test_load_chat_template_takes_a_file_or_the_text(tmp_path, smollm, hf_smollm):
+    """vLLM's --chat-template: a .jinja file's path or the template itself; anything else, or a
+    template that does not parse, is a ValueError naming it. The template renders as transformers
+    renders it."""
+    text = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(text)
+    assert tk.load_chat_template(str(path)) == text
+    assert tk.load_chat_template(text) == text
+    chat = CHATS[1][:2]
+    assert smollm.apply_chat_template(chat, chat_template=tk.load_chat_template(str(path))) == \
+        hf_smollm.apply_chat_template(chat, chat_template=text, tokenize=False)
+    with pytest.raises(ValueError, match="no such file"):
+        tk.load_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="does not parse"):
+        tk.load_chat_template("{% for m in messages %}{{ m }")
+    path.write_text("{% if %}")
+    with pytest.raises(ValueError, match="t.jinja does not parse"):
+        tk.load_chat_template(str(path))
+
+
+def test_cli_refuses_a_bad_chat_template_before_loading(tmp_path, capsys):
+    from pagedjax.cli import main
+
+    for cmd in ("serve", "generate"):
+        assert main([cmd, "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+        assert "--chat-template" in capsys.readouterr().err

@@ -58,12 +58,13 @@ def _validation_error(e: ValidationError | RequestValidationError) -> APIError:
 
 def build_app(engine: Any, served_model_name: str, api_key: str | None = None, max_queue: int = 1024, *,
               max_body_bytes: int = MAX_BODY_BYTES, max_n: int = 16, model_root: str | None = None,
-              tool_call_parser: str | None = None) -> FastAPI:
+              tool_call_parser: str | None = None, chat_template: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`: an LLMEngine, whose loop then runs on a thread of
     this process, or an EngineCoreClient (the engine in a process of its own); either runs while
     the app does.
 
     `tool_call_parser` (hermes, llama3_json, mistral) parses tool calls for tool_choice "auto";
+    `chat_template` (its text) renders chats in place of the tokenizer's own template;
     the engine's reasoning parser, if any, fills chat responses' reasoning_content.
     """
     metrics = ServerMetrics()
@@ -75,7 +76,8 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None, m
     e = async_engine
     serving = OpenAIServing(e, model_name=served_model_name, tokenizer=e.tokenizer, vocab_size=e.vocab_size,
                             max_model_len=e.max_model_len, max_logprobs=e.max_logprobs, max_n=max_n,
-                            tool_call_parser=tool_call_parser, reasoning_parser=e.reasoning_parser)
+                            tool_call_parser=tool_call_parser, reasoning_parser=e.reasoning_parser,
+                            chat_template=chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -230,7 +232,8 @@ def run_server(options: ServerOptions, core: Any = None) -> int:
     name = o.served_model_name or o.model or BUNDLED_MODEL_NAME
     api_key = o.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
     app = build_app(engine, name, api_key=api_key, max_queue=o.max_queue,
-                    model_root=str(o.model) if o.model else BUNDLED_MODEL_NAME, tool_call_parser=o.tool_call_parser)
+                    model_root=str(o.model) if o.model else BUNDLED_MODEL_NAME, tool_call_parser=o.tool_call_parser,
+                    chat_template=o.chat_template)
     config = uvicorn.Config(app, log_level="info" if o.verbose else "warning", access_log=o.verbose,
                             timeout_keep_alive=30, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -22,6 +22,7 @@ class ServerOptions:
     tokenizer: str | None = None  # a HF tokenizer folder or .gguf file; default: the model's
     verbose: bool = False
     tool_call_parser: str | None = None  # hermes, llama3_json, mistral: tool_choice "auto"
+    chat_template: str | None = None  # the text of a chat template used over the tokenizer's own
     # The engine in a process of its own (pagedjax/server/engine_core.py), as vLLM V1 runs it; False:
     # its loop on a thread of this process, sharing the front end's GIL (on the H200 its steps were
     # then 30% slower under load: benchmarks/RESULTS.md, 2026-12-05)

@@ -109,10 +109,12 @@ class OpenAIServing:
 
     def __init__(self, engine: AsyncEngine, *, model_name: str, tokenizer: Any, vocab_size: int,
                  max_model_len: int, max_logprobs: int = 20, max_n: int = 16, max_prompts: int = 256,
-                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                 chat_template: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = tokenizer
+        self.chat_template = chat_template  # the server's --chat-template, over the tokenizer's own
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
@@ -370,8 +372,9 @@ class OpenAIServing:
     def _chat_prompt(self, req: P.ChatCompletionRequest | P.TokenizeRequest, add_special_tokens: bool
                      ) -> list[int]:
         tok = self.tokenizer
-        if tok is None or not tok.has_chat_template:
-            raise bad_request("this model's tokenizer has no chat template; use /v1/completions", "messages")
+        if tok is None or not (self.chat_template or tok.has_chat_template):
+            raise bad_request("this model's tokenizer has no chat template (serve it with --chat-template); "
+                              "use /v1/completions", "messages")
         messages = [_template_message(i, m) for i, m in enumerate(req.messages)]
         kwargs = {k: v for k, v in (getattr(req, "chat_template_kwargs", None) or {}).items()
                   if k not in _TEMPLATE_RESERVED}
@@ -383,7 +386,8 @@ class OpenAIServing:
                               "continue_final_message")
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                           continue_final_message=continue_final, **kwargs)
+                                           continue_final_message=continue_final, chat_template=self.chat_template,
+                                           **kwargs)
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
         except Exception as e:  # a template that fails on these messages is the request's problem
