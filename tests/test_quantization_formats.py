@@ -36,6 +36,8 @@ def int4_truth(rng, K, N, gs, zlo=0, zhi=15):
 
 
 def check_int4(w, q_truth, z, s, w_truth, seed):
+    """Codes, zeros and scales as stored (q_truth [K, N] in the weight's row order), and the
+    dequantized weight against w_truth [K, N] (in the input channels' order)."""
     np.testing.assert_array_equal(np.asarray(w.zero), z, err_msg=f"zeros (seed {seed})")
     np.testing.assert_array_equal(np.asarray(w.scale), s, err_msg=f"scales (seed {seed})")
     np.testing.assert_array_equal(np.asarray(unpack_int4_tiles(jnp.asarray(w.qvalue))), q_truth.T,
@@ -92,9 +94,10 @@ def test_gptq_act_order_g_idx_raises_without_desc_act():
 
 @pytest.mark.parametrize("K,N,gs", [(128, 32, 64), (256, 48, 32)])
 def test_gptq_act_order(K, N, gs):
-    """desc_act: row k's group is g_idx[k] (a permutation's rank // gs): the weight keeps g_idx and
-    dequantizes each row with its own group's zero and scale; an out-of-range g_idx and a missing
-    one are errors."""
+    """desc_act: row k's group is g_idx[k] (a permutation's rank // gs): the weight holds its rows
+    sorted by group (perm: each row's input channel, g_idx[perm] ascending, each group's channels
+    in their own order) and dequantizes each input channel with its own group's zero and scale; an
+    out-of-range g_idx, groups of unequal sizes and a missing g_idx are errors."""
     rng, seed = rng_for("gptq-act-order", K, N, gs)
     G = K // gs
     g_idx = np.empty(K, np.int32)
@@ -108,11 +111,16 @@ def test_gptq_act_order(K, N, gs):
     assert cfg.act_order
     tensors = {"qweight": gptq_pack_qweight(q), "qzeros": gptq_pack_qzeros(z, True), "scales": s, "g_idx": g_idx}
     w = convert_checkpoint_linear(cfg, tensors)
-    assert w.act_order and np.asarray(w.g_idx).dtype == np.int32
-    np.testing.assert_array_equal(np.asarray(w.g_idx), g_idx)
-    check_int4(w, q, z, s, w_truth.astype(np.float64), seed)
+    perm = np.asarray(w.perm)
+    assert w.act_order and perm.dtype == np.int32
+    want_perm = np.concatenate([np.flatnonzero(g_idx == g) for g in range(G)])  # by group, then channel
+    np.testing.assert_array_equal(perm, want_perm)
+    assert not np.array_equal(perm, np.arange(K))
+    check_int4(w, q[perm], z, s, w_truth, seed)
     with pytest.raises(ValueError, match="g_idx"):
         convert_checkpoint_linear(cfg, {**tensors, "g_idx": np.where(g_idx == 0, G, g_idx).astype(np.int32)})
+    with pytest.raises(ValueError, match="input channels"):
+        convert_checkpoint_linear(cfg, {**tensors, "g_idx": np.where(g_idx == 1, 0, g_idx).astype(np.int32)})
     with pytest.raises(ValueError, match="lacks g_idx"):
         convert_checkpoint_linear(cfg, {k: v for k, v in tensors.items() if k != "g_idx"})
 def test_int4_tile_layout_matches_its_documented_formula():

@@ -10,6 +10,8 @@ GPU tests poison the output: it is the donated buffer of a NaN array (the test c
 pointer), so an element the kernel never writes stays NaN.
 """
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 from pagedjax.quantization import from_fp8, int4_weight, quantized_matmul
 from pagedjax.quantization import kernels
 from pagedjax.quantization.fp8 import quantize_activation
+from pagedjax.quantization.int4 import int4_matmul_xla
 from pagedjax.quantization.weight import QuantizedWeight
 from tests.quant_oracle import check_e4m3_codes
 
@@ -342,16 +345,34 @@ def test_int4_kernel_matches_float64(M, K, N, gs, splits, x_dtype, scale_dtype):
     assert why_not is None, why_not
 
 
-def test_int4_act_order_runs_xla_not_the_kernel():
-    """The kernel reads a group's scales per K-tile in K's order: act-order weights take the XLA path."""
-    rng, _ = rng_for("int4-act-order")
-    w, _ = random_int4_weight(rng, 256, 32, 64, act_order=True)
-    from pagedjax.quantization.linear import resolve_impl
-
-    assert w.act_order and not kernels.int4_supported(w, jnp.bfloat16)
-    assert resolve_impl("auto", w, jnp.bfloat16, 1) == "xla"
+def test_int4_act_order_is_a_grouped_weight_of_permuted_inputs():
+    """An act-order weight holds its rows sorted by group: without its perm it is an ordinary
+    grouped weight, which the kernel serves, applied to x's columns in perm's order (what
+    quantized_matmul does); the kernel itself refuses the weight with its perm."""
+    rng, seed = rng_for("int4-act-order")
+    w, w64 = random_int4_weight(rng, 256, 32, 64, act_order=True)
+    plain = dataclasses.replace(w, perm=None)
+    assert w.act_order and not kernels.int4_supported(w, jnp.bfloat16) and kernels.int4_supported(plain, jnp.bfloat16)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    perm = np.asarray(w.perm)
+    got = np.asarray(int4_matmul_xla(jnp.asarray(x[:, perm]), plain), np.float64)
+    ref = x.astype(np.float64) @ w64
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5, seed
     with pytest.raises(ValueError, match="act-order"):
         kernels.int4_gemm(jnp.zeros((1, 256), jnp.bfloat16), w)
+
+
+@pytest.mark.gpu
+def test_int4_act_order_runs_the_kernel_for_decode():
+    rng, seed = rng_for("int4-act-order-gpu")
+    w, w64 = random_int4_weight(rng, 1024, 256, 128, act_order=True)
+    w = jax.device_put(w)
+    x = jnp.asarray(rng.standard_normal((8, 1024)), jnp.bfloat16)
+    f = jax.jit(lambda x, w: quantized_matmul(x, w))
+    assert "pagedjax_int4_gemm" in f.lower(x, w).compile().as_text()
+    ref = np.asarray(x, np.float64) @ w64
+    err = np.abs(np.asarray(f(x, w), np.float64) - ref).max() / np.abs(ref).max()
+    assert err < 1e-2, (seed, err)
 
 
 @pytest.mark.gpu

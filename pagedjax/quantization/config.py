@@ -57,7 +57,8 @@ class QuantConfig:
     # v_scale), used by an fp8 pool; "attn_head": one per kv head ([kv heads, 1, 1] each);
     # None: none (an fp8 pool then has unit scales, as in vLLM)
     kv_cache_scheme: str | None = None
-    # int4 GPTQ desc_act: each input row's group read from the checkpoint's g_idx (layer param "g_idx")
+    # int4 GPTQ desc_act: each input row's group read from the checkpoint's g_idx (the rows sorted by
+    # it at load, their input channels in the layer param "perm")
     act_order: bool = False
 
     def __post_init__(self):

@@ -116,7 +116,7 @@ def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group
     """GPTQ tensors (qweight [K/8, N], qzeros [G, N/8], scales [G, N], g_idx [K]) -> QuantizedWeight.
 
     zero_offset: 1 for the v1 "gptq" format (stored zero = zero - 1), 0 for "gptq_v2".
-    act_order (desc_act checkpoints): g_idx is required and kept on the weight, whatever its order.
+    act_order (desc_act checkpoints): g_idx is required; the weight's rows are sorted by it (int4_weight).
     """
     qweight = np.asarray(qweight)
     if qweight.ndim != 2:

@@ -1,8 +1,9 @@
 """INT4 weight-only (W4A16): building the tiled weight, dequantizing it, and the portable XLA matmul.
 
 Dims: M rows of x (tokens), K in_features, N out_features, G = K / group_size groups.
-w[n, k] = (q[n, k] - zero[g, n]) * scale[g, n], q and zero in [0, 16], with g = k // group_size, or
-g = g_idx[k] for act-order (GPTQ desc_act) weights.
+w[n, k] = (q[n, k] - zero[g, n]) * scale[g, n], q and zero in [0, 16], with g = k // group_size;
+act-order (GPTQ desc_act) weights hold their rows sorted by group, the input channel of each in
+`perm` (weight.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def int4_weight(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, group_size: 
 
     The tiles are packed here, on the host; put the arrays on devices (or straight into their
     shards) with jax.device_put. group_size -1 means one group over the whole K. g_idx [K] (act
-    order): the group of each input channel, each in [0, G).
+    order): the group of each input channel, each in [0, G), group_size channels in every group
+    (as GPTQ assigns them); the rows are then stored sorted by group, their channels in `perm`.
     """
     q, zero, scale = np.asarray(q), np.asarray(zero), np.asarray(scale)
     if q.ndim != 2:
@@ -41,7 +43,14 @@ def int4_weight(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, group_size: 
             raise ValueError(f"int4 g_idx must be integers [{K}], got {g_idx.dtype}{list(g_idx.shape)}")
         if K and (g_idx.min() < 0 or g_idx.max() >= G):
             raise ValueError(f"int4 g_idx must lie in [0, {G}), got [{g_idx.min()}, {g_idx.max()}]")
-        g_idx = g_idx.astype(np.int32)
+        counts = np.bincount(g_idx, minlength=G)
+        if (counts != group_size).any():
+            raise ValueError(f"int4 g_idx must give each of its {G} groups {group_size} input channels (GPTQ's "
+                             f"act order does), got {counts.min()} to {counts.max()}")
+    perm = None
+    if g_idx is not None:
+        perm = np.argsort(g_idx, kind="stable").astype(np.int32)  # rows sorted by group
+        q = q[perm]
     if zero.shape != (G, N) or scale.shape != (G, N):
         raise ValueError(f"int4 [in={K}, out={N}], group {group_size}: zeros {zero.shape} and scales {scale.shape} "
                          f"must both be {(G, N)}")
@@ -50,7 +59,7 @@ def int4_weight(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, group_size: 
     if scale.dtype not in [np.dtype(d) for d in SCALE_DTYPES]:
         raise ValueError(f"int4 scales must be f16, bf16 or f32, got {scale.dtype}")
     return QuantizedWeight(pack_int4_tiles(q.T), scale, zero.astype(np.uint8), None, "int4", K, N,
-                           group_size=group_size, g_idx=g_idx).check()
+                           group_size=group_size, perm=perm).check()
 
 
 def quantize_int4(w: np.ndarray, group_size: int = 128, scale_dtype=np.float16) -> QuantizedWeight:
@@ -95,15 +104,13 @@ def quantize_int4_jax(w: jax.Array, group_size: int = 128, scale_dtype=jnp.float
 def dequantize_int4(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     """The weight [N, K] that w stands for, computed in f32 and returned in `dtype`."""
     N, K, gs = w.out_features, w.in_features, w.group_size
-    if w.act_order:  # each input channel's group gathered: scale and zero [K, N]
-        q = unpack_int4_tiles(w.qvalue).astype(jnp.float32)  # [N, K]
-        z = jnp.take(w.zero, w.g_idx, axis=0).T.astype(jnp.float32)  # [N, K]
-        s = jnp.take(w.scale, w.g_idx, axis=0).T.astype(jnp.float32)
-        return ((q - z) * s).astype(dtype)
     q = unpack_int4_tiles(w.qvalue).reshape(N, K // gs, gs).astype(jnp.float32)  # [N, G, gs]
     z = w.zero.T.astype(jnp.float32)[:, :, None]  # [N, G, 1]
     s = w.scale.T.astype(jnp.float32)[:, :, None]  # [N, G, 1]
-    return ((q - z) * s).reshape(N, K).astype(dtype)
+    out = ((q - z) * s).reshape(N, K)  # act order: column j is input channel perm[j]
+    if w.act_order:
+        out = jnp.zeros_like(out).at[:, w.perm].set(out)
+    return out.astype(dtype)
 
 
 def int4_matmul_xla(x: jax.Array, w: QuantizedWeight) -> jax.Array:

@@ -136,8 +136,9 @@ def fp8_gemm(x_q: jax.Array, x_scale: jax.Array, w: QuantizedWeight, out_dtype) 
 
 
 def int4_supported(w: QuantizedWeight, x_dtype) -> bool:
-    """Whether the int4 kernel serves w for inputs of x_dtype (else: the XLA path). Not act-order
-    weights: the kernel reads a group's scales once per K-tile, in K's order."""
+    """Whether the int4 kernel serves w for inputs of x_dtype (else: the XLA path). An act-order
+    weight is served once quantized_matmul has taken x's columns in its rows' order (and dropped
+    its perm): the kernel reads a group's scales once per K-tile, in the rows' order."""
     return (not w.act_order and jnp.dtype(x_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and (w.group_size % INT4_TILE_K == 0 or w.group_size == w.in_features))
 

@@ -4,7 +4,7 @@ replicas, and the tensor-parallel matmul.
 Dims: T tokens, K in_features, N out_features (heads x H when the layer's kernel keeps heads as
 their own dim: q_proj [D, N, H] quantizes as one [N * H, D] weight), H head dim.
 
-A layer holds its quantized weight as plain params ({"qvalue", "scale"[, "zero"][, "input_scale"][, "g_idx"]},
+A layer holds its quantized weight as plain params ({"qvalue", "scale"[, "zero"][, "input_scale"][, "perm"]},
 each with logical axis names), so Params, abstract_params, the loader's dotted paths and the
 sharding rules see ordinary arrays; `weight_from_params` rebuilds the QuantizedWeight (static
 layout from the QuantConfig) right where `quantized_matmul` needs it.
@@ -63,7 +63,7 @@ def weight_from_params(config: QuantConfig, params: Mapping[str, Any], in_featur
     return QuantizedWeight(params["qvalue"], params["scale"], params.get("zero"), params.get("input_scale"),
                            config.weight_dtype, in_features, out_features, block_size=config.block_size,
                            group_size=_group_size(config, in_features) if config.weight_dtype == "int4" else 0,
-                           activation=config.activation, g_idx=params.get("g_idx"))
+                           activation=config.activation, perm=params.get("perm"))
 
 
 def repeat_out_heads(w: QuantizedWeight, num_heads: int, repeat: int) -> QuantizedWeight:
@@ -127,18 +127,19 @@ def quantized_matmul_tp(x: jax.Array, w: QuantizedWeight, mesh: Mesh, *, split: 
     specs = dataclasses.replace(w, **{name: P(*a) for name, a in axes.items()})
     local = dataclasses.replace(w, in_features=local_k, out_features=local_n)
     expected_shapes(w.kind, local_k, local_n, weight_strategy=w.weight_strategy, block_size=w.block_size,
-                    group_size=w.group_size, act_order=w.act_order,
-                    num_groups=w.scale.shape[0] if w.act_order else None)  # raises unless a shard holds whole
-    # tiles and groups (act-order: whole tiles; every shard holds all the groups)
+                    group_size=w.group_size, act_order=w.act_order)  # raises unless a shard holds whole
+    # tiles and groups
     if w.block_size is not None and (local_n % w.block_size[0] or local_k % w.block_size[1]):
         raise ValueError(f"quantized_matmul_tp: a shard [{local_n}, {local_k}] splits fp8 blocks {w.block_size}")
 
     def body(x, w_shard):
         w_shard = dataclasses.replace(w_shard, in_features=local.in_features, out_features=local.out_features)
+        if w_shard.act_order and split == "in":  # x whole: this shard's rows read the channels of its perm
+            x, w_shard = jnp.take(x, w_shard.perm, axis=1), dataclasses.replace(w_shard, perm=None)
         y = quantized_matmul(x, w_shard, impl=impl)
         return jax.lax.psum(y, axis) if split == "in" else y
 
-    x_spec = P() if split == "out" else P(None, axis)
+    x_spec = P() if split == "out" or w.act_order else P(None, axis)  # act order: x whole (gathered)
     y_spec = P(None, axis) if split == "out" else P()
     return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, specs), out_specs=y_spec, axis_names={axis},
                          check_vma=False)(x, w)

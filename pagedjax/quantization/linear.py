@@ -27,6 +27,7 @@ impl:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -77,12 +78,16 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight, *, impl: str = "auto", ou
     """y [M, N] = x [M, K] @ w.T, w dequantized (fp8: x quantized too, W8A8); y in out_dtype (x's).
 
     x is bf16, f16 or f32. Activation scales of dynamic fp8 schemes are computed here, per call.
+    An act-order int4 weight (rows sorted by group) takes x's columns in its rows' order, then runs
+    as any int4 weight: the kernel included.
     """
     if x.ndim != 2 or x.shape[1] != w.in_features:
         raise ValueError(f"quantized_matmul: x must be [M, {w.in_features}], got {list(x.shape)}")
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         raise ValueError(f"quantized_matmul: x must be bf16, f16 or f32, got {jnp.dtype(x.dtype).name}")
     out_dtype = x.dtype if out_dtype is None else out_dtype
+    if w.kind == "int4" and w.act_order:
+        x, w = jnp.take(x, w.perm, axis=1), dataclasses.replace(w, perm=None)
     impl = resolve_impl(impl, w, x.dtype, x.shape[0])
     with jax.named_scope(f"quant_matmul_{w.kind}"):
         if impl == "w8a16":

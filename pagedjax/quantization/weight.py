@@ -13,7 +13,7 @@ fp8 (e4m3fn, W8A8; W8A16 with activation "none"), dequantized w[n, k] = qvalue[n
                fine-grained FP8, whose `weight_scale_inv` is this multiplier despite its name)
   input_scale  [] f32 for static activations, else None (dynamic: computed per call)
 int4 (W4A16, asymmetric, group-wise), dequantized w[n, k] = (q[n, k] - zero[g, n]) * scale[g, n]
-with g = k // group_size, or g = g_idx[k] for act-order GPTQ checkpoints (desc_act):
+with g = k // group_size (act-order GPTQ checkpoints, desc_act: k counts the rows in `perm`'s order):
   qvalue  [N/16, K/64, 32, 4] int32: the codes q in [0, 15], tiled for the CUDA kernel's mma
           fragments (vLLM repacks to Marlin's tiles at load time for the same reason). The int32
           qvalue[nt, kt, lane, s] holds at bits 4b..4b+3, b = 4h + 2c + r, the code of
@@ -23,9 +23,11 @@ with g = k // group_size, or g = g_idx[k] for act-order GPTQ checkpoints (desc_a
           contiguous slice of this array.
   scale   [G, N] f16 | bf16 | f32 (the checkpoint's dtype)
   zero    [G, N] uint8, 0..16 (GPTQ v1 checkpoints store zero - 1, so 16 can occur)
-  g_idx   [K] int32, act-order only (else None): the group of each input channel, in K's own order
-          (GPTQ quantized K in another order, so a group's channels are scattered). A shard along K
-          then takes its slice of g_idx and all G groups of scale and zero.
+  perm    [K] int32, act-order only (else None): the input channel of each of the weight's K rows.
+          GPTQ's g_idx scatters a group's channels over K; the rows are stored sorted by group
+          (perm = argsort(g_idx), as vLLM's Marlin path sorts them), so every group is contiguous
+          as without act order, the int4 kernel applies, and the matmul reads x's columns in
+          perm's order: y = x[:, perm] @ w.T. A shard along K takes its slice of perm, and x whole.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ INT4_TILE_N, INT4_TILE_K = 16, 64
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["qvalue", "scale", "zero", "input_scale", "g_idx"],
+                   data_fields=["qvalue", "scale", "zero", "input_scale", "perm"],
                    meta_fields=["kind", "in_features", "out_features", "block_size", "group_size", "activation"])
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
@@ -58,11 +60,11 @@ class QuantizedWeight:
     block_size: tuple[int, int] | None = None  # fp8 block weights: (block_n, block_k)
     group_size: int = 0  # int4: K per group (the whole K for one group)
     activation: str = "none"  # fp8: "token" | "group" | "static" | "none" (weight-only); int4: "none"
-    g_idx: jax.Array | None = None  # int4 act-order: [K] int32, each input channel's group
+    perm: jax.Array | None = None  # int4 act-order: [K] int32, the input channel of each row
 
     @property
     def act_order(self) -> bool:
-        return self.g_idx is not None
+        return self.perm is not None
 
     @property
     def weight_strategy(self) -> str:
@@ -78,10 +80,9 @@ class QuantizedWeight:
         K, N = self.in_features, self.out_features
         want = expected_shapes(self.kind, K, N, block_size=self.block_size, group_size=self.group_size,
                                weight_strategy=self.weight_strategy, static_input=self.input_scale is not None,
-                               act_order=self.act_order,
-                               num_groups=self.scale.shape[0] if self.act_order and self.scale.ndim == 2 else None)
+                               act_order=self.act_order)
         got = {"qvalue": self.qvalue, "scale": self.scale, "zero": self.zero, "input_scale": self.input_scale,
-               "g_idx": self.g_idx}
+               "perm": self.perm}
         for name, (shape, dtypes) in want.items():
             a = got[name]
             if a is None:
@@ -103,9 +104,9 @@ class QuantizedWeight:
         return self
 
     def params(self) -> dict[str, jax.Array]:
-        """The arrays as a flat dict of params ({"qvalue", "scale"[, "zero"][, "input_scale"][, "g_idx"]})."""
+        """The arrays as a flat dict of params ({"qvalue", "scale"[, "zero"][, "input_scale"][, "perm"]})."""
         d = {"qvalue": self.qvalue, "scale": self.scale, "zero": self.zero, "input_scale": self.input_scale,
-             "g_idx": self.g_idx}
+             "perm": self.perm}
         return {k: v for k, v in d.items() if v is not None}
 
     @property
@@ -116,12 +117,11 @@ class QuantizedWeight:
 
 def expected_shapes(kind: str, in_features: int, out_features: int, *, weight_strategy: str,
                     block_size: tuple[int, int] | None = None, group_size: int = 0,
-                    static_input: bool = False, act_order: bool = False,
-                    num_groups: int | None = None) -> dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]:
+                    static_input: bool = False,
+                    act_order: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]:
     """{param name: (shape, allowed dtypes)} of a quantized linear: what a layer declares as params.
 
-    int4 act_order adds g_idx [K]; its groups need not follow K, so a shard of K checks against the
-    whole weight's num_groups (default K / group_size).
+    int4 act_order adds perm [K] (its rows sorted by group: the groups as without act order).
     """
     K, N = in_features, out_features
     if kind == "fp8":
@@ -135,17 +135,13 @@ def expected_shapes(kind: str, in_features: int, out_features: int, *, weight_st
             out["input_scale"] = ((), (jnp.float32,))
         return out
     if kind == "int4":
-        if act_order:
-            check_int4_shape(K, N, K)  # whole tiles; the groups are g_idx's
-            G = K // group_size if num_groups is None else num_groups
-        else:
-            check_int4_shape(K, N, group_size)
-            G = K // group_size
+        check_int4_shape(K, N, group_size)
+        G = K // group_size
         out = {"qvalue": ((N // INT4_TILE_N, K // INT4_TILE_K, 32, 4), (jnp.int32,)),
                "scale": ((G, N), (jnp.float16, jnp.bfloat16, jnp.float32)),
                "zero": ((G, N), (jnp.uint8,))}
         if act_order:
-            out["g_idx"] = ((K,), (jnp.int32,))
+            out["perm"] = ((K,), (jnp.int32,))
         return out
     raise ValueError(f"unknown quantized weight kind {kind!r}")
 
@@ -158,7 +154,7 @@ def logical_axes(kind: str, out_axis: str | None, in_axis: str | None, *,
     out_axis / in_axis name the linear's N and K as its bf16 kernel does (q_proj: out "heads", in
     "embed"; o_proj: out "embed", in "heads"; gate/up: "mlp" / "embed"; down: "embed" / "mlp").
     A shard must hold whole int4 tiles (N % 16, K % 64), whole groups, and whole fp8 blocks; an
-    act-order int4 weight's shard of K takes its slice of g_idx and every group's scale and zero.
+    act-order int4 weight's shard of K takes its slice of perm (its rows' input channels).
     """
     if kind == "fp8":
         scale = {"tensor": (), "channel": (out_axis,), "block": (out_axis, in_axis)}[weight_strategy]
@@ -167,10 +163,10 @@ def logical_axes(kind: str, out_axis: str | None, in_axis: str | None, *,
             out["input_scale"] = ()
         return out
     if kind == "int4":
+        out = {"qvalue": (out_axis, in_axis, None, None), "scale": (in_axis, out_axis), "zero": (in_axis, out_axis)}
         if act_order:
-            return {"qvalue": (out_axis, in_axis, None, None), "scale": (None, out_axis), "zero": (None, out_axis),
-                    "g_idx": (in_axis,)}
-        return {"qvalue": (out_axis, in_axis, None, None), "scale": (in_axis, out_axis), "zero": (in_axis, out_axis)}
+            out["perm"] = (in_axis,)
+        return out
     raise ValueError(f"unknown quantized weight kind {kind!r}")
 
 
