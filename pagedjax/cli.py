@@ -99,21 +99,26 @@ def engine_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
+def _chat_template(args: argparse.Namespace) -> str | None:
+    """The text of --chat-template (a file's or the template given), None without it; ValueError if bad."""
+    if args.chat_template is None:
+        return None
+    from pagedjax.tokenizer import load_chat_template
+
+    return load_chat_template(args.chat_template)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Streams the completion of one prompt to the terminal."""
     from pagedjax.api import LLM, resolve_dtype
     from pagedjax.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
-    template = None
-    if args.chat_template is not None:
-        from pagedjax.tokenizer import load_chat_template
-
-        try:
-            template = load_chat_template(args.chat_template)
-        except ValueError as e:
-            print(f"pagedjax generate: --chat-template: {e}", file=sys.stderr)
-            return 2
+    try:
+        template = _chat_template(args)
+    except ValueError as e:
+        print(f"pagedjax generate: --chat-template: {e}", file=sys.stderr)
+        return 2
     # One prompt: compile the step buckets it uses, when it uses them (from the cache when warm).
     llm = LLM(args.model, dtype=resolve_dtype(args.dtype), load_format=args.load_format, tokenizer=args.tokenizer,
               **{"precompile": False, **engine_options(args)})
@@ -154,15 +159,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         print("pagedjax serve: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
         return 2
-    template = None
-    if args.chat_template is not None:
-        from pagedjax.tokenizer import load_chat_template
-
-        try:
-            template = load_chat_template(args.chat_template)
-        except ValueError as e:
-            print(f"pagedjax serve: --chat-template: {e}", file=sys.stderr)
-            return 2
+    try:
+        template = _chat_template(args)
+    except ValueError as e:
+        print(f"pagedjax serve: --chat-template: {e}", file=sys.stderr)
+        return 2
     options = ServerOptions(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_queue=args.max_queue, dtype=args.dtype,
