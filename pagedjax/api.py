@@ -58,15 +58,23 @@ class LLM:
     bundled SmolLM2-135M-Instruct. `load_format="dummy"` (vLLM's) draws random weights of the
     model's config instead of reading them (`model` may then also be "named:<config>").
     `tokenizer`: a HF tokenizer folder or a .gguf file (vocab-only ones too) when the model's own
-    is missing or another is wanted. Engine options: see `EngineConfig`;
+    is missing or another is wanted. `generation_config` (vLLM's): "auto" samples requests given
+    no SamplingParams with the model folder's generation_config.json recommendations
+    (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), "vllm" with
+    SamplingParams' own defaults, or a folder holding a generation_config.json; see
+    `get_default_sampling_params`. Engine options: see `EngineConfig`;
     `quantization` ("fp8", "awq", "gptq", "compressed-tensors") is applied as the weights load.
     """
 
     def __init__(self, model: Params | str | os.PathLike | None = None, *, dtype: Any = None,
-                 tokenizer: str | None = None, load_format: str = "auto", **engine_options: Any):
+                 tokenizer: str | None = None, load_format: str = "auto", generation_config: str = "auto",
+                 **engine_options: Any):
         t0 = time.perf_counter()
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+        from pagedjax.generation_config import sampling_defaults
+
+        self.default_sampling = sampling_defaults(None if isinstance(model, Params) else model, generation_config)
         if isinstance(model, Params):
             params = model
         else:
@@ -103,8 +111,15 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call given no SamplingParams samples with: the model's generation config's
+        recommendations over SamplingParams' defaults (generation_config="vllm": the defaults)."""
+        return SamplingParams(**self.default_sampling)
+
     def _add(self, prompts, sampling_params, kind: RequestOutputKind | None = None) -> list[str]:
         prompts = _as_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _per_prompt(sampling_params, len(prompts))
         ids = []
         try:

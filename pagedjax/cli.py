@@ -164,12 +164,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pagedjax serve: --chat-template: {e}", file=sys.stderr)
         return 2
+    from pagedjax.generation_config import sampling_defaults
+
+    try:
+        sampling_defaults(args.model, args.generation_config)  # checked before anything loads
+    except ValueError as e:
+        print(f"pagedjax serve: --generation-config: {e}", file=sys.stderr)
+        return 2
     options = ServerOptions(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_queue=args.max_queue, dtype=args.dtype,
         load_format=args.load_format, tokenizer=args.tokenizer, verbose=args.verbose,
         tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
-        chat_template=template,
+        chat_template=template, generation_config=args.generation_config,
         engine_process=args.engine_process, engine=engine_options(args))
     core = None
     if options.engine_process:  # the core loads while this process imports the web stack
@@ -230,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None)
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503")
+    s.add_argument("--generation-config", default="auto",
+                   help="sampling defaults for the fields a request leaves out: 'auto' (the model folder's "
+                        "generation_config.json recommendations), 'vllm' (none), or a folder holding one")
     s.add_argument("--chat-template", default=None,
                    help="a chat template (a .jinja file, or the template's text) used in place of the tokenizer's")
     s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral"], default=None,

@@ -804,3 +804,24 @@ def test_import_sets_the_clients_memory_share_unless_set_or_started():
     assert run("fresh", XLA_PYTHON_CLIENT_MEM_FRACTION="0.5") == ["0.5", "0.5"]
     assert run("started") == ["None", "0.75"]
     assert run("fresh", PAGEDJAX_XLA_DEFAULTS="0") == ["None", "0.75"]
+
+
+def test_llm_samples_with_the_generation_config_when_given_no_params(llama, tmp_path):
+    """LLM(generation_config=folder): calls given no SamplingParams take the config's (top_k 1:
+    the greedy tokens at temperature 0.9; max_new_tokens 6), vLLM's get_default_sampling_params."""
+    import json
+
+    _, params = llama
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.9, "top_k": 1,
+                                                                 "max_new_tokens": 6}))
+    llm = pj.LLM(params, generation_config=str(tmp_path), max_num_seqs=4, max_num_batched_tokens=64,
+                 max_model_len=128, precompile=False)
+    d = llm.get_default_sampling_params()
+    assert (d.temperature, d.top_k, d.max_tokens) == (0.9, 1, 6)
+    prompt = [5, 6, 7, 8, 9]
+    got = [llm.generate([prompt], use_tqdm=False)[0].outputs[0].token_ids for _ in range(2)]
+    greedy = llm.generate([prompt], pj.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    assert len(greedy) == 6 and all(g == greedy[:len(g)] for g in got), (got, greedy)
+    own = llm.generate([prompt], pj.SamplingParams(max_tokens=9, ignore_eos=True, seed=3), use_tqdm=False)
+    assert len(own[0].outputs[0].token_ids) == 9  # a call's own SamplingParams are taken as they are

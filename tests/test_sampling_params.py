@@ -118,3 +118,33 @@ def test_beam_search_params():
     ]:
         with pytest.raises(ValueError, match=f"^{field} must be"):
             BeamSearchParams(**kwargs)
+
+
+def test_generation_config_defaults(tmp_path):
+    """vLLM's --generation-config: "auto" reads the model folder's generation_config.json (its
+    sampling fields; max_new_tokens as max_tokens; not do_sample, token ids or unknown keys),
+    "vllm" reads nothing, a folder path reads that folder's; bad values are refused by name."""
+    import json
+
+    from pagedjax.generation_config import sampling_defaults
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "bos_token_id": 1,
+        "eos_token_id": [2, 3], "max_new_tokens": 512, "transformers_version": "4.51.0"}))
+    want = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 512}
+    assert sampling_defaults(model) == want
+    assert SamplingParams(**sampling_defaults(model)).top_k == 20
+    assert sampling_defaults(model, "vllm") == {}
+    assert sampling_defaults(None) == {} and sampling_defaults("named:llama3-8b") == {}
+    assert sampling_defaults(tmp_path / "model.gguf") == {}  # a file: no generation config beside it
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1, "min_p": 0.05}))
+    assert sampling_defaults(model, str(other)) == {"repetition_penalty": 1.1, "min_p": 0.05}
+    with pytest.raises(ValueError, match="'auto', 'vllm', or a folder"):
+        sampling_defaults(model, str(tmp_path / "nowhere"))
+    (other / "generation_config.json").write_text(json.dumps({"top_k": 2.5}))
+    with pytest.raises(ValueError, match="top_k must be an int"):
+        sampling_defaults(model, str(other))

@@ -102,13 +102,20 @@ OWN_TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n
                 "{% if add_generation_prompt %}<<assistant>> {% endif %}")
 
 
+# the generation config the interval server reads its sampling defaults from (--generation-config)
+GENERATION_CONFIG = {"do_sample": True, "temperature": 0.7, "top_k": 1, "max_new_tokens": 13}
+
+
 @pytest.fixture(scope="module")
 def interval_server(model_dir, tmp_path_factory):
-    """The server with --stream-interval 3 and --chat-template (a file) (the engine in its own process)."""
+    """The server with --stream-interval 3, --chat-template (a file) and --generation-config (a
+    folder) (the engine in its own process)."""
     folder = tmp_path_factory.mktemp("server")
     (folder / "own.jinja").write_text(OWN_TEMPLATE)
+    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     yield from _serve(model_dir, folder / "server.log",
-                      ["--stream-interval", "3", "--chat-template", str(folder / "own.jinja")])
+                      ["--stream-interval", "3", "--chat-template", str(folder / "own.jinja"),
+                       "--generation-config", str(folder)])
 
 
 def _serve(model_dir: Path, log: Path, extra: list[str]):
@@ -338,6 +345,26 @@ def test_chat_template_option(interval_server, hf):
     assert want != hf_chat_ids(hf, messages)  # not the model's own template
     r = srv.http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want), r.text
+
+
+def test_generation_config_defaults(interval_server):
+    """--generation-config: a request that leaves out its sampling fields samples with the config's
+    (top_k 1: the greedy tokens, whatever the temperature 0.7), max_new_tokens (13) bounds every
+    request's max_tokens, and a request's own fields win."""
+    srv = interval_server
+    base = {"model": MODEL, "prompt": PROMPTS[1], "ignore_eos": True}
+    greedy = srv.http.post("/v1/completions", json={**base, "max_tokens": 13, "temperature": 0}).json()
+    sampled = [srv.http.post("/v1/completions", json={**base, "max_tokens": 40, "seed": s}).json() for s in (1, 2)]
+    for r in sampled:
+        assert r["usage"]["completion_tokens"] == 13, r["usage"]
+        assert r["choices"][0]["text"] == greedy["choices"][0]["text"]
+    chat = srv.http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                       "ignore_eos": True}).json()
+    assert chat["usage"]["completion_tokens"] == 13, chat["usage"]
+    # the request's own top_k and temperature: sampled, so the two seeds differ somewhere
+    own = [srv.http.post("/v1/completions", json={**base, "max_tokens": 13, "top_k": 0, "temperature": 1.5,
+                                                  "seed": s}).json()["choices"][0]["text"] for s in (1, 2, 3)]
+    assert len(set(own)) > 1, own
 
 
 def test_stream_wire_format(server):

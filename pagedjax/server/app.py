@@ -58,13 +58,16 @@ def _validation_error(e: ValidationError | RequestValidationError) -> APIError:
 
 def build_app(engine: Any, served_model_name: str, api_key: str | None = None, max_queue: int = 1024, *,
               max_body_bytes: int = MAX_BODY_BYTES, max_n: int = 16, model_root: str | None = None,
-              tool_call_parser: str | None = None, chat_template: str | None = None) -> FastAPI:
+              tool_call_parser: str | None = None, chat_template: str | None = None,
+              default_sampling: dict[str, Any] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`: an LLMEngine, whose loop then runs on a thread of
     this process, or an EngineCoreClient (the engine in a process of its own); either runs while
     the app does.
 
     `tool_call_parser` (hermes, llama3_json, mistral) parses tool calls for tool_choice "auto";
     `chat_template` (its text) renders chats in place of the tokenizer's own template;
+    `default_sampling` ({SamplingParams field: value}, generation_config.sampling_defaults) fills
+    the sampling fields a request leaves out (max_tokens: a bound on every request's);
     the engine's reasoning parser, if any, fills chat responses' reasoning_content.
     """
     metrics = ServerMetrics()
@@ -77,7 +80,7 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None, m
     serving = OpenAIServing(e, model_name=served_model_name, tokenizer=e.tokenizer, vocab_size=e.vocab_size,
                             max_model_len=e.max_model_len, max_logprobs=e.max_logprobs, max_n=max_n,
                             tool_call_parser=tool_call_parser, reasoning_parser=e.reasoning_parser,
-                            chat_template=chat_template)
+                            chat_template=chat_template, default_sampling=default_sampling)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -218,6 +221,9 @@ def run_server(options: ServerOptions, core: Any = None) -> int:
         from pagedjax.tool_parsers import get_tool_parser
 
         get_tool_parser(o.tool_call_parser)  # an unknown name fails before the model loads
+    from pagedjax.generation_config import sampling_defaults
+
+    default_sampling = sampling_defaults(o.model, o.generation_config)  # a bad value fails here too
     if o.engine_process:  # loaded there: this process never touches the accelerator
         engine = EngineCoreClient(o, core=core)
         info = engine.info
@@ -233,7 +239,7 @@ def run_server(options: ServerOptions, core: Any = None) -> int:
     api_key = o.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
     app = build_app(engine, name, api_key=api_key, max_queue=o.max_queue,
                     model_root=str(o.model) if o.model else BUNDLED_MODEL_NAME, tool_call_parser=o.tool_call_parser,
-                    chat_template=o.chat_template)
+                    chat_template=o.chat_template, default_sampling=default_sampling)
     config = uvicorn.Config(app, log_level="info" if o.verbose else "warning", access_log=o.verbose,
                             timeout_keep_alive=30, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -246,6 +252,7 @@ def run_server(options: ServerOptions, core: Any = None) -> int:
     print(f"[pagedjax] serving {name!r} on http://{o.host}:{port} "
           f"(max_model_len {info['max_model_len']}, {info['num_pages'] - 1} KV pages of {info['kv_dtype']}, "
           f"weights {info['weights']}{', engine in its own process' if o.engine_process else ''}; "
+          f"{'default sampling ' + str(default_sampling) + ' from the generation config; ' if default_sampling else ''}"
           f"start-up: {startup_phases(info['startup_seconds'])})", file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     return 0 if server.started else 1

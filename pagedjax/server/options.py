@@ -23,6 +23,9 @@ class ServerOptions:
     verbose: bool = False
     tool_call_parser: str | None = None  # hermes, llama3_json, mistral: tool_choice "auto"
     chat_template: str | None = None  # the text of a chat template used over the tokenizer's own
+    # vLLM's --generation-config: "auto" (the model folder's generation_config.json recommends the
+    # sampling defaults), "vllm" (SamplingParams' own) or a folder holding one
+    generation_config: str = "auto"
     # The engine in a process of its own (pagedjax/server/engine_core.py), as vLLM V1 runs it; False:
     # its loop on a thread of this process, sharing the front end's GIL (on the H200 its steps were
     # then 30% slower under load: benchmarks/RESULTS.md, 2026-12-05)

@@ -110,11 +110,12 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, *, model_name: str, tokenizer: Any, vocab_size: int,
                  max_model_len: int, max_logprobs: int = 20, max_n: int = 16, max_prompts: int = 256,
                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, default_sampling: dict[str, Any] | None = None):
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.chat_template = chat_template  # the server's --chat-template, over the tokenizer's own
+        self.default_sampling = dict(default_sampling or {})  # the generation config's, for fields left out
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
@@ -153,15 +154,21 @@ class OpenAIServing:
 
     def _sampling_params(self, req: P.SamplingFields, max_tokens: int | None, logprobs: int | None,
                          constraint: StructuredOutputsParams | None = None) -> SamplingParams:
+        d = self.default_sampling
+        cap = d.get("max_tokens")  # the generation config's max_new_tokens bounds every request's
+        if cap is not None:
+            max_tokens = cap if max_tokens is None else min(max_tokens, cap)
         try:
             bias = C.logit_bias(req.logit_bias)
             return SamplingParams(
                 n=_opt(req.n, 1), best_of=req.best_of,
                 presence_penalty=_opt(req.presence_penalty, 0.0),
                 frequency_penalty=_opt(req.frequency_penalty, 0.0),
-                repetition_penalty=_opt(req.repetition_penalty, 1.0),
-                temperature=_opt(req.temperature, 1.0), top_p=_opt(req.top_p, 1.0),
-                top_k=_opt(req.top_k, 0), min_p=_opt(req.min_p, 0.0), seed=req.seed, stop=req.stop,
+                repetition_penalty=_opt(req.repetition_penalty, d.get("repetition_penalty", 1.0)),
+                temperature=_opt(req.temperature, d.get("temperature", 1.0)),
+                top_p=_opt(req.top_p, d.get("top_p", 1.0)),
+                top_k=_opt(req.top_k, d.get("top_k", 0)), min_p=_opt(req.min_p, d.get("min_p", 0.0)),
+                seed=req.seed, stop=req.stop,
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
                 min_tokens=req.min_tokens, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
