@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from pagedjax.models.config import MOE_IMPLS
-from pagedjax.quantization.fp8 import expand_expert_block_scale
+from pagedjax.quantization.fp8 import expand_block_scale
 
 CAPACITY_FACTOR = 1.5  # capacity rows per expert and round, over the mean (T * k / E)
 # Rows below which an expert's GEMM is bound by reading its weights (C is its arithmetic
@@ -162,9 +162,11 @@ def _swiglu(h_gate: jax.Array, h_up: jax.Array, activation) -> jax.Array:
 
 
 def dequantize_block(w: jax.Array, scale: jax.Array, block_size: tuple[int, int], dtype) -> jax.Array:
-    """e4m3 expert weights [..., K, N] times their block scales [..., KB, NB], in f32, as `dtype`."""
+    """e4m3 expert weights [..., K, N] times their block scales [..., KB, NB] (block_size (bn, bk)),
+    in f32, as `dtype`."""
     K, N = w.shape[-2:]
-    return (w.astype(jnp.float32) * expand_expert_block_scale(scale, K, N, block_size)).astype(dtype)
+    bn, bk = block_size
+    return (w.astype(jnp.float32) * expand_block_scale(scale, K, N, (bk, bn))).astype(dtype)
 
 
 def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:

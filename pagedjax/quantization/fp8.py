@@ -49,10 +49,7 @@ def quantize_fp8(w: jax.Array, strategy: str = "channel", block_size: tuple[int,
         scale = _amax_scale(jnp.max(wf, axis=1))  # [N]
         q = to_e4m3(w, scale[:, None])
     elif strategy == "block":
-        bn, bk = block_size
-        NB, KB = -(-N // bn), -(-K // bk)
-        padded = jnp.pad(wf, ((0, NB * bn - N), (0, KB * bk - K)))  # zeros never raise an amax
-        scale = _amax_scale(padded.reshape(NB, bn, KB, bk).max(axis=(1, 3)))  # [NB, KB]
+        scale = _amax_scale(_block_amax(wf, block_size))  # [NB, KB]
         q = to_e4m3(w, expand_block_scale(scale, N, K, block_size))
     else:
         raise ValueError(f"unknown fp8 weight strategy {strategy!r} (tensor, channel or block)")
@@ -75,24 +72,27 @@ def quantize_experts_fp8(w: jax.Array, block_size: tuple[int, int] | None = None
     if block_size is None:
         scale = _amax_scale(jnp.max(wf, axis=1))  # [E, N]
         return to_e4m3(w, scale[:, None, :]), scale
-    E, K, N = w.shape
+    _, K, N = w.shape
     bn, bk = block_size
-    KB, NB = -(-K // bk), -(-N // bn)
-    padded = jnp.pad(wf, ((0, 0), (0, KB * bk - K), (0, NB * bn - N)))  # zeros never raise an amax
-    scale = _amax_scale(padded.reshape(E, KB, bk, NB, bn).max(axis=(2, 4)))  # [E, KB, NB]
-    return to_e4m3(w, expand_expert_block_scale(scale, K, N, block_size)), scale
+    scale = _amax_scale(_block_amax(wf, (bk, bn)))  # [E, KB, NB]
+    return to_e4m3(w, expand_block_scale(scale, K, N, (bk, bn))), scale
 
 
-def expand_expert_block_scale(scale: jax.Array, K: int, N: int, block_size: tuple[int, int]) -> jax.Array:
-    """Expert block scales [..., KB, NB] -> one scale per weight element [..., K, N]."""
-    bn, bk = block_size
-    return jnp.repeat(jnp.repeat(scale, bk, axis=-2)[..., :K, :], bn, axis=-1)[..., :N]
+def _block_amax(wf: jax.Array, block_size: tuple[int, int]) -> jax.Array:
+    """|w| [..., R, C] -> the max of each block [..., RB, CB] (block_size (rows, cols); edge blocks
+    partial: the padding's zeros never raise an amax)."""
+    R, C = wf.shape[-2:]
+    br, bc = block_size
+    RB, CB = -(-R // br), -(-C // bc)
+    padded = jnp.pad(wf, ((0, 0),) * (wf.ndim - 2) + ((0, RB * br - R), (0, CB * bc - C)))
+    return padded.reshape(*wf.shape[:-2], RB, br, CB, bc).max(axis=(-3, -1))
 
 
-def expand_block_scale(scale: jax.Array, N: int, K: int, block_size: tuple[int, int]) -> jax.Array:
-    """Block scales [NB, KB] -> one scale per weight element [N, K]."""
-    bn, bk = block_size
-    return jnp.repeat(jnp.repeat(scale, bn, axis=0)[:N], bk, axis=1)[:, :K]
+def expand_block_scale(scale: jax.Array, rows: int, cols: int, block_size: tuple[int, int]) -> jax.Array:
+    """Block scales [..., RB, CB] -> one scale per element [..., rows, cols] (block_size (rows,
+    cols) of a block): a linear's [NB, KB] with (bn, bk), an expert stack's [E, KB, NB] with (bk, bn)."""
+    br, bc = block_size
+    return jnp.repeat(jnp.repeat(scale, br, axis=-2)[..., :rows, :], bc, axis=-1)[..., :cols]
 
 
 def quantize_activation(x: jax.Array, w: QuantizedWeight) -> tuple[jax.Array, jax.Array]:
