@@ -124,6 +124,7 @@ class ModelCost:
         import jax.numpy as jnp
 
         from pagedjax.models import abstract_params
+        from pagedjax.params import array_bytes
 
         dtype = jnp.dtype(dtype)
         kv_dtype = jnp.dtype(kv_dtype or dtype)
@@ -143,7 +144,7 @@ class ModelCost:
                 else:
                     i = 0
                 out[i] += size
-                out[3 + i] += size * leaf.dtype.itemsize
+                out[3 + i] += array_bytes(leaf)
             return out
 
         layers, head, experts = count(config.replace(quantization=None))[:3]

@@ -10,7 +10,10 @@ kept in pagedjax's executable cache, so that a warm start compiles none.
 With `quantization`, each quantized linear is drawn as a float weight in `dtype` (bf16 on a GPU) and quantized
 on the device as a checkpoint would be at load: "fp8" online (e4m3, per-channel scales),
 "awq" / "gptq" round-to-nearest int4 in groups of 128 (the packed AWQ-layout params the
-int4 kernel reads; the codes are not AWQ's searched ones, which changes no timing).
+int4 kernel reads; the codes are not AWQ's searched ones, which changes no timing). An MoE
+model's experts are drawn in the layout they are held in: e4m3 codes normal(0, INIT_STD) with unit
+scales (FP8), or uniform uint4 codes with zero point 8 and the scale that gives them a standard
+deviation of INIT_STD (int4).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
 from pagedjax.models.layers import INIT_STD, KV_SCALES
+from pagedjax.models.moe import SCALE_SUFFIX, ZERO_SUFFIX
 from pagedjax.models.quantized import quantized_linears
 from pagedjax.params import Params
 from pagedjax.quantization import QuantConfig
@@ -32,7 +36,8 @@ from pagedjax.quantization.int4 import quantize_int4_jax
 from pagedjax.quantization.weight import linear_features
 from pagedjax.weights import resolve_sharding
 
-INT4_GROUP_SIZE = 128  # AutoAWQ's and GPTQ's default (64 where an in_features is not a multiple: tiny configs)
+INT4_GROUP_SIZE = 128  # AutoAWQ's and GPTQ's default (less where an in_features is not a multiple: tiny configs)
+INT4_RMS = (sum(c * c for c in range(-8, 8)) / 16) ** 0.5  # of uniform codes 0..15 less their zero point 8
 
 
 def quant_config(method: str | None, config: ModelConfig | None = None) -> QuantConfig | None:
@@ -44,7 +49,8 @@ def quant_config(method: str | None, config: ModelConfig | None = None) -> Quant
     if method in ("awq", "gptq"):
         c = config
         ks = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size) if c is not None else ()
-        group = INT4_GROUP_SIZE if all(k % INT4_GROUP_SIZE == 0 for k in ks) else INT4_GROUP_SIZE // 2
+        ks += (c.moe_intermediate_size,) if c is not None and c.num_experts else ()
+        group = next((g for g in (INT4_GROUP_SIZE, 64, 32, 16, 8) if all(k % g == 0 for k in ks)), -1)
         q = {"quant_method": method, "bits": 4, "group_size": group, "zero_point": True,
              "version": "gemm", "desc_act": False}
         return QuantConfig.from_hf({"quantization_config": q})
@@ -52,13 +58,20 @@ def quant_config(method: str | None, config: ModelConfig | None = None) -> Quant
 
 
 def _draw_weight(shape: tuple[int, ...], dtype: str, kind: str, sharding_key: str, raw_key):
-    """One leaf: norm scales 1, biases 0, other weights normal(0, INIT_STD), from uint32 key data.
-    `sharding_key` names the output's placement for the executable cache (the jit holds it)."""
+    """One leaf: norm scales 1, biases 0, other weights normal(0, INIT_STD), from uint32 key data;
+    int4 experts' codes uniform, their zeros 8 and scales INIT_STD / INT4_RMS. `sharding_key` names
+    the output's placement for the executable cache (the jit holds it)."""
     del sharding_key
     if kind == "scale":
         return jnp.ones(shape, dtype)
     if kind == "bias":
         return jnp.zeros(shape, dtype)
+    if kind == "int4_zero":
+        return jnp.full(shape, 8, dtype)
+    if kind == "int4_scale":
+        return jnp.full(shape, INIT_STD / INT4_RMS, dtype)
+    if jnp.dtype(dtype) == jnp.dtype(jnp.uint4):
+        return jax.random.randint(jax.random.wrap_key_data(raw_key), shape, 0, 16).astype(dtype)
     draw_dtype = jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn) else dtype  # FP8 experts: codes
     return (INIT_STD * jax.random.normal(jax.random.wrap_key_data(raw_key), shape, draw_dtype)).astype(dtype)
 
@@ -103,6 +116,7 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int =
     axes_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     candidates = quantized_linears(config)  # those the model has hold a qvalue (an MoE router never does)
     quantized = {".".join(k.key for k in p[:-1]) for p, _ in leaves if p[-1].key == "qvalue"} & set(candidates)
+    int4_codes = {".".join(k.key for k in p) for p, s in leaves if s.dtype == jnp.uint4}  # int4 experts
     key = jax.random.key(seed)
     arrays, drawn = [], {}
     for i, ((path, s), a) in enumerate(zip(leaves, axes_leaves)):
@@ -115,7 +129,10 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int =
                                                 jax.random.fold_in(key, i), dtype)
             arrays.append(drawn[module][keys[-1]])
             continue
-        kind = ("scale" if keys[-1] in ("scale", *KV_SCALES) or keys[-1].endswith("_scale")
+        name = ".".join(keys)
+        kind = ("int4_scale" if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in int4_codes
+                else "int4_zero" if name.endswith(ZERO_SUFFIX) and name.removesuffix(ZERO_SUFFIX) in int4_codes
+                else "scale" if keys[-1] in ("scale", *KV_SCALES) or keys[-1].endswith(SCALE_SUFFIX)
                 else "bias" if keys[-1] == "bias" else "weight")
         arrays.append(_drawn("draw", _draw_weight, (tuple(s.shape), s.dtype.name, kind), sharding,
                              jax.random.fold_in(key, i)))

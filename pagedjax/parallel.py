@@ -167,6 +167,12 @@ def check_tensor_parallel(config: ModelConfig, tensor_parallel_size: int) -> Non
                          f"tensor_parallel_size {tp} give each device {F // tp} of the {F} expert MLP columns, "
                          f"not whole blocks (try expert parallelism, or a tensor_parallel_size that splits "
                          f"the width into multiples of the block)")
+    group = config.quantization.expert_group_size if config.quantization is not None else None
+    group = F if group == -1 else group
+    if moe_layers and not config.expert_parallel and group and tp > 1 and (F // tp) % group:
+        raise ValueError(f"{name}: int4 experts (groups of {group} rows) split over tensor_parallel_size {tp} "
+                         f"give each device {F // tp} of the {F} rows of down_proj, not whole groups (try expert "
+                         f"parallelism, or a tensor_parallel_size that splits the width into multiples of the group)")
 
 
 def tp_config(config: ModelConfig, tensor_parallel_size: int) -> ModelConfig:

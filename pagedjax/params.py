@@ -11,8 +11,18 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from pagedjax.models.config import ModelConfig
+
+_NIBBLES = (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4))
+
+
+def array_bytes(x) -> int:
+    """Bytes of an array (or its abstract shape) on a device: int4 / uint4 (int4 MoE experts'
+    codes) two to a byte, as XLA packs them, though their dtype's itemsize says 1."""
+    n = math.prod(x.shape)
+    return -(-n // 2) if jnp.dtype(x.dtype) in _NIBBLES else n * jnp.dtype(x.dtype).itemsize
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -58,7 +68,7 @@ class Params:
     @property
     def nbytes(self) -> int:
         """Bytes of all weights."""
-        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(self.variables))
+        return sum(array_bytes(x) for x in jax.tree.leaves(self.variables))
 
     def __repr__(self) -> str:
         dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(self.variables)})

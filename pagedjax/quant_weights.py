@@ -10,8 +10,8 @@ over for the linears the config quantizes (models/quantized.py says which):
   online FP8     the float kernel, converted to our layout as usual (and cached, for GGUF), is
                  read back as HF's [out, in] weight and quantized on the default device
   dequantized    a pre-quantized linear the model keeps in its dtype (an MoE model's routers,
-                 and its experts but for per-channel and block FP8): its tensors are converted as
-                 above, dequantized on the host CPU, and enter the plan as the float
+                 and its experts for per-tensor FP8 and act-order GPTQ): its tensors are converted
+                 as above, dequantized on the host CPU, and enter the plan as the float
                  "<module>.weight" HF would have saved
   FP8 experts    online FP8, or a per-channel or block FP8 checkpoint: each stacked expert leaf
                  [E, in, out] is quantized per expert and output channel (scale amax / 448), or per
@@ -20,6 +20,11 @@ over for the linears the config quantizes (models/quantized.py says which):
                  channel's (block's) scale is its amax / 448 (llm-compressor's min-max observer,
                  and the published block-FP8 checkpoints': the largest weight is code 448); one
                  saved with a larger scale is rescaled to that and rounded again
+  int4 experts   an AWQ or GPTQ checkpoint (no act order): each expert's qweight / qzeros / scales
+                 leave the plan and are unpacked, not dequantized (AWQ's scales are searched, not
+                 min-max: no requantization could give its codes back), and stacked per leaf:
+                 "experts_<proj>" uint4 codes [E, K, N], "experts_<proj>_zero" uint8 [E, G, N]
+                 (GPTQ v1's stored zero - 1 put back), "experts_<proj>_scale" f16 [E, G, N]
 
 Either way the QuantizedWeight's params land at "<module>.qvalue", "<module>.scale", ... in their
 own dtypes, kv heads repeated whole (repeat_out_heads) when the mesh has more devices than kv
@@ -40,9 +45,10 @@ import numpy as np
 
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
-from pagedjax.models.moe import SCALE_SUFFIX
+from pagedjax.models.moe import SCALE_SUFFIX, ZERO_SUFFIX
 from pagedjax.models.quantized import kv_scale_tensors, quantized_linears
 from pagedjax.quantization import QuantizedWeight, convert_checkpoint_linear, dequantize, repeat_out_heads
+from pagedjax.quantization.formats import checkpoint_int4
 from pagedjax.quantization.fp8 import quantize_experts_fp8
 from pagedjax.quantization.weight import linear_features
 
@@ -80,9 +86,14 @@ class QuantizedLinears:
         # FP8 experts of an MoE model (QuantConfig.quantizes_experts): each stacked expert leaf (e4m3)
         self.experts = {t for t, (_, s) in leaves.items()
                         if t.rsplit(".", 1)[-1].startswith("experts_") and s.dtype == jnp.float8_e4m3fn}
+        # int4 experts: each stacked expert leaf (uint4), filled from the checkpoint's codes
+        self.int4_experts = {t for t, (_, s) in leaves.items()
+                             if t.rsplit(".", 1)[-1].startswith("experts_") and s.dtype == jnp.uint4}
+        quantized = self.experts | self.int4_experts
         self.shapes = {t: v for t, v in leaves.items()
-                       if t.rsplit(".", 1)[0] in self.modules or t in self.kv_scales
-                       or t in self.experts or t.removesuffix(SCALE_SUFFIX) in self.experts}
+                       if t.rsplit(".", 1)[0] in self.modules or t in self.kv_scales or t in quantized
+                       or t.removesuffix(SCALE_SUFFIX) in quantized or t.removesuffix(ZERO_SUFFIX) in quantized}
+        self.taken_experts: dict[str, dict[int, tuple[str, dict[str, Callable]]]] = {}  # leaf -> {e: module's}
         self.axes = {t: a for t, (_, a) in flat(axes, lambda x: isinstance(x, jax.sharding.PartitionSpec)).items()
                      if t in self.shapes}
         # module -> (K, N); our float kernel of it reshapes to [K, N] (contracted dims first)
@@ -114,9 +125,61 @@ class QuantizedLinears:
             taken[m] = tensors
         return taken
 
+    def take_experts(self, source: dict[str, Callable[[], np.ndarray]], table: dict[str, Any],
+                     prefix: str) -> set[str]:
+        """Removes each int4 expert's tensors from `source` (the experts of `table`, the expanded
+        weight map, whose targets are "<leaf>[e]" slots of int4 expert leaves); returns those targets.
+
+        Names may lack the base model's prefix, as the loader allows for every tensor."""
+        filled, missing = set(), {}
+        for hf, (target, _) in table.items():
+            if not (isinstance(target, str) and target.endswith("]")):
+                continue
+            leaf, slot = target[:-1].split("[")
+            if leaf not in self.int4_experts:
+                continue
+            module = hf.removesuffix(".weight")
+            tensors = {}
+            for sfx in self.qcfg.tensor_names():
+                read = _pop_first(source, [f"{module}.{sfx}"], prefix)
+                if read is not None:
+                    tensors[sfx] = read
+            if "qweight" not in tensors:
+                missing[target] = module
+                continue
+            self.taken_experts.setdefault(leaf, {})[int(slot)] = module, tensors
+            filled.add(target)
+        lacking = [m for t, m in missing.items() if t not in filled]
+        if lacking:
+            raise ValueError(f"{self.desc}: checkpoint lacks {lacking[0]}.qweight ({self.qcfg.name} experts are "
+                             f"held as the checkpoint's int4 codes; {len(lacking)} expert projections lack theirs)")
+        return filled
+
+    def load_experts(self, place: Callable[[str, np.ndarray], None]) -> None:
+        """Unpacks each int4 expert taken by take_experts and places its leaves: codes [E, K, N]
+        (uint4), zeros [E, G, N] (uint8) and scales [E, G, N], one leaf at a time."""
+        for leaf, slots in sorted(self.taken_experts.items()):
+            parts = []  # per expert: (codes, zeros, scales)
+            for e in range(len(slots)):
+                module, readers = slots[e]
+                try:
+                    parts.append(checkpoint_int4(self.qcfg, {sfx: read() for sfx, read in readers.items()}))
+                except ValueError as err:
+                    raise ValueError(f"{self.desc}: {module} ({self.qcfg.name}): {err}") from None
+            for t, parts_t in zip((leaf, leaf + ZERO_SUFFIX, leaf + SCALE_SUFFIX), zip(*parts)):
+                a, want = np.stack(parts_t), self.shapes[t][1]
+                if a.shape != want.shape:
+                    raise ValueError(f"{self.desc}: {slots[0][0]} and its fellow experts stack to {list(a.shape)} "
+                                     f"for {t}, this config needs {list(want.shape)}")
+                cast = a.astype(want.dtype)
+                if t.endswith(SCALE_SUFFIX) and not np.array_equal(cast.astype(a.dtype), a):
+                    raise ValueError(f"{self.desc}: {slots[0][0]} scales in {a.dtype} do not fit {want.dtype}")
+                place(t, cast)
+        self.taken_experts.clear()
+
     def take_dequantized(self, source: dict[str, Callable[[], np.ndarray]]) -> list[str]:
         """Replaces the quantized tensors of each linear the model keeps in its dtype (any left in
-        `source` after `take`: MoE experts, routers) by one reader of its dequantized float weight
+        `source` after `take` and `take_experts`: MoE routers, experts not held quantized) by one reader of its dequantized float weight
         [out, in] (f32) under "<module>.weight"; returns those modules. A module is found by its
         format's own tensor (`weight_scale`, `weight_scale_inv` or `qweight`)."""
         if self.online:

@@ -367,10 +367,11 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
     prefix = fam.base_prefix
     # pre-quantized linears: their tensors leave the plan, their float kernels count as filled
     taken = quant.take(source, prefix) if quant is not None and not quant.online else {}
-    if taken:  # pre-quantized linears the model keeps in its dtype (MoE experts): dequantized float weights
+    experts = quant.take_experts(source, table, prefix) if taken else set()  # int4 MoE experts, kept int4
+    if taken:  # pre-quantized linears the model keeps in its dtype (MoE routers ...): dequantized float weights
         quant.take_dequantized(source)
     kv_scales = quant.take_kv_scales(source, prefix) if quant is not None else {}  # FP8 KV-cache scales
-    prefilled = quant.kernels() if taken else set()
+    prefilled = quant.kernels() | experts if taken else set()
 
     def targets(hf):
         t = table[hf][0]
@@ -459,6 +460,7 @@ def _load_tree(config: ModelConfig, source: Source, dtype, shardings, progress: 
             del w
         if taken:
             quant.load(taken, place_quantized)
+            quant.load_experts(place_quantized)
         if kv_scales:
             quant.load_kv_scales(kv_scales, place_quantized)
     except BaseException:

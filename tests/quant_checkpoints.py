@@ -280,11 +280,11 @@ def _awq(w: torch.Tensor, group: int):
     return {k: torch.from_numpy(v) for k, v in t.items()}, torch.from_numpy(deq)
 
 
-def _gptq(w: torch.Tensor, group: int):
+def _gptq(w: torch.Tensor, group: int, v1: bool = True):
     # v1 stores zero - 1, so a zero point of 0 cannot be written: zeros are clipped to [1, 15] here
-    q, z, s, deq = _int4_rtn(w.double().numpy(), group, zmin=1)
+    q, z, s, deq = _int4_rtn(w.double().numpy(), group, zmin=1 if v1 else 0)
     K = q.shape[0]
-    t = {"qweight": gptq_pack_qweight(q), "qzeros": gptq_pack_qzeros(z, v1=True), "scales": s,
+    t = {"qweight": gptq_pack_qweight(q), "qzeros": gptq_pack_qzeros(z, v1=v1), "scales": s,
          "g_idx": (np.arange(K) // group).astype(np.int32)}
     return {k: torch.from_numpy(v) for k, v in t.items()}, torch.from_numpy(deq)
 

@@ -2,7 +2,8 @@
 
 Written from the published descriptions, never with pagedjax code: the e4m3fn value grid from the
 OCP FP8 spec (bias 7, 3 mantissa bits, subnormals, max 448, S.1111.111 is NaN), round to nearest
-even; AutoAWQ's GEMM packer; AutoGPTQ's packer (v1 stores zero - 1).
+even; AutoAWQ's GEMM packer; AutoGPTQ's packer (v1 stores zero - 1); and their inverses, read
+back nibble by nibble.
 """
 
 from __future__ import annotations
@@ -93,3 +94,36 @@ def gptq_pack_qzeros(zeros: np.ndarray, v1: bool) -> np.ndarray:
         for j in range(8):
             out[:, col] |= z[:, col * 8 + j].astype(np.uint32) << (4 * j)
     return out.view(np.int32)
+
+
+def awq_unpack(packed: np.ndarray) -> np.ndarray:
+    """awq_pack's inverse: int32 [rows, cols / 8] -> [rows, cols]; nibble i of packed column c
+    is column c * 8 + order_map[i]."""
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    words = packed.view(np.uint32)
+    rows, packed_cols = words.shape
+    out = np.zeros((rows, packed_cols * 8), np.uint8)
+    for col in range(packed_cols):
+        for i in range(8):
+            out[:, col * 8 + order_map[i]] = (words[:, col] >> (i * 4)) & 0xF
+    return out
+
+
+def gptq_unpack_qweight(qweight: np.ndarray) -> np.ndarray:
+    """gptq_pack_qweight's inverse: int32 [in / 8, out] -> [in, out]; nibble j of row r is row 8 r + j."""
+    words = qweight.view(np.uint32)
+    out = np.zeros((words.shape[0] * 8, words.shape[1]), np.uint8)
+    for r in range(words.shape[0]):
+        for j in range(8):
+            out[8 * r + j] = (words[r] >> (4 * j)) & 0xF
+    return out
+
+
+def gptq_unpack_qzeros(qzeros: np.ndarray, v1: bool) -> np.ndarray:
+    """gptq_pack_qzeros's inverse: int32 [G, out / 8] -> zero points [G, out] (v1: stored + 1)."""
+    words = qzeros.view(np.uint32)
+    out = np.zeros((words.shape[0], words.shape[1] * 8), np.int64)
+    for col in range(words.shape[1]):
+        for j in range(8):
+            out[:, col * 8 + j] = (words[:, col] >> (4 * j)) & 0xF
+    return out + (1 if v1 else 0)

@@ -283,3 +283,60 @@ def test_quantize_experts_fp8_blocks_match_numpy():
     np.testing.assert_allclose(np.asarray(s), want, rtol=1e-6)
     full = np.repeat(np.repeat(np.asarray(s, np.float64), bk, axis=1)[:, :K], bn, axis=2)[:, :, :N]
     check_e4m3_codes(np.asarray(q), w32 / full, "expert block codes")
+
+
+def int4_case(seed: int, D=64, X=8, F=32, group=16):
+    """uint4 expert codes [X, in, out], zero points in [0, 16] (GPTQ v1's 15 + 1 included) and f16
+    scales [X, G, out] per group of `group` input rows, with their float64 dequantized weights."""
+    rng = np.random.default_rng(seed)
+    experts, deq = [], []
+    for K, N in ((D, F), (D, F), (F, D)):
+        G = K // group
+        q = rng.integers(0, 16, (X, K, N), dtype=np.uint8)
+        z = rng.integers(0, 17, (X, G, N), dtype=np.uint8)
+        s = (rng.uniform(0.5, 1.5, (X, G, N)) / (4 * np.sqrt(K))).astype(np.float16)
+        rows = np.arange(K) // group  # the group of each input row
+        deq.append((q.astype(np.float64) - z[:, rows].astype(np.float64)) * s[:, rows].astype(np.float64))
+        experts.append((jnp.asarray(q, jnp.uint4), jnp.asarray(z), jnp.asarray(s)))
+    return experts, deq
+
+
+@pytest.mark.parametrize("impl,capacity_rows", [("ragged", None), ("dense", None), ("capacity", None),
+                                                ("capacity", 4), ("gather", None), ("auto", None)])
+def test_int4_experts_match_float64(impl, capacity_rows):
+    """int4 experts (uint4 codes, zeros and scales per group, as AWQ / GPTQ checkpoints hold them)
+    against the float64 block with the dequantized weights, every implementation."""
+    seed = 6
+    x, router, *_ = uneven_case(seed, T=40, D=64)
+    experts, deq = int4_case(seed)
+    ref, _ = reference(x, router, *deq, 2, True)
+
+    @jax.jit
+    def run(x, router, experts):
+        (g, zg, sg), (u, zu, su), (d, zd, sd) = experts
+        weights, ids = moe.route(x @ router, 2, True)
+        keep = jnp.ones(ids.shape, bool)
+        return moe.expert_mlp(x, weights, ids, keep, g, u, d, activation=jax.nn.silu, impl=impl,
+                              capacity_rows=capacity_rows, scales=(sg, su, sd), zeros=(zg, zu, zd))
+
+    err = rel_err(run(x, router, experts), ref)
+    assert err < TOL, f"seed {seed} impl {impl} C={capacity_rows}: relative error {err:.2e}"
+    # each group's zero and scale matter: one of down_proj's groups moved moves the result
+    (g, u, (d, zd, sd)) = experts
+    assert rel_err(run(x, router, (g, u, (d, zd.at[:, 1, :].add(1), sd))), ref) > 100 * TOL
+    assert rel_err(run(x, router, (g, u, (d, zd, sd.at[:, 1, :].multiply(2)))), ref) > 100 * TOL
+
+
+def test_int4_experts_gather_a_decode_step():
+    """A decode-sized step ("auto" gathers: 1 token x 2 experts x 4 <= 8) with int4 experts in
+    bfloat16, against float64."""
+    x, router, *_ = uneven_case(8, T=1, D=64)
+    experts, deq = int4_case(8)
+    assert moe.resolve_impl("auto", 1, 2, 8) == "gather"
+    ref, _ = reference(x, router, *deq, 2, True)
+    (g, zg, sg), (u, zu, su), (d, zd, sd) = experts
+    xb = jnp.asarray(x, jnp.bfloat16)
+    weights, ids = moe.route(xb @ jnp.asarray(router, jnp.bfloat16), 2, True)
+    got = moe.expert_mlp(xb, weights, ids, jnp.ones(ids.shape, bool), g, u, d, activation=jax.nn.silu,
+                         impl="auto", scales=(sg, su, sd), zeros=(zg, zu, zd))
+    assert rel_err(got, ref) < 3e-2, rel_err(got, ref)

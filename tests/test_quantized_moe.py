@@ -1,13 +1,17 @@
 """Pre-quantized mixture-of-experts checkpoints (Qwen3-MoE): HF block FP8 (as Qwen3-30B-A3B-FP8 is
-published), compressed-tensors FP8 W8A8 (its router quantized too) and GPTQ int4.
+published), compressed-tensors FP8 W8A8 (its router quantized too), AutoAWQ GEMM and GPTQ (v1 and
+v2) int4.
 
 Each is written from one tiny random HF Qwen3-MoE (8 experts, top 2, one dense layer) with the
 quantizers and packers of tests/quant_checkpoints.py, every expert's gate / up / down saved as
 its own tensors under "mlp.experts.{e}.<proj>", as the published MoE checkpoints are. pagedjax
 runs the attention and dense MLP linears quantized; it holds the FP8 checkpoints' experts in e4m3
 (the checkpoint's own codes and per-channel or per-block scales, checked exactly, run
-weight-only) and keeps the int4 experts (and a quantized router) in its dtype, dequantized at
-load; the float64 reference is the HF model with every
+weight-only), holds the int4 experts as the checkpoint's own uint4 codes, zero points and group
+scales (checked exactly against the saved tensors unpacked by tests/quant_oracle.py, as
+Qwen3-30B-A3B-GPTQ-Int4 is published: per expert `mlp.experts.{e}.<proj>.qweight / qzeros /
+scales`), dequantized by groups in the step, and keeps a quantized router in its dtype,
+dequantized at load; the float64 reference is the HF model with every
 quantized weight replaced by its dequantized value and, for W8A8 formats, the inputs of the
 attention and dense MLP linears fake-quantized by torch's e4m3 cast.
 
@@ -48,10 +52,15 @@ FORMATS = {  # quantization_config of each, and whether it quantizes the router 
     "hf-fp8-block": ({**quant_checkpoints.CONFIGS["hf-fp8-block"], **IGNORED_ROUTERS}, False),
     "ct-fp8-channel": (quant_checkpoints.CONFIGS["ct-fp8-channel"], True),
     "gptq": ({**quant_checkpoints.CONFIGS["gptq"], "group_size": 64}, False),
+    "gptq_v2": ({**quant_checkpoints.CONFIGS["gptq"], "group_size": 64, "checkpoint_format": "gptq_v2"}, False),
+    "awq": (quant_checkpoints.CONFIGS["awq-g64"], False),
 }
+INT4 = ("gptq", "gptq_v2", "awq")
 QUANTIZE = {"hf-fp8-block": quant_checkpoints.QUANTIZERS["hf-fp8-block"],
             "ct-fp8-channel": quant_checkpoints.QUANTIZERS["ct-fp8-channel"],
-            "gptq": lambda w: quant_checkpoints._gptq(w, 64)}
+            "gptq": lambda w: quant_checkpoints._gptq(w, 64),
+            "gptq_v2": lambda w: quant_checkpoints._gptq(w, 64, v1=False),
+            "awq": lambda w: quant_checkpoints._awq(w, 64)}
 
 
 def hf_qwen3_moe(seed: int, moe_intermediate_size: int = 128):
@@ -161,6 +170,35 @@ def check_checkpoint_experts(folder, mlp, fmt: str) -> None:
             np.testing.assert_allclose(scales[e], want_scale, rtol=1e-6, err_msg=name)
 
 
+def check_int4_experts(folder, mlp, fmt: str) -> None:
+    """Layer 0's stacked int4 experts against the checkpoint's per-expert tensors, unpacked by
+    the oracle: codes [E, in, out] uint4, zero points [E, G, out] (GPTQ v1: stored + 1) and scales
+    [E, G, out] f16, all exactly; 4 bits a weight, not the model's dtype."""
+    from safetensors.torch import load_file
+
+    from tests.quant_oracle import awq_unpack, gptq_unpack_qweight, gptq_unpack_qzeros
+
+    saved = load_file(str(folder / "model.safetensors"))
+    quantized_bits = float_bits = 0
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        codes, zeros, scales = (mlp[f"experts_{proj}{sfx}"] for sfx in ("", "_zero", "_scale"))
+        assert codes.dtype == jnp.uint4 and zeros.dtype == np.uint8 and scales.dtype == np.float16, proj
+        codes, zeros, scales = np.asarray(codes).astype(np.uint8), np.asarray(zeros), np.asarray(scales)
+        for e in range(EXPERTS):
+            name = f"model.layers.0.mlp.experts.{e}.{proj}"
+            qweight, qzeros = saved[f"{name}.qweight"].numpy(), saved[f"{name}.qzeros"].numpy()
+            if fmt == "awq":  # qweight [in, out/8]
+                want_q, want_z = awq_unpack(qweight), awq_unpack(qzeros)
+            else:  # qweight [in/8, out]
+                want_q, want_z = gptq_unpack_qweight(qweight), gptq_unpack_qzeros(qzeros, v1=fmt == "gptq")
+            np.testing.assert_array_equal(codes[e], want_q, err_msg=name)
+            np.testing.assert_array_equal(zeros[e], want_z, err_msg=name)
+            np.testing.assert_array_equal(scales[e], saved[f"{name}.scales"].numpy(), err_msg=name)
+        quantized_bits += 4 * codes.size + 8 * zeros.size + 16 * scales.size
+        float_bits += 32 * codes.size
+    assert quantized_bits < 0.2 * float_bits, (quantized_bits, float_bits)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_moe_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
     model, prompts = base
@@ -169,10 +207,10 @@ def test_moe_logits_match_float64_dequantized_reference(fmt, base, checkpoint):
     assert params.config.architecture == "qwen3_moe" and params.config.quantization is not None
     layer0, layer1 = params.variables["params"]["layers_0"], params.variables["params"]["layers_1"]
     assert "qvalue" in layer0["attn"]["q_proj"] and "qvalue" in layer1["mlp"]["down_proj"]  # run quantized
-    if fmt != "gptq":  # experts: the checkpoint's e4m3 codes and per-channel or block scales
+    if fmt in INT4:  # experts: the checkpoint's uint4 codes, zeros and group scales
+        check_int4_experts(folder, layer0["mlp"], fmt)
+    else:  # experts: the checkpoint's e4m3 codes and per-channel or block scales
         check_checkpoint_experts(folder, layer0["mlp"], fmt)
-    else:  # dequantized at load
-        assert layer0["mlp"]["experts_down_proj"].dtype == np.float32
     assert "kernel" in layer0["mlp"]["gate"]  # the router: float (dequantized where quantized)
     want = [ref.logits(p) for p in prompts]
     assert np.abs(want[2]).std() > 0.5, "logits too flat for a meaningful comparison"
@@ -194,7 +232,21 @@ def test_block_fp8_moe_experts_with_each_impl(impl, base, checkpoint):
     check(f"hf-fp8-block moe_impl={impl}", "hf-fp8-block", forward(params, prompts), [ref.logits(p) for p in prompts])
 
 
-@pytest.mark.parametrize("fmt,tp,ep", [("hf-fp8-block", 2, True), ("gptq", 2, True), ("ct-fp8-channel", 4, True)])
+@pytest.mark.parametrize("impl", ["capacity", "ragged", "dense", "gather"])
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_int4_moe_experts_with_each_impl(fmt, impl, base, checkpoint):
+    """The int4 checkpoints' experts (dequantized by groups in the step, only the chosen experts'
+    weights with "gather") through every expert implementation, against float64."""
+    _, prompts = base
+    folder, ref = checkpoint(fmt)
+    params = load_params(folder, dtype=np.float32, progress=False)
+    assert params.variables["params"]["layers_0"]["mlp"]["experts_down_proj"].dtype == jnp.uint4
+    params = Params(params.variables, params.config.replace(moe_impl=impl), params.tokenizer)
+    check(f"{fmt} moe_impl={impl}", fmt, forward(params, prompts), [ref.logits(p) for p in prompts])
+
+
+@pytest.mark.parametrize("fmt,tp,ep", [("hf-fp8-block", 2, True), ("gptq", 2, True), ("gptq", 2, False),
+                                       ("awq", 2, False), ("awq", 4, True), ("ct-fp8-channel", 4, True)])
 def test_moe_tensor_parallel_matches_one_device(fmt, tp, ep, base, checkpoint):
     _, prompts = base
     folder, _ = checkpoint(fmt)
@@ -219,6 +271,40 @@ def test_block_fp8_experts_split_by_whole_blocks(base, checkpoint, tmp_path):
     narrow, _ = checkpoint("hf-fp8-block")
     with pytest.raises(ValueError, match=r"block-FP8 experts \(128 x 128 blocks\).*64 of the 128"):
         load_params(narrow, dtype=np.float32, mesh=mesh, progress=False)
+
+
+def test_int4_experts_split_by_whole_groups(checkpoint):
+    """Without expert parallelism, tensor parallelism must give each device whole groups of
+    down_proj's rows: 128 rows in groups of 64 over 4 devices (32 each) are refused with a clear
+    error (over 2 they run: test_moe_tensor_parallel_matches_one_device), where whole experts run."""
+    folder, _ = checkpoint("awq")
+    mesh = parallel.make_mesh(4)
+    with pytest.raises(ValueError, match=r"int4 experts \(groups of 64 rows\).*32 of the 128 rows"):
+        load_params(folder, dtype=np.float32, mesh=mesh, progress=False)
+    params = load_params(folder, dtype=np.float32, mesh=mesh, enable_expert_parallel=True, progress=False)
+    assert params.variables["params"]["layers_0"]["mlp"]["experts_down_proj_zero"].shape == (EXPERTS, 2, 256)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_random_int4_moe_params(method):
+    """random_params(quantization="awq"/"gptq") on a tiny MoE config: uint4 experts with zero
+    point 8 and group scales, a forward that runs and gives finite, non-constant logits."""
+    from pagedjax.dummy_weights import INT4_RMS, random_params
+    from pagedjax.models import get_config
+
+    cfg = get_config("tiny-qwen3-moe").replace(moe_intermediate_size=64)
+    params = random_params(cfg, dtype=jnp.float32, quantization=method)
+    assert params.config.quantization.expert_group_size == 64
+    mlp = params.variables["params"]["layers_0"]["mlp"]
+    codes, zeros, scales = (mlp[f"experts_gate_proj{sfx}"] for sfx in ("", "_zero", "_scale"))
+    assert codes.dtype == jnp.uint4 and codes.shape == (16, 64, 64)
+    assert zeros.shape == scales.shape == (16, 1, 64) and np.all(np.asarray(zeros) == 8)
+    np.testing.assert_allclose(np.asarray(scales, np.float64), 0.02 / INT4_RMS, rtol=1e-3)
+    q = np.asarray(codes).astype(np.int64)
+    assert q.min() == 0 and q.max() == 15 and abs(q.mean() - 7.5) < 0.2  # uniform codes
+    assert "qvalue" in params.variables["params"]["layers_0"]["attn"]["q_proj"]
+    logits = forward(params, [[3, 5, 7, 9], [11, 2]])
+    assert all(np.isfinite(g).all() and g.std() > 0 for g in logits)
 
 
 @pytest.fixture(scope="module")

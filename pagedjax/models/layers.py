@@ -386,23 +386,32 @@ class SparseMoeBlock(nn.Module):
             weights, ids = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, k] each
             keep = jnp.broadcast_to((jnp.arange(x.shape[0]) < num_valid)[:, None], ids.shape)  # [T, k]
             shapes = {"gate_proj": (X, D, F), "up_proj": (X, D, F), "down_proj": (X, F, D)}
-            scales = block = None
-            if cfg.quantization is not None and cfg.quantization.quantizes_experts:  # e4m3 codes and scales
-                block = cfg.quantization.expert_block_size  # (bn, bk): [X, KB, NB] scales, else [X, out]
+            scales = zeros = block = None
+            q = cfg.quantization
+            if q is not None and q.quantizes_experts:  # e4m3 or uint4 codes, and their scales
+                block, group = q.expert_block_size, q.expert_group_size  # (bn, bk) FP8 blocks; int4 K per group
+                int4 = group is not None
                 w = {n: self.param(f"experts_{n}", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                                moe.EXPERT_AXES[n]),
-                                   shapes[n], jnp.float8_e4m3fn) for n in shapes}
-                scale_shapes = {n: (X, shapes[n][2]) if block is None else
-                                (X, -(-shapes[n][1] // block[1]), -(-shapes[n][2] // block[0])) for n in shapes}
-                scales = tuple(self.param(f"experts_{n}{moe.SCALE_SUFFIX}",
-                                          nn.with_logical_partitioning(nn.initializers.ones,
-                                                                       moe.expert_scale_axes(n, block is not None)),
-                                          scale_shapes[n], jnp.float32) for n in shapes)
+                                   shapes[n], jnp.uint4 if int4 else jnp.float8_e4m3fn) for n in shapes}
+                # [X, KB, NB] block scales, [X, G, N] group scales (and zeros), else [X, out]
+                scale_shapes = {n: (X, -(-s[1] // block[1]), -(-s[2] // block[0])) if block is not None else
+                                (X, 1 if group == -1 else s[1] // group, s[2]) if int4 else (X, s[2])
+                                for n, s in shapes.items()}
+                grouped = block is not None or int4
+
+                def quant_params(suffix, init, dtype):
+                    return tuple(self.param(f"experts_{n}{suffix}", nn.with_logical_partitioning(
+                        init, moe.expert_scale_axes(n, grouped)), scale_shapes[n], dtype) for n in shapes)
+
+                scales = quant_params(moe.SCALE_SUFFIX, nn.initializers.ones, jnp.float16 if int4 else jnp.float32)
+                if int4:
+                    zeros = quant_params(moe.ZERO_SUFFIX, nn.initializers.zeros, jnp.uint8)
             else:
                 w = {n: _param(self, f"experts_{n}", init, shapes[n], moe.EXPERT_AXES[n]) for n in shapes}
             return moe.sharded_expert_mlp(
-                x, weights, ids, keep, w["gate_proj"], w["up_proj"], w["down_proj"], scales=scales, block_size=block,
-                expert_parallel=cfg.expert_parallel, activation=ACTIVATIONS[cfg.activation],
+                x, weights, ids, keep, w["gate_proj"], w["up_proj"], w["down_proj"], scales=scales, zeros=zeros,
+                block_size=block, expert_parallel=cfg.expert_parallel, activation=ACTIVATIONS[cfg.activation],
                 impl=moe.resolve_impl(cfg.moe_impl, x.shape[0], cfg.num_experts_per_tok, X,
                                       cfg.batch_invariant))  # [T, D]
 

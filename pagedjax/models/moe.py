@@ -29,6 +29,14 @@ Four exact implementations of the expert MLPs, chosen by a static `impl` (MOE_IM
 Under batch-invariant numerics "auto" is always "capacity": the implementation may not depend on
 the step's size.
 
+Quantized experts (weight-only; QuantConfig.quantizes_experts) hold their codes in
+"experts_<proj>" and their scales in "experts_<proj>_scale" (SCALE_SUFFIX): e4m3 codes with a
+scale per expert and output channel [E, out] (applied to each GEMM's output) or per block [E, KB, NB]
+(block FP8), or, from an AWQ / GPTQ checkpoint, its own uint4 codes [E, K, N] with zero points
+("experts_<proj>_zero", ZERO_SUFFIX, uint8) and scales per group of K / G rows [E, G, N]:
+w = (q - zero) * scale. Block and group weights are dequantized to x's dtype in the step: only the
+gathered experts' with "gather", every expert's otherwise.
+
 Assignments that are not computed here (padding tokens; under expert parallelism the tokens
 routed to another device's experts) are masked by `keep` and contribute zero.
 """
@@ -108,6 +116,7 @@ def expert_mlp(
     capacity_rows: int | None = None,
     scales: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     block_size: tuple[int, int] | None = None,
+    zeros: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """sum_k weights[t, k] * down(act(gate(x_t)) * up(x_t)) of expert ids[t, k]: [T, D] float32.
 
@@ -120,6 +129,8 @@ def expert_mlp(
     With block_size (block_n, block_k) the scales are per expert and block instead ([E, KB, NB]
     each, over the weight's [in, out]) and each weight is dequantized to x's dtype before its
     matmul: only the gathered experts' weights with "gather", every expert's otherwise.
+    With zeros, int4 experts: the weights are uint4 codes [E, K, N], zeros (uint8) and scales
+    [E, G, N] per group of K / G rows, dequantized as block weights are.
     """
     T, k = ids.shape
     E = w_gate.shape[0]
@@ -128,14 +139,12 @@ def expert_mlp(
         scales = (None, None, None)
     weights = jnp.where(keep, weights, 0.0)
     if impl == "gather":  # before any conversion: FP8 codes are gathered as they are, then converted
-        return _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales, block_size)
-    if block_size is not None:
-        w_gate, w_up, w_down = (dequantize_block(w, s, block_size, x.dtype)
-                                for w, s in zip((w_gate, w_up, w_down), scales))
+        return _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales, block_size, zeros)
+    ws = _loaders((w_gate, w_up, w_down), scales, zeros, block_size, x.dtype)
+    if block_size is not None or zeros is not None:  # applied by the loaders
         scales = (None, None, None)
-    w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     if impl == "dense":
-        return _dense(x, weights, jnp.where(keep, ids, E), w_gate, w_up, w_down, activation, scales)
+        return _dense(x, weights, jnp.where(keep, ids, E), E, ws, activation, scales)
     flat = jnp.where(keep, ids, E).reshape(T * k)  # [A]; dropped assignments sort last, as expert E
     order = jnp.argsort(flat, stable=True)  # [A] assignment at each sorted row
     expert = flat[order]  # [A] non-decreasing
@@ -143,10 +152,10 @@ def expert_mlp(
     xs = x[order // k]  # [A, D] the token of each sorted row
     if impl == "ragged":
         rows = [None if s is None else s[jnp.minimum(expert, E - 1)] for s in scales]  # [A, out] each
-        y = _ragged(xs, counts, w_gate, w_up, w_down, activation, rows)
+        y = _ragged(xs, counts, ws, activation, rows)
     elif impl == "capacity":
         C = capacity_rows or capacity(T, k, E)
-        y = _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C, single=C >= T,
+        y = _capacity(xs, expert, counts, ws, activation, C, single=C >= T,
                       scales=[None if s is None else s[:, None, :] for s in scales])  # [E, 1, out] each
     else:
         raise ValueError(f"unknown moe impl {impl!r} (have {MOE_IMPLS[1:]})")
@@ -169,28 +178,67 @@ def dequantize_block(w: jax.Array, scale: jax.Array, block_size: tuple[int, int]
     return (w.astype(jnp.float32) * expand_block_scale(scale, K, N, (bk, bn))).astype(dtype)
 
 
+def dequantize_group(q: jax.Array, zero: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """int4 codes [..., K, N] with zero points and scales [..., G, N] (group g: rows g*K/G..),
+    (q - zero) * scale in f32, as `dtype`."""
+    *lead, K, N = q.shape
+    G = scale.shape[-2]
+    q = q.astype(jnp.float32).reshape(*lead, G, K // G, N)  # [..., G, K/G, N]
+    w = (q - zero.astype(jnp.float32)[..., None, :]) * scale.astype(jnp.float32)[..., None, :]
+    return w.reshape(*lead, K, N).astype(dtype)
+
+
+def _dequantized(ws, scales, zeros, block_size, dtype) -> tuple[jax.Array, ...]:
+    """Block-FP8 (block_size) or int4 (zeros) weights ws, each dequantized to `dtype`."""
+    if zeros is not None:
+        return tuple(dequantize_group(w, z, s, dtype) for w, z, s in zip(ws, zeros, scales))
+    return tuple(dequantize_block(w, s, block_size, dtype) for w, s in zip(ws, scales))
+
+
+def _loaders(ws, scales, zeros, block_size, dtype) -> tuple[Callable[[], jax.Array], ...]:
+    """One thunk per projection giving its weight [E, in, out] in `dtype` (dequantized for block
+    FP8 or int4; per-channel FP8 codes only converted, their scales left to the GEMM's output).
+
+    Each GEMM calls its own, so the conversion is traced beside the GEMM that reads it and XLA can
+    fuse the two: one conversion shared by several GEMMs (the capacity layout's rounds) would be
+    written to memory whole, in bf16 twice an FP8 weight's bytes and four times an int4 one's,
+    and read again (on an H100, the largest part of a Qwen3-30B-A3B decode step's time)."""
+    zs = zeros or (None,) * len(ws)
+
+    def loader(w, s, z):
+        if z is not None:
+            return lambda: dequantize_group(w, z, s, dtype)
+        if block_size is not None:
+            return lambda: dequantize_block(w, s, block_size, dtype)
+        return lambda: w.astype(dtype)
+
+    return tuple(loader(w, s, z) for w, s, z in zip(ws, scales, zs))
+
+
 def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
     """y times an FP8 weight's output-channel scales (broadcast to y), in f32; y itself without."""
     return y if scale is None else (y.astype(jnp.float32) * scale).astype(y.dtype)
 
 
-def _ragged(xs, counts, w_gate, w_up, w_down, activation, scales=(None, None, None)) -> jax.Array:
-    """Grouped GEMMs over the sorted rows xs [A, D]: rows past sum(counts) are not computed."""
+def _ragged(xs, counts, ws, activation, scales=(None, None, None)) -> jax.Array:
+    """Grouped GEMMs over the sorted rows xs [A, D]: rows past sum(counts) are not computed.
+    ws: the projections' loaders (_loaders)."""
+    w_gate, w_up, w_down = ws
     s_gate, s_up, s_down = scales
-    gate = _scaled(jax.lax.ragged_dot(xs, w_gate, counts), s_gate)  # [A, F]
-    up = _scaled(jax.lax.ragged_dot(xs, w_up, counts), s_up)  # [A, F]
-    return _scaled(jax.lax.ragged_dot(_swiglu(gate, up, activation), w_down, counts), s_down)  # [A, D]
+    gate = _scaled(jax.lax.ragged_dot(xs, w_gate(), counts), s_gate)  # [A, F]
+    up = _scaled(jax.lax.ragged_dot(xs, w_up(), counts), s_up)  # [A, F]
+    return _scaled(jax.lax.ragged_dot(_swiglu(gate, up, activation), w_down(), counts), s_down)  # [A, D]
 
 
-def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, single: bool,
-              scales=(None, None, None)) -> jax.Array:
+def _capacity(xs, expert, counts, ws, activation, C: int, single: bool, scales=(None, None, None)) -> jax.Array:
     """Batched einsums over a padded [E, C, D] layout; round r takes rows r*C.. of each expert.
 
     single (static): C is at least the most rows an expert can get (T: each token picks an
     expert once), so no loop is traced.
     """
     A, D = xs.shape
-    E = w_gate.shape[0]
+    E = counts.shape[0]
+    w_gate, w_up, w_down = ws
     starts = jnp.cumsum(counts) - counts  # [E] first sorted row of each expert
     rank = jnp.arange(A, dtype=jnp.int32) - jnp.append(starts, A)[expert]  # [A] row within its expert
 
@@ -201,9 +249,9 @@ def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, sing
         slot = jnp.where(sel, slot, 0)
         buf = jnp.zeros((E, C, D), xs.dtype).at[e, slot].set(xs, mode="drop")  # [E, C, D]
         s_gate, s_up, s_down = scales
-        h = _swiglu(_scaled(jnp.einsum("ecd,edf->ecf", buf, w_gate), s_gate),
-                    _scaled(jnp.einsum("ecd,edf->ecf", buf, w_up), s_up), activation)
-        y = _scaled(jnp.einsum("ecf,efd->ecd", h, w_down), s_down)  # [E, C, D]
+        h = _swiglu(_scaled(jnp.einsum("ecd,edf->ecf", buf, w_gate()), s_gate),
+                    _scaled(jnp.einsum("ecd,edf->ecf", buf, w_up()), s_up), activation)
+        y = _scaled(jnp.einsum("ecf,efd->ecd", h, w_down()), s_down)  # [E, C, D]
         return y.at[e, slot].get(mode="fill", fill_value=0)  # [A, D]; zero for rows of other rounds
 
     y = run(0)
@@ -219,20 +267,21 @@ def _capacity(xs, expert, counts, w_gate, w_up, w_down, activation, C: int, sing
 
 
 def _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales=(None, None, None),
-            block_size=None) -> jax.Array:
+            block_size=None, zeros=None) -> jax.Array:
     """Each assignment's expert weights gathered and applied to its token alone: [T, D] float32.
 
     An assignment not computed here takes token 0's expert in its slot (its weight is zero), so a
     padded step gathers no expert that its real tokens do not; ids are clipped into [0, E) (under
-    expert parallelism, another device's expert). Block-scaled FP8 weights are dequantized once
-    gathered."""
+    expert parallelism, another device's expert). Block-scaled FP8 and int4 weights are
+    dequantized once gathered."""
     E = w_gate.shape[0]
     ids = jnp.clip(jnp.where(keep, ids, ids[:1]), 0, E - 1)  # [T, k]
     w_gate, w_up, w_down = (w[ids] for w in (w_gate, w_up, w_down))  # [T, k, in, out] each
-    s_gate, s_up, s_down = (None if s is None else s[ids] for s in scales)  # [T, k, out] or [T, k, KB, NB]
-    if block_size is not None:
-        w_gate, w_up, w_down = (dequantize_block(w, s, block_size, x.dtype)
-                                for w, s in zip((w_gate, w_up, w_down), (s_gate, s_up, s_down)))
+    s_gate, s_up, s_down = (None if s is None else s[ids] for s in scales)  # [T, k, out] or [T, k, KB|G, NB|N]
+    if block_size is not None or zeros is not None:
+        zeros = None if zeros is None else tuple(z[ids] for z in zeros)  # [T, k, G, N] each
+        w_gate, w_up, w_down = _dequantized((w_gate, w_up, w_down), (s_gate, s_up, s_down), zeros, block_size,
+                                            x.dtype)
         s_gate = s_up = s_down = None
     h = _swiglu(_scaled(jnp.einsum("td,tkdf->tkf", x, w_gate.astype(x.dtype)), s_gate),
                 _scaled(jnp.einsum("td,tkdf->tkf", x, w_up.astype(x.dtype)), s_up), activation)  # [T, k, F]
@@ -240,9 +289,10 @@ def _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales=(Non
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
 
 
-def _dense(x, weights, ids, w_gate, w_up, w_down, activation, scales=(None, None, None)) -> jax.Array:
-    """Every expert on every token; the combine matrix [T, E] holds each token's k weights."""
-    E = w_gate.shape[0]
+def _dense(x, weights, ids, E: int, ws, activation, scales=(None, None, None)) -> jax.Array:
+    """Every expert on every token; the combine matrix [T, E] holds each token's k weights.
+    ws: the projections' loaders (_loaders)."""
+    w_gate, w_up, w_down = (load() for load in ws)
     s_gate, s_up, s_down = (None if s is None else s[:, None, :] for s in scales)  # [E, 1, out]
     combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(ids, E, dtype=jnp.float32), weights)  # [T, E]
     h = _swiglu(_scaled(jnp.einsum("td,edf->etf", x, w_gate), s_gate),
@@ -261,31 +311,36 @@ EXPERT_AXES = {
     "down_proj": ("experts", "moe_mlp", "embed"),  # [E, F, D]
 }
 # FP8 experts' scales, one per expert and output channel: [E, F] for gate / up, [E, D] for down;
-# block scales [E, KB, NB] take their weights' axes (EXPERT_AXES), whole blocks on each device
-SCALE_SUFFIX = "_scale"  # the param "experts_<proj>_scale" beside the e4m3 "experts_<proj>"
+# block scales [E, KB, NB] and int4 group scales and zeros [E, G, N] take their weights' axes
+# (EXPERT_AXES), whole blocks or groups on each device
+SCALE_SUFFIX = "_scale"  # the param "experts_<proj>_scale" beside the codes "experts_<proj>"
+ZERO_SUFFIX = "_zero"  # int4 experts: the param "experts_<proj>_zero" (uint8 zero points)
 EXPERT_SCALE_AXES = {n: (a[0], a[2]) for n, a in EXPERT_AXES.items()}
 
 
 def expert_scale_axes(name: str, blocks: bool) -> tuple[str | None, ...]:
-    """The logical axes of expert projection `name`'s FP8 scales (per block, or per channel)."""
+    """The logical axes of expert projection `name`'s scales (or zeros): per block or group
+    (`blocks`), or per output channel."""
     return EXPERT_AXES[name] if blocks else EXPERT_SCALE_AXES[name]
 
 
 def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_parallel: bool,
-                       scales: tuple[jax.Array, jax.Array, jax.Array] | None = None, **opts) -> jax.Array:
+                       scales: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                       zeros: tuple[jax.Array, jax.Array, jax.Array] | None = None, **opts) -> jax.Array:
     """`expert_mlp` per device when the step is traced under a tensor-parallel mesh: [T, D] in x's dtype.
 
     Each device computes its slice of the experts (its F columns of every expert, or, under
     expert parallelism, whole experts of its own, skipping the assignments of the others) on
     the replicated tokens and routing; one all-reduce of [T, D] sums the slices, as after a
-    dense MLP. Without a mesh it is `expert_mlp` itself. FP8 experts' `scales` split with their
-    experts and output columns.
+    dense MLP. Without a mesh it is `expert_mlp` itself. Quantized experts' `scales` (and int4
+    `zeros`) split with their experts and output columns, or blocks or groups.
     """
     from pagedjax.mesh import match_spec, tp_mesh
 
     mesh = tp_mesh()
     if mesh is None:
-        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales, **opts).astype(x.dtype)
+        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales, zeros=zeros,
+                          **opts).astype(x.dtype)
     from pagedjax import parallel  # late: parallel imports the models
 
     rules = parallel.axis_rules(expert_parallel)
@@ -293,25 +348,25 @@ def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_pa
              for n, w in (("gate_proj", w_gate), ("up_proj", w_up), ("down_proj", w_down))]
     split = tuple(sorted({a for s in specs for a in s if a is not None}))
     if not split:
-        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales, **opts).astype(x.dtype)
+        return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales, zeros=zeros,
+                          **opts).astype(x.dtype)
     experts_axis = specs[0][0]  # the mesh axis whole experts are split over, or None
     w_gate, w_up, w_down = (match_spec(w, mesh, s) for w, s in zip((w_gate, w_up, w_down), specs))
-    scale_specs = ()
-    if scales is not None:
-        blocks = opts.get("block_size") is not None
-        scale_specs = tuple(parallel.logical_spec(expert_scale_axes(n, blocks), s.shape, mesh, rules)
-                            for n, s in zip(("gate_proj", "up_proj", "down_proj"), scales))
-        scales = tuple(match_spec(s, mesh, p) for s, p in zip(scales, scale_specs))
+    quant = (*(scales or ()), *(zeros or ()))  # [scales (3)[, zeros (3)]]
+    blocks = opts.get("block_size") is not None or zeros is not None
+    quant_specs = tuple(parallel.logical_spec(expert_scale_axes(n, blocks), s.shape, mesh, rules)
+                        for n, s in zip(("gate_proj", "up_proj", "down_proj") * 2, quant))
+    quant = tuple(match_spec(s, mesh, p) for s, p in zip(quant, quant_specs))
 
-    def body(x, weights, ids, keep, w_gate, w_up, w_down, *scales):
+    def body(x, weights, ids, keep, w_gate, w_up, w_down, *quant):
         if experts_axis is not None:  # this device's experts are [first, first + E_local)
             first = jax.lax.axis_index(experts_axis) * w_gate.shape[0]
             ids = ids - first
             keep = keep & (ids >= 0) & (ids < w_gate.shape[0])
-        y = expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales or None, **opts).astype(x.dtype)
+        y = expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=quant[:3] or None,
+                       zeros=quant[3:] or None, **opts).astype(x.dtype)
         return jax.lax.psum(y, split)
 
     rep = jax.sharding.PartitionSpec()
-    return jax.shard_map(body, mesh=mesh, in_specs=(rep,) * 4 + tuple(specs) + scale_specs, out_specs=rep,
-                         axis_names=set(split), check_vma=False)(x, weights, ids, keep, w_gate, w_up, w_down,
-                                                                 *(scales or ()))
+    return jax.shard_map(body, mesh=mesh, in_specs=(rep,) * 4 + tuple(specs) + quant_specs, out_specs=rep,
+                         axis_names=set(split), check_vma=False)(x, weights, ids, keep, w_gate, w_up, w_down, *quant)

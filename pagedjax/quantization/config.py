@@ -130,18 +130,25 @@ class QuantConfig:
 
     @property
     def quantizes_experts(self) -> bool:
-        """Whether an MoE model's experts are held in FP8, weight-only: online FP8 and per-channel
-        FP8 checkpoints with one scale per expert and output channel, block FP8 checkpoints with
-        their block scales (expert_block_size). From a checkpoint they are its own codes and scales
-        (quant_weights.py). Other pre-quantized checkpoints' experts (per-tensor FP8, int4) are
-        dequantized at load."""
-        return self.method == "online" or (self.weight_dtype == "fp8"
-                                           and self.weight_strategy in ("channel", "block"))
+        """Whether an MoE model's experts are held quantized, weight-only: FP8 (online FP8 and
+        per-channel FP8 checkpoints with one scale per expert and output channel, block FP8
+        checkpoints with their block scales: expert_block_size) or int4 (AWQ and GPTQ checkpoints
+        without act order, their codes, zeros and scales per group: expert_group_size). From a
+        checkpoint they are its own codes and scales (quant_weights.py). Other pre-quantized
+        checkpoints' experts (per-tensor FP8, act-order GPTQ) are dequantized at load."""
+        if self.weight_dtype == "int4":
+            return not self.act_order
+        return self.method == "online" or self.weight_strategy in ("channel", "block")
 
     @property
     def expert_block_size(self) -> tuple[int, int] | None:
         """(block_n, block_k) of FP8 experts held with block scales, None for per-channel ones."""
         return self.block_size if self.quantizes_experts and self.weight_strategy == "block" else None
+
+    @property
+    def expert_group_size(self) -> int | None:
+        """K per group of int4 experts held quantized (-1: one group over the whole K), else None."""
+        return self.group_size if self.quantizes_experts and self.weight_dtype == "int4" else None
 
     def is_quantized(self, module: str) -> bool:
         """Whether the linear `module` (HF dotted name, e.g. "model.layers.0.mlp.up_proj") is quantized."""

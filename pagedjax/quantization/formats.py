@@ -1,4 +1,6 @@
-"""Checkpoint tensors of one linear layer -> QuantizedWeight, for each published layout.
+"""Checkpoint tensors of one linear layer -> QuantizedWeight, for each published layout (or, for
+int4 MoE experts, which are stacked rather than tiled, the unpacked codes, zeros and scales:
+checkpoint_int4).
 
 Dims: K in_features, N out_features, G = K / group_size groups, NB x KB fp8 blocks.
 Everything here runs on the host (numpy) at load time; the results hold numpy arrays, to be put
@@ -97,6 +99,12 @@ _SCALES = (np.float16, ml_dtypes.bfloat16, np.float32)
 
 def from_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group_size: int) -> QuantizedWeight:
     """AutoAWQ GEMM tensors (qweight [K, N/8], qzeros [G, N/8], scales [G, N]) -> QuantizedWeight."""
+    return int4_weight(*unpack_awq(qweight, qzeros, scales, group_size))
+
+
+def unpack_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
+               group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """AutoAWQ GEMM tensors -> (codes [K, N] uint8, zeros [G, N] uint8, scales [G, N], group size)."""
     qweight = np.asarray(qweight)
     if qweight.ndim != 2:
         raise ValueError(f"awq qweight must be [in, out/8], got shape {qweight.shape}")
@@ -108,7 +116,7 @@ def from_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group_
     inverse = np.argsort(AWQ_ORDER)  # column 8c + j sits in nibble inverse[j]
     q = _nibbles(qweight)[..., inverse].reshape(K, N)  # [K, N]
     z = _nibbles(qzeros)[..., inverse].reshape(G, N)  # [G, N]
-    return int4_weight(q, z, scales, gs)
+    return q, z, scales, gs
 
 
 def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group_size: int, *,
@@ -118,6 +126,16 @@ def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group
     zero_offset: 1 for the v1 "gptq" format (stored zero = zero - 1), 0 for "gptq_v2".
     act_order (desc_act checkpoints): g_idx is required; the weight's rows are sorted by it (int4_weight).
     """
+    q, z, s, gs = unpack_gptq(qweight, qzeros, scales, group_size, g_idx=g_idx, zero_offset=zero_offset,
+                              act_order=act_order)
+    return int4_weight(q, z, s, gs, g_idx=g_idx if act_order else None)
+
+
+def unpack_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group_size: int, *,
+                g_idx: np.ndarray | None = None, zero_offset: int = 1,
+                act_order: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """GPTQ tensors -> (codes [K, N] uint8, zeros [G, N] uint8 in [0, 16], scales [G, N], group size);
+    g_idx is checked (k // group_size unless act_order) and not applied."""
     qweight = np.asarray(qweight)
     if qweight.ndim != 2:
         raise ValueError(f"gptq qweight must be [in/8, out], got shape {qweight.shape}")
@@ -134,7 +152,25 @@ def from_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group
         raise ValueError("gptq act-order (desc_act) linear: checkpoint lacks g_idx")
     q = _nibbles(qweight.T).reshape(N, K).T  # [K, N]: word row r, nibble j -> in-row 8r + j
     z = _nibbles(qzeros).reshape(G, N) + np.uint8(zero_offset)  # [G, N]
-    return int4_weight(q, z, scales, gs, g_idx=g_idx if act_order else None)
+    return q, z, scales, gs
+
+
+def checkpoint_int4(config: QuantConfig, tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray]:
+    """One int4 linear's AWQ / GPTQ tensors {suffix: array} -> its own codes [K, N], zeros [G, N]
+    (uint8; GPTQ v1's stored zero - 1 put back) and scales [G, N], unpacked and otherwise as saved."""
+    if config.weight_dtype != "int4" or config.act_order:
+        raise ValueError(f"{config.method}: unpacked int4 codes need an int4 checkpoint without act order")
+    missing = [n for n in config.tensor_names() if n not in tensors and n != "g_idx"]
+    if missing:
+        raise ValueError(f"{config.method} linear: checkpoint lacks {missing} (has {sorted(tensors)})")
+    args = tensors["qweight"], tensors["qzeros"], tensors["scales"], config.group_size
+    if config.checkpoint_format == "awq":
+        q, z, s, _ = unpack_awq(*args)
+    else:
+        q, z, s, _ = unpack_gptq(*args, g_idx=tensors.get("g_idx"),
+                                 zero_offset=1 if config.checkpoint_format == "gptq" else 0)
+    return q, z, s
 
 
 # --- fp8 -----------------------------------------------------------------------------------
