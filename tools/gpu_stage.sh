@@ -45,6 +45,7 @@
 # moe-small  benchmarks/kernels/moe.py at 1-64 tokens: gather vs capacity vs ragged vs dense, bf16 and e4m3 experts
 # moe-tests the gpu tests of tests/test_moe.py and the engine's MoE test (every expert implementation)
 # moe-b1    Qwen3-30B-A3B with FP8 experts and MOE_IMPL (default auto): W3, the batch-1 step, a short W1
+# moe-w1    Qwen3-30B-A3B with quantized experts (VARIANTS: fp8, awq), the usual engine: W3, batch-1 step, W1
 # moe-fp8   Qwen3-30B-A3B in bf16 and with quantization fp8 (e4m3 experts), one process: W3, batch-1 step, W1
 # step-memory  benchmarks/step_memory.py: the temporaries of Qwen3-30B-A3B's largest step (capacity, ragged)
 # timeline  profile_step.py with a trace (MODEL, default named:llama3-8b; BATCH, default 256; TAG; OUTPUT_KIND,
@@ -77,7 +78,7 @@
 #           `generate_batch` on W1 (HF_T seconds each, default 60; jax kept off the GPU's memory; HF_MODEL,
 #           default named:llama3-8b: qwen3, qwen3_moe, mixtral, mistral and gemma2 configs map too)
 # profile-moe  profile_step.py on Qwen3-30B-A3B, decode at batch 256 with a trace, from the tree in $TREE
-#           (default .; TAG names the result: profile-moe-$TAG.json)
+#           (default .; TAG names the result: profile-moe-$TAG.json; QUANT=fp8: FP8 experts, fits an 80 GB card)
 # Knobs (env): N1 (W1 prompts, 1000), BUDGET (s per benchmark run, 240).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -263,6 +264,11 @@ for s in "$@"; do
           ${ENGINE[*]} --budget "$BUDGET" --quiet --workload "sharegpt:$N1" --moe-impl "$impl" \
           --out "$OUTDIR/family-moe-$impl.json"
       done ;;
+    moe-w1)  # Qwen3-30B-A3B with quantized experts (VARIANTS, default fp8; awq: int4 experts), the usual
+             # engine (2048 tokens a step): W3, the batch-1 step, W1
+      stage "moe-w1-${VARIANTS:-fp8}" $((BUDGET + 250)) "$PY" benchmarks/throughput.py --model named:qwen3-30b-a3b \
+        ${ENGINE[*]} --budget "$BUDGET" --quiet --latency 8:32:128 --workload "sharegpt:$N1" --moe-impl auto \
+        --variants "${VARIANTS:-fp8}" --out "$OUTDIR/moe-w1-${VARIANTS:-fp8}.json" ;;
     moe-fp8)  # Qwen3-30B-A3B bf16 then FP8 (e4m3 experts, weight-only) in one process: W3, the batch-1 step, W1
       stage moe-fp8 $((BUDGET + 150)) "$PY" benchmarks/throughput.py --model named:qwen3-30b-a3b ${ENGINE[*]} \
         --budget "$BUDGET" --quiet --latency 8:32:128 --workload "sharegpt:$N1" --moe-impl "${MOE_IMPL:-capacity}" \
@@ -298,7 +304,7 @@ for s in "$@"; do
       [ "$tree" != . ] && cp pagedjax/_kernels*.so "$tree/pagedjax/"
       rm -rf "/tmp/trace-moe-$tag"
       TAIL=6 stage "profile-moe-$tag" 200 bash -c "cd '$tree' && PYTHONPATH='$SITE:$PWD/$tree' $PY benchmarks/profile_step.py \
-        --model named:qwen3-30b-a3b --batch-size ${MOE_BATCH:-256} --context 512 --steps 10 \
+        --model named:qwen3-30b-a3b --batch-size ${MOE_BATCH:-256} --context 512 --steps 10 ${QUANT:+--quantization $QUANT} \
         --trace-dir /tmp/trace-moe-$tag --out '$(cd "$OUTDIR" && pwd)/profile-moe-$tag.json'" ;;
     alternate)
       for alt in 0 1; do
