@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
 from pagedjax.models.layers import INIT_STD, KV_SCALES
-from pagedjax.models.moe import SCALE_SUFFIX, ZERO_SUFFIX
+from pagedjax.models.moe import ROWS_SUFFIX, SCALE_SUFFIX, ZERO_SUFFIX
 from pagedjax.models.quantized import quantized_linears
 from pagedjax.params import Params
 from pagedjax.quantization import QuantConfig
@@ -59,8 +59,9 @@ def quant_config(method: str | None, config: ModelConfig | None = None) -> Quant
 
 def _draw_weight(shape: tuple[int, ...], dtype: str, kind: str, sharding_key: str, raw_key):
     """One leaf: norm scales 1, biases 0, other weights normal(0, INIT_STD), from uint32 key data;
-    int4 experts' codes uniform, their zeros 8 and scales INIT_STD / INT4_RMS. `sharding_key` names
-    the output's placement for the executable cache (the jit holds it)."""
+    int4 experts' codes uniform, their zeros 8, scales INIT_STD / INT4_RMS and act-order
+    row orders the identity. `sharding_key` names the output's placement for the executable
+    cache (the jit holds it)."""
     del sharding_key
     if kind == "scale":
         return jnp.ones(shape, dtype)
@@ -68,6 +69,8 @@ def _draw_weight(shape: tuple[int, ...], dtype: str, kind: str, sharding_key: st
         return jnp.zeros(shape, dtype)
     if kind == "int4_zero":
         return jnp.full(shape, 8, dtype)
+    if kind == "int4_rows":  # [E, K]
+        return jnp.broadcast_to(jnp.arange(shape[-1], dtype=dtype), shape)
     if kind == "int4_scale":
         return jnp.full(shape, INIT_STD / INT4_RMS, dtype)
     if jnp.dtype(dtype) == jnp.dtype(jnp.uint4):
@@ -132,6 +135,7 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, seed: int =
         name = ".".join(keys)
         kind = ("int4_scale" if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in int4_codes
                 else "int4_zero" if name.endswith(ZERO_SUFFIX) and name.removesuffix(ZERO_SUFFIX) in int4_codes
+                else "int4_rows" if name.endswith(ROWS_SUFFIX) and name.removesuffix(ROWS_SUFFIX) in int4_codes
                 else "scale" if keys[-1] in ("scale", *KV_SCALES) or keys[-1].endswith(SCALE_SUFFIX)
                 else "bias" if keys[-1] == "bias" else "weight")
         arrays.append(_drawn("draw", _draw_weight, (tuple(s.shape), s.dtype.name, kind), sharding,

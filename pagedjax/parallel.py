@@ -173,6 +173,11 @@ def check_tensor_parallel(config: ModelConfig, tensor_parallel_size: int) -> Non
         raise ValueError(f"{name}: int4 experts (groups of {group} rows) split over tensor_parallel_size {tp} "
                          f"give each device {F // tp} of the {F} rows of down_proj, not whole groups (try expert "
                          f"parallelism, or a tensor_parallel_size that splits the width into multiples of the group)")
+    if moe_layers and not config.expert_parallel and group and config.quantization.act_order and tp > 1:
+        raise ValueError(f"{name}: act-order int4 experts (GPTQ desc_act) split over tensor_parallel_size {tp}: "
+                         f"each expert's {F} rows of down_proj are held in its own group order, a permutation "
+                         f"over all of them, so no device's slice of the width holds its own rows (use expert "
+                         f"parallelism: whole experts per device)")
 
 
 def tp_config(config: ModelConfig, tensor_parallel_size: int) -> ModelConfig:

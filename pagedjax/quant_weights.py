@@ -10,7 +10,7 @@ over for the linears the config quantizes (models/quantized.py says which):
   online FP8     the float kernel, converted to our layout as usual (and cached, for GGUF), is
                  read back as HF's [out, in] weight and quantized on the default device
   dequantized    a pre-quantized linear the model keeps in its dtype (an MoE model's routers,
-                 and its experts for per-tensor FP8 and act-order GPTQ): its tensors are converted
+                 and its experts for per-tensor FP8): its tensors are converted
                  as above, dequantized on the host CPU, and enter the plan as the float
                  "<module>.weight" HF would have saved
   FP8 experts    online FP8, or a per-channel or block FP8 checkpoint: each stacked expert leaf
@@ -20,11 +20,14 @@ over for the linears the config quantizes (models/quantized.py says which):
                  channel's (block's) scale is its amax / 448 (llm-compressor's min-max observer,
                  and the published block-FP8 checkpoints': the largest weight is code 448); one
                  saved with a larger scale is rescaled to that and rounded again
-  int4 experts   an AWQ or GPTQ checkpoint (no act order): each expert's qweight / qzeros / scales
+  int4 experts   an AWQ or GPTQ checkpoint: each expert's qweight / qzeros / scales (/ g_idx)
                  leave the plan and are unpacked, not dequantized (AWQ's scales are searched, not
                  min-max: no requantization could give its codes back), and stacked per leaf:
                  "experts_<proj>" uint4 codes [E, K, N], "experts_<proj>_zero" uint8 [E, G, N]
-                 (GPTQ v1's stored zero - 1 put back), "experts_<proj>_scale" f16 [E, G, N]
+                 (GPTQ v1's stored zero - 1 put back), "experts_<proj>_scale" f16 [E, G, N]; with
+                 act order (GPTQ desc_act) each expert's codes have their rows sorted by its g_idx
+                 and "experts_<proj>_rows" int32 [E, K] holds the stored row of each input row (the
+                 inverse of that order, inverted here once rather than in every step)
 
 Either way the QuantizedWeight's params land at "<module>.qvalue", "<module>.scale", ... in their
 own dtypes, kv heads repeated whole (repeat_out_heads) when the mesh has more devices than kv
@@ -45,7 +48,7 @@ import numpy as np
 
 from pagedjax.models import abstract_params
 from pagedjax.models.config import ModelConfig
-from pagedjax.models.moe import SCALE_SUFFIX, ZERO_SUFFIX
+from pagedjax.models.moe import ROWS_SUFFIX, SCALE_SUFFIX, ZERO_SUFFIX
 from pagedjax.models.quantized import kv_scale_tensors, quantized_linears
 from pagedjax.quantization import QuantizedWeight, convert_checkpoint_linear, dequantize, repeat_out_heads
 from pagedjax.quantization.formats import checkpoint_int4
@@ -92,7 +95,7 @@ class QuantizedLinears:
         quantized = self.experts | self.int4_experts
         self.shapes = {t: v for t, v in leaves.items()
                        if t.rsplit(".", 1)[0] in self.modules or t in self.kv_scales or t in quantized
-                       or t.removesuffix(SCALE_SUFFIX) in quantized or t.removesuffix(ZERO_SUFFIX) in quantized}
+                       or any(t.removesuffix(sfx) in quantized for sfx in (SCALE_SUFFIX, ZERO_SUFFIX, ROWS_SUFFIX))}
         self.taken_experts: dict[str, dict[int, tuple[str, dict[str, Callable]]]] = {}  # leaf -> {e: module's}
         self.axes = {t: a for t, (_, a) in flat(axes, lambda x: isinstance(x, jax.sharding.PartitionSpec)).items()
                      if t in self.shapes}
@@ -157,16 +160,22 @@ class QuantizedLinears:
 
     def load_experts(self, place: Callable[[str, np.ndarray], None]) -> None:
         """Unpacks each int4 expert taken by take_experts and places its leaves: codes [E, K, N]
-        (uint4), zeros [E, G, N] (uint8) and scales [E, G, N], one leaf at a time."""
+        (uint4), zeros [E, G, N] (uint8) and scales [E, G, N], and with act order the stored row of
+        each input row [E, K] (int32; the codes' rows sorted by group), one leaf at a time."""
         for leaf, slots in sorted(self.taken_experts.items()):
-            parts = []  # per expert: (codes, zeros, scales)
+            names = [leaf + sfx for sfx in ("", ZERO_SUFFIX, SCALE_SUFFIX)]
+            names += [leaf + ROWS_SUFFIX] if self.qcfg.act_order else []
+            parts = []  # per expert: (codes, zeros, scales[, input rows])
             for e in range(len(slots)):
                 module, readers = slots[e]
                 try:
-                    parts.append(checkpoint_int4(self.qcfg, {sfx: read() for sfx, read in readers.items()}))
+                    q, *rest = checkpoint_int4(self.qcfg, {sfx: read() for sfx, read in readers.items()})
+                    if self.qcfg.act_order:  # perm (input row of each stored row) -> its inverse
+                        rest[2] = np.argsort(rest[2], kind="stable").astype(np.int32)
+                    parts.append((q, *rest))
                 except ValueError as err:
                     raise ValueError(f"{self.desc}: {module} ({self.qcfg.name}): {err}") from None
-            for t, parts_t in zip((leaf, leaf + ZERO_SUFFIX, leaf + SCALE_SUFFIX), zip(*parts)):
+            for t, parts_t in zip(names, zip(*parts)):
                 a, want = np.stack(parts_t), self.shapes[t][1]
                 if a.shape != want.shape:
                     raise ValueError(f"{self.desc}: {slots[0][0]} and its fellow experts stack to {list(a.shape)} "

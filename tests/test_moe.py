@@ -327,6 +327,52 @@ def test_int4_experts_match_float64(impl, capacity_rows):
     assert rel_err(run(x, router, (g, u, (d, zd, sd.at[:, 1, :].multiply(2)))), ref) > 100 * TOL
 
 
+def act_order_case(seed: int, deq):
+    """Act order: each expert's stored (group-sorted) rows in a random order of its own. rows
+    [X, K] int32 (input row i of expert e is stored row rows[e, i]) and the float64 weights
+    [X, K, N] in input order, for each of deq's projections."""
+    rng = np.random.default_rng(seed)
+    rows, weights = [], []
+    for w in deq:
+        X, K, _ = w.shape
+        p = np.stack([rng.permutation(K) for _ in range(X)]).astype(np.int32)  # [X, K]
+        u, r = np.empty_like(w), np.empty_like(p)
+        for e in range(X):
+            u[e, p[e]] = w[e]  # stored row j is input row p[e, j]
+            r[e, p[e]] = np.arange(K)
+        rows.append(jnp.asarray(r))
+        weights.append(u)
+    return rows, weights
+
+
+@pytest.mark.parametrize("impl,capacity_rows", [("ragged", None), ("dense", None), ("capacity", None),
+                                                ("capacity", 4), ("gather", None)])
+def test_act_order_int4_experts_match_float64(impl, capacity_rows):
+    """Act-order int4 experts (GPTQ desc_act: codes with their rows sorted by group, and each
+    expert's permutation) against the float64 block with the weights in input order."""
+    seed = 9
+    x, router, *_ = uneven_case(seed, T=40, D=64)
+    experts, deq = int4_case(seed)
+    rows, deq = act_order_case(seed, deq)
+    ref, _ = reference(x, router, *deq, 2, True)
+
+    @jax.jit
+    def run(x, router, rows):
+        (g, zg, sg), (u, zu, su), (d, zd, sd) = experts
+        weights, ids = moe.route(x @ router, 2, True)
+        return moe.expert_mlp(x, weights, ids, jnp.ones(ids.shape, bool), g, u, d, activation=jax.nn.silu,
+                              impl=impl, capacity_rows=capacity_rows, scales=(sg, su, sd), zeros=(zg, zu, zd),
+                              input_rows=tuple(rows))
+
+    err = rel_err(run(x, router, rows), ref)
+    assert err < TOL, f"seed {seed} impl {impl} C={capacity_rows}: relative error {err:.2e}"
+    # each projection's row order matters: the stored order read as the input order is far off
+    for i in range(3):
+        identity = [jnp.broadcast_to(jnp.arange(r.shape[1], dtype=jnp.int32), r.shape) if j == i else r
+                    for j, r in enumerate(rows)]
+        assert rel_err(run(x, router, identity), ref) > 100 * TOL, i
+
+
 def test_int4_experts_gather_a_decode_step():
     """A decode-sized step ("auto" gathers: 1 token x 2 experts x 4 <= 8) with int4 experts in
     bfloat16, against float64."""

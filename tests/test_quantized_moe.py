@@ -1,6 +1,6 @@
 """Pre-quantized mixture-of-experts checkpoints (Qwen3-MoE): HF block FP8 (as Qwen3-30B-A3B-FP8 is
 published), compressed-tensors FP8 W8A8 (its router quantized too), AutoAWQ GEMM and GPTQ (v1 and
-v2) int4.
+v2, and v1 with act order) int4.
 
 Each is written from one tiny random HF Qwen3-MoE (8 experts, top 2, one dense layer) with the
 quantizers and packers of tests/quant_checkpoints.py, every expert's gate / up / down saved as
@@ -10,7 +10,8 @@ runs the attention and dense MLP linears quantized; it holds the FP8 checkpoints
 weight-only), holds the int4 experts as the checkpoint's own uint4 codes, zero points and group
 scales (checked exactly against the saved tensors unpacked by tests/quant_oracle.py, as
 Qwen3-30B-A3B-GPTQ-Int4 is published: per expert `mlp.experts.{e}.<proj>.qweight / qzeros /
-scales`), dequantized by groups in the step, and keeps a quantized router in its dtype,
+scales`; with act order, the codes' rows sorted by each expert's g_idx and that permutation),
+dequantized by groups in the step, and keeps a quantized router in its dtype,
 dequantized at load; the float64 reference is the HF model with every
 quantized weight replaced by its dequantized value and, for W8A8 formats, the inputs of the
 attention and dense MLP linears fake-quantized by torch's e4m3 cast.
@@ -54,13 +55,15 @@ FORMATS = {  # quantization_config of each, and whether it quantizes the router 
     "gptq": ({**quant_checkpoints.CONFIGS["gptq"], "group_size": 64}, False),
     "gptq_v2": ({**quant_checkpoints.CONFIGS["gptq"], "group_size": 64, "checkpoint_format": "gptq_v2"}, False),
     "awq": (quant_checkpoints.CONFIGS["awq-g64"], False),
+    "gptq-act-order": (quant_checkpoints.CONFIGS["gptq-act-order"], False),  # groups of 64, desc_act
 }
-INT4 = ("gptq", "gptq_v2", "awq")
+INT4 = ("gptq", "gptq_v2", "awq", "gptq-act-order")
 QUANTIZE = {"hf-fp8-block": quant_checkpoints.QUANTIZERS["hf-fp8-block"],
             "ct-fp8-channel": quant_checkpoints.QUANTIZERS["ct-fp8-channel"],
             "gptq": lambda w: quant_checkpoints._gptq(w, 64),
             "gptq_v2": lambda w: quant_checkpoints._gptq(w, 64, v1=False),
-            "awq": lambda w: quant_checkpoints._awq(w, 64)}
+            "awq": lambda w: quant_checkpoints._awq(w, 64),
+            "gptq-act-order": quant_checkpoints.QUANTIZERS["gptq-act-order"]}
 
 
 def hf_qwen3_moe(seed: int, moe_intermediate_size: int = 128):
@@ -173,7 +176,8 @@ def check_checkpoint_experts(folder, mlp, fmt: str) -> None:
 def check_int4_experts(folder, mlp, fmt: str) -> None:
     """Layer 0's stacked int4 experts against the checkpoint's per-expert tensors, unpacked by
     the oracle: codes [E, in, out] uint4, zero points [E, G, out] (GPTQ v1: stored + 1) and scales
-    [E, G, out] f16, all exactly; 4 bits a weight, not the model's dtype."""
+    [E, G, out] f16, all exactly; 4 bits a weight, not the model's dtype. With act order the codes'
+    rows are sorted by the expert's g_idx (stably) and "_rows" [E, in] gives each input row's stored row."""
     from safetensors.torch import load_file
 
     from tests.quant_oracle import awq_unpack, gptq_unpack_qweight, gptq_unpack_qzeros
@@ -184,13 +188,24 @@ def check_int4_experts(folder, mlp, fmt: str) -> None:
         codes, zeros, scales = (mlp[f"experts_{proj}{sfx}"] for sfx in ("", "_zero", "_scale"))
         assert codes.dtype == jnp.uint4 and zeros.dtype == np.uint8 and scales.dtype == np.float16, proj
         codes, zeros, scales = np.asarray(codes).astype(np.uint8), np.asarray(zeros), np.asarray(scales)
+        act_order = fmt == "gptq-act-order"
+        assert (f"experts_{proj}_rows" in mlp) == act_order, proj
         for e in range(EXPERTS):
             name = f"model.layers.0.mlp.experts.{e}.{proj}"
             qweight, qzeros = saved[f"{name}.qweight"].numpy(), saved[f"{name}.qzeros"].numpy()
             if fmt == "awq":  # qweight [in, out/8]
                 want_q, want_z = awq_unpack(qweight), awq_unpack(qzeros)
             else:  # qweight [in/8, out]
-                want_q, want_z = gptq_unpack_qweight(qweight), gptq_unpack_qzeros(qzeros, v1=fmt == "gptq")
+                want_q, want_z = gptq_unpack_qweight(qweight), gptq_unpack_qzeros(qzeros, v1=fmt != "gptq_v2")
+            if act_order:  # stored row j: input row order[j], the rows grouped (their groups scattered)
+                g_idx = saved[f"{name}.g_idx"].numpy()
+                assert not np.all(np.diff(g_idx) >= 0), name
+                order = np.argsort(g_idx, kind="stable")
+                stored_row = np.empty_like(order)
+                stored_row[order] = np.arange(len(order))  # input row order[j] sits at stored row j
+                np.testing.assert_array_equal(np.asarray(mlp[f"experts_{proj}_rows"][e]), stored_row, err_msg=name)
+                assert mlp[f"experts_{proj}_rows"].dtype == np.int32
+                want_q = want_q[order]
             np.testing.assert_array_equal(codes[e], want_q, err_msg=name)
             np.testing.assert_array_equal(zeros[e], want_z, err_msg=name)
             np.testing.assert_array_equal(scales[e], saved[f"{name}.scales"].numpy(), err_msg=name)
@@ -233,7 +248,7 @@ def test_block_fp8_moe_experts_with_each_impl(impl, base, checkpoint):
 
 
 @pytest.mark.parametrize("impl", ["capacity", "ragged", "dense", "gather"])
-@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "gptq-act-order"])
 def test_int4_moe_experts_with_each_impl(fmt, impl, base, checkpoint):
     """The int4 checkpoints' experts (dequantized by groups in the step, only the chosen experts'
     weights with "gather") through every expert implementation, against float64."""
@@ -246,7 +261,8 @@ def test_int4_moe_experts_with_each_impl(fmt, impl, base, checkpoint):
 
 
 @pytest.mark.parametrize("fmt,tp,ep", [("hf-fp8-block", 2, True), ("gptq", 2, True), ("gptq", 2, False),
-                                       ("awq", 2, False), ("awq", 4, True), ("ct-fp8-channel", 4, True)])
+                                       ("awq", 2, False), ("awq", 4, True), ("ct-fp8-channel", 4, True),
+                                       ("gptq-act-order", 2, True)])
 def test_moe_tensor_parallel_matches_one_device(fmt, tp, ep, base, checkpoint):
     _, prompts = base
     folder, _ = checkpoint(fmt)
@@ -283,6 +299,33 @@ def test_int4_experts_split_by_whole_groups(checkpoint):
         load_params(folder, dtype=np.float32, mesh=mesh, progress=False)
     params = load_params(folder, dtype=np.float32, mesh=mesh, enable_expert_parallel=True, progress=False)
     assert params.variables["params"]["layers_0"]["mlp"]["experts_down_proj_zero"].shape == (EXPERTS, 2, 256)
+
+
+def test_act_order_experts_need_whole_experts_per_device(checkpoint):
+    """Act-order experts' down_proj rows are permuted over the whole expert width: tensor
+    parallelism without expert parallelism (a slice of the width per device) is refused."""
+    folder, _ = checkpoint("gptq-act-order")
+    with pytest.raises(ValueError, match=r"act-order int4 experts .* tensor_parallel_size 2.*expert parallelism"):
+        load_params(folder, dtype=np.float32, mesh=parallel.make_mesh(2), progress=False)
+
+
+def test_act_order_experts_with_unequal_groups_are_refused(checkpoint, tmp_path):
+    """An expert whose g_idx gives its groups unequal numbers of rows (no contiguous groups once
+    sorted) is refused with a clear error naming it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder, _ = checkpoint("gptq-act-order")
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.0.mlp.experts.3.down_proj.g_idx"
+    g_idx = tensors[name].clone()
+    g_idx[g_idx == 1] = 0  # group 0 takes all 128 rows, group 1 none
+    tensors[name] = g_idx
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"experts\.3\.down_proj \(gptq\).*2 groups 64 input channels"):
+        load_params(tmp_path, dtype=np.float32, progress=False)
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])

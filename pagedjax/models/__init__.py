@@ -20,7 +20,7 @@ from pagedjax.attention import AttentionMetadata
 from pagedjax.compile_cache import traced
 from pagedjax.models.config import ModelConfig, get_config
 from pagedjax.models.layers import KV_SCALES, head_logits
-from pagedjax.models.moe import SCALE_SUFFIX, ZERO_SUFFIX
+from pagedjax.models.moe import ROWS_SUFFIX, SCALE_SUFFIX, ZERO_SUFFIX
 from pagedjax.models.registry import FAMILIES, REGISTRY, family
 
 __all__ = ["FAMILIES", "REGISTRY", "ModelConfig", "abstract_params", "family", "get_config", "get_model",
@@ -73,7 +73,7 @@ def _with_dtype(tree, dtype):
 def own_dtype(name: str, leaf) -> bool:
     """Whether the param `name` (a leaf outside the quantized linears, whose params all keep
     theirs) keeps its own dtype rather than the model's: FP8 KV-cache scales, and quantized
-    experts' codes (e4m3, uint4), scales and zeros. Params.dtype and the abstract params in a dtype
-    both follow it."""
+    experts' codes (e4m3, uint4), scales, zeros and act-order row orders. Params.dtype and the
+    abstract params in a dtype both follow it."""
     return name in KV_SCALES or jnp.dtype(leaf.dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.uint4)) or (
-        name.startswith("experts_") and name.endswith((SCALE_SUFFIX, ZERO_SUFFIX)))
+        name.startswith("experts_") and name.endswith((SCALE_SUFFIX, ZERO_SUFFIX, ROWS_SUFFIX)))

@@ -386,7 +386,7 @@ class SparseMoeBlock(nn.Module):
             weights, ids = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [T, k] each
             keep = jnp.broadcast_to((jnp.arange(x.shape[0]) < num_valid)[:, None], ids.shape)  # [T, k]
             shapes = {"gate_proj": (X, D, F), "up_proj": (X, D, F), "down_proj": (X, F, D)}
-            scales = zeros = block = None
+            scales = zeros = input_rows = block = None
             q = cfg.quantization
             if q is not None and q.quantizes_experts:  # e4m3 or uint4 codes, and their scales
                 block, group = q.expert_block_size, q.expert_group_size  # (bn, bk) FP8 blocks; int4 K per group
@@ -407,13 +407,23 @@ class SparseMoeBlock(nn.Module):
                 scales = quant_params(moe.SCALE_SUFFIX, nn.initializers.ones, jnp.float16 if int4 else jnp.float32)
                 if int4:
                     zeros = quant_params(moe.ZERO_SUFFIX, nn.initializers.zeros, jnp.uint8)
+                if int4 and q.act_order:  # [X, in]: the stored (group-sorted) row of each input row
+                    input_rows = tuple(self.param(f"experts_{n}{moe.ROWS_SUFFIX}", nn.with_logical_partitioning(
+                        _identity_rows, moe.EXPERT_ROWS_AXES[n]), s[:2], jnp.int32) for n, s in shapes.items())
             else:
                 w = {n: _param(self, f"experts_{n}", init, shapes[n], moe.EXPERT_AXES[n]) for n in shapes}
             return moe.sharded_expert_mlp(
                 x, weights, ids, keep, w["gate_proj"], w["up_proj"], w["down_proj"], scales=scales, zeros=zeros,
-                block_size=block, expert_parallel=cfg.expert_parallel, activation=ACTIVATIONS[cfg.activation],
+                input_rows=input_rows, block_size=block, expert_parallel=cfg.expert_parallel,
+                activation=ACTIVATIONS[cfg.activation],
                 impl=moe.resolve_impl(cfg.moe_impl, x.shape[0], cfg.num_experts_per_tok, X,
                                       cfg.batch_invariant))  # [T, D]
+
+
+def _identity_rows(key, shape, dtype) -> jax.Array:
+    """Act-order experts' initial row order: every input row its own stored row."""
+    del key
+    return jnp.broadcast_to(jnp.arange(shape[-1], dtype=dtype), shape)
 
 
 def feed_forward(cfg: ModelConfig, layer_idx: int, x: jax.Array, meta: AttentionMetadata,

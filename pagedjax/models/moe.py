@@ -34,8 +34,13 @@ Quantized experts (weight-only; QuantConfig.quantizes_experts) hold their codes 
 scale per expert and output channel [E, out] (applied to each GEMM's output) or per block [E, KB, NB]
 (block FP8), or, from an AWQ / GPTQ checkpoint, its own uint4 codes [E, K, N] with zero points
 ("experts_<proj>_zero", ZERO_SUFFIX, uint8) and scales per group of K / G rows [E, G, N]:
-w = (q - zero) * scale. Block and group weights are dequantized to x's dtype in the step: only the
-gathered experts' with "gather", every expert's otherwise.
+w = (q - zero) * scale. A GPTQ checkpoint with act order (desc_act) gives each expert's rows in
+its own group order: its codes are held with the rows sorted by group (so a group is K / G
+contiguous rows, as without act order) and "experts_<proj>_rows" (ROWS_SUFFIX, int32 [E, K]) the
+stored row of each input row (the inverse of the group order, computed at load); the dequantized weight's rows are put back in input order (a gather
+over K) before its GEMM, so every implementation reads weights in the input order. Block and group
+weights are dequantized to x's dtype in the step: only the gathered experts' with "gather", every
+expert's otherwise.
 
 Assignments that are not computed here (padding tokens; under expert parallelism the tokens
 routed to another device's experts) are masked by `keep` and contribute zero.
@@ -117,6 +122,7 @@ def expert_mlp(
     scales: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     block_size: tuple[int, int] | None = None,
     zeros: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    input_rows: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """sum_k weights[t, k] * down(act(gate(x_t)) * up(x_t)) of expert ids[t, k]: [T, D] float32.
 
@@ -131,6 +137,9 @@ def expert_mlp(
     matmul: only the gathered experts' weights with "gather", every expert's otherwise.
     With zeros, int4 experts: the weights are uint4 codes [E, K, N], zeros (uint8) and scales
     [E, G, N] per group of K / G rows, dequantized as block weights are.
+    With input_rows (act-order int4, [E, K] int32 each), the codes' rows are sorted by group: input
+    row i of expert e is stored row input_rows[e, i]; each dequantized weight's rows are put back in
+    input order by it.
     """
     T, k = ids.shape
     E = w_gate.shape[0]
@@ -139,8 +148,9 @@ def expert_mlp(
         scales = (None, None, None)
     weights = jnp.where(keep, weights, 0.0)
     if impl == "gather":  # before any conversion: FP8 codes are gathered as they are, then converted
-        return _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales, block_size, zeros)
-    ws = _loaders((w_gate, w_up, w_down), scales, zeros, block_size, x.dtype)
+        return _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales, block_size, zeros,
+                       input_rows)
+    ws = _loaders((w_gate, w_up, w_down), scales, zeros, block_size, x.dtype, input_rows)
     if block_size is not None or zeros is not None:  # applied by the loaders
         scales = (None, None, None)
     if impl == "dense":
@@ -188,31 +198,40 @@ def dequantize_group(q: jax.Array, zero: jax.Array, scale: jax.Array, dtype) -> 
     return w.reshape(*lead, K, N).astype(dtype)
 
 
-def _dequantized(ws, scales, zeros, block_size, dtype) -> tuple[jax.Array, ...]:
-    """Block-FP8 (block_size) or int4 (zeros) weights ws, each dequantized to `dtype`."""
+def _in_input_order(w: jax.Array, rows: jax.Array | None) -> jax.Array:
+    """Act-order weights [..., K, N] stored by group, with their rows put back in input order:
+    input row i is stored row rows[..., i] (rows [..., K]); w itself without rows."""
+    return w if rows is None else jnp.take_along_axis(w, rows[..., None], axis=-2)
+
+
+def _dequantized(ws, scales, zeros, block_size, dtype, rows=None) -> tuple[jax.Array, ...]:
+    """Block-FP8 (block_size) or int4 (zeros) weights ws, each dequantized to `dtype` (act-order
+    int4: its rows put back in input order by `rows`)."""
     if zeros is not None:
-        return tuple(dequantize_group(w, z, s, dtype) for w, z, s in zip(ws, zeros, scales))
+        return tuple(_in_input_order(dequantize_group(w, z, s, dtype), r)
+                     for w, z, s, r in zip(ws, zeros, scales, rows or (None,) * len(ws)))
     return tuple(dequantize_block(w, s, block_size, dtype) for w, s in zip(ws, scales))
 
 
-def _loaders(ws, scales, zeros, block_size, dtype) -> tuple[Callable[[], jax.Array], ...]:
+def _loaders(ws, scales, zeros, block_size, dtype, rows=None) -> tuple[Callable[[], jax.Array], ...]:
     """One thunk per projection giving its weight [E, in, out] in `dtype` (dequantized for block
-    FP8 or int4; per-channel FP8 codes only converted, their scales left to the GEMM's output).
+    FP8 or int4; per-channel FP8 codes only converted, their scales left to the GEMM's output;
+    act-order int4 weights' rows put back in input order by `rows`).
 
     Each GEMM calls its own, so the conversion is traced beside the GEMM that reads it and XLA can
     fuse the two: one conversion shared by several GEMMs (the capacity layout's rounds) would be
     written to memory whole, in bf16 twice an FP8 weight's bytes and four times an int4 one's,
     and read again (on an H100, the largest part of a Qwen3-30B-A3B decode step's time)."""
-    zs = zeros or (None,) * len(ws)
+    zs, rs = zeros or (None,) * len(ws), rows or (None,) * len(ws)
 
-    def loader(w, s, z):
+    def loader(w, s, z, r):
         if z is not None:
-            return lambda: dequantize_group(w, z, s, dtype)
+            return lambda: _in_input_order(dequantize_group(w, z, s, dtype), r)
         if block_size is not None:
             return lambda: dequantize_block(w, s, block_size, dtype)
         return lambda: w.astype(dtype)
 
-    return tuple(loader(w, s, z) for w, s, z in zip(ws, scales, zs))
+    return tuple(loader(w, s, z, r) for w, s, z, r in zip(ws, scales, zs, rs))
 
 
 def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -267,21 +286,22 @@ def _capacity(xs, expert, counts, ws, activation, C: int, single: bool, scales=(
 
 
 def _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales=(None, None, None),
-            block_size=None, zeros=None) -> jax.Array:
+            block_size=None, zeros=None, rows=None) -> jax.Array:
     """Each assignment's expert weights gathered and applied to its token alone: [T, D] float32.
 
     An assignment not computed here takes token 0's expert in its slot (its weight is zero), so a
     padded step gathers no expert that its real tokens do not; ids are clipped into [0, E) (under
     expert parallelism, another device's expert). Block-scaled FP8 and int4 weights are
-    dequantized once gathered."""
+    dequantized once gathered (act-order int4: their rows put back by their experts' `rows`)."""
     E = w_gate.shape[0]
     ids = jnp.clip(jnp.where(keep, ids, ids[:1]), 0, E - 1)  # [T, k]
     w_gate, w_up, w_down = (w[ids] for w in (w_gate, w_up, w_down))  # [T, k, in, out] each
     s_gate, s_up, s_down = (None if s is None else s[ids] for s in scales)  # [T, k, out] or [T, k, KB|G, NB|N]
     if block_size is not None or zeros is not None:
         zeros = None if zeros is None else tuple(z[ids] for z in zeros)  # [T, k, G, N] each
+        rows = None if rows is None else tuple(r[ids] for r in rows)  # [T, k, K] each
         w_gate, w_up, w_down = _dequantized((w_gate, w_up, w_down), (s_gate, s_up, s_down), zeros, block_size,
-                                            x.dtype)
+                                            x.dtype, rows)
         s_gate = s_up = s_down = None
     h = _swiglu(_scaled(jnp.einsum("td,tkdf->tkf", x, w_gate.astype(x.dtype)), s_gate),
                 _scaled(jnp.einsum("td,tkdf->tkf", x, w_up.astype(x.dtype)), s_up), activation)  # [T, k, F]
@@ -315,7 +335,9 @@ EXPERT_AXES = {
 # (EXPERT_AXES), whole blocks or groups on each device
 SCALE_SUFFIX = "_scale"  # the param "experts_<proj>_scale" beside the codes "experts_<proj>"
 ZERO_SUFFIX = "_zero"  # int4 experts: the param "experts_<proj>_zero" (uint8 zero points)
+ROWS_SUFFIX = "_rows"  # act-order int4 experts: "experts_<proj>_rows", the stored row of each input row
 EXPERT_SCALE_AXES = {n: (a[0], a[2]) for n, a in EXPERT_AXES.items()}
+EXPERT_ROWS_AXES = {n: a[:2] for n, a in EXPERT_AXES.items()}  # [E, K]: split with the weight's rows
 
 
 def expert_scale_axes(name: str, blocks: bool) -> tuple[str | None, ...]:
@@ -326,20 +348,23 @@ def expert_scale_axes(name: str, blocks: bool) -> tuple[str | None, ...]:
 
 def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_parallel: bool,
                        scales: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-                       zeros: tuple[jax.Array, jax.Array, jax.Array] | None = None, **opts) -> jax.Array:
+                       zeros: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                       input_rows: tuple[jax.Array, jax.Array, jax.Array] | None = None, **opts) -> jax.Array:
     """`expert_mlp` per device when the step is traced under a tensor-parallel mesh: [T, D] in x's dtype.
 
     Each device computes its slice of the experts (its F columns of every expert, or, under
     expert parallelism, whole experts of its own, skipping the assignments of the others) on
     the replicated tokens and routing; one all-reduce of [T, D] sums the slices, as after a
     dense MLP. Without a mesh it is `expert_mlp` itself. Quantized experts' `scales` (and int4
-    `zeros`) split with their experts and output columns, or blocks or groups.
+    `zeros`) split with their experts and output columns, or blocks or groups; act-order
+    `input_rows` with their experts and rows (whole experts only: parallel.check_tensor_parallel).
     """
     from pagedjax.mesh import match_spec, tp_mesh
 
     mesh = tp_mesh()
     if mesh is None:
         return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales, zeros=zeros,
+                          input_rows=input_rows,
                           **opts).astype(x.dtype)
     from pagedjax import parallel  # late: parallel imports the models
 
@@ -349,13 +374,14 @@ def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_pa
     split = tuple(sorted({a for s in specs for a in s if a is not None}))
     if not split:
         return expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=scales, zeros=zeros,
+                          input_rows=input_rows,
                           **opts).astype(x.dtype)
     experts_axis = specs[0][0]  # the mesh axis whole experts are split over, or None
     w_gate, w_up, w_down = (match_spec(w, mesh, s) for w, s in zip((w_gate, w_up, w_down), specs))
-    quant = (*(scales or ()), *(zeros or ()))  # [scales (3)[, zeros (3)]]
+    quant = (*(scales or ()), *(zeros or ()), *(input_rows or ()))  # [scales (3)[, zeros (3)[, input_rows (3)]]]
     blocks = opts.get("block_size") is not None or zeros is not None
-    quant_specs = tuple(parallel.logical_spec(expert_scale_axes(n, blocks), s.shape, mesh, rules)
-                        for n, s in zip(("gate_proj", "up_proj", "down_proj") * 2, quant))
+    quant_axes = [expert_scale_axes(n, blocks) for n in EXPERT_AXES] * 2 + list(EXPERT_ROWS_AXES.values())
+    quant_specs = tuple(parallel.logical_spec(a, s.shape, mesh, rules) for a, s in zip(quant_axes, quant))
     quant = tuple(match_spec(s, mesh, p) for s, p in zip(quant, quant_specs))
 
     def body(x, weights, ids, keep, w_gate, w_up, w_down, *quant):
@@ -364,7 +390,7 @@ def sharded_expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, *, expert_pa
             ids = ids - first
             keep = keep & (ids >= 0) & (ids < w_gate.shape[0])
         y = expert_mlp(x, weights, ids, keep, w_gate, w_up, w_down, scales=quant[:3] or None,
-                       zeros=quant[3:] or None, **opts).astype(x.dtype)
+                       zeros=quant[3:6] or None, input_rows=quant[6:] or None, **opts).astype(x.dtype)
         return jax.lax.psum(y, split)
 
     rep = jax.sharding.PartitionSpec()

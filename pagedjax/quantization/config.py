@@ -132,12 +132,12 @@ class QuantConfig:
     def quantizes_experts(self) -> bool:
         """Whether an MoE model's experts are held quantized, weight-only: FP8 (online FP8 and
         per-channel FP8 checkpoints with one scale per expert and output channel, block FP8
-        checkpoints with their block scales: expert_block_size) or int4 (AWQ and GPTQ checkpoints
-        without act order, their codes, zeros and scales per group: expert_group_size). From a
-        checkpoint they are its own codes and scales (quant_weights.py). Other pre-quantized
-        checkpoints' experts (per-tensor FP8, act-order GPTQ) are dequantized at load."""
+        checkpoints with their block scales: expert_block_size) or int4 (AWQ and GPTQ checkpoints,
+        their codes, zeros and scales per group: expert_group_size; with act order the codes' rows
+        sorted by group and each input row's stored row). From a checkpoint they are its own codes and scales
+        (quant_weights.py). Per-tensor FP8 checkpoints' experts are dequantized at load."""
         if self.weight_dtype == "int4":
-            return not self.act_order
+            return True
         return self.method == "online" or self.weight_strategy in ("channel", "block")
 
     @property

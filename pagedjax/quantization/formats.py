@@ -1,6 +1,6 @@
 """Checkpoint tensors of one linear layer -> QuantizedWeight, for each published layout (or, for
-int4 MoE experts, which are stacked rather than tiled, the unpacked codes, zeros and scales:
-checkpoint_int4).
+int4 MoE experts, which are stacked rather than tiled, the unpacked codes, zeros and scales, and
+an act-order permutation: checkpoint_int4).
 
 Dims: K in_features, N out_features, G = K / group_size groups, NB x KB fp8 blocks.
 Everything here runs on the host (numpy) at load time; the results hold numpy arrays, to be put
@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from pagedjax.quantization.config import QuantConfig
-from pagedjax.quantization.int4 import int4_weight
+from pagedjax.quantization.int4 import group_order, int4_weight
 from pagedjax.quantization.weight import QuantizedWeight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column 8c + AWQ_ORDER[i]
@@ -155,12 +155,13 @@ def unpack_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, gro
     return q, z, scales, gs
 
 
-def checkpoint_int4(config: QuantConfig, tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
-                                                                                      np.ndarray]:
+def checkpoint_int4(config: QuantConfig, tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """One int4 linear's AWQ / GPTQ tensors {suffix: array} -> its own codes [K, N], zeros [G, N]
-    (uint8; GPTQ v1's stored zero - 1 put back) and scales [G, N], unpacked and otherwise as saved."""
-    if config.weight_dtype != "int4" or config.act_order:
-        raise ValueError(f"{config.method}: unpacked int4 codes need an int4 checkpoint without act order")
+    (uint8; GPTQ v1's stored zero - 1 put back) and scales [G, N], unpacked and otherwise as saved;
+    with act order (GPTQ desc_act) the codes' rows sorted by group and, fourth, perm [K] int32
+    (group_order: stored row j is input row perm[j]), as int4_weight stores a dense linear."""
+    if config.weight_dtype != "int4":
+        raise ValueError(f"{config.method}: unpacked int4 codes need an int4 checkpoint")
     missing = [n for n in config.tensor_names() if n not in tensors and n != "g_idx"]
     if missing:
         raise ValueError(f"{config.method} linear: checkpoint lacks {missing} (has {sorted(tensors)})")
@@ -168,8 +169,11 @@ def checkpoint_int4(config: QuantConfig, tensors: Mapping[str, np.ndarray]) -> t
     if config.checkpoint_format == "awq":
         q, z, s, _ = unpack_awq(*args)
     else:
-        q, z, s, _ = unpack_gptq(*args, g_idx=tensors.get("g_idx"),
-                                 zero_offset=1 if config.checkpoint_format == "gptq" else 0)
+        q, z, s, gs = unpack_gptq(*args, g_idx=tensors.get("g_idx"), act_order=config.act_order,
+                                  zero_offset=1 if config.checkpoint_format == "gptq" else 0)
+        if config.act_order:
+            perm = group_order(tensors["g_idx"], q.shape[0], gs)
+            return q[perm], z, s, perm
     return q, z, s
 
 

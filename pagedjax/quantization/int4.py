@@ -21,6 +21,23 @@ HIGHEST = jax.lax.Precision.HIGHEST
 SCALE_DTYPES = (np.float16, jnp.bfloat16, np.float32)
 
 
+def group_order(g_idx: np.ndarray, K: int, group_size: int) -> np.ndarray:
+    """Act order: g_idx [K] (each input channel's group, group_size channels in every group, as
+    GPTQ assigns them) -> perm [K] int32, the channels sorted by group (stable): row j of the
+    stored weight is input channel perm[j]."""
+    G = K // group_size
+    g_idx = np.asarray(g_idx)
+    if g_idx.shape != (K,) or g_idx.dtype.kind not in "iu":
+        raise ValueError(f"int4 g_idx must be integers [{K}], got {g_idx.dtype}{list(g_idx.shape)}")
+    if K and (g_idx.min() < 0 or g_idx.max() >= G):
+        raise ValueError(f"int4 g_idx must lie in [0, {G}), got [{g_idx.min()}, {g_idx.max()}]")
+    counts = np.bincount(g_idx, minlength=G)
+    if (counts != group_size).any():
+        raise ValueError(f"int4 g_idx must give each of its {G} groups {group_size} input channels (GPTQ's "
+                         f"act order does), got {counts.min()} to {counts.max()}")
+    return np.argsort(g_idx, kind="stable").astype(np.int32)
+
+
 def int4_weight(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, group_size: int,
                 g_idx: np.ndarray | None = None) -> QuantizedWeight:
     """Codes q [K, N], zero [G, N], scale [G, N] -> a QuantizedWeight of host (numpy) arrays.
@@ -37,19 +54,9 @@ def int4_weight(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, group_size: 
     group_size = K if group_size == -1 else group_size
     check_int4_shape(K, N, group_size)
     G = K // group_size
-    if g_idx is not None:
-        g_idx = np.asarray(g_idx)
-        if g_idx.shape != (K,) or g_idx.dtype.kind not in "iu":
-            raise ValueError(f"int4 g_idx must be integers [{K}], got {g_idx.dtype}{list(g_idx.shape)}")
-        if K and (g_idx.min() < 0 or g_idx.max() >= G):
-            raise ValueError(f"int4 g_idx must lie in [0, {G}), got [{g_idx.min()}, {g_idx.max()}]")
-        counts = np.bincount(g_idx, minlength=G)
-        if (counts != group_size).any():
-            raise ValueError(f"int4 g_idx must give each of its {G} groups {group_size} input channels (GPTQ's "
-                             f"act order does), got {counts.min()} to {counts.max()}")
     perm = None
     if g_idx is not None:
-        perm = np.argsort(g_idx, kind="stable").astype(np.int32)  # rows sorted by group
+        perm = group_order(g_idx, K, group_size)
         q = q[perm]
     if zero.shape != (G, N) or scale.shape != (G, N):
         raise ValueError(f"int4 [in={K}, out={N}], group {group_size}: zeros {zero.shape} and scales {scale.shape} "
