@@ -48,6 +48,7 @@ routed to another device's experts) are masked by `keep` and contribute zero.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -204,34 +205,27 @@ def _in_input_order(w: jax.Array, rows: jax.Array | None) -> jax.Array:
     return w if rows is None else jnp.take_along_axis(w, rows[..., None], axis=-2)
 
 
-def _dequantized(ws, scales, zeros, block_size, dtype, rows=None) -> tuple[jax.Array, ...]:
-    """Block-FP8 (block_size) or int4 (zeros) weights ws, each dequantized to `dtype` (act-order
-    int4: its rows put back in input order by `rows`)."""
-    if zeros is not None:
-        return tuple(_in_input_order(dequantize_group(w, z, s, dtype), r)
-                     for w, z, s, r in zip(ws, zeros, scales, rows or (None,) * len(ws)))
-    return tuple(dequantize_block(w, s, block_size, dtype) for w, s in zip(ws, scales))
+def _as_dtype(w: jax.Array, scale, zero, rows, block_size, dtype) -> jax.Array:
+    """One projection's weights [..., in, out] in `dtype`: int4 (zero) dequantized by groups, its
+    act-order rows put back in input order; block FP8 (block_size) dequantized by blocks; others
+    (float, per-channel FP8 codes, whose scales apply to the GEMM's output) converted."""
+    if zero is not None:
+        return _in_input_order(dequantize_group(w, zero, scale, dtype), rows)
+    if block_size is not None:
+        return dequantize_block(w, scale, block_size, dtype)
+    return w.astype(dtype)
 
 
 def _loaders(ws, scales, zeros, block_size, dtype, rows=None) -> tuple[Callable[[], jax.Array], ...]:
-    """One thunk per projection giving its weight [E, in, out] in `dtype` (dequantized for block
-    FP8 or int4; per-channel FP8 codes only converted, their scales left to the GEMM's output;
-    act-order int4 weights' rows put back in input order by `rows`).
+    """One thunk per projection giving its weight [E, in, out] in `dtype` (_as_dtype).
 
     Each GEMM calls its own, so the conversion is traced beside the GEMM that reads it and XLA can
     fuse the two: one conversion shared by several GEMMs (the capacity layout's rounds) would be
     written to memory whole, in bf16 twice an FP8 weight's bytes and four times an int4 one's,
     and read again (on an H100, the largest part of a Qwen3-30B-A3B decode step's time)."""
-    zs, rs = zeros or (None,) * len(ws), rows or (None,) * len(ws)
-
-    def loader(w, s, z, r):
-        if z is not None:
-            return lambda: _in_input_order(dequantize_group(w, z, s, dtype), r)
-        if block_size is not None:
-            return lambda: dequantize_block(w, s, block_size, dtype)
-        return lambda: w.astype(dtype)
-
-    return tuple(loader(w, s, z, r) for w, s, z, r in zip(ws, scales, zs, rs))
+    none = (None,) * len(ws)
+    return tuple(functools.partial(_as_dtype, w, s, z, r, block_size, dtype)
+                 for w, s, z, r in zip(ws, scales, zeros or none, rows or none))
 
 
 def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -295,17 +289,19 @@ def _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales=(Non
     dequantized once gathered (act-order int4: their rows put back by their experts' `rows`)."""
     E = w_gate.shape[0]
     ids = jnp.clip(jnp.where(keep, ids, ids[:1]), 0, E - 1)  # [T, k]
-    w_gate, w_up, w_down = (w[ids] for w in (w_gate, w_up, w_down))  # [T, k, in, out] each
-    s_gate, s_up, s_down = (None if s is None else s[ids] for s in scales)  # [T, k, out] or [T, k, KB|G, NB|N]
-    if block_size is not None or zeros is not None:
-        zeros = None if zeros is None else tuple(z[ids] for z in zeros)  # [T, k, G, N] each
-        rows = None if rows is None else tuple(r[ids] for r in rows)  # [T, k, K] each
-        w_gate, w_up, w_down = _dequantized((w_gate, w_up, w_down), (s_gate, s_up, s_down), zeros, block_size,
-                                            x.dtype, rows)
-        s_gate = s_up = s_down = None
-    h = _swiglu(_scaled(jnp.einsum("td,tkdf->tkf", x, w_gate.astype(x.dtype)), s_gate),
-                _scaled(jnp.einsum("td,tkdf->tkf", x, w_up.astype(x.dtype)), s_up), activation)  # [T, k, F]
-    y = _scaled(jnp.einsum("tkf,tkfd->tkd", h, w_down.astype(x.dtype)), s_down)  # [T, k, D]
+
+    def chosen(a):  # [E, ...] -> [T, k, ...]: each assignment's expert's
+        return None if a is None else a[ids]
+
+    none = (None, None, None)
+    # [T, k, in, out] each, from the gathered codes and their scales / zeros / act-order rows
+    w_gate, w_up, w_down = (_as_dtype(chosen(w), chosen(s), chosen(z), chosen(r), block_size, x.dtype)
+                            for w, s, z, r in zip((w_gate, w_up, w_down), scales, zeros or none, rows or none))
+    # per-channel FP8: [T, k, out] each, on the GEMMs' outputs (the others' were applied above)
+    s_gate, s_up, s_down = none if block_size is not None or zeros is not None else map(chosen, scales)
+    h = _swiglu(_scaled(jnp.einsum("td,tkdf->tkf", x, w_gate), s_gate),
+                _scaled(jnp.einsum("td,tkdf->tkf", x, w_up), s_up), activation)  # [T, k, F]
+    y = _scaled(jnp.einsum("tkf,tkfd->tkd", h, w_down), s_down)  # [T, k, D]
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
 
 
