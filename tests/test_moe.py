@@ -161,11 +161,50 @@ def test_auto_block_matches_float64(T):
 
 def test_capacity_sizes():
     assert moe.capacity(1, 2, 8) == 1  # never more rows than tokens: one round, no loop
-    assert moe.capacity(100, 8, 128) == 100
-    assert moe.capacity(256, 2, 8) == 128  # at least MIN_CAPACITY
+    assert moe.capacity(16, 8, 128) == 16
+    assert moe.capacity(100, 8, 128) == 32  # at least MIN_CAPACITY
+    assert moe.capacity(256, 8, 128) == 32  # 1.5 x the mean of 16, up to a multiple of 32
+    assert moe.capacity(256, 2, 8) == 96  # 1.5 x 64
+    assert moe.capacity(2048, 8, 128) == 192  # 1.5 x 128
     assert moe.capacity(2048, 2, 8) == 768  # 1.5 x the mean of 512
     assert moe.capacity(8192, 8, 128) == 768
-    assert moe.capacity(1000, 2, 8, factor=1.0) == 256  # rounded up to a multiple of 8
+    assert moe.capacity(1000, 2, 8, factor=1.0) == 256  # 250 rounded up to a multiple of 64
+    assert moe.capacity(700, 2, 8, factor=1.0) == 192  # 175 rounded up to a multiple of 64
+
+
+def hot_case(seed: int, T: int, D=16, X=48, F=8):
+    """Inputs whose router favours expert 0 (about half the tokens or more) over 47 others, many
+    of which still get several tokens."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(D)
+    u /= np.linalg.norm(u)
+    x = rng.standard_normal((T, D)) + 2 * u
+    router = rng.standard_normal((D, X))
+    router[:, 0] += 4.0 * u
+    wg, wu = rng.standard_normal((X, D, F)) / np.sqrt(D), rng.standard_normal((X, D, F)) / np.sqrt(D)
+    wd = rng.standard_normal((X, F, D)) / np.sqrt(F)
+    return tuple(a.astype(np.float32) for a in (x, router, wg, wu, wd))
+
+
+@pytest.mark.parametrize("T,k,capacity_rows", [(64, 4, 2), (64, 4, 3), (48, 3, 1), (80, 8, 5)])
+def test_capacity_rounds_over_the_hot_experts(T, k, capacity_rows):
+    """More experts than an overflow round serves (HOT_EXPERTS), uneven routing and a small C:
+    the rounds after the first pick the experts with the most rows left, some many times, others
+    (more than HOT_EXPERTS of them over C) in later rounds; every assignment is computed once."""
+    x, router, wg, wu, wd = hot_case(T + k, T)
+    assert router.shape[1] > moe.HOT_EXPERTS
+    ref, counts = reference(x, router, wg, wu, wd, k, True)
+    over = counts > capacity_rows
+    assert counts.max() >= T // 2 and over.sum() > moe.HOT_EXPERTS, counts  # hot rounds, several sets
+    got = ours(x, router, wg, wu, wd, T, k=k, renormalize=True, impl="capacity", capacity_rows=capacity_rows)
+    err = rel_err(got, ref)
+    assert err < TOL, f"T {T} k {k} C {capacity_rows}: relative error {err:.2e}"
+    # a padded step: the last tokens not routed, and the others unchanged
+    valid = T - 5
+    ref, _ = reference(x, router, wg, wu, wd, k, True, valid=valid)
+    got = np.asarray(ours(x, router, wg, wu, wd, valid, k=k, renormalize=True, impl="capacity",
+                          capacity_rows=capacity_rows))
+    assert np.all(got[valid:] == 0) and rel_err(got[:valid], ref[:valid]) < TOL
 
 
 def test_block_matches_float64_with_bf16_close():

@@ -11,6 +11,7 @@ D * F) at its bf16 matmul rate. Implementations:
   ragged     jax.lax.ragged_dot grouped GEMMs over the rows sorted by expert
   capacity   the padded [E, C, D] layout with the model's C (moe.capacity), rounds past C looped
   cap_T      the same with C = T: one round, no loop, E * T rows
+  cap_<N>    the same with C = N (any N; rounds past N looped): a sweep of the capacity rule
   dense      every token through every expert (E / k times the useful FLOPs)
   gather     each assignment's expert weights gathered [T * k, D, F] (moe "auto" at few tokens)
 
@@ -100,7 +101,9 @@ def make_inputs(T: int, D: int, F: int, E: int, reps: int, skew: float, seed: in
 def layer_fn(impl: str, k: int, T: int):
     """The MoE layer after the router: route, run the experts, combine; `reps` calls at once, each
     on its own weights."""
-    name, capacity_rows = ("capacity", T) if impl == "cap_T" else (impl, None)
+    name, capacity_rows = impl, None
+    if impl.startswith("cap_"):
+        name, capacity_rows = "capacity", T if impl == "cap_T" else min(T, int(impl[4:]))
 
     def one(x, logits, w):
         weights, ids = moe.route(logits, k, True)
@@ -182,9 +185,9 @@ def main() -> None:
     if not on_gpu and not args.tiny:
         raise SystemExit("needs a GPU (use --tiny to run the script on the CPU)")
     impls = args.impls.split(",")
-    unknown = set(impls) - set(IMPLS)
+    unknown = {i for i in impls if i not in IMPLS and not (i.startswith("cap_") and i[4:].isdigit())}
     if unknown:
-        raise SystemExit(f"--impls: unknown {sorted(unknown)} (have {IMPLS})")
+        raise SystemExit(f"--impls: unknown {sorted(unknown)} (have {IMPLS} and cap_<N>)")
     copy_bw, flops = device_ceilings(on_gpu)
     print(f"# {dev.device_kind}, jax {jax.__version__}: copy {copy_bw / 1e9:.0f} GB/s (read + write), "
           f"bf16 matmul {flops / 1e12:.0f} TFLOP/s; moe.CAPACITY_FACTOR={moe.CAPACITY_FACTOR}, "

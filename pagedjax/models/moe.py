@@ -6,11 +6,14 @@ F expert MLP width, A = T * k (token, expert) assignments, C capacity (rows per 
 Four exact implementations of the expert MLPs, chosen by a static `impl` (MOE_IMPLS):
   "ragged"    the assignments sorted by expert, `jax.lax.ragged_dot` with the group sizes
               (a grouped GEMM: each expert multiplies only its own rows), unsorted, combined.
-  "capacity"  the same sorted assignments scattered into a padded [E, C, D] buffer, one batched
-              einsum per projection. C is static (`capacity`); an expert with more than C rows
-              takes further rounds (a while loop up to the fullest expert's count), so no token is
-              ever dropped. C = T (any step of at most MIN_CAPACITY tokens: every decode-sized
-              step) needs no loop at all; a loop's trip count is read back by the host on a GPU.
+  "capacity"  the same sorted assignments laid out in a padded [E, C, D] buffer (gathered from
+              the tokens, the results gathered back: no [A, D] copy is sorted or scattered), one
+              batched einsum per projection. C is static (`capacity`); an expert with more than C rows
+              takes further rounds (a while loop until every row is done), so no token is ever
+              dropped; each such round serves only the HOT_EXPERTS experts with the most rows left
+              (their weights gathered), so an uneven load does not cost rounds over all E. C = T
+              (a step of at most MIN_CAPACITY tokens) needs no loop at all; a loop's trip count is
+              read back by the host on a GPU.
   "dense"     every token through every expert, weighted by a dense [T, E] combine matrix (E / k
               times the FLOPs: the baseline the others are measured against).
   "gather"    each assignment's own expert weights gathered ([A, D, F]: the weights of at most A
@@ -20,9 +23,9 @@ Four exact implementations of the expert MLPs, chosen by a static `impl` (MOE_IM
 (benchmarks/RESULTS.md, benchmarks/kernels/moe.py, bf16 and e4m3 experts):
   T * k * GATHER_RATIO <= E   "gather": a batch-1 decode step of Qwen3-30B-A3B reads 8 of its 128
                               experts' weights, not all of them (0.078 against 0.41-0.55 ms a layer)
-  T <= DENSE_MAX_TOKENS       "dense": at these sizes the capacity layout's C is T, the same FLOPs
-                              as dense, plus its scatter and gather (dense 2-18% faster at T 2-64,
-                              both models, bf16 and e4m3 experts)
+  T <= DENSE_MAX_TOKENS       "dense": 2-18% faster at T 2-64 than the capacity layout with C = T
+                              (the same FLOPs, plus its dispatch), both models, bf16 and e4m3
+                              experts
   above                       "capacity": on the CPU 1.5-40x faster than ragged_dot and 2-10x
                               faster than dense from 256 tokens (8 and 32 experts); on the H200
                               2.6-7.5x faster than ragged_dot (notes/h200_probes.md)
@@ -59,9 +62,12 @@ from pagedjax.models.config import MOE_IMPLS
 from pagedjax.quantization.fp8 import expand_block_scale
 
 CAPACITY_FACTOR = 1.5  # capacity rows per expert and round, over the mean (T * k / E)
-# Rows below which an expert's GEMM is bound by reading its weights (C is its arithmetic
-# intensity in FLOP/byte: ~166 is the H200's bf16 ridge): C never goes below this, unless T does.
-MIN_CAPACITY = 128
+# C never goes below this (unless T does) and is a multiple of it below 128 rows, of 64 above: the
+# GEMMs' row tiles (an H100's fastest C at T 256-2048 for Qwen3-30B-A3B, benchmarks/RESULTS.md)
+MIN_CAPACITY = 32
+# Rounds after the first serve this many experts: those with the most rows left, their weights
+# gathered, so an uneven load costs rounds over a few experts, not over all E
+HOT_EXPERTS = 16
 # "auto" gathers while the step's assignments, times this, are at most the experts: the gathered
 # [A, D, F] weights are read, written and read again by the GEMMs (~3 A experts' bytes), where the
 # capacity layout reads each of the E experts once.
@@ -101,11 +107,14 @@ def route(router_logits: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None = None) -> int:
-    """Static rows per expert and round: factor x the mean load, at least MIN_CAPACITY, at most T
-    (an expert gets each token at most once, so C = T always fits in one round)."""
+    """Static rows per expert and round: factor x the mean load, rounded up to a multiple of
+    MIN_CAPACITY (of 64 from 128 rows), at most T (an expert gets each token at most once, so
+    C = T always fits in one round)."""
     mean = num_tokens * top_k / num_experts
     factor = CAPACITY_FACTOR if factor is None else factor
-    return min(num_tokens, max(MIN_CAPACITY, 8 * math.ceil(factor * mean / 8)))
+    rows = factor * mean
+    tile = MIN_CAPACITY if rows <= 128 else 64
+    return min(num_tokens, max(MIN_CAPACITY, tile * math.ceil(rows / tile)))
 
 
 def expert_mlp(
@@ -158,21 +167,21 @@ def expert_mlp(
         return _dense(x, weights, jnp.where(keep, ids, E), E, ws, activation, scales)
     flat = jnp.where(keep, ids, E).reshape(T * k)  # [A]; dropped assignments sort last, as expert E
     order = jnp.argsort(flat, stable=True)  # [A] assignment at each sorted row
-    expert = flat[order]  # [A] non-decreasing
     counts = jnp.bincount(flat, length=E + 1)[:E].astype(jnp.int32)  # [E] rows of each expert
-    xs = x[order // k]  # [A, D] the token of each sorted row
-    if impl == "ragged":
-        rows = [None if s is None else s[jnp.minimum(expert, E - 1)] for s in scales]  # [A, out] each
-        y = _ragged(xs, counts, ws, activation, rows)
-    elif impl == "capacity":
+    if impl == "capacity":
         C = capacity_rows or capacity(T, k, E)
-        y = _capacity(xs, expert, counts, ws, activation, C, single=C >= T,
+        y = _capacity(x, flat, order, counts, k, ws, activation, C, single=C >= T,
                       scales=[None if s is None else s[:, None, :] for s in scales])  # [E, 1, out] each
+    elif impl == "ragged":
+        expert = flat[order]  # [A] non-decreasing
+        rows = [None if s is None else s[jnp.minimum(expert, E - 1)] for s in scales]  # [A, out] each
+        y = _ragged(x[order // k], counts, ws, activation, rows)  # [A, D] in sorted order
+        y = jnp.where((expert < E)[:, None], y, 0)  # rows of dropped assignments: whatever came out
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))  # [A]
+        y = y[inverse]  # back in assignment order
     else:
         raise ValueError(f"unknown moe impl {impl!r} (have {MOE_IMPLS[1:]})")
-    y = jnp.where((expert < E)[:, None], y, 0)  # rows of dropped assignments: whatever came out
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))  # [A]
-    y = y[inverse].reshape(T, k, -1).astype(jnp.float32)  # [T, k, D] back in assignment order
+    y = y.reshape(T, k, -1).astype(jnp.float32)  # [T, k, D]
     # a gather and a sum over k, not a scatter-add: the same sums in the same order every time
     return jnp.einsum("tkd,tk->td", y, weights)
 
@@ -216,16 +225,21 @@ def _as_dtype(w: jax.Array, scale, zero, rows, block_size, dtype) -> jax.Array:
     return w.astype(dtype)
 
 
-def _loaders(ws, scales, zeros, block_size, dtype, rows=None) -> tuple[Callable[[], jax.Array], ...]:
-    """One thunk per projection giving its weight [E, in, out] in `dtype` (_as_dtype).
+def _loaders(ws, scales, zeros, block_size, dtype, rows=None) -> tuple[Callable[..., jax.Array], ...]:
+    """One thunk per projection giving its weight [E, in, out] in `dtype` (_as_dtype), or, given
+    expert ids [H], those experts' [H, in, out] (the codes gathered before they are converted).
 
     Each GEMM calls its own, so the conversion is traced beside the GEMM that reads it and XLA can
     fuse the two: one conversion shared by several GEMMs (the capacity layout's rounds) would be
     written to memory whole, in bf16 twice an FP8 weight's bytes and four times an int4 one's,
     and read again (on an H100, the largest part of a Qwen3-30B-A3B decode step's time)."""
+    def load(w, s, z, r, experts=None):
+        if experts is not None:
+            w, s, z, r = (None if a is None else a[experts] for a in (w, s, z, r))
+        return _as_dtype(w, s, z, r, block_size, dtype)
+
     none = (None,) * len(ws)
-    return tuple(functools.partial(_as_dtype, w, s, z, r, block_size, dtype)
-                 for w, s, z, r in zip(ws, scales, zeros or none, rows or none))
+    return tuple(functools.partial(load, w, s, z, r) for w, s, z, r in zip(ws, scales, zeros or none, rows or none))
 
 
 def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -243,40 +257,61 @@ def _ragged(xs, counts, ws, activation, scales=(None, None, None)) -> jax.Array:
     return _scaled(jax.lax.ragged_dot(_swiglu(gate, up, activation), w_down(), counts), s_down)  # [A, D]
 
 
-def _capacity(xs, expert, counts, ws, activation, C: int, single: bool, scales=(None, None, None)) -> jax.Array:
-    """Batched einsums over a padded [E, C, D] layout; round r takes rows r*C.. of each expert.
+def _capacity(x, flat, order, counts, k: int, ws, activation, C: int, single: bool,
+              scales=(None, None, None)) -> jax.Array:
+    """Batched einsums over a padded [E, C, D] layout: each expert's first C rows, then rounds
+    over the HOT_EXPERTS experts with the most rows left, C more rows each, until none is left.
 
+    The assignments sorted by expert (order, stable) give each expert's rows; the layout is
+    gathered from the tokens x [T, D] (row c of expert e: the token of sorted row starts[e] +
+    done[e] + c) and each assignment's result gathered from the output, so no [A, D] copy of the
+    tokens is sorted, scattered or put back. Result: [A, D] in assignment order (flat's), zero
+    where dropped (flat = E).
     single (static): C is at least the most rows an expert can get (T: each token picks an
     expert once), so no loop is traced.
     """
-    A, D = xs.shape
-    E = counts.shape[0]
-    w_gate, w_up, w_down = ws
+    A, E, D = flat.shape[0], counts.shape[0], x.shape[1]
     starts = jnp.cumsum(counts) - counts  # [E] first sorted row of each expert
-    rank = jnp.arange(A, dtype=jnp.int32) - jnp.append(starts, A)[expert]  # [A] row within its expert
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(A, dtype=order.dtype))  # [A] sorted row
+    rank = position - jnp.append(starts, A)[flat]  # [A] row within its expert (dropped: < 0)
 
-    def run(r):
-        slot = rank - r * C  # [A]
-        sel = (expert < E) & (slot >= 0) & (slot < C)
-        e = jnp.where(sel, expert, E)  # out of range: dropped by the scatter, filled by the gather
-        slot = jnp.where(sel, slot, 0)
-        buf = jnp.zeros((E, C, D), xs.dtype).at[e, slot].set(xs, mode="drop")  # [E, C, D]
-        s_gate, s_up, s_down = scales
-        h = _swiglu(_scaled(jnp.einsum("ecd,edf->ecf", buf, w_gate()), s_gate),
-                    _scaled(jnp.einsum("ecd,edf->ecf", buf, w_up()), s_up), activation)
-        y = _scaled(jnp.einsum("ecf,efd->ecd", h, w_down()), s_down)  # [E, C, D]
-        return y.at[e, slot].get(mode="fill", fill_value=0)  # [A, D]; zero for rows of other rounds
+    def run(experts, done):
+        """Rows done[h]..done[h] + C of each expert experts[h] ([H] each; None: all E from row 0),
+        as [A, D]: the results of the assignments among them, zero for the others."""
+        pick = (lambda a: a) if experts is None else (lambda a: a[experts])
+        H = E if experts is None else experts.shape[0]
+        row = (0 if done is None else done[:, None]) + jnp.arange(C, dtype=jnp.int32)[None, :]  # [H, C]
+        filled = row < pick(counts)[:, None]
+        token = order[jnp.minimum(pick(starts)[:, None] + row, A - 1)] // k  # [H, C]
+        buf = jnp.where(filled[..., None], x[token], 0)  # [H, C, D]
+        w_gate, w_up, w_down = (load(experts) for load in ws)
+        s_gate, s_up, s_down = (None if s is None else pick(s) for s in scales)
+        h = _swiglu(_scaled(jnp.einsum("ecd,edf->ecf", buf, w_gate), s_gate),
+                    _scaled(jnp.einsum("ecd,edf->ecf", buf, w_up), s_up), activation)
+        y = _scaled(jnp.einsum("ecf,efd->ecd", h, w_down), s_down).reshape(H * C, D)
+        if experts is None:
+            slot, first = jnp.where(flat < E, flat, -1), jnp.zeros_like(rank)
+        else:  # each assignment's place among the chosen experts (-1: not chosen), and its rows' start
+            slot = jnp.full((E + 1,), -1, jnp.int32).at[experts].set(jnp.arange(H, dtype=jnp.int32))[flat]
+            first = jnp.zeros((E + 1,), rank.dtype).at[experts].set(done.astype(rank.dtype))[flat]
+        r = rank - first
+        mine = (slot >= 0) & (r >= 0) & (r < C)  # the assignments this round computed
+        return jnp.where(mine[:, None], y[jnp.where(mine, slot * C + r, 0)], 0)  # [A, D]
 
-    y = run(0)
+    y = run(None, None)
     if single:
         return y
-    rounds = (jnp.max(counts) + C - 1) // C
+    H = min(E, HOT_EXPERTS)
 
     def body(carry):
-        r, acc = carry
-        return r + 1, acc + run(r)
+        done, acc = carry  # [E] rows of each expert computed so far
+        _, hot = jax.lax.top_k(counts - done, H)  # [H] the experts with the most rows left
+        hot = hot.astype(jnp.int32)
+        acc = acc + run(hot, done[hot])
+        return done.at[hot].add(jnp.minimum(C, counts[hot] - done[hot])), acc
 
-    return jax.lax.while_loop(lambda c: c[0] < rounds, body, (jnp.int32(1), y))[1]
+    done = jnp.minimum(counts, C)
+    return jax.lax.while_loop(lambda c: jnp.any(c[0] < counts), body, (done, y))[1]
 
 
 def _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales=(None, None, None),
