@@ -243,6 +243,33 @@ def cuda_mem_info() -> tuple[int, int] | None:
 
 
 ALTERNATE_STEPS_ENV = "PAGEDJAX_ALTERNATE_STEPS"
+# An MoE model's steps on the GPU put loops and conditionals in XLA's command buffers (CUDA graphs
+# with device-side control flow): the capacity layout's rounds loop otherwise has its trip count
+# read back by the host at every MoE layer, which holds the host inside the step call until the
+# device gets there (Qwen3-30B-A3B, FP8 experts, decode at batch 256 on an H100: engine step 35.5
+# -> 31.4 ms, benchmarks/RESULTS.md). PAGEDJAX_LOOP_COMMAND_BUFFERS=0 keeps XLA's default kinds;
+# an XLA_FLAGS that sets the kinds itself wins.
+LOOP_COMMAND_BUFFERS_ENV = "PAGEDJAX_LOOP_COMMAND_BUFFERS"
+LOOP_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+
+
+def step_compiler_options(is_moe: bool, batch_invariant: bool, backend: str) -> dict[str, Any] | None:
+    """XLA options of the step programs' compiles (None: XLA_FLAGS and XLA's defaults).
+
+    Batch-invariant steps on the GPU: every GEMM through cuBLAS(Lt) with its heuristic's algorithm
+    for the shape (XLA neither autotunes, which may pick differently in two compiles of the same
+    tile shape, nor builds Triton GEMMs whose tiling follows the fusion), and no atomics (XLA's
+    run-to-run deterministic mode). MoE steps on the GPU: LOOP_COMMAND_BUFFERS."""
+    if backend != "gpu":
+        return None
+    options: dict[str, Any] = {}
+    if batch_invariant:
+        options.update({"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0,
+                        "xla_gpu_deterministic_ops": True, "xla_gpu_exclude_nondeterministic_ops": True})
+    if (is_moe and os.environ.get(LOOP_COMMAND_BUFFERS_ENV, "1") != "0"
+            and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", "")):
+        options["xla_gpu_enable_command_buffer"] = LOOP_COMMAND_BUFFERS
+    return options or None
 COMPILE_WORKERS_ENV = "PAGEDJAX_COMPILE_WORKERS"
 
 
@@ -324,13 +351,8 @@ class ModelRunner:
                                                    GPU_SMALLEST_BUCKET if jax.default_backend() == "gpu" else 1)
         self.kv_dtype = kv_dtype.resolve_kv_cache_dtype(opts.kv_cache_dtype, params.dtype)
         self.attn_impl = opts.attn_impl
-        # Batch-invariant steps and samplers on the GPU: every GEMM through cuBLAS(Lt) with its
-        # heuristic's algorithm for the shape (XLA neither autotunes, which may pick differently in
-        # two compiles of the same tile shape, nor builds Triton GEMMs whose tiling follows the
-        # fusion), and no atomics (XLA's run-to-run deterministic mode).
-        self.step_compiler_options = ({"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0,
-                                       "xla_gpu_deterministic_ops": True, "xla_gpu_exclude_nondeterministic_ops": True}
-                                      if opts.batch_invariant and jax.default_backend() == "gpu" else None)
+        self.step_compiler_options = step_compiler_options(params.config.num_experts > 0, opts.batch_invariant,
+                                                           jax.default_backend())
         # Experimental (PAGEDJAX_ALTERNATE_STEPS=1): successive steps alternate between two loaded
         # instances of each step program, so that preparing one's CUDA graph for a launch (XLA's
         # command-buffer update) need not wait for the other's run still in flight.

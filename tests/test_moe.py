@@ -425,3 +425,34 @@ def test_int4_experts_gather_a_decode_step():
     got = moe.expert_mlp(xb, weights, ids, jnp.ones(ids.shape, bool), g, u, d, activation=jax.nn.silu,
                          impl="auto", scales=(sg, su, sd), zeros=(zg, zu, zd))
     assert rel_err(got, ref) < 3e-2, rel_err(got, ref)
+
+
+def test_moe_steps_put_loops_in_command_buffers(monkeypatch):
+    """On the GPU an MoE model's steps compile with loops and conditionals in XLA's command buffers
+    (the capacity rounds' trip count is then not read back by the host), unless turned off or set by
+    XLA_FLAGS; dense models and the CPU keep XLA's defaults; batch-invariant options are kept. The
+    option string is one XLA accepts (compiled here, on any backend)."""
+    from pagedjax import model_runner as mr
+
+    monkeypatch.delenv(mr.LOOP_COMMAND_BUFFERS_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_command_buffer_update_mode=SKIP_TEMP")
+    opts = mr.step_compiler_options(True, False, "gpu")
+    assert opts == {"xla_gpu_enable_command_buffer": mr.LOOP_COMMAND_BUFFERS}
+    assert {"WHILE", "CONDITIONAL"} <= set(mr.LOOP_COMMAND_BUFFERS.split(","))
+    assert mr.step_compiler_options(False, False, "gpu") is None
+    assert mr.step_compiler_options(True, False, "cpu") is None
+    both = mr.step_compiler_options(True, True, "gpu")
+    assert both["xla_gpu_deterministic_ops"] and both["xla_gpu_enable_command_buffer"] == mr.LOOP_COMMAND_BUFFERS
+    monkeypatch.setenv(mr.LOOP_COMMAND_BUFFERS_ENV, "0")
+    assert mr.step_compiler_options(True, False, "gpu") is None
+    monkeypatch.delenv(mr.LOOP_COMMAND_BUFFERS_ENV)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")
+    assert mr.step_compiler_options(True, False, "gpu") is None
+
+    def rounds(x):
+        return jax.lax.while_loop(lambda c: c[0] < c[1].sum(), lambda c: (c[0] + 1, c[1]), (0, x))[0]
+
+    compiled = jax.jit(rounds).lower(jnp.ones(3)).compile(opts)
+    assert int(compiled(jnp.ones(3))) == 3
+    with pytest.raises(Exception, match="not a valid enum value"):
+        jax.jit(rounds).lower(jnp.ones(3)).compile({"xla_gpu_enable_command_buffer": "FUSION,LOOPS"})
