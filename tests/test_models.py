@@ -243,6 +243,7 @@ def test_moe_impls_match_hf(impl, tmp_path, monkeypatch):
 
     if impl == "capacity-rounds":
         monkeypatch.setattr(moe, "MIN_CAPACITY", 1)
+        monkeypatch.setattr(moe, "CAPACITY_TILE", 1)
         monkeypatch.setattr(moe, "CAPACITY_FACTOR", 1.0)
         assert moe.capacity(T_BUCKET, 2, 8) == 8
     check_against_hf("mixtral-gqa-8experts-top2", tmp_path, moe_impl=impl.split("-")[0])

@@ -162,9 +162,11 @@ def test_auto_block_matches_float64(T):
 def test_capacity_sizes():
     assert moe.capacity(1, 2, 8) == 1  # never more rows than tokens: one round, no loop
     assert moe.capacity(16, 8, 128) == 16
-    assert moe.capacity(100, 8, 128) == 32  # at least MIN_CAPACITY
-    assert moe.capacity(256, 8, 128) == 32  # 1.5 x the mean of 16, up to a multiple of 32
-    assert moe.capacity(256, 2, 8) == 96  # 1.5 x 64
+    assert moe.capacity(40, 8, 128) == 40  # at most T
+    assert moe.capacity(100, 8, 128) == 64  # at least MIN_CAPACITY
+    assert moe.capacity(256, 8, 128) == 64  # 1.5 x the mean of 16, at least MIN_CAPACITY
+    assert moe.capacity(256, 2, 8) == 96  # 1.5 x 64, a multiple of 32
+    assert moe.capacity(1024, 8, 128) == 96  # 1.5 x 64
     assert moe.capacity(2048, 8, 128) == 192  # 1.5 x 128
     assert moe.capacity(2048, 2, 8) == 768  # 1.5 x the mean of 512
     assert moe.capacity(8192, 8, 128) == 768

@@ -62,9 +62,13 @@ from pagedjax.models.config import MOE_IMPLS
 from pagedjax.quantization.fp8 import expand_block_scale
 
 CAPACITY_FACTOR = 1.5  # capacity rows per expert and round, over the mean (T * k / E)
-# C never goes below this (unless T does) and is a multiple of it below 128 rows, of 64 above: the
-# GEMMs' row tiles (an H100's fastest C at T 256-2048 for Qwen3-30B-A3B, benchmarks/RESULTS.md)
-MIN_CAPACITY = 32
+# C is a multiple of CAPACITY_TILE rows up to 128, of twice it above (the GEMMs' row tiles: C 160
+# was slower than 192), and at least MIN_CAPACITY (unless T is less): on an H100, Qwen3-30B-A3B's
+# layer (e4m3 experts) was fastest at C 64, 96 and 192 for 512, 1024 and 2048 tokens; at 256
+# tokens C 32 was faster still with even routing but slower with a skewed router than C 64, which
+# beat the former C of 128 in both (benchmarks/RESULTS.md)
+CAPACITY_TILE = 32
+MIN_CAPACITY = 64
 # Rounds after the first serve this many experts: those with the most rows left, their weights
 # gathered, so an uneven load costs rounds over a few experts, not over all E
 HOT_EXPERTS = 16
@@ -108,12 +112,12 @@ def route(router_logits: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None = None) -> int:
     """Static rows per expert and round: factor x the mean load, rounded up to a multiple of
-    MIN_CAPACITY (of 64 from 128 rows), at most T (an expert gets each token at most once, so
-    C = T always fits in one round)."""
+    CAPACITY_TILE (of twice it over 128 rows), at least MIN_CAPACITY, at most T (an expert gets
+    each token at most once, so C = T always fits in one round)."""
     mean = num_tokens * top_k / num_experts
     factor = CAPACITY_FACTOR if factor is None else factor
     rows = factor * mean
-    tile = MIN_CAPACITY if rows <= 128 else 64
+    tile = CAPACITY_TILE if rows <= 128 else 2 * CAPACITY_TILE
     return min(num_tokens, max(MIN_CAPACITY, tile * math.ceil(rows / tile)))
 
 
