@@ -243,6 +243,7 @@ def cuda_mem_info() -> tuple[int, int] | None:
 
 
 ALTERNATE_STEPS_ENV = "PAGEDJAX_ALTERNATE_STEPS"
+COMPILE_WORKERS_ENV = "PAGEDJAX_COMPILE_WORKERS"
 # An MoE model's steps on the GPU put loops and conditionals in XLA's command buffers (CUDA graphs
 # with device-side control flow): the capacity layout's rounds loop otherwise has its trip count
 # read back by the host at every MoE layer, which holds the host inside the step call until the
@@ -270,7 +271,6 @@ def step_compiler_options(is_moe: bool, batch_invariant: bool, backend: str) -> 
             and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", "")):
         options["xla_gpu_enable_command_buffer"] = LOOP_COMMAND_BUFFERS
     return options or None
-COMPILE_WORKERS_ENV = "PAGEDJAX_COMPILE_WORKERS"
 
 
 def compile_workers() -> int:

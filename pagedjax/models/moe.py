@@ -181,13 +181,17 @@ def expert_mlp(
         rows = [None if s is None else s[jnp.minimum(expert, E - 1)] for s in scales]  # [A, out] each
         y = _ragged(x[order // k], counts, ws, activation, rows)  # [A, D] in sorted order
         y = jnp.where((expert < E)[:, None], y, 0)  # rows of dropped assignments: whatever came out
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))  # [A]
-        y = y[inverse]  # back in assignment order
+        y = y[_sorted_rows(order)]  # back in assignment order
     else:
         raise ValueError(f"unknown moe impl {impl!r} (have {MOE_IMPLS[1:]})")
     y = y.reshape(T, k, -1).astype(jnp.float32)  # [T, k, D]
     # a gather and a sum over k, not a scatter-add: the same sums in the same order every time
     return jnp.einsum("tkd,tk->td", y, weights)
+
+
+def _sorted_rows(order: jax.Array) -> jax.Array:
+    """The inverse of the permutation `order` [A]: the sorted row of each assignment."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
 def _swiglu(h_gate: jax.Array, h_up: jax.Array, activation) -> jax.Array:
@@ -231,7 +235,8 @@ def _as_dtype(w: jax.Array, scale, zero, rows, block_size, dtype) -> jax.Array:
 
 def _loaders(ws, scales, zeros, block_size, dtype, rows=None) -> tuple[Callable[..., jax.Array], ...]:
     """One thunk per projection giving its weight [E, in, out] in `dtype` (_as_dtype), or, given
-    expert ids [H], those experts' [H, in, out] (the codes gathered before they are converted).
+    expert ids of any shape [...], those experts' [..., in, out] (the codes gathered before they
+    are converted).
 
     Each GEMM calls its own, so the conversion is traced beside the GEMM that reads it and XLA can
     fuse the two: one conversion shared by several GEMMs (the capacity layout's rounds) would be
@@ -276,8 +281,7 @@ def _capacity(x, flat, order, counts, k: int, ws, activation, C: int, single: bo
     """
     A, E, D = flat.shape[0], counts.shape[0], x.shape[1]
     starts = jnp.cumsum(counts) - counts  # [E] first sorted row of each expert
-    position = jnp.zeros_like(order).at[order].set(jnp.arange(A, dtype=order.dtype))  # [A] sorted row
-    rank = position - jnp.append(starts, A)[flat]  # [A] row within its expert (dropped: < 0)
+    rank = _sorted_rows(order) - jnp.append(starts, A)[flat]  # [A] row within its expert (dropped: < 0)
 
     def run(experts, done):
         """Rows done[h]..done[h] + C of each expert experts[h] ([H] each; None: all E from row 0),
@@ -311,8 +315,8 @@ def _capacity(x, flat, order, counts, k: int, ws, activation, C: int, single: bo
         done, acc = carry  # [E] rows of each expert computed so far
         _, hot = jax.lax.top_k(counts - done, H)  # [H] the experts with the most rows left
         hot = hot.astype(jnp.int32)
-        acc = acc + run(hot, done[hot])
-        return done.at[hot].add(jnp.minimum(C, counts[hot] - done[hot])), acc
+        start = done[hot]
+        return done.at[hot].set(jnp.minimum(counts[hot], start + C)), acc + run(hot, start)
 
     done = jnp.minimum(counts, C)
     return jax.lax.while_loop(lambda c: jnp.any(c[0] < counts), body, (done, y))[1]
@@ -328,16 +332,12 @@ def _gather(x, weights, ids, keep, w_gate, w_up, w_down, activation, scales=(Non
     dequantized once gathered (act-order int4: their rows put back by their experts' `rows`)."""
     E = w_gate.shape[0]
     ids = jnp.clip(jnp.where(keep, ids, ids[:1]), 0, E - 1)  # [T, k]
-
-    def chosen(a):  # [E, ...] -> [T, k, ...]: each assignment's expert's
-        return None if a is None else a[ids]
-
-    none = (None, None, None)
     # [T, k, in, out] each, from the gathered codes and their scales / zeros / act-order rows
-    w_gate, w_up, w_down = (_as_dtype(chosen(w), chosen(s), chosen(z), chosen(r), block_size, x.dtype)
-                            for w, s, z, r in zip((w_gate, w_up, w_down), scales, zeros or none, rows or none))
+    w_gate, w_up, w_down = (load(ids) for load in _loaders((w_gate, w_up, w_down), scales, zeros, block_size,
+                                                          x.dtype, rows))
     # per-channel FP8: [T, k, out] each, on the GEMMs' outputs (the others' were applied above)
-    s_gate, s_up, s_down = none if block_size is not None or zeros is not None else map(chosen, scales)
+    s_gate, s_up, s_down = ((None,) * 3 if block_size is not None or zeros is not None else
+                            (None if s is None else s[ids] for s in scales))
     h = _swiglu(_scaled(jnp.einsum("td,tkdf->tkf", x, w_gate), s_gate),
                 _scaled(jnp.einsum("td,tkdf->tkf", x, w_up), s_up), activation)  # [T, k, F]
     y = _scaled(jnp.einsum("tkf,tkfd->tkd", h, w_down), s_down)  # [T, k, D]
