@@ -129,6 +129,17 @@ def test_tensor_parallel(params, probe):
             assert not all(same(r, alone) for r in runs)
 
 
+def test_tensor_parallel_reference_attention(params, probe):
+    """The pure-jnp attention (what runs where the extension is not built) at tensor_parallel_size 3:
+    its sums are compiled by XLA per shape, so it keeps a token's numbers only if it attends in
+    blocks of a fixed size whatever the batch. Alone, beside 8 strangers and in chunks of 72."""
+    tp = dict(ENGINE, tensor_parallel_size=3, attn_impl="reference")
+    alone = run(pj.LLM(params, batch_invariant=True, **tp), probe)
+    runs = [run(pj.LLM(params, batch_invariant=True, **tp), probe, 8, seed=8),
+            run(pj.LLM(params, batch_invariant=True, **{**tp, "max_num_batched_tokens": 72}), probe, 8, seed=3)]
+    assert all(same(r, alone) for r in runs)
+
+
 def test_refused_where_not_supported():
     import jax.numpy as jnp
 

@@ -70,7 +70,7 @@ def paged_attention(
     head) walks the token's own context in tiles of fixed positions from position 0, so a token's
     sums run in the same order in a prefill chunk and as a decode, beside any batch (the tensor-core
     kernels tile query rows by batch shape, and the split-KV count follows the batch). The CPU
-    call and the reference are per token already.
+    call is per token already; the reference attends in blocks of a fixed number of tokens.
     """
     check_options(sliding_window, logit_softcap, "paged_attention")
     k_scale, v_scale = _kv_dtype.check_scales(k_scale, v_scale, k_pages.dtype, k_pages.shape[2], "paged_attention")
@@ -86,4 +86,4 @@ def paged_attention(
         return ffi.paged_attention_ffi(q, k_pages, v_pages, meta, mesh=tp_mesh(), **opts, **fixed)
     from pagedjax.attention import reference
 
-    return reference.paged_attention(q, k_pages, v_pages, meta, **opts)
+    return reference.paged_attention(q, k_pages, v_pages, meta, **opts, batch_invariant=batch_invariant)

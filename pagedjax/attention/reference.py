@@ -35,10 +35,14 @@ def paged_attention(
     logit_softcap: float | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    batch_invariant: bool = False,
 ) -> jax.Array:
     """Causal attention of q [T, N, H] over each request's paged K/V; returns [T, N, H].
 
     k_scale / v_scale [K] f32: the dequantization scales, needed when the pages are fp8.
+    batch_invariant (static): every token attends inside a block of TOKEN_BLOCK rows, whatever T, so
+    its sums are compiled the same way in any batch (XLA picks a dot's loop order and vectorization
+    by its shapes: a batch of 8 and one of 64 need not add a row's terms in the same order).
     """
     T, N, H = q.shape
     P, B, K, _ = k_pages.shape
@@ -80,7 +84,7 @@ def paged_attention(
         o = jnp.einsum("tkgl,tlkh->tkgh", p, v)  # [t, K, G, H]
         return o.reshape(t, N, H).astype(q.dtype)
 
-    if T <= TOKEN_BLOCK:
+    if T <= TOKEN_BLOCK and not batch_invariant:
         return attend(q, req, meta.positions, valid)
     pad = -T % TOKEN_BLOCK
     blocks = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
