@@ -1,6 +1,7 @@
 """The batch-invariance checks' probe runs: a probe prompt beside random strangers, its tokens and
-top-2 logprobs under greedy and seeded sampling (tests/test_batch_invariance.py, and at
-Llama-3-8B's widths on the GPU, tests/test_batch_invariance_gpu.py)."""
+top-2 logprobs under greedy and seeded sampling (tests/test_batch_invariance.py and
+tests/test_batch_invariance_tp.py, and at Llama-3-8B's widths on the GPU,
+tests/test_batch_invariance_gpu.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,27 @@ import numpy as np
 import pagedjax as pj
 
 MAX_TOKENS = 8
+
+# The CPU checks' engine and probe (tests/test_batch_invariance.py, tests/test_batch_invariance_tp.py):
+# the bundled SmolLM2-135M-Instruct in bf16, a probe of 300 tokens of this text.
+SMOLLM2_ENGINE = dict(max_num_seqs=72, max_model_len=512, max_num_batched_tokens=256, precompile=False,
+                      enable_prefix_caching=False)
+PROBE_TEXT = ("The Roman Empire was the post-Republican state of ancient Rome. It included territory around "
+              "the Mediterranean in Europe, North Africa, and Western Asia, and was ruled by emperors. ")
+
+
+def smollm2_params():
+    import jax.numpy as jnp
+
+    return pj.load_params(None, dtype=jnp.bfloat16)
+
+
+def smollm2_probe(params) -> list[int]:
+    from pagedjax.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(params.tokenizer).encode(PROBE_TEXT * 10, add_special_tokens=False)[:300]
+    assert len(ids) == 300
+    return ids
 
 
 def probe_params(max_tokens: int = MAX_TOKENS) -> list[pj.SamplingParams]:

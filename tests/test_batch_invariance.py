@@ -5,37 +5,27 @@ The bundled SmolLM2-135M-Instruct in bf16 on the CPU. A probe prompt (~300 token
 a fresh engine: that is the reference. Then it runs beside 2 to 64 random strangers (random
 prompts, lengths, output lengths, greedy and seeded sampling), with the prompt split into chunks
 of 16, 64 and 256 tokens, again after its prefix was cached, with async scheduling off, in a pool
-small enough that it is preempted (recompute and swap), and at tensor-parallel size 3 on fake CPU
-devices. The probe is checked twice each time: greedy, and seeded sampling (temperature 0.8,
-top-p 0.95), with its top-2 logprobs.
+small enough that it is preempted (recompute and swap) (tensor parallelism:
+tests/test_batch_invariance_tp.py). The probe is checked twice each time: greedy, and seeded
+sampling (temperature 0.8, top-p 0.95), with its top-2 logprobs.
 Without the flag the same runs differ from the reference (the test can fail).
 """
 
 import pytest
 
 import pagedjax as pj
-from tests.invariance_cases import reference_runs, run, same
-
-ENGINE = dict(max_num_seqs=72, max_model_len=512, max_num_batched_tokens=256, precompile=False,
-              enable_prefix_caching=False)
-PROBE_TEXT = ("The Roman Empire was the post-Republican state of ancient Rome. It included territory around "
-              "the Mediterranean in Europe, North Africa, and Western Asia, and was ruled by emperors. ")
+from tests.invariance_cases import SMOLLM2_ENGINE as ENGINE
+from tests.invariance_cases import reference_runs, run, same, smollm2_params, smollm2_probe
 
 
 @pytest.fixture(scope="module")
 def params():
-    import jax.numpy as jnp
-
-    return pj.load_params(None, dtype=jnp.bfloat16)
+    return smollm2_params()
 
 
 @pytest.fixture(scope="module")
 def probe(params) -> list[int]:
-    from pagedjax.tokenizer import load_tokenizer
-
-    ids = load_tokenizer(params.tokenizer).encode(PROBE_TEXT * 10, add_special_tokens=False)[:300]
-    assert len(ids) == 300
-    return ids
+    return smollm2_probe(params)
 
 
 @pytest.fixture(scope="module")
@@ -110,34 +100,6 @@ def test_without_the_flag_the_numbers_change(params, probe, alone):
     llm = pj.LLM(params, batch_invariant=False, **ENGINE)
     runs = [run(llm, probe, n, seed=n) for n in (8, 32)]
     assert any(not same(r, alone[False]) for r in runs)
-
-
-def test_tensor_parallel(params, probe):
-    """At tensor_parallel_size 3 (SmolLM2's 9 heads and 3 kv heads split over 3 of the 8 fake CPU
-    devices): alone, beside 8 and 32 strangers and in chunks of 72 tokens, the same numbers with
-    the flag and different ones without. The reference is the probe alone at the same size:
-    across sizes the partial sums are added in another order, which the mode does not promise."""
-    tp = dict(ENGINE, tensor_parallel_size=3)
-    for bi in (True, False):
-        alone = run(pj.LLM(params, batch_invariant=bi, **tp), probe)
-        llm = pj.LLM(params, batch_invariant=bi, **tp)
-        runs = [run(llm, probe, n, seed=n) for n in (8, 32)]
-        runs.append(run(pj.LLM(params, batch_invariant=bi, **{**tp, "max_num_batched_tokens": 72}), probe, 8, seed=3))
-        if bi:
-            assert all(same(r, alone) for r in runs)
-        else:
-            assert not all(same(r, alone) for r in runs)
-
-
-def test_tensor_parallel_reference_attention(params, probe):
-    """The pure-jnp attention (what runs where the extension is not built) at tensor_parallel_size 3:
-    its sums are compiled by XLA per shape, so it keeps a token's numbers only if it attends in
-    blocks of a fixed size whatever the batch. Alone, beside 8 strangers and in chunks of 72."""
-    tp = dict(ENGINE, tensor_parallel_size=3, attn_impl="reference")
-    alone = run(pj.LLM(params, batch_invariant=True, **tp), probe)
-    runs = [run(pj.LLM(params, batch_invariant=True, **tp), probe, 8, seed=8),
-            run(pj.LLM(params, batch_invariant=True, **{**tp, "max_num_batched_tokens": 72}), probe, 8, seed=3)]
-    assert all(same(r, alone) for r in runs)
 
 
 def test_refused_where_not_supported():
