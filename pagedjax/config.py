@@ -150,9 +150,11 @@ class EngineConfig:
                              + (f"these weights are quantized ({held.name!r})" if held is not None
                                 else f"{params.config.architecture} routes tokens to experts"))
         if self.batch_invariant:
+            from pagedjax import attention
             from pagedjax.models import invariant_matmul
 
             invariant_matmul.check(tp)
+            attention.invariant_kernel()  # a bad PAGEDJAX_BATCH_INVARIANT_ATTENTION fails here
         return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
                                    max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
 

@@ -295,7 +295,8 @@ def test_gpu_bad_metadata_is_nan(seed, kernel):
 def _token_in_two_batches(seed: int, **call_opts) -> tuple[np.ndarray, np.ndarray]:
     """A request of L tokens (Llama-3-8B's heads): its last token's output when the whole prompt
     is one prefill chunk alone, and as a decode row beside a prefill chunk and another decode in a
-    padded batch. Returns both [N, H] rows as f32."""
+    padded batch. Returns both [N, H] rows as f32. call_opts go to the call (kernel, num_splits,
+    sliding_window)."""
     rng = np.random.default_rng(seed)
     N, K, H, B, L = 32, 8, 128, 16, int(rng.integers(300, 700))
     P = 1 + 3 * (-(-L // B)) + 8
@@ -332,14 +333,61 @@ def test_batch_invariant_call_on_cpu(seed, seed_offset):
     np.testing.assert_array_equal(alone, beside)
 
 
+@pytest.mark.parametrize("window", [None, 113])
+def test_invariant_kernel_on_cpu(seed, window):
+    """kernel="invariant" is accepted by the CPU handler (which computes each token by itself) with
+    the same numbers as the default, and a split count beside it is refused."""
+    opts = dict(sliding_window=window)
+    alone, beside = _token_in_two_batches(seed, kernel="invariant", **opts)
+    np.testing.assert_array_equal(alone, beside)
+    np.testing.assert_array_equal(alone, _token_in_two_batches(seed, **opts)[0])
+    with pytest.raises(ValueError, match="unsplit"):
+        _token_in_two_batches(seed, kernel="invariant", num_splits=2)
+
+
+@pytest.mark.parametrize("choice,kernel", [(None, 1), ("simt", 1), ("tensor_core", 3)])
+def test_batch_invariant_attention_kernel_from_the_environment(seed, monkeypatch, choice, kernel):
+    """attention.paged_attention(batch_invariant=True) lowers to one unsplit custom call whose
+    kernel PAGEDJAX_BATCH_INVARIANT_ATTENTION chooses (SIMT unless it says tensor_core); another
+    value is refused by name, and by the engine's config at start-up."""
+    import re
+
+    from pagedjax import attention
+    from pagedjax.dummy_weights import random_params
+    from pagedjax.engine import EngineConfig
+    from pagedjax.models.named import NAMED_CONFIGS
+
+    if choice is None:
+        monkeypatch.delenv(attention.INVARIANT_ATTENTION_ENV, raising=False)
+    else:
+        monkeypatch.setenv(attention.INVARIANT_ATTENTION_ENV, choice)
+    c = make_case(seed, [3, 1], [40, 17], head_dim=64, dtype=jnp.bfloat16)
+    def lower():  # a fresh trace each time: the variable is read when the call is traced
+        return jax.jit(lambda q: attention.paged_attention(q, c.k_pages, c.v_pages, c.meta, scale=c.scale,
+                                                           impl="ffi", batch_invariant=True)).lower(c.q)
+
+    text = lower().as_text()
+    assert re.findall(r"kernel = (\d+) : i32", text) == [str(kernel)], text[-2000:]
+    assert re.findall(r"num_splits = (\d+) : i32", text) == ["1"]
+    monkeypatch.setenv(attention.INVARIANT_ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match=attention.INVARIANT_ATTENTION_ENV):
+        lower()
+    with pytest.raises(ValueError, match=attention.INVARIANT_ATTENTION_ENV):
+        EngineConfig(batch_invariant=True).resolve(random_params(NAMED_CONFIGS["tiny-llama"]))
+
+
 @pytest.mark.gpu
-def test_gpu_batch_invariant_call(seed):
-    """kernel="simt", num_splits=1 (what batch_invariant=True asks for): the same bits for a token in
-    a prefill chunk alone and as a decode in a mixed batch; the default choice (tensor cores, split
-    by the batch's shape) gives other bits for some of the seeds, so the check can fail."""
+@pytest.mark.parametrize("kernel", ["simt", "invariant"])
+@pytest.mark.parametrize("window", [None, 113])
+def test_gpu_batch_invariant_call(seed, kernel, window):
+    """kernel="invariant" (what batch_invariant=True runs) and "simt", unsplit: the same bits for a
+    token in a prefill chunk alone and as a decode in a mixed batch, with and without a sliding
+    window (whose start is no multiple of the K/V tile). The default choice (decode tiles, split by
+    the batch's shape) gives other bits for some of the seeds, so the check can fail."""
     differ = 0
     for s in range(seed, seed + 3):
-        alone, beside = _token_in_two_batches(s, kernel="simt", num_splits=1)
+        alone, beside = _token_in_two_batches(s, kernel=kernel, num_splits=1, sliding_window=window)
         np.testing.assert_array_equal(alone, beside, err_msg=f"seed={s}")
-        differ += not np.array_equal(*_token_in_two_batches(s))
+        differ += not np.array_equal(*_token_in_two_batches(s, sliding_window=window))
     assert differ, "the default kernels agreed bitwise on every seed: this check cannot tell"
+

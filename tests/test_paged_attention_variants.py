@@ -186,8 +186,23 @@ def test_gpu_matches_float64_oracle(seed, dtype, N, K, H, B, window, cap, fp8, n
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["simt", "tensor_core"])
-@pytest.mark.parametrize("num_splits", [1, 6])
+@pytest.mark.parametrize("dtype,N,K,H,B,window,cap,fp8", GPU_VARIANTS, ids=GPU_IDS)
+def test_gpu_invariant_kernel_matches_float64_oracle(seed, dtype, N, K, H, B, window, cap, fp8):
+    """kernel="invariant" (batch_invariant's: 64-row tiles for every request, K/V steps from a
+    multiple of 64 below the window's start): the oracle's numbers, NaN before the windows never
+    read, the same bits run to run; it runs unsplit and refuses a split count."""
+    c = poison_before_windows(variant_case(seed, dtype, N, K, H, B, window, cap, fp8))
+    got = run_poisoned(c, num_splits=1, kernel="invariant")
+    check(c, got, "invariant")
+    np.testing.assert_array_equal(run_poisoned(c, num_splits=1, kernel="invariant"), got,
+                                  err_msg=f"seed={seed}: results differ between runs")
+    with pytest.raises(ValueError, match="unsplit"):
+        run_poisoned(c, num_splits=3, kernel="invariant")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,num_splits", [("simt", 1), ("simt", 6), ("tensor_core", 1), ("tensor_core", 6),
+                                               ("invariant", 1)])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_long_decode_reads_only_the_window(seed, kernel, num_splits, fp8):
     """Decode at 8k-20k positions with a 4k window: positions before each window hold NaN, so a

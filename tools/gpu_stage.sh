@@ -28,6 +28,9 @@
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
 # bi-tests  the `gpu` tests of batch_invariant (tests/test_batch_invariance_gpu.py, the attention call's)
 # bench-bi  W3 and W1 with and without batch_invariant, in one process
+# bi-tc     batch_invariant on the tensor-core "invariant" attention kernel
+#           (PAGEDJAX_BATCH_INVARIANT_ATTENTION=tensor_core): the kernel's gpu tests, the bi gpu tests with
+#           the row-tile and the Mosaic GEMMs, then W3 and W1 with and without the mode (Mosaic GEMM)
 # bench-seqs  W3 and W1 with max_num_seqs SEQS (512) and max_num_batched_tokens TOKENS (4096), later flags winning
 # bench-coarse  W3 and W1 with the coarse and the fine (default) token buckets (EngineConfig.token_buckets), in one
 #           process (BUDGET of at least 240 s: the budget is the whole process's, its first engine's start-up included)
@@ -216,6 +219,17 @@ for s in "$@"; do
       TAIL=30 stage bi-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py "tests/test_paged_attention_ffi.py::test_gpu_batch_invariant_call" ;;
     bench-bi) throughput . bench-bi --variants bf16,bf16+bi ;;
+    bi-tc)  # the batch-invariant mode on the tensor-core "invariant" attention kernel: its gpu tests, the
+      # engine's bi gpu tests with it (row-tile GEMMs, then the Mosaic GEMM), W3 and W1 with both
+      TAIL=20 stage bi-tc-kernel 200 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        tests/test_paged_attention_ffi.py tests/test_paged_attention_variants.py -k "invariant or long_decode"
+      export PAGEDJAX_BATCH_INVARIANT_ATTENTION=tensor_core
+      TAIL=20 stage bi-tc-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        tests/test_batch_invariance_gpu.py
+      TAIL=20 stage bi-tc-mosaic-tests 300 env PAGEDJAX_TEST_GPU=1 PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic "$PY" -m \
+        pytest -q -m gpu -p no:cacheprovider -rfE tests/test_batch_invariance_gpu.py
+      PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic throughput . bench-bi-tc-mosaic --variants bf16,bf16+bi
+      unset PAGEDJAX_BATCH_INVARIANT_ATTENTION ;;
     bench-coarse) throughput . bench-coarse --variants bf16+coarse,bf16 ;;
     bi-mosaic)  # batch_invariant with the one-launch GEMM: the kernel sweep, the gpu tests, W3 and W1
       TAIL=45 stage bi-matmul 240 "$PY" benchmarks/kernels/invariant_matmul.py --out "$OUTDIR/invariant-matmul.json"

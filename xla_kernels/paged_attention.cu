@@ -8,6 +8,8 @@
 //    tokens, WM=4 tiles (64 rows) for the rest.
 //  - SimtKernel<T, Kv, H> (any q dtype incl. f32; also the fallback): one CTA per (token, kv head,
 //    head chunk, split).
+//  - kernel "invariant" (batch_invariant): TensorCoreKernel<T, Kv, H, 4> alone, for every request,
+//    its K/V tiles 64-aligned, unsplit (SIMT where no tensor-core kernel applies).
 //  - MergeSplitsKernel<T>: split-KV (flash-decoding) partials (o, lse) -> out, when S > 1.
 // Query tiles map to CTAs without reading lengths on the host: a grid of T / BQ + R + 1 slots,
 // slot w serving request r = max{r : query_start_loc[r] / BQ + r <= w} (searched by a warp), tile
@@ -92,6 +94,7 @@ TileArgs MakeTileArgs(int G, int rows) {
   a.min_q_len = 0;
   a.max_q_len = INT_MAX;
   a.zero_padding = false;
+  a.align_start = false;
   return a;
 }
 
@@ -127,34 +130,49 @@ ffi::Error LaunchTensorCore(cudaStream_t stream, const Params& p) {
   return ffi::Error::Success();
 }
 
+// batch_invariant: one launch of 64-row tiles for every request, decodes included, its K/V tiles
+// at multiples of 64 positions (unsplit). A row's arithmetic then depends only on its own query,
+// position and window: its warp walks the same 16-position steps in the same order whether the
+// tile holds one token or 16 of a prefill chunk, and steps it does not see leave it unchanged.
 template <typename T, typename Kv, int H>
-ffi::Error LaunchHeadDim(cudaStream_t stream, const Params& p, bool tensor_cores) {
+ffi::Error LaunchTensorCoreInvariant(cudaStream_t stream, const Params& p) {
+  TileArgs a = MakeTileArgs(p.num_heads / p.num_kv_heads, 64);
+  a.zero_padding = true;
+  a.align_start = true;
+  return LaunchTile<T, Kv, H, 4>(stream, p, a);
+}
+
+enum class Family { kSimt, kTensorCore, kInvariant };
+
+template <typename T, typename Kv, int H>
+ffi::Error LaunchHeadDim(cudaStream_t stream, const Params& p, Family family) {
   if constexpr (!std::is_same_v<T, float> && H % 16 == 0 && H >= 64) {
-    if (tensor_cores) return LaunchTensorCore<T, Kv, H>(stream, p);
+    if (family == Family::kTensorCore) return LaunchTensorCore<T, Kv, H>(stream, p);
+    if (family == Family::kInvariant) return LaunchTensorCoreInvariant<T, Kv, H>(stream, p);
   }
   return LaunchSimt<T, Kv, H>(stream, p);
 }
 
 // One case per entry of kSupportedHeadDims; tensor cores only where kTensorCoreHeadDims has it.
 template <typename T, typename Kv>
-ffi::Error LaunchAttention(cudaStream_t stream, const Params& p, bool tc) {
+ffi::Error LaunchAttention(cudaStream_t stream, const Params& p, Family f) {
   switch (p.head_dim) {
-    case 16: return LaunchHeadDim<T, Kv, 16>(stream, p, false);
-    case 32: return LaunchHeadDim<T, Kv, 32>(stream, p, false);
-    case 64: return LaunchHeadDim<T, Kv, 64>(stream, p, tc);
-    case 80: return LaunchHeadDim<T, Kv, 80>(stream, p, tc);
-    case 96: return LaunchHeadDim<T, Kv, 96>(stream, p, tc);
-    case 128: return LaunchHeadDim<T, Kv, 128>(stream, p, tc);
-    case 256: return LaunchHeadDim<T, Kv, 256>(stream, p, tc);
+    case 16: return LaunchHeadDim<T, Kv, 16>(stream, p, Family::kSimt);
+    case 32: return LaunchHeadDim<T, Kv, 32>(stream, p, Family::kSimt);
+    case 64: return LaunchHeadDim<T, Kv, 64>(stream, p, f);
+    case 80: return LaunchHeadDim<T, Kv, 80>(stream, p, f);
+    case 96: return LaunchHeadDim<T, Kv, 96>(stream, p, f);
+    case 128: return LaunchHeadDim<T, Kv, 128>(stream, p, f);
+    case 256: return LaunchHeadDim<T, Kv, 256>(stream, p, f);
     default:
       return detail::Invalid("no CUDA kernel compiled for head dim " + std::to_string(p.head_dim));
   }
 }
 
 template <typename T>
-ffi::Error Run(cudaStream_t stream, const Params& p, bool tc) {
-  ffi::Error e = p.kv_dtype == KvDType::kFp8E4M3 ? LaunchAttention<T, Fp8>(stream, p, tc)
-                                                 : LaunchAttention<T, T>(stream, p, tc);
+ffi::Error Run(cudaStream_t stream, const Params& p, Family f) {
+  ffi::Error e = p.kv_dtype == KvDType::kFp8E4M3 ? LaunchAttention<T, Fp8>(stream, p, f)
+                                                 : LaunchAttention<T, T>(stream, p, f);
   if (e.failure()) return e;
   if (p.num_splits > 1) {
     dim3 grid(p.num_tokens, (p.num_heads + kThreads / 32 - 1) / (kThreads / 32));
@@ -189,10 +207,11 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream,
   if (p.num_tokens == 0) return ffi::Error::Success();
   const bool tc_available =
       p.dtype != DType::kF32 && HasTensorCoreKernel(p.head_dim, p.kv_dtype == KvDType::kFp8E4M3);
-  bool tc = tc_available;
+  Family family = tc_available ? Family::kTensorCore : Family::kSimt;
   switch (static_cast<KernelChoice>(kernel)) {
     case KernelChoice::kAuto: break;
-    case KernelChoice::kSimt: tc = false; break;
+    case KernelChoice::kSimt: family = Family::kSimt; break;
+    case KernelChoice::kInvariant: family = tc_available ? Family::kInvariant : Family::kSimt; break;
     case KernelChoice::kTensorCore:
       if (!tc_available) {
         std::string dims;
@@ -203,9 +222,9 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream,
       break;
   }
   switch (p.dtype) {
-    case DType::kF32: return Run<float>(stream, p, false);
-    case DType::kF16: return Run<__half>(stream, p, tc);
-    case DType::kBF16: return Run<__nv_bfloat16>(stream, p, tc);
+    case DType::kF32: return Run<float>(stream, p, Family::kSimt);
+    case DType::kF16: return Run<__half>(stream, p, family);
+    case DType::kBF16: return Run<__nv_bfloat16>(stream, p, family);
   }
   return detail::Invalid("unreachable dtype");
 }

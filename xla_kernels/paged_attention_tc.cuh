@@ -8,7 +8,8 @@
 // WM=4 (prefill): each warp owns 16 rows of a 64-row tile, sharing every K/V tile.
 //
 // The tiles start at the window's first position of the tile's first token (and at the split's
-// start), so a long context under a sliding window reads only the window's pages. An fp8 pool is
+// start), so a long context under a sliding window reads only the window's pages; under
+// TileArgs::align_start (batch_invariant) at the multiple of 64 below it. An fp8 pool is
 // loaded as fp8 (half the bytes of a 16-bit one) into its own two stages; each landed tile is
 // then converted through registers into one 16-bit tile (fp8 e4m3 -> f16/bf16 is exact) that the
 // ldmatrix/mma code reads as for a 16-bit pool; the K scale is folded into the score, the V scale
@@ -83,6 +84,8 @@ struct TileArgs {
   int head_chunks;     // ceil(G / HC)
   int min_q_len, max_q_len;  // requests with q_len in [min, max] (the other launch takes the rest)
   bool zero_padding;   // this launch zeroes padding tokens (when num_splits == 1)
+  bool align_start;    // K/V tiles start at a multiple of kTile (batch_invariant: the same tiles
+                       // for a token whichever tokens share its query tile)
 };
 
 // Shared memory of TensorCoreKernel<T, Kv, H, WM>. A 16-bit pool lands straight in two 16-bit
@@ -196,7 +199,11 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
   }
   // The positions any row of this tile attends to: from the first token's window start (the
   // earliest) to the last token's position (+1). Nothing outside them is read.
-  const int cta_start = max(lo, WindowLo(p, first_pos + (tile_t0 - req.q_begin)));
+  // Under align_start the tiles begin at a multiple of kTile below that (the rows mask the extra
+  // positions: fully masked 16-position steps leave a row's m, l and o bitwise unchanged), so a
+  // row sees the same K/V steps whether its tile's first token is itself or an earlier one.
+  const int window_start = max(lo, WindowLo(p, first_pos + (tile_t0 - req.q_begin)));
+  const int cta_start = a.align_start ? window_start / S::kTile * S::kTile : window_start;
   const int cta_end = min(hi, first_pos + (tile_t0 + tile_len - 1 - req.q_begin) + 1);
 
   // ---- Q fragments (A operand, rows r0 = lane/4 and r1 = r0 + 8 of this warp's 16) ----
@@ -231,14 +238,15 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
   const unsigned char* vp = static_cast<const unsigned char*>(p.v_pages);
   bool bad = false;
 
-  // Element offset of row `tid` of the tile at `start` (threads < kTile): -2 past cta_end (zeros),
+  // Element offset of row `tid` of the tile at `start` (threads < kTile): -2 outside
+  // [window_start, cta_end) (zeros: under align_start no page before the window is read),
   // -1 for a bad page id. Looked up a tile ahead into row_off, so the block-table read is in flight
   // during a tile's compute; read beside each cp.async instead, every cp.async waits on its read
   // (they alternate in the PTX): 8 dependent round trips per thread per tile.
   __shared__ int64_t row_off[2][S::kTile];  // [stage][row]
   auto row_offset = [&](int start) -> int64_t {
     const int pos = start + tid;
-    return tid < S::kTile && pos < cta_end ? KvOffset(p, r, pos, kh) : -2;
+    return tid < S::kTile && pos >= window_start && pos < cta_end ? KvOffset(p, r, pos, kh) : -2;
   };
   // Stage `stage` <- the tile whose offsets are in row_off[stage]; rows with off < 0 are zeros.
   auto load_tile = [&](int stage) {

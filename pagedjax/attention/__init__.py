@@ -5,6 +5,8 @@ Dims: T tokens in the flat batch, N query heads, K kv heads, H head dim, P pages
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -21,6 +23,23 @@ IMPLS = ("auto", "reference", "ffi")
 # Head dims the custom call's handlers are compiled for: the extension's table
 # (xla_kernels/paged_attention.h); empty when the extension is not built.
 FFI_HEAD_DIMS = _ffi.head_dims()
+
+# The custom call's kernel under batch_invariant, by PAGEDJAX_BATCH_INVARIANT_ATTENTION: "simt" (the
+# default; verified invariant on the GPU) or "tensor_core" (the "invariant" kernel: the tensor-core
+# kernel's 64-row tiles for every request, K/V steps at fixed positions; it replaces the SIMT kernel's
+# half of a batch-invariant decode step, but the engine's invariance under it is not yet verified
+# on a GPU: `bash tools/gpu_stage.sh bi-tc`). The CPU handler computes each token by itself either way.
+INVARIANT_ATTENTION_ENV = "PAGEDJAX_BATCH_INVARIANT_ATTENTION"
+INVARIANT_KERNELS = {"simt": "simt", "tensor_core": "invariant"}
+
+
+def invariant_kernel() -> str:
+    """The custom call's `kernel` under batch_invariant, as PAGEDJAX_BATCH_INVARIANT_ATTENTION chooses."""
+    name = os.environ.get(INVARIANT_ATTENTION_ENV, "simt")
+    if name not in INVARIANT_KERNELS:
+        raise ValueError(f"{INVARIANT_ATTENTION_ENV}={name!r}: expected one of {', '.join(INVARIANT_KERNELS)}")
+    return INVARIANT_KERNELS[name]
+
 
 # Pool dtypes the handlers read: q's dtype (one of these) or the FP8 KV cache.
 FFI_KV_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float8_e4m3fn))
@@ -66,11 +85,13 @@ def paged_attention(
     logit_softcap (static): scores s = scale * q.k become c * tanh(s / c); None: no cap.
     k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
     batch_invariant (static): each token's output computed the same way whatever the batch, its
-    chunk or its neighbours. The custom call runs its SIMT kernel unsplit: one CTA per (token, kv
-    head) walks the token's own context in tiles of fixed positions from position 0, so a token's
-    sums run in the same order in a prefill chunk and as a decode, beside any batch (the tensor-core
-    kernels tile query rows by batch shape, and the split-KV count follows the batch). The CPU
-    call is per token already; the reference attends in blocks of a fixed number of tokens.
+    chunk or its neighbours. The custom call runs unsplit, on its SIMT kernel (one CTA per token and
+    kv head walking the token's context in tiles at fixed positions from 0) or, as
+    invariant_kernel() says, its "invariant" kernel (the tensor-core kernel's 64-row query tiles for
+    every request, decodes included, K/V steps at multiples of 64 from 0 or below the window's
+    start). Either way a token's sums run in the same order in a prefill chunk and as a decode,
+    beside any batch (by default decodes get other tiles and the split-KV count follows the batch).
+    The CPU call is per token already; the reference attends in blocks of a fixed number of tokens.
     """
     check_options(sliding_window, logit_softcap, "paged_attention")
     k_scale, v_scale = _kv_dtype.check_scales(k_scale, v_scale, k_pages.dtype, k_pages.shape[2], "paged_attention")
@@ -82,7 +103,7 @@ def paged_attention(
 
         # Under tensor parallelism the call runs per device in shard_map (heads split): a custom
         # call on sharded operands outside it would be all-gathered.
-        fixed = dict(kernel="simt", num_splits=1) if batch_invariant else {}
+        fixed = dict(kernel=invariant_kernel(), num_splits=1) if batch_invariant else {}
         return ffi.paged_attention_ffi(q, k_pages, v_pages, meta, mesh=tp_mesh(), **opts, **fixed)
     from pagedjax.attention import reference
 

@@ -30,7 +30,10 @@ from pagedjax.kv_cache import kv_dtype
 from pagedjax.mesh import TP, match_spec
 
 TARGET = "pagedjax_paged_attention"
-KERNELS = {"auto": 0, "simt": 1, "tensor_core": 2}  # the `kernel` attribute (CUDA only)
+# The `kernel` attribute (CUDA only). "invariant" (batch_invariant): every token's sums in the same
+# order whatever its batch, chunk or neighbours (the tensor-core kernel's 64-row tiles for every
+# request, K/V tiles at multiples of 64 positions; SIMT where no tensor-core kernel applies), unsplit.
+KERNELS = {"auto": 0, "simt": 1, "tensor_core": 2, "invariant": 3}
 # The tensor-core kernels exist for these head dims with bf16/f16 queries (the pool in q's dtype or
 # fp8): the extension's kTensorCoreHeadDims (xla_kernels/paged_attention.h), also in a CPU-only
 # build. "auto" runs SIMT elsewhere, a forced "tensor_core" raises.
@@ -181,10 +184,14 @@ def paged_attention_call(
         # every backend rather than from an asynchronous GPU execution.
         raise ValueError(f"paged_attention_ffi: no tensor-core kernel for {jnp.dtype(q.dtype).name} with "
                          f"head dim {H} (bf16/f16 with head dim in {TENSOR_CORE_HEAD_DIMS}); use kernel='auto'")
+    if kernel == "invariant" and num_splits not in (None, 1):
+        raise ValueError(f"paged_attention_ffi: kernel 'invariant' runs unsplit, got num_splits={num_splits}")
     backend = jax.default_backend()
     _ffi.require(TARGET, backend)
     R, M = block_tables.shape
     K = k_pages.shape[2]
+    if kernel == "invariant":
+        num_splits = 1
     if num_splits is None:
         # A split covers positions some token of its request sees: at most the window plus the
         # request's other query tokens (T - R bounds those), never more than the block table.
@@ -274,8 +281,8 @@ def paged_attention_ffi(
     Args:
       mesh / axis: when given, run under shard_map with heads split over `axis`.
       num_splits: split-KV partitions (CUDA); default chosen from static shapes.
-      kernel: "auto", "simt" (CUDA cores) or "tensor_core": which CUDA kernels run (tests; simt
-        unsplit under batch_invariant).
+      kernel: "auto", "simt" (CUDA cores), "tensor_core" or "invariant" (what batch_invariant runs,
+        unsplit): which CUDA kernels run.
       sliding_window / logit_softcap: as pagedjax.attention.paged_attention (static).
       k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
     Padding tokens (index >= query_start_loc[R]) get zeros.
