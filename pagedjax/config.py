@@ -68,7 +68,7 @@ class EngineConfig:
     grammar_compile_timeout: float = 10.0  # seconds for compiling one constraint before a ValueError
     # A request's tokens and logprobs do not depend on the rest of the batch, its prompt's chunking
     # or prefix-cache hits: every matmul on fixed row tiles (ModelConfig.batch_invariant), the
-    # attention on KV blocks at fixed positions (the GPU's SIMT kernel, unsplit), on the GPU fixed
+    # attention on KV blocks at fixed positions (the GPU's custom call unsplit), on the GPU fixed
     # GEMM algorithms and deterministic ops (ModelRunner.step_compiler_options). Float models
     # without experts (tests/test_batch_invariance.py, tests/test_batch_invariance_gpu.py).
     batch_invariant: bool = False

@@ -1,10 +1,11 @@
-"""The batch-invariant mode's one-launch GEMM (models/invariant_matmul.py), on the CPU.
+"""The batch-invariant mode's one-launch GEMMs (models/invariant_matmul.py): Mosaic and cuBLASLt.
 
-The kernel itself runs on sm_90 GPUs only; here the wrapper's views of each model eqn are checked
+The kernels run on GPUs only; on the CPU the wrapper's views of each model eqn are checked
 against numpy with a stand-in 2-D matmul, the tiling of every real architecture's projections
-is checked against the kernel's limits, and the model's matmul is lowered for an abstract H200
-to show that it reaches JAX's Mosaic GPU kernel. Its run on the GPU, invariance and speed:
-`bash tools/gpu_stage.sh bi-mosaic`.
+is checked against the Mosaic kernel's limits, and the model's matmul is lowered for an abstract
+H200 to show that it reaches each kernel. On a GPU (`gpu` tests): the cuBLASLt GEMM against a
+float64 oracle, and each row's bits whatever the number of rows. Speed:
+`bash tools/gpu_stage.sh bi-lt` and `bi-mosaic`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jax._src import mesh as mesh_lib
 from pagedjax.models import invariant_matmul as im
 from pagedjax.models.layers import rows_matmul
 from pagedjax.models.named import NAMED_CONFIGS
+from tests.attention_cases import seed  # noqa: F401  (the seeded-test fixture)
 
 # (eqn, x shape, w shape): every eqn the models send through rows_matmul
 EQNS = [
@@ -102,6 +104,9 @@ def _lower_for_h200(f, *args) -> str:
     ("mosaic", "tnh,nhd->td", (9, 64, 576), 1),
     ("mosaic", "se,ve->sv", (1024, 576), 0),  # a tied head keeps the row tiles
     ("tiles", "td,df->tf", (576, 1536), 0),
+    ("cublaslt", "td,df->tf", (576, 1536), 1),
+    ("cublaslt", "td,dnh->tnh", (576, 9, 64), 1),
+    ("cublaslt", "se,ve->sv", (1024, 576), 0),
 ])
 def test_model_matmul_lowers_to_the_kernel(monkeypatch, impl, eqn, w_shape, kernels):
     monkeypatch.setenv(im.IMPL_ENV, impl)
@@ -111,10 +116,13 @@ def test_model_matmul_lowers_to_the_kernel(monkeypatch, impl, eqn, w_shape, kern
     x = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16)
     w = jax.ShapeDtypeStruct(w_shape, jnp.bfloat16)
     hlo = _lower_for_h200(lambda a, b: rows_matmul(cfg, eqn, a, b), x, w)
-    assert hlo.count("stablehlo.custom_call @mosaic_gpu") == kernels
+    target = "mosaic_gpu" if impl != "cublaslt" else im.GEMM_TARGET
+    assert hlo.count(f"stablehlo.custom_call @{target}") == kernels
     assert ("stablehlo.dot_general" in hlo) == (kernels == 0)  # the row tiles' cuBLAS dots
-    if kernels:  # 200 rows padded to two CTAs of 128
+    if kernels and impl == "mosaic":  # 200 rows padded to two CTAs of 128
         assert "tensor<256x" in hlo
+    if kernels and impl == "cublaslt":  # the 200 rows as they are, in one call
+        assert "tensor<256x" not in hlo and f"reference_rows = {im.REFERENCE_ROWS} : i32" in hlo
 
 
 def test_choice_is_checked(monkeypatch):
@@ -124,6 +132,48 @@ def test_choice_is_checked(monkeypatch):
     monkeypatch.setenv(im.IMPL_ENV, "mosaic")
     with pytest.raises(ValueError, match="Hopper"):  # this machine has no sm_90 GPU
         im.check(1)
+    monkeypatch.setenv(im.IMPL_ENV, "cublaslt")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        im.check(1)
     monkeypatch.delenv(im.IMPL_ENV)
     assert im.impl() == "tiles"
     im.check(4)  # the row tiles run anywhere
+
+
+# (K, N): Llama-3-8B's q, k/v, gate and down projections, and a small odd one
+GPU_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (200, 72)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", GPU_SHAPES)
+@pytest.mark.parametrize("dtype,out_f32", [(jnp.bfloat16, False), (jnp.float16, False), (jnp.bfloat16, True)])
+def test_gpu_cublaslt_gemm_rows_are_invariant(seed, k, n, dtype, out_f32):
+    """pagedjax_invariant_gemm: within rounding of a float64 oracle, and row by row the same bits
+    at every number of rows (1 to 2048, rows drawn at random from one 2048-row input), where
+    jnp.dot would switch algorithms with M."""
+    rng = np.random.default_rng(seed)
+    x_all = jnp.asarray(rng.standard_normal((2048, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+
+    def gemm(x):
+        y = im.cublaslt_matmul(x, w) if not out_f32 else _f32_out(x, w)
+        return np.asarray(y.astype(jnp.float32))
+
+    full = gemm(x_all)
+    ref = np.asarray(x_all, np.float64) @ np.asarray(w, np.float64)
+    out_eps = 2.0 ** -24 if out_f32 else float(jnp.finfo(dtype).eps)
+    # f32 accumulation over K (about sqrt(K) * 2^-24 of the sum's scale) plus the output's rounding
+    tol = 4 * np.sqrt(k) * 2.0 ** -24 * np.abs(ref).max() + out_eps * np.abs(ref)
+    bad = np.abs(full - ref) > tol
+    assert not bad.any(), f"seed={seed}: {bad.sum()} elements off the float64 oracle"
+    for m in (1, 3, 16, 100, 128, 255, 256, 257, 1000):
+        idx = np.sort(rng.choice(2048, m, replace=False))
+        np.testing.assert_array_equal(gemm(x_all[idx]), full[idx], err_msg=f"seed={seed} M={m}: rows changed")
+
+
+def _f32_out(x, w):
+    """The GEMM with an f32 output (the LM head's logits), called directly."""
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    ws = jax.ShapeDtypeStruct((im.GEMM_WORKSPACE_BYTES,), jnp.uint8)
+    y, _ = jax.ffi.ffi_call(im.GEMM_TARGET, (out, ws))(x, w, reference_rows=np.int32(im.REFERENCE_ROWS))
+    return y

@@ -345,10 +345,10 @@ def test_invariant_kernel_on_cpu(seed, window):
         _token_in_two_batches(seed, kernel="invariant", num_splits=2)
 
 
-@pytest.mark.parametrize("choice,kernel", [(None, 1), ("simt", 1), ("tensor_core", 3)])
+@pytest.mark.parametrize("choice,kernel", [(None, 3), ("simt", 1), ("tensor_core", 3)])
 def test_batch_invariant_attention_kernel_from_the_environment(seed, monkeypatch, choice, kernel):
     """attention.paged_attention(batch_invariant=True) lowers to one unsplit custom call whose
-    kernel PAGEDJAX_BATCH_INVARIANT_ATTENTION chooses (SIMT unless it says tensor_core); another
+    kernel PAGEDJAX_BATCH_INVARIANT_ATTENTION chooses (the invariant one unless it says simt); another
     value is refused by name, and by the engine's config at start-up."""
     import re
 

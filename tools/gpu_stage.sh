@@ -31,6 +31,11 @@
 # bi-tc     batch_invariant on the tensor-core "invariant" attention kernel
 #           (PAGEDJAX_BATCH_INVARIANT_ATTENTION=tensor_core): the kernel's gpu tests, the bi gpu tests with
 #           the row-tile and the Mosaic GEMMs, then W3 and W1 with and without the mode (Mosaic GEMM)
+# bi-lt     batch_invariant on the cuBLASLt GEMM (PAGEDJAX_BATCH_INVARIANT_MATMUL=cublaslt): its gpu tests (float64
+#           oracle, rows bitwise at 1-2048 rows), its speed beside the dot and the row tiles
+#           (benchmarks/kernels/invariant_matmul.py), the engine's bi gpu tests on it, then the decode step
+#           (batch 256 and 16) and a mixed step (256 decodes + a 1792-token prompt) with the mode on it,
+#           on the row tiles and without it (profile_step.py, one process each; BI_LT_VARIANTS, BI_LT_BATCHES)
 # bench-seqs  W3 and W1 with max_num_seqs SEQS (512) and max_num_batched_tokens TOKENS (4096), later flags winning
 # bench-coarse  W3 and W1 with the coarse and the fine (default) token buckets (EngineConfig.token_buckets), in one
 #           process (BUDGET of at least 240 s: the budget is the whole process's, its first engine's start-up included)
@@ -230,6 +235,24 @@ for s in "$@"; do
         pytest -q -m gpu -p no:cacheprovider -rfE tests/test_batch_invariance_gpu.py
       PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic throughput . bench-bi-tc-mosaic --variants bf16,bf16+bi
       unset PAGEDJAX_BATCH_INVARIANT_ATTENTION ;;
+    bi-lt)  # the batch-invariant mode on the cuBLASLt GEMM: kernel tests and speed, the bi tests, its steps
+      TAIL=12 stage bi-lt-kernel 150 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        tests/test_invariant_matmul.py
+      TAIL=30 stage bi-lt-sweep 150 "$PY" benchmarks/kernels/invariant_matmul.py --no-mosaic --shapes q,gate,down \
+        --rows 1,16,64,256,2048 --out "$OUTDIR/bi-lt-sweep.json"
+      TAIL=12 stage bi-lt-tests 240 env PAGEDJAX_TEST_GPU=1 PAGEDJAX_BATCH_INVARIANT_MATMUL=cublaslt "$PY" -m pytest \
+        -q -m gpu -p no:cacheprovider -rfE tests/test_batch_invariance_gpu.py
+      for v in ${BI_LT_VARIANTS:-cublaslt tiles default}; do
+        flag="--batch-invariant"; [ "$v" = default ] && flag=""
+        for b in ${BI_LT_BATCHES:-256 16}; do
+          TAIL=4 stage "bi-lt-step-$v-b$b" 150 env PAGEDJAX_BATCH_INVARIANT_MATMUL="${v/default/tiles}" "$PY" \
+            benchmarks/profile_step.py --model named:llama3-8b --batch-size "$b" --context 512 --steps 20 $flag \
+            --output-kind final_only --out "$OUTDIR/bi-lt-step-$v-b$b.json"
+        done
+        TAIL=4 stage "bi-lt-mixed-$v" 150 env PAGEDJAX_BATCH_INVARIANT_MATMUL="${v/default/tiles}" "$PY" \
+          benchmarks/profile_step.py --model named:llama3-8b --batch-size 256 --context 512 --steps 12 $flag \
+          --prefill-chunk 1792 --max-num-batched-tokens 2048 --output-kind final_only --out "$OUTDIR/bi-lt-mixed-$v.json"
+      done ;;
     bench-coarse) throughput . bench-coarse --variants bf16+coarse,bf16 ;;
     bi-mosaic)  # batch_invariant with the one-launch GEMM: the kernel sweep, the gpu tests, W3 and W1
       TAIL=45 stage bi-matmul 240 "$PY" benchmarks/kernels/invariant_matmul.py --out "$OUTDIR/invariant-matmul.json"

@@ -22,6 +22,7 @@ XLA_FFI_Error* PagedjaxInt4GemmCuda(XLA_FFI_CallFrame* call_frame);
 #endif
 #if defined(PAGEDJAX_WITH_CUDA) && defined(PAGEDJAX_WITH_CUBLASLT)
 XLA_FFI_Error* PagedjaxFp8GemmCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* PagedjaxInvariantGemmCuda(XLA_FFI_CallFrame* call_frame);
 #endif
 }
 
@@ -50,6 +51,8 @@ py::dict Registrations() {
 #endif
 #if defined(PAGEDJAX_WITH_CUDA) && defined(PAGEDJAX_WITH_CUBLASLT)
   cuda["pagedjax_fp8_gemm"] = Capsule(PagedjaxFp8GemmCuda);
+  // The batch-invariant GEMM (cuBLASLt, one algorithm per shape of the weight).
+  cuda["pagedjax_invariant_gemm"] = Capsule(PagedjaxInvariantGemmCuda);
 #endif
   return out;
 }

@@ -15,13 +15,11 @@
 // (a shape it does not cover), the GEMM runs with unit scales into y and a small kernel applies
 // x_scale[m] * w_scale[n] in place (bf16 and f32 outputs; f16 could overflow unscaled).
 //
-// libcublasLt.so.13 is opened with dlopen when first needed (XLA has loaded it by then; its
-// handle is shared), so the extension links no cuBLAS. Handles are per device; heuristic
+// libcublasLt.so.13 is opened with dlopen when first needed (lt_loader.h), so the extension
+// links no cuBLAS. Handles are per device; heuristic
 // choices are cached per problem. The workspace is the call's second output.
-#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 
 #include <algorithm>
 
@@ -31,6 +29,7 @@
 #include <string>
 #include <tuple>
 
+#include "lt_loader.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -40,78 +39,9 @@ namespace {
 
 using Fp8Workspace = ffi::Buffer<ffi::U8, 1>;
 
-// The cuBLASLt entry points we call, resolved from the shared library.
-struct CublasLt {
-  decltype(&cublasLtCreate) create = nullptr;
-  decltype(&cublasLtGetVersion) get_version = nullptr;
-  decltype(&cublasLtGetStatusString) status_string = nullptr;
-  decltype(&cublasLtMatmulDescCreate) desc_create = nullptr;
-  decltype(&cublasLtMatmulDescDestroy) desc_destroy = nullptr;
-  decltype(&cublasLtMatmulDescSetAttribute) desc_set = nullptr;
-  decltype(&cublasLtMatrixLayoutCreate) layout_create = nullptr;
-  decltype(&cublasLtMatrixLayoutDestroy) layout_destroy = nullptr;
-  decltype(&cublasLtMatmulPreferenceCreate) pref_create = nullptr;
-  decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy = nullptr;
-  decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set = nullptr;
-  decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic = nullptr;
-  decltype(&cublasLtMatmul) matmul = nullptr;
-  std::string error;  // why loading failed; empty when every pointer is set
-};
-
-template <typename F>
-bool Resolve(void* lib, const char* name, F* out, std::string* error) {
-  *out = reinterpret_cast<F>(dlsym(lib, name));
-  if (*out == nullptr && error->empty()) *error = std::string("libcublasLt has no symbol ") + name;
-  return *out != nullptr;
-}
-
-const CublasLt& Lt() {
-  static const CublasLt lt = [] {
-    CublasLt l;
-    const char* name = "libcublasLt.so.13";
-    void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);  // XLA's copy, when it has one loaded
-    if (lib == nullptr) lib = dlopen(name, RTLD_NOW | RTLD_GLOBAL);
-    if (lib == nullptr) {
-      const char* why = dlerror();
-      l.error = std::string("cannot load ") + name + " (installed with jax[cuda13]): " + (why ? why : "?");
-      return l;
-    }
-    Resolve(lib, "cublasLtCreate", &l.create, &l.error);
-    Resolve(lib, "cublasLtGetVersion", &l.get_version, &l.error);
-    Resolve(lib, "cublasLtGetStatusString", &l.status_string, &l.error);
-    Resolve(lib, "cublasLtMatmulDescCreate", &l.desc_create, &l.error);
-    Resolve(lib, "cublasLtMatmulDescDestroy", &l.desc_destroy, &l.error);
-    Resolve(lib, "cublasLtMatmulDescSetAttribute", &l.desc_set, &l.error);
-    Resolve(lib, "cublasLtMatrixLayoutCreate", &l.layout_create, &l.error);
-    Resolve(lib, "cublasLtMatrixLayoutDestroy", &l.layout_destroy, &l.error);
-    Resolve(lib, "cublasLtMatmulPreferenceCreate", &l.pref_create, &l.error);
-    Resolve(lib, "cublasLtMatmulPreferenceDestroy", &l.pref_destroy, &l.error);
-    Resolve(lib, "cublasLtMatmulPreferenceSetAttribute", &l.pref_set, &l.error);
-    Resolve(lib, "cublasLtMatmulAlgoGetHeuristic", &l.heuristic, &l.error);
-    Resolve(lib, "cublasLtMatmul", &l.matmul, &l.error);
-    if (l.error.empty() && l.get_version() < 120900) {
-      l.error = "cuBLASLt " + std::to_string(l.get_version()) + " is too old: FP8 outer-vector and block scales "
-                "need 12.9 or newer";
-    }
-    return l;
-  }();
-  return lt;
-}
-
-// Destroys cuBLASLt descriptors on every path out of the handler.
-template <typename T, typename D>
-struct Owned {
-  T value = nullptr;
-  D destroy = nullptr;
-  Owned(T v, D d) : value(v), destroy(d) {}
-  Owned(const Owned&) = delete;
-  Owned& operator=(const Owned&) = delete;
-  void reset() {
-    if (value != nullptr) destroy(value);
-    value = nullptr;
-  }
-  ~Owned() { reset(); }
-};
+using lt::CublasLt;
+using lt::Lt;
+using lt::Owned;
 
 #define PAGEDJAX_LT_CHECK(expr)                                                                        \
   do {                                                                                                  \
@@ -121,9 +51,8 @@ struct Owned {
     }                                                                                                   \
   } while (0)
 
-// Per-device handle and per-problem algorithm, guarded by one mutex (host-side, cheap).
+// Per-problem algorithm, guarded by one mutex (host-side, cheap).
 std::mutex g_mu;
-std::map<int, cublasLtHandle_t> g_handles;
 using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int>;  // device, M, N, K, out type, mode
 struct Choice {
   cublasLtMatmulAlgo_t algo;
@@ -225,21 +154,16 @@ ffi::Error Fp8GemmCuda(cudaStream_t stream,
 
   const CublasLt& lt = Lt();
   if (!lt.error.empty()) return ffi::Error::Internal("pagedjax_fp8_gemm: " + lt.error);
+  if (lt.get_version() < 120900) {
+    return ffi::Error::Internal("pagedjax_fp8_gemm: cuBLASLt " + std::to_string(lt.get_version()) +
+                                " is too old: FP8 outer-vector and block scales need 12.9 or newer");
+  }
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) {
     return ffi::Error::Internal(std::string("pagedjax_fp8_gemm: cudaGetDevice: ") + cudaGetErrorString(e));
   }
-  cublasLtHandle_t handle;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    auto it = g_handles.find(device);
-    if (it == g_handles.end()) {
-      cublasLtHandle_t h = nullptr;
-      PAGEDJAX_LT_CHECK(lt.create(&h));
-      it = g_handles.emplace(device, h).first;
-    }
-    handle = it->second;
-  }
+  cublasLtHandle_t handle = nullptr;
+  PAGEDJAX_LT_CHECK(lt::DeviceHandle(lt, device, &handle));
 
   using Desc = Owned<cublasLtMatmulDesc_t, decltype(lt.desc_destroy)>;
   using Layout = Owned<cublasLtMatrixLayout_t, decltype(lt.layout_destroy)>;

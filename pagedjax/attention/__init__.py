@@ -24,18 +24,18 @@ IMPLS = ("auto", "reference", "ffi")
 # (xla_kernels/paged_attention.h); empty when the extension is not built.
 FFI_HEAD_DIMS = _ffi.head_dims()
 
-# The custom call's kernel under batch_invariant, by PAGEDJAX_BATCH_INVARIANT_ATTENTION: "simt" (the
-# default; verified invariant on the GPU) or "tensor_core" (the "invariant" kernel: the tensor-core
-# kernel's 64-row tiles for every request, K/V steps at fixed positions; it replaces the SIMT kernel's
-# half of a batch-invariant decode step, but the engine's invariance under it is not yet verified
-# on a GPU: `bash tools/gpu_stage.sh bi-tc`). The CPU handler computes each token by itself either way.
+# The custom call's kernel under batch_invariant, by PAGEDJAX_BATCH_INVARIANT_ATTENTION: "tensor_core"
+# (the default: the "invariant" kernel, the tensor-core kernel's 64-row tiles for every request, K/V
+# steps at fixed positions; SIMT where no tensor-core kernel applies) or "simt" (one CTA per token and
+# kv head; about twice the W1 cost). Both verified invariant in the engine on a GPU
+# (`bash tools/gpu_stage.sh bi-tests`, `bi-tc`). The CPU handler computes each token by itself either way.
 INVARIANT_ATTENTION_ENV = "PAGEDJAX_BATCH_INVARIANT_ATTENTION"
 INVARIANT_KERNELS = {"simt": "simt", "tensor_core": "invariant"}
 
 
 def invariant_kernel() -> str:
     """The custom call's `kernel` under batch_invariant, as PAGEDJAX_BATCH_INVARIANT_ATTENTION chooses."""
-    name = os.environ.get(INVARIANT_ATTENTION_ENV, "simt")
+    name = os.environ.get(INVARIANT_ATTENTION_ENV, "tensor_core")
     if name not in INVARIANT_KERNELS:
         raise ValueError(f"{INVARIANT_ATTENTION_ENV}={name!r}: expected one of {', '.join(INVARIANT_KERNELS)}")
     return INVARIANT_KERNELS[name]
@@ -85,11 +85,11 @@ def paged_attention(
     logit_softcap (static): scores s = scale * q.k become c * tanh(s / c); None: no cap.
     k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
     batch_invariant (static): each token's output computed the same way whatever the batch, its
-    chunk or its neighbours. The custom call runs unsplit, on its SIMT kernel (one CTA per token and
-    kv head walking the token's context in tiles at fixed positions from 0) or, as
-    invariant_kernel() says, its "invariant" kernel (the tensor-core kernel's 64-row query tiles for
-    every request, decodes included, K/V steps at multiples of 64 from 0 or below the window's
-    start). Either way a token's sums run in the same order in a prefill chunk and as a decode,
+    chunk or its neighbours. The custom call runs unsplit, as invariant_kernel() says, on its
+    "invariant" kernel (the default: the tensor-core kernel's 64-row query tiles for every request,
+    decodes included, K/V steps at multiples of 64 from 0 or below the window's start) or its SIMT
+    kernel (one CTA per token and kv head walking the token's context in tiles at fixed positions
+    from 0). Either way a token's sums run in the same order in a prefill chunk and as a decode,
     beside any batch (by default decodes get other tiles and the split-KV count follows the batch).
     The CPU call is per token already; the reference attends in blocks of a fixed number of tokens.
     """

@@ -1,17 +1,27 @@
-"""Batch-invariant matmuls on Hopper in one launch: JAX's Mosaic GPU matmul with fixed tiles.
+"""Batch-invariant matmuls on the GPU in one launch: cuBLASLt with one algorithm per weight
+shape, or JAX's Mosaic GPU matmul with fixed tiles.
 
 Dims: T rows (tokens), K contracted, N output features.
 
 The batch-invariant mode's default GEMM (`layers.row_tiled`) runs one cuBLAS call per tile of
 128 rows, so every call has the same shape and algorithm. Each call reads the whole weight:
-a 2048-token prefill chunk reads it 16 times. The kernel here
+a 2048-token prefill chunk reads it 16 times.
+
+`PAGEDJAX_BATCH_INVARIANT_MATMUL=cublaslt`: the custom call `pagedjax_invariant_gemm`
+(xla_kernels/invariant_gemm.cu) runs every row in one cuBLASLt launch on an algorithm fixed per
+(K, N) and types: the heuristic's choice for REFERENCE_ROWS rows, unsplit over K, used at every T
+(cuBLASLt checks it for each new T; a refusal is an error). Each output element is then one
+CTA's sum over K in the same order whatever T is. CUDA at tensor-parallel size 1; its invariance
+and speed on the GPU: tests/test_batch_invariance_gpu.py, `bash tools/gpu_stage.sh bi-lt`.
+
+`PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic`: the kernel
 (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) covers all row tiles in one persistent
 launch. Its tile shape, K loop and wgmma sequence are fixed per (K, N), with no split-K, so a row's
 sums run in the same order whatever T is. The row tiles of one weight column block run side by
 side, so the weight is read from HBM about once and the other tiles find it in L2.
 
-Experimental: `PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic` turns it on for batch-invariant engines on
-sm_90 GPUs at tensor-parallel size 1; "tiles" (the default) keeps the row tiles. Weights laid out
+Experimental: for batch-invariant engines on sm_90 GPUs at tensor-parallel size 1; "tiles" (the
+default) keeps the row tiles. Weights laid out
 [N, K] (a tied embedding as the LM head), float32 models and shapes the kernel cannot tile keep
 the row tiles. Its speed and invariance are measured by `benchmarks/kernels/invariant_matmul.py`
 and `tests/test_batch_invariance_gpu.py` on the GPU (`bash tools/gpu_stage.sh bi-mosaic`).
@@ -25,10 +35,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPL_ENV = "PAGEDJAX_BATCH_INVARIANT_MATMUL"
-IMPLS = ("tiles", "mosaic")
+IMPLS = ("tiles", "mosaic", "cublaslt")
 SMEM_BYTES = 227 * 1024  # shared memory a block can use on sm_90
+GEMM_TARGET = "pagedjax_invariant_gemm"
+REFERENCE_ROWS = 256  # the cuBLASLt algorithm of a weight shape is the heuristic's for this many rows
+GEMM_WORKSPACE_BYTES = 32 << 20
 
 
 def impl() -> str:
@@ -40,10 +54,22 @@ def impl() -> str:
 
 
 def check(tensor_parallel_size: int) -> None:
-    """A ValueError unless the chosen GEMM can run here (mosaic: an sm_90 GPU, one device)."""
-    if impl() != "mosaic":
+    """A ValueError unless the chosen GEMM can run here (mosaic: an sm_90 GPU, one device;
+    cublaslt: a CUDA GPU, the extension's handler, one device)."""
+    name = impl()
+    if name == "tiles":
         return
     device = jax.devices()[0]
+    if name == "cublaslt":
+        from pagedjax.quantization import kernels
+
+        if device.platform != "gpu" or not kernels.has_handler(GEMM_TARGET):
+            raise ValueError(f"{IMPL_ENV}=cublaslt needs a CUDA GPU and the extension's {GEMM_TARGET} handler "
+                             f"(built where cublasLt.h is found); this device is {device.device_kind!r} "
+                             f"({device.platform})")
+        if tensor_parallel_size != 1:
+            raise ValueError(f"{IMPL_ENV}=cublaslt runs at tensor_parallel_size 1, got {tensor_parallel_size}")
+        return
     capability = getattr(device, "compute_capability", None)
     if device.platform != "gpu" or capability != "9.0":
         raise ValueError(f"{IMPL_ENV}=mosaic needs a Hopper GPU (compute capability 9.0); this device "
@@ -110,10 +136,27 @@ def matmul(x: jax.Array, w: jax.Array, tiles: Tiles, kernel=_mosaic_matmul) -> j
     return y[:T]
 
 
-def einsum(eqn: str, x: jax.Array, w: jax.Array, kernel=_mosaic_matmul) -> jax.Array | None:
+def cublaslt_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [T, K] @ w [K, N] -> [T, N] (x's dtype) through `pagedjax_invariant_gemm`: one cuBLASLt
+    algorithm per (K, N), so row t of the result depends on row t of x and on w alone."""
+    if jax.default_backend() == "gpu":  # (lowering alone, for an abstract GPU, needs no handler)
+        from pagedjax import _ffi
+        from pagedjax.quantization import kernels
+
+        _ffi.require(GEMM_TARGET, "cuda")
+        kernels.preload_cublaslt()
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
+    ws = jax.ShapeDtypeStruct((GEMM_WORKSPACE_BYTES,), jnp.uint8)
+    y, _ = jax.ffi.ffi_call(GEMM_TARGET, (out, ws))(x, w, reference_rows=np.int32(REFERENCE_ROWS))
+    return y
+
+
+def einsum(eqn: str, x: jax.Array, w: jax.Array, kernel=_mosaic_matmul, method: str = "mosaic") -> jax.Array | None:
     """jnp.einsum(eqn, x, w) through the kernel, for an eqn whose x is rows then contracted dims
     and whose w is those contracted dims then output dims ("td,dnh->tnh", "tnh,nhd->td",
-    "se,ev->sv"); None for any other eqn or shape (the caller keeps the row tiles)."""
+    "se,ev->sv"); None for any other eqn or shape (the caller keeps the row tiles). method:
+    "mosaic" (`kernel` on tiles_for's tiles) or "cublaslt" (cublaslt_matmul: bf16 or f16 with K
+    and N multiples of 8)."""
     inputs, out = eqn.split("->")
     xs, ws = inputs.split(",")
     row, contracted = xs[0], xs[1:]
@@ -122,6 +165,11 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, kernel=_mosaic_matmul) -> jax.A
     k = math.prod(x.shape[1:])
     out_dims = w.shape[len(contracted):]
     n = math.prod(out_dims)
+    if method == "cublaslt":
+        if (jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or w.dtype != x.dtype
+                or k % 8 or n % 8):
+            return None
+        return cublaslt_matmul(x.reshape(x.shape[0], k), w.reshape(k, n)).reshape(x.shape[0], *out_dims)
     tiles = tiles_for(k, n, x.dtype)
     if tiles is None or w.dtype != x.dtype:
         return None
