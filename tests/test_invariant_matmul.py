@@ -156,7 +156,7 @@ def test_gpu_cublaslt_gemm_rows_are_invariant(seed, k, n, dtype, out_f32):
     w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
 
     def gemm(x):
-        y = im.cublaslt_matmul(x, w) if not out_f32 else _f32_out(x, w)
+        y = im.cublaslt_matmul(x, w, jnp.float32 if out_f32 else None)
         return np.asarray(y.astype(jnp.float32))
 
     full = gemm(x_all)
@@ -170,10 +170,3 @@ def test_gpu_cublaslt_gemm_rows_are_invariant(seed, k, n, dtype, out_f32):
         idx = np.sort(rng.choice(2048, m, replace=False))
         np.testing.assert_array_equal(gemm(x_all[idx]), full[idx], err_msg=f"seed={seed} M={m}: rows changed")
 
-
-def _f32_out(x, w):
-    """The GEMM with an f32 output (the LM head's logits), called directly."""
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    ws = jax.ShapeDtypeStruct((im.GEMM_WORKSPACE_BYTES,), jnp.uint8)
-    y, _ = jax.ffi.ffi_call(im.GEMM_TARGET, (out, ws))(x, w, reference_rows=np.int32(im.REFERENCE_ROWS))
-    return y

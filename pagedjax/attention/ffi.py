@@ -184,14 +184,14 @@ def paged_attention_call(
         # every backend rather than from an asynchronous GPU execution.
         raise ValueError(f"paged_attention_ffi: no tensor-core kernel for {jnp.dtype(q.dtype).name} with "
                          f"head dim {H} (bf16/f16 with head dim in {TENSOR_CORE_HEAD_DIMS}); use kernel='auto'")
-    if kernel == "invariant" and num_splits not in (None, 1):
-        raise ValueError(f"paged_attention_ffi: kernel 'invariant' runs unsplit, got num_splits={num_splits}")
+    if kernel == "invariant":
+        if num_splits not in (None, 1):
+            raise ValueError(f"paged_attention_ffi: kernel 'invariant' runs unsplit, got num_splits={num_splits}")
+        num_splits = 1
     backend = jax.default_backend()
     _ffi.require(TARGET, backend)
     R, M = block_tables.shape
     K = k_pages.shape[2]
-    if kernel == "invariant":
-        num_splits = 1
     if num_splits is None:
         # A split covers positions some token of its request sees: at most the window plus the
         # request's other query tokens (T - R bounds those), never more than the block table.
