@@ -67,9 +67,10 @@ class EngineConfig:
     enable_in_reasoning: bool = False
     grammar_compile_timeout: float = 10.0  # seconds for compiling one constraint before a ValueError
     # A request's tokens and logprobs do not depend on the rest of the batch, its prompt's chunking
-    # or prefix-cache hits: every matmul on fixed row tiles (ModelConfig.batch_invariant), the
-    # attention on KV blocks at fixed positions (the GPU's custom call unsplit), on the GPU fixed
-    # GEMM algorithms and deterministic ops (ModelRunner.step_compiler_options). Float models
+    # or prefix-cache hits: every matmul on one GEMM algorithm per weight shape (cuBLASLt on a CUDA
+    # GPU at tensor-parallel size 1, else fixed row tiles: ModelConfig.invariant_gemm), norms on
+    # fixed row tiles, the attention on KV blocks at fixed positions (the GPU's custom call
+    # unsplit), on the GPU deterministic ops (ModelRunner.step_compiler_options). Float models
     # without experts (tests/test_batch_invariance.py, tests/test_batch_invariance_gpu.py).
     batch_invariant: bool = False
     # After start-up, gc.collect() then gc.freeze(), as vLLM's engine core does: full collections
@@ -153,16 +154,22 @@ class EngineConfig:
             from pagedjax import attention
             from pagedjax.models import invariant_matmul
 
-            invariant_matmul.check(tp)
+            invariant_matmul.choose(tp)  # a PAGEDJAX_BATCH_INVARIANT_MATMUL that cannot run here fails here
             attention.invariant_kernel()  # a bad PAGEDJAX_BATCH_INVARIANT_ATTENTION fails here
         return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
                                    max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
 
     def model_config(self, config: Any) -> Any:
         """The ModelConfig the engine runs: `config` with the MoE options and batch_invariant set
-        here (a ValueError naming the option for a model without experts)."""
+        here (a ValueError naming the option for a model without experts); under batch_invariant
+        with the GEMM for this device and tensor-parallel size (models/invariant_matmul.choose)."""
+        gemm = None
+        if self.batch_invariant:
+            from pagedjax.models import invariant_matmul
+
+            gemm = invariant_matmul.choose(self.tensor_parallel_size or 1)
         changes = {k: v for k, v in (("moe_impl", self.moe_impl), ("expert_parallel", self.enable_expert_parallel),
-                                     ("batch_invariant", self.batch_invariant or None))
+                                     ("batch_invariant", self.batch_invariant or None), ("invariant_gemm", gemm))
                    if v is not None and getattr(config, k) != v}
         return config.replace(**changes) if changes else config
 

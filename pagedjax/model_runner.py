@@ -248,8 +248,9 @@ COMPILE_WORKERS_ENV = "PAGEDJAX_COMPILE_WORKERS"
 # with device-side control flow): the capacity layout's rounds loop otherwise has its trip count
 # read back by the host at every MoE layer, which holds the host inside the step call until the
 # device gets there (Qwen3-30B-A3B, FP8 experts, decode at batch 256 on an H100: engine step 35.5
-# -> 31.4 ms, benchmarks/RESULTS.md). PAGEDJAX_LOOP_COMMAND_BUFFERS=0 keeps XLA's default kinds;
-# an XLA_FLAGS that sets the kinds itself wins.
+# -> 31.4 ms, benchmarks/RESULTS.md). PAGEDJAX_LOOP_COMMAND_BUFFERS=0 keeps XLA's default kinds,
+# =all puts them in every model's steps (to measure: e.g. the batch-invariant mode's norm-tile
+# loops); an XLA_FLAGS that sets the kinds itself wins.
 LOOP_COMMAND_BUFFERS_ENV = "PAGEDJAX_LOOP_COMMAND_BUFFERS"
 LOOP_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 
@@ -260,14 +261,18 @@ def step_compiler_options(is_moe: bool, batch_invariant: bool, backend: str) -> 
     Batch-invariant steps on the GPU: every GEMM through cuBLAS(Lt) with its heuristic's algorithm
     for the shape (XLA neither autotunes, which may pick differently in two compiles of the same
     tile shape, nor builds Triton GEMMs whose tiling follows the fusion), and no atomics (XLA's
-    run-to-run deterministic mode). MoE steps on the GPU: LOOP_COMMAND_BUFFERS."""
+    run-to-run deterministic mode). MoE steps on the GPU (every step's with
+    PAGEDJAX_LOOP_COMMAND_BUFFERS=all): LOOP_COMMAND_BUFFERS."""
     if backend != "gpu":
         return None
     options: dict[str, Any] = {}
     if batch_invariant:
         options.update({"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0,
                         "xla_gpu_deterministic_ops": True, "xla_gpu_exclude_nondeterministic_ops": True})
-    if (is_moe and os.environ.get(LOOP_COMMAND_BUFFERS_ENV, "1") != "0"
+    loops = os.environ.get(LOOP_COMMAND_BUFFERS_ENV, "1")
+    if loops not in ("0", "1", "all"):
+        raise ValueError(f"{LOOP_COMMAND_BUFFERS_ENV}={loops!r}: expected 0, 1 (MoE models' steps) or all")
+    if (((is_moe and loops == "1") or loops == "all")
             and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", "")):
         options["xla_gpu_enable_command_buffer"] = LOOP_COMMAND_BUFFERS
     return options or None

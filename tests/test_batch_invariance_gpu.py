@@ -53,6 +53,19 @@ def test_run_to_run(params, probe, alone):
     assert same(run(pj.LLM(params, batch_invariant=True, **ENGINE), probe), alone[True])
 
 
+def test_the_engine_runs_the_chosen_gemm(invariant):
+    """The engine's GEMM is the one models/invariant_matmul.choose gives this GPU at tp 1 (the
+    checks here cover it: PAGEDJAX_BATCH_INVARIANT_MATMUL, unset, leaves it to the engine)."""
+    import os
+
+    from pagedjax.models import invariant_matmul
+
+    gemm = invariant.engine.runner.config.invariant_gemm
+    assert gemm == invariant_matmul.choose(1)
+    if invariant_matmul.IMPL_ENV not in os.environ:
+        assert gemm == invariant_matmul.DEFAULT_ORDER[0]
+
+
 @pytest.mark.parametrize("n", [8, 64, 255])
 def test_beside_strangers(invariant, probe, alone, n):
     assert same(run(invariant, probe, n, seed=n), alone[True])

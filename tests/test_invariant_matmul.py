@@ -140,6 +140,34 @@ def test_choice_is_checked(monkeypatch):
     im.check(4)  # the row tiles run anywhere
 
 
+def test_engine_chooses_the_gemm_that_runs_here(monkeypatch):
+    from pagedjax.config import EngineConfig
+
+    cfg = NAMED_CONFIGS["smollm2-135m"]
+    monkeypatch.delenv(im.IMPL_ENV, raising=False)
+    assert EngineConfig().model_config(cfg).invariant_gemm is None  # the mode off: nothing chosen
+    assert EngineConfig(batch_invariant=True).model_config(cfg).invariant_gemm == "tiles"  # CPU
+    # the one-launch GEMMs first, as on a GPU: neither runs on this CPU, so the row tiles
+    monkeypatch.setattr(im, "DEFAULT_ORDER", ("cublaslt", "mosaic", "tiles"))
+    assert im.choose(1) == "tiles"
+    assert im.unfit("tiles", 2) is None
+    monkeypatch.setenv(im.IMPL_ENV, "cublaslt")  # asked for: refused here, not replaced
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        EngineConfig(batch_invariant=True).model_config(cfg)
+    monkeypatch.setenv(im.IMPL_ENV, "tiles")
+    assert im.choose(4) == "tiles"
+
+
+def test_model_config_choice_wins_over_the_env(monkeypatch):
+    monkeypatch.setenv(im.IMPL_ENV, "tiles")
+    x = jax.ShapeDtypeStruct((200, 576), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((576, 1536), jnp.bfloat16)
+    for gemm, kernels in (("cublaslt", 1), ("tiles", 0), (None, 0)):
+        cfg = NAMED_CONFIGS["smollm2-135m"].replace(batch_invariant=True, invariant_gemm=gemm)
+        hlo = _lower_for_h200(lambda a, b, cfg=cfg: rows_matmul(cfg, "td,df->tf", a, b), x, w)
+        assert hlo.count(f"stablehlo.custom_call @{im.GEMM_TARGET}") == kernels, gemm
+
+
 # (K, N): Llama-3-8B's q, k/v, gate and down projections, and a small odd one
 GPU_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (200, 72)]
 

@@ -432,7 +432,8 @@ def test_int4_experts_gather_a_decode_step():
 def test_moe_steps_put_loops_in_command_buffers(monkeypatch):
     """On the GPU an MoE model's steps compile with loops and conditionals in XLA's command buffers
     (the capacity rounds' trip count is then not read back by the host), unless turned off or set by
-    XLA_FLAGS; dense models and the CPU keep XLA's defaults; batch-invariant options are kept. The
+    XLA_FLAGS; dense models (unless asked for with "all") and the CPU keep XLA's defaults;
+    batch-invariant options are kept; a bad value is refused. The
     option string is one XLA accepts (compiled here, on any backend)."""
     from pagedjax import model_runner as mr
 
@@ -447,6 +448,14 @@ def test_moe_steps_put_loops_in_command_buffers(monkeypatch):
     assert both["xla_gpu_deterministic_ops"] and both["xla_gpu_enable_command_buffer"] == mr.LOOP_COMMAND_BUFFERS
     monkeypatch.setenv(mr.LOOP_COMMAND_BUFFERS_ENV, "0")
     assert mr.step_compiler_options(True, False, "gpu") is None
+    monkeypatch.setenv(mr.LOOP_COMMAND_BUFFERS_ENV, "all")  # every model's steps, the bi options kept
+    assert mr.step_compiler_options(False, False, "gpu") == {"xla_gpu_enable_command_buffer": mr.LOOP_COMMAND_BUFFERS}
+    dense_bi = mr.step_compiler_options(False, True, "gpu")
+    assert dense_bi["xla_gpu_autotune_level"] == 0 and dense_bi["xla_gpu_enable_command_buffer"] == mr.LOOP_COMMAND_BUFFERS
+    assert mr.step_compiler_options(False, True, "cpu") is None
+    monkeypatch.setenv(mr.LOOP_COMMAND_BUFFERS_ENV, "yes")
+    with pytest.raises(ValueError, match=mr.LOOP_COMMAND_BUFFERS_ENV):
+        mr.step_compiler_options(True, False, "gpu")
     monkeypatch.delenv(mr.LOOP_COMMAND_BUFFERS_ENV)
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")
     assert mr.step_compiler_options(True, False, "gpu") is None

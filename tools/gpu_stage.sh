@@ -36,6 +36,8 @@
 #           (benchmarks/kernels/invariant_matmul.py), the engine's bi gpu tests on it, then the decode step
 #           (batch 256 and 16) and a mixed step (256 decodes + a 1792-token prompt) with the mode on it,
 #           on the row tiles and without it (profile_step.py, one process each; BI_LT_VARIANTS, BI_LT_BATCHES)
+# bi-loops  the batch-invariant mode's mixed step and batch-16 decode with XLA loops in the command buffers
+#           (PAGEDJAX_LOOP_COMMAND_BUFFERS=all) and without, then bench-bi with them (BUDGET of at least 300)
 # bench-seqs  W3 and W1 with max_num_seqs SEQS (512) and max_num_batched_tokens TOKENS (4096), later flags winning
 # bench-coarse  W3 and W1 with the coarse and the fine (default) token buckets (EngineConfig.token_buckets), in one
 #           process (BUDGET of at least 240 s: the budget is the whole process's, its first engine's start-up included)
@@ -60,6 +62,7 @@
 #           default final_only as in W1; PREFILL: a new prompt of that many tokens in every step; TOKENS: the
 #           step budget), then
 #           benchmarks/trace_timeline.py on it: host events, GPU idle gaps and GPU time by op class of the last steps
+#           (PROFILE_EXTRA: more profile_step.py options, e.g. --batch-invariant)
 #           (HLO_DUMP=1: the step's optimized HLO dumped, and its top XLA kernels' fusions summarized)
 # skip-temp XLA's command buffers with --xla_gpu_command_buffer_update_mode=SKIP_TEMP (no re-record when only
 #           the step's temp buffer moved): W3 and W1 (the pool sized automatically, or NUM_PAGES), then the
@@ -253,6 +256,18 @@ for s in "$@"; do
           benchmarks/profile_step.py --model named:llama3-8b --batch-size 256 --context 512 --steps 12 $flag \
           --prefill-chunk 1792 --max-num-batched-tokens 2048 --output-kind final_only --out "$OUTDIR/bi-lt-mixed-$v.json"
       done ;;
+    bi-loops)  # the bi mode's steps with XLA loops in the command buffers (PAGEDJAX_LOOP_COMMAND_BUFFERS=all)
+      # and without (1: MoE only): a mixed step and a batch-16 decode each, then bench-bi with them
+      for loops in 1 all; do
+        TAIL=4 stage "bi-loops-mixed-$loops" 200 env PAGEDJAX_LOOP_COMMAND_BUFFERS=$loops "$PY" \
+          benchmarks/profile_step.py --model named:llama3-8b --batch-size 256 --context 512 --steps 12 \
+          --batch-invariant --prefill-chunk 1792 --max-num-batched-tokens 2048 --output-kind final_only \
+          --out "$OUTDIR/bi-loops-mixed-$loops.json"
+        TAIL=4 stage "bi-loops-b16-$loops" 150 env PAGEDJAX_LOOP_COMMAND_BUFFERS=$loops "$PY" \
+          benchmarks/profile_step.py --model named:llama3-8b --batch-size 16 --context 512 --steps 20 \
+          --batch-invariant --output-kind final_only --out "$OUTDIR/bi-loops-b16-$loops.json"
+      done
+      PAGEDJAX_LOOP_COMMAND_BUFFERS=all throughput . bench-bi-loops --variants bf16,bf16+bi ;;
     bench-coarse) throughput . bench-coarse --variants bf16+coarse,bf16 ;;
     bi-mosaic)  # batch_invariant with the one-launch GEMM: the kernel sweep, the gpu tests, W3 and W1
       TAIL=45 stage bi-matmul 240 "$PY" benchmarks/kernels/invariant_matmul.py --out "$OUTDIR/invariant-matmul.json"
@@ -319,7 +334,7 @@ for s in "$@"; do
       TAIL=4 stage "timeline-$tag" 200 "$PY" benchmarks/profile_step.py --model "${MODEL:-named:llama3-8b}" \
         --batch-size "${BATCH:-256}" --context 512 --steps 20 --trace-dir "/tmp/trace-$tag" \
         --output-kind "${OUTPUT_KIND:-final_only}" --prefill-chunk "${PREFILL:-0}" \
-        ${TOKENS:+--max-num-batched-tokens "$TOKENS"} \
+        ${TOKENS:+--max-num-batched-tokens "$TOKENS"} ${PROFILE_EXTRA:-} \
         --out "$OUTDIR/timeline-$tag.json"
       "$PY" benchmarks/trace_timeline.py "/tmp/trace-$tag" --steps 3 --min-ms "${MIN_MS:-0.2}" --kernels 25 \
         --out "$OUTDIR/timeline-$tag.txt" | head -c 4000

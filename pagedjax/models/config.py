@@ -89,9 +89,13 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # batch-invariant numerics (EngineConfig.batch_invariant, every family): each matmul runs on
-    # fixed-size row tiles, so a row's result does not depend on how many rows are beside it
+    # batch-invariant numerics (EngineConfig.batch_invariant, every family): each matmul runs one
+    # algorithm per weight shape (invariant_gemm) and each norm on fixed-size row tiles, so a row's
+    # result does not depend on how many rows are beside it
     batch_invariant: bool = False
+    # its GEMM (models/invariant_matmul.py: "tiles", "mosaic", "cublaslt"), chosen by the engine for
+    # its device and tensor-parallel size; None: as PAGEDJAX_BATCH_INVARIANT_MATMUL says ("tiles")
+    invariant_gemm: str | None = None
     name: str = ""
     # -- features
     norm: str = "rms"  # "rms" | "layer"

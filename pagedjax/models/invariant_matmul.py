@@ -3,28 +3,29 @@ shape, or JAX's Mosaic GPU matmul with fixed tiles.
 
 Dims: T rows (tokens), K contracted, N output features.
 
-The batch-invariant mode's default GEMM (`layers.row_tiled`) runs one cuBLAS call per tile of
-128 rows, so every call has the same shape and algorithm. Each call reads the whole weight:
-a 2048-token prefill chunk reads it 16 times.
+The engine picks the batch-invariant mode's GEMM at start-up (`choose`, into
+ModelConfig.invariant_gemm): PAGEDJAX_BATCH_INVARIANT_MATMUL where set, else cuBLASLt where it
+can run (a CUDA GPU with the extension's handler, tensor-parallel size 1), else the row tiles.
 
-`PAGEDJAX_BATCH_INVARIANT_MATMUL=cublaslt`: the custom call `pagedjax_invariant_gemm`
-(xla_kernels/invariant_gemm.cu) runs every row in one cuBLASLt launch on an algorithm fixed per
-(K, N) and types: the heuristic's choice for REFERENCE_ROWS rows, unsplit over K, used at every T
-(cuBLASLt checks it for each new T; a refusal is an error). Each output element is then one
-CTA's sum over K in the same order whatever T is. CUDA at tensor-parallel size 1; its invariance
-and speed on the GPU: tests/test_batch_invariance_gpu.py, `bash tools/gpu_stage.sh bi-lt`.
+"tiles" (`layers.row_tiled`) runs one GEMM per tile of 128 rows (16 on the CPU), so every call
+has the same shape and algorithm. Each call reads the whole weight: a 2048-token prefill chunk
+reads it 16 times.
 
-`PAGEDJAX_BATCH_INVARIANT_MATMUL=mosaic`: the kernel
+"cublaslt": the custom call `pagedjax_invariant_gemm` (xla_kernels/invariant_gemm.cu) runs every
+row in one cuBLASLt launch on an algorithm fixed per (K, N) and types: the heuristic's choice for
+REFERENCE_ROWS rows, unsplit over K, used at every T (cuBLASLt checks it for each new T; a refusal
+is an error). Each output element is then one CTA's sum over K in the same order whatever T is.
+Verified on an H100 (tests/test_invariant_matmul.py, tests/test_batch_invariance_gpu.py:
+`bash tools/gpu_stage.sh bi-lt`). Weights laid out [N, K] (a tied embedding as the LM head) and
+float32 models keep the row tiles.
+
+"mosaic" (experimental, sm_90 at tensor-parallel size 1, only when asked for): the kernel
 (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) covers all row tiles in one persistent
 launch. Its tile shape, K loop and wgmma sequence are fixed per (K, N), with no split-K, so a row's
 sums run in the same order whatever T is. The row tiles of one weight column block run side by
-side, so the weight is read from HBM about once and the other tiles find it in L2.
-
-Experimental: for batch-invariant engines on sm_90 GPUs at tensor-parallel size 1; "tiles" (the
-default) keeps the row tiles. Weights laid out
-[N, K] (a tied embedding as the LM head), float32 models and shapes the kernel cannot tile keep
-the row tiles. Its speed and invariance are measured by `benchmarks/kernels/invariant_matmul.py`
-and `tests/test_batch_invariance_gpu.py` on the GPU (`bash tools/gpu_stage.sh bi-mosaic`).
+side, so the weight is read from HBM about once and the other tiles find it in L2. Shapes it
+cannot tile keep the row tiles. Its speed and invariance: `benchmarks/kernels/invariant_matmul.py`
+and `tests/test_batch_invariance_gpu.py` (`bash tools/gpu_stage.sh bi-mosaic`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ REFERENCE_ROWS = 256  # the cuBLASLt algorithm of a weight shape is the heuristi
 GEMM_WORKSPACE_BYTES = 32 << 20
 
 
+# The engine's GEMM where PAGEDJAX_BATCH_INVARIANT_MATMUL is unset, in the order tried: the first
+# that can run here (see `unfit`). cuBLASLt on a CUDA GPU at tensor-parallel size 1 (its tests and
+# the engine's bi tests passed on an H100: `bash tools/gpu_stage.sh bi-lt`); "tiles" runs everywhere.
+DEFAULT_ORDER = ("cublaslt", "tiles")
+
+
 def impl() -> str:
     """The batch-invariant GEMM chosen by PAGEDJAX_BATCH_INVARIANT_MATMUL ("tiles" unless set)."""
     name = os.environ.get(IMPL_ENV, "tiles")
@@ -53,29 +60,42 @@ def impl() -> str:
     return name
 
 
-def check(tensor_parallel_size: int) -> None:
-    """A ValueError unless the chosen GEMM can run here (mosaic: an sm_90 GPU, one device;
-    cublaslt: a CUDA GPU, the extension's handler, one device)."""
-    name = impl()
+def unfit(name: str, tensor_parallel_size: int) -> str | None:
+    """Why GEMM `name` cannot run here (mosaic: an sm_90 GPU, one device; cublaslt: a CUDA GPU,
+    the extension's handler, one device), or None where it can."""
     if name == "tiles":
-        return
+        return None
     device = jax.devices()[0]
     if name == "cublaslt":
         from pagedjax.quantization import kernels
 
         if device.platform != "gpu" or not kernels.has_handler(GEMM_TARGET):
-            raise ValueError(f"{IMPL_ENV}=cublaslt needs a CUDA GPU and the extension's {GEMM_TARGET} handler "
-                             f"(built where cublasLt.h is found); this device is {device.device_kind!r} "
-                             f"({device.platform})")
-        if tensor_parallel_size != 1:
-            raise ValueError(f"{IMPL_ENV}=cublaslt runs at tensor_parallel_size 1, got {tensor_parallel_size}")
-        return
-    capability = getattr(device, "compute_capability", None)
-    if device.platform != "gpu" or capability != "9.0":
-        raise ValueError(f"{IMPL_ENV}=mosaic needs a Hopper GPU (compute capability 9.0); this device "
-                         f"is {device.device_kind!r} ({device.platform}, capability {capability})")
+            return (f"{IMPL_ENV}=cublaslt needs a CUDA GPU and the extension's {GEMM_TARGET} handler "
+                    f"(built where cublasLt.h is found); this device is {device.device_kind!r} ({device.platform})")
+    else:
+        capability = getattr(device, "compute_capability", None)
+        if device.platform != "gpu" or capability != "9.0":
+            return (f"{IMPL_ENV}=mosaic needs a Hopper GPU (compute capability 9.0); this device "
+                    f"is {device.device_kind!r} ({device.platform}, capability {capability})")
     if tensor_parallel_size != 1:
-        raise ValueError(f"{IMPL_ENV}=mosaic runs at tensor_parallel_size 1, got {tensor_parallel_size}")
+        return f"{IMPL_ENV}={name} runs at tensor_parallel_size 1, got {tensor_parallel_size}"
+    return None
+
+
+def check(tensor_parallel_size: int) -> None:
+    """A ValueError unless the GEMM PAGEDJAX_BATCH_INVARIANT_MATMUL chooses can run here."""
+    reason = unfit(impl(), tensor_parallel_size)
+    if reason:
+        raise ValueError(reason)
+
+
+def choose(tensor_parallel_size: int) -> str:
+    """The engine's batch-invariant GEMM at this tensor-parallel size: PAGEDJAX_BATCH_INVARIANT_MATMUL
+    where set (a ValueError unless it can run here), else the first of DEFAULT_ORDER that can."""
+    if IMPL_ENV in os.environ:
+        check(tensor_parallel_size)
+        return impl()
+    return next(name for name in DEFAULT_ORDER if unfit(name, tensor_parallel_size) is None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,10 +75,10 @@ def row_tiled(f: Callable[[jax.Array], jax.Array], x: jax.Array, rows: int | Non
 
 def rows_matmul(cfg: ModelConfig | None, eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """jnp.einsum(eqn, x, w) for an eqn whose first x dim is the rows; under cfg.batch_invariant
-    row-tiled, or one fixed-algorithm launch where PAGEDJAX_BATCH_INVARIANT_MATMUL (mosaic,
-    cublaslt) chooses one and it applies."""
+    row-tiled, or one fixed-algorithm launch where cfg.invariant_gemm (or, unset,
+    PAGEDJAX_BATCH_INVARIANT_MATMUL) chooses one (mosaic, cublaslt) and it applies."""
     if cfg is not None and cfg.batch_invariant:
-        method = invariant_matmul.impl()
+        method = cfg.invariant_gemm or invariant_matmul.impl()
         y = None if method == "tiles" else invariant_matmul.einsum(eqn, x, w, method=method)
         return row_tiled(lambda t: jnp.einsum(eqn, t, w), x) if y is None else y
     return jnp.einsum(eqn, x, w)
