@@ -144,20 +144,21 @@ class EngineConfig:
                              f"{'not quantized' if held is None else f'quantized with {held.name!r}'}: "
                              f"quantization applies when the weights are loaded (LLM(path, quantization=...), "
                              f"load_params(path, quantization=...), random_params(config, quantization=...))")
-        tp = self.tensor_parallel_size or parallel.tp_size(parallel.mesh_of(params))
-        parallel.check_tensor_parallel(self.model_config(params.config), tp)
         if self.batch_invariant and (held is not None or params.config.num_experts):
             raise ValueError("batch_invariant=True is for float models without experts: "
                              + (f"these weights are quantized ({held.name!r})" if held is not None
                                 else f"{params.config.architecture} routes tokens to experts"))
+        tp = self.tensor_parallel_size or parallel.tp_size(parallel.mesh_of(params))
+        resolved = dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
+                                       max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
+        # under batch_invariant this picks the GEMM at the real size: a PAGEDJAX_BATCH_INVARIANT_MATMUL
+        # that cannot run here fails here
+        parallel.check_tensor_parallel(resolved.model_config(params.config), tp)
         if self.batch_invariant:
             from pagedjax import attention
-            from pagedjax.models import invariant_matmul
 
-            invariant_matmul.choose(tp)  # a PAGEDJAX_BATCH_INVARIANT_MATMUL that cannot run here fails here
             attention.invariant_kernel()  # a bad PAGEDJAX_BATCH_INVARIANT_ATTENTION fails here
-        return dataclasses.replace(self, max_model_len=max_len, max_num_seqs=seqs,
-                                   max_num_batched_tokens=max(tokens, 16), tensor_parallel_size=tp)
+        return resolved
 
     def model_config(self, config: Any) -> Any:
         """The ModelConfig the engine runs: `config` with the MoE options and batch_invariant set

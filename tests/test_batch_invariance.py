@@ -113,3 +113,24 @@ def test_refused_where_not_supported():
                                                 rotary_dim=16, vocab_size=128)
     with pytest.raises(ValueError, match="batch_invariant"):
         pj.LLM(random_params(cfg, dtype=jnp.float32), batch_invariant=True, precompile=False)
+
+
+@pytest.mark.parametrize("method, loops", [("tiles", 1), ("rows", 0)])
+def test_norm_methods_lower_as_named(monkeypatch, method, loops):
+    """PAGEDJAX_BATCH_INVARIANT_NORM: "tiles" runs the norm in a loop over row tiles, "rows" in one
+    reduction over every row; an unknown method is refused when the model is traced."""
+    import jax
+    import jax.numpy as jnp
+
+    from pagedjax.models import layers
+
+    mod = layers.RMSNorm(eps=1e-6, batch_invariant=True)
+    variables = {"params": {"scale": jnp.ones(64, jnp.float32)}}
+    x = jnp.ones((40, 64), jnp.float32)
+    monkeypatch.setenv(layers.NORM_ENV, method)
+    text = jax.jit(lambda a: mod.apply(variables, a)).lower(x).as_text()
+    assert text.count("stablehlo.while") == loops
+    assert text.count("stablehlo.reduce") == 1
+    monkeypatch.setenv(layers.NORM_ENV, "split")
+    with pytest.raises(ValueError, match="PAGEDJAX_BATCH_INVARIANT_NORM='split'"):
+        jax.jit(lambda a: mod.apply(variables, a)).lower(x)

@@ -126,3 +126,34 @@ def test_without_the_flag_the_numbers_change(params, probe, alone):
     llm = pj.LLM(params, batch_invariant=False, **ENGINE)
     runs = [run(llm, probe, n, seed=n) for n in (8, 64, 255)]
     assert any(not same(r, alone[False]) for r in runs)
+
+
+@pytest.mark.parametrize("method", ["tiles", "rows"])
+@pytest.mark.parametrize("shape", [(4096,), (32, 128)], ids=["hidden", "qk-heads"])
+def test_norm_rows_keep_their_bits(monkeypatch, method, shape):
+    """RMSNorm under batch_invariant with each PAGEDJAX_BATCH_INVARIANT_NORM method: rows taken from
+    one 2048-row input give the same bits at any row count as in the 2048-row call (behind a residual
+    add, as in the model), and match a float64 oracle."""
+    import jax
+    import jax.numpy as jnp
+
+    from pagedjax.models import layers
+
+    monkeypatch.setenv(layers.NORM_ENV, method)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2048, *shape)) * rng.uniform(0.01, 30, (2048,) + (1,) * len(shape)))
+    r = rng.standard_normal((2048, *shape))
+    w = rng.uniform(0.5, 1.5, shape[-1:])
+    x, r = jnp.asarray(x, jnp.bfloat16), jnp.asarray(r, jnp.bfloat16)
+    mod = layers.RMSNorm(eps=1e-5, batch_invariant=True)
+    variables = {"params": {"scale": jnp.asarray(w, jnp.bfloat16)}}
+    f = jax.jit(lambda a, b: mod.apply(variables, a + b))
+    full = np.asarray(f(x, r).astype(jnp.float32))
+    h = np.asarray((x + r).astype(jnp.float32), np.float64)
+    want = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + 1e-5) * np.asarray(
+        jnp.asarray(w, jnp.bfloat16).astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(full, want, rtol=2e-2, atol=1e-2)
+    for m in (1, 3, 16, 100, 128, 255, 256, 257, 1000):
+        start = int(rng.integers(0, 2048 - m + 1))
+        part = np.asarray(f(x[start:start + m], r[start:start + m]).astype(jnp.float32))
+        assert np.array_equal(part, full[start:start + m]), (method, m)

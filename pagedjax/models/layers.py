@@ -12,6 +12,7 @@ keep the parameters' dtype; norms, softmax, routing and logits are computed in f
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -243,11 +244,32 @@ class LayerNorm(nn.Module):
         return row_norm(layer_norm, x, self.batch_invariant)
 
 
+NORM_ENV = "PAGEDJAX_BATCH_INVARIANT_NORM"
+NORM_METHODS = ("tiles", "rows")
+
+
+def invariant_norm_method() -> str:
+    """How batch_invariant norms run: "tiles" (row_tiled: fixed-size row tiles in a loop), or "rows"
+    (the plain reduction over all rows in one launch, for a backend whose row reduction sums each
+    row in the same order whatever the row count). PAGEDJAX_BATCH_INVARIANT_NORM where set, else
+    "tiles"."""
+    method = os.environ.get(NORM_ENV, "tiles")
+    if method not in NORM_METHODS:
+        raise ValueError(f"{NORM_ENV}={method!r}: expected one of {', '.join(NORM_METHODS)}")
+    return method
+
+
 def row_norm(f: Callable[[jax.Array], jax.Array], x: jax.Array, batch_invariant: bool) -> jax.Array:
     """A norm f over x [T, ..., D]; under batch_invariant in row tiles of a fixed size: XLA's CPU
     reduction over D sums 8 rows at a time in SIMD lanes once there are 8 rows, one row across
-    the lanes below that, so a row's sum of squares would depend on how many rows are beside it."""
-    return row_tiled(f, x) if batch_invariant else f(x)
+    the lanes below that, so a row's sum of squares would depend on how many rows are beside it
+    (invariant_norm_method: "rows" keeps one launch where the backend's reduction does not)."""
+    if not batch_invariant:
+        return f(x)
+    if invariant_norm_method() == "rows":
+        # the barriers keep the norm one reduction of its own, whatever fuses around it
+        return jax.lax.optimization_barrier(f(jax.lax.optimization_barrier(x)))
+    return row_tiled(f, x)
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
