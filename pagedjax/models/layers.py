@@ -244,7 +244,7 @@ class LayerNorm(nn.Module):
         return row_norm(layer_norm, x, self.batch_invariant)
 
 
-NORM_ENV = "PAGEDJAX_BATCH_INVARIANT_NORM"
+NORM_ENV = "PAGEDJAX_BATCH_INVARIANT_NORM"  # listed in compile_cache.PROGRAM_ENV
 NORM_METHODS = ("tiles", "rows")
 
 
