@@ -163,14 +163,17 @@ class EngineConfig:
     def model_config(self, config: Any) -> Any:
         """The ModelConfig the engine runs: `config` with the MoE options and batch_invariant set
         here (a ValueError naming the option for a model without experts); under batch_invariant
-        with the GEMM for this device and tensor-parallel size (models/invariant_matmul.choose)."""
-        gemm = None
+        with the GEMM for this device and tensor-parallel size (models/invariant_matmul.choose) and
+        the norms' method (models/layers.invariant_norm_method)."""
+        gemm = norm = None
         if self.batch_invariant:
-            from pagedjax.models import invariant_matmul
+            from pagedjax.models import invariant_matmul, layers
 
             gemm = invariant_matmul.choose(self.tensor_parallel_size or 1)
+            norm = layers.invariant_norm_method()  # a bad PAGEDJAX_BATCH_INVARIANT_NORM fails here
         changes = {k: v for k, v in (("moe_impl", self.moe_impl), ("expert_parallel", self.enable_expert_parallel),
-                                     ("batch_invariant", self.batch_invariant or None), ("invariant_gemm", gemm))
+                                     ("batch_invariant", self.batch_invariant or None), ("invariant_gemm", gemm),
+                                     ("invariant_norm", norm))
                    if v is not None and getattr(config, k) != v}
         return config.replace(**changes) if changes else config
 

@@ -134,3 +134,28 @@ def test_norm_methods_lower_as_named(monkeypatch, method, loops):
     monkeypatch.setenv(layers.NORM_ENV, "split")
     with pytest.raises(ValueError, match="PAGEDJAX_BATCH_INVARIANT_NORM='split'"):
         jax.jit(lambda a: mod.apply(variables, a)).lower(x)
+
+
+def test_the_engine_records_the_norm_method(monkeypatch):
+    """The engine reads PAGEDJAX_BATCH_INVARIANT_NORM once, into ModelConfig.invariant_norm; the
+    model then follows the config, whatever the variable says when it is traced."""
+    import jax
+    import jax.numpy as jnp
+
+    from pagedjax.config import EngineConfig
+    from pagedjax.models import layers
+    from pagedjax.models.named import NAMED_CONFIGS
+
+    base = NAMED_CONFIGS["llama3-8b"].replace(num_layers=1, hidden_size=64)
+    monkeypatch.setenv(layers.NORM_ENV, "rows")
+    cfg = EngineConfig(batch_invariant=True, tensor_parallel_size=1).model_config(base)
+    assert cfg.invariant_norm == "rows"
+    assert EngineConfig(batch_invariant=False).model_config(base).invariant_norm is None
+    monkeypatch.setenv(layers.NORM_ENV, "tiles")
+    mod = layers.norm(cfg, "input_layernorm")
+    variables = {"params": {"scale": jnp.ones(64, jnp.float32)}}
+    text = jax.jit(lambda a: mod.apply(variables, a)).lower(jnp.ones((40, 64), jnp.float32)).as_text()
+    assert text.count("stablehlo.while") == 0
+    monkeypatch.setenv(layers.NORM_ENV, "split")
+    with pytest.raises(ValueError, match="PAGEDJAX_BATCH_INVARIANT_NORM"):
+        EngineConfig(batch_invariant=True, tensor_parallel_size=1).model_config(base)

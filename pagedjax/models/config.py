@@ -96,6 +96,9 @@ class ModelConfig:
     # its GEMM (models/invariant_matmul.py: "tiles", "mosaic", "cublaslt"), chosen by the engine for
     # its device and tensor-parallel size; None: as PAGEDJAX_BATCH_INVARIANT_MATMUL says ("tiles")
     invariant_gemm: str | None = None
+    # its norms (models/layers.py invariant_norm_method: "tiles", "rows"), chosen by the engine; None:
+    # as PAGEDJAX_BATCH_INVARIANT_NORM says ("tiles")
+    invariant_norm: str | None = None
     name: str = ""
     # -- features
     norm: str = "rms"  # "rms" | "layer"

@@ -203,6 +203,7 @@ class RMSNorm(nn.Module):
     eps: float
     unit_offset: bool = False
     batch_invariant: bool = False  # row tiles of a fixed size (see row_norm)
+    invariant_norm: str | None = None  # how, under batch_invariant (row_norm's method)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -216,7 +217,7 @@ class RMSNorm(nn.Module):
                 return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
             return scale.astype(x.dtype) * y.astype(x.dtype)
 
-        return row_norm(rms, x, self.batch_invariant)
+        return row_norm(rms, x, self.batch_invariant, self.invariant_norm)
 
 
 class LayerNorm(nn.Module):
@@ -225,6 +226,7 @@ class LayerNorm(nn.Module):
     eps: float
     affine: bool = True
     batch_invariant: bool = False  # row tiles of a fixed size (see row_norm)
+    invariant_norm: str | None = None  # how, under batch_invariant (row_norm's method)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -241,7 +243,7 @@ class LayerNorm(nn.Module):
                 y = y * scale + bias
             return y.astype(x.dtype)
 
-        return row_norm(layer_norm, x, self.batch_invariant)
+        return row_norm(layer_norm, x, self.batch_invariant, self.invariant_norm)
 
 
 NORM_ENV = "PAGEDJAX_BATCH_INVARIANT_NORM"  # listed in compile_cache.PROGRAM_ENV
@@ -259,14 +261,16 @@ def invariant_norm_method() -> str:
     return method
 
 
-def row_norm(f: Callable[[jax.Array], jax.Array], x: jax.Array, batch_invariant: bool) -> jax.Array:
+def row_norm(f: Callable[[jax.Array], jax.Array], x: jax.Array, batch_invariant: bool,
+             method: str | None = None) -> jax.Array:
     """A norm f over x [T, ..., D]; under batch_invariant in row tiles of a fixed size: XLA's CPU
     reduction over D sums 8 rows at a time in SIMD lanes once there are 8 rows, one row across
     the lanes below that, so a row's sum of squares would depend on how many rows are beside it
-    (invariant_norm_method: "rows" keeps one launch where the backend's reduction does not)."""
+    (`method`, else invariant_norm_method(): "rows" keeps one launch where the backend's reduction
+    does not)."""
     if not batch_invariant:
         return f(x)
-    if invariant_norm_method() == "rows":
+    if (method or invariant_norm_method()) == "rows":
         # the barriers keep the norm one reduction of its own, whatever fuses around it
         return jax.lax.optimization_barrier(f(jax.lax.optimization_barrier(x)))
     return row_tiled(f, x)
@@ -275,8 +279,8 @@ def row_norm(f: Callable[[jax.Array], jax.Array], x: jax.Array, batch_invariant:
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
     """The config's norm: RMSNorm ("rms", Gemma's "rms_unit_offset") or LayerNorm (optionally without affine)."""
     if cfg.norm in ("rms", "rms_unit_offset"):
-        return RMSNorm(cfg.norm_eps, cfg.norm == "rms_unit_offset", cfg.batch_invariant, name=name)
-    return LayerNorm(cfg.norm_eps, cfg.norm_affine, cfg.batch_invariant, name=name)
+        return RMSNorm(cfg.norm_eps, cfg.norm == "rms_unit_offset", cfg.batch_invariant, cfg.invariant_norm, name=name)
+    return LayerNorm(cfg.norm_eps, cfg.norm_affine, cfg.batch_invariant, cfg.invariant_norm, name=name)
 
 
 # --- rotary embeddings ----------------------------------------------------------------------
