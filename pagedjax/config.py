@@ -154,26 +154,25 @@ class EngineConfig:
         # under batch_invariant this picks the GEMM at the real size: a PAGEDJAX_BATCH_INVARIANT_MATMUL
         # that cannot run here fails here
         parallel.check_tensor_parallel(resolved.model_config(params.config), tp)
-        if self.batch_invariant:
-            from pagedjax import attention
-
-            attention.invariant_kernel()  # a bad PAGEDJAX_BATCH_INVARIANT_ATTENTION fails here
         return resolved
 
     def model_config(self, config: Any) -> Any:
         """The ModelConfig the engine runs: `config` with the MoE options and batch_invariant set
         here (a ValueError naming the option for a model without experts); under batch_invariant
         with the GEMM for this device and tensor-parallel size (models/invariant_matmul.choose) and
-        the norms' method (models/layers.invariant_norm_method)."""
-        gemm = norm = None
+        the norms' method (models/layers.invariant_norm_method) and the attention kernel
+        (attention.invariant_attention_method), each read once here."""
+        gemm = norm = attn = None
         if self.batch_invariant:
+            from pagedjax import attention
             from pagedjax.models import invariant_matmul, layers
 
             gemm = invariant_matmul.choose(self.tensor_parallel_size or 1)
             norm = layers.invariant_norm_method()  # a bad PAGEDJAX_BATCH_INVARIANT_NORM fails here
+            attn = attention.invariant_attention_method()  # and a bad PAGEDJAX_BATCH_INVARIANT_ATTENTION
         changes = {k: v for k, v in (("moe_impl", self.moe_impl), ("expert_parallel", self.enable_expert_parallel),
                                      ("batch_invariant", self.batch_invariant or None), ("invariant_gemm", gemm),
-                                     ("invariant_norm", norm))
+                                     ("invariant_norm", norm), ("invariant_attention", attn))
                    if v is not None and getattr(config, k) != v}
         return config.replace(**changes) if changes else config
 

@@ -11,6 +11,7 @@ sampling (temperature 0.8, top-p 0.95), with its top-2 logprobs.
 Without the flag the same runs differ from the reference (the test can fail).
 """
 
+import numpy as np
 import pytest
 
 import pagedjax as pj
@@ -115,25 +116,45 @@ def test_refused_where_not_supported():
         pj.LLM(random_params(cfg, dtype=jnp.float32), batch_invariant=True, precompile=False)
 
 
-@pytest.mark.parametrize("method, loops", [("tiles", 1), ("rows", 0)])
-def test_norm_methods_lower_as_named(monkeypatch, method, loops):
-    """PAGEDJAX_BATCH_INVARIANT_NORM: "tiles" runs the norm in a loop over row tiles, "rows" in one
-    reduction over every row; an unknown method is refused when the model is traced."""
+@pytest.mark.parametrize("method", ["tiles", "kernel"])
+@pytest.mark.parametrize("kind, shape", [("rms", (72,)), ("rms_unit_offset", (3, 40)), ("layer", (72,))])
+def test_norm_methods_match_the_oracle_and_keep_rows(monkeypatch, method, kind, shape):
+    """PAGEDJAX_BATCH_INVARIANT_NORM: each method's norm (RMSNorm, Gemma's unit-offset RMSNorm on
+    per-head rows, LayerNorm; D not a power of two) matches a float64 oracle, and rows taken from
+    a 40-row input keep their bits at any row count; "tiles" lowers to a loop over row tiles,
+    "kernel" to invariant_norm.row_moments; an unknown method is refused when the model is traced."""
     import jax
     import jax.numpy as jnp
 
     from pagedjax.models import layers
 
-    mod = layers.RMSNorm(eps=1e-6, batch_invariant=True)
-    variables = {"params": {"scale": jnp.ones(64, jnp.float32)}}
-    x = jnp.ones((40, 64), jnp.float32)
+    rng = np.random.default_rng(11)
+    d = shape[-1]
+    x = rng.standard_normal((40, *shape)) * rng.uniform(0.1, 20, (40,) + (1,) * len(shape)) + 0.5
+    w, b = rng.uniform(-0.5, 1.5, d), rng.standard_normal(d)
+    h = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    if kind == "layer":
+        mod = layers.LayerNorm(eps=1e-5, batch_invariant=True)
+        variables = {"params": {"scale": jnp.asarray(w, jnp.float32), "bias": jnp.asarray(b, jnp.float32)}}
+        mean = h.mean(-1, keepdims=True)
+        want = (h - mean) / np.sqrt(((h - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * w + b
+    else:
+        mod = layers.RMSNorm(eps=1e-5, unit_offset=kind == "rms_unit_offset", batch_invariant=True)
+        variables = {"params": {"scale": jnp.asarray(w, jnp.float32)}}
+        want = h / np.sqrt((h * h).mean(-1, keepdims=True) + 1e-5) * (1 + w if kind == "rms_unit_offset" else w)
     monkeypatch.setenv(layers.NORM_ENV, method)
-    text = jax.jit(lambda a: mod.apply(variables, a)).lower(x).as_text()
-    assert text.count("stablehlo.while") == loops
-    assert text.count("stablehlo.reduce") == 1
+    f = jax.jit(lambda a: mod.apply(variables, a))
+    full = np.asarray(f(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(full, want, rtol=1e-5, atol=1e-5)
+    for start, m in ((0, 1), (7, 3), (20, 17), (3, 9)):
+        part = np.asarray(f(jnp.asarray(x[start:start + m], jnp.float32)))
+        assert np.array_equal(part, full[start:start + m]), (method, m)
+    text = f.lower(jnp.asarray(x, jnp.float32)).as_text()
+    assert ("@row_moments" in text) == (method == "kernel")
+    assert (text.count("stablehlo.while") == 1) if method == "tiles" else ("@row_moments" in text)
     monkeypatch.setenv(layers.NORM_ENV, "split")
     with pytest.raises(ValueError, match="PAGEDJAX_BATCH_INVARIANT_NORM='split'"):
-        jax.jit(lambda a: mod.apply(variables, a)).lower(x)
+        jax.jit(lambda a: mod.apply(variables, a)).lower(jnp.asarray(x, jnp.float32))
 
 
 def test_the_engine_records_the_norm_method(monkeypatch):
@@ -147,15 +168,15 @@ def test_the_engine_records_the_norm_method(monkeypatch):
     from pagedjax.models.named import NAMED_CONFIGS
 
     base = NAMED_CONFIGS["llama3-8b"].replace(num_layers=1, hidden_size=64)
-    monkeypatch.setenv(layers.NORM_ENV, "rows")
+    monkeypatch.setenv(layers.NORM_ENV, "kernel")
     cfg = EngineConfig(batch_invariant=True, tensor_parallel_size=1).model_config(base)
-    assert cfg.invariant_norm == "rows"
+    assert cfg.invariant_norm == "kernel"
     assert EngineConfig(batch_invariant=False).model_config(base).invariant_norm is None
     monkeypatch.setenv(layers.NORM_ENV, "tiles")
     mod = layers.norm(cfg, "input_layernorm")
     variables = {"params": {"scale": jnp.ones(64, jnp.float32)}}
     text = jax.jit(lambda a: mod.apply(variables, a)).lower(jnp.ones((40, 64), jnp.float32)).as_text()
-    assert text.count("stablehlo.while") == 0
+    assert "@row_moments" in text
     monkeypatch.setenv(layers.NORM_ENV, "split")
     with pytest.raises(ValueError, match="PAGEDJAX_BATCH_INVARIANT_NORM"):
         EngineConfig(batch_invariant=True, tensor_parallel_size=1).model_config(base)

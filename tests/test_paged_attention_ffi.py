@@ -369,6 +369,17 @@ def test_batch_invariant_attention_kernel_from_the_environment(seed, monkeypatch
     text = lower().as_text()
     assert re.findall(r"kernel = (\d+) : i32", text) == [str(kernel)], text[-2000:]
     assert re.findall(r"num_splits = (\d+) : i32", text) == ["1"]
+    # the engine reads the variable once, into ModelConfig.invariant_attention; the call then follows
+    # the config's choice whatever the variable says when it is traced
+    cfg = EngineConfig(batch_invariant=True, tensor_parallel_size=1).model_config(NAMED_CONFIGS["tiny-llama"])
+    assert cfg.invariant_attention == (choice or "tensor_core")
+    assert EngineConfig().model_config(NAMED_CONFIGS["tiny-llama"]).invariant_attention is None
+    other = "tensor_core" if cfg.invariant_attention == "simt" else "simt"
+    monkeypatch.setenv(attention.INVARIANT_ATTENTION_ENV, other)
+    text = jax.jit(lambda q: attention.paged_attention(
+        q, c.k_pages, c.v_pages, c.meta, scale=c.scale, impl="ffi", batch_invariant=True,
+        invariant_attention=cfg.invariant_attention)).lower(c.q).as_text()
+    assert re.findall(r"kernel = (\d+) : i32", text) == [str(kernel)]
     monkeypatch.setenv(attention.INVARIANT_ATTENTION_ENV, "flash")
     with pytest.raises(ValueError, match=attention.INVARIANT_ATTENTION_ENV):
         lower()

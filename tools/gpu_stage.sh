@@ -38,7 +38,7 @@
 #           on the row tiles and without it (profile_step.py, one process each; BI_LT_VARIANTS, BI_LT_BATCHES)
 # bi-loops  the batch-invariant mode's mixed step and batch-16 decode with XLA loops in the command buffers
 #           (PAGEDJAX_LOOP_COMMAND_BUFFERS=all) and without, then bench-bi with them (BUDGET of at least 300)
-# bi-norm   batch-invariant norms in one launch (PAGEDJAX_BATCH_INVARIANT_NORM=rows): the norm's bit tests,
+# bi-norm   batch-invariant norms' statistics in one kernel launch (PAGEDJAX_BATCH_INVARIANT_NORM=kernel): the norm's bit tests,
 #           the engine's bi gpu tests, the mixed and batch-16 bi steps, then bench-bi, all with it
 # bench-seqs  W3 and W1 with max_num_seqs SEQS (512) and max_num_batched_tokens TOKENS (4096), later flags winning
 # bench-coarse  W3 and W1 with the coarse and the fine (default) token buckets (EngineConfig.token_buckets), in one
@@ -258,11 +258,11 @@ for s in "$@"; do
           benchmarks/profile_step.py --model named:llama3-8b --batch-size 256 --context 512 --steps 12 $flag \
           --prefill-chunk 1792 --max-num-batched-tokens 2048 --output-kind final_only --out "$OUTDIR/bi-lt-mixed-$v.json"
       done ;;
-    bi-norm)  # batch-invariant norms in one launch (PAGEDJAX_BATCH_INVARIANT_NORM=rows): the norm's bit tests,
+    bi-norm)  # batch-invariant norms' statistics in one kernel launch (PAGEDJAX_BATCH_INVARIANT_NORM=kernel): the norm's bit tests,
       # the engine's bi tests with it, its mixed and batch-16 bi steps, then bench-bi with it
       TAIL=8 stage bi-norm-bits 120 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py -k norm_rows
-      export PAGEDJAX_BATCH_INVARIANT_NORM=rows
+      export PAGEDJAX_BATCH_INVARIANT_NORM=kernel
       TAIL=12 stage bi-norm-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py -k "not norm_rows"
       TAIL=4 stage bi-norm-mixed 200 "$PY" benchmarks/profile_step.py --model named:llama3-8b --batch-size 256 \

@@ -33,12 +33,23 @@ INVARIANT_ATTENTION_ENV = "PAGEDJAX_BATCH_INVARIANT_ATTENTION"
 INVARIANT_KERNELS = {"simt": "simt", "tensor_core": "invariant"}
 
 
-def invariant_kernel() -> str:
-    """The custom call's `kernel` under batch_invariant, as PAGEDJAX_BATCH_INVARIANT_ATTENTION chooses."""
+def invariant_attention_method() -> str:
+    """The batch-invariant attention PAGEDJAX_BATCH_INVARIANT_ATTENTION names ("tensor_core" unset);
+    the engine reads it once, into ModelConfig.invariant_attention."""
     name = os.environ.get(INVARIANT_ATTENTION_ENV, "tensor_core")
     if name not in INVARIANT_KERNELS:
         raise ValueError(f"{INVARIANT_ATTENTION_ENV}={name!r}: expected one of {', '.join(INVARIANT_KERNELS)}")
-    return INVARIANT_KERNELS[name]
+    return name
+
+
+def invariant_kernel(method: str | None = None) -> str:
+    """The custom call's `kernel` under batch_invariant for `method` (a key of INVARIANT_KERNELS;
+    None: as PAGEDJAX_BATCH_INVARIANT_ATTENTION says)."""
+    if method is None:
+        method = invariant_attention_method()
+    if method not in INVARIANT_KERNELS:
+        raise ValueError(f"batch-invariant attention {method!r}: expected one of {', '.join(INVARIANT_KERNELS)}")
+    return INVARIANT_KERNELS[method]
 
 
 # Pool dtypes the handlers read: q's dtype (one of these) or the FP8 KV cache.
@@ -76,6 +87,7 @@ def paged_attention(
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
     batch_invariant: bool = False,
+    invariant_attention: str | None = None,
 ) -> jax.Array:
     """Attention of q [T, N, H] over pools [P, B, K, H] as `meta` says; returns [T, N, H].
 
@@ -92,6 +104,8 @@ def paged_attention(
     from 0). Either way a token's sums run in the same order in a prefill chunk and as a decode,
     beside any batch (by default decodes get other tiles and the split-KV count follows the batch).
     The CPU call is per token already; the reference attends in blocks of a fixed number of tokens.
+    invariant_attention (static): which of those kernels ("tensor_core", "simt"); None: as
+    PAGEDJAX_BATCH_INVARIANT_ATTENTION says.
     """
     check_options(sliding_window, logit_softcap, "paged_attention")
     k_scale, v_scale = _kv_dtype.check_scales(k_scale, v_scale, k_pages.dtype, k_pages.shape[2], "paged_attention")
@@ -103,7 +117,7 @@ def paged_attention(
 
         # Under tensor parallelism the call runs per device in shard_map (heads split): a custom
         # call on sharded operands outside it would be all-gathered.
-        fixed = dict(kernel=invariant_kernel(), num_splits=1) if batch_invariant else {}
+        fixed = dict(kernel=invariant_kernel(invariant_attention), num_splits=1) if batch_invariant else {}
         return ffi.paged_attention_ffi(q, k_pages, v_pages, meta, mesh=tp_mesh(), **opts, **fixed)
     from pagedjax.attention import reference
 

@@ -90,15 +90,18 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # batch-invariant numerics (EngineConfig.batch_invariant, every family): each matmul runs one
-    # algorithm per weight shape (invariant_gemm) and each norm on fixed-size row tiles, so a row's
+    # algorithm per weight shape (invariant_gemm) and each norm sums a row in one fixed order, so a row's
     # result does not depend on how many rows are beside it
     batch_invariant: bool = False
     # its GEMM (models/invariant_matmul.py: "tiles", "mosaic", "cublaslt"), chosen by the engine for
     # its device and tensor-parallel size; None: as PAGEDJAX_BATCH_INVARIANT_MATMUL says ("tiles")
     invariant_gemm: str | None = None
-    # its norms (models/layers.py invariant_norm_method: "tiles", "rows"), chosen by the engine; None:
-    # as PAGEDJAX_BATCH_INVARIANT_NORM says ("tiles")
+    # its norms (models/layers.py invariant_norm_method: "tiles", "kernel"), chosen by the engine;
+    # None: as PAGEDJAX_BATCH_INVARIANT_NORM says (unset: "kernel" on a GPU, else "tiles")
     invariant_norm: str | None = None
+    # its attention kernel (attention.invariant_attention_method: "tensor_core", "simt"), chosen by the
+    # engine; None: as PAGEDJAX_BATCH_INVARIANT_ATTENTION says ("tensor_core")
+    invariant_attention: str | None = None
     name: str = ""
     # -- features
     norm: str = "rms"  # "rms" | "layer"

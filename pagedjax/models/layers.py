@@ -210,9 +210,10 @@ class RMSNorm(nn.Module):
         init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
         scale = _param(self, "scale", init, (x.shape[-1],), ("norm",))
 
-        def rms(x: jax.Array) -> jax.Array:
+        def rms(x: jax.Array, moments: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
             xf = x.astype(jnp.float32)
-            y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+            ms = jnp.mean(xf * xf, axis=-1, keepdims=True) if moments is None else moments[1]
+            y = xf * jax.lax.rsqrt(ms + self.eps)
             if self.unit_offset:
                 return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
             return scale.astype(x.dtype) * y.astype(x.dtype)
@@ -234,45 +235,51 @@ class LayerNorm(nn.Module):
             scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
             bias = _param(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("norm",))
 
-        def layer_norm(x: jax.Array) -> jax.Array:
+        def layer_norm(x: jax.Array, moments: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
             xf = x.astype(jnp.float32)
-            mean = jnp.mean(xf, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+            if moments is None:
+                mean = jnp.mean(xf, axis=-1, keepdims=True)
+                var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+            else:
+                mean, var = moments
             y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
             if self.affine:
                 y = y * scale + bias
             return y.astype(x.dtype)
 
-        return row_norm(layer_norm, x, self.batch_invariant, self.invariant_norm)
+        return row_norm(layer_norm, x, self.batch_invariant, self.invariant_norm, centered=True)
 
 
 NORM_ENV = "PAGEDJAX_BATCH_INVARIANT_NORM"  # listed in compile_cache.PROGRAM_ENV
-NORM_METHODS = ("tiles", "rows")
+NORM_METHODS = ("tiles", "kernel")
 
 
 def invariant_norm_method() -> str:
-    """How batch_invariant norms run: "tiles" (row_tiled: fixed-size row tiles in a loop), or "rows"
-    (the plain reduction over all rows in one launch, for a backend whose row reduction sums each
-    row in the same order whatever the row count). PAGEDJAX_BATCH_INVARIANT_NORM where set, else
-    "tiles"."""
-    method = os.environ.get(NORM_ENV, "tiles")
+    """How batch_invariant norms run: "tiles" (row_tiled: fixed-size row tiles in a loop), or
+    "kernel" (the row statistics in one launch of models/invariant_norm's kernel, one program per
+    row; interpreted off the GPU). PAGEDJAX_BATCH_INVARIANT_NORM where set, else "kernel" on a GPU
+    (its bit tests and the engine's bi tests pass on an H100; W1's bi cost 28% -> 25%, the mixed
+    step no longer waits on the host: benchmarks/RESULTS.md) and "tiles" elsewhere."""
+    method = os.environ.get(NORM_ENV) or ("kernel" if jax.default_backend() == "gpu" else "tiles")
     if method not in NORM_METHODS:
         raise ValueError(f"{NORM_ENV}={method!r}: expected one of {', '.join(NORM_METHODS)}")
     return method
 
 
-def row_norm(f: Callable[[jax.Array], jax.Array], x: jax.Array, batch_invariant: bool,
-             method: str | None = None) -> jax.Array:
-    """A norm f over x [T, ..., D]; under batch_invariant in row tiles of a fixed size: XLA's CPU
-    reduction over D sums 8 rows at a time in SIMD lanes once there are 8 rows, one row across
-    the lanes below that, so a row's sum of squares would depend on how many rows are beside it
-    (`method`, else invariant_norm_method(): "rows" keeps one launch where the backend's reduction
-    does not)."""
+def row_norm(f: Callable[..., jax.Array], x: jax.Array, batch_invariant: bool, method: str | None = None,
+             centered: bool = False) -> jax.Array:
+    """A norm f over x [T, ..., D]; under batch_invariant with each row's sums independent of T.
+    XLA's reductions over D are not: its CPU reduction sums 8 rows at a time in SIMD lanes once
+    there are 8 rows, one row across the lanes below that, and its GPU reduction picks fusion and
+    tiling by the row count. `method` (else invariant_norm_method()): "tiles" runs f on row tiles of
+    a fixed size; "kernel" passes f(x, moments) the row statistics from invariant_norm.row_moments
+    (`centered`: mean and variance, else the mean square), f's elementwise rest left to XLA."""
     if not batch_invariant:
         return f(x)
-    if (method or invariant_norm_method()) == "rows":
-        # the barriers keep the norm one reduction of its own, whatever fuses around it
-        return jax.lax.optimization_barrier(f(jax.lax.optimization_barrier(x)))
+    if (method or invariant_norm_method()) == "kernel":
+        from pagedjax.models import invariant_norm
+
+        return f(x, invariant_norm.row_moments(x, centered))
     return row_tiled(f, x)
 
 
@@ -528,7 +535,7 @@ class Attention(nn.Module):
                 scale /= self.layer_idx + 1
             o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl, sliding_window=window,
                                 logit_softcap=cfg.attn_logit_softcap or None, batch_invariant=cfg.batch_invariant,
-                                **scales)  # [T, N, H]
+                                invariant_attention=cfg.invariant_attention, **scales)  # [T, N, H]
             chex.assert_shape(o, (T, N, H))
             out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, cfg,
                          name="o_proj")(o)
