@@ -66,6 +66,19 @@ def test_the_engine_runs_the_chosen_gemm(invariant):
         assert gemm == invariant_matmul.DEFAULT_ORDER[0]
 
 
+def test_the_engine_runs_the_chosen_norm_and_attention(invariant):
+    """The norms' method and the attention kernel the engine runs: as the variables say, and with
+    them unset the GPU defaults (the norms' kernel, the tensor-core attention) the tests here cover."""
+    import os
+
+    from pagedjax import attention
+    from pagedjax.models import layers
+
+    cfg = invariant.engine.runner.config
+    assert cfg.invariant_norm == os.environ.get(layers.NORM_ENV, "kernel")
+    assert cfg.invariant_attention == os.environ.get(attention.INVARIANT_ATTENTION_ENV, "tensor_core")
+
+
 @pytest.mark.parametrize("n", [8, 64, 255])
 def test_beside_strangers(invariant, probe, alone, n):
     assert same(run(invariant, probe, n, seed=n), alone[True])
