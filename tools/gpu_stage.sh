@@ -40,6 +40,8 @@
 #           (PAGEDJAX_LOOP_COMMAND_BUFFERS=all) and without, then bench-bi with them (BUDGET of at least 300)
 # bi-norm   batch-invariant norms' statistics in one kernel launch (PAGEDJAX_BATCH_INVARIANT_NORM=kernel): the norm's bit tests,
 #           the engine's bi gpu tests, the mixed and batch-16 bi steps, then bench-bi, all with it
+# bi-norm-kernel  benchmarks/kernels/invariant_norm.py: RMSNorm plain vs row tiles vs the row-statistics kernel
+#           (speed and invariance at 1-2048 rows; hidden 4096 and 2560, 32 heads x 128)
 # bench-seqs  W3 and W1 with max_num_seqs SEQS (512) and max_num_batched_tokens TOKENS (4096), later flags winning
 # bench-coarse  W3 and W1 with the coarse and the fine (default) token buckets (EngineConfig.token_buckets), in one
 #           process (BUDGET of at least 240 s: the budget is the whole process's, its first engine's start-up included)
@@ -272,6 +274,8 @@ for s in "$@"; do
         --context 512 --steps 20 --batch-invariant --output-kind final_only --out "$OUTDIR/bi-norm-b16.json"
       throughput . bench-bi-norm --variants bf16,bf16+bi
       unset PAGEDJAX_BATCH_INVARIANT_NORM ;;
+    bi-norm-kernel) TAIL=20 stage bi-norm-kernel 240 "$PY" benchmarks/kernels/invariant_norm.py \
+        --out "$OUTDIR/invariant-norm.json" ;;
     bi-loops)  # the bi mode's steps with XLA loops in the command buffers (PAGEDJAX_LOOP_COMMAND_BUFFERS=all)
       # and without (1: MoE only): a mixed step and a batch-16 decode each, then bench-bi with them
       for loops in 1 all; do
