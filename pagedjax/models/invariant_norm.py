@@ -6,9 +6,10 @@ Dims: R rows (tokens, or tokens x heads for a per-head norm), D the normalized f
 XLA's own reduction over D is compiled by the shape, the row count included: on an H100 a
 2048-row RMSNorm runs as a Triton normalization fusion (its tiling configured per shape), one row
 as a separate reduce, and rows of the same input come out with other bits at 128 rows (hidden
-4096) and 96 rows (128 per head) than in the 2048-row call (`tests/test_batch_invariance_gpu.py::test_norm_rows_keep_their_bits`).
-So batch_invariant runs its norms in a loop over fixed-size row tiles (`layers.row_tiled`), a
-host-driven `while` between the step's CUDA graphs.
+4096) and 96 rows (128 per head) than in the 2048-row call (benchmarks/RESULTS.md, twenty-fifth
+session; `benchmarks/kernels/invariant_norm.py` measures it as `plain`). The row tiles
+(`layers.row_tiled`) avoid that with a loop, on the GPU a host-driven `while` between the step's
+CUDA graphs, one per norm.
 
 Here each program loads one row (D padded to a power of two, masked) and sums it with Triton's
 `tl.sum` over a layout fixed by D alone (the padded length and the warp count), so every row's
