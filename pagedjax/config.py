@@ -71,7 +71,8 @@ class EngineConfig:
     # GPU at tensor-parallel size 1, else fixed row tiles: ModelConfig.invariant_gemm), norms summing
     # each row in one order (a kernel on the GPU, row tiles elsewhere: ModelConfig.invariant_norm),
     # the attention on KV blocks at fixed positions (the GPU's custom call unsplit), on the GPU
-    # deterministic ops (ModelRunner.step_compiler_options). Float models without experts (tests/test_batch_invariance.py, tests/test_batch_invariance_gpu.py).
+    # deterministic ops (ModelRunner.step_compiler_options). Float models without experts
+    # (tests/test_batch_invariance.py, tests/test_batch_invariance_gpu.py).
     batch_invariant: bool = False
     # After start-up, gc.collect() then gc.freeze(), as vLLM's engine core does: full collections
     # then skip the start-up heap (JAX, the model, the tokenizer), whose scan otherwise stalls a
