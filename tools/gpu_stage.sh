@@ -40,6 +40,8 @@
 #           (PAGEDJAX_LOOP_COMMAND_BUFFERS=all) and without, then bench-bi with them (BUDGET of at least 300)
 # bi-norm   batch-invariant norms' statistics in one kernel launch (PAGEDJAX_BATCH_INVARIANT_NORM=kernel): the norm's bit tests,
 #           the engine's bi gpu tests, the mixed and batch-16 bi steps, then bench-bi, all with it
+# bi-lt-rows  benchmarks/kernels/invariant_matmul.py: the cuBLASLt invariant GEMM with the algorithm chosen for
+#           256 rows (the default) and for 16, 1024, 2048 (REF_ROWS), at 1-2048 rows, Llama-3-8B's shapes
 # bi-norm-kernel  benchmarks/kernels/invariant_norm.py: RMSNorm plain vs row tiles vs the row-statistics kernel
 #           (speed and invariance at 1-2048 rows; hidden 4096 and 2560, 32 heads x 128)
 # bench-seqs  W3 and W1 with max_num_seqs SEQS (512) and max_num_batched_tokens TOKENS (4096), later flags winning
@@ -274,6 +276,9 @@ for s in "$@"; do
         --context 512 --steps 20 --batch-invariant --output-kind final_only --out "$OUTDIR/bi-norm-b16.json"
       throughput . bench-bi-norm --variants bf16,bf16+bi
       unset PAGEDJAX_BATCH_INVARIANT_NORM ;;
+    bi-lt-rows) TAIL=40 stage bi-lt-rows 300 "$PY" benchmarks/kernels/invariant_matmul.py --no-mosaic \
+        --shapes q,kv,gate,down,lm_head --rows 1,16,256,2048 --reference-rows "${REF_ROWS:-16,1024,2048}" \
+        --out "$OUTDIR/invariant-matmul-rows.json" ;;
     bi-norm-kernel) TAIL=20 stage bi-norm-kernel 240 "$PY" benchmarks/kernels/invariant_norm.py \
         --out "$OUTDIR/invariant-norm.json" ;;
     bi-loops)  # the bi mode's steps with XLA loops in the command buffers (PAGEDJAX_LOOP_COMMAND_BUFFERS=all)

@@ -4,8 +4,9 @@ Llama-3-8B's projections (K -> N) at M = 1, 8, 64, 256, 2048 rows, bf16. Methods
 - `dot`: jnp.dot, what the default mode runs (cuBLAS picks its algorithm by M: not invariant);
 - `tiles128`: layers.row_tiled, one cuBLAS GEMM per tile of 128 rows (the batch-invariant mode's
   default on the GPU);
-- `cublaslt`: models/invariant_matmul.py's custom call, one cuBLASLt algorithm per (K, N) (CUDA
-  GPUs with the extension's handler);
+- `cublaslt`: models/invariant_matmul.py's custom call, one cuBLASLt algorithm per (K, N), the
+  heuristic's for REFERENCE_ROWS (256) rows (CUDA GPUs with the extension's handler);
+  `cublaslt@R` the same with the algorithm chosen for R rows (`--reference-rows`);
 - `mosaic_nN`: models/invariant_matmul.py, JAX's Hopper matmul in one launch, tile_n = N of 64
   and 128 (tiles_for's choice is marked).
 
@@ -51,12 +52,15 @@ DRY_SHAPES = {"q": (128, 192), "down": (192, 128)}
 DRY_ROWS = (1, 8, 40)
 
 
-def methods(k: int, n: int, on_hopper: bool, mosaic: bool = True) -> dict:
+def methods(k: int, n: int, on_hopper: bool, mosaic: bool = True, reference_rows: tuple[int, ...] = ()) -> dict:
     """name -> f(x [M, K], w [K, N]) -> [M, N]."""
     out = {"dot": lambda x, w: x @ w,
            "tiles128": lambda x, w: row_tiled(lambda t: t @ w, x, 128)}
     if jax.default_backend() == "gpu" and kernels.has_handler(im.GEMM_TARGET):
         out["cublaslt"] = im.cublaslt_matmul
+        for r in reference_rows:
+            if r != im.REFERENCE_ROWS:
+                out[f"cublaslt@{r}"] = functools.partial(im.cublaslt_matmul, reference_rows=r)
     if on_hopper and mosaic:
         chosen = im.tiles_for(k, n)
         for tile_n in (64, 128):  # narrower tiles do not lower (Mosaic's 128-byte swizzle)
@@ -68,7 +72,8 @@ def methods(k: int, n: int, on_hopper: bool, mosaic: bool = True) -> dict:
     return out
 
 
-def run_shape(name: str, k: int, n: int, rows: tuple[int, ...], on_hopper: bool, rng, mosaic: bool = True) -> list[dict]:
+def run_shape(name: str, k: int, n: int, rows: tuple[int, ...], on_hopper: bool, rng, mosaic: bool = True,
+              reference_rows: tuple[int, ...] = ()) -> list[dict]:
     big = max(rows)
     x_all = jnp.asarray(rng.standard_normal((big, k)), jnp.bfloat16)  # [big, K]
     w = jnp.asarray(rng.standard_normal((k, n)) / math.sqrt(k), jnp.bfloat16)  # [K, N]
@@ -77,7 +82,7 @@ def run_shape(name: str, k: int, n: int, rows: tuple[int, ...], on_hopper: bool,
     ref = np.asarray(jnp.dot(x_all.astype(jnp.float32), w.astype(jnp.float32),
                              precision=jax.lax.Precision.HIGHEST))  # [big, N]
     results = []
-    for mname, f in methods(k, n, on_hopper, mosaic).items():
+    for mname, f in methods(k, n, on_hopper, mosaic, reference_rows).items():
         try:
             y_big = np.asarray(jax.jit(f)(x_all, w).astype(jnp.float32))
         except Exception as e:  # noqa: BLE001  (a kernel that does not build for a shape is a result too)
@@ -120,6 +125,8 @@ def main() -> int:
     p.add_argument("--shapes", default=None, help="comma-separated names from SHAPES")
     p.add_argument("--rows", default=None, help="comma-separated row counts (default 1,8,64,256,2048)")
     p.add_argument("--no-mosaic", action="store_true", help="leave out the Mosaic kernel")
+    p.add_argument("--reference-rows", default="",
+                   help="comma-separated row counts R: cuBLASLt with the algorithm chosen for R rows too")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = jax.devices()[0]
@@ -133,7 +140,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     results = []
     for name, (k, n) in shapes.items():
-        results += run_shape(name, k, n, rows, on_hopper and not args.dry_run, rng, mosaic=not args.no_mosaic)
+        results += run_shape(name, k, n, rows, on_hopper and not args.dry_run, rng, mosaic=not args.no_mosaic,
+                             reference_rows=tuple(int(r) for r in args.reference_rows.split(",") if r))
     print(table(results))
     return emit(dict(benchmark="invariant_matmul", date=datetime.date.today().isoformat(),
                      device=device.device_kind, jax=jax.__version__, results=results), args.out)

@@ -156,9 +156,10 @@ def matmul(x: jax.Array, w: jax.Array, tiles: Tiles, kernel=_mosaic_matmul) -> j
     return y[:T]
 
 
-def cublaslt_matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+def cublaslt_matmul(x: jax.Array, w: jax.Array, out_dtype=None, reference_rows: int = REFERENCE_ROWS) -> jax.Array:
     """x [T, K] @ w [K, N] -> [T, N] (out_dtype: x's, or float32) through `pagedjax_invariant_gemm`:
-    one cuBLASLt algorithm per (K, N), so row t of the result depends on row t of x and on w alone."""
+    one cuBLASLt algorithm per (K, N), the heuristic's for `reference_rows` rows, so row t of the
+    result depends on row t of x and on w alone."""
     if jax.default_backend() == "gpu":  # (lowering alone, for an abstract GPU, needs no handler)
         from pagedjax import _ffi
         from pagedjax.quantization import kernels
@@ -167,7 +168,7 @@ def cublaslt_matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
         kernels.preload_cublaslt()
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), out_dtype or x.dtype)
     ws = jax.ShapeDtypeStruct((GEMM_WORKSPACE_BYTES,), jnp.uint8)
-    y, _ = jax.ffi.ffi_call(GEMM_TARGET, (out, ws))(x, w, reference_rows=np.int32(REFERENCE_ROWS))
+    y, _ = jax.ffi.ffi_call(GEMM_TARGET, (out, ws))(x, w, reference_rows=np.int32(reference_rows))
     return y
 
 
