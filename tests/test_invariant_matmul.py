@@ -125,6 +125,15 @@ def test_model_matmul_lowers_to_the_kernel(monkeypatch, impl, eqn, w_shape, kern
         assert "tensor<256x" not in hlo and f"reference_rows = {im.REFERENCE_ROWS} : i32" in hlo
 
 
+def test_cublaslt_reference_rows_reach_the_call():
+    """cublaslt_matmul(reference_rows=R) asks the handler for the algorithm of R rows (the kernel
+    benchmark's `cublaslt@R`); the default is REFERENCE_ROWS."""
+    x = jax.ShapeDtypeStruct((200, 576), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((576, 1536), jnp.bfloat16)
+    assert "reference_rows = 2048 : i32" in _lower_for_h200(lambda a, b: im.cublaslt_matmul(a, b, reference_rows=2048), x, w)
+    assert f"reference_rows = {im.REFERENCE_ROWS} : i32" in _lower_for_h200(im.cublaslt_matmul, x, w)
+
+
 def test_choice_is_checked(monkeypatch):
     monkeypatch.setenv(im.IMPL_ENV, "cutlass")
     with pytest.raises(ValueError, match=im.IMPL_ENV):
