@@ -169,7 +169,8 @@ class EngineConfig:
             from pagedjax.models import invariant_matmul, layers
 
             gemm = invariant_matmul.choose(self.tensor_parallel_size or 1)
-            norm = layers.invariant_norm_method()  # a bad PAGEDJAX_BATCH_INVARIANT_NORM fails here
+            # a bad PAGEDJAX_BATCH_INVARIANT_NORM fails here
+            norm = layers.invariant_norm_method(self.tensor_parallel_size or 1)
             attn = attention.invariant_attention_method()  # and a bad PAGEDJAX_BATCH_INVARIANT_ATTENTION
         changes = {k: v for k, v in (("moe_impl", self.moe_impl), ("expert_parallel", self.enable_expert_parallel),
                                      ("batch_invariant", self.batch_invariant or None), ("invariant_gemm", gemm),

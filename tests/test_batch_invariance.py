@@ -180,3 +180,23 @@ def test_the_engine_records_the_norm_method(monkeypatch):
     monkeypatch.setenv(layers.NORM_ENV, "split")
     with pytest.raises(ValueError, match="PAGEDJAX_BATCH_INVARIANT_NORM"):
         EngineConfig(batch_invariant=True, tensor_parallel_size=1).model_config(base)
+
+
+def test_the_norm_kernel_is_the_gpu_default_at_tensor_parallel_size_1(monkeypatch):
+    """Unset, PAGEDJAX_BATCH_INVARIANT_NORM means the kernel on a GPU at tensor-parallel size 1 and
+    the row tiles elsewhere (the CPU, larger sizes); asked for at a larger size on a GPU, the
+    kernel is refused by name (interpreted on the CPU, it runs at any size)."""
+    import jax
+
+    from pagedjax.models import layers
+
+    monkeypatch.delenv(layers.NORM_ENV, raising=False)
+    assert layers.invariant_norm_method(1) == "tiles"  # this machine: the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layers.invariant_norm_method(1) == "kernel"
+    assert layers.invariant_norm_method(2) == "tiles"
+    monkeypatch.setenv(layers.NORM_ENV, "kernel")
+    with pytest.raises(ValueError, match="PAGEDJAX_BATCH_INVARIANT_NORM=kernel runs at tensor_parallel_size 1"):
+        layers.invariant_norm_method(2)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert layers.invariant_norm_method(3) == "kernel"

@@ -254,15 +254,21 @@ NORM_ENV = "PAGEDJAX_BATCH_INVARIANT_NORM"  # listed in compile_cache.PROGRAM_EN
 NORM_METHODS = ("tiles", "kernel")
 
 
-def invariant_norm_method() -> str:
+def invariant_norm_method(tensor_parallel_size: int = 1) -> str:
     """How batch_invariant norms run: "tiles" (row_tiled: fixed-size row tiles in a loop), or
     "kernel" (the row statistics in one launch of models/invariant_norm's kernel, one program per
     row; interpreted off the GPU). PAGEDJAX_BATCH_INVARIANT_NORM where set, else "kernel" on a GPU
-    (its bit tests and the engine's bi tests pass on an H100; W1's bi cost 28% -> 25%, the mixed
-    step no longer waits on the host: benchmarks/RESULTS.md) and "tiles" elsewhere."""
-    method = os.environ.get(NORM_ENV) or ("kernel" if jax.default_backend() == "gpu" else "tiles")
+    at tensor-parallel size 1 (its bit tests and the engine's bi tests pass on an H100; W1's bi
+    cost 28% -> 25%, the mixed step no longer waits on the host: benchmarks/RESULTS.md) and
+    "tiles" elsewhere. On a GPU the kernel runs at size 1 only (a ValueError otherwise): XLA
+    partitions a custom call it knows nothing of by replicating its operands (the per-head norm's
+    are head-sharded), a path neither tested nor measured."""
+    gpu = jax.default_backend() == "gpu"
+    method = os.environ.get(NORM_ENV) or ("kernel" if gpu and tensor_parallel_size == 1 else "tiles")
     if method not in NORM_METHODS:
         raise ValueError(f"{NORM_ENV}={method!r}: expected one of {', '.join(NORM_METHODS)}")
+    if method == "kernel" and gpu and tensor_parallel_size != 1:
+        raise ValueError(f"{NORM_ENV}=kernel runs at tensor_parallel_size 1 on a GPU, got {tensor_parallel_size}")
     return method
 
 
