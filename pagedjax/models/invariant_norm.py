@@ -22,6 +22,7 @@ Off the GPU the same kernel runs in Pallas's interpret mode (slow; for the tests
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +65,7 @@ def row_moments(x: jax.Array, centered: bool) -> tuple[jax.Array, jax.Array]:
     from jax.experimental.pallas import triton as plgpu
 
     *lead, d = x.shape
-    rows = 1
-    for n in lead:
-        rows *= n
+    rows = math.prod(lead)
     dp = _padded(d)
     flat = x.reshape(rows * d)
     interpret = jax.default_backend() != "gpu"

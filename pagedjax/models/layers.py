@@ -202,7 +202,7 @@ class RMSNorm(nn.Module):
 
     eps: float
     unit_offset: bool = False
-    batch_invariant: bool = False  # row tiles of a fixed size (see row_norm)
+    batch_invariant: bool = False  # each row's sums independent of the row count (see row_norm)
     invariant_norm: str | None = None  # how, under batch_invariant (row_norm's method)
 
     @nn.compact
@@ -226,7 +226,7 @@ class LayerNorm(nn.Module):
 
     eps: float
     affine: bool = True
-    batch_invariant: bool = False  # row tiles of a fixed size (see row_norm)
+    batch_invariant: bool = False  # each row's sums independent of the row count (see row_norm)
     invariant_norm: str | None = None  # how, under batch_invariant (row_norm's method)
 
     @nn.compact
