@@ -67,8 +67,9 @@ class EngineConfig:
     enable_in_reasoning: bool = False
     grammar_compile_timeout: float = 10.0  # seconds for compiling one constraint before a ValueError
     # A request's tokens and logprobs do not depend on the rest of the batch, its prompt's chunking
-    # or prefix-cache hits: every matmul on one GEMM algorithm per weight shape (cuBLASLt on a CUDA
-    # GPU at tensor-parallel size 1, else fixed row tiles: ModelConfig.invariant_gemm), norms summing
+    # or prefix-cache hits: every matmul unsplit over K on GEMM algorithms that agree bit for bit
+    # (cuBLASLt on a CUDA GPU at tensor-parallel size 1, its algorithm by row count on sm_90, else
+    # fixed row tiles: ModelConfig.invariant_gemm), norms summing
     # each row in one order (a kernel on the GPU, row tiles elsewhere: ModelConfig.invariant_norm),
     # the attention on KV blocks at fixed positions (the GPU's custom call unsplit), on the GPU
     # deterministic ops (ModelRunner.step_compiler_options). Float models without experts

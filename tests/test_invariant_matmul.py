@@ -107,6 +107,7 @@ def _lower_for_h200(f, *args) -> str:
     ("cublaslt", "td,df->tf", (576, 1536), 1),
     ("cublaslt", "td,dnh->tnh", (576, 9, 64), 1),
     ("cublaslt", "se,ve->sv", (1024, 576), 0),
+    ("cublaslt_m", "td,dnh->tnh", (576, 9, 64), 1),
 ])
 def test_model_matmul_lowers_to_the_kernel(monkeypatch, impl, eqn, w_shape, kernels):
     monkeypatch.setenv(im.IMPL_ENV, impl)
@@ -116,13 +117,15 @@ def test_model_matmul_lowers_to_the_kernel(monkeypatch, impl, eqn, w_shape, kern
     x = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16)
     w = jax.ShapeDtypeStruct(w_shape, jnp.bfloat16)
     hlo = _lower_for_h200(lambda a, b: rows_matmul(cfg, eqn, a, b), x, w)
-    target = "mosaic_gpu" if impl != "cublaslt" else im.GEMM_TARGET
+    target = "mosaic_gpu" if impl == "mosaic" else im.GEMM_TARGET
     assert hlo.count(f"stablehlo.custom_call @{target}") == kernels
     assert ("stablehlo.dot_general" in hlo) == (kernels == 0)  # the row tiles' cuBLAS dots
     if kernels and impl == "mosaic":  # 200 rows padded to two CTAs of 128
         assert "tensor<256x" in hlo
     if kernels and impl == "cublaslt":  # the 200 rows as they are, in one call
         assert "tensor<256x" not in hlo and f"reference_rows = {im.REFERENCE_ROWS} : i32" in hlo
+    if kernels and impl == "cublaslt_m":  # the algorithm of the call's own 200 rows
+        assert "tensor<256x" not in hlo and "reference_rows = 200 : i32" in hlo
 
 
 def test_cublaslt_reference_rows_reach_the_call():
@@ -157,14 +160,37 @@ def test_engine_chooses_the_gemm_that_runs_here(monkeypatch):
     assert EngineConfig().model_config(cfg).invariant_gemm is None  # the mode off: nothing chosen
     assert EngineConfig(batch_invariant=True).model_config(cfg).invariant_gemm == "tiles"  # CPU
     # the one-launch GEMMs first, as on a GPU: neither runs on this CPU, so the row tiles
-    monkeypatch.setattr(im, "DEFAULT_ORDER", ("cublaslt", "mosaic", "tiles"))
+    monkeypatch.setattr(im, "DEFAULT_ORDER", ("cublaslt_m", "cublaslt", "mosaic", "tiles"))
     assert im.choose(1) == "tiles"
+    assert "needs a CUDA GPU" in im.unfit("cublaslt_m", 1)
     assert im.unfit("tiles", 2) is None
     monkeypatch.setenv(im.IMPL_ENV, "cublaslt")  # asked for: refused here, not replaced
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         EngineConfig(batch_invariant=True).model_config(cfg)
     monkeypatch.setenv(im.IMPL_ENV, "tiles")
     assert im.choose(4) == "tiles"
+
+
+def test_the_algorithm_by_row_count_is_the_default_on_hopper_only(monkeypatch):
+    """cublaslt_m was verified invariant on sm_90: other CUDA GPUs get the fixed algorithm by default,
+    and cublaslt_m asked for by name there is refused."""
+    import types
+
+    from pagedjax.quantization import kernels
+
+    monkeypatch.delenv(im.IMPL_ENV, raising=False)
+    monkeypatch.setattr(kernels, "has_handler", lambda target: target == im.GEMM_TARGET)
+    for capability, default in (("9.0", "cublaslt_m"), ("8.0", "cublaslt"), ("10.0", "cublaslt")):
+        gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability, device_kind="a CUDA GPU")
+        monkeypatch.setattr(im.jax, "devices", lambda gpu=gpu: [gpu])
+        assert im.choose(1) == default, capability
+        assert im.choose(2) == "tiles"
+        if default == "cublaslt":
+            assert "Hopper" in im.unfit("cublaslt_m", 1)
+            monkeypatch.setenv(im.IMPL_ENV, "cublaslt_m")
+            with pytest.raises(ValueError, match="use cublaslt"):
+                im.choose(1)
+            monkeypatch.delenv(im.IMPL_ENV)
 
 
 def test_model_config_choice_wins_over_the_env(monkeypatch):
@@ -207,3 +233,22 @@ def test_gpu_cublaslt_gemm_rows_are_invariant(seed, k, n, dtype, out_f32):
         idx = np.sort(rng.choice(2048, m, replace=False))
         np.testing.assert_array_equal(gemm(x_all[idx]), full[idx], err_msg=f"seed={seed} M={m}: rows changed")
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", GPU_SHAPES + [(4096, 128256)])
+def test_gpu_cublaslt_algorithms_by_rows_agree(seed, k, n):
+    """The algorithm cuBLASLt's heuristic picks for M rows (unsplit), run at those M rows, gives the
+    same bits as the fixed one (REFERENCE_ROWS) on the same rows: the condition under which each
+    row count could run its own algorithm and stay batch-invariant."""
+    rng = np.random.default_rng(seed)
+    x_all = jnp.asarray(rng.standard_normal((4096, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.bfloat16)
+    full = np.asarray(im.cublaslt_matmul(x_all, w).astype(jnp.float32))
+    differ = []
+    for m in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096):
+        idx = np.sort(rng.choice(4096, m, replace=False))
+        y = np.asarray(im.cublaslt_matmul(x_all[idx], w, reference_rows=m).astype(jnp.float32))
+        if not np.array_equal(y, full[idx]):
+            differ.append(m)
+    assert not differ, f"seed={seed} K={k} N={n}: the algorithms of M={differ} rows give other bits"

@@ -41,7 +41,10 @@
 # bi-norm   batch-invariant norms' statistics in one kernel launch (PAGEDJAX_BATCH_INVARIANT_NORM=kernel): the norm's bit tests,
 #           the engine's bi gpu tests, the mixed and batch-16 bi steps, then bench-bi, all with it
 # bi-lt-rows  benchmarks/kernels/invariant_matmul.py: the cuBLASLt invariant GEMM with the algorithm chosen for
-#           256 rows (the default) and for 16, 1024, 2048 (REF_ROWS), at 1-2048 rows, Llama-3-8B's shapes
+#           256 rows (the fixed one) and for 2048 and each call's own row count (REF_ROWS, default 2048,M), at
+#           1-2048 rows, Llama-3-8B's shapes, each compared bit for bit with the fixed one
+# bi-lt-m   cuBLASLt's algorithm by row count (cublaslt_m): its algorithms' bits against the fixed one's
+#           (tests/test_invariant_matmul.py), then the engine's bi `gpu` tests on it
 # bi-norm-kernel  benchmarks/kernels/invariant_norm.py: RMSNorm plain vs row tiles vs the row-statistics kernel
 #           (speed and invariance at 1-2048 rows; hidden 4096 and 2560, 32 heads x 128)
 # bench-seqs  W3 and W1 with max_num_seqs SEQS (512) and max_num_batched_tokens TOKENS (4096), later flags winning
@@ -276,8 +279,13 @@ for s in "$@"; do
         --context 512 --steps 20 --batch-invariant --output-kind final_only --out "$OUTDIR/bi-norm-b16.json"
       throughput . bench-bi-norm --variants bf16,bf16+bi
       unset PAGEDJAX_BATCH_INVARIANT_NORM ;;
+    bi-lt-m)  # the algorithm by row count: do the algorithms agree bit for bit, then the engine's bi tests on it
+      TAIL=14 stage bi-lt-agree 150 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        tests/test_invariant_matmul.py -k algorithms_by_rows
+      TAIL=14 stage bi-ltm-tests 400 env PAGEDJAX_TEST_GPU=1 PAGEDJAX_BATCH_INVARIANT_MATMUL=cublaslt_m "$PY" \
+        -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_batch_invariance_gpu.py ;;
     bi-lt-rows) TAIL=40 stage bi-lt-rows 300 "$PY" benchmarks/kernels/invariant_matmul.py --no-mosaic \
-        --shapes q,kv,gate,down,lm_head --rows 1,16,256,2048 --reference-rows "${REF_ROWS:-16,1024,2048}" \
+        --shapes q,kv,gate,down,lm_head --rows 1,16,64,256,2048 --reference-rows "${REF_ROWS:-2048,M}" \
         --out "$OUTDIR/invariant-matmul-rows.json" ;;
     bi-norm-kernel) TAIL=20 stage bi-norm-kernel 240 "$PY" benchmarks/kernels/invariant_norm.py \
         --out "$OUTDIR/invariant-norm.json" ;;

@@ -6,14 +6,17 @@ Llama-3-8B's projections (K -> N) at M = 1, 8, 64, 256, 2048 rows, bf16. Methods
   default on the GPU);
 - `cublaslt`: models/invariant_matmul.py's custom call, one cuBLASLt algorithm per (K, N), the
   heuristic's for REFERENCE_ROWS (256) rows (CUDA GPUs with the extension's handler);
-  `cublaslt@R` the same with the algorithm chosen for R rows (`--reference-rows`);
+  `cublaslt@R` the same with the algorithm chosen for R rows (`--reference-rows`), `cublaslt@M` with
+  the one chosen for each call's own M (`--reference-rows M`);
 - `mosaic_nN`: models/invariant_matmul.py, JAX's Hopper matmul in one launch, tile_n = N of 64
   and 128 (tiles_for's choice is marked).
 
 For each: ms per call (median of samples; each sample many calls inside one jitted scan over
 weight copies larger than L2, so weights come from HBM), the weight bytes per second, TFLOP/s, the
 largest error against a float32 dot, and whether it is batch-invariant: each M's rows, drawn
-at random from a 2048-row input, must equal those rows of the 2048-row result bit for bit.
+at random from a 2048-row input, must equal those rows of the 2048-row result bit for bit. Where the
+cublaslt method runs, each other method's rows are also compared bit for bit with its 2048-row
+result (`same_bits_as_cublaslt`): two algorithms that agree could serve different row counts.
 
     python benchmarks/kernels/invariant_matmul.py --out results.json
     python benchmarks/kernels/invariant_matmul.py --dry-run     # tiny shapes, the XLA methods, any backend
@@ -52,7 +55,8 @@ DRY_SHAPES = {"q": (128, 192), "down": (192, 128)}
 DRY_ROWS = (1, 8, 40)
 
 
-def methods(k: int, n: int, on_hopper: bool, mosaic: bool = True, reference_rows: tuple[int, ...] = ()) -> dict:
+def methods(k: int, n: int, on_hopper: bool, mosaic: bool = True, reference_rows: tuple[int, ...] = (),
+            per_m: bool = False) -> dict:
     """name -> f(x [M, K], w [K, N]) -> [M, N]."""
     out = {"dot": lambda x, w: x @ w,
            "tiles128": lambda x, w: row_tiled(lambda t: t @ w, x, 128)}
@@ -61,6 +65,8 @@ def methods(k: int, n: int, on_hopper: bool, mosaic: bool = True, reference_rows
         for r in reference_rows:
             if r != im.REFERENCE_ROWS:
                 out[f"cublaslt@{r}"] = functools.partial(im.cublaslt_matmul, reference_rows=r)
+        if per_m:  # the algorithm chosen for each call's own row count
+            out["cublaslt@M"] = lambda x, w: im.cublaslt_matmul(x, w, reference_rows=x.shape[0])
     if on_hopper and mosaic:
         chosen = im.tiles_for(k, n)
         for tile_n in (64, 128):  # narrower tiles do not lower (Mosaic's 128-byte swizzle)
@@ -73,7 +79,7 @@ def methods(k: int, n: int, on_hopper: bool, mosaic: bool = True, reference_rows
 
 
 def run_shape(name: str, k: int, n: int, rows: tuple[int, ...], on_hopper: bool, rng, mosaic: bool = True,
-              reference_rows: tuple[int, ...] = ()) -> list[dict]:
+              reference_rows: tuple[int, ...] = (), per_m: bool = False) -> list[dict]:
     big = max(rows)
     x_all = jnp.asarray(rng.standard_normal((big, k)), jnp.bfloat16)  # [big, K]
     w = jnp.asarray(rng.standard_normal((k, n)) / math.sqrt(k), jnp.bfloat16)  # [K, N]
@@ -82,9 +88,12 @@ def run_shape(name: str, k: int, n: int, rows: tuple[int, ...], on_hopper: bool,
     ref = np.asarray(jnp.dot(x_all.astype(jnp.float32), w.astype(jnp.float32),
                              precision=jax.lax.Precision.HIGHEST))  # [big, N]
     results = []
-    for mname, f in methods(k, n, on_hopper, mosaic, reference_rows).items():
+    default_lt = None  # the cublaslt method's 2048-row result: the other algorithms' bits compared with it
+    for mname, f in methods(k, n, on_hopper, mosaic, reference_rows, per_m).items():
         try:
             y_big = np.asarray(jax.jit(f)(x_all, w).astype(jnp.float32))
+            if mname == "cublaslt":
+                default_lt = y_big
         except Exception as e:  # noqa: BLE001  (a kernel that does not build for a shape is a result too)
             results.append(dict(shape=name, K=k, N=n, method=mname, error=f"{type(e).__name__}: {e}"[:400]))
             traceback.print_exc()
@@ -100,13 +109,15 @@ def run_shape(name: str, k: int, n: int, rows: tuple[int, ...], on_hopper: bool,
                 weight_GBps=round(k * n * 2 / ms / 1e6, 1), tflops=round(2 * m * k * n / ms / 1e9, 2),
                 max_rel_err=float(np.abs(y - ref[idx]).max() / np.abs(ref[idx]).max()),
                 invariant=bool(np.array_equal(y, y_big[idx]))))
+            if mname != "cublaslt" and default_lt is not None:
+                results[-1]["same_bits_as_cublaslt"] = bool(np.array_equal(y, default_lt[idx]))
             print(results[-1], flush=True)
     return results
 
 
 def table(results: list[dict]) -> str:
     rows = ["| shape | method | " + " | ".join(f"M={m}" for m in sorted({r['M'] for r in results if 'M' in r}))
-            + " | invariant |", None]
+            + " | invariant | cublaslt's bits |", None]
     rows[1] = "|" + "---|" * (rows[0].count("|") - 1)
     keys = dict.fromkeys((r["shape"], r["method"]) for r in results)
     for shape, method in keys:
@@ -115,7 +126,9 @@ def table(results: list[dict]) -> str:
             rows.append(f"| {shape} | {method} | {rs[0]['error'][:80]} |")
             continue
         cells = " | ".join(f"{r['ms']:.3f}" for r in rs)
-        rows.append(f"| {shape} | {method} | {cells} | {all(r['invariant'] for r in rs)} |")
+        same = [r["same_bits_as_cublaslt"] for r in rs if "same_bits_as_cublaslt" in r]
+        rows.append(f"| {shape} | {method} | {cells} | {all(r['invariant'] for r in rs)} | "
+                    f"{all(same) if same else ''} |")
     return "ms per call\n" + "\n".join(rows)
 
 
@@ -126,7 +139,8 @@ def main() -> int:
     p.add_argument("--rows", default=None, help="comma-separated row counts (default 1,8,64,256,2048)")
     p.add_argument("--no-mosaic", action="store_true", help="leave out the Mosaic kernel")
     p.add_argument("--reference-rows", default="",
-                   help="comma-separated row counts R: cuBLASLt with the algorithm chosen for R rows too")
+                   help="comma-separated row counts R: cuBLASLt with the algorithm chosen for R rows too; "
+                        "M: the algorithm chosen for each call's own row count")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = jax.devices()[0]
@@ -140,8 +154,9 @@ def main() -> int:
     rng = np.random.default_rng(0)
     results = []
     for name, (k, n) in shapes.items():
+        refs = [r for r in args.reference_rows.split(",") if r]
         results += run_shape(name, k, n, rows, on_hopper and not args.dry_run, rng, mosaic=not args.no_mosaic,
-                             reference_rows=tuple(int(r) for r in args.reference_rows.split(",") if r))
+                             reference_rows=tuple(int(r) for r in refs if r != "M"), per_m="M" in refs)
     print(table(results))
     return emit(dict(benchmark="invariant_matmul", date=datetime.date.today().isoformat(),
                      device=device.device_kind, jax=jax.__version__, results=results), args.out)

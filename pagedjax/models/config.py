@@ -89,11 +89,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # batch-invariant numerics (EngineConfig.batch_invariant, every family): each matmul runs one
-    # algorithm per weight shape (invariant_gemm) and each norm sums a row in one fixed order, so a row's
-    # result does not depend on how many rows are beside it
+    # batch-invariant numerics (EngineConfig.batch_invariant, every family): each matmul sums K in one
+    # order whatever its row count (invariant_gemm) and each norm sums a row in one fixed order, so a
+    # row's result does not depend on how many rows are beside it
     batch_invariant: bool = False
-    # its GEMM (models/invariant_matmul.py: "tiles", "mosaic", "cublaslt"), chosen by the engine for
+    # its GEMM (models/invariant_matmul.py: "tiles", "mosaic", "cublaslt", "cublaslt_m"), chosen by the engine for
     # its device and tensor-parallel size; None: as PAGEDJAX_BATCH_INVARIANT_MATMUL says ("tiles")
     invariant_gemm: str | None = None
     # its norms (models/layers.py invariant_norm_method: "tiles", "kernel"), chosen by the engine;

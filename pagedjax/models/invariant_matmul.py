@@ -5,7 +5,8 @@ Dims: T rows (tokens), K contracted, N output features.
 
 The engine picks the batch-invariant mode's GEMM at start-up (`choose`, into
 ModelConfig.invariant_gemm): PAGEDJAX_BATCH_INVARIANT_MATMUL where set, else cuBLASLt where it
-can run (a CUDA GPU with the extension's handler, tensor-parallel size 1), else the row tiles.
+can run (a CUDA GPU with the extension's handler, tensor-parallel size 1; its algorithm by row
+count on sm_90), else the row tiles.
 
 "tiles" (`layers.row_tiled`) runs one GEMM per tile of 128 rows (16 on the CPU), so every call
 has the same shape and algorithm. Each call reads the whole weight: a 2048-token prefill chunk
@@ -18,6 +19,15 @@ is an error). Each output element is then one CTA's sum over K in the same order
 Verified on an H100 (tests/test_invariant_matmul.py, tests/test_batch_invariance_gpu.py:
 `bash tools/gpu_stage.sh bi-lt`). Weights laid out [N, K] (a tied embedding as the LM head) and
 float32 models keep the row tiles.
+
+"cublaslt_m" (the default on sm_90): the same custom call on the algorithm the heuristic picks
+for each call's own row count T, unsplit over K, so each step's shape gets a fitting tile. It is
+batch-invariant where those algorithms give the same bits as each other: each sums K in one CTA
+(split-K and its reductions are switched off here) on tensor-core instructions that add up K in
+the same order, whatever its tile shape. Verified on an H100 (`bash tools/gpu_stage.sh bi-lt-m`): for Llama-3-8B's
+projections, its LM head and a small odd shape, the algorithms of 1 to 4096 rows agree bit for bit
+with the fixed one (`test_gpu_cublaslt_algorithms_by_rows_agree`), and the engine's bi tests pass
+on it. Other GPUs keep the fixed algorithm ("cublaslt"), where this was not measured.
 
 "mosaic" (experimental, sm_90 at tensor-parallel size 1, only when asked for): the kernel
 (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) covers all row tiles in one persistent
@@ -39,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPL_ENV = "PAGEDJAX_BATCH_INVARIANT_MATMUL"
-IMPLS = ("tiles", "mosaic", "cublaslt")
+IMPLS = ("tiles", "mosaic", "cublaslt", "cublaslt_m")
 SMEM_BYTES = 227 * 1024  # shared memory a block can use on sm_90
 GEMM_TARGET = "pagedjax_invariant_gemm"
 REFERENCE_ROWS = 256  # the cuBLASLt algorithm of a weight shape is the heuristic's for this many rows
@@ -47,9 +57,10 @@ GEMM_WORKSPACE_BYTES = 32 << 20
 
 
 # The engine's GEMM where PAGEDJAX_BATCH_INVARIANT_MATMUL is unset, in the order tried: the first
-# that can run here (see `unfit`). cuBLASLt on a CUDA GPU at tensor-parallel size 1 (its tests and
-# the engine's bi tests passed on an H100: `bash tools/gpu_stage.sh bi-lt`); "tiles" runs everywhere.
-DEFAULT_ORDER = ("cublaslt", "tiles")
+# that can run here (see `unfit`). cuBLASLt at tensor-parallel size 1, its algorithm by row count on
+# sm_90, fixed on other CUDA GPUs (tests and the engine's bi tests passed on an H100:
+# `bash tools/gpu_stage.sh bi-lt`, `bi-lt-m`); "tiles" runs everywhere.
+DEFAULT_ORDER = ("cublaslt_m", "cublaslt", "tiles")
 
 
 def impl() -> str:
@@ -62,18 +73,21 @@ def impl() -> str:
 
 def unfit(name: str, tensor_parallel_size: int) -> str | None:
     """Why GEMM `name` cannot run here (mosaic: an sm_90 GPU, one device; cublaslt: a CUDA GPU,
-    the extension's handler, one device), or None where it can."""
+    the extension's handler, one device; cublaslt_m: the same on sm_90), or None where it can."""
     if name == "tiles":
         return None
     device = jax.devices()[0]
-    if name == "cublaslt":
+    capability = getattr(device, "compute_capability", None)
+    if name in ("cublaslt", "cublaslt_m"):
         from pagedjax.quantization import kernels
 
         if device.platform != "gpu" or not kernels.has_handler(GEMM_TARGET):
-            return (f"{IMPL_ENV}=cublaslt needs a CUDA GPU and the extension's {GEMM_TARGET} handler "
+            return (f"{IMPL_ENV}={name} needs a CUDA GPU and the extension's {GEMM_TARGET} handler "
                     f"(built where cublasLt.h is found); this device is {device.device_kind!r} ({device.platform})")
+        if name == "cublaslt_m" and capability != "9.0":
+            return (f"{IMPL_ENV}=cublaslt_m is verified invariant on Hopper (compute capability 9.0) only; "
+                    f"this device is {device.device_kind!r} (capability {capability}): use cublaslt")
     else:
-        capability = getattr(device, "compute_capability", None)
         if device.platform != "gpu" or capability != "9.0":
             return (f"{IMPL_ENV}=mosaic needs a Hopper GPU (compute capability 9.0); this device "
                     f"is {device.device_kind!r} ({device.platform}, capability {capability})")
@@ -176,8 +190,9 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, kernel=_mosaic_matmul, method: 
     """jnp.einsum(eqn, x, w) through the kernel, for an eqn whose x is rows then contracted dims
     and whose w is those contracted dims then output dims ("td,dnh->tnh", "tnh,nhd->td",
     "se,ev->sv"); None for any other eqn or shape (the caller keeps the row tiles). method:
-    "mosaic" (`kernel` on tiles_for's tiles) or "cublaslt" (cublaslt_matmul: bf16 or f16 with K
-    and N multiples of 8)."""
+    "mosaic" (`kernel` on tiles_for's tiles), "cublaslt" (cublaslt_matmul: bf16 or f16 with K
+    and N multiples of 8) or "cublaslt_m" (the same, on the algorithm chosen for this call's own
+    row count)."""
     inputs, out = eqn.split("->")
     xs, ws = inputs.split(",")
     row, contracted = xs[0], xs[1:]
@@ -186,11 +201,13 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, kernel=_mosaic_matmul, method: 
     k = math.prod(x.shape[1:])
     out_dims = w.shape[len(contracted):]
     n = math.prod(out_dims)
-    if method == "cublaslt":
+    if method in ("cublaslt", "cublaslt_m"):
         if (jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or w.dtype != x.dtype
                 or k % 8 or n % 8):
             return None
-        return cublaslt_matmul(x.reshape(x.shape[0], k), w.reshape(k, n)).reshape(x.shape[0], *out_dims)
+        rows = max(1, x.shape[0]) if method == "cublaslt_m" else REFERENCE_ROWS
+        y = cublaslt_matmul(x.reshape(x.shape[0], k), w.reshape(k, n), reference_rows=rows)
+        return y.reshape(x.shape[0], *out_dims)
     tiles = tiles_for(k, n, x.dtype)
     if tiles is None or w.dtype != x.dtype:
         return None

@@ -77,7 +77,7 @@ def row_tiled(f: Callable[[jax.Array], jax.Array], x: jax.Array, rows: int | Non
 def rows_matmul(cfg: ModelConfig | None, eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """jnp.einsum(eqn, x, w) for an eqn whose first x dim is the rows; under cfg.batch_invariant
     row-tiled, or one fixed-algorithm launch where cfg.invariant_gemm (or, unset,
-    PAGEDJAX_BATCH_INVARIANT_MATMUL) chooses one (mosaic, cublaslt) and it applies."""
+    PAGEDJAX_BATCH_INVARIANT_MATMUL) chooses one (mosaic, cublaslt, cublaslt_m) and it applies."""
     if cfg is not None and cfg.batch_invariant:
         method = cfg.invariant_gemm or invariant_matmul.impl()
         y = None if method == "tiles" else invariant_matmul.einsum(eqn, x, w, method=method)
