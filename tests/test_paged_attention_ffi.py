@@ -333,19 +333,20 @@ def test_batch_invariant_call_on_cpu(seed, seed_offset):
     np.testing.assert_array_equal(alone, beside)
 
 
+@pytest.mark.parametrize("kernel", ["invariant", "invariant16"])
 @pytest.mark.parametrize("window", [None, 113])
-def test_invariant_kernel_on_cpu(seed, window):
-    """kernel="invariant" is accepted by the CPU handler (which computes each token by itself) with
-    the same numbers as the default, and a split count beside it is refused."""
+def test_invariant_kernel_on_cpu(seed, window, kernel):
+    """kernel="invariant" / "invariant16" is accepted by the CPU handler (which computes each token
+    by itself) with the same numbers as the default, and a split count beside it is refused."""
     opts = dict(sliding_window=window)
-    alone, beside = _token_in_two_batches(seed, kernel="invariant", **opts)
+    alone, beside = _token_in_two_batches(seed, kernel=kernel, **opts)
     np.testing.assert_array_equal(alone, beside)
     np.testing.assert_array_equal(alone, _token_in_two_batches(seed, **opts)[0])
     with pytest.raises(ValueError, match="unsplit"):
-        _token_in_two_batches(seed, kernel="invariant", num_splits=2)
+        _token_in_two_batches(seed, kernel=kernel, num_splits=2)
 
 
-@pytest.mark.parametrize("choice,kernel", [(None, 3), ("simt", 1), ("tensor_core", 3)])
+@pytest.mark.parametrize("choice,kernel", [(None, 3), ("simt", 1), ("tensor_core", 3), ("tensor_core16", 4)])
 def test_batch_invariant_attention_kernel_from_the_environment(seed, monkeypatch, choice, kernel):
     """attention.paged_attention(batch_invariant=True) lowers to one unsplit custom call whose
     kernel PAGEDJAX_BATCH_INVARIANT_ATTENTION chooses (the invariant one unless it says simt); another
@@ -388,10 +389,10 @@ def test_batch_invariant_attention_kernel_from_the_environment(seed, monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["simt", "invariant"])
+@pytest.mark.parametrize("kernel", ["simt", "invariant", "invariant16"])
 @pytest.mark.parametrize("window", [None, 113])
 def test_gpu_batch_invariant_call(seed, kernel, window):
-    """kernel="invariant" (what batch_invariant=True runs) and "simt", unsplit: the same bits for a
+    """kernel="invariant" / "invariant16" (what batch_invariant=True runs) and "simt", unsplit: the same bits for a
     token in a prefill chunk alone and as a decode in a mixed batch, with and without a sliding
     window (whose start is no multiple of the K/V tile). The default choice (decode tiles, split by
     the batch's shape) gives other bits for some of the seeds, so the check can fail."""

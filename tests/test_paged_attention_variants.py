@@ -186,24 +186,25 @@ def test_gpu_matches_float64_oracle(seed, dtype, N, K, H, B, window, cap, fp8, n
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["invariant", "invariant16"])
 @pytest.mark.parametrize("dtype,N,K,H,B,window,cap,fp8", GPU_VARIANTS, ids=GPU_IDS)
-def test_gpu_invariant_kernel_matches_float64_oracle(seed, dtype, N, K, H, B, window, cap, fp8):
-    """kernel="invariant" (batch_invariant's: 64-row tiles for every request, K/V steps from a
-    multiple of 64 below the window's start): the oracle's numbers, NaN before the windows never
-    read, the same bits run to run; it runs unsplit, and the handler itself refuses a split count
-    (the Python wrapper's refusal: test_invariant_kernel_on_cpu)."""
+def test_gpu_invariant_kernel_matches_float64_oracle(seed, dtype, N, K, H, B, window, cap, fp8, kernel):
+    """kernel="invariant" / "invariant16" (batch_invariant's: 64-row or 16-row tiles for every
+    request, K/V steps from a multiple of 64 below the window's start): the oracle's numbers, NaN
+    before the windows never read, the same bits run to run; it runs unsplit, and the handler itself
+    refuses a split count (the Python wrapper's refusal: test_invariant_kernel_on_cpu)."""
     c = poison_before_windows(variant_case(seed, dtype, N, K, H, B, window, cap, fp8))
-    got = run_poisoned(c, num_splits=1, kernel="invariant")
-    check(c, got, "invariant")
-    np.testing.assert_array_equal(run_poisoned(c, num_splits=1, kernel="invariant"), got,
+    got = run_poisoned(c, num_splits=1, kernel=kernel)
+    check(c, got, kernel)
+    np.testing.assert_array_equal(run_poisoned(c, num_splits=1, kernel=kernel), got,
                                   err_msg=f"seed={seed}: results differ between runs")
     with pytest.raises(jax.errors.JaxRuntimeError, match="runs unsplit"):
-        run_poisoned(c, num_splits=3, kernel="invariant")
+        run_poisoned(c, num_splits=3, kernel=kernel)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,num_splits", [("simt", 1), ("simt", 6), ("tensor_core", 1), ("tensor_core", 6),
-                                               ("invariant", 1)])
+                                               ("invariant", 1), ("invariant16", 1)])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_long_decode_reads_only_the_window(seed, kernel, num_splits, fp8):
     """Decode at 8k-20k positions with a 4k window: positions before each window hold NaN, so a

@@ -28,6 +28,8 @@
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
 # bi-tests  the `gpu` tests of batch_invariant (tests/test_batch_invariance_gpu.py, the attention call's)
 # bench-bi  W3 and W1 with and without batch_invariant, in one process
+# bi-tc16   batch_invariant on the "invariant16" attention kernel (PAGEDJAX_BATCH_INVARIANT_ATTENTION=
+#           tensor_core16, 16-row tiles for every request): its gpu tests, the bi gpu tests, W3 and W1
 # bi-tc     batch_invariant on the tensor-core "invariant" attention kernel
 #           (PAGEDJAX_BATCH_INVARIANT_ATTENTION=tensor_core): the kernel's gpu tests, the bi gpu tests with
 #           the row-tile and the Mosaic GEMMs, then W3 and W1 with and without the mode (Mosaic GEMM)
@@ -236,6 +238,13 @@ for s in "$@"; do
       TAIL=30 stage bi-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py "tests/test_paged_attention_ffi.py::test_gpu_batch_invariant_call" ;;
     bench-bi) throughput . bench-bi --variants bf16,bf16+bi ;;
+    bi-tc16)  # the "invariant16" attention kernel: its gpu tests, the engine's bi gpu tests on it, W3 and W1
+      TAIL=12 stage bi-tc16-kernel 200 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        tests/test_paged_attention_ffi.py tests/test_paged_attention_variants.py -k "invariant or long_decode"
+      export PAGEDJAX_BATCH_INVARIANT_ATTENTION=tensor_core16
+      TAIL=12 stage bi-tc16-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        tests/test_batch_invariance_gpu.py
+      throughput . bench-bi-tc16 --variants bf16,bf16+bi ;;
     bi-tc)  # the batch-invariant mode on the tensor-core "invariant" attention kernel: its gpu tests, the
       # engine's bi gpu tests with it (row-tile GEMMs, then the Mosaic GEMM), W3 and W1 with both
       TAIL=20 stage bi-tc-kernel 200 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \

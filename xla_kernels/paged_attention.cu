@@ -9,7 +9,8 @@
 //  - SimtKernel<T, Kv, H> (any q dtype incl. f32; also the fallback): one CTA per (token, kv head,
 //    head chunk, split).
 //  - kernel "invariant" (batch_invariant): TensorCoreKernel<T, Kv, H, 4> alone, for every request,
-//    its K/V tiles 64-aligned, unsplit (SIMT where no tensor-core kernel applies).
+//    its K/V tiles 64-aligned, unsplit (SIMT where no tensor-core kernel applies); "invariant16":
+//    TensorCoreKernel<T, Kv, H, 1> the same way.
 //  - MergeSplitsKernel<T>: split-KV (flash-decoding) partials (o, lse) -> out, when S > 1.
 // Query tiles map to CTAs without reading lengths on the host: a grid of T / BQ + R + 1 slots,
 // slot w serving request r = max{r : query_start_loc[r] / BQ + r <= w} (searched by a warp), tile
@@ -142,13 +143,28 @@ ffi::Error LaunchTensorCoreInvariant(cudaStream_t stream, const Params& p) {
   return LaunchTile<T, Kv, H, 4>(stream, p, a);
 }
 
-enum class Family { kSimt, kTensorCore, kInvariant };
+// batch_invariant on the decode tiles (kernel "invariant16"): 16-row tiles for every request,
+// prefills included, K/V tiles 64-aligned, unsplit. The four warps split each K/V tile by its
+// 16-position steps, so a position's step always goes to the same warp (its offset within the
+// 64-aligned tile), each warp walks its steps in order, and the warps merge in one order: a row's
+// arithmetic depends only on its own query, position and window, as in the 64-row kernel, with
+// four warps reading a decode's K/V where the 64-row kernel's one warp walks all of it.
+template <typename T, typename Kv, int H>
+ffi::Error LaunchTensorCoreInvariant16(cudaStream_t stream, const Params& p) {
+  TileArgs a = MakeTileArgs(p.num_heads / p.num_kv_heads, 16);
+  a.zero_padding = true;
+  a.align_start = true;
+  return LaunchTile<T, Kv, H, 1>(stream, p, a);
+}
+
+enum class Family { kSimt, kTensorCore, kInvariant, kInvariant16 };
 
 template <typename T, typename Kv, int H>
 ffi::Error LaunchHeadDim(cudaStream_t stream, const Params& p, Family family) {
   if constexpr (!std::is_same_v<T, float> && H % 16 == 0 && H >= 64) {
     if (family == Family::kTensorCore) return LaunchTensorCore<T, Kv, H>(stream, p);
     if (family == Family::kInvariant) return LaunchTensorCoreInvariant<T, Kv, H>(stream, p);
+    if (family == Family::kInvariant16) return LaunchTensorCoreInvariant16<T, Kv, H>(stream, p);
   }
   return LaunchSimt<T, Kv, H>(stream, p);
 }
@@ -212,6 +228,7 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream,
     case KernelChoice::kAuto: break;
     case KernelChoice::kSimt: family = Family::kSimt; break;
     case KernelChoice::kInvariant: family = tc_available ? Family::kInvariant : Family::kSimt; break;
+    case KernelChoice::kInvariant16: family = tc_available ? Family::kInvariant16 : Family::kSimt; break;
     case KernelChoice::kTensorCore:
       if (!tc_available) {
         std::string dims;

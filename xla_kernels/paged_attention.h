@@ -41,7 +41,10 @@ enum class KvDType : int32_t { kSameAsQ = 0, kFp8E4M3 = 1 };
 // (batch_invariant): every token's sums in the same order whatever its batch, chunk or neighbours:
 // the tensor-core kernel's 64-row tiles for every request (decodes included), its K/V tiles at
 // multiples of 64 positions, unsplit; SIMT where no tensor-core kernel applies. num_splits must be 1.
-enum class KernelChoice : int32_t { kAuto = 0, kSimt = 1, kTensorCore = 2, kInvariant = 3 };
+// kInvariant16: the same guarantee on the decode kernel's 16-row tiles for every request (prefills
+// included): a row's positions go to the warp of their 16-position step within the 64-aligned K/V
+// tile, and the four warps' partial sums merge in one order. num_splits must be 1.
+enum class KernelChoice : int32_t { kAuto = 0, kSimt = 1, kTensorCore = 2, kInvariant = 3, kInvariant16 = 4 };
 
 // All a kernel sees. Offsets are in elements; every array is row-major as laid out above.
 struct PagedAttentionParams {
@@ -210,11 +213,13 @@ inline xla::ffi::Error MakePagedAttentionParams(
     return Invalid("sliding_window must be >= 0 (0: none), got " + std::to_string(sliding_window));
   if (!std::isfinite(logit_softcap) || logit_softcap < 0.f)
     return Invalid("logit_softcap must be finite and >= 0 (0: none), got " + std::to_string(logit_softcap));
-  if (kernel < 0 || kernel > 3)
-    return Invalid("kernel must be 0 (auto), 1 (simt), 2 (tensor core) or 3 (invariant), got " +
+  if (kernel < 0 || kernel > 4)
+    return Invalid("kernel must be 0 (auto), 1 (simt), 2 (tensor core), 3 (invariant) or 4 (invariant16), got " +
                    std::to_string(kernel));
-  if (kernel == static_cast<int32_t>(KernelChoice::kInvariant) && num_splits != 1)
-    return Invalid("kernel 3 (invariant) runs unsplit: num_splits must be 1, got " + std::to_string(num_splits));
+  if ((kernel == static_cast<int32_t>(KernelChoice::kInvariant) ||
+       kernel == static_cast<int32_t>(KernelChoice::kInvariant16)) && num_splits != 1)
+    return Invalid("kernel " + std::to_string(kernel) + " (invariant) runs unsplit: num_splits must be 1, got " +
+                   std::to_string(num_splits));
   // Every count the kernels index with must fit int32 (offsets are computed in int64).
   const int64_t kIntMax = 2147483647;
   if (T > kIntMax / 2 || R > kIntMax / 2 || P > kIntMax || M * page_size > kIntMax / 2)

@@ -26,11 +26,13 @@ FFI_HEAD_DIMS = _ffi.head_dims()
 
 # The custom call's kernel under batch_invariant, by PAGEDJAX_BATCH_INVARIANT_ATTENTION: "tensor_core"
 # (the default: the "invariant" kernel, the tensor-core kernel's 64-row tiles for every request, K/V
-# steps at fixed positions; SIMT where no tensor-core kernel applies) or "simt" (one CTA per token and
-# kv head; about twice the W1 cost). Both verified invariant in the engine on a GPU
+# steps at fixed positions; SIMT where no tensor-core kernel applies), "tensor_core16" (the
+# "invariant16" kernel: the decode kernel's 16-row tiles for every request, its four warps each
+# taking fixed 16-position steps of every K/V tile) or "simt" (one CTA per token and kv head; about
+# twice the W1 cost). "tensor_core" and "simt" verified invariant in the engine on a GPU
 # (`bash tools/gpu_stage.sh bi-tests`, `bi-tc`). The CPU handler computes each token by itself either way.
 INVARIANT_ATTENTION_ENV = "PAGEDJAX_BATCH_INVARIANT_ATTENTION"
-INVARIANT_KERNELS = {"simt": "simt", "tensor_core": "invariant"}
+INVARIANT_KERNELS = {"simt": "simt", "tensor_core": "invariant", "tensor_core16": "invariant16"}
 
 
 def invariant_attention_method() -> str:

@@ -33,7 +33,10 @@ TARGET = "pagedjax_paged_attention"
 # The `kernel` attribute (CUDA only). "invariant" (batch_invariant): every token's sums in the same
 # order whatever its batch, chunk or neighbours (the tensor-core kernel's 64-row tiles for every
 # request, K/V tiles at multiples of 64 positions; SIMT where no tensor-core kernel applies), unsplit.
-KERNELS = {"auto": 0, "simt": 1, "tensor_core": 2, "invariant": 3}
+# "invariant16": the same guarantee on the decode kernel's 16-row tiles for every request, each
+# 64-position K/V tile's four 16-position steps on their own warps, merged in one order.
+KERNELS = {"auto": 0, "simt": 1, "tensor_core": 2, "invariant": 3, "invariant16": 4}
+INVARIANT = ("invariant", "invariant16")
 # The tensor-core kernels exist for these head dims with bf16/f16 queries (the pool in q's dtype or
 # fp8): the extension's kTensorCoreHeadDims (xla_kernels/paged_attention.h), also in a CPU-only
 # build. "auto" runs SIMT elsewhere, a forced "tensor_core" raises.
@@ -184,9 +187,9 @@ def paged_attention_call(
         # every backend rather than from an asynchronous GPU execution.
         raise ValueError(f"paged_attention_ffi: no tensor-core kernel for {jnp.dtype(q.dtype).name} with "
                          f"head dim {H} (bf16/f16 with head dim in {TENSOR_CORE_HEAD_DIMS}); use kernel='auto'")
-    if kernel == "invariant":
+    if kernel in INVARIANT:
         if num_splits not in (None, 1):
-            raise ValueError(f"paged_attention_ffi: kernel 'invariant' runs unsplit, got num_splits={num_splits}")
+            raise ValueError(f"paged_attention_ffi: kernel {kernel!r} runs unsplit, got num_splits={num_splits}")
         num_splits = 1
     backend = jax.default_backend()
     _ffi.require(TARGET, backend)
@@ -281,8 +284,8 @@ def paged_attention_ffi(
     Args:
       mesh / axis: when given, run under shard_map with heads split over `axis`.
       num_splits: split-KV partitions (CUDA); default chosen from static shapes.
-      kernel: "auto", "simt" (CUDA cores), "tensor_core" or "invariant" (what batch_invariant runs,
-        unsplit): which CUDA kernels run.
+      kernel: "auto", "simt" (CUDA cores), "tensor_core", or "invariant" / "invariant16" (what
+        batch_invariant runs, unsplit): which CUDA kernels run.
       sliding_window / logit_softcap: as pagedjax.attention.paged_attention (static).
       k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
     Padding tokens (index >= query_start_loc[R]) get zeros.
