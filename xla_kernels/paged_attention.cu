@@ -131,30 +131,21 @@ ffi::Error LaunchTensorCore(cudaStream_t stream, const Params& p) {
   return ffi::Error::Success();
 }
 
-// batch_invariant: one launch of 64-row tiles for every request, decodes included, its K/V tiles
-// at multiples of 64 positions (unsplit). A row's arithmetic then depends only on its own query,
-// position and window: its warp walks the same 16-position steps in the same order whether the
-// tile holds one token or 16 of a prefill chunk, and steps it does not see leave it unchanged.
-template <typename T, typename Kv, int H>
+// batch_invariant: one launch of 16*WM-row tiles for every request, decodes and prefills alike, its
+// K/V tiles at multiples of 64 positions (unsplit). A row's arithmetic then depends only on its own
+// query, position and window, and steps it does not see leave it unchanged:
+//  - WM=4 (kernel "invariant"): the row's warp walks every 16-position step in order, whether the
+//    tile holds one token or 16 of a prefill chunk;
+//  - WM=1 ("invariant16"): the four warps split each K/V tile by its 16-position steps, so a
+//    position's step always goes to the same warp (by its offset in the 64-aligned tile), each warp
+//    walks its steps in order, and the warps merge in one order. A decode's steps then run on four
+//    warps, where WM=4 computes them all on one.
+template <typename T, typename Kv, int H, int WM>
 ffi::Error LaunchTensorCoreInvariant(cudaStream_t stream, const Params& p) {
-  TileArgs a = MakeTileArgs(p.num_heads / p.num_kv_heads, 64);
+  TileArgs a = MakeTileArgs(p.num_heads / p.num_kv_heads, 16 * WM);
   a.zero_padding = true;
   a.align_start = true;
-  return LaunchTile<T, Kv, H, 4>(stream, p, a);
-}
-
-// batch_invariant on the decode tiles (kernel "invariant16"): 16-row tiles for every request,
-// prefills included, K/V tiles 64-aligned, unsplit. The four warps split each K/V tile by its
-// 16-position steps, so a position's step always goes to the same warp (its offset within the
-// 64-aligned tile), each warp walks its steps in order, and the warps merge in one order: a row's
-// arithmetic depends only on its own query, position and window, as in the 64-row kernel, with
-// four warps reading a decode's K/V where the 64-row kernel's one warp walks all of it.
-template <typename T, typename Kv, int H>
-ffi::Error LaunchTensorCoreInvariant16(cudaStream_t stream, const Params& p) {
-  TileArgs a = MakeTileArgs(p.num_heads / p.num_kv_heads, 16);
-  a.zero_padding = true;
-  a.align_start = true;
-  return LaunchTile<T, Kv, H, 1>(stream, p, a);
+  return LaunchTile<T, Kv, H, WM>(stream, p, a);
 }
 
 enum class Family { kSimt, kTensorCore, kInvariant, kInvariant16 };
@@ -163,8 +154,8 @@ template <typename T, typename Kv, int H>
 ffi::Error LaunchHeadDim(cudaStream_t stream, const Params& p, Family family) {
   if constexpr (!std::is_same_v<T, float> && H % 16 == 0 && H >= 64) {
     if (family == Family::kTensorCore) return LaunchTensorCore<T, Kv, H>(stream, p);
-    if (family == Family::kInvariant) return LaunchTensorCoreInvariant<T, Kv, H>(stream, p);
-    if (family == Family::kInvariant16) return LaunchTensorCoreInvariant16<T, Kv, H>(stream, p);
+    if (family == Family::kInvariant) return LaunchTensorCoreInvariant<T, Kv, H, 4>(stream, p);
+    if (family == Family::kInvariant16) return LaunchTensorCoreInvariant<T, Kv, H, 1>(stream, p);
   }
   return LaunchSimt<T, Kv, H>(stream, p);
 }
