@@ -32,7 +32,7 @@ logger = logging.getLogger("pagedjax")
 _FORMAT = 2  # bump when the stored payload changes
 # Environment variables that change a traced program (beside its code, shapes and options)
 PROGRAM_ENV = ("XLA_FLAGS", "PAGEDJAX_BATCH_INVARIANT_MATMUL", "PAGEDJAX_BATCH_INVARIANT_ATTENTION",
-               "PAGEDJAX_BATCH_INVARIANT_NORM", "PAGEDJAX_FP8_WEIGHT_ONLY_ROWS")
+               "PAGEDJAX_BATCH_INVARIANT_NORM", "PAGEDJAX_BATCH_INVARIANT_SPLIT", "PAGEDJAX_FP8_WEIGHT_ONLY_ROWS")
 
 
 @functools.cache

@@ -163,8 +163,9 @@ class EngineConfig:
         here (a ValueError naming the option for a model without experts); under batch_invariant
         with the GEMM for this device and tensor-parallel size (models/invariant_matmul.choose) and
         the norms' method (models/layers.invariant_norm_method) and the attention kernel
-        (attention.invariant_attention_method), each read once here."""
-        gemm = norm = attn = None
+        (attention.invariant_attention_method) and its fixed split size (attention.invariant_split_size),
+        each read once here."""
+        gemm = norm = attn = split = None
         if self.batch_invariant:
             from pagedjax import attention
             from pagedjax.models import invariant_matmul, layers
@@ -173,9 +174,11 @@ class EngineConfig:
             # a bad PAGEDJAX_BATCH_INVARIANT_NORM fails here
             norm = layers.invariant_norm_method(self.tensor_parallel_size or 1)
             attn = attention.invariant_attention_method()  # and a bad PAGEDJAX_BATCH_INVARIANT_ATTENTION
+            split = attention.invariant_split_size()  # and a bad PAGEDJAX_BATCH_INVARIANT_SPLIT
         changes = {k: v for k, v in (("moe_impl", self.moe_impl), ("expert_parallel", self.enable_expert_parallel),
                                      ("batch_invariant", self.batch_invariant or None), ("invariant_gemm", gemm),
-                                     ("invariant_norm", norm), ("invariant_attention", attn))
+                                     ("invariant_norm", norm), ("invariant_attention", attn),
+                                     ("invariant_split", split))
                    if v is not None and getattr(config, k) != v}
         return config.replace(**changes) if changes else config
 

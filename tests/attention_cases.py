@@ -143,7 +143,7 @@ def oracle(c: Case) -> np.ndarray:
     return out
 
 
-def run_poisoned(c: Case, *, num_splits=None, kernel="auto") -> np.ndarray:
+def run_poisoned(c: Case, *, num_splits=None, kernel="auto", split_size=0) -> np.ndarray:
     """The custom call with its output buffer pre-filled with q, NaN in the padding rows."""
     T, N, H = c.q.shape
     K = c.k_pages.shape[2]
@@ -162,7 +162,7 @@ def run_poisoned(c: Case, *, num_splits=None, kernel="auto") -> np.ndarray:
          jax.ShapeDtypeStruct((ffi.workspace_elements(num_splits, T, N, H),), jnp.float32)),
         input_output_aliases={0: 0},  # out starts as the poisoned q (rows are read before written)
     )
-    attrs = ffi.call_attributes(c.scale, num_splits, kernel, c.sliding_window, c.logit_softcap)
+    attrs = ffi.call_attributes(c.scale, num_splits, kernel, c.sliding_window, c.logit_softcap, split_size)
     out, _ = jax.jit(lambda *a: call(*a, **attrs))(
         poison, c.k_pages, c.v_pages, jnp.asarray(c.meta.block_tables), jnp.asarray(c.meta.seq_lens),
         jnp.asarray(c.meta.query_start_loc), k_scale, v_scale)

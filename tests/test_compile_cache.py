@@ -60,7 +60,7 @@ def test_a_program_changed_by_the_environment_is_compiled_again(tmp_path, monkey
         again.get("fn", fn, (x,))
         assert again.disk_hits == 1, name
     assert {"PAGEDJAX_BATCH_INVARIANT_MATMUL", "PAGEDJAX_BATCH_INVARIANT_ATTENTION",
-            "PAGEDJAX_BATCH_INVARIANT_NORM"} <= set(compile_cache.PROGRAM_ENV)
+            "PAGEDJAX_BATCH_INVARIANT_NORM", "PAGEDJAX_BATCH_INVARIANT_SPLIT"} <= set(compile_cache.PROGRAM_ENV)
 
 
 def test_abstract_params_come_from_disk_once_traced(tmp_path, monkeypatch):

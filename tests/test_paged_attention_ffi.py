@@ -292,11 +292,11 @@ def test_gpu_bad_metadata_is_nan(seed, kernel):
 # ---- batch-invariant calls: a token's output bitwise the same in any batch ----
 
 
-def _token_in_two_batches(seed: int, **call_opts) -> tuple[np.ndarray, np.ndarray]:
+def _token_in_two_batches(seed: int, beside_opts: dict | None = None, **call_opts) -> tuple[np.ndarray, np.ndarray]:
     """A request of L tokens (Llama-3-8B's heads): its last token's output when the whole prompt
     is one prefill chunk alone, and as a decode row beside a prefill chunk and another decode in a
-    padded batch. Returns both [N, H] rows as f32. call_opts go to the call (kernel, num_splits,
-    sliding_window)."""
+    padded batch. Returns both [N, H] rows as f32. call_opts go to both calls (kernel, num_splits,
+    sliding_window, split_size), beside_opts (if any) on top of them to the second."""
     rng = np.random.default_rng(seed)
     N, K, H, B, L = 32, 8, 128, 16, int(rng.integers(300, 700))
     P = 1 + 3 * (-(-L // B)) + 8
@@ -308,12 +308,12 @@ def _token_in_two_batches(seed: int, **call_opts) -> tuple[np.ndarray, np.ndarra
     mine, other, third = pages[:M], pages[M:2 * M], pages[2 * M:3 * M]
     scale = H ** -0.5
 
-    def call(q, tables, seq_lens, qsl):
+    def call(q, tables, seq_lens, qsl, **extra):
         bt = np.zeros((len(tables), M), np.int32)
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
         out = ffi.paged_attention_call(q, k_pages, v_pages, jnp.asarray(bt), jnp.asarray(seq_lens, jnp.int32),
-                                       jnp.asarray(qsl, jnp.int32), scale=scale, **call_opts)
+                                       jnp.asarray(qsl, jnp.int32), scale=scale, **{**call_opts, **extra})
         return np.asarray(out.astype(jnp.float32))
 
     alone = call(jnp.pad(q, ((0, 16), (0, 0), (0, 0))), [mine], [L], [0, L])[L - 1]
@@ -321,7 +321,7 @@ def _token_in_two_batches(seed: int, **call_opts) -> tuple[np.ndarray, np.ndarra
     chunk = jnp.asarray(rng.standard_normal((37, N, H)), jnp.bfloat16)
     batch_q = jnp.concatenate([chunk, q[L - 1:], jnp.asarray(rng.standard_normal((1, N, H)), jnp.bfloat16),
                                jnp.zeros((25, N, H), jnp.bfloat16)])
-    beside = call(batch_q, [other, mine, third, []], [200, L, 90, 0], [0, 37, 38, 39, 39])[37]
+    beside = call(batch_q, [other, mine, third, []], [200, L, 90, 0], [0, 37, 38, 39, 39], **(beside_opts or {}))[37]
     return alone, beside
 
 
@@ -344,6 +344,58 @@ def test_invariant_kernel_on_cpu(seed, window, kernel):
     np.testing.assert_array_equal(alone, _token_in_two_batches(seed, **opts)[0])
     with pytest.raises(ValueError, match="unsplit"):
         _token_in_two_batches(seed, kernel=kernel, num_splits=2)
+
+
+@pytest.mark.parametrize("kernel", ["invariant", "invariant16"])
+def test_fixed_split_size_on_cpu_and_its_refusals(seed, kernel):
+    """split_size (the invariant kernels' fixed split size) is accepted by the CPU handler, which
+    computes each token unsplit: the same bits as without it. Misuse is refused by name: another
+    kernel, a size that is no multiple of 64, queries without a tensor-core kernel (f32), and a
+    grid of splits below what a request may need."""
+    alone, beside = _token_in_two_batches(seed, kernel=kernel, split_size=128)
+    np.testing.assert_array_equal(alone, beside)
+    np.testing.assert_array_equal(alone, _token_in_two_batches(seed, kernel=kernel)[0])
+    with pytest.raises(ValueError, match="split_size is for the kernels"):
+        _token_in_two_batches(seed, kernel="tensor_core", split_size=128)
+    with pytest.raises(ValueError, match="positive multiple of 64"):
+        _token_in_two_batches(seed, kernel=kernel, split_size=100)
+    with pytest.raises(ValueError, match="needs num_splits 1"):
+        _token_in_two_batches(seed, kernel=kernel, split_size=64, num_splits=2)
+    c = make_case(seed, [3, 1], [40, 17], head_dim=64, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="tensor-core kernels only"):
+        ffi.paged_attention_call(c.q, c.k_pages, c.v_pages, jnp.asarray(c.meta.block_tables),
+                                 jnp.asarray(c.meta.seq_lens), jnp.asarray(c.meta.query_start_loc), scale=c.scale,
+                                 kernel=kernel, split_size=64)
+
+
+@pytest.mark.parametrize("window", [None, 5, 100])
+def test_fixed_split_bound_covers_every_request(window):
+    """fixed_split_bound against the splits each possible request has (every query length and
+    context a call of T tokens and this block table allows; a request's splits run from the
+    multiple of the size at or below its first token's window start to its last position): never
+    below any of them, and without a window equal to the largest."""
+    size, T, context = 64, 40, 300
+    most = 0
+    for seq_len in range(1, context + 1):
+        for q_len in range(1, min(T, seq_len) + 1):
+            first = seq_len - q_len
+            base = (max(0, first - window + 1) if window else 0) // size * size
+            most = max(most, -(-(seq_len - base) // size))
+    bound = ffi.fixed_split_bound(size, context, T, window)
+    assert bound >= most
+    if window is None:
+        assert bound == most
+
+
+def test_choose_fixed_splits():
+    """One CTA per split only for decode calls whose grid leaves SMs idle, within the handler's
+    cap and the workspace budget; prefill calls and busy grids fold."""
+    assert ffi.choose_fixed_splits(8, 8, 32, 8, 128, 16, 132) == 16  # 64 CTAs: split
+    assert ffi.choose_fixed_splits(256, 256, 32, 8, 128, 16, 132) == 1  # 2048 CTAs: fold
+    assert ffi.choose_fixed_splits(2048, 256, 32, 8, 128, 16, 132) == 1  # a prefill chunk: fold
+    assert ffi.choose_fixed_splits(8, 8, 32, 8, 128, 1, 132) == 1  # one split: nothing to spread
+    assert ffi.choose_fixed_splits(8, 8, 32, 8, 128, 300, 132) == 1  # past the handler's 256
+    assert ffi.choose_fixed_splits(200, 256, 64, 1, 256, 200, 132) == 1  # workspace over budget
 
 
 @pytest.mark.parametrize("choice,kernel", [(None, 3), ("simt", 1), ("tensor_core", 3), ("tensor_core16", 4)])
@@ -386,6 +438,57 @@ def test_batch_invariant_attention_kernel_from_the_environment(seed, monkeypatch
         lower()
     with pytest.raises(ValueError, match=attention.INVARIANT_ATTENTION_ENV):
         EngineConfig(batch_invariant=True).resolve(random_params(NAMED_CONFIGS["tiny-llama"]))
+
+
+def test_batch_invariant_split_size_from_the_environment(seed, monkeypatch):
+    """attention.paged_attention(batch_invariant=True) passes the fixed split size
+    PAGEDJAX_BATCH_INVARIANT_SPLIT names (attention.DEFAULT_INVARIANT_SPLIT unset) to the
+    tensor-core invariant kernels, and 0 where SIMT runs (f32 queries, kernel "simt"); the engine
+    reads it once into ModelConfig.invariant_split; a bad value is refused by name."""
+    import re
+
+    from pagedjax import attention
+    from pagedjax.dummy_weights import random_params
+    from pagedjax.engine import EngineConfig
+    from pagedjax.models.named import NAMED_CONFIGS
+
+    def split_attr(dtype=jnp.bfloat16, **opts) -> list[str]:
+        c = make_case(seed, [3, 1], [40, 17], head_dim=64, dtype=dtype)
+        text = jax.jit(lambda q: attention.paged_attention(q, c.k_pages, c.v_pages, c.meta, scale=c.scale,
+                                                           impl="ffi", batch_invariant=True, **opts)).lower(c.q)
+        return re.findall(r"split_size = (\d+) : i32", text.as_text())
+
+    monkeypatch.delenv(attention.INVARIANT_SPLIT_ENV, raising=False)
+    monkeypatch.delenv(attention.INVARIANT_ATTENTION_ENV, raising=False)
+    assert split_attr() == [str(attention.DEFAULT_INVARIANT_SPLIT)]
+    monkeypatch.setenv(attention.INVARIANT_SPLIT_ENV, "256")
+    assert split_attr() == ["256"]
+    assert split_attr(invariant_split=512) == ["512"]  # the engine's choice wins
+    assert split_attr(invariant_attention="tensor_core16") == ["256"]
+    assert split_attr(invariant_attention="simt") == ["0"]
+    assert split_attr(dtype=jnp.float32) == ["0"]
+    cfg = EngineConfig(batch_invariant=True, tensor_parallel_size=1).model_config(NAMED_CONFIGS["tiny-llama"])
+    assert cfg.invariant_split == 256
+    assert EngineConfig().model_config(NAMED_CONFIGS["tiny-llama"]).invariant_split is None
+    for bad in ("100", "-64", "big"):
+        monkeypatch.setenv(attention.INVARIANT_SPLIT_ENV, bad)
+        with pytest.raises(ValueError, match=attention.INVARIANT_SPLIT_ENV):
+            split_attr()
+        with pytest.raises(ValueError, match=attention.INVARIANT_SPLIT_ENV):
+            EngineConfig(batch_invariant=True).resolve(random_params(NAMED_CONFIGS["tiny-llama"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["invariant", "invariant16"])
+@pytest.mark.parametrize("window", [None, 113])
+def test_gpu_fixed_split_size_batch_invariant_call(seed, kernel, window):
+    """A fixed split size (64) on the invariant kernels: a token's bits alone in a prefill chunk
+    (one CTA folding its splits) and as a decode beside others with one CTA per split (a grid of
+    32 splits, merged after) are the same."""
+    for s in range(seed, seed + 3):
+        alone, beside = _token_in_two_batches(s, beside_opts=dict(num_splits=32), kernel=kernel, split_size=64,
+                                              sliding_window=window)
+        np.testing.assert_array_equal(alone, beside, err_msg=f"seed={s}")
 
 
 @pytest.mark.gpu

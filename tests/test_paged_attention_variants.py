@@ -202,6 +202,57 @@ def test_gpu_invariant_kernel_matches_float64_oracle(seed, dtype, N, K, H, B, wi
         run_poisoned(c, num_splits=3, kernel=kernel)
 
 
+TC_VARIANTS = [v for v in GPU_VARIANTS if ffi.has_tensor_core_kernel(v[0], v[3], v[7])]
+TC_IDS = [i for v, i in zip(GPU_VARIANTS, GPU_IDS) if v in TC_VARIANTS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["invariant", "invariant16"])
+@pytest.mark.parametrize("split_size", [64, 192])
+@pytest.mark.parametrize("dtype,N,K,H,B,window,cap,fp8", TC_VARIANTS, ids=TC_IDS)
+def test_gpu_fixed_split_size_folded_or_split_gives_one_answer(seed, dtype, N, K, H, B, window, cap, fp8,
+                                                               split_size, kernel):
+    """A fixed split size on the invariant kernels: the oracle's numbers with one CTA folding each
+    request's splits (num_splits=1), and the same bits with one CTA per split merged after
+    (num_splits = the bound, and a larger grid), and run to run. The splits really happen: the
+    bits differ from the unsplit kernel's somewhere."""
+    c = poison_before_windows(variant_case(seed, dtype, N, K, H, B, window, cap, fp8, long=True))
+    T = c.q.shape[0]
+    bound = ffi.fixed_split_bound(split_size, c.meta.block_tables.shape[1] * B, T, window)
+    assert bound > 2, bound
+    folded = run_poisoned(c, num_splits=1, kernel=kernel, split_size=split_size)
+    check(c, folded, f"{kernel} split_size={split_size} folded")
+    for grid in (bound, min(bound + 5, ffi.HANDLER_MAX_SPLITS)):
+        np.testing.assert_array_equal(run_poisoned(c, num_splits=grid, kernel=kernel, split_size=split_size),
+                                      folded, err_msg=f"seed={seed}: split over {grid} CTAs != folded")
+    np.testing.assert_array_equal(run_poisoned(c, num_splits=1, kernel=kernel, split_size=split_size), folded,
+                                  err_msg=f"seed={seed}: results differ between runs")
+    assert not np.array_equal(run_poisoned(c, num_splits=1, kernel=kernel), folded), \
+        "the fixed split size gave the unsplit kernel's bits: were the splits taken?"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["invariant", "invariant16"])
+@pytest.mark.parametrize("num_splits", [1, None])
+def test_gpu_fixed_split_size_long_decode_reads_only_the_window(seed, kernel, num_splits):
+    """Decode at 8k-20k positions with a 4k window on the fixed split size (512): positions before
+    each window hold NaN, so a split that read them would write NaN; folded and split (the default
+    for this small decode batch) agree bitwise."""
+    rng = np.random.default_rng(seed)
+    seq_lens = [int(x) for x in rng.integers(8192, 20000, 3)] + [4000, 4096, 4097]
+    c = make_case(seed, [1] * 6, seq_lens, num_heads=8, num_kv_heads=2, head_dim=128, dtype=jnp.bfloat16,
+                  sliding_window=4096, pad_tokens=2, pad_reqs=2)
+    c = poison_before_windows(c)
+    T, N, H = c.q.shape
+    bound = ffi.fixed_split_bound(512, c.meta.block_tables.shape[1] * c.k_pages.shape[1], T, 4096)
+    grid = num_splits or ffi.choose_fixed_splits(T, c.meta.seq_lens.shape[0], N, 2, H, bound, 132)
+    assert num_splits == 1 or grid == bound > 1
+    got = run_poisoned(c, num_splits=grid, kernel=kernel, split_size=512)
+    check(c, got, f"{kernel} S={grid}")
+    np.testing.assert_array_equal(got, run_poisoned(c, num_splits=1 if grid > 1 else bound, kernel=kernel,
+                                                    split_size=512))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,num_splits", [("simt", 1), ("simt", 6), ("tensor_core", 1), ("tensor_core", 6),
                                                ("invariant", 1), ("invariant16", 1)])

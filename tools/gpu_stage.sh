@@ -28,6 +28,8 @@
 #           (benchmarks/hlo_summary.py: FP8 GEMMs vs weights converted in memory)
 # bi-tests  the `gpu` tests of batch_invariant (tests/test_batch_invariance_gpu.py, the attention call's)
 # bench-bi  W3 and W1 with and without batch_invariant, in one process
+# bi-split  the invariant attention kernels' fixed split size (PAGEDJAX_BATCH_INVARIANT_SPLIT): its kernel
+#           gpu tests, the engine's bi gpu tests at ${SPLIT_TEST:-128}, then W3/W1 with and without bi at ${SPLIT:-512}
 # bi-tc16   batch_invariant on the "invariant16" attention kernel (PAGEDJAX_BATCH_INVARIANT_ATTENTION=
 #           tensor_core16, 16-row tiles for every request): its gpu tests, the bi gpu tests, W3 and W1
 # bi-tc     batch_invariant on the tensor-core "invariant" attention kernel
@@ -245,6 +247,15 @@ for s in "$@"; do
       TAIL=12 stage bi-tc16-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py
       throughput . bench-bi-tc16 --variants bf16,bf16+bi ;;
+    bi-split)  # the invariant kernels' fixed split size: its gpu tests, the engine's bi gpu tests on it
+      # (SPLIT_TEST positions, default 128: many splits a request), then W3/W1 (SPLIT, default 512); the
+      # attention kernel as PAGEDJAX_BATCH_INVARIANT_ATTENTION says
+      TAIL=12 stage bi-split-kernel 240 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        tests/test_paged_attention_ffi.py tests/test_paged_attention_variants.py -k "fixed_split"
+      TAIL=12 stage bi-split-tests 300 env PAGEDJAX_TEST_GPU=1 PAGEDJAX_BATCH_INVARIANT_SPLIT="${SPLIT_TEST:-128}" \
+        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_batch_invariance_gpu.py
+      [ -n "${NO_BENCH:-}" ] || PAGEDJAX_BATCH_INVARIANT_SPLIT="${SPLIT:-512}" throughput . \
+        "bench-bi-split${SPLIT:-512}" --variants bf16,bf16+bi ;;
     bi-tc)  # the batch-invariant mode on the tensor-core "invariant" attention kernel: its gpu tests, the
       # engine's bi gpu tests with it (row-tile GEMMs, then the Mosaic GEMM), W3 and W1 with both
       TAIL=20 stage bi-tc-kernel 200 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \

@@ -10,8 +10,10 @@
 //    head chunk, split).
 //  - kernel "invariant" (batch_invariant): TensorCoreKernel<T, Kv, H, 4> alone, for every request,
 //    its K/V tiles 64-aligned, unsplit (SIMT where no tensor-core kernel applies); "invariant16":
-//    TensorCoreKernel<T, Kv, H, 1> the same way.
-//  - MergeSplitsKernel<T>: split-KV (flash-decoding) partials (o, lse) -> out, when S > 1.
+//    TensorCoreKernel<T, Kv, H, 1> the same way. With a fixed split_size: TensorCoreKernel<..., true>,
+//    one CTA per split (S > 1) or one CTA folding every split in turn (S == 1); SIMT refused.
+//  - MergeSplitsKernel<T>: split-KV (flash-decoding) partials (o, lse) -> out, when S > 1 (the
+//    fold in split order under a fixed split_size).
 // Query tiles map to CTAs without reading lengths on the host: a grid of T / BQ + R + 1 slots,
 // slot w serving request r = max{r : query_start_loc[r] / BQ + r <= w} (searched by a warp), tile
 // w - key(r) of it; slots past the last request zero the padding tokens.
@@ -99,11 +101,13 @@ TileArgs MakeTileArgs(int G, int rows) {
   return a;
 }
 
-template <typename T, typename Kv, int H, int WM>
+template <typename T, typename Kv, int H, int WM, bool kFixed = false>
 ffi::Error LaunchTile(cudaStream_t stream, const Params& p, const TileArgs& a) {
   static std::atomic<bool> smem_done[64];
-  auto kernel = kernels::TensorCoreKernel<T, Kv, H, WM>;
-  const int bytes = kernels::TcShape<Kv, H>::kSmemBytes;
+  auto kernel = kernels::TensorCoreKernel<T, Kv, H, WM, kFixed>;
+  // the fold (a fixed split size walked by one CTA) keeps its accumulators past the stages
+  const int bytes = kernels::TcShape<Kv, H>::kSmemBytes +
+                    (kFixed ? kernels::FoldSmemBytes<H, WM>() : 0);
   if (ffi::Error e = AllowSmem(kernel, bytes, smem_done); e.failure()) return e;
   const int64_t slots = static_cast<int64_t>(p.num_tokens) / a.tile_q + p.num_requests + 1;
   if (ffi::Error e = CheckGrid(slots, static_cast<int64_t>(p.num_kv_heads) * a.head_chunks); e.failure()) return e;
@@ -140,11 +144,14 @@ ffi::Error LaunchTensorCore(cudaStream_t stream, const Params& p) {
 //    position's step always goes to the same warp (by its offset in the 64-aligned tile), each warp
 //    walks its steps in order, and the warps merge in one order. A decode's steps then run on four
 //    warps, where WM=4 computes them all on one.
+// With a fixed split size (p.split_size > 0) the same tiles cut each context at multiples of it:
+// one CTA per split and the merge's fold (num_splits > 1), or one CTA walking and folding them all.
 template <typename T, typename Kv, int H, int WM>
 ffi::Error LaunchTensorCoreInvariant(cudaStream_t stream, const Params& p) {
   TileArgs a = MakeTileArgs(p.num_heads / p.num_kv_heads, 16 * WM);
   a.zero_padding = true;
   a.align_start = true;
+  if (p.split_size > 0) return LaunchTile<T, Kv, H, WM, true>(stream, p, a);
   return LaunchTile<T, Kv, H, WM>(stream, p, a);
 }
 
@@ -200,6 +207,7 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream,
                               ffi::AnyBuffer v_scale,          // f32 [K]
                               float scale,                     // softmax scale
                               int32_t num_splits,              // split-KV partitions S (static)
+                              int32_t split_size,              // fixed split size (0: S equal parts)
                               int32_t kernel,                  // KernelChoice
                               int32_t sliding_window,          // W (0: none)
                               float logit_softcap,             // c (0: none)
@@ -207,7 +215,7 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream,
                               ffi::Result<ffi::AnyBuffer> workspace) {  // f32 [>= S*T*N*(H+1)] if S > 1
   Params p;
   if (ffi::Error e = MakePagedAttentionParams(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc,
-                                              k_scale, v_scale, scale, num_splits, kernel, sliding_window,
+                                              k_scale, v_scale, scale, num_splits, split_size, kernel, sliding_window,
                                               logit_softcap, *out, *workspace, &p);
       e.failure())
     return e;
@@ -228,6 +236,12 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream,
                                dims + ")");
       }
       break;
+  }
+  if (p.split_size > 0 && (p.dtype == DType::kF32 || family == Family::kSimt)) {
+    std::string dims;
+    for (int d : kTensorCoreHeadDims) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+    return detail::Invalid("split_size runs on the tensor-core kernels only (bf16/f16 with head dim " + dims +
+                           "), not for " + detail::ShapeString(q) + " over " + detail::ShapeString(k_pages));
   }
   switch (p.dtype) {
     case DType::kF32: return Run<float>(stream, p, Family::kSimt);
@@ -253,6 +267,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxPagedAttentionCuda, pagedjax::PagedAttenti
                                   .Arg<xla::ffi::AnyBuffer>()  // v_scale
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("num_splits")
+                                  .Attr<int32_t>("split_size")
                                   .Attr<int32_t>("kernel")
                                   .Attr<int32_t>("sliding_window")
                                   .Attr<float>("logit_softcap")

@@ -44,6 +44,12 @@ enum class KvDType : int32_t { kSameAsQ = 0, kFp8E4M3 = 1 };
 // kInvariant16: the same guarantee on the decode kernel's 16-row tiles for every request (prefills
 // included): a row's positions go to the warp of their 16-position step within the 64-aligned K/V
 // tile, and the four warps' partial sums merge in one order. num_splits must be 1.
+// Both take a fixed split size (split_size > 0, a multiple of kSplitGranule): a token's context is
+// cut at multiples of split_size positions, whatever its batch, and its splits' partials are folded
+// in position order (FoldSplit). Split across CTAs (num_splits > 1, merged by MergeSplitsKernel) or
+// walked one after another by one CTA (num_splits == 1), a token gets the same bits; the caller
+// picks either per call. Only the tensor-core kernels fold: the handler refuses split_size where
+// SIMT would run.
 enum class KernelChoice : int32_t { kAuto = 0, kSimt = 1, kTensorCore = 2, kInvariant = 3, kInvariant16 = 4 };
 
 // All a kernel sees. Offsets are in elements; every array is row-major as laid out above.
@@ -67,6 +73,7 @@ struct PagedAttentionParams {
   int num_tokens, num_heads, num_kv_heads, head_dim;
   int num_pages, page_size, num_requests, max_pages;
   int num_splits;
+  int split_size;       // > 0: fixed split size and the fold (kInvariant, kInvariant16); 0: S equal parts
   float scale;          // softmax scale (applied to q.k)
   int sliding_window;   // W > 0: keys at p - W < k <= p only; 0: none
   float logit_softcap;  // c > 0: scores c * tanh(s / c); 0: none
@@ -139,7 +146,7 @@ inline xla::ffi::Error MakePagedAttentionParams(
     const xla::ffi::AnyBuffer& v_pages, const xla::ffi::AnyBuffer& block_tables,
     const xla::ffi::AnyBuffer& seq_lens, const xla::ffi::AnyBuffer& query_start_loc,
     const xla::ffi::AnyBuffer& k_scale, const xla::ffi::AnyBuffer& v_scale, float scale, int32_t num_splits,
-    int32_t kernel, int32_t sliding_window, float logit_softcap, xla::ffi::AnyBuffer out,
+    int32_t split_size, int32_t kernel, int32_t sliding_window, float logit_softcap, xla::ffi::AnyBuffer out,
     xla::ffi::AnyBuffer workspace, PagedAttentionParams* p) {
   namespace ffi = xla::ffi;
   using detail::Invalid;
@@ -216,10 +223,16 @@ inline xla::ffi::Error MakePagedAttentionParams(
   if (kernel < 0 || kernel > 4)
     return Invalid("kernel must be 0 (auto), 1 (simt), 2 (tensor core), 3 (invariant) or 4 (invariant16), got " +
                    std::to_string(kernel));
-  if ((kernel == static_cast<int32_t>(KernelChoice::kInvariant) ||
-       kernel == static_cast<int32_t>(KernelChoice::kInvariant16)) && num_splits != 1)
-    return Invalid("kernel " + std::to_string(kernel) + " (invariant) runs unsplit: num_splits must be 1, got " +
-                   std::to_string(num_splits));
+  const bool invariant = kernel == static_cast<int32_t>(KernelChoice::kInvariant) ||
+                         kernel == static_cast<int32_t>(KernelChoice::kInvariant16);
+  if (split_size < 0 || split_size % kSplitGranule != 0)
+    return Invalid("split_size must be 0 or a positive multiple of " + std::to_string(kSplitGranule) + ", got " +
+                   std::to_string(split_size));
+  if (split_size > 0 && !invariant)
+    return Invalid("split_size is for kernels 3 and 4 (invariant), got kernel " + std::to_string(kernel));
+  if (invariant && split_size == 0 && num_splits != 1)
+    return Invalid("kernel " + std::to_string(kernel) + " (invariant) without a split_size runs unsplit: "
+                   "num_splits must be 1, got " + std::to_string(num_splits));
   // Every count the kernels index with must fit int32 (offsets are computed in int64).
   const int64_t kIntMax = 2147483647;
   if (T > kIntMax / 2 || R > kIntMax / 2 || P > kIntMax || M * page_size > kIntMax / 2)
@@ -253,6 +266,7 @@ inline xla::ffi::Error MakePagedAttentionParams(
   p->num_requests = static_cast<int>(R);
   p->max_pages = static_cast<int>(M);
   p->num_splits = num_splits;
+  p->split_size = split_size;
   p->scale = scale;
   p->sliding_window = sliding_window;
   p->logit_softcap = logit_softcap;

@@ -77,6 +77,9 @@ __device__ __forceinline__ int WindowLo(const Params& p, int pos) {
 // covers [base + s * chunk, min(seq_len, base + (s + 1) * chunk)). The first `live` are non-empty;
 // the kernels skip the others and the merge reads only the live ones. Every live split writes
 // partials for every token row, -inf lse where a row sees none of it.
+// With a fixed split size (p.split_size > 0) `chunk` is that size and `base` the multiple of it at
+// or below the window start, so the splits sit at the same positions whatever the batch; `live`
+// may then exceed S (the grid's splits) only for metadata out of range.
 struct SplitLayout {
   int base, chunk, live;
 };
@@ -84,11 +87,43 @@ struct SplitLayout {
 __device__ __forceinline__ SplitLayout SplitLayoutOf(const Params& p, const Request& req) {
   SplitLayout s;
   s.base = min(WindowLo(p, req.seq_len - (req.q_end - req.q_begin)), req.seq_len);
+  if (p.split_size > 0) {
+    s.chunk = p.split_size;
+    s.base = s.base / s.chunk * s.chunk;
+    s.live = (req.seq_len - s.base + s.chunk - 1) / s.chunk;
+    return s;
+  }
   const int span = req.seq_len - s.base;
   const int per = (span + p.num_splits - 1) / p.num_splits;
   s.chunk = max((per + kSplitGranule - 1) / kSplitGranule, 1) * kSplitGranule;
   s.live = (span + s.chunk - 1) / s.chunk;
   return s;
+}
+
+// The fold of a fixed split size: a row's splits, in position order, into a running (max, weight,
+// accumulator), each split given as its normalized output o and its lse (log2). The merge kernel
+// and the tensor-core kernel's one-CTA walk both run exactly these operations (explicit rounding
+// intrinsics, so no contraction can differ between them), so a token gets the same bits split
+// across CTAs or not. A split the row does not see (lse = -inf) changes nothing: skipped.
+struct FoldWeights {
+  float a, b;  // acc <- acc * a + o * b
+  bool skip;
+};
+__device__ __forceinline__ FoldWeights FoldStep(float& mx, float& w, float lse) {
+  FoldWeights f{1.f, 0.f, lse == -INFINITY};
+  if (f.skip) return f;
+  const float nm = fmaxf(mx, lse);  // NaN lse (bad pages): the caller writes NaN
+  f.a = exp2f(__fsub_rn(mx, nm));   // mx = -inf (the first split seen): 0
+  f.b = exp2f(__fsub_rn(lse, nm));
+  w = __fmaf_rn(w, f.a, f.b);
+  mx = nm;
+  return f;
+}
+__device__ __forceinline__ float FoldAcc(float acc, const FoldWeights& f, float o) {
+  return f.skip ? acc : __fmaf_rn(o, f.b, __fmul_rn(acc, f.a));
+}
+__device__ __forceinline__ float FoldOut(float acc, float w) {
+  return w > 0.f ? __fmul_rn(acc, __frcp_rn(w)) : 0.f;
 }
 
 // The score of q.k in the log2 domain, as x = (q.k) * mul: scale * k_scale folded into mul (the
@@ -200,6 +235,30 @@ __global__ void __launch_bounds__(kThreads) MergeSplitsKernel(const Params p) {
     return;
   }
   const int live = SplitLayoutOf(p, req).live;  // >= 1: every token sees itself
+  if (p.split_size > 0) {  // fixed split size: the fold, in split order (lanes over d)
+    if (live > p.num_splits) {  // more splits than the grid ran: metadata out of range
+      for (int d = lane; d < H; d += 32) out[d] = Io<T>::Store(__int_as_float(0x7fc00000));
+      return;
+    }
+    constexpr int kMaxPerLane = 256 / 32;
+    float mx = -INFINITY, w = 0.f, acc[kMaxPerLane];
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i) acc[i] = 0.f;
+    bool nan = false;
+    for (int s = 0; s < live; ++s) {
+      const float lse = *PartialLse(p, s, t, n);
+      nan |= isnan(lse);
+      const FoldWeights f = FoldStep(mx, w, lse);
+      const float* o = PartialO(p, s, t, n);
+#pragma unroll
+      for (int i = 0; i < kMaxPerLane; ++i)
+        if (lane + 32 * i < H) acc[i] = FoldAcc(acc[i], f, o[lane + 32 * i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i)
+      if (lane + 32 * i < H) out[lane + 32 * i] = Io<T>::Store(nan ? __int_as_float(0x7fc00000) : FoldOut(acc[i], w));
+    return;
+  }
   float mx = -INFINITY;
   bool nan = false;
   for (int s = 0; s < live; ++s) {

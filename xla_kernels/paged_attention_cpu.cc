@@ -1,8 +1,9 @@
 // PagedAttention over a ragged batch: the CPU handler (FFI target "pagedjax_paged_attention", cpu).
 //
 // Same operands, attributes and results as the CUDA handler (paged_attention.cu); it ignores the
-// split-KV workspace and the kernel choice, and checks the metadata and scales on the host: a
-// request whose lengths or page ids are out of range is an error, not a wrong answer.
+// split-KV workspace, the fixed split size and the kernel choice, and checks the metadata and
+// scales on the host: a request whose lengths or page ids are out of range is an error, not a
+// wrong answer.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -244,6 +245,7 @@ ffi::Error PagedAttentionCpu(ffi::ThreadPool pool,
                              ffi::AnyBuffer v_scale,          // f32 [K]
                              float scale,                     // softmax scale
                              int32_t num_splits,              // split-KV partitions (CUDA only)
+                             int32_t split_size,              // fixed split size (CUDA only)
                              int32_t kernel,                  // KernelChoice (CUDA only)
                              int32_t sliding_window,          // W (0: none)
                              float logit_softcap,             // c (0: none)
@@ -251,7 +253,7 @@ ffi::Error PagedAttentionCpu(ffi::ThreadPool pool,
                              ffi::Result<ffi::AnyBuffer> workspace) {  // f32 [W] (CUDA split-KV)
   PagedAttentionParams p;
   if (ffi::Error e = MakePagedAttentionParams(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc,
-                                              k_scale, v_scale, scale, num_splits, kernel, sliding_window,
+                                              k_scale, v_scale, scale, num_splits, split_size, kernel, sliding_window,
                                               logit_softcap, *out, *workspace, &p);
       e.failure())
     return e;
@@ -281,6 +283,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxPagedAttentionCpu, pagedjax::PagedAttentio
                                   .Arg<xla::ffi::AnyBuffer>()  // v_scale
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("num_splits")
+                                  .Attr<int32_t>("split_size")
                                   .Attr<int32_t>("kernel")
                                   .Attr<int32_t>("sliding_window")
                                   .Attr<float>("logit_softcap")

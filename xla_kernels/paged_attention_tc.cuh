@@ -118,8 +118,10 @@ __device__ __forceinline__ uint32_t Fp8x2ToPair<__nv_bfloat16>(uint32_t two) {
 }
 
 // T: q, out and the MMA operands (bf16/f16); Kv: the pool (T or Fp8); H: head dim; WM: 16-row
-// blocks per CTA.
-template <typename T, typename Kv, int H, int WM>
+// blocks per CTA; kFixed: a fixed split size (p.split_size > 0, the invariant kernels): each split
+// written as a partial (num_splits > 1), or with one split in the grid every split the CTA's rows
+// see walked in order and folded (FoldStep) before the write.
+template <typename T, typename Kv, int H, int WM, bool kFixed>
 __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, const TileArgs a) {
   static_assert(H % 16 == 0 && H <= 256, "head dim must be a multiple of 16, at most 256");
   static_assert(std::is_same_v<Kv, T> || std::is_same_v<Kv, Fp8>, "the pool is q's dtype or fp8");
@@ -170,10 +172,11 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
   }
   const int L = req.seq_len;
   const SplitLayout layout = mode == 0 ? SplitLayoutOf(p, req) : SplitLayout{0, 0, 0};
-  if (mode == 0 && split >= layout.live) return;  // empty split: the merge skips it
+  // kFixed with one split in the grid: this CTA walks every split its rows see, folding them.
+  const bool fold = kFixed && direct;
+  if (mode == 0 && !fold && split >= layout.live) return;  // empty split: the merge skips it
+  if (kFixed && mode == 0 && !direct && layout.live > p.num_splits) return;  // the merge writes NaN
   if (mode != 0 && split > 0) return;
-  const int lo = layout.base + split * layout.chunk;
-  const int hi = mode == 0 ? min(L, lo + layout.chunk) : 0;
   const int first_pos = L - (req.q_end - req.q_begin);  // position of the request's first query token
 
   if (tid < kRows) {
@@ -183,9 +186,12 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
     const int pos = first_pos + (t - req.q_begin);
     row_t[tid] = ok ? t : -1;
     row_n[tid] = kh * G + g;
-    // Row sees [row_lo, row_end): its split's part of its window (causal); empty for no row.
-    row_lo[tid] = ok && mode == 0 ? max(lo, WindowLo(p, pos)) : lo;
-    row_end[tid] = ok && mode == 0 ? min(hi, pos + 1) : lo;
+    // Row sees [row_lo, row_end): its window, causal (kFixed: each split clips it; otherwise
+    // clipped here to this CTA's split); empty for no row.
+    const int clip_lo = kFixed ? 0 : layout.base + split * layout.chunk;
+    const int clip_hi = kFixed ? INT_MAX : min(L, clip_lo + layout.chunk);
+    row_lo[tid] = ok && mode == 0 ? max(clip_lo, WindowLo(p, pos)) : clip_lo;
+    row_end[tid] = ok && mode == 0 ? min(clip_hi, pos + 1) : clip_lo;
   }
   __syncthreads();
 
@@ -198,13 +204,22 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
     return;
   }
   // The positions any row of this tile attends to: from the first token's window start (the
-  // earliest) to the last token's position (+1). Nothing outside them is read.
+  // earliest) to the last token's position (+1), clipped to the split. Nothing outside is read.
   // Under align_start the tiles begin at a multiple of kTile below that (the rows mask the extra
   // positions: fully masked 16-position steps leave a row's m, l and o bitwise unchanged), so a
-  // row sees the same K/V steps whether its tile's first token is itself or an earlier one.
-  const int window_start = max(lo, WindowLo(p, first_pos + (tile_t0 - req.q_begin)));
-  const int cta_start = a.align_start ? window_start / S::kTile * S::kTile : window_start;
-  const int cta_end = min(hi, first_pos + (tile_t0 + tile_len - 1 - req.q_begin) + 1);
+  // row sees the same K/V steps whether its tile's first token is itself or an earlier one. A
+  // split starts at a multiple of kTile (kSplitGranule) too.
+  const int tile_lo = WindowLo(p, first_pos + (tile_t0 - req.q_begin));
+  const int tile_end = first_pos + (tile_t0 + tile_len - 1 - req.q_begin) + 1;
+  int sp = split, s_end = split + 1;  // the splits this CTA walks: its own, or (fold) each one its rows see
+  if (fold) {
+    sp = max(tile_lo - layout.base, 0) / layout.chunk;  // holds tile_lo: the first row sees it
+    s_end = min(layout.live, (tile_end - 1 - layout.base) / layout.chunk + 1);
+  }
+  int lo = layout.base + sp * layout.chunk, hi = min(L, lo + layout.chunk);
+  int window_start = max(lo, tile_lo);
+  int cta_start = a.align_start ? window_start / S::kTile * S::kTile : window_start;
+  int cta_end = min(hi, tile_end);
 
   // ---- Q fragments (A operand, rows r0 = lane/4 and r1 = r0 + 8 of this warp's 16) ----
   const int r0 = wm * 16 + lane / 4, r1 = r0 + 8;
@@ -223,7 +238,10 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
       qf[ks][3] = t1 >= 0 ? *reinterpret_cast<const uint32_t*>(q1 + ks * 16 + c + 8) : 0u;
     }
   }
-  const int lo0 = row_lo[r0], lo1 = row_lo[r1], end0 = row_end[r0], end1 = row_end[r1];
+  // kFixed: the rows' windows, clipped to each split in turn; otherwise clipped already
+  const int wlo0 = row_lo[r0], wlo1 = row_lo[r1], pend0 = row_end[r0], pend1 = row_end[r1];
+  int lo0 = kFixed ? max(wlo0, lo) : wlo0, end0 = kFixed ? min(pend0, hi) : pend0;
+  int lo1 = kFixed ? max(wlo1, lo) : wlo1, end1 = kFixed ? min(pend1, hi) : pend1;
   const Scorer score = MakeScorer(p, kh);
   const float v_mul = __ldg(p.v_scale + kh);
 
@@ -237,13 +255,27 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
   const unsigned char* kp = static_cast<const unsigned char*>(p.k_pages);
   const unsigned char* vp = static_cast<const unsigned char*>(p.v_pages);
   bool bad = false;
+  // The fold's state: per row the max and the weight, per (row, d) the accumulator, past the
+  // kernel's shared memory (the launch adds FoldSmemBytes). Each thread owns the same (row, d)
+  // pairs in every split's write loop below.
+  float* fold_acc = reinterpret_cast<float*>(smem + S::kSmemBytes);  // [kRows][H]
+  float* fold_mx = fold_acc + kRows * H;                               // [kRows]
+  float* fold_w = fold_mx + kRows;                                     // [kRows]
+  __shared__ FoldWeights row_fold[kRows];
+  if (fold) {
+    for (int i = tid; i < kRows * H; i += kThreads) fold_acc[i] = 0.f;
+    if (tid < kRows) {
+      fold_mx[tid] = -INFINITY;
+      fold_w[tid] = 0.f;
+    }
+  }
 
+  __shared__ int64_t row_off[2][S::kTile];  // [stage][row]
   // Element offset of row `tid` of the tile at `start` (threads < kTile): -2 outside
   // [window_start, cta_end) (zeros: under align_start no page before the window is read),
-  // -1 for a bad page id. Looked up a tile ahead into row_off, so the block-table read is in flight
-  // during a tile's compute; read beside each cp.async instead, every cp.async waits on its read
-  // (they alternate in the PTX): 8 dependent round trips per thread per tile.
-  __shared__ int64_t row_off[2][S::kTile];  // [stage][row]
+  // -1 for a bad page id. Looked up a tile ahead into row_off, so the block-table read is in
+  // flight during a tile's compute; read beside each cp.async instead, every cp.async waits on its
+  // read (they alternate in the PTX): 8 dependent round trips per thread per tile.
   auto row_offset = [&](int start) -> int64_t {
     const int pos = start + tid;
     return tid < S::kTile && pos >= window_start && pos < cta_end ? KvOffset(p, r, pos, kh) : -2;
@@ -286,161 +318,202 @@ __global__ void __launch_bounds__(kThreads) TensorCoreKernel(const Params p, con
     }
   };
 
-  const int num_tiles = cta_end > cta_start ? (cta_end - cta_start + S::kTile - 1) / S::kTile : 0;
-  if (tid < S::kTile) {
-    const int64_t off0 = row_offset(cta_start), off1 = row_offset(cta_start + S::kTile);  // both in flight
-    row_off[0][tid] = off0;
-    row_off[1][tid] = off1;
-  }
-  __syncthreads();
-  if (num_tiles > 0) load_tile(0);
-  CpAsyncCommit();
-  for (int it = 0; it < num_tiles; ++it) {
-    if (it + 1 < num_tiles) load_tile((it + 1) & 1);
-    CpAsyncCommit();
-    // Tile it + 2's offsets, stored into row_off[it & 1] after this tile's compute: its last
-    // reader, load_tile at iteration it - 1, is behind the barrier below.
-    const int64_t next_off = row_offset(cta_start + (it + 2) * S::kTile);
-    CpAsyncWait<1>();  // tile `it` has landed (only the newest group may be in flight)
-    __syncthreads();
-    if constexpr (S::kFp8) {
-      convert_tile(it & 1);  // tile16's last readers are behind the barrier ending iteration it - 1
-      __syncthreads();
+  while (true) {  // one split per pass: one pass, or (fold) each split the rows see in turn
+    const int num_tiles = cta_end > cta_start ? (cta_end - cta_start + S::kTile - 1) / S::kTile : 0;
+    if (tid < S::kTile) {
+      const int64_t off0 = row_offset(cta_start), off1 = row_offset(cta_start + S::kTile);  // both in flight
+      row_off[0][tid] = off0;
+      row_off[1][tid] = off1;
     }
-    const T* ks = S::kFp8 ? tile16 : reinterpret_cast<const T*>(smem + (it & 1) * S::kRawStageBytes);
-    const T* vs = ks + S::kTile * S::kRowElems;
-    const int tile_start = cta_start + it * S::kTile;
-#pragma unroll
-    for (int sub = 0; sub < kWarpPos / 16; ++sub) {
-      const int p0 = wn * kWarpPos + sub * 16;  // first row of these 16 positions in the tile
-      const int pos0 = tile_start + p0;
-      if (pos0 >= cta_end) break;  // warp-uniform
-      // S = Q K^T over 16 positions: n-tiles j = 0, 1 (positions pos0 + 8j ..)
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-      for (int ks_i = 0; ks_i < kKSteps; ++ks_i) {
-        uint32_t b[4];
-        LdMatrixX4(b, ks + (p0 + (lane / 16) * 8 + lane % 8) * S::kRowElems + ks_i * 16 + ((lane / 8) % 2) * 8);
-        Mma<T>::Run(s[0], qf[ks_i], b[0], b[1]);
-        Mma<T>::Run(s[1], qf[ks_i], b[2], b[3]);
+    __syncthreads();
+    if (num_tiles > 0) load_tile(0);
+    CpAsyncCommit();
+    for (int it = 0; it < num_tiles; ++it) {
+      if (it + 1 < num_tiles) load_tile((it + 1) & 1);
+      CpAsyncCommit();
+      // Tile it + 2's offsets, stored into row_off[it & 1] after this tile's compute: its last
+      // reader, load_tile at iteration it - 1, is behind the barrier below.
+      const int64_t next_off = row_offset(cta_start + (it + 2) * S::kTile);
+      CpAsyncWait<1>();  // tile `it` has landed (only the newest group may be in flight)
+      __syncthreads();
+      if constexpr (S::kFp8) {
+        convert_tile(it & 1);  // tile16's last readers are behind the barrier ending iteration it - 1
+        __syncthreads();
       }
-      // Score (scale, K scale, soft-cap), then the window / causal / range mask (select, never
-      // multiply), then the online softmax (log2 domain).
-      float mx0 = -INFINITY, mx1 = -INFINITY;
+      const T* ks = S::kFp8 ? tile16 : reinterpret_cast<const T*>(smem + (it & 1) * S::kRawStageBytes);
+      const T* vs = ks + S::kTile * S::kRowElems;
+      const int tile_start = cta_start + it * S::kTile;
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int sub = 0; sub < kWarpPos / 16; ++sub) {
+        const int p0 = wn * kWarpPos + sub * 16;  // first row of these 16 positions in the tile
+        const int pos0 = tile_start + p0;
+        if (pos0 >= cta_end) break;  // warp-uniform
+        // S = Q K^T over 16 positions: n-tiles j = 0, 1 (positions pos0 + 8j ..)
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int pos = pos0 + j * 8 + (lane % 4) * 2 + (e & 1);
-          const bool seen = e < 2 ? (pos >= lo0 && pos < end0) : (pos >= lo1 && pos < end1);
-          const float v = seen ? score(s[j][e] * score.mul) : -INFINITY;
-          s[j][e] = v;
-          if (e < 2) mx0 = fmaxf(mx0, v);
-          else mx1 = fmaxf(mx1, v);
+        for (int ks_i = 0; ks_i < kKSteps; ++ks_i) {
+          uint32_t b[4];
+          LdMatrixX4(b, ks + (p0 + (lane / 16) * 8 + lane % 8) * S::kRowElems + ks_i * 16 + ((lane / 8) % 2) * 8);
+          Mma<T>::Run(s[0], qf[ks_i], b[0], b[1]);
+          Mma<T>::Run(s[1], qf[ks_i], b[2], b[3]);
         }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      const float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
-      const float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);  // m = -inf: 0
-      m0 = mn0;
-      m1 = mn1;
+        // Score (scale, K scale, soft-cap), then the window / causal / range mask (select, never
+        // multiply), then the online softmax (log2 domain).
+        float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        s[j][0] = exp2f(s[j][0] - mu0);
-        s[j][1] = exp2f(s[j][1] - mu0);
-        s[j][2] = exp2f(s[j][2] - mu1);
-        s[j][3] = exp2f(s[j][3] - mu1);
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int pos = pos0 + j * 8 + (lane % 4) * 2 + (e & 1);
+            const bool seen = e < 2 ? (pos >= lo0 && pos < end0) : (pos >= lo1 && pos < end1);
+            const float v = seen ? score(s[j][e] * score.mul) : -INFINITY;
+            s[j][e] = v;
+            if (e < 2) mx0 = fmaxf(mx0, v);
+            else mx1 = fmaxf(mx1, v);
+          }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
+        const float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);  // m = -inf: 0
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          s[j][0] = exp2f(s[j][0] - mu0);
+          s[j][1] = exp2f(s[j][1] - mu0);
+          s[j][2] = exp2f(s[j][2] - mu1);
+          s[j][3] = exp2f(s[j][3] - mu1);
+        }
+        l0 = l0 * al0 + (s[0][0] + s[0][1] + s[1][0] + s[1][1]);
+        l1 = l1 * al1 + (s[0][2] + s[0][3] + s[1][2] + s[1][3]);
+#pragma unroll
+        for (int i = 0; i < kOTiles; ++i) {
+          o[i][0] *= al0;
+          o[i][1] *= al0;
+          o[i][2] *= al1;
+          o[i][3] *= al1;
+        }
+        // P (C layout of two n8 tiles) is the A operand of one k16 step.
+        const uint32_t pa[4] = {Mma<T>::Pack(s[0][0], s[0][1]), Mma<T>::Pack(s[0][2], s[0][3]),
+                                Mma<T>::Pack(s[1][0], s[1][1]), Mma<T>::Pack(s[1][2], s[1][3])};
+#pragma unroll
+        for (int dn = 0; dn < H / 16; ++dn) {
+          uint32_t b[4];
+          LdMatrixX4Trans(b, vs + (p0 + ((lane / 8) % 2) * 8 + lane % 8) * S::kRowElems + dn * 16 + (lane / 16) * 8);
+          Mma<T>::Run(o[2 * dn], pa, b[0], b[1]);
+          Mma<T>::Run(o[2 * dn + 1], pa, b[2], b[3]);
+        }
       }
-      l0 = l0 * al0 + (s[0][0] + s[0][1] + s[1][0] + s[1][1]);
-      l1 = l1 * al1 + (s[0][2] + s[0][3] + s[1][2] + s[1][3]);
+      if (tid < S::kTile) row_off[it & 1][tid] = next_off;
+      __syncthreads();  // this stage is reloaded at the next iteration
+    }
+    CpAsyncWait<0>();
+
+    // ---- merge the warps sharing rows, normalize; write, or keep as a partial, or fold ----
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    bad = __syncthreads_or(bad);  // also: every warp is done with the K/V stages
+    float* os = reinterpret_cast<float*>(smem);  // [warp][16][kOStride]
+    float* ms = os + 4 * 16 * kOStride;          // [warp][16]
+    float* ls = ms + 4 * 16;                     // [warp][16]
+    {
+      float* base = os + warp * 16 * kOStride;
+      const int rr = lane / 4, c = (lane % 4) * 2;
 #pragma unroll
       for (int i = 0; i < kOTiles; ++i) {
-        o[i][0] *= al0;
-        o[i][1] *= al0;
-        o[i][2] *= al1;
-        o[i][3] *= al1;
+        *reinterpret_cast<float2*>(base + rr * kOStride + i * 8 + c) = make_float2(o[i][0], o[i][1]);
+        *reinterpret_cast<float2*>(base + (rr + 8) * kOStride + i * 8 + c) = make_float2(o[i][2], o[i][3]);
       }
-      // P (C layout of two n8 tiles) is the A operand of one k16 step.
-      const uint32_t pa[4] = {Mma<T>::Pack(s[0][0], s[0][1]), Mma<T>::Pack(s[0][2], s[0][3]),
-                              Mma<T>::Pack(s[1][0], s[1][1]), Mma<T>::Pack(s[1][2], s[1][3])};
-#pragma unroll
-      for (int dn = 0; dn < H / 16; ++dn) {
-        uint32_t b[4];
-        LdMatrixX4Trans(b, vs + (p0 + ((lane / 8) % 2) * 8 + lane % 8) * S::kRowElems + dn * 16 + (lane / 16) * 8);
-        Mma<T>::Run(o[2 * dn], pa, b[0], b[1]);
-        Mma<T>::Run(o[2 * dn + 1], pa, b[2], b[3]);
+      if (lane % 4 == 0) {
+        ms[warp * 16 + rr] = m0;
+        ms[warp * 16 + rr + 8] = m1;
+        ls[warp * 16 + rr] = l0;
+        ls[warp * 16 + rr + 8] = l1;
       }
     }
-    if (tid < S::kTile) row_off[it & 1][tid] = next_off;
-    __syncthreads();  // this stage is reloaded at the next iteration
-  }
-  CpAsyncWait<0>();
-
-  // ---- merge the warps sharing rows, normalize, write ----
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  bad = __syncthreads_or(bad);  // also: every warp is done with the K/V stages
-  float* os = reinterpret_cast<float*>(smem);  // [warp][16][kOStride]
-  float* ms = os + 4 * 16 * kOStride;          // [warp][16]
-  float* ls = ms + 4 * 16;                     // [warp][16]
-  {
-    float* base = os + warp * 16 * kOStride;
-    const int rr = lane / 4, c = (lane % 4) * 2;
+    __syncthreads();
+    if (tid < kRows) {
+      const int bw = tid / 16, rr = tid % 16;  // row block (wm) and row within it
+      float mx = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < kOTiles; ++i) {
-      *reinterpret_cast<float2*>(base + rr * kOStride + i * 8 + c) = make_float2(o[i][0], o[i][1]);
-      *reinterpret_cast<float2*>(base + (rr + 8) * kOStride + i * 8 + c) = make_float2(o[i][2], o[i][3]);
+      for (int j = 0; j < kWn; ++j) mx = fmaxf(mx, ms[(bw + j * WM) * 16 + rr]);
+      const float mu = mx == -INFINITY ? 0.f : mx;
+      float lsum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kWn; ++j) lsum += exp2f(ms[(bw + j * WM) * 16 + rr] - mu) * ls[(bw + j * WM) * 16 + rr];
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+#pragma unroll
+      for (int j = 0; j < kWn; ++j) row_w[tid][j] = exp2f(ms[(bw + j * WM) * 16 + rr] - mu) * inv;
+      row_lse[tid] = lsum > 0.f ? mu + log2f(lsum) : -INFINITY;
+      if (fold) row_fold[tid] = FoldStep(fold_mx[tid], fold_w[tid], row_lse[tid]);
     }
-    if (lane % 4 == 0) {
-      ms[warp * 16 + rr] = m0;
-      ms[warp * 16 + rr + 8] = m1;
-      ls[warp * 16 + rr] = l0;
-      ls[warp * 16 + rr + 8] = l1;
+    __syncthreads();
+    for (int i = tid; i < kRows * (H / 2); i += kThreads) {
+      const int row = i / (H / 2), d = (i % (H / 2)) * 2;
+      const int t = row_t[row];
+      if (t < 0) continue;
+      const int bw = row / 16, rr = row % 16;
+      float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+      for (int j = 0; j < kWn; ++j) {
+        const float2 x = *reinterpret_cast<const float2*>(os + ((bw + j * WM) * 16 + rr) * kOStride + d);
+        v0 += row_w[row][j] * x.x;
+        v1 += row_w[row][j] * x.y;
+      }
+      v0 *= v_mul;  // the pool's V scale (ones unless fp8)
+      v1 *= v_mul;
+      if (bad) v0 = v1 = nan;
+      if (fold) {  // this thread owns (row, d) and (row, d + 1) in every split
+        float* acc = fold_acc + row * H + d;
+        acc[0] = FoldAcc(acc[0], row_fold[row], v0);
+        acc[1] = FoldAcc(acc[1], row_fold[row], v1);
+      } else if (direct) {
+        *reinterpret_cast<uint32_t*>(OutRow<T>(p, t, row_n[row]) + d) = Mma<T>::Pack(v0, v1);
+      } else {
+        *reinterpret_cast<float2*>(PartialO(p, split, t, row_n[row]) + d) = make_float2(v0, v1);
+        if (d == 0) *PartialLse(p, split, t, row_n[row]) = bad ? nan : row_lse[row];
+      }
     }
+    if (!fold) break;
+    __syncthreads();  // the next split reuses the stages, row_w and row_fold
+    if (++sp >= s_end) break;
+    lo = layout.base + sp * layout.chunk;
+    hi = min(L, lo + layout.chunk);
+    window_start = max(lo, tile_lo);
+    cta_start = a.align_start ? window_start / S::kTile * S::kTile : window_start;
+    cta_end = min(hi, tile_end);
+    lo0 = max(wlo0, lo);
+    end0 = min(pend0, hi);
+    lo1 = max(wlo1, lo);
+    end1 = min(pend1, hi);
+    m0 = m1 = -INFINITY;
+    l0 = l1 = 0.f;
+#pragma unroll
+    for (int i = 0; i < kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   }
-  __syncthreads();
-  if (tid < kRows) {
-    const int bw = tid / 16, rr = tid % 16;  // row block (wm) and row within it
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kWn; ++j) mx = fmaxf(mx, ms[(bw + j * WM) * 16 + rr]);
-    const float mu = mx == -INFINITY ? 0.f : mx;
-    float lsum = 0.f;
-#pragma unroll
-    for (int j = 0; j < kWn; ++j) lsum += exp2f(ms[(bw + j * WM) * 16 + rr] - mu) * ls[(bw + j * WM) * 16 + rr];
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-#pragma unroll
-    for (int j = 0; j < kWn; ++j) row_w[tid][j] = exp2f(ms[(bw + j * WM) * 16 + rr] - mu) * inv;
-    row_lse[tid] = lsum > 0.f ? mu + log2f(lsum) : -INFINITY;
-  }
-  __syncthreads();
-  for (int i = tid; i < kRows * (H / 2); i += kThreads) {
-    const int row = i / (H / 2), d = (i % (H / 2)) * 2;
-    const int t = row_t[row];
-    if (t < 0) continue;
-    const int bw = row / 16, rr = row % 16;
-    float v0 = 0.f, v1 = 0.f;
-#pragma unroll
-    for (int j = 0; j < kWn; ++j) {
-      const float2 x = *reinterpret_cast<const float2*>(os + ((bw + j * WM) * 16 + rr) * kOStride + d);
-      v0 += row_w[row][j] * x.x;
-      v1 += row_w[row][j] * x.y;
-    }
-    v0 *= v_mul;  // the pool's V scale (ones unless fp8)
-    v1 *= v_mul;
-    if (bad) v0 = v1 = nan;
-    if (direct) {
+  if (fold) {  // every split folded: normalize and write (each thread its own pairs)
+    for (int i = tid; i < kRows * (H / 2); i += kThreads) {
+      const int row = i / (H / 2), d = (i % (H / 2)) * 2;
+      const int t = row_t[row];
+      if (t < 0) continue;
+      const float* acc = fold_acc + row * H + d;
+      const float w = fold_w[row];
+      const float v0 = bad ? nan : FoldOut(acc[0], w), v1 = bad ? nan : FoldOut(acc[1], w);
       *reinterpret_cast<uint32_t*>(OutRow<T>(p, t, row_n[row]) + d) = Mma<T>::Pack(v0, v1);
-    } else {
-      *reinterpret_cast<float2*>(PartialO(p, split, t, row_n[row]) + d) = make_float2(v0, v1);
-      if (d == 0) *PartialLse(p, split, t, row_n[row]) = bad ? nan : row_lse[row];
     }
   }
+}
+
+// Dynamic shared memory the fold adds to TensorCoreKernel<T, Kv, H, WM, true> (one CTA walking
+// every split): the accumulators [16 * WM][H] and per row the max and the weight.
+template <int H, int WM>
+constexpr int FoldSmemBytes() {
+  return (16 * WM * H + 2 * 16 * WM) * 4;
 }
 
 }  // namespace kernels

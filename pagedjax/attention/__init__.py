@@ -33,6 +33,12 @@ FFI_HEAD_DIMS = _ffi.head_dims()
 # (`bash tools/gpu_stage.sh bi-tests`, `bi-tc`). The CPU handler computes each token by itself either way.
 INVARIANT_ATTENTION_ENV = "PAGEDJAX_BATCH_INVARIANT_ATTENTION"
 INVARIANT_KERNELS = {"simt": "simt", "tensor_core": "invariant", "tensor_core16": "invariant16"}
+# Its fixed split size along the KV length, by PAGEDJAX_BATCH_INVARIANT_SPLIT (positions, a multiple
+# of 64; 0: unsplit): every context cut at multiples of it whatever the batch, the splits folded in
+# order, so a long context at a small batch spreads over the GPU (the tensor-core kernels; SIMT runs
+# unsplit). Unsplit by default until its GPU tests have run (`bash tools/gpu_stage.sh bi-split`).
+INVARIANT_SPLIT_ENV = "PAGEDJAX_BATCH_INVARIANT_SPLIT"
+DEFAULT_INVARIANT_SPLIT = 0
 
 
 def invariant_attention_method() -> str:
@@ -42,6 +48,21 @@ def invariant_attention_method() -> str:
     if name not in INVARIANT_KERNELS:
         raise ValueError(f"{INVARIANT_ATTENTION_ENV}={name!r}: expected one of {', '.join(INVARIANT_KERNELS)}")
     return name
+
+
+def invariant_split_size() -> int:
+    """The batch-invariant attention's fixed split size PAGEDJAX_BATCH_INVARIANT_SPLIT names
+    (DEFAULT_INVARIANT_SPLIT unset; 0: unsplit); the engine reads it once, into
+    ModelConfig.invariant_split."""
+    raw = os.environ.get(INVARIANT_SPLIT_ENV, str(DEFAULT_INVARIANT_SPLIT))
+    try:
+        size = int(raw)
+    except ValueError:
+        size = -1
+    if size < 0 or size % 64:
+        raise ValueError(f"{INVARIANT_SPLIT_ENV}={raw!r}: expected 0 (unsplit) or a positive multiple of 64 "
+                         f"(positions per split)")
+    return size
 
 
 def invariant_kernel(method: str | None = None) -> str:
@@ -90,6 +111,7 @@ def paged_attention(
     v_scale: jax.Array | None = None,
     batch_invariant: bool = False,
     invariant_attention: str | None = None,
+    invariant_split: int | None = None,
 ) -> jax.Array:
     """Attention of q [T, N, H] over pools [P, B, K, H] as `meta` says; returns [T, N, H].
 
@@ -106,8 +128,11 @@ def paged_attention(
     from 0). Either way a token's sums run in the same order in a prefill chunk and as a decode,
     beside any batch (by default decodes get other tiles and the split-KV count follows the batch).
     The CPU call is per token already; the reference attends in blocks of a fixed number of tokens.
-    invariant_attention (static): which of those kernels ("tensor_core", "simt"); None: as
-    PAGEDJAX_BATCH_INVARIANT_ATTENTION says.
+    invariant_attention (static): which of those kernels ("tensor_core", "tensor_core16", "simt");
+    None: as PAGEDJAX_BATCH_INVARIANT_ATTENTION says.
+    invariant_split (static): the tensor-core kernels' fixed split size under batch_invariant
+    (positions; 0: unsplit; None: as PAGEDJAX_BATCH_INVARIANT_SPLIT says). Where SIMT runs (f32,
+    head dims without a tensor-core kernel) the call stays unsplit.
     """
     check_options(sliding_window, logit_softcap, "paged_attention")
     k_scale, v_scale = _kv_dtype.check_scales(k_scale, v_scale, k_pages.dtype, k_pages.shape[2], "paged_attention")
@@ -119,7 +144,13 @@ def paged_attention(
 
         # Under tensor parallelism the call runs per device in shard_map (heads split): a custom
         # call on sharded operands outside it would be all-gathered.
-        fixed = dict(kernel=invariant_kernel(invariant_attention), num_splits=1) if batch_invariant else {}
+        fixed = {}
+        if batch_invariant:
+            kernel = invariant_kernel(invariant_attention)
+            split = invariant_split_size() if invariant_split is None else invariant_split
+            if kernel == "simt" or not ffi.has_tensor_core_kernel(q.dtype, q.shape[-1], _kv_dtype.is_fp8(k_pages.dtype)):
+                split = 0
+            fixed = dict(kernel=kernel, num_splits=None if split else 1, split_size=split)
         return ffi.paged_attention_ffi(q, k_pages, v_pages, meta, mesh=tp_mesh(), **opts, **fixed)
     from pagedjax.attention import reference
 

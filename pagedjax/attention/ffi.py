@@ -42,6 +42,7 @@ INVARIANT = ("invariant", "invariant16")
 # build. "auto" runs SIMT elsewhere, a forced "tensor_core" raises.
 TENSOR_CORE_HEAD_DIMS = _ffi.tensor_core_head_dims()
 MAX_SPLITS = 32  # the heuristic's cap (the handler accepts up to 256)
+HANDLER_MAX_SPLITS = 256  # kMaxSplits
 MIN_SPLIT_POSITIONS = 512  # the model gives a split at least this many positions of a full context
 SPLIT_GRANULE = 64  # kSplitGranule: a split starts at a multiple of this many positions
 WORKSPACE_BUDGET_BYTES = 256 << 20
@@ -157,6 +158,28 @@ def choose_num_splits(num_tokens: int, num_reqs: int, num_heads: int, num_kv_hea
                               min(cap, max_context // MIN_SPLIT_POSITIONS))
 
 
+def fixed_split_bound(split_size: int, context: int, num_tokens: int, sliding_window: int | None) -> int:
+    """The most splits of `split_size` positions a request can have in a call whose block table
+    holds `context` positions: its splits start at the multiple of split_size at or below its
+    first query token's window start (0 without a window) and end at its last token."""
+    bound = -(-context // split_size)
+    if sliding_window:
+        bound = min(bound, -(-(sliding_window + num_tokens) // split_size) + 1)
+    return max(bound, 1)
+
+
+def choose_fixed_splits(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                        bound: int, num_sms: int) -> int:
+    """Under a fixed split size, S for a call (static shapes only): `bound` (one CTA per split,
+    merged) for a decode call whose grid would leave SMs idle, else 1 (one CTA folds every split
+    of its rows). Either gives a token the same bits, so this is a question of speed only."""
+    if bound <= 1 or num_tokens > num_reqs or bound > HANDLER_MAX_SPLITS:
+        return 1
+    if bound * num_tokens * num_heads * (head_dim + 1) * 4 > WORKSPACE_BUDGET_BYTES:
+        return 1
+    return bound if split_ctas(num_tokens, num_reqs, num_heads, num_kv_heads) < 2 * num_sms else 1
+
+
 def workspace_elements(num_splits: int, num_tokens: int, num_heads: int, head_dim: int) -> int:
     """f32 elements of split-KV scratch: o [S, T, N, H] then lse [S, T, N] (1 when S == 1)."""
     return 1 if num_splits <= 1 else num_splits * num_tokens * num_heads * (head_dim + 1)
@@ -177,24 +200,44 @@ def paged_attention_call(
     logit_softcap: float | None = None,
     k_scale: jax.Array | None = None,  # [K] f32; fp8 pages only
     v_scale: jax.Array | None = None,  # [K] f32
+    split_size: int = 0,
 ) -> jax.Array:
     """The custom call on local (unsharded) arrays; returns out [T, N, H] in q's dtype."""
     if kernel not in KERNELS:
         raise ValueError(f"paged_attention_ffi: unknown kernel {kernel!r} (expected one of {list(KERNELS)})")
     T, N, H = q.shape
-    if kernel == "tensor_core" and not has_tensor_core_kernel(q.dtype, H, is_fp8(k_pages.dtype)):
+    tensor_core = has_tensor_core_kernel(q.dtype, H, is_fp8(k_pages.dtype))
+    if kernel == "tensor_core" and not tensor_core:
         # Checked here too (the handler refuses it as well), so the error comes at trace time on
         # every backend rather than from an asynchronous GPU execution.
         raise ValueError(f"paged_attention_ffi: no tensor-core kernel for {jnp.dtype(q.dtype).name} with "
                          f"head dim {H} (bf16/f16 with head dim in {TENSOR_CORE_HEAD_DIMS}); use kernel='auto'")
-    if kernel in INVARIANT:
+    if split_size:
+        if kernel not in INVARIANT:
+            raise ValueError(f"paged_attention_ffi: split_size is for the kernels {INVARIANT}, got {kernel!r}")
+        if split_size < 0 or split_size % SPLIT_GRANULE:
+            raise ValueError(f"paged_attention_ffi: split_size must be a positive multiple of {SPLIT_GRANULE}, "
+                             f"got {split_size}")
+        if not tensor_core:
+            raise ValueError(f"paged_attention_ffi: split_size runs on the tensor-core kernels only (bf16/f16 "
+                             f"with head dim in {TENSOR_CORE_HEAD_DIMS}), not {jnp.dtype(q.dtype).name} with "
+                             f"head dim {H} over {jnp.dtype(k_pages.dtype).name} pages")
+    elif kernel in INVARIANT:
         if num_splits not in (None, 1):
-            raise ValueError(f"paged_attention_ffi: kernel {kernel!r} runs unsplit, got num_splits={num_splits}")
+            raise ValueError(f"paged_attention_ffi: kernel {kernel!r} runs unsplit without a split_size, "
+                             f"got num_splits={num_splits}")
         num_splits = 1
     backend = jax.default_backend()
     _ffi.require(TARGET, backend)
     R, M = block_tables.shape
     K = k_pages.shape[2]
+    if split_size:
+        bound = fixed_split_bound(split_size, M * k_pages.shape[1], T, sliding_window)
+        if num_splits is None:
+            num_splits = 1 if backend != "gpu" else choose_fixed_splits(T, R, N, K, H, bound, _num_sms())
+        elif num_splits != 1 and not bound <= num_splits <= HANDLER_MAX_SPLITS:
+            raise ValueError(f"paged_attention_ffi: split_size={split_size} needs num_splits 1 (one CTA folds a "
+                             f"request's splits) or in [{bound}, {HANDLER_MAX_SPLITS}], got {num_splits}")
     if num_splits is None:
         # A split covers positions some token of its request sees: at most the window plus the
         # request's other query tokens (T - R bounds those), never more than the block table.
@@ -208,15 +251,17 @@ def paged_attention_call(
     ws_type = jax.ShapeDtypeStruct((workspace_elements(num_splits, T, N, H),), jnp.float32)
     out, _ = jax.ffi.ffi_call(TARGET, (out_type, ws_type))(
         q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
-        **call_attributes(scale, num_splits, kernel, sliding_window, logit_softcap))
+        **call_attributes(scale, num_splits, kernel, sliding_window, logit_softcap, split_size))
     return out
 
 
 def call_attributes(scale: float, num_splits: int, kernel: str = "auto", sliding_window: int | None = None,
-                    logit_softcap: float | None = None) -> dict:
-    """The custom call's static attributes, typed as the handlers bind them (0: no window / cap)."""
-    return dict(scale=np.float32(scale), num_splits=np.int32(num_splits), kernel=np.int32(KERNELS[kernel]),
-                sliding_window=np.int32(sliding_window or 0), logit_softcap=np.float32(logit_softcap or 0.0))
+                    logit_softcap: float | None = None, split_size: int = 0) -> dict:
+    """The custom call's static attributes, typed as the handlers bind them (0: no window / cap /
+    fixed split size)."""
+    return dict(scale=np.float32(scale), num_splits=np.int32(num_splits), split_size=np.int32(split_size),
+                kernel=np.int32(KERNELS[kernel]), sliding_window=np.int32(sliding_window or 0),
+                logit_softcap=np.float32(logit_softcap or 0.0))
 
 
 def paged_attention_sharded(
@@ -234,6 +279,7 @@ def paged_attention_sharded(
     logit_softcap: float | None = None,
     k_scale: jax.Array | None = None,  # [K] f32, K sharded over `axis`
     v_scale: jax.Array | None = None,  # [K] f32
+    split_size: int = 0,
 ) -> jax.Array:
     """The custom call per device under tensor parallelism: heads split over mesh `axis`.
 
@@ -251,7 +297,7 @@ def paged_attention_sharded(
         k_scale = v_scale = jnp.ones((K,), jnp.float32)  # split with the pool like real scales
     k_scale, v_scale = (match_spec(s, mesh, P(axis)) for s in (k_scale, v_scale))  # [K]
     opts = dict(scale=scale, num_splits=num_splits, kernel=kernel, sliding_window=sliding_window,
-                logit_softcap=logit_softcap)
+                logit_softcap=logit_softcap, split_size=split_size)
 
     def body(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc, k_scale, v_scale):
         return paged_attention_call(q, k_pages, v_pages, block_tables, seq_lens, query_start_loc,
@@ -278,6 +324,7 @@ def paged_attention_ffi(
     logit_softcap: float | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    split_size: int = 0,
 ) -> jax.Array:
     """Causal paged attention of the ragged batch `meta` describes; returns [T, N, H].
 
@@ -285,7 +332,12 @@ def paged_attention_ffi(
       mesh / axis: when given, run under shard_map with heads split over `axis`.
       num_splits: split-KV partitions (CUDA); default chosen from static shapes.
       kernel: "auto", "simt" (CUDA cores), "tensor_core", or "invariant" / "invariant16" (what
-        batch_invariant runs, unsplit): which CUDA kernels run.
+        batch_invariant runs, unsplit unless split_size): which CUDA kernels run.
+      split_size: with an invariant kernel (tensor-core only), a fixed split size: each context
+        cut at multiples of this many positions whatever the batch, the splits' partials folded in
+        order; num_splits 1 (one CTA folds them) or at least fixed_split_bound (one CTA per split),
+        the same bits either way (default: chosen from static shapes). CUDA only; the CPU handler
+        computes each token unsplit.
       sliding_window / logit_softcap: as pagedjax.attention.paged_attention (static).
       k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
     Padding tokens (index >= query_start_loc[R]) get zeros.
@@ -294,7 +346,7 @@ def paged_attention_ffi(
     k_scale, v_scale = kv_dtype.check_scales(k_scale, v_scale, k_pages.dtype, k_pages.shape[2],
                                              "paged_attention_ffi")
     opts = dict(scale=scale, num_splits=num_splits, kernel=kernel, sliding_window=sliding_window,
-                logit_softcap=logit_softcap, k_scale=k_scale, v_scale=v_scale)
+                logit_softcap=logit_softcap, k_scale=k_scale, v_scale=v_scale, split_size=split_size)
     if mesh is not None:
         return paged_attention_sharded(q, k_pages, v_pages, meta, mesh=mesh, axis=axis, **opts)
     return paged_attention_call(q, k_pages, v_pages, jnp.asarray(meta.block_tables),

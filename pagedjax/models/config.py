@@ -99,9 +99,12 @@ class ModelConfig:
     # its norms (models/layers.py invariant_norm_method: "tiles", "kernel"), chosen by the engine;
     # None: as PAGEDJAX_BATCH_INVARIANT_NORM says (unset: "kernel" on a GPU, else "tiles")
     invariant_norm: str | None = None
-    # its attention kernel (attention.invariant_attention_method: "tensor_core", "simt"), chosen by the
-    # engine; None: as PAGEDJAX_BATCH_INVARIANT_ATTENTION says ("tensor_core")
+    # its attention kernel (attention.invariant_attention_method: "tensor_core", "tensor_core16",
+    # "simt"), chosen by the engine; None: as PAGEDJAX_BATCH_INVARIANT_ATTENTION says ("tensor_core")
     invariant_attention: str | None = None
+    # its attention's fixed split size in positions (attention.invariant_split_size; 0: unsplit),
+    # chosen by the engine; None: as PAGEDJAX_BATCH_INVARIANT_SPLIT says
+    invariant_split: int | None = None
     name: str = ""
     # -- features
     norm: str = "rms"  # "rms" | "layer"

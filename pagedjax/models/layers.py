@@ -541,7 +541,8 @@ class Attention(nn.Module):
                 scale /= self.layer_idx + 1
             o = paged_attention(q, k_pages, v_pages, meta, scale=scale, impl=impl, sliding_window=window,
                                 logit_softcap=cfg.attn_logit_softcap or None, batch_invariant=cfg.batch_invariant,
-                                invariant_attention=cfg.invariant_attention, **scales)  # [T, N, H]
+                                invariant_attention=cfg.invariant_attention, invariant_split=cfg.invariant_split,
+                                **scales)  # [T, N, H]
             chex.assert_shape(o, (T, N, H))
             out = Einsum("tnh,nhd->td", (N, H, D), ("heads", "head_dim", "embed"), cfg.o_bias, cfg,
                          name="o_proj")(o)
