@@ -121,7 +121,8 @@ def paged_attention(
     logit_softcap (static): scores s = scale * q.k become c * tanh(s / c); None: no cap.
     k_scale / v_scale: [K] f32 (or a scalar), the dequantization scales of fp8 pages.
     batch_invariant (static): each token's output computed the same way whatever the batch, its
-    chunk or its neighbours. The custom call runs unsplit, as invariant_kernel() says, on its
+    chunk or its neighbours. The custom call runs unsplit (or at a fixed split size,
+    invariant_split), as invariant_kernel() says, on its
     "invariant" kernel (the default: the tensor-core kernel's 64-row query tiles for every request,
     decodes included, K/V steps at multiples of 64 from 0 or below the window's start) or its SIMT
     kernel (one CTA per token and kv head walking the token's context in tiles at fixed positions

@@ -50,6 +50,7 @@ import numpy as np
 
 IMPL_ENV = "PAGEDJAX_BATCH_INVARIANT_MATMUL"
 IMPLS = ("tiles", "mosaic", "cublaslt", "cublaslt_m")
+CUBLASLT = ("cublaslt", "cublaslt_m")  # the custom call's two ways to pick its algorithm
 SMEM_BYTES = 227 * 1024  # shared memory a block can use on sm_90
 GEMM_TARGET = "pagedjax_invariant_gemm"
 REFERENCE_ROWS = 256  # the cuBLASLt algorithm of a weight shape is the heuristic's for this many rows
@@ -78,7 +79,7 @@ def unfit(name: str, tensor_parallel_size: int) -> str | None:
         return None
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)
-    if name in ("cublaslt", "cublaslt_m"):
+    if name in CUBLASLT:
         from pagedjax.quantization import kernels
 
         if device.platform != "gpu" or not kernels.has_handler(GEMM_TARGET):
@@ -201,7 +202,7 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, kernel=_mosaic_matmul, method: 
     k = math.prod(x.shape[1:])
     out_dims = w.shape[len(contracted):]
     n = math.prod(out_dims)
-    if method in ("cublaslt", "cublaslt_m"):
+    if method in CUBLASLT:
         if (jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or w.dtype != x.dtype
                 or k % 8 or n % 8):
             return None
