@@ -69,7 +69,7 @@ def test_the_engine_runs_the_chosen_gemm(invariant):
 def test_the_engine_runs_the_chosen_norm_and_attention(invariant):
     """The norms' method, the attention kernel and its fixed split size the engine runs: as the
     variables say, and with them unset the GPU defaults (the norms' kernel, the tensor-core
-    attention, DEFAULT_INVARIANT_SPLIT) the tests here cover."""
+    attention's 16-row tiles, DEFAULT_INVARIANT_SPLIT) the tests here cover."""
     import os
 
     from pagedjax import attention
@@ -77,7 +77,7 @@ def test_the_engine_runs_the_chosen_norm_and_attention(invariant):
 
     cfg = invariant.engine.runner.config
     assert cfg.invariant_norm == os.environ.get(layers.NORM_ENV, "kernel")
-    assert cfg.invariant_attention == os.environ.get(attention.INVARIANT_ATTENTION_ENV, "tensor_core")
+    assert cfg.invariant_attention == os.environ.get(attention.INVARIANT_ATTENTION_ENV, "tensor_core16")
     assert cfg.invariant_split == int(os.environ.get(attention.INVARIANT_SPLIT_ENV, attention.DEFAULT_INVARIANT_SPLIT))
 
 

@@ -388,9 +388,10 @@ def test_fixed_split_bound_covers_every_request(window):
 
 
 def test_choose_fixed_splits():
-    """One CTA per split only for decode calls whose grid leaves SMs idle, within the handler's
-    cap and the workspace budget; prefill calls and busy grids fold."""
+    """One CTA per split only where the unsplit grid leaves SMs idle, within the handler's cap
+    and the workspace budget; busy grids (many decodes, a prefill chunk) fold."""
     assert ffi.choose_fixed_splits(8, 8, 32, 8, 128, 16, 132) == 16  # 64 CTAs: split
+    assert ffi.choose_fixed_splits(2, 1, 32, 8, 128, 8, 132) == 8  # one request in a 2-token bucket: split
     assert ffi.choose_fixed_splits(256, 256, 32, 8, 128, 16, 132) == 1  # 2048 CTAs: fold
     assert ffi.choose_fixed_splits(2048, 256, 32, 8, 128, 16, 132) == 1  # a prefill chunk: fold
     assert ffi.choose_fixed_splits(8, 8, 32, 8, 128, 1, 132) == 1  # one split: nothing to spread
@@ -398,11 +399,11 @@ def test_choose_fixed_splits():
     assert ffi.choose_fixed_splits(200, 256, 64, 1, 256, 200, 132) == 1  # workspace over budget
 
 
-@pytest.mark.parametrize("choice,kernel", [(None, 3), ("simt", 1), ("tensor_core", 3), ("tensor_core16", 4)])
+@pytest.mark.parametrize("choice,kernel", [(None, 4), ("simt", 1), ("tensor_core", 3), ("tensor_core16", 4)])
 def test_batch_invariant_attention_kernel_from_the_environment(seed, monkeypatch, choice, kernel):
     """attention.paged_attention(batch_invariant=True) lowers to one unsplit custom call whose
-    kernel PAGEDJAX_BATCH_INVARIANT_ATTENTION chooses (the invariant one unless it says simt); another
-    value is refused by name, and by the engine's config at start-up."""
+    kernel PAGEDJAX_BATCH_INVARIANT_ATTENTION chooses ("invariant16" unset); another value is refused
+    by name, and by the engine's config at start-up."""
     import re
 
     from pagedjax import attention
@@ -410,6 +411,7 @@ def test_batch_invariant_attention_kernel_from_the_environment(seed, monkeypatch
     from pagedjax.engine import EngineConfig
     from pagedjax.models.named import NAMED_CONFIGS
 
+    monkeypatch.delenv(attention.INVARIANT_SPLIT_ENV, raising=False)  # unsplit
     if choice is None:
         monkeypatch.delenv(attention.INVARIANT_ATTENTION_ENV, raising=False)
     else:
@@ -425,7 +427,7 @@ def test_batch_invariant_attention_kernel_from_the_environment(seed, monkeypatch
     # the engine reads the variable once, into ModelConfig.invariant_attention; the call then follows
     # the config's choice whatever the variable says when it is traced
     cfg = EngineConfig(batch_invariant=True, tensor_parallel_size=1).model_config(NAMED_CONFIGS["tiny-llama"])
-    assert cfg.invariant_attention == (choice or "tensor_core")
+    assert cfg.invariant_attention == (choice or attention.DEFAULT_INVARIANT_ATTENTION) == (choice or "tensor_core16")
     assert EngineConfig().model_config(NAMED_CONFIGS["tiny-llama"]).invariant_attention is None
     other = "tensor_core" if cfg.invariant_attention == "simt" else "simt"
     monkeypatch.setenv(attention.INVARIANT_ATTENTION_ENV, other)

@@ -214,8 +214,8 @@ def test_gpu_fixed_split_size_folded_or_split_gives_one_answer(seed, dtype, N, K
                                                                split_size, kernel):
     """A fixed split size on the invariant kernels: the oracle's numbers with one CTA folding each
     request's splits (num_splits=1), and the same bits with one CTA per split merged after
-    (num_splits = the bound, and a larger grid), and run to run. The splits really happen: the
-    bits differ from the unsplit kernel's somewhere."""
+    (num_splits = the bound, and a larger grid), and run to run. The splits really happen: at 64
+    positions the bits differ from the unsplit kernel's somewhere."""
     c = poison_before_windows(variant_case(seed, dtype, N, K, H, B, window, cap, fp8, long=True))
     T = c.q.shape[0]
     bound = ffi.fixed_split_bound(split_size, c.meta.block_tables.shape[1] * B, T, window)
@@ -227,8 +227,9 @@ def test_gpu_fixed_split_size_folded_or_split_gives_one_answer(seed, dtype, N, K
                                       folded, err_msg=f"seed={seed}: split over {grid} CTAs != folded")
     np.testing.assert_array_equal(run_poisoned(c, num_splits=1, kernel=kernel, split_size=split_size), folded,
                                   err_msg=f"seed={seed}: results differ between runs")
-    assert not np.array_equal(run_poisoned(c, num_splits=1, kernel=kernel), folded), \
-        "the fixed split size gave the unsplit kernel's bits: were the splits taken?"
+    if split_size == 64:  # many splits a token (at 192 some seeds' tokens see one, whose fold is exact)
+        assert not np.array_equal(run_poisoned(c, num_splits=1, kernel=kernel), folded), \
+            "the fixed split size gave the unsplit kernel's bits: were the splits taken?"
 
 
 @pytest.mark.gpu

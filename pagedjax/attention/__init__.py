@@ -24,27 +24,30 @@ IMPLS = ("auto", "reference", "ffi")
 # (xla_kernels/paged_attention.h); empty when the extension is not built.
 FFI_HEAD_DIMS = _ffi.head_dims()
 
-# The custom call's kernel under batch_invariant, by PAGEDJAX_BATCH_INVARIANT_ATTENTION: "tensor_core"
-# (the default: the "invariant" kernel, the tensor-core kernel's 64-row tiles for every request, K/V
-# steps at fixed positions; SIMT where no tensor-core kernel applies), "tensor_core16" (the
-# "invariant16" kernel: the decode kernel's 16-row tiles for every request, its four warps each
-# taking fixed 16-position steps of every K/V tile) or "simt" (one CTA per token and kv head; about
-# twice the W1 cost). "tensor_core" and "simt" verified invariant in the engine on a GPU
-# (`bash tools/gpu_stage.sh bi-tests`, `bi-tc`). The CPU handler computes each token by itself either way.
+# The custom call's kernel under batch_invariant, by PAGEDJAX_BATCH_INVARIANT_ATTENTION (DEFAULT_INVARIANT_ATTENTION
+# unset): "tensor_core16" (the "invariant16" kernel: the decode kernel's 16-row tiles for every request, its
+# four warps each taking fixed 16-position steps of every K/V tile; on an H100 W1 cost 9% under the mode
+# where "tensor_core" cost 20%), "tensor_core" (the "invariant" kernel: the tensor-core kernel's 64-row
+# tiles for every request, K/V steps at fixed positions) or "simt" (one CTA per token and kv head; about
+# twice the W1 cost); SIMT wherever no tensor-core kernel applies. All three verified invariant in the
+# engine on a GPU (`bash tools/gpu_stage.sh bi-tests`, `bi-tc`, `bi-tc16`). The CPU handler computes each
+# token by itself either way.
 INVARIANT_ATTENTION_ENV = "PAGEDJAX_BATCH_INVARIANT_ATTENTION"
 INVARIANT_KERNELS = {"simt": "simt", "tensor_core": "invariant", "tensor_core16": "invariant16"}
+DEFAULT_INVARIANT_ATTENTION = "tensor_core16"
 # Its fixed split size along the KV length, by PAGEDJAX_BATCH_INVARIANT_SPLIT (positions, a multiple
 # of 64; 0: unsplit): every context cut at multiples of it whatever the batch, the splits folded in
 # order, so a long context at a small batch spreads over the GPU (the tensor-core kernels; SIMT runs
-# unsplit). Unsplit by default until its GPU tests have run (`bash tools/gpu_stage.sh bi-split`).
+# unsplit). Its GPU tests pass on an H100 (`bash tools/gpu_stage.sh bi-split`); unsplit by default
+# until its speed is measured where it matters (few requests at long contexts) and on W1.
 INVARIANT_SPLIT_ENV = "PAGEDJAX_BATCH_INVARIANT_SPLIT"
 DEFAULT_INVARIANT_SPLIT = 0
 
 
 def invariant_attention_method() -> str:
-    """The batch-invariant attention PAGEDJAX_BATCH_INVARIANT_ATTENTION names ("tensor_core" unset);
-    the engine reads it once, into ModelConfig.invariant_attention."""
-    name = os.environ.get(INVARIANT_ATTENTION_ENV, "tensor_core")
+    """The batch-invariant attention PAGEDJAX_BATCH_INVARIANT_ATTENTION names (DEFAULT_INVARIANT_ATTENTION
+    unset); the engine reads it once, into ModelConfig.invariant_attention."""
+    name = os.environ.get(INVARIANT_ATTENTION_ENV, DEFAULT_INVARIANT_ATTENTION)
     if name not in INVARIANT_KERNELS:
         raise ValueError(f"{INVARIANT_ATTENTION_ENV}={name!r}: expected one of {', '.join(INVARIANT_KERNELS)}")
     return name

@@ -171,9 +171,10 @@ def fixed_split_bound(split_size: int, context: int, num_tokens: int, sliding_wi
 def choose_fixed_splits(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
                         bound: int, num_sms: int) -> int:
     """Under a fixed split size, S for a call (static shapes only): `bound` (one CTA per split,
-    merged) for a decode call whose grid would leave SMs idle, else 1 (one CTA folds every split
-    of its rows). Either gives a token the same bits, so this is a question of speed only."""
-    if bound <= 1 or num_tokens > num_reqs or bound > HANDLER_MAX_SPLITS:
+    merged) where the unsplit grid would leave SMs idle (few decodes, or a small step over few
+    request rows), else 1 (one CTA folds every split of its rows). Either gives a token the same
+    bits, so this is a question of speed only."""
+    if bound <= 1 or bound > HANDLER_MAX_SPLITS:
         return 1
     if bound * num_tokens * num_heads * (head_dim + 1) * 4 > WORKSPACE_BUDGET_BYTES:
         return 1

@@ -100,7 +100,7 @@ class ModelConfig:
     # None: as PAGEDJAX_BATCH_INVARIANT_NORM says (unset: "kernel" on a GPU, else "tiles")
     invariant_norm: str | None = None
     # its attention kernel (attention.invariant_attention_method: "tensor_core", "tensor_core16",
-    # "simt"), chosen by the engine; None: as PAGEDJAX_BATCH_INVARIANT_ATTENTION says ("tensor_core")
+    # "simt"), chosen by the engine; None: as PAGEDJAX_BATCH_INVARIANT_ATTENTION says ("tensor_core16")
     invariant_attention: str | None = None
     # its attention's fixed split size in positions (attention.invariant_split_size; 0: unsplit),
     # chosen by the engine; None: as PAGEDJAX_BATCH_INVARIANT_SPLIT says
