@@ -30,6 +30,7 @@
 # bench-bi  W3 and W1 with and without batch_invariant, in one process
 # bi-split  the invariant attention kernels' fixed split size (PAGEDJAX_BATCH_INVARIANT_SPLIT): its kernel
 #           gpu tests, the engine's bi gpu tests at ${SPLIT_TEST:-128}, then W3/W1 with and without bi at ${SPLIT:-512}
+# bi-split-long  decode steps at CONTEXT (16384) positions, batch 1 and 8: bi unsplit, bi at SPLIT (1024), no bi
 # bi-tc16   batch_invariant on the "invariant16" attention kernel (PAGEDJAX_BATCH_INVARIANT_ATTENTION=
 #           tensor_core16, 16-row tiles for every request): its gpu tests, the bi gpu tests, W3 and W1
 # bi-tc     batch_invariant on the tensor-core "invariant" attention kernel
@@ -256,6 +257,16 @@ for s in "$@"; do
         "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_batch_invariance_gpu.py
       [ -n "${NO_BENCH:-}" ] || PAGEDJAX_BATCH_INVARIANT_SPLIT="${SPLIT:-512}" throughput . \
         "bench-bi-split${SPLIT:-512}" --variants bf16,bf16+bi ;;
+    bi-split-long)  # decode steps at a long context (CONTEXT, 16384) under bi, unsplit and at the fixed split
+      # size SPLIT (1024), at batch 1 and 8 (SPLIT_BATCHES), and without bi for reference
+      for b in ${SPLIT_BATCHES:-1 8}; do
+        for v in off 0 "${SPLIT:-1024}"; do
+          flag="--batch-invariant"; [ "$v" = off ] && flag=""
+          TAIL=4 stage "bi-split-long-b$b-$v" 200 env PAGEDJAX_BATCH_INVARIANT_SPLIT="${v/off/0}" "$PY" \
+            benchmarks/profile_step.py --model named:llama3-8b --batch-size "$b" --context "${CONTEXT:-16384}" \
+            --steps 20 $flag --out "$OUTDIR/bi-split-long-b$b-$v.json"
+        done
+      done ;;
     bi-tc)  # the batch-invariant mode on the tensor-core "invariant" attention kernel: its gpu tests, the
       # engine's bi gpu tests with it (row-tile GEMMs, then the Mosaic GEMM), W3 and W1 with both
       TAIL=20 stage bi-tc-kernel 200 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
