@@ -229,20 +229,15 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream,
     case KernelChoice::kInvariant: family = tc_available ? Family::kInvariant : Family::kSimt; break;
     case KernelChoice::kInvariant16: family = tc_available ? Family::kInvariant16 : Family::kSimt; break;
     case KernelChoice::kTensorCore:
-      if (!tc_available) {
-        std::string dims;
-        for (int d : kTensorCoreHeadDims) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+      if (!tc_available)
         return detail::Invalid("no tensor-core kernel for " + detail::ShapeString(q) + " (bf16/f16 with head dim " +
-                               dims + ")");
-      }
+                               detail::JoinDims(kTensorCoreHeadDims) + ")");
       break;
   }
-  if (p.split_size > 0 && (p.dtype == DType::kF32 || family == Family::kSimt)) {
-    std::string dims;
-    for (int d : kTensorCoreHeadDims) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
-    return detail::Invalid("split_size runs on the tensor-core kernels only (bf16/f16 with head dim " + dims +
-                           "), not for " + detail::ShapeString(q) + " over " + detail::ShapeString(k_pages));
-  }
+  if (p.split_size > 0 && (p.dtype == DType::kF32 || family == Family::kSimt))
+    return detail::Invalid("split_size runs on the tensor-core kernels only (bf16/f16 with head dim " +
+                           detail::JoinDims(kTensorCoreHeadDims) + "), not for " + detail::ShapeString(q) + " over " +
+                           detail::ShapeString(k_pages));
   switch (p.dtype) {
     case DType::kF32: return Run<float>(stream, p, Family::kSimt);
     case DType::kF16: return Run<__half>(stream, p, family);

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -46,7 +47,7 @@ enum class KvDType : int32_t { kSameAsQ = 0, kFp8E4M3 = 1 };
 // tile, and the four warps' partial sums merge in one order. num_splits must be 1.
 // Both take a fixed split size (split_size > 0, a multiple of kSplitGranule): a token's context is
 // cut at multiples of split_size positions, whatever its batch, and its splits' partials are folded
-// in position order (FoldSplit). Split across CTAs (num_splits > 1, merged by MergeSplitsKernel) or
+// in position order (FoldStep). Split across CTAs (num_splits > 1, merged by MergeSplitsKernel) or
 // walked one after another by one CTA (num_splits == 1), a token gets the same bits; the caller
 // picks either per call. Only the tensor-core kernels fold: the handler refuses split_size where
 // SIMT would run.
@@ -132,6 +133,14 @@ inline std::string ShapeString(const ffi::AnyBuffer& b) {
   return s + "]";
 }
 
+// "a, b, c": a table of head dims, for error messages.
+template <size_t N>
+inline std::string JoinDims(const int (&dims)[N]) {
+  std::string s;
+  for (int d : dims) s += (s.empty() ? "" : ", ") + std::to_string(d);
+  return s;
+}
+
 inline ffi::Error Invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("pagedjax_paged_attention: " + what);
 }
@@ -178,9 +187,8 @@ inline xla::ffi::Error MakePagedAttentionParams(
   if (kd[3] != H)
     return Invalid("head dim of q and k_pages differ: " + ShapeString(q) + " vs " + ShapeString(k_pages));
   if (!IsSupportedHeadDim(H)) {
-    std::string dims;
-    for (int d : kSupportedHeadDims) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
-    return Invalid("head dim " + std::to_string(H) + " is not supported (supported: " + dims + ")");
+    return Invalid("head dim " + std::to_string(H) + " is not supported (supported: " +
+                   detail::JoinDims(kSupportedHeadDims) + ")");
   }
   if (K < 1 || N < 1 || N % K != 0)
     return Invalid("query heads (" + std::to_string(N) + ") must be a positive multiple of kv heads (" +
