@@ -219,7 +219,7 @@ def test_gpu_fixed_split_size_folded_or_split_gives_one_answer(seed, dtype, N, K
     c = poison_before_windows(variant_case(seed, dtype, N, K, H, B, window, cap, fp8, long=True))
     T = c.q.shape[0]
     bound = ffi.fixed_split_bound(split_size, c.meta.block_tables.shape[1] * B, T, window)
-    assert bound > 2, bound
+    assert bound >= 2, bound  # a real split over CTAs (192 with a window can give 2)
     folded = run_poisoned(c, num_splits=1, kernel=kernel, split_size=split_size)
     check(c, folded, f"{kernel} split_size={split_size} folded")
     for grid in (bound, min(bound + 5, ffi.HANDLER_MAX_SPLITS)):

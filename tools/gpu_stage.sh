@@ -247,7 +247,8 @@ for s in "$@"; do
       export PAGEDJAX_BATCH_INVARIANT_ATTENTION=tensor_core16
       TAIL=12 stage bi-tc16-tests 300 env PAGEDJAX_TEST_GPU=1 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         tests/test_batch_invariance_gpu.py
-      throughput . bench-bi-tc16 --variants bf16,bf16+bi ;;
+      throughput . bench-bi-tc16 --variants bf16,bf16+bi
+      unset PAGEDJAX_BATCH_INVARIANT_ATTENTION ;;
     bi-split)  # the invariant kernels' fixed split size: its gpu tests, the engine's bi gpu tests on it
       # (SPLIT_TEST positions, default 128: many splits a request), then W3/W1 (SPLIT, default 512); the
       # attention kernel as PAGEDJAX_BATCH_INVARIANT_ATTENTION says

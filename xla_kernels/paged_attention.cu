@@ -105,10 +105,13 @@ template <typename T, typename Kv, int H, int WM, bool kFixed = false>
 ffi::Error LaunchTile(cudaStream_t stream, const Params& p, const TileArgs& a) {
   static std::atomic<bool> smem_done[64];
   auto kernel = kernels::TensorCoreKernel<T, Kv, H, WM, kFixed>;
-  // the fold (a fixed split size walked by one CTA) keeps its accumulators past the stages
-  const int bytes = kernels::TcShape<Kv, H>::kSmemBytes +
-                    (kFixed ? kernels::FoldSmemBytes<H, WM>() : 0);
-  if (ffi::Error e = AllowSmem(kernel, bytes, smem_done); e.failure()) return e;
+  // The fold (a fixed split size walked by one CTA, num_splits == 1) keeps its accumulators past
+  // the stages; a launch of one CTA per split does not fold, so it asks only for the stages. The
+  // limit is raised once, to the larger size, whichever launch comes first.
+  const int stages = kernels::TcShape<Kv, H>::kSmemBytes;
+  const int most = stages + (kFixed ? kernels::FoldSmemBytes<H, WM>() : 0);
+  const int bytes = kFixed && p.num_splits == 1 ? most : stages;
+  if (ffi::Error e = AllowSmem(kernel, most, smem_done); e.failure()) return e;
   const int64_t slots = static_cast<int64_t>(p.num_tokens) / a.tile_q + p.num_requests + 1;
   if (ffi::Error e = CheckGrid(slots, static_cast<int64_t>(p.num_kv_heads) * a.head_chunks); e.failure()) return e;
   dim3 grid(static_cast<unsigned>(slots), p.num_kv_heads * a.head_chunks, p.num_splits);
