@@ -309,6 +309,21 @@ STAGED_INPUTS_ENV = "PAGEDJAX_STAGED_INPUTS"
 LOGITS_SLOT_ENV = "PAGEDJAX_LOGITS_SLOT"
 
 
+def device_bytes_in_use(device) -> int:
+    """Bytes of this process's live arrays on `device` (their shards there): what it holds when its
+    allocator reports no figures, unlike cudaMemGetInfo's, which counts every process on the GPU."""
+    used = 0
+    for array in jax.live_arrays():  # (a shard's .data would be one more live array)
+        if device in array.sharding.device_set:
+            used += math.prod(array.sharding.shard_shape(array.shape)) * array.dtype.itemsize
+    return used
+
+
+# Memory this process holds on a GPU outside its arrays (the CUDA context, library workspaces): the
+# share of cudaMemGetInfo's use taken as its own at most, beyond its arrays, when sizing the pool.
+OWN_OVERHEAD_BYTES = 2**30
+
+
 def client_memory_fraction() -> float:
     """The share of a GPU that JAX's client may take: XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's
     default 0.75), or all of it under XLA_PYTHON_CLIENT_ALLOCATOR=platform."""
@@ -430,8 +445,13 @@ class ModelRunner:
             free, total = info
             # The client's own cap (its physical allocation budget) is the same fraction of the
             # device as the BFC allocator's limit: a pool sized on the whole device leaves no room
-            # to compile the next step (RESOURCE_EXHAUSTED: not enough PA budget).
-            limit, in_use = int(total * client_memory_fraction()), total - free
+            # to compile the next step (RESOURCE_EXHAUSTED: not enough PA budget). cudaMemGetInfo's
+            # use counts other processes on the GPU too (engines or test workers sharing it, each
+            # under its own cap): this process's is its arrays plus a context's worth at most, and
+            # the pool must also fit in what is free.
+            limit = int(total * client_memory_fraction())
+            in_use = min(total - free, device_bytes_in_use(device) + OWN_OVERHEAD_BYTES)
+            limit = min(limit, free + in_use)
         budget = limit * self.options.gpu_memory_utilization - in_use
         activations = self._activation_bytes()
         budget -= activations

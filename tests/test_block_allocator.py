@@ -324,10 +324,12 @@ def test_gpu_pool_sizing_without_allocator_stats_stays_inside_the_clients_cap(mo
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     GiB = 2**30
-    total, free, temporaries, page = 140 * GiB, 124 * GiB, 3 * GiB, 2 * 2**20
+    total, arrays, context, temporaries, page = 140 * GiB, 15.5 * GiB, 0.5 * GiB, 3 * GiB, 2 * 2**20
+    free = total - arrays - context
     gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: None)
     monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
     monkeypatch.setattr(mr, "cuda_mem_info", lambda: (free, total))
+    monkeypatch.setattr(mr, "device_bytes_in_use", lambda device: arrays if device is gpu else 0)
     runner = types.SimpleNamespace(max_num_seqs=256, max_pages_per_req=256, mesh=None,
                                    options=EngineConfig(gpu_memory_utilization=0.9),
                                    page_bytes=lambda: page, _activation_bytes=lambda: temporaries)
@@ -338,3 +340,53 @@ def test_gpu_pool_sizing_without_allocator_stats_stays_inside_the_clients_cap(mo
     monkeypatch.setattr(mr, "cuda_mem_info", lambda: None)
     with pytest.raises(RuntimeError, match="num_pages"):
         mr.ModelRunner._auto_num_pages(runner)
+
+
+@pytest.mark.parametrize("others", [30, 100])
+def test_gpu_pool_sizing_beside_other_processes_counts_only_its_own_use(monkeypatch, others):
+    """Other processes on the GPU (engines or test workers, each under its own share) are in
+    cudaMemGetInfo's use: the pool is sized on this process's arrays plus a context's worth, within
+    its share of the device, and never past what is free (GiB below)."""
+    import types
+
+    import jax
+
+    import pagedjax.model_runner as mr
+
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.3")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
+    GiB = 2**30
+    total, arrays, context, temporaries, page = 140 * GiB, 5 * GiB, 0.5 * GiB, 2 * GiB, 2**20
+    free = total - arrays - context - others * GiB
+    gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: None)
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
+    monkeypatch.setattr(mr, "cuda_mem_info", lambda: (free, total))
+    monkeypatch.setattr(mr, "device_bytes_in_use", lambda device: arrays)
+    runner = types.SimpleNamespace(max_num_seqs=256, max_pages_per_req=1024, mesh=None,
+                                   options=EngineConfig(gpu_memory_utilization=0.9),
+                                   page_bytes=lambda: page, _activation_bytes=lambda: temporaries)
+    pages = mr.ModelRunner._auto_num_pages(runner)
+    own = arrays + mr.OWN_OVERHEAD_BYTES
+    share = min(0.3 * total, free + own) * 0.9
+    assert pages * page + own + temporaries <= share < (pages + 1) * page + own + temporaries
+    assert pages * page + temporaries <= free
+    if others == 30:  # room left: the whole share, as if alone (42 GiB less 6 in use and 2 of temporaries)
+        assert pages * page > 29 * GiB
+
+
+def test_device_bytes_in_use_counts_this_processs_arrays_on_the_device():
+    """device_bytes_in_use: the bytes of the live arrays' shards on one device (an array made
+    adds its bytes there, and only there; deleting it takes them back)."""
+    import jax
+    import numpy as np
+
+    import pagedjax.model_runner as mr
+
+    devices = jax.devices()
+    before = [mr.device_bytes_in_use(d) for d in devices]
+    x = jax.device_put(np.arange(12345, dtype=np.float32), devices[-1])
+    after = [mr.device_bytes_in_use(d) for d in devices]
+    assert after[-1] - before[-1] == 12345 * 4
+    assert after[:-1] == before[:-1]
+    x.delete()
+    assert mr.device_bytes_in_use(devices[-1]) == before[-1]
