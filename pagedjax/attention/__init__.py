@@ -38,10 +38,12 @@ DEFAULT_INVARIANT_ATTENTION = "tensor_core16"
 # Its fixed split size along the KV length, by PAGEDJAX_BATCH_INVARIANT_SPLIT (positions, a multiple
 # of 64; 0: unsplit): every context cut at multiples of it whatever the batch, the splits folded in
 # order, so a long context at a small batch spreads over the GPU (the tensor-core kernels; SIMT runs
-# unsplit). Its GPU tests pass on an H100 (`bash tools/gpu_stage.sh bi-split`); unsplit by default
-# until its speed is measured where it matters (few requests at long contexts) and on W1.
+# unsplit). Its GPU tests pass on an H100 (`bash tools/gpu_stage.sh bi-split`). 512 by default: on an
+# H100 (benchmarks/RESULTS.md, twenty-eighth session) a batch-1 decode at 8000 positions took 7.7 ms
+# a step at 512 against 14.0 unsplit (6.9 without the mode), and W1 ran at bf16's rate (1.01x; 0.98x
+# unsplit, 1.00x at 1024).
 INVARIANT_SPLIT_ENV = "PAGEDJAX_BATCH_INVARIANT_SPLIT"
-DEFAULT_INVARIANT_SPLIT = 0
+DEFAULT_INVARIANT_SPLIT = 512
 
 
 def invariant_attention_method() -> str:
