@@ -194,7 +194,8 @@ def test_bf16_vs_fp8_greedy_chat_answers_agree_as_a_gpu_runs_them(bf16, prompts,
     agree = [common_prefix(a, b) for a, b in zip(ref, got)]
     print("bf16 vs fp8 weights: common prefixes", agree)
     assert np.mean(agree) >= AGREE, f"common prefixes {agree}: {[tok.decode(g) for g in got]}"
-    assert "Paris" in tok.decode(got[0]), tok.decode(got[0])
+    # No "Paris" check here, unlike beside the float32 model: on a 2-core AMD EPYC without AVX-512
+    # the bf16 model itself answers the first question "L'Étoile, la Marseillaise, ..." (8.85 here).
 
 
 def test_fp8_weights_kl_is_small_and_catches_a_wrong_scale_axis(f32, fp8, prompts):
