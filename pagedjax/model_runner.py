@@ -35,7 +35,7 @@ import numpy as np
 
 from pagedjax import parallel, prompt_logprobs, sampler
 from pagedjax.compile_cache import compile_cache_dir, executable_cache
-from pagedjax.attention import AttentionMetadata
+from pagedjax.attention import AttentionMetadata, resolve_impl
 from pagedjax.config import EngineConfig
 from pagedjax.kv_cache import kv_dtype, page_pool, pool_ops
 from pagedjax.models import get_model, head_logits
@@ -371,6 +371,8 @@ class ModelRunner:
                                                    GPU_SMALLEST_BUCKET if jax.default_backend() == "gpu" else 1)
         self.kv_dtype = kv_dtype.resolve_kv_cache_dtype(opts.kv_cache_dtype, params.dtype)
         self.attn_impl = opts.attn_impl
+        # attn_impl="ffi" where the custom call cannot run: a ValueError here, not a failed step
+        resolve_impl(opts.attn_impl, head_dim=cfg.head_dim, kv_dtype=self.kv_dtype)
         self.step_compiler_options = step_compiler_options(params.config.num_experts > 0, opts.batch_invariant,
                                                            jax.default_backend())
         # Experimental (PAGEDJAX_ALTERNATE_STEPS=1): successive steps alternate between two loaded

@@ -187,6 +187,24 @@ def test_swap_options_are_checked(llama):
         make_engine(params, preemption_mode="swap", swap_space=1e-9, precompile=False)
 
 
+def test_ffi_attention_that_cannot_run_is_refused_at_start(tmp_path):
+    """attn_impl="ffi" named for a model whose head dim the custom call lacks (Qwen3's 24 here) is a
+    ValueError when the engine is built, not a failed step later; "auto" runs it on the reference."""
+    from pagedjax import _ffi
+
+    hf = hf_models.build("qwen3", tmp_path, seed=5)
+    params = pj.load_params(tmp_path, dtype=np.float32, progress=False)
+    assert params.config.head_dim == 24 and 24 not in _ffi.head_dims()
+    built = ("pagedjax_paged_attention", "cpu") in _ffi.register()
+    with pytest.raises(ValueError, match="attn_impl='ffi'.*" + ("head dim 24" if built else "not built")):
+        make_engine(params, attn_impl="ffi", precompile=False)
+    engine = make_engine(params, precompile=False)
+    prompt = hf_models.random_prompts(np.random.default_rng(6), 1, 9, 9)[0]
+    outs = run_all(engine, {0: [("a", prompt, pj.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))]})
+    assert outs["a"].outputs[0].token_ids == hf_models.hf_greedy(hf, prompt, 5)
+    assert_clean(engine, outs)
+
+
 def test_chunked_prefill_under_small_budget(llama):
     """Prompts longer than the token budget are prefilled in chunks, mixed with decodes."""
     hf, params = llama

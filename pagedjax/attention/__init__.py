@@ -87,18 +87,27 @@ FFI_KV_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloa
 def resolve_impl(impl: str, head_dim: int | None = None, kv_dtype=None) -> str:
     """Maps "auto" to the custom call where its handler is built (GPU, and CPU with the
     extension) and supports `head_dim` and the pool's `kv_dtype`, else to the reference;
-    checks the name. Registers the handlers (first use)."""
+    "ffi" named where the custom call cannot run is a ValueError saying why. Checks the name.
+    Registers the handlers (first use)."""
     if impl not in IMPLS:
         raise ValueError(f"paged_attention: unknown impl {impl!r} (expected one of {IMPLS})")
     if impl == "reference":
         return impl
     registered = _ffi.register()
+    platform = "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
+    built = ("pagedjax_paged_attention", platform) in registered
+    fits = head_dim is None or head_dim in FFI_HEAD_DIMS
+    reads = kv_dtype is None or jnp.dtype(kv_dtype) in FFI_KV_DTYPES
     if impl == "auto":
-        platform = "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
-        built = ("pagedjax_paged_attention", platform) in registered
-        fits = head_dim is None or head_dim in FFI_HEAD_DIMS
-        reads = kv_dtype is None or jnp.dtype(kv_dtype) in FFI_KV_DTYPES
         return "ffi" if built and fits and reads else "reference"
+    # impl == "ffi", asked for by name: what it cannot run is said here, not by the custom call mid-step
+    why = (f"its {platform} handler is not built here" if not built
+           else f"head dim {head_dim} is not one of its head dims {tuple(FFI_HEAD_DIMS)}" if not fits
+           else f"it does not read {jnp.dtype(kv_dtype).name} pages (it reads "
+                f"{', '.join(d.name for d in FFI_KV_DTYPES)})" if not reads else None)
+    if why:
+        raise ValueError(f"attn_impl='ffi': the paged-attention custom call cannot run this model: {why}; "
+                         "attn_impl='auto' uses the reference attention where the custom call cannot")
     return impl
 
 
