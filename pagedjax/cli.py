@@ -25,8 +25,8 @@ def _token_buckets(text: str) -> str | tuple[int, ...]:
             f"expected coarse, fine or a comma list of token counts, got {text!r}") from None
 
 
-# (flag, EngineConfig field, type, help); None type = a boolean switch that turns the field off,
-# True type = one that turns it on
+# (flag, EngineConfig field, type, help); bool type = a switch and its --no- form, as vLLM spells
+# them (--enable-prefix-caching / --no-enable-prefix-caching); True type = a flag that turns it on
 _ENGINE_FLAGS = (
     ("--max-model-len", "max_model_len", int, "longest prompt + output (default: the model's, capped at 4096)"),
     ("--max-num-seqs", "max_num_seqs", int, "requests per step (default: 256 on GPU, 32 on CPU)"),
@@ -51,9 +51,11 @@ _ENGINE_FLAGS = (
     ("--preemption-mode", "preemption_mode", ("recompute", "swap"),
      "what a preempted request's pages become: recomputed later, or swapped to host memory"),
     ("--swap-space", "swap_space", float, "GiB of host memory for swapped pages"),
-    ("--no-prefix-caching", "enable_prefix_caching", None, "disable automatic prefix caching"),
-    ("--no-chunked-prefill", "enable_chunked_prefill", None, "run each prompt in one step"),
-    ("--no-async-scheduling", "async_scheduling", None, "wait for each step's tokens before scheduling the next"),
+    ("--enable-prefix-caching", "enable_prefix_caching", bool, "automatic prefix caching"),
+    ("--enable-chunked-prefill", "enable_chunked_prefill", bool,
+     "split long prompts into chunks that share steps with decodes (off: each prompt in one step)"),
+    ("--async-scheduling", "async_scheduling", bool,
+     "schedule and launch each step before the last one's tokens reach the host (off: wait for them)"),
     ("--reasoning-parser", "reasoning_parser", ("deepseek_r1", "qwen3"),
      "split <think> reasoning off the answer (reasoning_content); output constraints start after it"),
     ("--structured-outputs-enable-in-reasoning", "enable_in_reasoning", True,
@@ -80,8 +82,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     for flag, field, kind, help in _ENGINE_FLAGS:
         default = defaults[field]
-        if kind is None:
-            g.add_argument(flag, dest=field, action="store_false", default=default, help=help)
+        if kind is bool:
+            g.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=default,
+                           help=f"{help} (default: {'on' if default else 'off'})")
         elif kind is True:
             g.add_argument(flag, dest=field, action="store_true", default=None, help=help)
         elif isinstance(kind, tuple):
@@ -89,6 +92,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         else:
             g.add_argument(flag, dest=field, type=kind, default=default,
                            help=help if default is None else f"{help} (default: {default})")
+    for old_flag, field in (("--no-prefix-caching", "enable_prefix_caching"),  # earlier spellings
+                            ("--no-chunked-prefill", "enable_chunked_prefill")):
+        p.add_argument(old_flag, dest=field, action="store_false", help=argparse.SUPPRESS)
     p.add_argument("-tp", dest="tensor_parallel_size", type=int, help=argparse.SUPPRESS)
     p.add_argument("-q", dest="quantization", choices=QUANTIZATION_METHODS, help=argparse.SUPPRESS)
 

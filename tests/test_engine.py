@@ -264,6 +264,25 @@ def test_fine_token_buckets_pad_less_and_match_hf(llama):
         parse(["serve", "--token-buckets", "1,a"])
 
 
+def test_switches_take_vllm_spellings():
+    """The engine's on/off flags as vLLM spells them (--no-enable-prefix-caching, ...), both ways,
+    and the earlier --no-prefix-caching / --no-chunked-prefill; left out, EngineConfig's defaults."""
+    from pagedjax.cli import build_parser, engine_options
+
+    parse = build_parser().parse_args
+    fields = ("enable_prefix_caching", "enable_chunked_prefill", "async_scheduling")
+    defaults = EngineConfig.defaults()
+    for cmd in (["serve"], ["generate", "hi"]):
+        assert {f: engine_options(parse(cmd))[f] for f in fields} == {f: defaults[f] for f in fields}
+        off = engine_options(parse([*cmd, "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
+                                    "--no-async-scheduling"]))
+        assert [off[f] for f in fields] == [False, False, False]
+        on = engine_options(parse([*cmd, "--no-async-scheduling", "--async-scheduling", "--enable-prefix-caching"]))
+        assert [on[f] for f in fields] == [True, True, True]
+        old = engine_options(parse([*cmd, "--no-prefix-caching", "--no-chunked-prefill"]))
+        assert [old[f] for f in fields] == [False, False, True]
+
+
 def _serves_hf_greedy(engine, hf, seed: int) -> None:
     """Three random prompts through `engine`, greedy: each request's tokens are HF's, and the
     engine ends clean."""
