@@ -126,8 +126,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"pagedjax generate: --chat-template: {e}", file=sys.stderr)
         return 2
     # One prompt: compile the step buckets it uses, when it uses them (from the cache when warm).
-    llm = LLM(args.model, dtype=resolve_dtype(args.dtype), load_format=args.load_format, tokenizer=args.tokenizer,
-              **{"precompile": False, **engine_options(args)})
+    try:  # a model or an option that cannot run (a ValueError naming it): said in one line, exit 2
+        llm = LLM(args.model, dtype=resolve_dtype(args.dtype), load_format=args.load_format,
+                  tokenizer=args.tokenizer, **{"precompile": False, **engine_options(args)})
+    except ValueError as e:
+        print(f"pagedjax generate: {e}", file=sys.stderr)
+        return 2
     tok = llm.tokenizer
     prompt = args.prompt
     if not args.no_chat and tok is not None and (template or tok.has_chat_template):

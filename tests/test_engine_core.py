@@ -143,6 +143,22 @@ def test_the_core_exits_when_the_front_end_is_gone():
 
 
 
+def test_an_option_that_cannot_run_is_one_line_and_exit_2(capfd):
+    """An engine option the model cannot run (a ValueError when the engine is built): `pagedjax
+    serve`, in either process mode, and `pagedjax generate` print it in one line and exit with 2;
+    no traceback, and no server left behind."""
+    from pagedjax.cli import main
+
+    args = ["--load-format", "dummy", "--dtype", "float32", "--max-model-len", "100000"]
+    for cmd in (["serve", "named:tiny-llama", "--port", "0", *args],
+                ["serve", "named:tiny-llama", "--port", "0", "--no-engine-process", *args],
+                ["generate", "--model", "named:tiny-llama", "hi", *args]):
+        assert main(cmd) == 2, cmd
+        err = capfd.readouterr().err  # the core process's too
+        assert f"pagedjax {cmd[0]}: max_model_len 100000 exceeds the model's" in err, (cmd, err)
+        assert "Traceback" not in err, (cmd, err)
+
+
 def test_outputs_cross_the_pipe_whole():
     """encode_output / decode_output, through pickle as the pipe does: every field of a request
     with two samples, logprobs, prompt logprobs and metrics comes back equal; a later output sent

@@ -224,17 +224,22 @@ def run_server(options: ServerOptions, core: Any = None) -> int:
     from pagedjax.generation_config import sampling_defaults
 
     default_sampling = sampling_defaults(o.model, o.generation_config)  # a bad value fails here too
-    if o.engine_process:  # loaded there: this process never touches the accelerator
-        engine = EngineCoreClient(o, core=core)
-        info = engine.info
+    try:  # a model or an option that cannot run (a ValueError naming it): said in one line, exit 2
+        if o.engine_process:  # loaded there: this process never touches the accelerator
+            engine = EngineCoreClient(o, core=core)
+            info = engine.info
+        else:
+            llm = LLM(o.model, dtype=resolve_dtype(o.dtype), load_format=o.load_format, tokenizer=o.tokenizer,
+                      **o.engine)  # loads as LLM does (TP shards included)
+            engine = llm.engine
+            info = engine_info(engine, llm.startup_seconds)
+    except ValueError as e:
+        print(f"pagedjax serve: {e}", file=sys.stderr)
+        return 2
+    if o.engine_process:
         import jax
 
         jax.config.update("jax_platforms", "cpu")  # should anything here init JAX, not on the core's GPU
-    else:
-        llm = LLM(o.model, dtype=resolve_dtype(o.dtype), load_format=o.load_format, tokenizer=o.tokenizer,
-                  **o.engine)  # loads as LLM does (TP shards included)
-        engine = llm.engine
-        info = engine_info(engine, llm.startup_seconds)
     name = o.served_model_name or o.model or BUNDLED_MODEL_NAME
     api_key = o.api_key or os.environ.get("PAGEDJAX_API_KEY") or None
     app = build_app(engine, name, api_key=api_key, max_queue=o.max_queue,

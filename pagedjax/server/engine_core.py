@@ -294,6 +294,9 @@ def _core_main(conn, options: Any, log_level: int) -> None:
                   tokenizer=options.tokenizer, **options.engine)
         engine = llm.engine
         conn.send(("ready", engine_info(engine, llm.startup_seconds), engine.tokenizer))
+    except ValueError as e:  # a model or option that cannot run: the front end says it
+        conn.send(("error", _sendable(e)))
+        return
     except BaseException as e:
         logging.getLogger("pagedjax.server").exception("the engine core failed to start")
         conn.send(("error", _sendable(e)))
