@@ -232,6 +232,66 @@ def test_openai_client_models_completion_chat(server, hf):
     assert a.usage.completion_tokens == sum(len(ch.logprobs.tokens) for ch in a.choices)
 
 
+def _hf_prompt_logprobs(hf, ids: list[int]) -> "np.ndarray":
+    """HF's float32 log-softmax at each prompt position (row j: the next-token distribution after
+    ids[:j + 1])."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        logits = hf[0](torch.tensor([ids])).logits[0].double()
+    return np.asarray(torch.log_softmax(logits, -1))
+
+
+def test_prompt_logprobs_and_echo_without_generation(server, hf):
+    """vLLM's prompt_logprobs (completions and chat, per position {token id: logprob, rank,
+    decoded_token}), and echo with max_tokens 0: the prompt alone with its logprobs, how evaluation
+    harnesses score text. Logprobs are HF's log-softmax; streamed echo gives the same text."""
+    client = server.client()
+    ids = hf[1].encode(PROMPTS[3])
+    ref = _hf_prompt_logprobs(hf, ids)
+    c = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=3, temperature=0,
+                                  extra_body={"prompt_logprobs": 2})
+    shown = c.choices[0].model_extra["prompt_logprobs"]
+    assert len(shown) == len(ids) and shown[0] is None
+    for j, entry in enumerate(shown[1:]):
+        row = ref[j]
+        order = (-row).argsort()
+        assert str(ids[j + 1]) in entry and {str(t) for t in order[:2]} <= set(entry) and len(entry) <= 3
+        for t, lp in entry.items():
+            assert lp["logprob"] == pytest.approx(row[int(t)], abs=1e-4)
+            assert lp["rank"] == 1 + int((row > row[int(t)] + 1e-9).sum()), (j, t)
+            assert lp["decoded_token"] == hf[1].decode([int(t)])
+
+    echo = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=0, echo=True, logprobs=1)
+    ch = echo.choices[0]
+    assert (ch.text, ch.finish_reason) == (PROMPTS[3], "length")
+    assert (echo.usage.prompt_tokens, echo.usage.completion_tokens) == (len(ids), 0)
+    assert ch.logprobs.token_logprobs[0] is None and len(ch.logprobs.token_logprobs) == len(ids)
+    want = [ref[j][ids[j + 1]] for j in range(len(ids) - 1)]
+    assert ch.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    events = [json.loads(line[6:]) for line in server.http.post(
+        "/v1/completions", json={"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 0, "echo": True,
+                                 "stream": True}).text.splitlines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == PROMPTS[3]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+    messages = [{"role": "user", "content": "Hi there"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
+                                          extra_body={"prompt_logprobs": 0})
+    template_ids = hf_chat_ids(hf, messages)
+    shown, ref = chat.model_extra["prompt_logprobs"], _hf_prompt_logprobs(hf, template_ids)
+    assert len(shown) == len(template_ids) and shown[0] is None
+    assert [e[str(t)]["logprob"] for e, t in zip(shown[1:], template_ids[1:])] == pytest.approx(
+        [ref[j][template_ids[j + 1]] for j in range(len(template_ids) - 1)], abs=1e-4)
+    for body, param in (({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+                        ({"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+                        ({"prompt": "hi", "prompt_logprobs": -1}, "prompt_logprobs"),
+                        ({"prompt": "hi", "max_tokens": 0}, "max_tokens")):
+        r = server.http.post("/v1/completions", json={"model": MODEL, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
 def test_streamed_equals_non_streamed(server):
     client = server.client()
     kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0.8, seed=1234)

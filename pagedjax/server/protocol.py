@@ -57,6 +57,7 @@ class SamplingFields(Strict):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None  # the k most likely tokens at each prompt position, and the prompt's own
     skip_special_tokens: bool = True
     # Accepted, ignored: vLLM reads it only for slow (Python) tokenizers, and every tokenizer here
     # is a `tokenizers` one, which decodes special tokens without added spaces (transformers too).
@@ -217,6 +218,30 @@ class CompletionResponse(OpenAIObject):
     usage: Usage | None = None
 
 
+class PromptLogprob(OpenAIObject):
+    """vLLM's Logprob: one token's logprob at a prompt position, its rank, its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt position {token id: PromptLogprob}; None at the first
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+class CompletionResultChoice(CompletionChoice):
+    """A choice of a whole (not streamed) completion: with its prompt's logprobs when asked."""
+
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+class CompletionResult(CompletionResponse):
+    """The body of a whole (not streamed) completion."""
+
+    choices: list[CompletionResultChoice]
+
+
 class TopLogprob(OpenAIObject):
     token: str
     logprob: float
@@ -255,6 +280,7 @@ class ChatCompletionResponse(OpenAIObject):
     choices: list[ChatChoice]
     system_fingerprint: str | None = None
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Delta(OpenAIObject):

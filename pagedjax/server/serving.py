@@ -26,7 +26,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from pagedjax.request import Logprob
+from pagedjax.request import CompletionOutput, Logprob
 from pagedjax.sampling_params import RequestOutputKind, SamplingParams
 from pagedjax.server import constraints as C
 from pagedjax.server import protocol as P
@@ -261,21 +261,31 @@ class OpenAIServing:
             raise bad_request(f"at most {self.max_prompts} prompts per request, got {len(prompts)}", "prompt")
         if req.logprobs is not None and not 0 <= req.logprobs <= self.max_logprobs:
             raise bad_request(f"logprobs must be in [0, {self.max_logprobs}], got {req.logprobs}", "logprobs")
-        params = self._sampling_params(req, req.max_tokens, req.logprobs, await self._constraint(req))
-        if req.echo and req.logprobs is not None:  # vLLM: the echoed prompt's tokens get logprobs too
-            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+        # echo with max_tokens 0 (OpenAI's, vLLM's): the prompt alone, with its logprobs if asked (how
+        # evaluation harnesses score text); one token is generated and left out
+        echo_only = bool(req.echo) and req.max_tokens == 0
+        params = self._sampling_params(req, 1 if echo_only else req.max_tokens, req.logprobs,
+                                       await self._constraint(req))
+        k_prompt = self._prompt_logprobs(req)
+        if k_prompt is None and req.echo and req.logprobs is not None:  # vLLM: the echoed prompt's tokens too
+            k_prompt = req.logprobs
+        if k_prompt is not None:
+            params = dataclasses.replace(params, prompt_logprobs=k_prompt)
         encoded = await asyncio.to_thread(lambda: [self._encode(p, req.add_special_tokens) for p in prompts])
         texts = [t if t is not None or not req.echo else self._decode(ids) for t, ids in encoded]
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = await self._add(rid, [ids for _, ids in encoded], params, P.CompletionRequest)
         if req.stream:
-            return _EventStream(self._completion_stream(rid, req, stream, texts, params), stream)
+            return _EventStream(self._completion_stream(rid, req, stream, texts, params, echo_only), stream)
         prompt_lps: dict[int, list] = {}
         samples, order, prompt_lens = await self._collect(stream, request, len(prompts), prompt_lps)
         choices, num_generated = [], 0
         for p, indices in enumerate(order):
+            shown = None if req.prompt_logprobs is None else self._prompt_logprobs_body(prompt_lps.get(p, []))
             for rank, i in enumerate(indices):
                 s = samples[p][i]
+                if echo_only:  # the one token generated is left out
+                    s = _Sample(finish_reason="length" if s.finish_reason != "abort" else "abort")
                 prefix = texts[p] if req.echo else ""
                 lp = None
                 if req.logprobs is not None and req.echo:
@@ -283,16 +293,18 @@ class OpenAIServing:
                                                    prompt_lps.get(p, []) + s.logprobs, 0, req.logprobs)
                 elif req.logprobs is not None:
                     lp = self._completion_logprobs(s.token_ids, s.logprobs, len(prefix), req.logprobs)
-                choices.append(P.CompletionChoice(index=p * params.n + rank, text=prefix + s.text, logprobs=lp,
-                                                  finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+                choices.append(P.CompletionResultChoice(
+                    index=p * params.n + rank, text=prefix + s.text, logprobs=lp, finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason, prompt_logprobs=shown))
                 num_generated += len(s.token_ids)
         usage = P.Usage(prompt_tokens=sum(prompt_lens), completion_tokens=num_generated,
                         total_tokens=sum(prompt_lens) + num_generated)
-        body = P.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        body = P.CompletionResult(id=rid, model=self.model_name, choices=choices, usage=usage)
         return _json(body)
 
     async def _completion_stream(self, rid: str, req: P.CompletionRequest, stream: RequestStream,
-                                 texts: list[str | None], params: SamplingParams) -> AsyncIterator[str]:
+                                 texts: list[str | None], params: SamplingParams, echo_only: bool = False
+                                 ) -> AsyncIterator[str]:
         created, n = int(time.time()), params.n
         echo = set(range(len(texts) * n)) if req.echo else set()
         offsets: dict[int, int] = {}
@@ -321,6 +333,9 @@ class OpenAIServing:
                     i = p * n + c.index
                     if i in finished:
                         continue
+                    if echo_only:  # the prompt alone: the one token generated is left out
+                        c = CompletionOutput(c.index, "", [], None, [],
+                                             "length" if c.finish_reason not in (None, "abort") else c.finish_reason)
                     completion_tokens += len(c.token_ids)
                     text, ids, entries = c.text, c.token_ids, c.logprobs or []
                     if i in echo:
@@ -367,6 +382,25 @@ class OpenAIServing:
             out.text_offset.append(offset)
             offset += len(token)
         return out
+
+    def _prompt_logprobs(self, req: P.SamplingFields) -> int | None:
+        """vLLM's prompt_logprobs of a request, checked (None when not asked for)."""
+        k = req.prompt_logprobs
+        if k is None:
+            return None
+        if not 0 <= k <= self.max_logprobs:
+            raise bad_request(f"prompt_logprobs must be in [0, {self.max_logprobs}], got {k}", "prompt_logprobs")
+        if req.stream:  # as vLLM: they are not streamed
+            raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
+        return k
+
+    def _prompt_logprobs_body(self, entries: list[dict[int, Logprob] | None]) -> P.PromptLogprobs:
+        """A prompt's logprobs as vLLM writes them: per position {token id: {logprob, rank,
+        decoded_token}} (the prompt's token and the k most likely), None at the first."""
+        return [None if entry is None else
+                {str(t): P.PromptLogprob(logprob=_floor(lp.logprob), rank=lp.rank,
+                                         decoded_token=self._token_text(t, entry)) for t, lp in entry.items()}
+                for entry in entries]
 
     def _token_text(self, token_id: int, entry: dict[int, Logprob]) -> str:
         lp = entry.get(token_id)
@@ -416,6 +450,8 @@ class OpenAIServing:
         except C.FieldError as e:
             raise bad_request(str(e), e.param) from None
         params = self._sampling_params(req, max_tokens, k, await self._constraint(req, tools))
+        if (k_prompt := self._prompt_logprobs(req)) is not None:
+            params = dataclasses.replace(params, prompt_logprobs=k_prompt)
         ids = await asyncio.to_thread(self._chat_prompt, req, req.add_special_tokens)
         new_parser = self._choice_parsers(req, tools, ids)
         if new_parser().needs_special_tokens and params.skip_special_tokens:
@@ -424,7 +460,8 @@ class OpenAIServing:
         stream = await self._add(rid, [ids], params, P.ChatCompletionRequest)
         if req.stream:
             return _EventStream(self._chat_stream(rid, req, stream, params, k, new_parser), stream)
-        samples, order, prompt_lens = await self._collect(stream, request, 1)
+        prompt_lps: dict[int, list] = {}
+        samples, order, prompt_lens = await self._collect(stream, request, 1, prompt_lps)
         choices, num_generated = [], 0
         for rank, i in enumerate(order[0]):
             s = samples[0][i]
@@ -440,7 +477,9 @@ class OpenAIServing:
                                         finish_reason=parser.finish_reason(s.finish_reason), stop_reason=s.stop_reason))
             num_generated += len(s.token_ids)
         body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
-                                        usage=_usage(prompt_lens[0], num_generated))
+                                        usage=_usage(prompt_lens[0], num_generated),
+                                        prompt_logprobs=None if req.prompt_logprobs is None
+                                        else self._prompt_logprobs_body(prompt_lps.get(0, [])))
         return _json(body)
 
     def _choice_parsers(self, req: P.ChatCompletionRequest, tools: C.ToolUse, prompt_ids: list[int]):
