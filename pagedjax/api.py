@@ -17,7 +17,7 @@ from pagedjax.params import Params
 from pagedjax.request import RequestOutput
 from pagedjax.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | dict[str, Any]  # dicts: vLLM's TextPrompt / TokensPrompt
 logger = logging.getLogger("pagedjax")
 
 
@@ -30,14 +30,28 @@ def resolve_dtype(name: str | None) -> Any:
     return jnp.dtype(name)
 
 
+def _from_dict(prompt: Any) -> Any:
+    """vLLM's TextPrompt {"prompt": text} and TokensPrompt {"prompt_token_ids": ids} -> the text or
+    the ids; anything else as it is. A dict with other keys is a ValueError naming them."""
+    if not isinstance(prompt, dict):
+        return prompt
+    kinds = [k for k in ("prompt", "prompt_token_ids") if k in prompt]
+    others = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+    if len(kinds) != 1 or others:
+        raise ValueError('a prompt given as a dict needs exactly one of "prompt" (text) or "prompt_token_ids" '
+                         f"(vLLM's TextPrompt / TokensPrompt), and nothing else; got keys {sorted(prompt)}")
+    return prompt[kinds[0]]
+
+
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (a string or a list of token ids) or many -> a list of prompts."""
-    if isinstance(prompts, str):
-        return [prompts]
+    """One prompt (a string, a list of token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids":
+    ...} dict) or many -> a list of prompts."""
+    if isinstance(prompts, (str, dict)):
+        return [_from_dict(prompts)]
     prompts = list(prompts)
     if prompts and all(isinstance(p, int) for p in prompts):
         return [prompts]  # a single prompt given as token ids
-    return prompts
+    return [_from_dict(p) for p in prompts]
 
 
 def _per_prompt(sampling_params, n: int) -> list[SamplingParams | BeamSearchParams]:

@@ -467,6 +467,19 @@ def test_generate_api_and_stream(llama):
         assert ids[rid] == o.outputs[0].token_ids
         assert texts[rid] == o.outputs[0].text
     assert llm.engine.stats().num_free_pages == llm.engine.stats().num_usable_pages
+    # vLLM's prompt dicts, one or many: {"prompt_token_ids": ids} and {"prompt": text}
+    text = tok.decode(prompts[1])
+    by_text = llm.generate(text, sp, use_tqdm=False)[0]
+    got = llm.generate([{"prompt_token_ids": prompts[0]}, {"prompt": text}], sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [outs[0].outputs[0].token_ids, by_text.outputs[0].token_ids]
+    assert llm.generate({"prompt_token_ids": prompts[2]}, sp, use_tqdm=False)[0].outputs[0].token_ids == \
+        outs[2].outputs[0].token_ids
+    for bad in ({"prompt": "a", "prompt_token_ids": [5]}, {"text": "a"}, {"prompt": "a", "multi_modal_data": {}}):
+        with pytest.raises(ValueError, match="TextPrompt / TokensPrompt"):
+            llm.generate([bad], sp, use_tqdm=False)
+        with pytest.raises(ValueError, match="TextPrompt / TokensPrompt"):
+            llm.generate(bad, sp, use_tqdm=False)
+    assert llm.engine.stats().num_free_pages == llm.engine.stats().num_usable_pages
 
 
 def test_bad_requests_are_rejected_and_lose_nothing(llama):
