@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
@@ -16,6 +16,9 @@ from pagedjax.engine import EngineConfig, LLMEngine
 from pagedjax.params import Params
 from pagedjax.request import RequestOutput
 from pagedjax.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from pagedjax.beam_search import BeamSearchOutput
 
 Prompt = str | Sequence[int] | dict[str, Any]  # dicts: vLLM's TextPrompt / TokensPrompt
 logger = logging.getLogger("pagedjax")
@@ -189,6 +192,28 @@ class LLM:
         finally:
             if pending:  # the caller stopped early: give the pages back
                 self.engine.abort_request(list(pending))
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams | Sequence[BeamSearchParams],
+                    *, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: per prompt, its hypotheses as BeamSearchSequences (the prompt's
+        tokens and the hypothesis's, decoded together). The engine's beam search runs them, as
+        `generate(prompts, params)` does, which gives the same hypotheses as CompletionOutputs."""
+        from pagedjax.beam_search import BeamSearchOutput, BeamSearchSequence
+
+        many = params if isinstance(params, (list, tuple)) else [params]
+        if not all(isinstance(p, BeamSearchParams) for p in many):
+            raise ValueError(f"beam_search takes BeamSearchParams, got {type(params).__name__}")
+        tok = self.engine.tokenizer
+        results = []
+        for out in self.generate(prompts, params, use_tqdm=use_tqdm):
+            sequences = []
+            for c in out.outputs:
+                tokens = [*out.prompt_token_ids, *c.token_ids]
+                text = tok.decode(tokens, skip_special_tokens=False) if tok is not None else None
+                sequences.append(BeamSearchSequence(tokens, c.cumulative_logprob or 0.0, text, c.finish_reason,
+                                                    c.stop_reason))
+            results.append(BeamSearchOutput(sequences))
+        return results
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], sampling_params=None,
              *, use_tqdm: bool = True, add_generation_prompt: bool = True,

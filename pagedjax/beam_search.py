@@ -36,6 +36,25 @@ from pagedjax.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass
+class BeamSearchSequence:
+    """One hypothesis of `LLM.beam_search` (vLLM's): `tokens` holds the prompt's and its own, and
+    `text` is all of them decoded, special tokens kept, as vLLM's LLM.beam_search returns it."""
+
+    tokens: list[int]
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """`LLM.beam_search`'s result for one prompt: the beam_width hypotheses, best score first."""
+
+    sequences: list[BeamSearchSequence]
+
+
+@dataclass
 class _Beam:
     """One live beam: its tokens and, while it holds pages, its scheduler request."""
 

@@ -412,6 +412,20 @@ def test_generate_api_runs_beam_search(model, engine, tokenizer):
         assert [c.token_ids for c in out.outputs] == [c.token_ids for c in direct[rid].outputs]
         for c in out.outputs:
             assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    # vLLM's LLM.beam_search: prompt dicts in, per prompt the hypotheses (prompt tokens included,
+    # decoded with them), scored as HF's beam search scores them
+    hf = model[0]
+    got = pj.LLM(model[1], **OPTS).beam_search([{"prompt_token_ids": SHORT}, {"prompt_token_ids": SHORT[:5]}], bp)
+    for p, out in zip([SHORT, SHORT[:5]], got):
+        expected = hf_beam_search(hf, p, bp, [EOS])[0]
+        assert len(out.sequences) == len(expected) == bp.beam_width
+        for seq, (tokens, score) in zip(out.sequences, expected):
+            assert seq.tokens == p + tokens
+            assert seq.cum_logprob / len(tokens) ** bp.length_penalty == pytest.approx(score, abs=2e-4)
+            assert seq.text == tokenizer.decode(p + tokens, skip_special_tokens=False)
+            assert seq.finish_reason == ("stop" if tokens[-1] == EOS else "length")
+    with pytest.raises(ValueError, match="BeamSearchParams"):
+        pj.LLM(model[1], **OPTS).beam_search([SHORT], pj.SamplingParams(max_tokens=3))
 
 
 def test_beam_search_abort_frees_its_pages(engine):
