@@ -26,7 +26,7 @@ from pagedjax.output_processor import OutputProcessor
 from pagedjax.params import Params
 from pagedjax.request import Request, RequestOutput, RequestStatus
 from pagedjax.sampling_metadata import needs_token_history
-from pagedjax.sampling_params import BeamSearchParams, SamplingParams
+from pagedjax.sampling_params import BeamSearchParams, SamplingParams, truncate_prompt
 from pagedjax.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from pagedjax.structured_outputs.backend import CompileLimits
 from pagedjax.structured_outputs.manager import StructuredOutputManager
@@ -148,6 +148,7 @@ class LLMEngine:
         text, ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
+        ids = truncate_prompt(ids, params.truncate_prompt_tokens, self.config.max_model_len)
         request = Request(request_id, ids, params, eos_token_id=self.eos_token_id, prompt=text)
         samples = self.scheduler.add_request(request)  # raises for a request that cannot fit
         self.structured.add_request(samples, grammar)

@@ -83,6 +83,7 @@ class SamplingParams:
     min_tokens: int = 0  # before this many tokens: no EOS or stop_token_ids, no stop string match
     logprobs: int | None = None  # top logprobs per output token (-1: the whole vocabulary)
     prompt_logprobs: int | None = None  # top logprobs per prompt token (the engine serves 0..max_logprobs)
+    truncate_prompt_tokens: int | None = None  # >= 1: only the prompt's last k tokens (-1: max_model_len's worth)
     detokenize: bool = True
     skip_special_tokens: bool = True
     # No spaces_between_special_tokens: with a `tokenizers` tokenizer (all pagedjax loads) neither
@@ -173,6 +174,11 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, minimum=-1, allowed=">= 0, or -1 for the whole vocabulary")
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=-1,
+                       allowed=">= 1, or -1 for max_model_len (or None)")
+            if self.truncate_prompt_tokens == 0:
+                _fail("truncate_prompt_tokens", ">= 1, or -1 for max_model_len (or None)", 0)
         if not all(isinstance(s, str) and s for s in self.stop):
             _fail("stop", "a non-empty string or a list of non-empty strings", self.stop)
         if self.stop and not self.detokenize:
@@ -316,3 +322,12 @@ class BeamSearchParams:
     @property
     def num_sequences(self) -> int:
         return 1
+
+
+def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """A prompt's last `keep` tokens (SamplingParams.truncate_prompt_tokens; -1: max_model_len of
+    them; None: all), as vLLM truncates it: from the left."""
+    if keep is None:
+        return ids
+    keep = max_model_len if keep == -1 else keep
+    return ids[-keep:] if len(ids) > keep else ids

@@ -482,6 +482,27 @@ def test_generate_api_and_stream(llama):
     assert llm.engine.stats().num_free_pages == llm.engine.stats().num_usable_pages
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(llama):
+    """SamplingParams.truncate_prompt_tokens (vLLM's): only the prompt's last k tokens are read,
+    so a prompt longer than max_model_len can still run; -1 keeps max_model_len of them. The output
+    is HF's greedy continuation of those tokens."""
+    hf, params = llama
+    engine = make_engine(params, precompile=False)
+    long = hf_models.random_prompts(np.random.default_rng(8), 1, 150, 150)[0]  # > max_model_len 128
+    sp = pj.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, truncate_prompt_tokens=40)
+    short = pj.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, truncate_prompt_tokens=-1)
+    outs = run_all(engine, {0: [("cut", long, sp), ("whole", long[:30], short)]})
+    assert outs["cut"].prompt_token_ids == long[-40:]
+    assert outs["cut"].outputs[0].token_ids == hf_models.hf_greedy(hf, long[-40:], 6)
+    assert outs["whole"].prompt_token_ids == long[:30]  # -1: shorter than max_model_len, all kept
+    with pytest.raises(ValueError, match="no room to generate"):  # -1 keeps 128: nothing left to generate
+        engine.add_request("full", long, short)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            pj.SamplingParams(truncate_prompt_tokens=bad)
+    assert_clean(engine, outs)
+
+
 def test_bad_requests_are_rejected_and_lose_nothing(llama):
     _, params = llama
     engine = make_engine(params)

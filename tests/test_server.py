@@ -292,6 +292,26 @@ def test_prompt_logprobs_and_echo_without_generation(server, hf):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
 
+def test_truncate_prompt_tokens(server, hf):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens only, in completions (echo shows
+    them) and chat; a prompt past max_model_len runs; the output is HF's greedy one on those tokens."""
+    client = server.client()
+    ids = hf[1].encode(" ".join(PROMPTS) * 8)
+    assert len(ids) > ENGINE["max_model_len"]
+    kw = dict(model=MODEL, max_tokens=5, temperature=0, extra_body={"truncate_prompt_tokens": 12, "ignore_eos": True})
+    c = client.completions.create(prompt=" ".join(PROMPTS) * 8, echo=True, logprobs=0, **kw)
+    text, _, _ = hf_greedy(hf, ids[-12:], 5)
+    assert c.usage.prompt_tokens == 12 and c.choices[0].text == hf[1].decode(ids[-12:]) + text
+    assert len(c.choices[0].logprobs.tokens) == 12 + 5
+    messages = [{"role": "user", "content": PROMPTS[3]}]
+    chat = client.chat.completions.create(messages=messages, **kw)
+    template_ids = hf_chat_ids(hf, messages)
+    assert chat.usage.prompt_tokens == 12
+    assert chat.choices[0].message.content == hf_greedy(hf, template_ids[-12:], 5)[0]
+    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
+
+
 def test_streamed_equals_non_streamed(server):
     client = server.client()
     kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0.8, seed=1234)

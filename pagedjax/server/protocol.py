@@ -58,6 +58,7 @@ class SamplingFields(Strict):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None  # the k most likely tokens at each prompt position, and the prompt's own
+    truncate_prompt_tokens: int | None = None  # only the prompt's last k tokens (-1: max_model_len's worth)
     skip_special_tokens: bool = True
     # Accepted, ignored: vLLM reads it only for slow (Python) tokenizers, and every tokenizer here
     # is a `tokenizers` one, which decodes special tokens without added spaces (transformers too).

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from pagedjax.request import CompletionOutput, Logprob
-from pagedjax.sampling_params import RequestOutputKind, SamplingParams
+from pagedjax.sampling_params import RequestOutputKind, SamplingParams, truncate_prompt
 from pagedjax.server import constraints as C
 from pagedjax.server import protocol as P
 from pagedjax.server.async_engine import AsyncEngine, RequestStream
@@ -174,7 +174,8 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 output_kind=RequestOutputKind.DELTA, structured_outputs=constraint, logit_bias=bias,
-                allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words)
+                allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
+                truncate_prompt_tokens=req.truncate_prompt_tokens)
         except C.FieldError as e:
             raise bad_request(str(e), e.param) from None
         except ValueError as e:
@@ -272,6 +273,9 @@ class OpenAIServing:
         if k_prompt is not None:
             params = dataclasses.replace(params, prompt_logprobs=k_prompt)
         encoded = await asyncio.to_thread(lambda: [self._encode(p, req.add_special_tokens) for p in prompts])
+        if params.truncate_prompt_tokens is not None:  # the engine would cut them; echo shows what it reads
+            cut = [truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len) for _, ids in encoded]
+            encoded = [(t if len(c) == len(ids) else None, c) for (t, ids), c in zip(encoded, cut)]
         texts = [t if t is not None or not req.echo else self._decode(ids) for t, ids in encoded]
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = await self._add(rid, [ids for _, ids in encoded], params, P.CompletionRequest)
