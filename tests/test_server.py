@@ -312,6 +312,29 @@ def test_truncate_prompt_tokens(server, hf):
     assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
 
 
+def test_return_token_ids(server, hf):
+    """vLLM's return_token_ids: the prompt's token ids (as the model read them) and each choice's
+    beside the text, in completions (several prompts, n > 1) and chat; a 400 when streamed."""
+    client = server.client()
+    kw = dict(model=MODEL, max_tokens=4, temperature=0.8, seed=5, n=2, logprobs=0)
+    c = client.completions.create(prompt=PROMPTS[:2], extra_body={"return_token_ids": True}, **kw)
+    for ch in c.choices:
+        assert ch.model_extra["prompt_token_ids"] == hf[1].encode(PROMPTS[ch.index // 2])
+        ids = ch.model_extra["token_ids"]
+        assert len(ids) == len(ch.logprobs.tokens) and hf[1].decode(ids) == ch.text
+    plain = client.completions.create(prompt=PROMPTS[:2], **kw)
+    assert [ch.text for ch in plain.choices] == [ch.text for ch in c.choices]
+    assert "token_ids" not in plain.choices[0].model_extra or plain.choices[0].model_extra["token_ids"] is None
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                          extra_body={"return_token_ids": True, "truncate_prompt_tokens": 9})
+    assert chat.model_extra["prompt_token_ids"] == hf_chat_ids(hf, messages)[-9:]
+    assert hf[1].decode(chat.choices[0].model_extra["token_ids"]) == chat.choices[0].message.content
+    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "stream": True,
+                                                  "return_token_ids": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "return_token_ids", r.text
+
+
 def test_streamed_equals_non_streamed(server):
     client = server.client()
     kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0.8, seed=1234)

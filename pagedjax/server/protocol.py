@@ -59,6 +59,7 @@ class SamplingFields(Strict):
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None  # the k most likely tokens at each prompt position, and the prompt's own
     truncate_prompt_tokens: int | None = None  # only the prompt's last k tokens (-1: max_model_len's worth)
+    return_token_ids: bool | None = None  # the prompt's and each choice's token ids beside the text (not streamed)
     skip_special_tokens: bool = True
     # Accepted, ignored: vLLM reads it only for slow (Python) tokenizers, and every tokenizer here
     # is a `tokenizers` one, which decodes special tokens without added spaces (transformers too).
@@ -235,6 +236,8 @@ class CompletionResultChoice(CompletionChoice):
     """A choice of a whole (not streamed) completion: with its prompt's logprobs when asked."""
 
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+    token_ids: list[int] | None = None
 
 
 class CompletionResult(CompletionResponse):
@@ -271,6 +274,7 @@ class ChatChoice(OpenAIObject):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class ChatCompletionResponse(OpenAIObject):
@@ -282,6 +286,7 @@ class ChatCompletionResponse(OpenAIObject):
     system_fingerprint: str | None = None
     usage: Usage
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
 
 
 class Delta(OpenAIObject):

@@ -151,6 +151,8 @@ class OpenAIServing:
                 raise bad_request(f"{name} must be <= {self.max_n}, got {value}", name)
         if req.stream and req.best_of is not None and req.best_of != n:
             raise bad_request("best_of must equal n when streaming", "best_of")
+        if req.stream and req.return_token_ids:
+            raise bad_request("return_token_ids is not available when stream is true here", "return_token_ids")
 
     def _sampling_params(self, req: P.SamplingFields, max_tokens: int | None, logprobs: int | None,
                          constraint: StructuredOutputsParams | None = None) -> SamplingParams:
@@ -297,9 +299,10 @@ class OpenAIServing:
                                                    prompt_lps.get(p, []) + s.logprobs, 0, req.logprobs)
                 elif req.logprobs is not None:
                     lp = self._completion_logprobs(s.token_ids, s.logprobs, len(prefix), req.logprobs)
+                token_ids = {"prompt_token_ids": encoded[p][1], "token_ids": s.token_ids} if req.return_token_ids else {}
                 choices.append(P.CompletionResultChoice(
                     index=p * params.n + rank, text=prefix + s.text, logprobs=lp, finish_reason=s.finish_reason,
-                    stop_reason=s.stop_reason, prompt_logprobs=shown))
+                    stop_reason=s.stop_reason, prompt_logprobs=shown, **token_ids))
                 num_generated += len(s.token_ids)
         usage = P.Usage(prompt_tokens=sum(prompt_lens), completion_tokens=num_generated,
                         total_tokens=sum(prompt_lens) + num_generated)
@@ -478,12 +481,16 @@ class OpenAIServing:
                 message = P.AssistantMessage(content=parts.content, reasoning_content=parts.reasoning_content,
                                              tool_calls=[c.to_dict() for c in parts.tool_calls])
             choices.append(P.ChatChoice(index=rank, message=message, logprobs=lp,
-                                        finish_reason=parser.finish_reason(s.finish_reason), stop_reason=s.stop_reason))
+                                        finish_reason=parser.finish_reason(s.finish_reason), stop_reason=s.stop_reason,
+                                        token_ids=s.token_ids if req.return_token_ids else None))
             num_generated += len(s.token_ids)
         body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
                                         usage=_usage(prompt_lens[0], num_generated),
                                         prompt_logprobs=None if req.prompt_logprobs is None
-                                        else self._prompt_logprobs_body(prompt_lps.get(0, [])))
+                                        else self._prompt_logprobs_body(prompt_lps.get(0, [])),
+                                        prompt_token_ids=truncate_prompt(ids, params.truncate_prompt_tokens,
+                                                                         self.max_model_len)
+                                        if req.return_token_ids else None)
         return _json(body)
 
     def _choice_parsers(self, req: P.ChatCompletionRequest, tools: C.ToolUse, prompt_ids: list[int]):
