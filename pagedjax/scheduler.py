@@ -398,7 +398,7 @@ class Scheduler:
         skipped = []  # samples waiting for sample 0 to compute the prompt they share
         while self.waiting and plan.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
-            if self._waits_for_fork_source(req):
+            if self._waits_for_fork_source(req) or self._waits_for_its_beams(req):
                 skipped.append(req)
             elif not self._admit(req, plan):
                 self.waiting.appendleft(req)
@@ -449,6 +449,13 @@ class Scheduler:
         pending = req.num_pending
         return pending > 0 and (len(req.output_token_ids) + pending >= req.max_tokens
                                 or len(req.all_token_ids) + pending >= self.config.max_model_len)
+
+    @staticmethod
+    def _waits_for_its_beams(req: Request) -> bool:
+        """A beam swapped out after its row was computed: nothing to run until its group picks its
+        next token, which needs its sibling beams (running, or waiting behind it) to run first. It
+        keeps its place; it must not block the queue (a beam waiting on a beam behind it: a hang)."""
+        return bool(req.swapped_slots) and not req.num_pending and req.num_computed_tokens >= req.num_tokens
 
     def _waits_for_fork_source(self, req: Request) -> bool:
         src = req.fork_source  # a source swapped out has the tokens, not the pages: wait for it too
