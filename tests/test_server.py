@@ -314,7 +314,7 @@ def test_truncate_prompt_tokens(server, hf):
 
 def test_return_token_ids(server, hf):
     """vLLM's return_token_ids: the prompt's token ids (as the model read them) and each choice's
-    beside the text, in completions (several prompts, n > 1) and chat; a 400 when streamed."""
+    beside the text, in completions (several prompts, n > 1) and chat, whole and streamed."""
     client = server.client()
     kw = dict(model=MODEL, max_tokens=4, temperature=0.8, seed=5, n=2, logprobs=0)
     c = client.completions.create(prompt=PROMPTS[:2], extra_body={"return_token_ids": True}, **kw)
@@ -330,9 +330,29 @@ def test_return_token_ids(server, hf):
                                           extra_body={"return_token_ids": True, "truncate_prompt_tokens": 9})
     assert chat.model_extra["prompt_token_ids"] == hf_chat_ids(hf, messages)[-9:]
     assert hf[1].decode(chat.choices[0].model_extra["token_ids"]) == chat.choices[0].message.content
-    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "stream": True,
-                                                  "return_token_ids": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "return_token_ids", r.text
+    # streamed: the prompt's ids in each choice's first chunk, each chunk's new ids; joined, the
+    # whole answer's (the same seeds give the same tokens as above)
+    ckw = {k: v for k, v in kw.items() if k != "logprobs"}
+    prompt_ids, ids = {}, {}
+    for chunk in client.completions.create(prompt=PROMPTS[:2], stream=True, extra_body={"return_token_ids": True},
+                                           **ckw):
+        for ch in chunk.choices:
+            first = ch.index not in ids
+            assert (ch.model_extra["prompt_token_ids"] is not None) == first, chunk
+            if first:
+                prompt_ids[ch.index] = ch.model_extra["prompt_token_ids"]
+            ids.setdefault(ch.index, []).extend(ch.model_extra["token_ids"])
+    assert prompt_ids == {ch.index: ch.model_extra["prompt_token_ids"] for ch in c.choices}
+    assert ids == {ch.index: ch.model_extra["token_ids"] for ch in c.choices}
+    ids, prompt_ids = {}, []
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                                stream=True, extra_body={"return_token_ids": True,
+                                                                         "truncate_prompt_tokens": 9}):
+        prompt_ids.append(chunk.model_extra.get("prompt_token_ids"))
+        for ch in chunk.choices:
+            ids.setdefault(ch.index, []).extend(ch.model_extra["token_ids"])
+    assert prompt_ids[0] == hf_chat_ids(hf, messages)[-9:] and not any(prompt_ids[1:]), prompt_ids
+    assert ids == {0: chat.choices[0].model_extra["token_ids"]}
 
 
 def test_streamed_equals_non_streamed(server):

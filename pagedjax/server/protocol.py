@@ -59,7 +59,7 @@ class SamplingFields(Strict):
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None  # the k most likely tokens at each prompt position, and the prompt's own
     truncate_prompt_tokens: int | None = None  # only the prompt's last k tokens (-1: max_model_len's worth)
-    return_token_ids: bool | None = None  # the prompt's and each choice's token ids beside the text (not streamed)
+    return_token_ids: bool | None = None  # the prompt's and each choice's token ids beside the text
     skip_special_tokens: bool = True
     # Accepted, ignored: vLLM reads it only for slow (Python) tokenizers, and every tokenizer here
     # is a `tokenizers` one, which decodes special tokens without added spaces (transformers too).
@@ -232,12 +232,24 @@ class PromptLogprob(OpenAIObject):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
-class CompletionResultChoice(CompletionChoice):
+class CompletionIdsChoice(CompletionChoice):
+    """A completion choice with vLLM's return_token_ids: the prompt's token ids (streamed: in a
+    choice's first chunk) and the choice's (streamed: each chunk's new ones)."""
+
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+
+
+class CompletionIdsResponse(CompletionResponse):
+    """A streamed completion chunk with return_token_ids."""
+
+    choices: list[CompletionIdsChoice]
+
+
+class CompletionResultChoice(CompletionIdsChoice):
     """A choice of a whole (not streamed) completion: with its prompt's logprobs when asked."""
 
     prompt_logprobs: PromptLogprobs | None = None
-    prompt_token_ids: list[int] | None = None  # return_token_ids
-    token_ids: list[int] | None = None
 
 
 class CompletionResult(CompletionResponse):
@@ -317,6 +329,17 @@ class ChatCompletionChunk(OpenAIObject):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class ChatChunkIdsChoice(ChatChunkChoice):
+    token_ids: list[int] | None = None  # return_token_ids: the chunk's new token ids
+
+
+class ChatCompletionIdsChunk(ChatCompletionChunk):
+    """A streamed chat chunk with return_token_ids: the prompt's token ids in the first chunk."""
+
+    choices: list[ChatChunkIdsChoice]
+    prompt_token_ids: list[int] | None = None
 
 
 class ModelCard(OpenAIObject):

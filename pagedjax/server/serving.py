@@ -151,8 +151,6 @@ class OpenAIServing:
                 raise bad_request(f"{name} must be <= {self.max_n}, got {value}", name)
         if req.stream and req.best_of is not None and req.best_of != n:
             raise bad_request("best_of must equal n when streaming", "best_of")
-        if req.stream and req.return_token_ids:
-            raise bad_request("return_token_ids is not available when stream is true here", "return_token_ids")
 
     def _sampling_params(self, req: P.SamplingFields, max_tokens: int | None, logprobs: int | None,
                          constraint: StructuredOutputsParams | None = None) -> SamplingParams:
@@ -319,11 +317,18 @@ class OpenAIServing:
         usage_every, include_usage = _usage_options(req)
         finished: set[int] = set()
         prompt_lps: dict[int, list] = {}  # echo + logprobs: each prompt's, from its first output
+        with_ids = bool(req.return_token_ids)
+        ids_sent: set[int] = set()  # return_token_ids: the choices whose prompt token ids went out
 
-        def event(i: int, text: str, lp=None, finish_reason=None, stop_reason=None) -> str:
-            choice = P.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish_reason,
-                                        stop_reason=stop_reason)
-            chunk = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice])
+        def event(i: int, text: str, lp=None, finish_reason=None, stop_reason=None, ids=None) -> str:
+            if ids is None:
+                choice = P.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish_reason,
+                                            stop_reason=stop_reason)
+                chunk = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice])
+            else:  # return_token_ids: (the prompt's token ids in a choice's first chunk, the new ones)
+                choice = P.CompletionIdsChoice(index=i, text=text, logprobs=lp, finish_reason=finish_reason,
+                                               stop_reason=stop_reason, prompt_token_ids=ids[0], token_ids=ids[1])
+                chunk = P.CompletionIdsResponse(id=rid, created=created, model=self.model_name, choices=[choice])
             if usage_every:
                 chunk.usage = _usage(prompt_tokens, completion_tokens)
             return _event(chunk)
@@ -351,7 +356,8 @@ class OpenAIServing:
                         if req.logprobs is not None:
                             ids, entries = out.prompt_token_ids + ids, prompt_lps.get(p, []) + entries
                             offsets[i] = 0
-                    if not text and not (c.token_ids and req.logprobs is not None) and c.finish_reason is None:
+                    if not text and not (c.token_ids and (req.logprobs is not None or with_ids)) \
+                            and c.finish_reason is None:
                         continue
                     lp = None
                     if req.logprobs is not None:
@@ -360,10 +366,14 @@ class OpenAIServing:
                         offsets[i] = start + sum(len(t) for t in lp.tokens)
                     if c.finish_reason is not None:
                         finished.add(i)
-                    if lp is None and c.finish_reason is None and not usage_every:
+                    if lp is None and c.finish_reason is None and not usage_every and not with_ids:
                         yield text_chunk(i, text)
                         continue
-                    yield event(i, text, lp, c.finish_reason, c.stop_reason)
+                    token_ids = None
+                    if with_ids:
+                        token_ids = (None if i in ids_sent else out.prompt_token_ids, c.token_ids)
+                        ids_sent.add(i)
+                    yield event(i, text, lp, c.finish_reason, c.stop_reason, token_ids)
             if include_usage:
                 yield _event(P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
                                                   usage=_usage(prompt_tokens, completion_tokens)))
@@ -460,13 +470,16 @@ class OpenAIServing:
         if (k_prompt := self._prompt_logprobs(req)) is not None:
             params = dataclasses.replace(params, prompt_logprobs=k_prompt)
         ids = await asyncio.to_thread(self._chat_prompt, req, req.add_special_tokens)
+        if params.truncate_prompt_tokens is not None:  # the tokens the model reads (return_token_ids shows them)
+            ids = truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len)
         new_parser = self._choice_parsers(req, tools, ids)
         if new_parser().needs_special_tokens and params.skip_special_tokens:
             params = dataclasses.replace(params, skip_special_tokens=False)  # the parsers' markers are special
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self._add(rid, [ids], params, P.ChatCompletionRequest)
         if req.stream:
-            return _EventStream(self._chat_stream(rid, req, stream, params, k, new_parser), stream)
+            return _EventStream(self._chat_stream(rid, req, stream, params, k, new_parser,
+                                                  ids if req.return_token_ids else None), stream)
         prompt_lps: dict[int, list] = {}
         samples, order, prompt_lens = await self._collect(stream, request, 1, prompt_lps)
         choices, num_generated = [], 0
@@ -488,9 +501,7 @@ class OpenAIServing:
                                         usage=_usage(prompt_lens[0], num_generated),
                                         prompt_logprobs=None if req.prompt_logprobs is None
                                         else self._prompt_logprobs_body(prompt_lps.get(0, [])),
-                                        prompt_token_ids=truncate_prompt(ids, params.truncate_prompt_tokens,
-                                                                         self.max_model_len)
-                                        if req.return_token_ids else None)
+                                        prompt_token_ids=ids if req.return_token_ids else None)
         return _json(body)
 
     def _choice_parsers(self, req: P.ChatCompletionRequest, tools: C.ToolUse, prompt_ids: list[int]):
@@ -513,16 +524,27 @@ class OpenAIServing:
         return new
 
     async def _chat_stream(self, rid: str, req: P.ChatCompletionRequest, stream: RequestStream,
-                           params: SamplingParams, k: int | None, new_parser) -> AsyncIterator[str]:
+                           params: SamplingParams, k: int | None, new_parser, prompt_ids: list[int] | None = None
+                           ) -> AsyncIterator[str]:
+        """`prompt_ids`: return_token_ids (the prompt's token ids in each choice's first chunk, and
+        every chunk's new token ids)."""
         created = int(time.time())
         usage_every, include_usage = _usage_options(req)
         prompt_tokens, completion_tokens = 0, 0
         finished: set[int] = set()
+        with_ids = prompt_ids is not None
 
-        def chunk(i: int, delta: P.Delta, logprobs=None, finish_reason=None, stop_reason=None) -> str:
-            choice = P.ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
-                                       stop_reason=stop_reason)
-            body = P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[choice])
+        def chunk(i: int, delta: P.Delta, logprobs=None, finish_reason=None, stop_reason=None,
+                  token_ids: list[int] | None = None, first: bool = False) -> str:
+            if not with_ids:
+                choice = P.ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                                           stop_reason=stop_reason)
+                body = P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[choice])
+            else:
+                choice = P.ChatChunkIdsChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                                              stop_reason=stop_reason, token_ids=token_ids)
+                body = P.ChatCompletionIdsChunk(id=rid, created=created, model=self.model_name, choices=[choice],
+                                                prompt_token_ids=prompt_ids if first else None)
             if usage_every:
                 body.usage = _usage(prompt_tokens, completion_tokens)
             return _event(body)
@@ -531,7 +553,7 @@ class OpenAIServing:
         parsers: dict[int, ChoiceParser] = {}
         try:
             for i in range(params.n):
-                yield chunk(i, P.Delta(role="assistant", content=""))
+                yield chunk(i, P.Delta(role="assistant", content=""), token_ids=[] if with_ids else None, first=True)
             async for _, out in stream:
                 prompt_tokens = len(out.prompt_token_ids)
                 for c in out.outputs:
@@ -545,22 +567,26 @@ class OpenAIServing:
                             deltas += [P.Delta(**d.to_dict()) for d in parser.finish()]
                     else:
                         deltas = [P.Delta(content=c.text)] if c.text else []
-                    if not deltas and not (c.token_ids and k is not None) and c.finish_reason is None:
+                    if not deltas and not (c.token_ids and (k is not None or with_ids)) and c.finish_reason is None:
                         continue
                     lp = P.ChatLogprobs(content=self._chat_logprobs(c.token_ids, c.logprobs or [], k)) \
                         if k is not None else None
+                    new_ids = c.token_ids if with_ids else None
                     deltas = deltas or [P.Delta(content="") if not parser.active else P.Delta()]
                     for d in deltas[:-1]:
-                        yield chunk(c.index, d, lp)
-                        lp = None  # the step's logprobs go out once, with its first delta
+                        yield chunk(c.index, d, lp, token_ids=new_ids)
+                        lp = None  # the step's logprobs (and token ids) go out once, with its first delta
+                        new_ids = [] if with_ids else None
                     if c.finish_reason is not None:
                         finished.add(c.index)
                     last = deltas[-1]
                     if (lp is None and c.finish_reason is None and not usage_every and last.content is not None
-                            and last.role is None and last.reasoning_content is None and last.tool_calls is None):
+                            and last.role is None and last.reasoning_content is None and last.tool_calls is None
+                            and not with_ids):
                         yield text_chunk(c.index, last.content)
                         continue
-                    yield chunk(c.index, last, lp, parser.finish_reason(c.finish_reason), c.stop_reason)
+                    yield chunk(c.index, last, lp, parser.finish_reason(c.finish_reason), c.stop_reason,
+                                token_ids=new_ids)
             if include_usage:
                 yield _event(P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
                                                    usage=_usage(prompt_tokens, completion_tokens)))
