@@ -210,8 +210,8 @@ class LLM:
             for c in out.outputs:
                 tokens = [*out.prompt_token_ids, *c.token_ids]
                 text = tok.decode(tokens, skip_special_tokens=False) if tok is not None else None
-                sequences.append(BeamSearchSequence(tokens, c.cumulative_logprob or 0.0, text, c.finish_reason,
-                                                    c.stop_reason))
+                sequences.append(BeamSearchSequence(tokens, list(c.logprobs or []), c.cumulative_logprob or 0.0,
+                                                    text, c.finish_reason, c.stop_reason))
             results.append(BeamSearchOutput(sequences))
         return results
 

@@ -18,7 +18,8 @@ beams exactly as transformers' `_beam_search` (5.x) does for one prompt:
               cum_logprob / L ** length_penalty <= worst, L = max_tokens with early_stopping="never"
               and length_penalty > 0, else n (HF's heuristic)
 
-The result is the W hypotheses, best score first. Beams advance in lockstep: a group picks its
+The result is the W hypotheses, best score first, each with its tokens' logprobs (vLLM's: per
+token, the token's and the 2W most likely of its row, with their ranks). Beams advance in lockstep: a group picks its
 next beams once every live beam has the candidates of its current row, so a beam preempted (or
 held back by max_num_seqs) catches up while the others wait, keeping their pages.
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedjax.detokenizer import IncrementalDetokenizer
-from pagedjax.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from pagedjax.request import CompletionOutput, Logprob, Request, RequestOutput, RequestStatus, logprob_entry
 from pagedjax.sampling_params import BeamSearchParams
 from pagedjax.scheduler import Scheduler, SchedulerOutput
 
@@ -38,9 +39,12 @@ from pagedjax.scheduler import Scheduler, SchedulerOutput
 @dataclass
 class BeamSearchSequence:
     """One hypothesis of `LLM.beam_search` (vLLM's): `tokens` holds the prompt's and its own, and
-    `text` is all of them decoded, special tokens kept, as vLLM's LLM.beam_search returns it."""
+    `text` is all of them decoded, special tokens kept, as vLLM's LLM.beam_search returns it;
+    `logprobs` has one entry per generated token: its logprob and the 2 * beam_width most likely
+    tokens' at that step, ranked."""
 
     tokens: list[int]
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     cum_logprob: float = 0.0
     text: str | None = None
     finish_reason: str | None = None
@@ -62,6 +66,7 @@ class _Beam:
     cum_logprob: float
     request: Request | None  # None: pages given back; a continuation computes its context again
     candidates: list[tuple[int, float]] | None = None  # (token, logprob) of its latest row, best first
+    rows: list[list[tuple[int, float]]] = field(default_factory=list)  # the candidates each token came from
 
 
 @dataclass
@@ -73,6 +78,7 @@ class _Hypothesis:
     cum_logprob: float
     finish_reason: str
     stop_reason: int | None = None
+    rows: list[list[tuple[int, float]]] = field(default_factory=list)  # as _Beam.rows
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,7 @@ class BeamSearch:
         self.scheduler.abort_request(request_id)  # every beam registered under the group's id
         best = group.finished + [
             _Hypothesis(b.cum_logprob / max(len(b.tokens), 1) ** group.params.length_penalty,
-                        b.tokens, b.cum_logprob, "abort") for b in group.beams]
+                        b.tokens, b.cum_logprob, "abort", rows=b.rows) for b in group.beams]
         best.sort(key=lambda h: -h.score)
         return self._finish(group, best[: group.params.beam_width])
 
@@ -221,9 +227,10 @@ class BeamSearch:
             if hit:
                 reason = "stop" if c.token in group.stop_token_ids else "length"
                 stop_reason = c.token if reason == "stop" and c.token in p.stop_token_ids else None
+                beam = group.beams[c.beam]
                 group.finished.append(_Hypothesis(
-                    c.cum_logprob / n ** p.length_penalty, group.beams[c.beam].tokens + [c.token],
-                    c.cum_logprob, reason, stop_reason))
+                    c.cum_logprob / n ** p.length_penalty, beam.tokens + [c.token],
+                    c.cum_logprob, reason, stop_reason, beam.rows + [beam.candidates]))
         group.finished.sort(key=lambda h: -h.score)  # stable: earlier hypotheses win ties
         del group.finished[W:]
         running = [c for c, hit in zip(candidates, hits) if not hit][:W]
@@ -265,7 +272,7 @@ class BeamSearch:
 
     def _extend(self, group: _Group, req: Request, beam: _Beam, c: _Candidate) -> _Beam:
         req.append_output_token_ids(c.token)  # never a stop token, never past max_tokens
-        new = _Beam(beam.tokens + [c.token], c.cum_logprob, req)
+        new = _Beam(beam.tokens + [c.token], c.cum_logprob, req, rows=beam.rows + [beam.candidates])
         self._beam_of[req.request_id] = (group, new)
         return new
 
@@ -292,13 +299,25 @@ class BeamSearch:
                     self.scheduler.finish_request(beam.request.request_id, "abort")
         del self._groups[group.request_id]
         outputs = [CompletionOutput(index=i, text=self._text(group, h), token_ids=list(h.tokens),
-                                    cumulative_logprob=h.cum_logprob, finish_reason=h.finish_reason,
-                                    stop_reason=h.stop_reason)
+                                    cumulative_logprob=h.cum_logprob, logprobs=self._logprobs(group, h),
+                                    finish_reason=h.finish_reason, stop_reason=h.stop_reason)
                    for i, h in enumerate(hypotheses)]
         return RequestOutput(
             request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
             prompt_logprobs=None, outputs=outputs, finished=True, metrics=group.first.metrics,
             num_cached_tokens=max(group.first.num_cached_tokens, 0))
+
+    def _logprobs(self, group: _Group, h: _Hypothesis) -> list[dict[int, Logprob]]:
+        """Per token of `h`: its logprob and rank in the row it was chosen from, and the row's
+        2 * beam_width most likely tokens (the row's candidates are its top tokens, best first)."""
+        top = 2 * group.params.beam_width
+        decode = None if self.tokenizer is None else (lambda t: self.tokenizer.decode([t], skip_special_tokens=False))
+        entries = []
+        for token, row in zip(h.tokens, h.rows):
+            rank = next(j for j, (t, _) in enumerate(row) if t == token)
+            ids, lps = zip(*row[:top])
+            entries.append(logprob_entry(token, row[rank][1], rank + 1, ids, lps, decode))
+        return entries
 
     def _text(self, group: _Group, h: _Hypothesis) -> str:
         if self.tokenizer is None:

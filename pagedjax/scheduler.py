@@ -398,7 +398,7 @@ class Scheduler:
         skipped = []  # samples waiting for sample 0 to compute the prompt they share
         while self.waiting and plan.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
-            if self._waits_for_fork_source(req) or self._waits_for_its_beams(req):
+            if self._waits_for_fork_source(req) or self._has_nothing_to_compute(req):
                 skipped.append(req)
             elif not self._admit(req, plan):
                 self.waiting.appendleft(req)
@@ -451,10 +451,11 @@ class Scheduler:
                                 or len(req.all_token_ids) + pending >= self.config.max_model_len)
 
     @staticmethod
-    def _waits_for_its_beams(req: Request) -> bool:
-        """A beam swapped out after its row was computed: nothing to run until its group picks its
-        next token, which needs its sibling beams (running, or waiting behind it) to run first. It
-        keeps its place; it must not block the queue (a beam waiting on a beam behind it: a hang)."""
+    def _has_nothing_to_compute(req: Request) -> bool:
+        """A request swapped out with every token computed and none pending: nothing to run until
+        something else gives it its next token. A beam is one (its group picks the next token once its
+        sibling beams, running or waiting behind it, have run). It keeps its place but must not block
+        the queue (a beam waiting on a sibling behind it was a hang)."""
         return bool(req.swapped_slots) and not req.num_pending and req.num_computed_tokens >= req.num_tokens
 
     def _waits_for_fork_source(self, req: Request) -> bool:

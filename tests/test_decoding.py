@@ -424,6 +424,21 @@ def test_generate_api_runs_beam_search(model, engine, tokenizer):
             assert seq.cum_logprob / len(tokens) ** bp.length_penalty == pytest.approx(score, abs=2e-4)
             assert seq.text == tokenizer.decode(p + tokens, skip_special_tokens=False)
             assert seq.finish_reason == ("stop" if tokens[-1] == EOS else "length")
+            # each token's logprob, rank and its row's 2W most likely tokens: HF's log-softmax of
+            # the model's logits on the hypothesis
+            with torch.no_grad():
+                rows = torch.log_softmax(hf(torch.tensor([p + tokens])).logits[0, len(p) - 1:-1].double(), -1)
+            assert len(seq.logprobs) == len(tokens)
+            for t, entry, row in zip(tokens, seq.logprobs, rows):
+                assert entry[t].logprob == pytest.approx(row[t].item(), abs=2e-4)
+                assert entry[t].rank == 1 + int((row > row[t]).sum())
+                top = torch.topk(row, 2 * bp.beam_width)
+                others = {u: lp for u, lp in entry.items() if u != t or lp.rank <= 2 * bp.beam_width}
+                assert sorted(others, key=lambda u: others[u].rank) == top.indices.tolist()
+                assert [others[u].logprob for u in top.indices.tolist()] == pytest.approx(top.values.tolist(),
+                                                                                         abs=2e-4)
+            assert sum(e[t].logprob for t, e in zip(tokens, seq.logprobs)) == pytest.approx(seq.cum_logprob,
+                                                                                            abs=1e-4)
     with pytest.raises(ValueError, match="BeamSearchParams"):
         pj.LLM(model[1], **OPTS).beam_search([SHORT], pj.SamplingParams(max_tokens=3))
 

@@ -10,7 +10,7 @@ min_tokens, logit_bias, beam searches, and aborts. Then:
   - plain greedy requests give HF `generate`'s tokens, and beam searches HF's best hypothesis;
   - the same run again gives the same tokens for every request (seeded samples included).
 The case gemma2-24 found a hang: a beam swapped out after its row was computed waited at the head
-of the queue for a sibling beam queued behind it (Scheduler._waits_for_its_beams).
+of the queue for a sibling beam queued behind it (Scheduler._has_nothing_to_compute).
 """
 
 from __future__ import annotations
