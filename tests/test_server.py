@@ -355,6 +355,67 @@ def test_return_token_ids(server, hf):
     assert ids == {0: chat.choices[0].model_extra["token_ids"]}
 
 
+def hf_beams(hf, prompt_ids: list[int], width: int, max_tokens: int, eos: bool) -> list[tuple[list[int], float]]:
+    """HF's beam search (transformers' generate, num_beams): [(generated ids, score)] best first."""
+    import torch
+
+    from tests import hf_models
+
+    with torch.no_grad():
+        g = hf[0].generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                           max_new_tokens=max_tokens, num_beams=width, num_return_sequences=width, do_sample=False,
+                           eos_token_id=[hf_models.EOS] if eos else None, pad_token_id=hf_models.EOS,
+                           length_penalty=1.0, early_stopping=False, output_scores=True, return_dict_in_generate=True)
+    out = []
+    for seq, score in zip(g.sequences[:, len(prompt_ids):].tolist(), g.sequences_scores.tolist()):
+        end = next((i + 1 for i, t in enumerate(seq) if eos and t == hf_models.EOS), max_tokens)
+        out.append((seq[:end], score))
+    return out
+
+
+def test_use_beam_search(server, hf):
+    """vLLM's use_beam_search: n beams, the n best hypotheses as the choices, best first: HF's beam
+    search token for token (completions with two prompts, chat, streamed too); each choice's
+    logprobs add up to its score; fields that would change the search are a 400 naming them."""
+    client = server.client()
+    tok = hf[1]
+    kw = dict(model=MODEL, max_tokens=7, n=3, logprobs=2)
+    c = client.completions.create(prompt=PROMPTS[:2], extra_body={"use_beam_search": True, "ignore_eos": True,
+                                                                  "return_token_ids": True}, **kw)
+    assert [ch.index for ch in c.choices] == list(range(6))
+    for ch in c.choices:
+        ids = tok.encode(PROMPTS[ch.index // 3])
+        tokens, score = hf_beams(hf, ids, 3, 7, eos=False)[ch.index % 3]
+        assert ch.model_extra["token_ids"] == tokens, ch.index
+        assert ch.text == tok.decode(ids + tokens, skip_special_tokens=True)[len(tok.decode(ids)):]
+        assert ch.finish_reason == "length"
+        assert sum(ch.logprobs.token_logprobs) / len(tokens) == pytest.approx(score, abs=2e-4)
+    assert c.usage.completion_tokens == 6 * 7
+    chunks = {}
+    for chunk in client.completions.create(prompt=PROMPTS[:2], stream=True,
+                                           extra_body={"use_beam_search": True, "ignore_eos": True}, **kw):
+        for ch in chunk.choices:
+            chunks[ch.index] = chunks.get(ch.index, "") + ch.text
+    assert chunks == {ch.index: ch.text for ch in c.choices}
+    # chat, EOS allowed: the hypotheses HF keeps, ending at EOS (not text) or at max_tokens
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    ids = hf_chat_ids(hf, messages)
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9, n=2,
+                                          extra_body={"use_beam_search": True, "return_token_ids": True})
+    expected = hf_beams(hf, ids, 2, 9, eos=True)
+    assert [ch.model_extra["token_ids"] for ch in chat.choices] == [t for t, _ in expected]
+    for ch, (tokens, _) in zip(chat.choices, expected):
+        assert ch.message.content == tok.decode(tokens, skip_special_tokens=True)
+        assert ch.finish_reason == ("stop" if tokens[-1] == tok.eos_token_id else "length")
+    for extra, param in (({"temperature": 0.7}, "temperature"), ({"top_p": 0.5}, "top_p"),
+                         ({"stop": ["x"]}, "stop"), ({"logprobs": 7}, "logprobs"),
+                         ({"guided_regex": "a+"}, "use_beam_search"), ({"presence_penalty": 1.0}, "presence_penalty")):
+        r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "n": 3, "max_tokens": 3,
+                                                      "use_beam_search": True, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    assert server.http.get("/health").status_code == 200
+
+
 def test_streamed_equals_non_streamed(server):
     client = server.client()
     kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0.8, seed=1234)

@@ -60,6 +60,9 @@ class SamplingFields(Strict):
     prompt_logprobs: int | None = None  # the k most likely tokens at each prompt position, and the prompt's own
     truncate_prompt_tokens: int | None = None  # only the prompt's last k tokens (-1: max_model_len's worth)
     return_token_ids: bool | None = None  # the prompt's and each choice's token ids beside the text
+    use_beam_search: bool | None = None  # n beams; the choices are the n best hypotheses
+    length_penalty: float | None = None  # beam search: score = cumulative logprob / length ** length_penalty
+    early_stopping: bool | Literal["never"] | None = None  # beam search (HF's): True, False or "never"
     skip_special_tokens: bool = True
     # Accepted, ignored: vLLM reads it only for slow (Python) tokenizers, and every tokenizer here
     # is a `tokenizers` one, which decodes special tokens without added spaces (transformers too).

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from pagedjax.request import CompletionOutput, Logprob
-from pagedjax.sampling_params import RequestOutputKind, SamplingParams, truncate_prompt
+from pagedjax.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams, truncate_prompt
 from pagedjax.server import constraints as C
 from pagedjax.server import protocol as P
 from pagedjax.server.async_engine import AsyncEngine, RequestStream
@@ -181,6 +181,45 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e, type(req)) from None
 
+    def _beam_params(self, req: P.SamplingFields, sp: SamplingParams, logprobs_param: str) -> BeamSearchParams:
+        """vLLM's use_beam_search: n beams, the n best hypotheses as the choices. The search is HF's,
+        deterministic: the fields that change how a token is drawn must keep their neutral values
+        (a 400 names the first that does not), and temperature defaults to 0. Without max_tokens,
+        `_beam_max_tokens` sets it once the prompts are known."""
+        neutral = {"best_of": (None, sp.n), "top_p": (None, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0.0),
+                   "presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
+                   "repetition_penalty": (None, 1.0), "logit_bias": (None, {}), "allowed_token_ids": (None,),
+                   "bad_words": (None, []), "stop": (None, "", []), "prompt_logprobs": (None,),
+                   "truncate_prompt_tokens": (None,)}
+        for name, allowed in neutral.items():
+            if getattr(req, name) not in allowed:
+                raise bad_request(f"{name} cannot be used with use_beam_search", name)
+        if req.temperature not in (None, 0):
+            raise bad_request(f"use_beam_search runs HF's deterministic beam search: temperature must be 0 (or "
+                              f"unset), got {req.temperature}", "temperature")
+        if sp.structured_outputs is not None:
+            raise bad_request("an output constraint cannot be used with use_beam_search", "use_beam_search")
+        if sp.logprobs is not None and sp.logprobs > 2 * sp.n:
+            raise bad_request(f"with use_beam_search, {logprobs_param} must be <= 2 * n ({2 * sp.n}): each step "
+                              f"keeps its 2 * n most likely tokens, got {sp.logprobs}", logprobs_param)
+        try:
+            return BeamSearchParams(
+                beam_width=sp.n, max_tokens=sp.max_tokens or self.max_model_len, ignore_eos=sp.ignore_eos,
+                temperature=_opt(req.temperature, 0.0), length_penalty=_opt(req.length_penalty, 1.0),
+                early_stopping=_opt(req.early_stopping, False),
+                include_stop_str_in_output=sp.include_stop_str_in_output, stop_token_ids=sp.stop_token_ids,
+                min_tokens=sp.min_tokens)
+        except ValueError as e:
+            raise from_value_error(e, type(req)) from None
+
+    def _beam_max_tokens(self, params: BeamSearchParams, requested: int | None, prompts: list[list[int]]
+                         ) -> BeamSearchParams:
+        """A beam search without max_tokens runs to max_model_len (the longest prompt's room)."""
+        if requested is not None or self.default_sampling.get("max_tokens") is not None:
+            return params
+        room = self.max_model_len - max(len(ids) for ids in prompts)
+        return dataclasses.replace(params, max_tokens=max(room, 1))  # no room: the engine's 400
+
     async def _constraint(self, req: P.SamplingFields, tools: C.ToolUse | None = None
                           ) -> StructuredOutputsParams | None:
         """The request's output constraint (its own, or a forced tool call's), compiled: a 400 if
@@ -267,15 +306,21 @@ class OpenAIServing:
         echo_only = bool(req.echo) and req.max_tokens == 0
         params = self._sampling_params(req, 1 if echo_only else req.max_tokens, req.logprobs,
                                        await self._constraint(req))
+        if req.use_beam_search:
+            if req.echo and (echo_only or req.logprobs is not None):  # the beams score no prompt
+                raise bad_request("echo with logprobs or max_tokens 0 cannot be used with use_beam_search", "echo")
+            params = self._beam_params(req, params, "logprobs")
         k_prompt = self._prompt_logprobs(req)
         if k_prompt is None and req.echo and req.logprobs is not None:  # vLLM: the echoed prompt's tokens too
             k_prompt = req.logprobs
         if k_prompt is not None:
             params = dataclasses.replace(params, prompt_logprobs=k_prompt)
         encoded = await asyncio.to_thread(lambda: [self._encode(p, req.add_special_tokens) for p in prompts])
-        if params.truncate_prompt_tokens is not None:  # the engine would cut them; echo shows what it reads
-            cut = [truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len) for _, ids in encoded]
+        if req.truncate_prompt_tokens is not None:  # the engine would cut them; echo shows what it reads
+            cut = [truncate_prompt(ids, req.truncate_prompt_tokens, self.max_model_len) for _, ids in encoded]
             encoded = [(t if len(c) == len(ids) else None, c) for (t, ids), c in zip(encoded, cut)]
+        if isinstance(params, BeamSearchParams):
+            params = self._beam_max_tokens(params, req.max_tokens, [ids for _, ids in encoded])
         texts = [t if t is not None or not req.echo else self._decode(ids) for t, ids in encoded]
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = await self._add(rid, [ids for _, ids in encoded], params, P.CompletionRequest)
@@ -299,7 +344,7 @@ class OpenAIServing:
                     lp = self._completion_logprobs(s.token_ids, s.logprobs, len(prefix), req.logprobs)
                 token_ids = {"prompt_token_ids": encoded[p][1], "token_ids": s.token_ids} if req.return_token_ids else {}
                 choices.append(P.CompletionResultChoice(
-                    index=p * params.n + rank, text=prefix + s.text, logprobs=lp, finish_reason=s.finish_reason,
+                    index=p * _num_choices(params) + rank, text=prefix + s.text, logprobs=lp, finish_reason=s.finish_reason,
                     stop_reason=s.stop_reason, prompt_logprobs=shown, **token_ids))
                 num_generated += len(s.token_ids)
         usage = P.Usage(prompt_tokens=sum(prompt_lens), completion_tokens=num_generated,
@@ -310,7 +355,7 @@ class OpenAIServing:
     async def _completion_stream(self, rid: str, req: P.CompletionRequest, stream: RequestStream,
                                  texts: list[str | None], params: SamplingParams, echo_only: bool = False
                                  ) -> AsyncIterator[str]:
-        created, n = int(time.time()), params.n
+        created, n = int(time.time()), _num_choices(params)
         echo = set(range(len(texts) * n)) if req.echo else set()
         offsets: dict[int, int] = {}
         prompt_tokens, completion_tokens, seen = 0, 0, set()
@@ -467,13 +512,17 @@ class OpenAIServing:
         except C.FieldError as e:
             raise bad_request(str(e), e.param) from None
         params = self._sampling_params(req, max_tokens, k, await self._constraint(req, tools))
+        if req.use_beam_search:
+            params = self._beam_params(req, params, "top_logprobs")
         if (k_prompt := self._prompt_logprobs(req)) is not None:
             params = dataclasses.replace(params, prompt_logprobs=k_prompt)
         ids = await asyncio.to_thread(self._chat_prompt, req, req.add_special_tokens)
-        if params.truncate_prompt_tokens is not None:  # the tokens the model reads (return_token_ids shows them)
-            ids = truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len)
+        if req.truncate_prompt_tokens is not None:  # the tokens the model reads (return_token_ids shows them)
+            ids = truncate_prompt(ids, req.truncate_prompt_tokens, self.max_model_len)
+        if isinstance(params, BeamSearchParams):
+            params = self._beam_max_tokens(params, max_tokens, [ids])
         new_parser = self._choice_parsers(req, tools, ids)
-        if new_parser().needs_special_tokens and params.skip_special_tokens:
+        if isinstance(params, SamplingParams) and new_parser().needs_special_tokens and params.skip_special_tokens:
             params = dataclasses.replace(params, skip_special_tokens=False)  # the parsers' markers are special
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self._add(rid, [ids], params, P.ChatCompletionRequest)
@@ -552,7 +601,7 @@ class OpenAIServing:
         text_chunk = _TextChunks(lambda i, text: chunk(i, P.Delta(content=text)))
         parsers: dict[int, ChoiceParser] = {}
         try:
-            for i in range(params.n):
+            for i in range(_num_choices(params)):
                 yield chunk(i, P.Delta(role="assistant", content=""), token_ids=[] if with_ids else None, first=True)
             async for _, out in stream:
                 prompt_tokens = len(out.prompt_token_ids)
@@ -670,6 +719,11 @@ async def _watch_disconnect(request: Request, stream: RequestStream) -> None:
         if message["type"] == "http.disconnect":
             stream.queue.put_nowait(ClientDisconnected())
             return
+
+
+def _num_choices(params: SamplingParams | BeamSearchParams) -> int:
+    """The choices a request returns per prompt: n samples, or a beam search's beam_width hypotheses."""
+    return params.beam_width if isinstance(params, BeamSearchParams) else params.n
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> P.Usage:
